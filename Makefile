@@ -1,0 +1,47 @@
+# butler-memory: every command installs what it needs into ./.venv first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv demo test lint airflow bench lock clean
+
+help:
+	@echo "make demo     run the memory_compression DAG end to end on embedded MongoDB/Redis"
+	@echo "make test     lint + the whole test suite (real services started by the suite)"
+	@echo "make airflow  airflow standalone with the embedded services (UI on 127.0.0.1:8080)"
+	@echo "make bench    benchmarks; prints figures (takes up to 15 minutes)"
+	@echo "make lock     regenerate requirements*.txt from requirements*.in"
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python tools/demo.py
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check dags plugins tools tests
+	$(BIN)/ruff check --select AIR --preview dags plugins
+
+test: venv lint
+	$(BIN)/python -m pytest
+
+airflow: venv
+	$(BIN)/python tools/standalone.py
+
+bench: venv
+	$(BIN)/python tools/bench.py
+
+lock: venv
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile --python-version 3.11 --python-platform x86_64-unknown-linux-gnu requirements.in -o requirements.txt
+	$(BIN)/uv pip compile --python-version 3.11 --python-platform x86_64-unknown-linux-gnu requirements-dev.in -o requirements-dev.txt
+
+clean:
+	rm -rf .local .pytest_cache .ruff_cache
