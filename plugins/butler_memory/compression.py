@@ -1,0 +1,366 @@
+"""compress_user(): fold a user's older events into their rolling summary, crash-safely.
+
+No Airflow imports here: the DAG, the CLI and the tests all call the same function.
+
+Invariants (see docs/architecture.md):
+1. Nothing happens without the user's Redis lock; a lock held by anyone else skips the user.
+2. The events to fold are an explicit list of ``_id``s taken once, under the lock: all but the
+   newest ``keep_last_n``. Events that arrive later are never in it, whatever their timestamps.
+3. Each chunk's summary, watermark, new version and the chunk's ``_id`` list ("pending fold") are
+   written in one ``update_one`` guarded by the old version. Only then are those events archived
+   and deleted, by ``_id``; then the pending fold is cleared.
+4. A pending fold found at start was summarised by an interrupted run: it is finished (archive,
+   delete, clear) and never summarised again. So a kill between any two steps, followed by a
+   re-run, ends as one clean run would, with each event summarised exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from butler_memory import metrics as m
+from butler_memory.errors import CompressionError, InvalidEventError, LLMError
+from butler_memory.locks import UserLock, UserLocks
+from butler_memory.metrics import Metrics, NullMetrics
+from butler_memory.settings import Settings
+from butler_memory.store import Backlog, EventKey, MemoryStore, Profile
+from butler_memory.summarizer import (
+    PROMPT_OVERHEAD_TOKENS,
+    EventText,
+    Summarizer,
+    SummaryRequest,
+    estimate_tokens,
+    validate_summary,
+)
+
+log = logging.getLogger(__name__)
+
+Checkpoint = Callable[[str], None]
+"""Called with a step name at every step boundary (tests kill the process there)."""
+
+STEPS = (
+    "locked",
+    "pending_archived",
+    "pending_deleted",
+    "selected",
+    "summarized",
+    "committed",
+    "archived",
+    "deleted",
+    "cleared",
+)
+
+# Statuses of a user's result.
+COMPRESSED = "compressed"
+DRY_RUN = "dry_run"
+SKIPPED_LOCKED = "skipped_locked"
+SKIPPED_BELOW_THRESHOLD = "skipped_below_threshold"
+FAILED = "failed"
+
+
+def _no_checkpoint(step: str) -> None:
+    return None
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass
+class UserResult:
+    """What happened to one user: ids, counts and sizes only, never content."""
+
+    user_id: str
+    status: str
+    events_before: int = 0
+    events_folded: int = 0
+    events_deleted: int = 0
+    events_after: int = 0
+    chunks: int = 0
+    summary_chars: int = 0
+    summary_version: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    error_type: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-safe dict (fit for XCom)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The parts one compression needs, built once per task (see ``connections.build_engine``)."""
+
+    settings: Settings
+    store: MemoryStore
+    locks: UserLocks
+    summarizer: Summarizer
+    metrics: Metrics = field(default_factory=NullMetrics)
+
+    def scan(self, *, limit: int | None = None, user_ids: Sequence[str] | None = None) -> list[Backlog]:
+        """Return users over the threshold, largest backlog first."""
+        self.store.ensure_indexes()
+        backlog = self.store.scan(self.settings.threshold, limit or self.settings.scan_limit, user_ids)
+        self.metrics.gauge(m.BACKLOG_USERS, len(backlog))
+        return backlog
+
+    def compress(
+        self,
+        user_id: str,
+        *,
+        run_id: str = "manual",
+        dry_run: bool = False,
+        checkpoint: Checkpoint = _no_checkpoint,
+    ) -> UserResult:
+        """Compress one user (see ``compress_user``)."""
+        return compress_user(
+            user_id,
+            settings=self.settings,
+            store=self.store,
+            locks=self.locks,
+            summarizer=self.summarizer,
+            metrics=self.metrics,
+            run_id=run_id,
+            dry_run=dry_run,
+            checkpoint=checkpoint,
+        )
+
+
+def compress_user(
+    user_id: str,
+    *,
+    settings: Settings,
+    store: MemoryStore,
+    locks: UserLocks,
+    summarizer: Summarizer,
+    metrics: Metrics | None = None,
+    run_id: str = "manual",
+    dry_run: bool = False,
+    checkpoint: Checkpoint = _no_checkpoint,
+    clock: Callable[[], datetime] = utcnow,
+) -> UserResult:
+    """Fold all but the newest ``keep_last_n`` events of one user into their summary.
+
+    Raises a ``CompressionError`` subclass when the user could not be compressed; its
+    ``retryable`` says whether a later attempt can succeed unchanged. Nothing is ever deleted
+    before a summary covering it is stored.
+    """
+    metrics = metrics or NullMetrics()
+    started = time.monotonic()
+    if not isinstance(user_id, str) or not user_id:
+        raise CompressionError(f"user_id must be a non-empty string, got {user_id!r}")
+    lock = locks.acquire(user_id)
+    if lock is None:
+        log.info("user %s: lock held by another compression, skipping", user_id)
+        metrics.incr(m.USERS_SKIPPED_LOCKED_TOTAL)
+        return UserResult(user_id, SKIPPED_LOCKED, seconds=time.monotonic() - started)
+    try:
+        checkpoint("locked")
+        result = _compress_locked(
+            user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock
+        )
+    finally:
+        lock.release()
+    result.seconds = round(time.monotonic() - started, 3)
+    metrics.timing(m.USER_DURATION_SECONDS, result.seconds)
+    return result
+
+
+def _compress_locked(
+    user_id: str,
+    lock: UserLock,
+    settings: Settings,
+    store: MemoryStore,
+    summarizer: Summarizer,
+    metrics: Metrics,
+    run_id: str,
+    dry_run: bool,
+    checkpoint: Checkpoint,
+    clock: Callable[[], datetime],
+) -> UserResult:
+    profile = store.load_profile(user_id, create=not dry_run)
+    result = UserResult(user_id, COMPRESSED, summary_version=profile.version, summary_chars=len(profile.summary))
+    if profile.pending is not None and not dry_run:
+        result.events_deleted += _finish_pending(user_id, profile, store, metrics, run_id, checkpoint, clock)
+        profile = store.load_profile(user_id, create=False)
+
+    result.events_before = store.count_events(user_id)
+    if result.events_before <= settings.threshold:
+        log.info("user %s: %d events, not over threshold %d", user_id, result.events_before, settings.threshold)
+        metrics.incr(m.USERS_SKIPPED_BELOW_THRESHOLD_TOTAL)
+        result.status = SKIPPED_BELOW_THRESHOLD
+        result.events_after = result.events_before
+        return result
+
+    keys = store.fold_keys(user_id, settings.keep_last_n)
+    checkpoint("selected")
+    if dry_run:
+        result.status = DRY_RUN
+        result.events_folded = len(keys)
+        result.events_after = result.events_before - len(keys)
+        return result
+
+    log.info("user %s: folding %d of %d events", user_id, len(keys), result.events_before)
+    language = profile.language or settings.summary_language
+    summary, version = profile.summary, profile.version
+    for chunk in _chunks(user_id, keys, store, settings, len(summary)):
+        lock.extend()
+        request = SummaryRequest(
+            user_id=user_id,
+            previous_summary=summary,
+            events=[_event_text(user_id, ev) for ev in chunk],
+            language=language,
+            max_tokens=settings.summary_max_tokens,
+            max_chars=settings.summary_max_chars,
+        )
+        produced = _summarize(summarizer, request, metrics)
+        text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
+        result.prompt_tokens += produced.prompt_tokens
+        result.completion_tokens += produced.completion_tokens
+        checkpoint("summarized")
+
+        lock.extend()  # the lock must still be ours right before the write
+        ids = [ev["_id"] for ev in chunk]
+        last = EventKey(chunk[-1]["created_at"], chunk[-1]["_id"])
+        now = clock()
+        version = store.commit_summary(
+            user_id, expected_version=version, summary=text, through=last, ids=ids, run_id=run_id, now=now
+        )
+        summary = text
+        result.chunks += 1
+        result.events_folded += len(chunk)
+        metrics.incr(m.EVENTS_FOLDED_TOTAL, len(chunk))
+        checkpoint("committed")
+
+        archived = store.archive(chunk, run_id=run_id, version=version, now=now)
+        metrics.incr(m.EVENTS_ARCHIVED_TOTAL, archived)
+        checkpoint("archived")
+        deleted = store.delete(user_id, ids)
+        result.events_deleted += deleted
+        metrics.incr(m.EVENTS_DELETED_TOTAL, deleted)
+        checkpoint("deleted")
+        store.clear_pending(user_id, version)
+        checkpoint("cleared")
+
+    result.summary_version = version
+    result.summary_chars = len(summary)
+    result.events_after = store.count_events(user_id)
+    log.info(
+        "user %s: folded %d events in %d chunk(s), deleted %d, %d left, summary v%d %d chars",
+        user_id,
+        result.events_folded,
+        result.chunks,
+        result.events_deleted,
+        result.events_after,
+        version,
+        result.summary_chars,
+    )
+    return result
+
+
+def _finish_pending(
+    user_id: str,
+    profile: Profile,
+    store: MemoryStore,
+    metrics: Metrics,
+    run_id: str,
+    checkpoint: Checkpoint,
+    clock: Callable[[], datetime],
+) -> int:
+    """Archive and delete the events an interrupted run already summarised; never re-summarise them."""
+    pending = profile.pending
+    assert pending is not None
+    log.info(
+        "user %s: finishing an interrupted fold of %d events (v%d)",
+        user_id,
+        len(pending.ids),
+        pending.version,
+    )
+    remaining = store.find_by_ids(user_id, pending.ids)
+    archived = store.archive(remaining, run_id=run_id, version=pending.version, now=clock())
+    metrics.incr(m.EVENTS_ARCHIVED_TOTAL, archived)
+    checkpoint("pending_archived")
+    deleted = store.delete(user_id, [ev["_id"] for ev in remaining])
+    metrics.incr(m.EVENTS_DELETED_TOTAL, deleted)
+    checkpoint("pending_deleted")
+    store.clear_pending(user_id, pending.version)
+    return deleted
+
+
+def _chunks(
+    user_id: str, keys: list[EventKey], store: MemoryStore, settings: Settings, summary_chars: int
+) -> Iterator[list[dict[str, Any]]]:
+    """Yield the fold list's events in chunks that fit one prompt, streaming from MongoDB.
+
+    Only events whose ``_id`` is in the fold list are yielded; anything else in the key range
+    (an event that arrived during compression with an old timestamp) is left alone.
+    """
+    if not keys:
+        return
+    wanted = {key.id for key in keys}
+    budget = settings.prompt_budget_tokens - PROMPT_OVERHEAD_TOKENS - estimate_tokens(settings.summary_max_chars)
+    chunk: list[dict[str, Any]] = []
+    chunk_tokens = 0
+    for ev in store.iter_events(user_id, keys[0], keys[-1], batch_size=min(settings.max_events_per_chunk, 1000)):
+        if ev["_id"] not in wanted:
+            continue
+        content = _checked_content(user_id, ev, settings)
+        tokens = estimate_tokens(content) + 20  # JSON framing per event
+        if chunk and (chunk_tokens + tokens > budget or len(chunk) >= settings.max_events_per_chunk):
+            yield chunk
+            chunk, chunk_tokens = [], 0
+        chunk.append(ev)
+        chunk_tokens += tokens
+    if chunk:
+        yield chunk
+
+
+def _checked_content(user_id: str, ev: dict[str, Any], settings: Settings) -> str:
+    content = ev.get("content")
+    if content is None:
+        raise InvalidEventError(user_id, ev["_id"], "content", "is missing")
+    if not isinstance(content, str):
+        raise InvalidEventError(user_id, ev["_id"], "content", f"is a {type(content).__name__}, not a string")
+    if len(content) > settings.max_event_chars:
+        raise InvalidEventError(
+            user_id,
+            ev["_id"],
+            "content",
+            f"is {len(content)} characters, over max_event_chars={settings.max_event_chars}",
+        )
+    return content
+
+
+def _event_text(user_id: str, ev: dict[str, Any]) -> EventText:
+    role = ev.get("role")
+    if not isinstance(role, str):
+        raise InvalidEventError(user_id, ev["_id"], "role", "is missing or not a string")
+    return EventText(role=role, content=ev["content"], created_at=ev["created_at"])
+
+
+def _summarize(summarizer: Summarizer, request: SummaryRequest, metrics: Metrics) -> Any:
+    metrics.incr(m.LLM_REQUESTS_TOTAL)
+    try:
+        produced = summarizer.summarize(request)
+    except LLMError:
+        metrics.incr(m.LLM_ERRORS_TOTAL)
+        raise
+    metrics.timing(m.LLM_LATENCY_SECONDS, produced.seconds)
+    metrics.incr(m.LLM_PROMPT_TOKENS_TOTAL, produced.prompt_tokens)
+    metrics.incr(m.LLM_COMPLETION_TOKENS_TOTAL, produced.completion_tokens)
+    return produced
+
+
+def failed_result(user_id: str, exc: BaseException, seconds: float = 0.0) -> UserResult:
+    """Describe a failure without content: the error type and its (content-free) message."""
+    message = str(exc) if isinstance(exc, CompressionError) else f"unexpected {type(exc).__name__}"
+    return UserResult(user_id, FAILED, error=message, error_type=type(exc).__name__, seconds=round(seconds, 3))

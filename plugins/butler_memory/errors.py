@@ -1,0 +1,67 @@
+"""Exceptions with precise meaning. Messages name users, events and fields, never content."""
+
+from __future__ import annotations
+
+
+class CompressionError(Exception):
+    """A user's compression could not finish; nothing unsafe was written."""
+
+    retryable = False
+    """Whether a later attempt can succeed without anyone changing anything."""
+
+    def __init__(self, message: str, *, user_id: str | None = None) -> None:
+        super().__init__(message)
+        self.user_id = user_id
+
+
+class InvalidEventError(CompressionError):
+    """An event in user_memory does not have the shape the Butler's schema promises."""
+
+    def __init__(self, user_id: str, event_id: object, field: str, problem: str) -> None:
+        super().__init__(f"user {user_id!r}: event {event_id!s}: field {field!r} {problem}", user_id=user_id)
+        self.event_id = event_id
+        self.field = field
+
+
+class InvalidProfileError(CompressionError):
+    """The user's profile document has a field in an unexpected shape."""
+
+    def __init__(self, user_id: str, field: str, problem: str) -> None:
+        super().__init__(f"user {user_id!r}: profile field {field!r} {problem}", user_id=user_id)
+        self.field = field
+
+
+class LockUnavailableError(CompressionError):
+    """Redis could not be asked for the lock: compress nothing (fail closed)."""
+
+    retryable = True
+
+
+class LockLostError(CompressionError):
+    """Our lock expired or was taken over before a write; the write was not made."""
+
+    retryable = True
+
+
+class ConcurrentUpdateError(CompressionError):
+    """The profile changed under us (its summary version moved); nothing was overwritten."""
+
+    retryable = True
+
+
+class LLMError(CompressionError):
+    """The summariser failed."""
+
+
+class LLMTransientError(LLMError):
+    """Timeout, rate limit, server error: the same call may succeed later."""
+
+    retryable = True
+
+
+class LLMPermanentError(LLMError):
+    """Bad credentials, bad request, content rejected: retrying will not help."""
+
+
+class InvalidSummaryError(LLMError):
+    """The summariser returned something that is not a usable summary; nothing was deleted."""

@@ -1,0 +1,139 @@
+"""StatsD metrics for the compression job: names, a client, and a no-op when unconfigured.
+
+Metric names keep the Butler runbook's existing names. Only ids, counts, sizes and durations are
+ever emitted; never conversation content. A failing StatsD sink never fails a compression: UDP
+sends are fire-and-forget and every send is guarded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+PREFIX = "personalized_memory_worker"
+
+# Run level (emitted once per run by the report).
+RUNS_TOTAL = f"{PREFIX}_runs_total"
+"""Counter: finished runs (report task executions)."""
+ERRORS_TOTAL = f"{PREFIX}_errors_total"
+"""Counter: users whose compression failed."""
+USERS_PROCESSED_TOTAL = f"{PREFIX}_users_processed_total"
+"""Counter: users compressed successfully."""
+DURATION_SECONDS = f"{PREFIX}_duration_seconds"
+"""Timer (ms on the wire): wall time of a run, from scan to report."""
+RUN_USERS_FAILED = f"{PREFIX}_run_users_failed"
+"""Gauge: users failed in the last finished run."""
+BACKLOG_USERS = f"{PREFIX}_backlog_users"
+"""Gauge: users over the threshold found by the last scan."""
+RUN_STARTED_TIMESTAMP = f"{PREFIX}_run_started_timestamp_seconds"
+"""Gauge: unix time the current/last run's scan started."""
+RUN_FINISHED_TIMESTAMP = f"{PREFIX}_run_finished_timestamp_seconds"
+"""Gauge: unix time the last run's report finished."""
+LAST_SUCCESS_TIMESTAMP = f"{PREFIX}_last_success_timestamp_seconds"
+"""Gauge: unix time of the last run in which no user failed."""
+
+# Per user (emitted by compress_user).
+USERS_SKIPPED_LOCKED_TOTAL = f"{PREFIX}_users_skipped_locked_total"
+USERS_SKIPPED_BELOW_THRESHOLD_TOTAL = f"{PREFIX}_users_skipped_below_threshold_total"
+EVENTS_FOLDED_TOTAL = f"{PREFIX}_events_folded_total"
+EVENTS_ARCHIVED_TOTAL = f"{PREFIX}_events_archived_total"
+EVENTS_DELETED_TOTAL = f"{PREFIX}_events_deleted_total"
+USER_DURATION_SECONDS = f"{PREFIX}_user_duration_seconds"
+"""Timer: wall time of one user's compression."""
+LLM_REQUESTS_TOTAL = f"{PREFIX}_llm_requests_total"
+LLM_ERRORS_TOTAL = f"{PREFIX}_llm_errors_total"
+LLM_PROMPT_TOKENS_TOTAL = f"{PREFIX}_llm_prompt_tokens_total"
+LLM_COMPLETION_TOKENS_TOTAL = f"{PREFIX}_llm_completion_tokens_total"
+LLM_LATENCY_SECONDS = f"{PREFIX}_llm_latency_seconds"
+"""Timer: latency of one LLM call."""
+
+ALL_METRICS: Mapping[str, str] = {
+    RUNS_TOTAL: "counter",
+    ERRORS_TOTAL: "counter",
+    USERS_PROCESSED_TOTAL: "counter",
+    DURATION_SECONDS: "timer",
+    RUN_USERS_FAILED: "gauge",
+    BACKLOG_USERS: "gauge",
+    RUN_STARTED_TIMESTAMP: "gauge",
+    RUN_FINISHED_TIMESTAMP: "gauge",
+    LAST_SUCCESS_TIMESTAMP: "gauge",
+    USERS_SKIPPED_LOCKED_TOTAL: "counter",
+    USERS_SKIPPED_BELOW_THRESHOLD_TOTAL: "counter",
+    EVENTS_FOLDED_TOTAL: "counter",
+    EVENTS_ARCHIVED_TOTAL: "counter",
+    EVENTS_DELETED_TOTAL: "counter",
+    USER_DURATION_SECONDS: "timer",
+    LLM_REQUESTS_TOTAL: "counter",
+    LLM_ERRORS_TOTAL: "counter",
+    LLM_PROMPT_TOKENS_TOTAL: "counter",
+    LLM_COMPLETION_TOKENS_TOTAL: "counter",
+    LLM_LATENCY_SECONDS: "timer",
+}
+"""Every metric this package emits, with its StatsD type. Docs and alert rules are checked against it."""
+
+
+class Metrics(Protocol):
+    """What the engine needs from a metrics sink."""
+
+    def incr(self, name: str, count: int = 1) -> None: ...
+
+    def gauge(self, name: str, value: float) -> None: ...
+
+    def timing(self, name: str, seconds: float) -> None: ...
+
+
+class NullMetrics:
+    """Drop every metric; used when StatsD is not configured."""
+
+    def incr(self, name: str, count: int = 1) -> None:
+        return None
+
+    def gauge(self, name: str, value: float) -> None:
+        return None
+
+    def timing(self, name: str, seconds: float) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class StatsdConfig:
+    """Where to send metrics."""
+
+    host: str
+    port: int = 8125
+    prefix: str | None = None
+
+
+class StatsdMetrics:
+    """Send metrics over UDP with the `statsd` package; never raises."""
+
+    def __init__(self, config: StatsdConfig) -> None:
+        import statsd
+
+        self._client = statsd.StatsClient(config.host, config.port, prefix=config.prefix or None)
+
+    def _safe(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn(*args)
+        except OSError as exc:  # an unreachable sink must never fail a compression
+            log.warning("statsd send failed: %s", type(exc).__name__)
+
+    def incr(self, name: str, count: int = 1) -> None:
+        if count:
+            self._safe(self._client.incr, _checked(name), count)
+
+    def gauge(self, name: str, value: float) -> None:
+        self._safe(self._client.gauge, _checked(name), value)
+
+    def timing(self, name: str, seconds: float) -> None:
+        self._safe(self._client.timing, _checked(name), seconds * 1000.0)
+
+
+def _checked(name: str) -> str:
+    if name not in ALL_METRICS:
+        raise ValueError(f"unknown metric name {name!r}; add it to butler_memory.metrics.ALL_METRICS")
+    return name

@@ -1,0 +1,115 @@
+"""Fold per-user results into one run report: a dict for MongoDB/XCom and a Markdown table."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from butler_memory import metrics as m
+from butler_memory.compression import COMPRESSED, DRY_RUN, FAILED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED
+from butler_memory.metrics import Metrics
+
+NO_RESULT = "no_result"
+"""Error type of a user the scan listed but no compression result came back for."""
+
+
+def build_report(
+    *,
+    run_id: str,
+    scanned: Sequence[str],
+    results: Sequence[Mapping[str, Any] | None],
+    started_at: datetime,
+    finished_at: datetime,
+    dry_run: bool = False,
+    backlog: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """Return the run document: counts by status, totals, failed user ids, per-user rows.
+
+    ``results`` holds one entry per scanned user in the same order, ``None`` (or a missing entry)
+    where the task produced no result: those users are counted as failed.
+    """
+    users: list[dict[str, Any]] = []
+    by_id = {r["user_id"]: r for r in results if r}
+    for user_id in scanned:
+        row = by_id.get(user_id)
+        if row is None:
+            row = {
+                "user_id": user_id,
+                "status": FAILED,
+                "error_type": NO_RESULT,
+                "error": "no result recorded",
+            }
+        users.append(dict(row))
+    statuses = Counter(u["status"] for u in users)
+    failed = sorted(u["user_id"] for u in users if u["status"] == FAILED)
+    total = {
+        key: sum(int(u.get(key) or 0) for u in users)
+        for key in ("events_folded", "events_deleted", "prompt_tokens", "completion_tokens")
+    }
+    return {
+        "run_id": run_id,
+        "dry_run": dry_run,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "seconds": round((finished_at - started_at).total_seconds(), 3),
+        "users_found": len(scanned),
+        "users_compressed": statuses.get(COMPRESSED, 0),
+        "users_dry_run": statuses.get(DRY_RUN, 0),
+        "users_skipped_locked": statuses.get(SKIPPED_LOCKED, 0),
+        "users_skipped_below_threshold": statuses.get(SKIPPED_BELOW_THRESHOLD, 0),
+        "users_failed": len(failed),
+        "failed_user_ids": failed,
+        "backlog_events": sum((backlog or {}).values()),
+        **total,
+        "user_seconds_max": max((float(u.get("seconds") or 0) for u in users), default=0.0),
+        "users": users,
+    }
+
+
+def emit_run_metrics(report: Mapping[str, Any], metrics: Metrics) -> None:
+    """Send the run-level metrics (per-user ones were sent by each compression)."""
+    metrics.incr(m.RUNS_TOTAL)
+    metrics.incr(m.USERS_PROCESSED_TOTAL, report["users_compressed"])
+    metrics.incr(m.ERRORS_TOTAL, report["users_failed"])
+    metrics.gauge(m.RUN_USERS_FAILED, report["users_failed"])
+    metrics.timing(m.DURATION_SECONDS, report["seconds"])
+    finished = report["finished_at"].timestamp()
+    metrics.gauge(m.RUN_FINISHED_TIMESTAMP, finished)
+    if report["users_failed"] == 0:
+        metrics.gauge(m.LAST_SUCCESS_TIMESTAMP, finished)
+
+
+def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
+    """Render the report as Markdown: totals, then one row per user (failed users first)."""
+    lines = [
+        f"## Memory compression run `{report['run_id']}`" + (" (dry run)" if report["dry_run"] else ""),
+        "",
+        "| users found | compressed | dry run | skipped (locked) | skipped (below threshold) | failed |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {report['users_found']} | {report['users_compressed']} | {report['users_dry_run']} | "
+        f"{report['users_skipped_locked']} | {report['users_skipped_below_threshold']} | {report['users_failed']} |",
+        "",
+        f"Events folded: **{report['events_folded']}**, deleted: **{report['events_deleted']}**; "
+        f"LLM tokens: {report['prompt_tokens']} prompt + {report['completion_tokens']} completion; "
+        f"{report['seconds']:.1f} s.",
+    ]
+    if report["failed_user_ids"]:
+        lines += ["", "Failed users: " + ", ".join(f"`{u}`" for u in report["failed_user_ids"])]
+    rows = sorted(report["users"], key=lambda u: (u["status"] != FAILED, u["user_id"]))
+    if rows:
+        lines += [
+            "",
+            "| user | status | before | folded | deleted | after | summary chars | seconds | error |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for u in rows[:max_rows]:
+            lines.append(
+                f"| `{u['user_id']}` | {u['status']} | {u.get('events_before', '')} | {u.get('events_folded', '')} | "
+                f"{u.get('events_deleted', '')} | {u.get('events_after', '')} | {u.get('summary_chars', '')} | "
+                f"{u.get('seconds', '')} | {(u.get('error') or '').replace('|', '/')} |"
+            )
+        if len(rows) > max_rows:
+            lines.append(f"| … {len(rows) - max_rows} more users | | | | | | | | |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,192 @@
+"""One frozen settings object: thresholds, names, budgets, connection ids.
+
+Values come, lowest precedence first, from the defaults below, environment variables named
+``BUTLER_MEMORY_<FIELD>`` (upper case), an Airflow Variable ``butler_memory`` holding a JSON object
+(read by the DAG at run time), and the DAG run's params. Every value is type-checked here, so a bad
+setting fails with a message naming it instead of deep inside a compression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "BUTLER_MEMORY_"
+
+SUMMARIZERS = ("auto", "openai", "offline")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the engine needs to know that is not code."""
+
+    # What to compress.
+    threshold: int = 50
+    """Compress a user with more than this many events."""
+    keep_last_n: int = 20
+    """Newest events kept raw after compression."""
+
+    # Connections (Airflow connection ids; the CLI reads the same AIRFLOW_CONN_* variables).
+    mongo_conn_id: str = "mongo_default"
+    mongo_db: str = ""
+    """Database name; empty = the connection's schema, else "butler"."""
+    redis_conn_id: str = "redis_default"
+    llm_conn_id: str = "openai_default"
+    statsd_conn_id: str = "statsd_default"
+
+    # The Butler's schema: collections and fields are its to name.
+    events_collection: str = "user_memory"
+    profiles_collection: str = "user_profiles"
+    archive_collection: str = "user_memory_archive"
+    runs_collection: str = "memory_compression_runs"
+    summary_field: str = "memory_summary"
+    language_field: str = "language"
+    """Profile field holding the user's language code, when the Butler stores one."""
+
+    # Summaries.
+    summarizer: str = "auto"
+    """"openai", "offline", or "auto" (openai when the LLM connection exists, else offline)."""
+    summary_language: str = "ru"
+    summary_max_tokens: int = 300
+    prompt_budget_tokens: int = 6000
+    """Events per LLM call are limited so one prompt stays within this many (estimated) tokens."""
+    max_events_per_chunk: int = 1000
+    max_event_chars: int = 20_000
+    """An event longer than this is refused (named in the error), never silently truncated."""
+    llm_timeout_seconds: float = 60.0
+    llm_max_retries: int = 2
+    """Retries inside the openai client (429/5xx/timeouts) before the task itself fails and retries."""
+
+    # Safety and housekeeping.
+    lock_key_pattern: str = "butler:memory:lock:{user_id}"
+    """Shared with the bot's inline compression: both must use the same key."""
+    lock_ttl_seconds: int = 300
+    archive_enabled: bool = True
+    archive_retention_days: int = 90
+    delete_batch_size: int = 500
+    """$in lists stay this short: large $in lists are slow on some servers and hold locks longer."""
+    scan_limit: int = 1000
+    """Most users one run compresses (largest backlog first)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "threshold", "keep_last_n", "summary_max_tokens", "prompt_budget_tokens")
+        _positive(self, "max_events_per_chunk", "max_event_chars", "lock_ttl_seconds")
+        _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days")
+        if self.keep_last_n > self.threshold:
+            raise SettingsError(
+                f"keep_last_n ({self.keep_last_n}) must not exceed threshold ({self.threshold}): "
+                "a compressed user would be over the threshold again at once"
+            )
+        if self.summarizer not in SUMMARIZERS:
+            raise SettingsError(f"summarizer {self.summarizer!r} is not one of {', '.join(SUMMARIZERS)}")
+        if "{user_id}" not in self.lock_key_pattern:
+            raise SettingsError(f"lock_key_pattern {self.lock_key_pattern!r} must contain '{{user_id}}'")
+        if self.llm_timeout_seconds <= 0 or self.llm_timeout_seconds * 2 >= self.lock_ttl_seconds:
+            raise SettingsError(
+                f"llm_timeout_seconds ({self.llm_timeout_seconds}) must be positive and under half of "
+                f"lock_ttl_seconds ({self.lock_ttl_seconds}), so the lock cannot expire during a call"
+            )
+        if self.llm_max_retries < 0:
+            raise SettingsError(f"llm_max_retries must be >= 0, got {self.llm_max_retries}")
+        if self.prompt_budget_tokens < 4 * self.summary_max_tokens:
+            raise SettingsError(
+                f"prompt_budget_tokens ({self.prompt_budget_tokens}) must be at least 4x "
+                f"summary_max_tokens ({self.summary_max_tokens}): the previous summary rides in every prompt"
+            )
+
+    @property
+    def summary_max_chars(self) -> int:
+        """Longest summary accepted, in characters (about 6 characters a token, with headroom)."""
+        return self.summary_max_tokens * 6
+
+    def lock_key(self, user_id: str) -> str:
+        """Return the Redis key of one user's compression lock."""
+        return self.lock_key_pattern.format(user_id=user_id)
+
+    def replace(self, **changes: Any) -> Settings:
+        """Return a copy with some values changed (validated like any other)."""
+        return Settings.from_mapping(changes, base=self)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the settings as a plain dict (no secrets live here)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, base: Settings | None = None) -> Settings:
+        """Build settings from a mapping of field names to values, refusing unknown names."""
+        base = base or cls()
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
+        current = dataclasses.asdict(base)
+        for name, raw in values.items():
+            current[name] = _coerce(name, raw, type(getattr(base, name)))
+        return cls(**current)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, base: Settings | None = None) -> Settings:
+        """Build settings from BUTLER_MEMORY_* environment variables."""
+        env = os.environ if env is None else env
+        values = {f.name: env[ENV_PREFIX + f.name.upper()] for f in fields(cls) if ENV_PREFIX + f.name.upper() in env}
+        return cls.from_mapping(values, base=base)
+
+    @classmethod
+    def from_json(cls, text: str, *, base: Settings | None = None, source: str = "JSON") -> Settings:
+        """Build settings from a JSON object (e.g. the Airflow Variable ``butler_memory``)."""
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{source} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        if not isinstance(values, dict):
+            raise SettingsError(f"{source} must be a JSON object, got {type(values).__name__}")
+        return cls.from_mapping(values, base=base)
+
+
+def _positive(settings: Settings, *names: str) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value <= 0:
+            raise SettingsError(f"{name} must be a positive number, got {value!r}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, raw: Any, kind: type) -> Any:
+    """Convert one raw value (often a string from the environment) to the field's type."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+    if kind is int:
+        if isinstance(raw, bool):
+            raise SettingsError(f"{name} must be an integer, got {raw!r}")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+            return int(raw)
+        raise SettingsError(f"{name} must be an integer, got {raw!r}")
+    if kind is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise SettingsError(f"{name} must be a number, got {raw!r}")
+    if not isinstance(raw, str):
+        raise SettingsError(f"{name} must be a string, got {type(raw).__name__}")
+    return raw

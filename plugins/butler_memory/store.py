@@ -1,0 +1,296 @@
+"""MongoDB access: scan, load, summary commit, archive, delete, run documents.
+
+Works on a pymongo ``Database`` (from ``MongoHook`` in Airflow, see ``connections.py``). Every
+write is idempotent so that a re-run after a kill at any point ends in the same state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, ReplaceOne
+from pymongo.database import Database
+from pymongo.errors import OperationFailure
+
+from butler_memory.errors import ConcurrentUpdateError, InvalidEventError, InvalidProfileError
+from butler_memory.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Bookkeeping fields this package adds to the Butler's profile document.
+VERSION_FIELD = "memory_summary_version"
+THROUGH_FIELD = "memory_compressed_through"
+"""{"created_at": ..., "event_id": ...}: the (created_at, _id) key of the last summarised event."""
+COMPRESSED_AT_FIELD = "memory_compressed_at"
+PENDING_FIELD = "memory_pending_fold"
+"""{"version": v, "ids": [...], "run_id": ...}: events a committed summary covers, not yet deleted."""
+
+_INDEX_CONFLICT_CODES = {85, 86}  # IndexOptionsConflict, IndexKeySpecsConflict
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """A user over the threshold and how many events they have."""
+
+    user_id: str
+    events: int
+
+
+@dataclass(frozen=True)
+class PendingFold:
+    """Events covered by a committed summary whose archive/delete had not finished."""
+
+    version: int
+    ids: list[Any]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The parts of a user's profile the engine reads."""
+
+    user_id: str
+    summary: str = ""
+    version: int = 0
+    language: str | None = None
+    pending: PendingFold | None = None
+
+
+@dataclass(frozen=True)
+class EventKey:
+    """An event's position in a user's history: ordered by (created_at, _id)."""
+
+    created_at: datetime
+    id: Any
+
+
+class MemoryStore:
+    """Read and write one Butler database."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.events = db[settings.events_collection]
+        self.profiles = db[settings.profiles_collection]
+        self.archive_coll = db[settings.archive_collection]
+        self.runs = db[settings.runs_collection]
+
+    # -- indexes -------------------------------------------------------------------------------
+
+    def ensure_indexes(self) -> None:
+        """Create the indexes the scan and per-user reads rely on; safe to call on every run."""
+        self._ensure(self.events, [("user_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)])
+        self._ensure(self.profiles, [("user_id", ASCENDING)])
+        self._ensure(self.runs, [("run_id", ASCENDING)], unique=True)
+        if self.settings.archive_enabled:
+            self._ensure(self.archive_coll, [("user_id", ASCENDING), ("created_at", ASCENDING)])
+            ttl = self.settings.archive_retention_days * 86400
+            try:
+                self.archive_coll.create_index(
+                    [("archived_at", ASCENDING)], name="archived_at_ttl", expireAfterSeconds=ttl
+                )
+            except OperationFailure as exc:
+                if exc.code not in _INDEX_CONFLICT_CODES:
+                    raise
+                # Retention changed since the index was made: update it in place.
+                self.db.command(
+                    "collMod",
+                    self.archive_coll.name,
+                    index={"name": "archived_at_ttl", "expireAfterSeconds": ttl},
+                )
+
+    @staticmethod
+    def _ensure(coll: Any, keys: list[tuple[str, int]], unique: bool = False) -> None:
+        try:
+            coll.create_index(keys, unique=unique)
+        except OperationFailure as exc:
+            # An equivalent index under another name already exists (the Butler's own): fine.
+            if exc.code not in _INDEX_CONFLICT_CODES:
+                raise
+
+    # -- scan ----------------------------------------------------------------------------------
+
+    def scan(self, threshold: int, limit: int, user_ids: Sequence[str] | None = None) -> list[Backlog]:
+        """Return users with more than ``threshold`` events, largest backlog first, at most ``limit``."""
+        pipeline: list[dict[str, Any]] = []
+        if user_ids is not None:
+            pipeline.append({"$match": {"user_id": {"$in": list(user_ids)}}})
+        pipeline += [
+            {"$group": {"_id": "$user_id", "n": {"$sum": 1}}},
+            {"$match": {"n": {"$gt": threshold}}},
+            {"$sort": {"n": DESCENDING, "_id": ASCENDING}},
+            {"$limit": limit},
+        ]
+        result = []
+        for row in self.events.aggregate(pipeline, allowDiskUse=True):
+            if not isinstance(row["_id"], str):
+                log.warning("scan: skipping events whose user_id is not a string (type %s)", type(row["_id"]))
+                continue
+            result.append(Backlog(user_id=row["_id"], events=int(row["n"])))
+        return result
+
+    def count_events(self, user_id: str) -> int:
+        """Count one user's events."""
+        return self.events.count_documents({"user_id": user_id})
+
+    # -- profile -------------------------------------------------------------------------------
+
+    def load_profile(self, user_id: str, *, create: bool = True) -> Profile:
+        """Return the user's profile, validated; create an empty one first when asked."""
+        if create:
+            self.profiles.update_one({"user_id": user_id}, {"$setOnInsert": {"user_id": user_id}}, upsert=True)
+        doc = self.profiles.find_one({"user_id": user_id}) or {}
+        return parse_profile(user_id, doc, self.settings)
+
+    def commit_summary(
+        self,
+        user_id: str,
+        *,
+        expected_version: int,
+        summary: str,
+        through: EventKey,
+        ids: list[Any],
+        run_id: str,
+        now: datetime,
+    ) -> int:
+        """Store a new summary, watermark and pending fold in one guarded update; return the new version."""
+        new_version = expected_version + 1
+        guard: dict[str, Any] = {"user_id": user_id, PENDING_FIELD: None}
+        guard[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
+        update = {
+            "$set": {
+                self.settings.summary_field: summary,
+                VERSION_FIELD: new_version,
+                THROUGH_FIELD: {"created_at": through.created_at, "event_id": through.id},
+                COMPRESSED_AT_FIELD: now,
+                PENDING_FIELD: {"version": new_version, "ids": ids, "run_id": run_id},
+            }
+        }
+        res = self.profiles.update_one(guard, update)
+        if res.matched_count != 1:
+            raise ConcurrentUpdateError(
+                f"user {user_id!r}: profile changed during compression (expected summary version "
+                f"{expected_version}); nothing was written, a re-run starts from the new state",
+                user_id=user_id,
+            )
+        return new_version
+
+    def clear_pending(self, user_id: str, version: int) -> None:
+        """Mark the fold of ``version`` finished."""
+        self.profiles.update_one(
+            {"user_id": user_id, VERSION_FIELD: version, f"{PENDING_FIELD}.version": version},
+            {"$set": {PENDING_FIELD: None}},
+        )
+
+    # -- events --------------------------------------------------------------------------------
+
+    def fold_keys(self, user_id: str, keep_last_n: int) -> list[EventKey]:
+        """Return the keys of all but the newest ``keep_last_n`` events, oldest first (validated)."""
+        cursor = self.events.find({"user_id": user_id}, {"_id": 1, "created_at": 1}).sort(
+            [("created_at", ASCENDING), ("_id", ASCENDING)]
+        )
+        keys: list[EventKey] = []
+        for doc in cursor.batch_size(5000):
+            created_at = doc.get("created_at")
+            if not isinstance(created_at, datetime):
+                problem = "is missing" if created_at is None else f"is a {type(created_at).__name__}, not a date"
+                raise InvalidEventError(user_id, doc["_id"], "created_at", problem)
+            keys.append(EventKey(created_at, doc["_id"]))
+        return keys[: max(len(keys) - keep_last_n, 0)]
+
+    def iter_events(self, user_id: str, first: EventKey, last: EventKey, batch_size: int) -> Iterator[dict]:
+        """Stream the user's events from ``first`` to ``last`` inclusive, oldest first."""
+        query = {
+            "user_id": user_id,
+            "$and": [_key_at_or_after(first), _key_at_or_before(last)],
+        }
+        cursor = self.events.find(query).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
+        yield from cursor.batch_size(batch_size)
+
+    def find_by_ids(self, user_id: str, ids: Sequence[Any]) -> list[dict]:
+        """Return those of ``ids`` still in user_memory, in batches."""
+        found: list[dict] = []
+        for batch in _batches(ids, self.settings.delete_batch_size):
+            found.extend(self.events.find({"user_id": user_id, "_id": {"$in": batch}}))
+        return found
+
+    def archive(self, events: Sequence[Mapping[str, Any]], *, run_id: str, version: int, now: datetime) -> int:
+        """Copy events into the archive (upsert by _id, so repeating it adds nothing); return the count."""
+        if not self.settings.archive_enabled or not events:
+            return 0
+        ops = [
+            ReplaceOne(
+                {"_id": ev["_id"]},
+                {**ev, "run_id": run_id, "summary_version": version, "archived_at": now},
+                upsert=True,
+            )
+            for ev in events
+        ]
+        for batch in _batches(ops, self.settings.delete_batch_size):
+            self.archive_coll.bulk_write(batch, ordered=False)
+        return len(ops)
+
+    def delete(self, user_id: str, ids: Sequence[Any]) -> int:
+        """Delete the given events of one user in batches; return how many were deleted."""
+        deleted = 0
+        for batch in _batches(ids, self.settings.delete_batch_size):
+            deleted += self.events.delete_many({"user_id": user_id, "_id": {"$in": batch}}).deleted_count
+        return deleted
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def save_run(self, doc: Mapping[str, Any]) -> None:
+        """Store or replace the document of one DAG run (keyed by run_id; re-runs update it)."""
+        self.runs.replace_one({"run_id": doc["run_id"]}, dict(doc), upsert=True)
+
+    def recent_runs(self, limit: int = 30) -> list[dict]:
+        """Return the newest run documents."""
+        return list(self.runs.find({}, {"_id": 0}).sort([("started_at", DESCENDING)]).limit(limit))
+
+
+def parse_profile(user_id: str, doc: Mapping[str, Any], settings: Settings) -> Profile:
+    """Validate the fields the engine reads from a profile document."""
+    summary = doc.get(settings.summary_field)
+    if summary is None:
+        summary = ""
+    if not isinstance(summary, str):
+        raise InvalidProfileError(user_id, settings.summary_field, f"is a {type(summary).__name__}, not a string")
+    version = doc.get(VERSION_FIELD) or 0
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise InvalidProfileError(user_id, VERSION_FIELD, "is not a non-negative integer")
+    language = doc.get(settings.language_field)
+    if language is not None and not (isinstance(language, str) and 2 <= len(language) <= 16):
+        raise InvalidProfileError(user_id, settings.language_field, "is not a language code")
+    pending = None
+    raw = doc.get(PENDING_FIELD)
+    if raw is not None:
+        if not (isinstance(raw, dict) and isinstance(raw.get("ids"), list) and isinstance(raw.get("version"), int)):
+            raise InvalidProfileError(user_id, PENDING_FIELD, "is not {version: int, ids: list}")
+        pending = PendingFold(version=raw["version"], ids=raw["ids"])
+    return Profile(user_id=user_id, summary=summary, version=version, language=language, pending=pending)
+
+
+def _key_at_or_after(key: EventKey) -> dict[str, Any]:
+    return {
+        "$or": [
+            {"created_at": {"$gt": key.created_at}},
+            {"created_at": key.created_at, "_id": {"$gte": key.id}},
+        ]
+    }
+
+
+def _key_at_or_before(key: EventKey) -> dict[str, Any]:
+    return {
+        "$or": [
+            {"created_at": {"$lt": key.created_at}},
+            {"created_at": key.created_at, "_id": {"$lte": key.id}},
+        ]
+    }
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
