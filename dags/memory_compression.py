@@ -1,0 +1,129 @@
+"""
+# memory_compression
+
+Keeps every Butler user's memory small: once a day, **scan** finds users with more than
+`threshold` events (default 50), **compress_user** runs once per user (dynamically mapped, each
+instance labelled with the user id, in pool `llm_api`) and folds all but the newest `keep_last_n`
+events (default 20) into the user's rolling summary, and **report** stores one document per run in
+`memory_compression_runs`, emits StatsD metrics and fails the run when any user failed.
+
+* Manual run: *Trigger DAG* shows a form: `dry_run`, `limit`, `user_ids`, `threshold`,
+  `keep_last_n` (empty = the configured setting).
+* A failed user: clear its `compress_user` instance (labelled with the user id) **with
+  downstream**, so `report` runs again; the run then ends green.
+* Safe to re-run at any point: nothing is deleted before a summary covering it is stored.
+
+Docs: `docs/architecture.md`, `docs/configuration.md`, `docs/operations/runbook.md`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.configuration import conf
+from airflow.sdk import Param, dag, get_current_context, task
+
+SCHEDULE = os.environ.get("BUTLER_MEMORY_SCHEDULE", "@daily")
+"""A cron expression or preset; the run time is a setting, read from the environment at parse time."""
+LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
+MAX_MAP_LENGTH = conf.getint("core", "max_map_length")
+
+DEFAULT_ARGS = {
+    "owner": "butler-memory",
+    "retries": 3,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+@task(execution_timeout=timedelta(minutes=15))
+def scan() -> list[str]:
+    """Return the ids of users over the threshold, largest backlog first."""
+    from butler_memory import dag_tasks
+
+    context = get_current_context()
+    return dag_tasks.scan(context["params"], context["ti"])
+
+
+@task(
+    multiple_outputs=False,
+    pool=LLM_POOL,
+    map_index_template="{{ compressed_user_id }}",
+    execution_timeout=timedelta(minutes=30),
+)
+def compress_user(user_id: str) -> dict:
+    """Fold one user's older events into their summary."""
+    from butler_memory import dag_tasks
+
+    context = get_current_context()
+    context["compressed_user_id"] = user_id  # type: ignore[typeddict-unknown-key]
+    return dag_tasks.compress(user_id, context["params"], context["ti"], context["run_id"])
+
+
+@task(multiple_outputs=False, trigger_rule="all_done", retries=1, execution_timeout=timedelta(minutes=15))
+def report() -> dict:
+    """Store and log the run report; fail when any user failed."""
+    from butler_memory import dag_tasks
+
+    context = get_current_context()
+    dag_run = context["dag_run"]
+    return dag_tasks.report(context["params"], context["ti"], context["run_id"], dag_run.start_date)
+
+
+@dag(
+    dag_id="memory_compression",
+    schedule=SCHEDULE,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["butler", "memory", "llm"],
+    doc_md=__doc__,
+    params={
+        "dry_run": Param(False, type="boolean", title="Dry run", description="Scan and report only; write nothing."),
+        "limit": Param(
+            1000,
+            type="integer",
+            minimum=1,
+            maximum=MAX_MAP_LENGTH,
+            title="Limit",
+            description=f"Most users to compress in this run, largest backlog first (1 to {MAX_MAP_LENGTH}).",
+        ),
+        "user_ids": Param(
+            [],
+            type="array",
+            items={"type": "string", "minLength": 1, "maxLength": 200},
+            uniqueItems=True,
+            title="User ids",
+            description="Only these users (one per line). Empty: every user over the threshold.",
+        ),
+        "threshold": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Threshold",
+            description="Compress users with more than this many events. Empty: the configured setting (50).",
+        ),
+        "keep_last_n": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Keep last N",
+            description="Newest events kept raw. Empty: the configured setting (20). Must not exceed threshold.",
+        ),
+    },
+)
+def memory_compression() -> None:
+    """Scan, compress each user in a mapped task, report."""
+    users = scan()
+    results = compress_user.expand(user_id=users)
+    results >> report()
+
+
+dag = memory_compression()
+
+if __name__ == "__main__":
+    dag.test()
