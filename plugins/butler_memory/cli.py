@@ -1,0 +1,136 @@
+"""The same engine without Airflow's scheduler: ``python -m butler_memory compress ...``.
+
+Reads the same ``AIRFLOW_CONN_*`` variables (and ``BUTLER_MEMORY_*`` settings) as the DAG. Exit
+codes: 0 all users done or skipped, 1 some user failed, 2 bad arguments or settings, 3 a service
+(MongoDB, Redis) is unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from butler_memory.compression import FAILED, UserResult, failed_result
+from butler_memory.errors import CompressionError, LockUnavailableError
+from butler_memory.report import build_report, emit_run_metrics, to_markdown
+from butler_memory.settings import Settings, SettingsError
+
+log = logging.getLogger("butler_memory.cli")
+
+EXIT_OK, EXIT_FAILED_USERS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m butler_memory", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    compress = sub.add_parser("compress", help="scan users over the threshold and compress them")
+    compress.add_argument("--dry-run", action="store_true", help="scan and print the plan; write nothing")
+    compress.add_argument("--limit", type=_positive_int, help="most users to compress (largest backlog first)")
+    compress.add_argument("--user", action="append", dest="users", metavar="ID", help="only this user (repeatable)")
+    compress.add_argument("--threshold", type=_positive_int, help="compress users with more events than this")
+    compress.add_argument("--keep-last-n", type=_positive_int, help="newest events kept raw")
+    compress.add_argument("--json", action="store_true", help="print the report as JSON")
+    compress.add_argument("--run-id", default=None, help="id of this run in memory_compression_runs")
+    compress.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    return parser
+
+
+def _progress(out: TextIO, done: int, total: int, result: UserResult) -> None:
+    if out.isatty():
+        out.write(f"\r[{done}/{total}] {result.user_id}: {result.status:<24}")
+        out.flush()
+        if done == total:
+            out.write("\n")
+
+
+def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Scan, compress each user in turn, print the report; return the exit code."""
+    from butler_memory.connections import build_engine
+
+    overrides: dict[str, Any] = {}
+    if args.threshold is not None:
+        overrides["threshold"] = args.threshold
+    if args.keep_last_n is not None:
+        overrides["keep_last_n"] = args.keep_last_n
+    if args.limit is not None:
+        overrides["scan_limit"] = args.limit
+    try:
+        settings = Settings.from_env().replace(**overrides)
+    except SettingsError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    started = datetime.now(UTC)
+    run_id = args.run_id or f"cli__{started.strftime('%Y-%m-%dT%H:%M:%S')}"
+    try:
+        engine = build_engine(settings)
+        if not args.dry_run:
+            engine.locks.ping()
+        backlog = engine.scan(limit=settings.scan_limit, user_ids=args.users)
+    except LockUnavailableError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_UNAVAILABLE
+    except SettingsError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
+        err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
+        return EXIT_UNAVAILABLE
+    results: list[dict[str, Any]] = []
+    for done, item in enumerate(backlog, start=1):
+        t0 = time.monotonic()
+        try:
+            result = engine.compress(item.user_id, run_id=run_id, dry_run=args.dry_run)
+        except CompressionError as exc:
+            result = failed_result(item.user_id, exc, time.monotonic() - t0)
+            log.warning("user %s failed: %s", item.user_id, exc)
+        results.append(result.to_dict())
+        _progress(err, done, len(backlog), result)
+    report = build_report(
+        run_id=run_id,
+        scanned=[b.user_id for b in backlog],
+        results=results,
+        started_at=started,
+        finished_at=datetime.now(UTC),
+        dry_run=args.dry_run,
+        backlog={b.user_id: b.events for b in backlog},
+    )
+    if not args.dry_run:
+        engine.store.save_run(report)
+        emit_run_metrics(report, engine.metrics)
+    if args.json:
+        out.write(json.dumps(report, default=str, ensure_ascii=False, indent=2) + "\n")
+    else:
+        out.write(to_markdown(report))
+    return EXIT_FAILED_USERS if any(r["status"] == FAILED for r in results) else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the command line; return the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=err,
+    )
+    if args.command == "compress":
+        return run_compress(args, out, err)
+    return EXIT_USAGE  # pragma: no cover - argparse enforces the subcommand
