@@ -62,7 +62,9 @@ def facts_for(rng: random.Random) -> list[str]:
 def user_events(user_id: str, n: int, rng: random.Random, start: datetime) -> tuple[list[dict[str, Any]], list[str]]:
     """Return ``n`` events for one user (alternating roles) with facts planted at random turns."""
     facts = facts_for(rng)
-    fact_at = {rng.randrange(0, max(n - 20, 1)): fact for fact in facts} if n > 25 else {}
+    # Facts are user turns (even indices) among the events a compression folds (not the newest 20).
+    slots = rng.sample(range(0, max(n - 20, 2), 2), k=min(len(facts), max(n - 20, 2) // 2)) if n > 25 else []
+    fact_at = dict(zip(slots, facts, strict=False))
     events = []
     for i in range(n):
         role = "user" if i % 2 == 0 else "assistant"

@@ -253,14 +253,17 @@ def sentence_score(sentence: str, role: str) -> float:
     score += 1.5 * min(len(_DIGITS.findall(sentence)), 4) / 2
     score += 1.5 * len(_DATE_WORDS.findall(sentence))
     score += 1.0 * min(len(_PROPER.findall(sentence)), 3)
-    if role == "user":
-        score *= 1.5  # the user states facts about themselves; the assistant mostly answers
+    # The user states facts about themselves; the assistant mostly answers and acknowledges.
+    score *= 1.5 if role == "user" else 0.5
     if len(sentence) < 12:
         score -= 2.0
     if sentence.endswith("?"):
         score -= 1.0
     return score
 
+
+MIN_FACT_SCORE = 1.5
+"""Sentences scoring below this are small talk and never enter a summary."""
 
 _NO_FACTS = {
     "ru": "- Сжато сообщений без устойчивых фактов: {n}.",
@@ -300,7 +303,7 @@ class OfflineSummarizer:
         for score, position, text in sorted(candidates, key=lambda c: (-c[0], c[1])):
             key = text.casefold()
             cost = len(text) + 3
-            if score <= 0 or key in seen or used + cost > request.max_chars:
+            if score < MIN_FACT_SCORE or key in seen or used + cost > request.max_chars:
                 continue
             seen.add(key)
             chosen.append((position, text))
