@@ -59,7 +59,7 @@ class Settings:
     prompt_budget_tokens: int = 6000
     """Events per LLM call are limited so one prompt stays within this many (estimated) tokens."""
     max_events_per_chunk: int = 1000
-    max_event_chars: int = 20_000
+    max_event_chars: int = 12_000
     """An event longer than this is refused (named in the error), never silently truncated."""
     llm_timeout_seconds: float = 60.0
     llm_max_retries: int = 2
