@@ -1,0 +1,538 @@
+"""A real HTTP server speaking the OpenAI chat completions API, scriptable per test.
+
+In-process use (tests)::
+
+    with FakeOpenAI() as llm:
+        llm.push_status(429)
+        client = openai.OpenAI(base_url=llm.base_url, api_key="test-key", max_retries=0)
+
+Standalone use (benchmarks, e2e tests steering a server in another process)::
+
+    python tools/fake_openai.py --port 8081 --latency 0.5     # prints the base URL, serves until SIGTERM
+    curl -X POST 127.0.0.1:8081/_control -d '{"default_status": 500}'
+    curl 127.0.0.1:8081/_stats
+
+How a chat request is answered, first match wins: a ``fail_when_contains`` rule whose marker is in
+the request body; the next queued one-shot behaviour (``push_*``); the default status
+(``set_default_status``); the responder (``set_responder``, else :func:`default_responder`).
+``set_latency`` delays every chat request, errors included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType, TracebackType
+from typing import Any, Self
+
+log = logging.getLogger(__name__)
+
+Responder = Callable[[dict[str, Any]], str]
+
+CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+# OpenAI's error "type" per status, so the client maps each one to the right exception class.
+ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_denied", None),
+    404: ("invalid_request_error", "model_not_found"),
+    409: ("conflict", None),
+    422: ("invalid_request_error", None),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", None),
+    502: ("server_error", None),
+    503: ("server_error", None),
+}
+# Handler threads waiting on a client (idle keep-alive, slow body) give up after this long.
+IDLE_TIMEOUT = 60.0
+
+
+def _message_texts(request: dict[str, Any], role: str | None = None) -> list[str]:
+    """Return the text of each message (string or list-of-parts content), optionally of one role."""
+    texts = []
+    for message in request.get("messages") or []:
+        if not isinstance(message, dict) or (role is not None and message.get("role") != role):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return texts
+
+
+def _russian_messages(n: int) -> str:
+    """Return "N сообщение/сообщения/сообщений" with the right plural form."""
+    if n % 10 == 1 and n % 100 != 11:
+        word = "сообщение"
+    elif n % 10 in (2, 3, 4) and n % 100 not in (12, 13, 14):
+        word = "сообщения"
+    else:
+        word = "сообщений"
+    return f"{n} {word}"
+
+
+def default_responder(request: dict[str, Any]) -> str:
+    """Return a short Russian summary counting the non-empty lines of the user messages.
+
+    The reply never echoes request content, so a test can tell a summary from a copy of the input.
+    """
+    lines = sum(1 for text in _message_texts(request, "user") for line in text.splitlines() if line.strip())
+    return f"Краткая сводка: пользователь обсуждал {_russian_messages(lines)}."
+
+
+def error_body(status: int, message: str | None = None) -> dict[str, Any]:
+    """Return an OpenAI-style error document for an HTTP status."""
+    error_type, code = ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    text = message or f"Fake OpenAI error {status}: {HTTPStatus(status).phrase}"
+    return {"error": {"message": text, "type": error_type, "param": None, "code": code}}
+
+
+@dataclass(frozen=True)
+class _Reply:
+    text: str
+    delay: float = 0.0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str = "stop"
+
+
+@dataclass(frozen=True)
+class _Status:
+    code: int
+    body: dict[str, Any] | str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Hang:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    pass
+
+
+Behaviour = _Reply | _Status | _Hang | _Malformed
+
+
+@dataclass(frozen=True)
+class _Rule:
+    marker: str
+    status: int
+
+
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer that knows its FakeOpenAI and can cut open connections on shutdown."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], fake: FakeOpenAI) -> None:
+        self.fake = fake
+        self.open_sockets: set[socket.socket] = set()
+        self.sockets_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def close_open_connections(self) -> None:
+        """Shut down every accepted connection, so keep-alive clients see the server go away."""
+        with self.sockets_lock:
+            sockets = list(self.open_sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serve the OpenAI endpoints plus /_control and /_stats."""
+
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeOpenAI/1.0"
+    timeout = IDLE_TIMEOUT
+
+    def setup(self) -> None:
+        """Register the connection so stop() can cut it."""
+        super().setup()
+        with self.server.sockets_lock:
+            self.server.open_sockets.add(self.connection)
+
+    def finish(self) -> None:
+        """Unregister the connection."""
+        with self.server.sockets_lock:
+            self.server.open_sockets.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log through logging instead of stderr."""
+        log.debug("fake-openai %s " + format, self.address_string(), *args)
+
+    def _headers(self) -> dict[str, str]:
+        """Return the request headers with lower-case names, as HTTP/1.1 and httpx treat them."""
+        return {name.lower(): value for name, value in self.headers.items()}
+
+    def do_GET(self) -> None:
+        """Serve /v1/models and /_stats."""
+        fake = self.server.fake
+        path = self.path.split("?", 1)[0]
+        if path == "/_stats":
+            self._send_json(200, {"requests": fake.request_count})
+            return
+        fake._record(path, self._headers(), None)
+        if path == MODELS_PATH:
+            model = {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake-openai"}
+            self._send_json(200, {"object": "list", "data": [model]})
+        else:
+            self._send_json(404, error_body(404, f"Unknown path {path}"))
+
+    def do_POST(self) -> None:
+        """Serve /v1/chat/completions and /_control."""
+        fake = self.server.fake
+        path = self.path.split("?", 1)[0]
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            payload = json.loads(raw or b"null")
+        except ValueError:
+            self._send_json(400, error_body(400, "Request body is not valid JSON"))
+            return
+        if path == "/_control":
+            try:
+                fake.apply_control(payload)
+            except (TypeError, ValueError, KeyError) as exc:
+                self._send_json(400, {"ok": False, "error": str(exc)})
+                return
+            self._send_json(200, {"ok": True})
+            return
+        fake._record(path, self._headers(), payload)
+        if path != CHAT_PATH:
+            self._send_json(404, error_body(404, f"Unknown path {path}"))
+        elif not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
+            self._send_json(400, error_body(400, "'messages' is a required property"))
+        elif payload.get("stream"):
+            self._send_json(400, error_body(400, "FakeOpenAI does not implement stream=true"))
+        else:
+            self._answer_chat(payload, raw.decode("utf-8", errors="replace"))
+
+    def _answer_chat(self, request: dict[str, Any], raw: str) -> None:
+        """Answer one chat completion according to the server's rules, queue and defaults."""
+        fake = self.server.fake
+        behaviour, latency = fake._next_behaviour(request, raw)
+        fake._sleep(latency)
+        if isinstance(behaviour, _Status):
+            self._send_status(behaviour)
+        elif isinstance(behaviour, _Hang):
+            fake._sleep(behaviour.seconds)
+            self._send_json(200, fake._completion(request, _Reply("Ответ после зависания.")))
+        elif isinstance(behaviour, _Malformed):
+            self._send_bytes(200, b'{"id": "chatcmpl-malformed", "choices": [{"message": ', "application/json")
+        else:
+            fake._sleep(behaviour.delay)
+            self._send_json(200, fake._completion(request, behaviour))
+
+    def _send_status(self, status: _Status) -> None:
+        """Send an error status with an OpenAI-style (or the given) body."""
+        headers = dict(status.headers)
+        if status.code in (429, 503):
+            headers.setdefault("Retry-After", "0")
+        if isinstance(status.body, str):
+            self._send_bytes(status.code, status.body.encode("utf-8"), "text/plain; charset=utf-8", headers)
+        else:
+            self._send_json(status.code, status.body or error_body(status.code), headers)
+
+    def _send_json(self, code: int, document: object, headers: dict[str, str] | None = None) -> None:
+        """Send a JSON document."""
+        body = json.dumps(document, ensure_ascii=False).encode("utf-8")
+        self._send_bytes(code, body, "application/json", headers)
+
+    def _send_bytes(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        """Send a complete response; a client that already hung up is not an error."""
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("x-request-id", f"req_{uuid.uuid4().hex[:16]}")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            log.debug("fake-openai client went away before the response: %s", exc)
+            self.close_connection = True
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible chat completions server on a real socket, scripted by the test."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, model: str = "test-model") -> None:
+        self.model = model
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._requests: list[dict[str, Any]] = []
+        self._queue: deque[Behaviour] = deque()
+        self._rules: list[_Rule] = []
+        self._responder: Responder = default_responder
+        self._latency = 0.0
+        self._default_status: int | None = None
+        self._server = _Server((host, port), self)
+        self.host: str = str(self._server.server_address[0])
+        self.port: int = int(self._server.server_address[1])
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        """Return the URL to hand to openai.OpenAI(base_url=...), ending in /v1."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> Self:
+        """Serve in a daemon thread; a no-op when already serving."""
+        if self._stopping.is_set():
+            raise RuntimeError(f"FakeOpenAI on {self.base_url} was stopped; start a new one")
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, name=f"fake-openai-{self.port}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, cut open connections, wake sleeping handlers and close the socket; idempotent."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.close_open_connections()
+        self._server.server_close()
+
+    def __enter__(self) -> Self:
+        """Start serving and return the server."""
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop serving."""
+        self.stop()
+
+    # Scripting -------------------------------------------------------------------------------
+
+    def push_reply(
+        self,
+        text: str,
+        *,
+        delay: float = 0.0,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        finish_reason: str = "stop",
+    ) -> None:
+        """Answer the next unanswered request with this text, after delay seconds."""
+        self._push(_Reply(text, delay, prompt_tokens, completion_tokens, finish_reason))
+
+    def push_status(
+        self, code: int, body: dict[str, Any] | str | None = None, *, headers: dict[str, str] | None = None
+    ) -> None:
+        """Fail the next request with this HTTP status; body defaults to an OpenAI-style error.
+
+        429 and 503 carry ``Retry-After: 0`` unless headers say otherwise; note that the openai client
+        only honours a positive Retry-After and otherwise backs off 0.5 s and up.
+        """
+        self._push(_Status(code, body, tuple((headers or {}).items())))
+
+    def push_hang(self, seconds: float) -> None:
+        """Stall the next request for seconds (longer than the client's timeout), then reply."""
+        self._push(_Hang(seconds))
+
+    def push_malformed(self) -> None:
+        """Answer the next request with 200 and a body that is not valid JSON."""
+        self._push(_Malformed())
+
+    def push_empty(self) -> None:
+        """Answer the next request with 200 and an empty message content."""
+        self._push(_Reply(""))
+
+    def set_latency(self, seconds: float) -> None:
+        """Delay every chat request by seconds."""
+        with self._lock:
+            self._latency = float(seconds)
+
+    def set_responder(self, responder: Responder | None) -> None:
+        """Answer unscripted requests with responder(request_json); None restores the default."""
+        with self._lock:
+            self._responder = responder or default_responder
+
+    def set_default_status(self, code: int | None) -> None:
+        """Fail every unscripted request with this status until reset (an outage); None ends it."""
+        with self._lock:
+            self._default_status = code
+
+    def fail_when_contains(self, marker: str, status: int) -> None:
+        """Fail every request whose body contains marker with status (e.g. one user's 400)."""
+        with self._lock:
+            self._rules.append(_Rule(marker, status))
+
+    def clear_rules(self) -> None:
+        """Drop every fail_when_contains rule."""
+        with self._lock:
+            self._rules.clear()
+
+    def reset(self) -> None:
+        """Forget requests, queue, rules, latency, default status and responder."""
+        with self._lock:
+            self._requests.clear()
+            self._queue.clear()
+            self._rules.clear()
+            self._responder = default_responder
+            self._latency = 0.0
+            self._default_status = None
+
+    def apply_control(self, command: object) -> None:
+        """Apply a /_control document such as {"latency": 0.5} or {"default_status": null}."""
+        if not isinstance(command, dict):
+            raise TypeError(f"control document must be an object, not {type(command).__name__}")
+        unknown = set(command) - {"latency", "default_status", "fail_when_contains", "clear_rules", "reset"}
+        if unknown:
+            raise ValueError(f"unknown control keys {sorted(unknown)}")
+        if command.get("reset"):
+            self.reset()
+        if command.get("clear_rules"):
+            self.clear_rules()
+        if "latency" in command:
+            self.set_latency(float(command["latency"]))
+        if "default_status" in command:
+            code = command["default_status"]
+            self.set_default_status(None if code is None else int(code))
+        if "fail_when_contains" in command:
+            rule = command["fail_when_contains"]
+            self.fail_when_contains(str(rule["marker"]), int(rule["status"]))
+
+    # Inspection ------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Return a copy of every API request so far: {"path", "headers" (lower-case names), "json"}."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def request_count(self) -> int:
+        """Return how many API requests arrived (control and stats calls excluded)."""
+        with self._lock:
+            return len(self._requests)
+
+    @property
+    def chat_requests(self) -> list[dict[str, Any]]:
+        """Return the JSON bodies of the chat completion requests so far."""
+        return [r["json"] for r in self.requests if r["path"] == CHAT_PATH]
+
+    # Used by the handler ---------------------------------------------------------------------
+
+    def _push(self, behaviour: Behaviour) -> None:
+        with self._lock:
+            self._queue.append(behaviour)
+
+    def _record(self, path: str, headers: dict[str, str], payload: object) -> None:
+        with self._lock:
+            self._requests.append({"path": path, "headers": headers, "json": payload})
+
+    def _next_behaviour(self, request: dict[str, Any], raw: str) -> tuple[Behaviour, float]:
+        """Pick how to answer a chat request, and the latency to add."""
+        with self._lock:
+            latency = self._latency
+            if self._rules:
+                text = raw + json.dumps(request, ensure_ascii=False)
+                for rule in self._rules:
+                    if rule.marker in text:
+                        return _Status(rule.status), latency
+            if self._queue:
+                return self._queue.popleft(), latency
+            if self._default_status is not None:
+                return _Status(self._default_status), latency
+            responder = self._responder
+        return _Reply(responder(request)), latency
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake up at once when the server stops."""
+        if seconds > 0:
+            self._stopping.wait(seconds)
+
+    def _completion(self, request: dict[str, Any], reply: _Reply) -> dict[str, Any]:
+        """Return a chat.completion document for a reply."""
+        prompt_chars = sum(len(text) for text in _message_texts(request))
+        prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else prompt_chars // 4
+        completion_tokens = reply.completion_tokens if reply.completion_tokens is not None else len(reply.text) // 4
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model") or self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": reply.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "system_fingerprint": "fake-openai",
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a FakeOpenAI until SIGTERM or SIGINT, printing its base URL first."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (read it from stdout)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every chat request")
+    parser.add_argument("--model", default="test-model")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    done = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    with FakeOpenAI(args.host, args.port, model=args.model) as fake:
+        fake.set_latency(args.latency)
+        print(fake.base_url, flush=True)
+        while not done.wait(0.5):
+            pass
+        log.info("fake-openai on %s stopping after %s requests", fake.base_url, fake.request_count)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
