@@ -96,6 +96,12 @@ class Settings:
             )
         if self.llm_max_retries < 0:
             raise SettingsError(f"llm_max_retries must be >= 0, got {self.llm_max_retries}")
+        # One event, the previous summary and the instructions must fit one prompt (3 chars a token).
+        if (self.max_event_chars + self.summary_max_chars) // 3 + 400 > self.prompt_budget_tokens:
+            raise SettingsError(
+                f"prompt_budget_tokens ({self.prompt_budget_tokens}) is too small for one event of "
+                f"max_event_chars ({self.max_event_chars}) plus the summary; raise it or lower max_event_chars"
+            )
         if self.prompt_budget_tokens < 4 * self.summary_max_tokens:
             raise SettingsError(
                 f"prompt_budget_tokens ({self.prompt_budget_tokens}) must be at least 4x "

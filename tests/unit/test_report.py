@@ -1,0 +1,79 @@
+"""Run report: counts, missing results counted as failed, Markdown, metrics."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from butler_memory import metrics as m
+from butler_memory.report import NO_RESULT, build_report, emit_run_metrics, to_markdown
+
+T0 = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
+
+
+class RecordingMetrics:
+    """Collect metric calls (pure logic: the real UDP path is tested against a socket elsewhere)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float]] = []
+
+    def incr(self, name: str, count: int = 1) -> None:
+        self.calls.append(("incr", name, count))
+
+    def gauge(self, name: str, value: float) -> None:
+        self.calls.append(("gauge", name, value))
+
+    def timing(self, name: str, seconds: float) -> None:
+        self.calls.append(("timing", name, seconds))
+
+
+def _result(user_id: str, status: str, folded: int = 0) -> dict:
+    return {"user_id": user_id, "status": status, "events_folded": folded, "events_deleted": folded, "seconds": 0.5}
+
+
+def test_counts_by_status_and_users_without_result_fail() -> None:
+    report = build_report(
+        run_id="r1",
+        scanned=["a", "b", "c", "d", "e"],
+        results=[_result("a", "compressed", 30), _result("b", "skipped_locked"), None, _result("d", "failed")],
+        started_at=T0,
+        finished_at=T0 + timedelta(seconds=90),
+        backlog={"a": 50, "b": 60},
+    )
+    assert report["users_found"] == 5
+    assert report["users_compressed"] == 1
+    assert report["users_skipped_locked"] == 1
+    assert report["failed_user_ids"] == ["c", "d", "e"]
+    assert report["users_failed"] == 3
+    assert report["events_folded"] == 30
+    assert report["backlog_events"] == 110
+    assert report["seconds"] == 90.0
+    missing = next(u for u in report["users"] if u["user_id"] == "c")
+    assert missing["error_type"] == NO_RESULT
+
+
+def test_markdown_lists_failed_users_first_and_escapes_pipes() -> None:
+    failed = {**_result("zz", "failed"), "error": "user 'zz': field 'content' | bad"}
+    report = build_report(
+        run_id="r2",
+        scanned=["aa", "zz"],
+        results=[_result("aa", "compressed", 5), failed],
+        started_at=T0,
+        finished_at=T0,
+    )
+    text = to_markdown(report)
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows[0].startswith("| `zz` | failed")
+    assert "field 'content' / bad" in rows[0]
+    assert "Failed users: `zz`" in text
+
+
+def test_run_metrics_mark_success_only_when_nothing_failed() -> None:
+    ok = build_report(run_id="r", scanned=["a"], results=[_result("a", "compressed", 3)], started_at=T0, finished_at=T0)
+    bad = build_report(run_id="r", scanned=["a"], results=[None], started_at=T0, finished_at=T0)
+    rec_ok, rec_bad = RecordingMetrics(), RecordingMetrics()
+    emit_run_metrics(ok, rec_ok)
+    emit_run_metrics(bad, rec_bad)
+    assert ("gauge", m.LAST_SUCCESS_TIMESTAMP, T0.timestamp()) in rec_ok.calls
+    assert all(name != m.LAST_SUCCESS_TIMESTAMP for _, name, _ in rec_bad.calls)
+    assert ("incr", m.ERRORS_TOTAL, 1) in rec_bad.calls
+    assert ("gauge", m.RUN_USERS_FAILED, 1) in rec_bad.calls
