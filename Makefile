@@ -28,6 +28,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check dags plugins tools tests
 	$(BIN)/ruff check --select AIR --preview dags plugins
+	$(BIN)/mypy plugins/butler_memory dags
 
 test: venv lint
 	$(BIN)/python -m pytest

@@ -123,7 +123,7 @@ def memory_compression() -> None:
     results >> report()
 
 
-dag = memory_compression()
+memory_compression_dag = memory_compression()
 
 if __name__ == "__main__":
-    dag.test()
+    memory_compression_dag.test()

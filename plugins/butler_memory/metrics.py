@@ -8,7 +8,7 @@ sends are fire-and-forget and every send is guarded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -116,7 +116,7 @@ class StatsdMetrics:
 
         self._client = statsd.StatsClient(config.host, config.port, prefix=config.prefix or None)
 
-    def _safe(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _safe(self, fn: Callable[..., object], *args: object) -> None:
         try:
             fn(*args)
         except OSError as exc:  # an unreachable sink must never fail a compression

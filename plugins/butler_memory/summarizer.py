@@ -192,7 +192,7 @@ class OpenAISummarizer:
         try:
             response = self._client.chat.completions.create(
                 model=self.config.model,
-                messages=build_messages(request),
+                messages=build_messages(request),  # type: ignore[arg-type]  # plain dicts are valid params
                 temperature=0,
                 max_tokens=request.max_tokens * 2,
                 extra_body=self.config.extra_body or None,
