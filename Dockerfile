@@ -1,0 +1,11 @@
+# The official Airflow image plus what butler-memory needs and the image lacks. Versions are the
+# pins of requirements.txt (tests/deploy checks they agree). apache-airflow is named again so pip
+# can never upgrade or downgrade the Airflow the image ships.
+FROM apache/airflow:3.3.2-python3.11
+
+RUN pip install --no-cache-dir \
+    apache-airflow==3.3.2 \
+    apache-airflow-providers-mongo==5.5.1 \
+    apache-airflow-providers-redis==4.7.1 \
+    openai==3.57.0 \
+    statsd==4.0.1
