@@ -85,12 +85,12 @@ def report() -> dict:
     params={
         "dry_run": Param(False, type="boolean", title="Dry run", description="Scan and report only; write nothing."),
         "limit": Param(
-            1000,
-            type="integer",
+            None,
+            type=["null", "integer"],
             minimum=1,
             maximum=MAX_MAP_LENGTH,
             title="Limit",
-            description=f"Most users to compress in this run, largest backlog first (1 to {MAX_MAP_LENGTH}).",
+            description=f"Most users in this run, largest backlog first (1 to {MAX_MAP_LENGTH}). Empty: the scan_limit setting.",
         ),
         "user_ids": Param(
             [],

@@ -54,8 +54,9 @@ def scan(params: Mapping[str, Any], ti: Any) -> list[str]:
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
     engine = build_engine(settings)
-    engine.metrics.gauge(m.RUN_STARTED_TIMESTAMP, datetime.now(UTC).timestamp())
     if not params.get("dry_run"):
+        # Only real runs: a dry run's report emits no finish time, so a start would look stuck.
+        engine.metrics.gauge(m.RUN_STARTED_TIMESTAMP, datetime.now(UTC).timestamp())
         engine.locks.ping()  # no lock service, no compression: fail the run before mapping anything
     user_ids = params.get("user_ids") or None
     backlog = engine.scan(limit=settings.scan_limit, user_ids=user_ids)
