@@ -5,15 +5,16 @@ The DAG file only wires these together. XCom carries user ids, counts and status
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from butler_memory import metrics as m
-from butler_memory.compression import failed_result, utcnow
-from butler_memory.connections import build_engine, statsd_metrics
+from butler_memory.compression import Engine, failed_result, utcnow
+from butler_memory.connections import build_engine, mongo_store, statsd_metrics
 from butler_memory.errors import CompressionError
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
 from butler_memory.settings import Settings, SettingsError
@@ -41,6 +42,34 @@ def resolve_settings(params: Mapping[str, Any]) -> Settings:
     return settings.replace(**overrides) if overrides else settings
 
 
+def _close(part: object) -> None:
+    """Close a part that holds a client: its own close(), else that of the client it wraps."""
+    for target in (part, getattr(part, "_client", None)):
+        close = getattr(target, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception as exc:  # closing is best effort; the task's outcome is already decided
+                log.warning("closing %s failed: %s", type(target).__name__, type(exc).__name__)
+            return
+
+
+@contextlib.contextmanager
+def _engine(settings: Settings) -> Iterator[Engine]:
+    """Build the engine for one task body and close its clients when the body is done.
+
+    `airflow dags test` and ``dag.test()`` run every task in one process: unclosed, each mapped
+    instance would leave a MongoClient (with its monitor threads) and sockets behind.
+    """
+    engine = build_engine(settings)
+    try:
+        yield engine
+    finally:
+        _close(engine.store.db.client)
+        for part in (engine.locks, engine.summarizer, engine.metrics):
+            _close(part)
+
+
 def _fail(message: str) -> Exception:
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -53,13 +82,13 @@ def scan(params: Mapping[str, Any], ti: Any) -> list[str]:
         settings = resolve_settings(params)
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
-    engine = build_engine(settings)
-    if not params.get("dry_run"):
-        # Only real runs: a dry run's report emits no finish time, so a start would look stuck.
-        engine.metrics.gauge(m.RUN_STARTED_TIMESTAMP, datetime.now(UTC).timestamp())
-        engine.locks.ping()  # no lock service, no compression: fail the run before mapping anything
     user_ids = params.get("user_ids") or None
-    backlog = engine.scan(limit=settings.scan_limit, user_ids=user_ids)
+    with _engine(settings) as engine:
+        if not params.get("dry_run"):
+            # Only real runs: a dry run's report emits no finish time, so a start would look stuck.
+            engine.metrics.gauge(m.RUN_STARTED_TIMESTAMP, datetime.now(UTC).timestamp())
+            engine.locks.ping()  # no lock service, no compression: fail the run before mapping anything
+        backlog = engine.scan(limit=settings.scan_limit, user_ids=user_ids)
     log.info(
         "scan: %d user(s) over %d events (limit %d%s)",
         len(backlog),
@@ -79,8 +108,8 @@ def compress(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
     try:
-        engine = build_engine(settings)
-        result = engine.compress(user_id, run_id=run_id, dry_run=bool(params.get("dry_run")))
+        with _engine(settings) as engine:
+            result = engine.compress(user_id, run_id=run_id, dry_run=bool(params.get("dry_run")))
     except CompressionError as exc:
         seconds = (utcnow() - started).total_seconds()
         ti.xcom_push(key=FAILURE_XCOM_KEY, value=failed_result(user_id, exc, seconds).to_dict())
@@ -129,12 +158,17 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
         dry_run=bool(params.get("dry_run")),
         backlog=backlog,
     )
-    engine_metrics = statsd_metrics(settings)
     if not doc["dry_run"]:
-        from butler_memory.connections import mongo_store
-
-        mongo_store(settings).save_run(doc)
-        emit_run_metrics(doc, engine_metrics)
+        store = mongo_store(settings)
+        try:
+            store.save_run(doc)
+        finally:
+            _close(store.db.client)
+        run_metrics = statsd_metrics(settings)
+        try:
+            emit_run_metrics(doc, run_metrics)
+        finally:
+            _close(run_metrics)
     log.info("run report\n%s", to_markdown(doc))
     if doc["users_failed"]:
         raise _fail(
