@@ -92,28 +92,31 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
         err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
         return EXIT_UNAVAILABLE
-    results: list[dict[str, Any]] = []
-    for done, item in enumerate(backlog, start=1):
-        t0 = time.monotonic()
-        try:
-            result = engine.compress(item.user_id, run_id=run_id, dry_run=args.dry_run)
-        except CompressionError as exc:
-            result = failed_result(item.user_id, exc, time.monotonic() - t0)
-            log.warning("user %s failed: %s", item.user_id, exc)
-        results.append(result.to_dict())
-        _progress(err, done, len(backlog), result)
-    report = build_report(
-        run_id=run_id,
-        scanned=[b.user_id for b in backlog],
-        results=results,
-        started_at=started,
-        finished_at=datetime.now(UTC),
-        dry_run=args.dry_run,
-        backlog={b.user_id: b.events for b in backlog},
-    )
-    if not args.dry_run:
-        engine.store.save_run(report)
-        emit_run_metrics(report, engine.metrics)
+    try:
+        results: list[dict[str, Any]] = []
+        for done, item in enumerate(backlog, start=1):
+            t0 = time.monotonic()
+            try:
+                result = engine.compress(item.user_id, run_id=run_id, dry_run=args.dry_run)
+            except CompressionError as exc:
+                result = failed_result(item.user_id, exc, time.monotonic() - t0)
+                log.warning("user %s failed: %s", item.user_id, exc)
+            results.append(result.to_dict())
+            _progress(err, done, len(backlog), result)
+        report = build_report(
+            run_id=run_id,
+            scanned=[b.user_id for b in backlog],
+            results=results,
+            started_at=started,
+            finished_at=datetime.now(UTC),
+            dry_run=args.dry_run,
+            backlog={b.user_id: b.events for b in backlog},
+        )
+        if not args.dry_run:
+            engine.store.save_run(report)
+            emit_run_metrics(report, engine.metrics)
+    finally:
+        engine.close()
     if args.json:
         out.write(json.dumps(report, default=str, ensure_ascii=False, indent=2) + "\n")
     else:

@@ -106,6 +106,17 @@ class Engine:
     summarizer: Summarizer
     metrics: Metrics = field(default_factory=NullMetrics)
 
+    def close(self) -> None:
+        """Close every client the parts hold (MongoDB, Redis, LLM, StatsD)."""
+        for part in (self.store, self.locks, self.summarizer, self.metrics):
+            part.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def scan(self, *, limit: int | None = None, user_ids: Sequence[str] | None = None) -> list[Backlog]:
         """Return users over the threshold, largest backlog first."""
         self.store.ensure_indexes()

@@ -5,15 +5,14 @@ The DAG file only wires these together. XCom carries user ids, counts and status
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from butler_memory import metrics as m
-from butler_memory.compression import Engine, failed_result, utcnow
+from butler_memory.compression import failed_result, utcnow
 from butler_memory.connections import build_engine, mongo_store, statsd_metrics
 from butler_memory.errors import CompressionError
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
@@ -42,34 +41,6 @@ def resolve_settings(params: Mapping[str, Any]) -> Settings:
     return settings.replace(**overrides) if overrides else settings
 
 
-def _close(part: object) -> None:
-    """Close a part that holds a client: its own close(), else that of the client it wraps."""
-    for target in (part, getattr(part, "_client", None)):
-        close = getattr(target, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception as exc:  # closing is best effort; the task's outcome is already decided
-                log.warning("closing %s failed: %s", type(target).__name__, type(exc).__name__)
-            return
-
-
-@contextlib.contextmanager
-def _engine(settings: Settings) -> Iterator[Engine]:
-    """Build the engine for one task body and close its clients when the body is done.
-
-    `airflow dags test` and ``dag.test()`` run every task in one process: unclosed, each mapped
-    instance would leave a MongoClient (with its monitor threads) and sockets behind.
-    """
-    engine = build_engine(settings)
-    try:
-        yield engine
-    finally:
-        _close(engine.store.db.client)
-        for part in (engine.locks, engine.summarizer, engine.metrics):
-            _close(part)
-
-
 def _fail(message: str) -> Exception:
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -83,7 +54,7 @@ def scan(params: Mapping[str, Any], ti: Any) -> list[str]:
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
     user_ids = params.get("user_ids") or None
-    with _engine(settings) as engine:
+    with build_engine(settings) as engine:
         if not params.get("dry_run"):
             # Only real runs: a dry run's report emits no finish time, so a start would look stuck.
             engine.metrics.gauge(m.RUN_STARTED_TIMESTAMP, datetime.now(UTC).timestamp())
@@ -108,7 +79,7 @@ def compress(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
     try:
-        with _engine(settings) as engine:
+        with build_engine(settings) as engine:
             result = engine.compress(user_id, run_id=run_id, dry_run=bool(params.get("dry_run")))
     except CompressionError as exc:
         seconds = (utcnow() - started).total_seconds()
@@ -159,16 +130,13 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
         backlog=backlog,
     )
     if not doc["dry_run"]:
-        store = mongo_store(settings)
-        try:
+        with mongo_store(settings) as store:
             store.save_run(doc)
-        finally:
-            _close(store.db.client)
         run_metrics = statsd_metrics(settings)
         try:
             emit_run_metrics(doc, run_metrics)
         finally:
-            _close(run_metrics)
+            run_metrics.close()
     log.info("run report\n%s", to_markdown(doc))
     if doc["users_failed"]:
         raise _fail(

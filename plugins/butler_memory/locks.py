@@ -59,6 +59,10 @@ class UserLocks:
         self._client = client
         self._settings = settings
 
+    def close(self) -> None:
+        """Close the Redis connection pool."""
+        self._client.close()
+
     def ping(self) -> None:
         """Fail closed: raise LockUnavailableError when Redis does not answer."""
         try:

@@ -85,6 +85,8 @@ class Metrics(Protocol):
 
     def timing(self, name: str, seconds: float) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class NullMetrics:
     """Drop every metric; used when StatsD is not configured."""
@@ -96,6 +98,9 @@ class NullMetrics:
         return None
 
     def timing(self, name: str, seconds: float) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
 
@@ -121,6 +126,10 @@ class StatsdMetrics:
             fn(*args)
         except OSError as exc:  # an unreachable sink must never fail a compression
             log.warning("statsd send failed: %s", type(exc).__name__)
+
+    def close(self) -> None:
+        """Close the UDP socket."""
+        self._client.close()
 
     def incr(self, name: str, count: int = 1) -> None:
         if count:

@@ -78,6 +78,16 @@ class MemoryStore:
         self.archive_coll = db[settings.archive_collection]
         self.runs = db[settings.runs_collection]
 
+    def close(self) -> None:
+        """Close the MongoDB client this store's database belongs to."""
+        self.db.client.close()
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     # -- indexes -------------------------------------------------------------------------------
 
     def ensure_indexes(self) -> None:

@@ -78,6 +78,8 @@ class Summarizer(Protocol):
 
     def summarize(self, request: SummaryRequest) -> Summary: ...
 
+    def close(self) -> None: ...
+
 
 # -- prompt --------------------------------------------------------------------------------------
 
@@ -184,6 +186,10 @@ class OpenAISummarizer:
             )
         self._client = client
 
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._client.close()
+
     def summarize(self, request: SummaryRequest) -> Summary:
         """Call the chat completions API once; classify failures as transient or permanent."""
         import openai
@@ -280,6 +286,9 @@ class OfflineSummarizer:
     """
 
     name = "offline"
+
+    def close(self) -> None:
+        """Nothing to close: no network."""
 
     def summarize(self, request: SummaryRequest) -> Summary:
         """Select sentences into a summary of at most ``request.max_chars`` characters."""
