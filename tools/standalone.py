@@ -1,0 +1,290 @@
+"""Run Airflow's UI and scheduler on the embedded services: ``make airflow``.
+
+Starts the embedded MongoDB wire-protocol server and redis-server on free loopback ports, seeds
+synthetic Butler users, migrates the SQLite metadata DB under ``.local/airflow``, then runs
+``airflow standalone`` (scheduler, DAG processor, triggerer and API server, LocalExecutor) in a
+process group of its own with the connections pointing at those services. Prints the UI address
+and the admin password, runs until Ctrl-C or SIGTERM, then stops the whole group and the services.
+
+The process helpers here (``AirflowProcess``, ``server_env``, ``wait_healthy``) are also used by
+the end-to-end test, which runs the components one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any, Self
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
+
+from tools.demo import LOCAL, airflow_env, llm_env, prepare_airflow  # noqa: E402
+from tools.seed import seed  # noqa: E402
+from tools.services import LOOPBACK, MongoService, RedisService, airflow_connection_env  # noqa: E402
+
+DEFAULT_PORT = 8080
+PARALLELISM = 4
+"""Task slots of the LocalExecutor: a laptop (or a 2-core CI machine) stays responsive."""
+# A cold start of scheduler, DAG processor and API server takes 10-30 s on 2 cores; 180 s absorbs
+# a loaded machine without hanging forever on a broken one.
+READY_TIMEOUT = 180.0
+# `airflow standalone` stops its components one after another, each with its own grace period.
+STOP_TIMEOUT = 30.0
+LOG_TAIL_CHARS = 6000
+PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
+"""Where Airflow 3's SimpleAuthManager keeps the generated passwords, under AIRFLOW_HOME."""
+
+
+def server_env(
+    home: Path,
+    *,
+    port: int,
+    connections: Mapping[str, str],
+    parallelism: int = PARALLELISM,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Return the environment of Airflow server processes: the demo's settings plus API, executor
+    and connections, with no Airflow setting or connection inherited from the caller."""
+    inherited = dict(os.environ if base is None else base)
+    for name in list(inherited):
+        if name.startswith("AIRFLOW") or name.startswith("OPENAI_"):
+            del inherited[name]
+    env = {**inherited, **{k: v for k, v in airflow_env(home).items() if k.startswith("AIRFLOW") or k == "PYTHONPATH"}}
+    env.update(
+        {
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+            "AIRFLOW__API__HOST": LOOPBACK,
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__WORKERS": "1",
+            # Task processes report to the execution API of this API server, not the default localhost:8080.
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{LOOPBACK}:{port}/execution/",
+            **connections,
+        }
+    )
+    # `airflow standalone` starts its components as plain `airflow ...`: the venv must be on PATH.
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(
+        [venv_bin, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)]
+    )
+    return env
+
+
+def _log_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return text[-chars:] or f"(empty log at {path})"
+
+
+class AirflowProcess:
+    """One ``airflow <command>`` in a process group of its own, logging to a file."""
+
+    def __init__(self, name: str, args: Iterable[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.name = name
+        self.args = [str(Path(sys.executable).parent / "airflow"), *args]
+        self.env = dict(env)
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Self:
+        """Spawn the command; its children (executor workers, task processes) share its group."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            self._proc = subprocess.Popen(
+                self.args,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        """Return the process id (also the process group id) while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    def exit_code(self) -> int | None:
+        """Return the exit code once the process has ended, else None."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """Stop the whole process group: SIGTERM, then SIGKILL for whatever is left after timeout s."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        # The leader may be gone while a worker it spawned still runs: kill the group regardless.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        """Return the end of the process's log."""
+        return _log_tail(self.log_path, chars)
+
+
+def fetch_json(url: str, timeout: float = 5.0) -> Any:
+    """GET a JSON document without authentication (the health endpoint needs none)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310  # a loopback http:// URL we built
+        return json.load(response)
+
+
+def wait_healthy(
+    base_url: str,
+    processes: Iterable[AirflowProcess],
+    *,
+    components: Iterable[str] = ("metadatabase", "scheduler", "dag_processor"),
+    timeout: float = READY_TIMEOUT,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Wait until ``/api/v2/monitor/health`` reports the components healthy; raise with log tails if
+    a process exits or time runs out. Return {} at once when ``stop`` is set."""
+    processes = list(processes)
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            return {}
+        for process in processes:
+            code = process.exit_code()
+            if code is not None:
+                raise RuntimeError(
+                    f"airflow {process.name} exited with code {code} during startup; "
+                    f"log {process.log_path}:\n{process.log_tail()}"
+                )
+        try:
+            health = fetch_json(f"{base_url}/api/v2/monitor/health")
+            last = health
+            if all((health.get(c) or {}).get("status") == "healthy" for c in components):
+                return dict(health)
+        except (OSError, ValueError) as exc:  # not listening yet, or a half-started server
+            last = exc
+        time.sleep(1.0)
+    tails = "\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.log_tail()}" for p in processes)
+    raise TimeoutError(f"Airflow at {base_url} not healthy within {timeout:.0f}s (last: {last!r})\n{tails}")
+
+
+def admin_password(home: Path, timeout: float = 30.0) -> str:
+    """Return the admin password SimpleAuthManager generated under home (waiting for the file)."""
+    path = home / PASSWORDS_FILE
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return str(json.loads(path.read_text())["admin"])
+        except (FileNotFoundError, ValueError, KeyError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex((LOOPBACK, port)) == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run Airflow standalone on the embedded services until Ctrl-C or SIGTERM."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"API server/UI port (default {DEFAULT_PORT})")
+    parser.add_argument("--users", type=int, default=300, help="synthetic users to seed (default 300)")
+    parser.add_argument("--parallelism", type=int, default=PARALLELISM, help="concurrent tasks (default 4)")
+    args = parser.parse_args(argv)
+    if _port_in_use(args.port):
+        print(f"!! port {args.port} on {LOOPBACK} is in use; pick another with --port", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    home = LOCAL / "airflow"
+    data = LOCAL / "standalone-services"
+    shutil.rmtree(data, ignore_errors=True)  # fresh synthetic data on every start
+    data.mkdir(parents=True)
+    print(f"==> Airflow home {home} (SQLite); migrating and creating pool llm_api", flush=True)
+    prepare_airflow(home, server_env(home, port=args.port, connections={}), pool_slots=8)
+
+    with MongoService(data / "mongo") as mongo, RedisService(data / "redis") as redis_srv:
+        print(f"==> MongoDB wire server on {mongo.host}:{mongo.port}, redis-server on {redis_srv.port}", flush=True)
+        with mongo.client() as client:
+            planted = seed(client["butler"], users=args.users)
+        over = sum(1 for u in planted if u.events > 50)
+        print(f"==> Seeded {len(planted)} users, {sum(u.events for u in planted)} events; {over} over the threshold")
+        base_url, model, key = llm_env()
+        print("==> Summariser:", f"OpenAI-compatible {base_url} ({model})" if base_url else "offline extractive")
+        connections = airflow_connection_env(
+            mongo=mongo,
+            db="butler",
+            redis=redis_srv,
+            statsd=None,
+            llm_base_url=base_url,
+            llm_model=model,
+            llm_api_key=key,
+        )
+        env = server_env(home, port=args.port, connections=connections, parallelism=args.parallelism)
+        log_path = LOCAL / "airflow-standalone.log"
+        standalone = AirflowProcess("standalone", ["standalone"], env, log_path)
+        print(f"==> airflow standalone (log: {log_path})", flush=True)
+        standalone.start()
+        try:
+            return _serve(standalone, home, f"http://{LOOPBACK}:{args.port}", stop)
+        finally:
+            print("==> Stopping Airflow (SIGTERM to its process group), then MongoDB and Redis", flush=True)
+            code = standalone.stop()
+            print(f"==> airflow standalone exited with code {code}", flush=True)
+
+
+def _serve(standalone: AirflowProcess, home: Path, url: str, stop: threading.Event) -> int:
+    """Print the address and password once Airflow is healthy, then wait for a stop request."""
+    try:
+        if not wait_healthy(url, [standalone], stop=stop):
+            return 0  # stopped while starting
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"!! {exc}", file=sys.stderr)
+        return 1
+    password = admin_password(home)
+    print()
+    print(f"    Airflow UI:  {url}")
+    print(f"    User:        admin   password: {password}   (from {home / PASSWORDS_FILE})")
+    print("    DAG:         memory_compression (paused: unpause it or use Trigger; unpausing runs it at once)")
+    print("    Ctrl-C stops Airflow and the services.")
+    print(flush=True)
+    while not stop.wait(1.0):
+        code = standalone.exit_code()
+        if code is not None:
+            print(f"!! airflow standalone exited with code {code}:\n{standalone.log_tail()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
