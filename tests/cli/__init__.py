@@ -1,0 +1,1 @@
+"""Command line tests: python -m butler_memory against real services."""

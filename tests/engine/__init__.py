@@ -1,0 +1,1 @@
+"""Engine tests against real services: invariants, crash safety, LLM faults, privacy."""

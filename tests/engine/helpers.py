@@ -1,0 +1,200 @@
+"""Shared helpers of the engine tests: events, engines, snapshots and prompt parsing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from pymongo.database import Database
+
+from butler_memory.compression import Engine
+from butler_memory.locks import UserLocks
+from butler_memory.metrics import Metrics, NullMetrics
+from butler_memory.settings import Settings
+from butler_memory.store import THROUGH_FIELD, VERSION_FIELD, MemoryStore
+from butler_memory.summarizer import LLMConfig, OfflineSummarizer, OpenAISummarizer, Summarizer
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+"""Timestamp of every test user's first event."""
+
+Doc = dict[str, Any]
+
+
+def small_settings(**changes: Any) -> Settings:
+    """Return settings small enough for fast tests: threshold 10, keep 3, 2 s lock, 0.9 s LLM timeout."""
+    base: dict[str, Any] = {
+        "threshold": 10,
+        "keep_last_n": 3,
+        "lock_ttl_seconds": 30,
+        "llm_timeout_seconds": 5.0,
+        "llm_max_retries": 0,
+    }
+    base.update(changes)
+    return Settings.from_mapping(base)
+
+
+def content_of(user_id: str, i: int) -> str:
+    """Return the unique content of a user's i-th event (its event id leads, so prompts can be traced)."""
+    return f"{user_id}-e{i:03d}: turn {i} about the weather."
+
+
+def make_events(
+    user_id: str,
+    n: int,
+    *,
+    start: datetime = START,
+    step: timedelta = timedelta(minutes=1),
+    first: int = 0,
+    content: Callable[[str, int], str] = content_of,
+) -> list[Doc]:
+    """Return events ``first`` .. ``first + n - 1`` of one user: string ``_id``s, alternating roles,
+    the i-th at ``start + i * step``."""
+    return [
+        {
+            "_id": f"{user_id}-e{i:03d}",
+            "event_id": f"{user_id}-e{i:03d}",
+            "user_id": user_id,
+            "role": "user" if i % 2 == 0 else "assistant",
+            "content": content(user_id, i),
+            "created_at": start + step * i,
+            "tags": ["test"],
+        }
+        for i in range(first, first + n)
+    ]
+
+
+def insert_events(db: Database[Doc], user_id: str, n: int, **kwargs: Any) -> list[Doc]:
+    """Insert ``n`` events of one user (see ``make_events``) and return them as stored."""
+    events = make_events(user_id, n, **kwargs)
+    if events:
+        db["user_memory"].insert_many([dict(ev) for ev in events])
+    return [_normalised(ev) for ev in events]
+
+
+def _normalised(doc: Doc) -> Doc:
+    """Return a document as MongoDB hands it back (naive UTC datetimes, millisecond precision)."""
+    out = dict(doc)
+    created = out.get("created_at")
+    if isinstance(created, datetime) and created.tzinfo is not None:
+        created = created.astimezone(UTC).replace(tzinfo=None)
+        out["created_at"] = created.replace(microsecond=created.microsecond // 1000 * 1000)
+    return out
+
+
+def openai_summarizer(base_url: str, *, max_retries: int = 0, timeout: float = 2.0) -> OpenAISummarizer:
+    """Return an OpenAISummarizer talking to the fake server."""
+    return OpenAISummarizer(
+        LLMConfig(
+            base_url=base_url, api_key="test-key", model="test-model", timeout_seconds=timeout, max_retries=max_retries
+        )
+    )
+
+
+def make_engine(
+    db: Database[Doc],
+    redis_client: redis.Redis,
+    settings: Settings,
+    summarizer: Summarizer | None = None,
+    metrics: Metrics | None = None,
+) -> Engine:
+    """Build the engine from its parts (the offline summariser unless one is given)."""
+    return Engine(
+        settings,
+        MemoryStore(db, settings),
+        UserLocks(redis_client, settings),
+        summarizer or OfflineSummarizer(),
+        metrics or NullMetrics(),
+    )
+
+
+def events_of(db: Database[Doc], user_id: str) -> dict[Any, Doc]:
+    """Return a user's events in user_memory by ``_id``."""
+    return {doc["_id"]: doc for doc in db["user_memory"].find({"user_id": user_id})}
+
+
+def archive_of(db: Database[Doc], user_id: str) -> dict[Any, Doc]:
+    """Return a user's archived events by ``_id``."""
+    return {doc["_id"]: doc for doc in db["user_memory_archive"].find({"user_id": user_id})}
+
+
+def profile_of(db: Database[Doc], user_id: str) -> Doc | None:
+    """Return a user's profile document without its ``_id``."""
+    return db["user_profiles"].find_one({"user_id": user_id}, {"_id": 0})
+
+
+def snapshot(db: Database[Doc], user_id: str) -> Doc:
+    """Return everything a compression of one user could change."""
+    return {
+        "events": events_of(db, user_id),
+        "archive": archive_of(db, user_id),
+        "profile": profile_of(db, user_id),
+    }
+
+
+def summary_version(db: Database[Doc], user_id: str) -> int:
+    """Return the stored summary version of a user (0 without a profile)."""
+    return int((profile_of(db, user_id) or {}).get(VERSION_FIELD) or 0)
+
+
+def watermark(db: Database[Doc], user_id: str) -> tuple[datetime, Any] | None:
+    """Return the stored (created_at, _id) watermark of a user, if any."""
+    through = (profile_of(db, user_id) or {}).get(THROUGH_FIELD)
+    return None if not through else (through["created_at"], through["event_id"])
+
+
+def set_profile(db: Database[Doc], user_id: str, **fields: Any) -> None:
+    """Create or update a user's profile with the given fields."""
+    db["user_profiles"].update_one({"user_id": user_id}, {"$set": {"user_id": user_id, **fields}}, upsert=True)
+
+
+# -- reading what reached the LLM ------------------------------------------------------------------
+
+
+def user_message(request: Doc) -> str:
+    """Return the user message of a recorded chat completion request."""
+    return next(m["content"] for m in request["messages"] if m["role"] == "user")
+
+
+def system_message(request: Doc) -> str:
+    """Return the system message of a recorded chat completion request."""
+    return next(m["content"] for m in request["messages"] if m["role"] == "system")
+
+
+def _block(text: str, opening: str, closing: str) -> str:
+    """Return what lies between one fence's markers (each must occur exactly once)."""
+    assert text.count(opening) == 1, f"expected one {opening!r} marker in the prompt, found {text.count(opening)}"
+    assert text.count(closing) == 1, f"expected one {closing!r} marker in the prompt, found {text.count(closing)}"
+    return text.split(opening, 1)[1].split(closing, 1)[0].strip("\n")
+
+
+def prompt_events(request: Doc) -> list[Doc]:
+    """Return the JSON event objects fenced in a request's <<<EVENTS ... EVENTS>>> block."""
+    return [json.loads(line) for line in _block(user_message(request), "<<<EVENTS\n", "\nEVENTS>>>").splitlines()]
+
+
+def prompt_summary(request: Doc) -> str:
+    """Return the previous summary carried in a request's <<<SUMMARY ... SUMMARY>>> block."""
+    return str(json.loads(_block(user_message(request), "<<<SUMMARY\n", "\nSUMMARY>>>")))
+
+
+def texts_seen(requests: Sequence[Doc]) -> list[str]:
+    """Return every event text fenced in the given requests, in order, with repeats."""
+    return [ev["text"] for request in requests for ev in prompt_events(request)]
+
+
+def chain_responder(request: Doc) -> str:
+    """Answer with the previous summary plus the ids of the events in this prompt.
+
+    The summary is then a ledger: each folded event's id appears in the final summary once per
+    committed fold that covered it, so a lost or twice-summarised event shows up in it.
+    """
+    ids = [ev["text"].split(":", 1)[0] for ev in prompt_events(request)]
+    return " ".join([prompt_summary(request), *ids]).strip()
+
+
+def ledger(summary: str) -> list[str]:
+    """Return the event ids in a summary written by ``chain_responder``."""
+    return summary.split()

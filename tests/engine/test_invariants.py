@@ -1,0 +1,328 @@
+"""compress_user's invariants against real MongoDB and Redis: exactly-once folding, rolling
+summaries, chunking, output validation, locks, thresholds and the scan."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import pytest
+import redis
+from pymongo.database import Database
+
+from butler_memory import metrics as m
+from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED
+from butler_memory.errors import InvalidSummaryError, LockLostError
+from butler_memory.locks import UserLocks
+from butler_memory.metrics import StatsdMetrics
+from butler_memory.store import Backlog, MemoryStore
+from butler_memory.summarizer import (
+    OfflineSummarizer,
+    Summary,
+    SummaryRequest,
+    estimate_tokens,
+)
+from tests.engine.conftest import OpenAIFactory
+from tests.engine.helpers import (
+    archive_of,
+    events_of,
+    insert_events,
+    make_engine,
+    profile_of,
+    prompt_events,
+    prompt_summary,
+    set_profile,
+    small_settings,
+    snapshot,
+    summary_version,
+    system_message,
+    texts_seen,
+    user_message,
+    watermark,
+)
+from tools.fake_openai import FakeOpenAI
+from tools.services import StatsdSink
+
+Doc = dict[str, Any]
+BOOKKEEPING = {"run_id", "summary_version", "archived_at"}
+
+
+def counted_responder() -> Any:
+    """Return a responder answering 'Сводка N: ...' with N counting up, so every summary is unique."""
+    counter = itertools.count(1)
+
+    def respond(request: Doc) -> str:
+        return f"Сводка {next(counter)}: пользователь любит чай, живёт в Казани ({len(prompt_events(request))})."
+
+    return respond
+
+
+# -- exactly once --------------------------------------------------------------------------------
+
+
+def test_events_are_folded_exactly_once_and_the_newest_stay_untouched(
+    mongo_db: Database[Doc], redis_client: redis.Redis, statsd: StatsdSink, statsd_metrics: StatsdMetrics
+) -> None:
+    settings = small_settings(max_events_per_chunk=4)
+    engine = make_engine(mongo_db, redis_client, settings, OfflineSummarizer(), statsd_metrics)
+    original = {ev["_id"]: ev for ev in insert_events(mongo_db, "u1", 15)}
+    insert_events(mongo_db, "other", 12)
+    other_before = events_of(mongo_db, "other")
+
+    first = engine.compress("u1", run_id="run-1")
+    # New events arrive; a second run folds the old survivors and part of the new ones.
+    original.update({ev["_id"]: ev for ev in insert_events(mongo_db, "u1", 10, first=15)})
+    second = engine.compress("u1", run_id="run-2")
+
+    remaining, archive = events_of(mongo_db, "u1"), archive_of(mongo_db, "u1")
+    assert (first.status, second.status) == (COMPRESSED, COMPRESSED), (first, second)
+    assert first.events_folded == 12 and first.chunks == 3, f"15 events, keep 3, chunks of 4: {first}"
+    assert second.events_folded == 10 and second.chunks == 3, f"13 events, keep 3, chunks of 4: {second}"
+    removed = set(original) - set(remaining)
+    assert first.events_folded + second.events_folded == len(removed) == first.events_deleted + second.events_deleted
+    assert set(archive) == removed, "the archive must hold exactly the removed events"
+    newest = sorted(original)[-3:]
+    assert sorted(remaining) == newest, "exactly the newest keep_last_n events must remain"
+    for event_id in newest:
+        assert remaining[event_id] == original[event_id], f"kept event {event_id} was modified"
+    for event_id, doc in archive.items():
+        assert {k: v for k, v in doc.items() if k not in BOOKKEEPING} == original[event_id], (
+            f"archived {event_id} differs from the original event"
+        )
+    # Chunks of 4 (12 folded in run 1, 10 in run 2) get versions 1..3 and 4..6, in order.
+    versions = [archive[i]["summary_version"] for i in sorted(archive)]
+    assert versions == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4 + [5] * 4 + [6] * 2, versions
+    assert [archive[i]["run_id"] for i in sorted(archive)] == ["run-1"] * 12 + ["run-2"] * 10
+    assert summary_version(mongo_db, "u1") == second.summary_version == 6
+    last = original[sorted(removed)[-1]]
+    assert watermark(mongo_db, "u1") == (last["created_at"], last["_id"]), "watermark must be the last folded event"
+    assert profile_of(mongo_db, "u1")["memory_pending_fold"] is None, "a finished run leaves no pending fold"
+    assert events_of(mongo_db, "other") == other_before, "another user's events were touched"
+    lines = statsd.wait_for(lambda ls: sum(line.startswith(m.EVENTS_DELETED_TOTAL) for line in ls) >= 6)
+    folded = sum(int(line.split(":")[1].split("|")[0]) for line in lines if line.startswith(m.EVENTS_FOLDED_TOTAL))
+    assert folded == 22, f"events_folded_total counters must add up to 22, got {folded}: {lines}"
+
+
+def test_previous_summary_reaches_the_next_prompt(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    settings = small_settings(max_events_per_chunk=5)
+    engine = make_engine(mongo_db, redis_client, settings, make_openai())
+    set_profile(mongo_db, "u1", memory_summary="- Аллергия на орехи.")
+    llm.set_responder(counted_responder())
+    insert_events(mongo_db, "u1", 13)
+
+    first = engine.compress("u1")
+    after_first = profile_of(mongo_db, "u1")["memory_summary"]
+    insert_events(mongo_db, "u1", 8, first=13)
+    second = engine.compress("u1")
+
+    requests = llm.chat_requests
+    assert (first.chunks, second.chunks) == (2, 2), (first, second)
+    summaries = [prompt_summary(r) for r in requests]
+    assert summaries[0] == "- Аллергия на орехи.", "the stored summary must ride in the first prompt"
+    assert summaries[1].startswith("Сводка 1:"), "chunk 2 must refine chunk 1's summary"
+    assert summaries[2] == after_first, "the second run's prompt must carry the first run's stored summary"
+    assert summaries[3].startswith("Сводка 3:")
+    assert profile_of(mongo_db, "u1")["memory_summary"].startswith("Сводка 4:")
+
+
+def test_long_history_is_chunked_and_each_event_reaches_the_llm_once(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    # Chunk budget: 700 - 400 (instructions) - 100 (summary of 300 chars) = 200 tokens.
+    settings = small_settings(summary_max_tokens=50, max_event_chars=300, prompt_budget_tokens=700)
+    engine = make_engine(mongo_db, redis_client, settings, make_openai())
+    llm.set_responder(counted_responder())
+    events = insert_events(mongo_db, "u1", 40, content=lambda u, i: f"{u}-e{i:03d}: " + "слово " * (i % 7 * 7))
+
+    result = engine.compress("u1")
+
+    requests = llm.chat_requests
+    folded = [ev["content"] for ev in events[:-3]]
+    assert result.events_folded == 37 and result.chunks == len(requests) > 1, result
+    assert texts_seen(requests) == folded, "every folded event must reach the LLM exactly once, in order"
+    for number, request in enumerate(requests, 1):
+        prompt = system_message(request) + user_message(request)
+        assert estimate_tokens(prompt) <= settings.prompt_budget_tokens, (
+            f"prompt {number} is ~{estimate_tokens(prompt)} tokens, over the budget {settings.prompt_budget_tokens}"
+        )
+    assert sorted(events_of(mongo_db, "u1")) == [ev["_id"] for ev in events[-3:]]
+
+
+# -- bad output ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["", "   \n", "x" * 1801, "I'm sorry, I can't help with that.", "N/A", "Nothing meaningful."],
+    ids=["empty", "blank", "over-long", "refusal", "placeholder", "nothing-meaningful"],
+)
+def test_bad_llm_output_fails_and_changes_nothing(
+    reply: str, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    settings = small_settings()  # summary_max_chars = 1800
+    engine = make_engine(mongo_db, redis_client, settings, make_openai())
+    set_profile(mongo_db, "u1", memory_summary="- Аллергия на орехи.", memory_summary_version=3)
+    insert_events(mongo_db, "u1", 14)
+    before = snapshot(mongo_db, "u1")
+    llm.push_reply(reply)
+
+    with pytest.raises(InvalidSummaryError) as info:
+        engine.compress("u1")
+
+    assert "'u1'" in str(info.value), f"the error must name the user: {info.value}"
+    assert not info.value.retryable, "a bad summary is not retried blindly"
+    assert snapshot(mongo_db, "u1") == before, "a bad summary changed the database"
+    assert redis_client.keys("*") == [], "the lock must be released after a failure"
+
+
+def test_bad_output_in_a_later_chunk_keeps_earlier_chunks_and_deletes_nothing_of_its_own(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    settings = small_settings(max_events_per_chunk=5)
+    engine = make_engine(mongo_db, redis_client, settings, make_openai())
+    events = insert_events(mongo_db, "u1", 13)
+    llm.push_reply("- Пользователь любит чай.")
+    llm.push_reply("I'm sorry, I can't do that.")
+
+    with pytest.raises(InvalidSummaryError):
+        engine.compress("u1")
+
+    assert sorted(archive_of(mongo_db, "u1")) == [ev["_id"] for ev in events[:5]], "chunk 1 was committed"
+    assert sorted(events_of(mongo_db, "u1")) == [ev["_id"] for ev in events[5:]], "chunk 2 must stay"
+    profile = profile_of(mongo_db, "u1")
+    assert (profile["memory_summary"], profile["memory_summary_version"]) == ("- Пользователь любит чай.", 1)
+
+
+# -- locks ---------------------------------------------------------------------------------------
+
+
+def test_a_lock_held_by_another_holder_skips_the_user_and_is_left_alone(
+    mongo_db: Database[Doc], redis_client: redis.Redis, statsd: StatsdSink, statsd_metrics: StatsdMetrics
+) -> None:
+    settings = small_settings()
+    engine = make_engine(mongo_db, redis_client, settings, metrics=statsd_metrics)
+    insert_events(mongo_db, "u1", 14)
+    before = snapshot(mongo_db, "u1")
+    other = redis_client.lock(settings.lock_key("u1"), timeout=30)
+    assert other.acquire(blocking=False)
+
+    result = engine.compress("u1")
+
+    assert result.status == SKIPPED_LOCKED, result
+    assert snapshot(mongo_db, "u1") == before, "a skipped user was changed"
+    assert redis_client.get(settings.lock_key("u1")) == other.local.token, "the other holder's lock was touched"
+    statsd.wait_for(lambda lines: f"{m.USERS_SKIPPED_LOCKED_TOTAL}:1|c" in lines)
+    other.release()
+
+
+class TakeOverSummarizer:
+    """Summarise offline, but first let another holder take the lock over (as after a TTL expiry)."""
+
+    name = "take-over"
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.inner = OfflineSummarizer()
+        self.client = client
+        self.key = key
+        self.token: bytes | None = None
+
+    def summarize(self, request: SummaryRequest) -> Summary:
+        """Replace our lock with another holder's, then summarise."""
+        self.client.delete(self.key)
+        other = self.client.lock(self.key, timeout=30)
+        assert other.acquire(blocking=False)
+        self.token = other.local.token
+        return self.inner.summarize(request)
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def test_a_lock_lost_mid_run_writes_nothing_and_the_new_holder_keeps_it(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    summarizer = TakeOverSummarizer(redis_client, settings.lock_key("u1"))
+    engine = make_engine(mongo_db, redis_client, settings, summarizer)
+    insert_events(mongo_db, "u1", 14)
+    set_profile(mongo_db, "u1", memory_summary="- Кошка Муся.")
+    before = snapshot(mongo_db, "u1")
+
+    with pytest.raises(LockLostError) as info:
+        engine.compress("u1")
+
+    assert info.value.retryable and "'u1'" in str(info.value), info.value
+    assert snapshot(mongo_db, "u1") == before, "a compression that lost its lock wrote anyway"
+    assert summarizer.token is not None
+    assert redis_client.get(settings.lock_key("u1")) == summarizer.token, "our release deleted the new holder's lock"
+
+
+def test_below_threshold_is_skipped_and_changes_nothing(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    settings = small_settings()
+    engine = make_engine(mongo_db, redis_client, settings)
+    insert_events(mongo_db, "u1", 10)
+    set_profile(mongo_db, "u1", memory_summary="- Кошка Муся.")
+    before = snapshot(mongo_db, "u1")
+
+    result = engine.compress("u1")
+
+    assert result.status == SKIPPED_BELOW_THRESHOLD and result.events_before == result.events_after == 10, result
+    assert snapshot(mongo_db, "u1") == before
+    assert redis_client.keys("*") == [], "the lock must be released"
+
+
+def test_the_lock_is_released_after_a_successful_run(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    settings = small_settings()
+    engine = make_engine(mongo_db, redis_client, settings)
+    insert_events(mongo_db, "u1", 14)
+
+    assert engine.compress("u1").status == COMPRESSED
+    assert redis_client.keys("*") == [], "the lock must be released"
+    assert UserLocks(redis_client, settings).acquire("u1") is not None, "the user must be lockable again"
+
+
+# -- scan and indexes ----------------------------------------------------------------------------
+
+
+def test_scan_orders_by_backlog_limits_and_restricts(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    engine = make_engine(mongo_db, redis_client, small_settings())
+    for user_id, n in {"a": 12, "b": 30, "c": 20, "d": 5, "e": 20, "f": 10}.items():
+        insert_events(mongo_db, user_id, n)
+
+    assert engine.scan() == [Backlog("b", 30), Backlog("c", 20), Backlog("e", 20), Backlog("a", 12)]
+    assert engine.scan(limit=2) == [Backlog("b", 30), Backlog("c", 20)]
+    assert engine.scan(user_ids=["a", "d", "e", "nobody"]) == [Backlog("e", 20), Backlog("a", 12)]
+    assert engine.scan(user_ids=[]) == []
+    assert [f.name for f in dataclasses.fields(Backlog)] == ["user_id", "events"], "the scan returns ids and counts"
+
+
+def test_indexes_are_created_idempotently_and_retention_is_updated(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    # The Butler's own equivalent index under another name must not make ours fail.
+    mongo_db["user_profiles"].create_index([("user_id", 1)], name="butler_profiles_by_user")
+    store = MemoryStore(mongo_db, settings)
+
+    store.ensure_indexes()
+    store.ensure_indexes()
+    make_engine(mongo_db, redis_client, settings).scan()
+
+    def keys(collection: str) -> dict[str, Any]:
+        return {name: info for name, info in mongo_db[collection].index_information().items() if name != "_id_"}
+
+    events = keys("user_memory")
+    assert [info["key"] for info in events.values()] == [[("user_id", 1), ("created_at", 1), ("_id", 1)]], events
+    assert len(keys("user_profiles")) == 1, keys("user_profiles")
+    runs = keys("memory_compression_runs")
+    assert [(info["key"], info.get("unique")) for info in runs.values()] == [([("run_id", 1)], True)], runs
+    archive = keys("user_memory_archive")
+    assert archive["archived_at_ttl"]["expireAfterSeconds"] == 90 * 86400, archive
+    assert len(archive) == 2, archive
+
+    MemoryStore(mongo_db, settings.replace(archive_retention_days=30)).ensure_indexes()
+
+    assert keys("user_memory_archive")["archived_at_ttl"]["expireAfterSeconds"] == 30 * 86400
