@@ -1,13 +1,18 @@
 """Run Airflow's UI and scheduler on the embedded services: ``make airflow``.
 
 Starts the embedded MongoDB wire-protocol server and redis-server on free loopback ports, seeds
-synthetic Butler users, migrates the SQLite metadata DB under ``.local/airflow``, then runs
-``airflow standalone`` (scheduler, DAG processor, triggerer and API server, LocalExecutor) in a
-process group of its own with the connections pointing at those services. Prints the UI address
-and the admin password, runs until Ctrl-C or SIGTERM, then stops the whole group and the services.
+synthetic Butler users, migrates the SQLite metadata DB under ``.local/airflow``, then runs what
+``airflow standalone`` runs (API server, scheduler with the LocalExecutor, DAG processor), each in a
+process group of its own, with the connections pointing at those services. Prints the UI address
+and the admin password, runs until Ctrl-C or SIGTERM, then stops every group and the services.
 
-The process helpers here (``AirflowProcess``, ``server_env``, ``wait_healthy``) are also used by
-the end-to-end test, which runs the components one by one.
+Why not ``airflow standalone`` itself: its scheduler always starts the worker log server on every
+interface (``0.0.0.0:8793``, host hard-coded) and it offers no way to pass ``--skip-serve-logs``;
+here everything listens on 127.0.0.1 only. The API server reads task logs from the shared log
+folder, so nothing is lost. No triggerer: the DAG has no deferrable tasks.
+
+The same helpers (``airflow_processes``, ``server_env``, ``wait_healthy``, ``stop_all``) start and
+stop Airflow for the end-to-end test.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ PARALLELISM = 4
 # A cold start of scheduler, DAG processor and API server takes 10-30 s on 2 cores; 180 s absorbs
 # a loaded machine without hanging forever on a broken one.
 READY_TIMEOUT = 180.0
-# `airflow standalone` stops its components one after another, each with its own grace period.
+# The scheduler waits for running task processes on SIGTERM; past this, the groups are killed.
 STOP_TIMEOUT = 30.0
 LOG_TAIL_CHARS = 6000
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
@@ -55,15 +60,18 @@ def server_env(
     port: int,
     connections: Mapping[str, str],
     parallelism: int = PARALLELISM,
-    base: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Return the environment of Airflow server processes: the demo's settings plus API, executor
-    and connections, with no Airflow setting or connection inherited from the caller."""
-    inherited = dict(os.environ if base is None else base)
-    for name in list(inherited):
-        if name.startswith("AIRFLOW") or name.startswith("OPENAI_"):
-            del inherited[name]
-    env = {**inherited, **{k: v for k, v in airflow_env(home).items() if k.startswith("AIRFLOW") or k == "PYTHONPATH"}}
+    """Return the environment of the Airflow processes: the demo's (home, folders, SQLite) plus the
+    API server address, the executor and the given connections.
+
+    Connections and OpenAI settings of the caller's environment are dropped (only ``connections``
+    count), and so is Airflow's unit-test mode, which the test suite sets for its own process: it
+    would load ``unit_tests.cfg`` (DAGs unpaused at creation, data-interval timetables).
+    """
+    env = airflow_env(home)
+    for name in list(env):
+        if name.startswith(("AIRFLOW_CONN_", "OPENAI_")) or name == "AIRFLOW__CORE__UNIT_TEST_MODE":
+            del env[name]
     env.update(
         {
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
@@ -75,11 +83,6 @@ def server_env(
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{LOOPBACK}:{port}/execution/",
             **connections,
         }
-    )
-    # `airflow standalone` starts its components as plain `airflow ...`: the venv must be on PATH.
-    venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join(
-        [venv_bin, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)]
     )
     return env
 
@@ -125,6 +128,12 @@ class AirflowProcess:
         """Return the exit code once the process has ended, else None."""
         return self._proc.poll() if self._proc is not None else None
 
+    def terminate(self) -> None:
+        """Send SIGTERM to the whole process group."""
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGTERM)
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """Stop the whole process group: SIGTERM, then SIGKILL for whatever is left after timeout s."""
         proc, self._proc = self._proc, None
@@ -132,11 +141,9 @@ class AirflowProcess:
             return None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        # The leader may be gone while a worker it spawned still runs: kill the group regardless.
+        # The leader may be gone while a task process it spawned still runs: kill the group regardless.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         return proc.wait()
@@ -144,6 +151,29 @@ class AirflowProcess:
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         """Return the end of the process's log."""
         return _log_tail(self.log_path, chars)
+
+
+COMPONENTS = {
+    "api-server": ["api-server"],
+    # The worker log server would listen on every interface; the API server reads the log folder.
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+}
+"""What ``airflow standalone`` runs, minus the triggerer (no deferrable tasks here)."""
+
+
+def airflow_processes(env: Mapping[str, str], log_dir: Path) -> list[AirflowProcess]:
+    """Return the Airflow components, not started, each logging to ``log_dir/<name>.log``."""
+    return [AirflowProcess(name, args, env, log_dir / f"{name}.log") for name, args in COMPONENTS.items()]
+
+
+def stop_all(processes: Iterable[AirflowProcess], timeout: float = STOP_TIMEOUT) -> dict[str, int | None]:
+    """Stop every process group at once (SIGTERM to all, then each is waited for, then SIGKILL)."""
+    processes = list(processes)
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + timeout
+    return {p.name: p.stop(max(0.0, deadline - time.monotonic())) for p in processes}
 
 
 def fetch_json(url: str, timeout: float = 5.0) -> Any:
@@ -251,22 +281,22 @@ def main(argv: list[str] | None = None) -> int:
             llm_api_key=key,
         )
         env = server_env(home, port=args.port, connections=connections, parallelism=args.parallelism)
-        log_path = LOCAL / "airflow-standalone.log"
-        standalone = AirflowProcess("standalone", ["standalone"], env, log_path)
-        print(f"==> airflow standalone (log: {log_path})", flush=True)
-        standalone.start()
+        processes = airflow_processes(env, LOCAL / "airflow-logs")
+        print(f"==> Starting {', '.join(p.name for p in processes)} (logs: {LOCAL / 'airflow-logs'})", flush=True)
         try:
-            return _serve(standalone, home, f"http://{LOOPBACK}:{args.port}", stop)
+            for process in processes:
+                process.start()
+            return _serve(processes, home, f"http://{LOOPBACK}:{args.port}", stop)
         finally:
-            print("==> Stopping Airflow (SIGTERM to its process group), then MongoDB and Redis", flush=True)
-            code = standalone.stop()
-            print(f"==> airflow standalone exited with code {code}", flush=True)
+            print("==> Stopping Airflow (SIGTERM to each process group), then MongoDB and Redis", flush=True)
+            codes = stop_all(processes)
+            print("==> Exit codes: " + ", ".join(f"{name} {code}" for name, code in codes.items()), flush=True)
 
 
-def _serve(standalone: AirflowProcess, home: Path, url: str, stop: threading.Event) -> int:
+def _serve(processes: list[AirflowProcess], home: Path, url: str, stop: threading.Event) -> int:
     """Print the address and password once Airflow is healthy, then wait for a stop request."""
     try:
-        if not wait_healthy(url, [standalone], stop=stop):
+        if not wait_healthy(url, processes, stop=stop):
             return 0  # stopped while starting
     except (RuntimeError, TimeoutError) as exc:
         print(f"!! {exc}", file=sys.stderr)
@@ -275,14 +305,15 @@ def _serve(standalone: AirflowProcess, home: Path, url: str, stop: threading.Eve
     print()
     print(f"    Airflow UI:  {url}")
     print(f"    User:        admin   password: {password}   (from {home / PASSWORDS_FILE})")
-    print("    DAG:         memory_compression (paused: unpause it or use Trigger; unpausing runs it at once)")
+    print("    DAG:         memory_compression, paused; Trigger runs it now (unpausing also runs it at once)")
     print("    Ctrl-C stops Airflow and the services.")
     print(flush=True)
     while not stop.wait(1.0):
-        code = standalone.exit_code()
-        if code is not None:
-            print(f"!! airflow standalone exited with code {code}:\n{standalone.log_tail()}", file=sys.stderr)
-            return 1
+        for process in processes:
+            code = process.exit_code()
+            if code is not None:
+                print(f"!! airflow {process.name} exited with code {code}:\n{process.log_tail()}", file=sys.stderr)
+                return 1
     return 0
 
 
