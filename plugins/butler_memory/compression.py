@@ -205,14 +205,13 @@ def _compress_locked(
         profile = store.load_profile(user_id, create=False)
 
     result.events_before = store.count_events(user_id)
-    if result.events_before <= settings.threshold:
+    keys = _fold_list(user_id, profile, store, settings, result.events_before, dry_run)
+    if keys is None:
         log.info("user %s: %d events, not over threshold %d", user_id, result.events_before, settings.threshold)
         metrics.incr(m.USERS_SKIPPED_BELOW_THRESHOLD_TOTAL)
         result.status = SKIPPED_BELOW_THRESHOLD
         result.events_after = result.events_before
         return result
-
-    keys = store.fold_keys(user_id, settings.keep_last_n)
     checkpoint("selected")
     if dry_run:
         result.status = DRY_RUN
@@ -242,9 +241,18 @@ def _compress_locked(
         lock.extend()  # the lock must still be ours right before the write
         ids = [ev["_id"] for ev in chunk]
         last = EventKey(chunk[-1]["created_at"], chunk[-1]["_id"])
+        # Until the last chunk, the commit records where this fold ends, so a re-run after a kill finishes it.
+        target = None if last.id == keys[-1].id else keys[-1]
         now = clock()
         version = store.commit_summary(
-            user_id, expected_version=version, summary=text, through=last, ids=ids, run_id=run_id, now=now
+            user_id,
+            expected_version=version,
+            summary=text,
+            through=last,
+            ids=ids,
+            run_id=run_id,
+            now=now,
+            target=target,
         )
         summary = text
         result.chunks += 1
@@ -276,6 +284,30 @@ def _compress_locked(
         result.summary_chars,
     )
     return result
+
+
+def _fold_list(
+    user_id: str, profile: Profile, store: MemoryStore, settings: Settings, count: int, dry_run: bool
+) -> list[EventKey] | None:
+    """Return the keys to fold: all but the newest ``keep_last_n``; None when the user is not due.
+
+    Under the threshold, a fold target left by a run killed between chunks still selects the rest
+    of that run's fold list, so the re-run ends where the clean run would have.
+    """
+    target = profile.fold_target
+    if count <= settings.threshold and target is None:
+        return None
+    keys = store.fold_keys(user_id, settings.keep_last_n)
+    if count > settings.threshold:
+        return keys
+    assert target is not None
+    keys = [key for key in keys if (key.created_at, key.id) <= (target.created_at, target.id)]
+    if keys:
+        log.info("user %s: finishing an interrupted run's fold list", user_id)
+        return keys
+    if not dry_run:
+        store.clear_fold_target(user_id, profile.version)
+    return None
 
 
 def _finish_pending(

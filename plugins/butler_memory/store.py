@@ -28,6 +28,10 @@ THROUGH_FIELD = "memory_compressed_through"
 COMPRESSED_AT_FIELD = "memory_compressed_at"
 PENDING_FIELD = "memory_pending_fold"
 """{"version": v, "ids": [...], "run_id": ...}: events a committed summary covers, not yet deleted."""
+TARGET_FIELD = "memory_fold_target"
+"""{"created_at": ..., "event_id": ...}: the last key of a run's fold list while chunks of it remain to
+fold; a run killed between chunks leaves it set, so the re-run folds the rest even when the user
+is no longer over the threshold (as the clean run would have)."""
 
 _INDEX_CONFLICT_CODES = {85, 86}  # IndexOptionsConflict, IndexKeySpecsConflict
 
@@ -49,6 +53,14 @@ class PendingFold:
 
 
 @dataclass(frozen=True)
+class EventKey:
+    """An event's position in a user's history: ordered by (created_at, _id)."""
+
+    created_at: datetime
+    id: Any
+
+
+@dataclass(frozen=True)
 class Profile:
     """The parts of a user's profile the engine reads."""
 
@@ -57,14 +69,7 @@ class Profile:
     version: int = 0
     language: str | None = None
     pending: PendingFold | None = None
-
-
-@dataclass(frozen=True)
-class EventKey:
-    """An event's position in a user's history: ordered by (created_at, _id)."""
-
-    created_at: datetime
-    id: Any
+    fold_target: EventKey | None = None
 
 
 class MemoryStore:
@@ -165,8 +170,10 @@ class MemoryStore:
         ids: list[Any],
         run_id: str,
         now: datetime,
+        target: EventKey | None = None,
     ) -> int:
-        """Store a new summary, watermark and pending fold in one guarded update; return the new version."""
+        """Store a new summary, watermark, pending fold and fold target (None after the last chunk)
+        in one guarded update; return the new version."""
         new_version = expected_version + 1
         guard: dict[str, Any] = {"user_id": user_id, PENDING_FIELD: None}
         guard[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
@@ -177,6 +184,7 @@ class MemoryStore:
                 THROUGH_FIELD: {"created_at": through.created_at, "event_id": through.id},
                 COMPRESSED_AT_FIELD: now,
                 PENDING_FIELD: {"version": new_version, "ids": ids, "run_id": run_id},
+                TARGET_FIELD: None if target is None else {"created_at": target.created_at, "event_id": target.id},
             }
         }
         res = self.profiles.update_one(guard, update)
@@ -194,6 +202,10 @@ class MemoryStore:
             {"user_id": user_id, VERSION_FIELD: version, f"{PENDING_FIELD}.version": version},
             {"$set": {PENDING_FIELD: None}},
         )
+
+    def clear_fold_target(self, user_id: str, version: int) -> None:
+        """Forget an unfinished run's fold target (nothing of it is left to fold)."""
+        self.profiles.update_one({"user_id": user_id, VERSION_FIELD: version}, {"$set": {TARGET_FIELD: None}})
 
     # -- events --------------------------------------------------------------------------------
 
@@ -280,7 +292,15 @@ def parse_profile(user_id: str, doc: Mapping[str, Any], settings: Settings) -> P
         if not (isinstance(raw, dict) and isinstance(raw.get("ids"), list) and isinstance(raw.get("version"), int)):
             raise InvalidProfileError(user_id, PENDING_FIELD, "is not {version: int, ids: list}")
         pending = PendingFold(version=raw["version"], ids=raw["ids"])
-    return Profile(user_id=user_id, summary=summary, version=version, language=language, pending=pending)
+    target = None
+    raw = doc.get(TARGET_FIELD)
+    if raw is not None:
+        if not (isinstance(raw, dict) and isinstance(raw.get("created_at"), datetime) and "event_id" in raw):
+            raise InvalidProfileError(user_id, TARGET_FIELD, "is not {created_at: date, event_id: ...}")
+        target = EventKey(raw["created_at"], raw["event_id"])
+    return Profile(
+        user_id=user_id, summary=summary, version=version, language=language, pending=pending, fold_target=target
+    )
 
 
 def _key_at_or_after(key: EventKey) -> dict[str, Any]:
