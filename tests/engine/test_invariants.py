@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -326,3 +327,55 @@ def test_indexes_are_created_idempotently_and_retention_is_updated(
     MemoryStore(mongo_db, settings.replace(archive_retention_days=30)).ensure_indexes()
 
     assert keys("user_memory_archive")["archived_at_ttl"]["expireAfterSeconds"] == 30 * 86400
+
+
+# -- an interrupted run's fold target --------------------------------------------------------------
+
+
+def test_a_fold_target_left_by_a_killed_run_is_finished_under_the_threshold(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    engine = make_engine(mongo_db, redis_client, settings)
+    events = insert_events(mongo_db, "u1", 10)  # at the threshold: not due on its own
+    target = {"created_at": events[4]["created_at"], "event_id": events[4]["_id"]}
+    set_profile(mongo_db, "u1", memory_summary="- Кошка Муся.", memory_summary_version=2, memory_fold_target=target)
+
+    result = engine.compress("u1")
+
+    assert result.status == COMPRESSED and result.events_folded == 5, result
+    assert sorted(archive_of(mongo_db, "u1")) == [ev["_id"] for ev in events[:5]], "fold exactly up to the target"
+    profile = profile_of(mongo_db, "u1")
+    assert profile["memory_fold_target"] is None and profile["memory_summary_version"] == 3, profile
+
+
+def test_a_fold_target_with_nothing_left_to_fold_is_cleared(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    settings = small_settings()
+    engine = make_engine(mongo_db, redis_client, settings)
+    events = insert_events(mongo_db, "u1", 8, first=2)
+    gone = {"created_at": events[0]["created_at"] - timedelta(minutes=1), "event_id": "u1-e001"}
+    set_profile(mongo_db, "u1", memory_summary="- Кошка Муся.", memory_summary_version=2, memory_fold_target=gone)
+
+    result = engine.compress("u1")
+
+    assert result.status == SKIPPED_BELOW_THRESHOLD, result
+    assert sorted(events_of(mongo_db, "u1")) == [ev["_id"] for ev in events], "no event may be folded"
+    assert profile_of(mongo_db, "u1")["memory_fold_target"] is None, "a spent fold target must be cleared"
+
+
+def test_a_multi_chunk_run_records_its_target_until_the_last_chunk(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings(max_events_per_chunk=4)
+    engine = make_engine(mongo_db, redis_client, settings)
+    events = insert_events(mongo_db, "u1", 15)
+    targets: list[Any] = []
+
+    def record(step: str) -> None:
+        if step == "committed":
+            targets.append(profile_of(mongo_db, "u1")["memory_fold_target"])
+
+    engine.compress("u1", checkpoint=record)
+
+    last = {"created_at": events[11]["created_at"], "event_id": events[11]["_id"]}
+    assert targets == [last, last, None], f"the fold target must name the last folded event until the end: {targets}"

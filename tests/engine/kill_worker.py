@@ -1,0 +1,63 @@
+"""Compress one user in this process and SIGKILL it at a chosen checkpoint (the kill matrix's child).
+
+Usage: ``python tests/engine/kill_worker.py '<json>'`` with keys ``mongo_uri``, ``db``, ``redis_host``,
+``redis_port``, ``llm_base_url``, ``user_id``, ``run_id``, ``settings`` (a Settings mapping),
+``kill_step`` and ``kill_occurrence`` (1 = the first time the step is reached). Needs ``plugins/``
+on PYTHONPATH. Exits 0 when the step was never reached, so the parent can tell a missed kill from
+a real one (a SIGKILL shows as return code -9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections import Counter
+
+import pymongo
+import redis
+
+from butler_memory.compression import Engine
+from butler_memory.locks import UserLocks
+from butler_memory.settings import Settings
+from butler_memory.store import MemoryStore
+from butler_memory.summarizer import LLMConfig, OpenAISummarizer
+
+
+def main(argv: list[str]) -> int:
+    """Run the compression described by argv[1]; die by SIGKILL at the chosen checkpoint."""
+    config = json.loads(argv[1])
+    settings = Settings.from_mapping(config["settings"])
+    reached: Counter[str] = Counter()
+
+    def checkpoint(step: str) -> None:
+        reached[step] += 1
+        print(f"checkpoint {step} #{reached[step]}", file=sys.stderr, flush=True)
+        if step == config["kill_step"] and reached[step] == config["kill_occurrence"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(config["mongo_uri"])
+    summarizer = OpenAISummarizer(
+        LLMConfig(
+            base_url=config["llm_base_url"],
+            api_key="test-key",
+            model="test-model",
+            timeout_seconds=settings.llm_timeout_seconds,
+            max_retries=0,
+        )
+    )
+    engine = Engine(
+        settings,
+        MemoryStore(client[config["db"]], settings),
+        UserLocks(redis.Redis(host=config["redis_host"], port=config["redis_port"]), settings),
+        summarizer,
+    )
+    with engine:
+        result = engine.compress(config["user_id"], run_id=config["run_id"], checkpoint=checkpoint)
+    print(json.dumps(result.to_dict()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

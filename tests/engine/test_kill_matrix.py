@@ -1,0 +1,244 @@
+"""Kill matrix: SIGKILL a compression at every step boundary, re-run, and compare with a clean run.
+
+Each case runs ``compress_user`` in a child process (``kill_worker.py``) that kills itself with
+SIGKILL at a checkpoint, so nothing after the kill runs: no ``finally``, no lock release. The data:
+20 events, keep 5, chunks of 5, so a clean run folds three chunks (versions 1, 2, 3). The fake LLM
+answers with a ledger (the previous summary plus the ids of the events it was shown), so the final
+summary lists every event each committed fold covered: a lost or twice-summarised event shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+import redis
+from pymongo.database import Database
+
+from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED, STEPS
+from butler_memory.store import PENDING_FIELD
+from tests.engine.conftest import OpenAIFactory
+from tests.engine.helpers import (
+    archive_of,
+    chain_responder,
+    events_of,
+    insert_events,
+    ledger,
+    make_engine,
+    openai_summarizer,
+    profile_of,
+    small_settings,
+    snapshot,
+    summary_version,
+    texts_seen,
+    watermark,
+)
+from tools.fake_openai import FakeOpenAI
+from tools.services import MongoService, RedisService
+
+Doc = dict[str, Any]
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("kill_worker.py")
+USER = "u1"
+EVENTS, KEEP, CHUNK = 20, 5, 5
+CHUNKS = (EVENTS - KEEP) // CHUNK
+# A short lock TTL so a killed run's lock expires within the test; the LLM timeout must stay under half.
+SETTINGS = small_settings(
+    threshold=10, keep_last_n=KEEP, max_events_per_chunk=CHUNK, lock_ttl_seconds=1, llm_timeout_seconds=0.45
+)
+BOOKKEEPING = {"run_id", "summary_version", "archived_at"}
+
+Kill = tuple[str, int]
+"""(step, occurrence): die the occurrence-th time the step's checkpoint is reached."""
+
+CASES: dict[str, list[Kill]] = {
+    # A normal run killed at each step; chunk steps in the first and the second chunk.
+    "locked": [("locked", 1)],
+    "selected": [("selected", 1)],
+    "summarized-1": [("summarized", 1)],
+    "summarized-2": [("summarized", 2)],
+    "committed-1": [("committed", 1)],
+    "committed-2": [("committed", 2)],
+    "archived-1": [("archived", 1)],
+    "archived-2": [("archived", 2)],
+    "deleted-2": [("deleted", 2)],
+    "cleared-2": [("cleared", 2)],
+    "deleted-3": [("deleted", 3)],
+    # A recovery run (finishing the pending fold of chunk 2) killed at its own steps.
+    "recovery-locked": [("committed", 2), ("locked", 1)],
+    "recovery-pending_archived": [("committed", 2), ("pending_archived", 1)],
+    "recovery-pending_deleted": [("committed", 2), ("pending_deleted", 1)],
+    "recovery-summarized": [("archived", 1), ("summarized", 1)],
+}
+
+
+def test_the_matrix_covers_every_step() -> None:
+    killed = {step for kills in CASES.values() for step, _ in kills}
+    assert killed == set(STEPS), f"steps without a kill case: {set(STEPS) - killed}; unknown: {killed - set(STEPS)}"
+
+
+def ids(events: list[Doc]) -> list[str]:
+    """Return the ``_id``s of events."""
+    return [ev["_id"] for ev in events]
+
+
+def run_worker(
+    mongo_service: MongoService, db: Database[Doc], redis_service: RedisService, llm: FakeOpenAI, kill: Kill
+) -> subprocess.CompletedProcess[str]:
+    """Run one compression in a child process that SIGKILLs itself at ``kill``."""
+    config = {
+        "mongo_uri": mongo_service.uri,
+        "db": db.name,
+        "redis_host": redis_service.host,
+        "redis_port": redis_service.port,
+        "llm_base_url": llm.base_url,
+        "user_id": USER,
+        "run_id": f"killed-at-{kill[0]}-{kill[1]}",
+        "settings": SETTINGS.as_dict(),
+        "kill_step": kill[0],
+        "kill_occurrence": kill[1],
+    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO)])}
+    return subprocess.run(
+        [sys.executable, str(WORKER), json.dumps(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def expected_after_kill(kill: Kill, version_before: int, pending_before: bool) -> tuple[int, bool]:
+    """Return the summary version and whether a pending fold exists right after a kill at ``kill``."""
+    step, n = kill
+    if step == "locked":
+        return version_before, pending_before
+    if step in ("selected", "summarized"):
+        return version_before + n - 1, False
+    if step in ("committed", "archived", "deleted"):
+        return version_before + n, True
+    if step == "cleared":
+        return version_before + n, False
+    return version_before, True  # pending_archived / pending_deleted: the pending fold is not cleared yet
+
+
+def wait_for_lock_expiry(client: redis.Redis, key: str, ttl: float) -> None:
+    """Wait until the dead process's lock expires by its TTL (and no sooner than it had left)."""
+    left = client.pttl(key)
+    assert left > 0, f"the killed process's lock {key!r} should still be held with a TTL, got pttl={left}"
+    deadline = time.monotonic() + ttl + 1.0
+    while client.exists(key):
+        assert time.monotonic() < deadline, f"lock {key!r} outlived its {ttl}s TTL"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def clean_run(
+    mongo_client: pymongo.MongoClient[Doc], redis_service: RedisService, fake_llm: FakeOpenAI
+) -> Iterator[Doc]:
+    """Return the final state of one uninterrupted run on the same data."""
+    db = mongo_client["kill_matrix_clean_run"]
+    client = redis_service.client()
+    summarizer = openai_summarizer(fake_llm.base_url, timeout=SETTINGS.llm_timeout_seconds)
+    fake_llm.reset()
+    fake_llm.set_responder(chain_responder)
+    try:
+        insert_events(db, USER, EVENTS)
+        result = make_engine(db, client, SETTINGS, summarizer).compress(USER)
+        assert result.status == COMPRESSED and result.chunks == CHUNKS, result
+        yield {
+            "remaining": sorted(events_of(db, USER)),
+            "archive": {i: doc["summary_version"] for i, doc in archive_of(db, USER).items()},
+            "version": summary_version(db, USER),
+            "summary": profile_of(db, USER)["memory_summary"],
+            "requests": len(fake_llm.chat_requests),
+        }
+    finally:
+        fake_llm.reset()
+        summarizer.close()
+        client.close()
+        mongo_client.drop_database(db.name)
+
+
+@pytest.mark.parametrize("kills", list(CASES.values()), ids=list(CASES))
+def test_kill_then_rerun_ends_like_a_clean_run(
+    kills: list[Kill],
+    clean_run: Doc,
+    mongo_service: MongoService,
+    mongo_db: Database[Doc],
+    redis_service: RedisService,
+    redis_client: redis.Redis,
+    llm: FakeOpenAI,
+    make_openai: OpenAIFactory,
+) -> None:
+    llm.set_responder(chain_responder)
+    original = insert_events(mongo_db, USER, EVENTS)
+    by_id = {ev["_id"]: ev for ev in original}
+    folded, kept = original[: EVENTS - KEEP], original[EVENTS - KEEP :]
+    engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai(timeout=SETTINGS.llm_timeout_seconds))
+    key = SETTINGS.lock_key(USER)
+
+    resummarised: list[Doc] = []
+    for kill in kills:
+        version_before = summary_version(mongo_db, USER)
+        pending_before = (profile_of(mongo_db, USER) or {}).get(PENDING_FIELD) is not None
+        if kill[0] == "summarized":
+            # Chunks fold oldest first, CHUNK events each: the killed call was showing chunk v + n.
+            start = (version_before + kill[1] - 1) * CHUNK
+            resummarised += folded[start : start + CHUNK]
+        child = run_worker(mongo_service, mongo_db, redis_service, llm, kill)
+        assert child.returncode == -9, (
+            f"the child should have died by SIGKILL at {kill}, exited {child.returncode}:\n{child.stderr[-3000:]}"
+        )
+        version, pending = expected_after_kill(kill, version_before, pending_before)
+        profile = profile_of(mongo_db, USER) or {}
+        assert summary_version(mongo_db, USER) == version, f"after a kill at {kill}: {profile}"
+        assert (profile.get(PENDING_FIELD) is not None) == pending, f"after a kill at {kill}: {profile}"
+        # The dead process's lock still blocks everyone until its TTL runs out.
+        before = snapshot(mongo_db, USER)
+        assert engine.compress(USER).status == SKIPPED_LOCKED, f"the lock of a run killed at {kill} did not block"
+        assert snapshot(mongo_db, USER) == before, "a run blocked by the lock changed the database"
+        wait_for_lock_expiry(redis_client, key, SETTINGS.lock_ttl_seconds)
+
+    result = engine.compress(USER, run_id="rerun")
+
+    assert result.status in (COMPRESSED, SKIPPED_BELOW_THRESHOLD), result
+    remaining, archive = events_of(mongo_db, USER), archive_of(mongo_db, USER)
+    profile = profile_of(mongo_db, USER)
+    assert profile is not None and profile[PENDING_FIELD] is None, f"a pending fold was left behind: {profile}"
+    # No event lost: each is still in user_memory or archived (unchanged) and covered by the watermark.
+    assert sorted(remaining) == ids(kept), "exactly the newest events must remain"
+    for event_id in remaining:
+        assert remaining[event_id] == by_id[event_id], f"kept event {event_id} was modified"
+    assert sorted(archive) == ids(folded), "exactly the folded events must be archived"
+    mark = watermark(mongo_db, USER)
+    assert mark is not None
+    for event_id, doc in archive.items():
+        assert {k: v for k, v in doc.items() if k not in BOOKKEEPING} == by_id[event_id], f"{event_id} changed"
+        assert (doc["created_at"], event_id) <= mark, f"archived {event_id} is past the watermark {mark}"
+    assert all((ev["created_at"], ev["_id"]) > mark for ev in kept), "a kept event is under the watermark"
+    # Summarised exactly once: the ledger lists each folded event once, in order.
+    assert ledger(profile["memory_summary"]) == ids(folded), "an event was lost from, or repeated in, the summary"
+    # The LLM saw each folded event once, except a chunk whose summary died before its commit.
+    seen = Counter(texts_seen(llm.chat_requests))
+    expected = Counter(ev["content"] for ev in folded)
+    expected.update(ev["content"] for ev in resummarised)
+    assert seen == expected, f"LLM calls per event differ from one per commit: {dict(seen - expected)}"
+    assert not {ev["content"] for ev in kept} & set(seen), "a kept event reached the LLM"
+    # Same final state as the clean run.
+    assert sorted(remaining) == clean_run["remaining"]
+    assert {i: doc["summary_version"] for i, doc in archive.items()} == clean_run["archive"], (
+        "events were folded into different chunks or versions than in a clean run"
+    )
+    assert profile["memory_summary_version"] == clean_run["version"] == CHUNKS
+    assert profile["memory_summary"] == clean_run["summary"]
