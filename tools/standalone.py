@@ -305,7 +305,8 @@ def _serve(processes: list[AirflowProcess], home: Path, url: str, stop: threadin
     print()
     print(f"    Airflow UI:  {url}")
     print(f"    User:        admin   password: {password}   (from {home / PASSWORDS_FILE})")
-    print("    DAG:         memory_compression, paused; Trigger runs it now (unpausing also runs it at once)")
+    print("    DAG:         memory_compression is paused. Unpause it to run: that starts today's scheduled")
+    print("                 run at once; runs you trigger (with params) wait in 'queued' while it is paused.")
     print("    Ctrl-C stops Airflow and the services.")
     print(flush=True)
     while not stop.wait(1.0):
