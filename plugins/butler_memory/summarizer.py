@@ -204,23 +204,32 @@ class OpenAISummarizer:
                 extra_body=self.config.extra_body or None,
             )
         except (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError) as exc:
-            raise LLMTransientError(f"user {request.user_id!r}: LLM {type(exc).__name__}") from None
+            raise LLMTransientError(
+                f"user {request.user_id!r}: LLM {type(exc).__name__}", user_id=request.user_id
+            ) from None
         except openai.APIStatusError as exc:
             kind = LLMTransientError if exc.status_code >= 500 or exc.status_code in (408, 409) else LLMPermanentError
-            raise kind(f"user {request.user_id!r}: LLM HTTP {exc.status_code} ({type(exc).__name__})") from None
+            raise kind(
+                f"user {request.user_id!r}: LLM HTTP {exc.status_code} ({type(exc).__name__})", user_id=request.user_id
+            ) from None
         except openai.APIResponseValidationError:
-            raise LLMTransientError(f"user {request.user_id!r}: LLM returned a malformed response") from None
+            raise LLMTransientError(
+                f"user {request.user_id!r}: LLM returned a malformed response", user_id=request.user_id
+            ) from None
         except (json.JSONDecodeError, ValueError) as exc:
             raise LLMTransientError(
-                f"user {request.user_id!r}: LLM returned a malformed response ({type(exc).__name__})"
+                f"user {request.user_id!r}: LLM returned a malformed response ({type(exc).__name__})",
+                user_id=request.user_id,
             ) from None
         seconds = time.monotonic() - started
         choices = getattr(response, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
-            raise LLMTransientError(f"user {request.user_id!r}: LLM response has no choices")
+            raise LLMTransientError(f"user {request.user_id!r}: LLM response has no choices", user_id=request.user_id)
         choice = choices[0]
         if getattr(choice, "finish_reason", None) == "content_filter":
-            raise LLMPermanentError(f"user {request.user_id!r}: LLM rejected the content (content_filter)")
+            raise LLMPermanentError(
+                f"user {request.user_id!r}: LLM rejected the content (content_filter)", user_id=request.user_id
+            )
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
