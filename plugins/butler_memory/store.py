@@ -20,6 +20,9 @@ from butler_memory.errors import ConcurrentUpdateError, InvalidEventError, Inval
 from butler_memory.settings import Settings
 
 log = logging.getLogger(__name__)
+# pymongo's command log (DEBUG on this logger) prints commands and replies, i.e. users' conversations:
+# a task or CLI run at DEBUG would copy them into its logs. Quieted unless its level was set on purpose.
+_PYMONGO_COMMAND_LOG = logging.getLogger("pymongo.command")
 
 # Bookkeeping fields this package adds to the Butler's profile document.
 VERSION_FIELD = "memory_summary_version"
@@ -76,6 +79,8 @@ class MemoryStore:
     """Read and write one Butler database."""
 
     def __init__(self, db: Database, settings: Settings) -> None:
+        if _PYMONGO_COMMAND_LOG.level == logging.NOTSET:
+            _PYMONGO_COMMAND_LOG.setLevel(logging.INFO)
         self.db = db
         self.settings = settings
         self.events = db[settings.events_collection]
