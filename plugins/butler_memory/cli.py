@@ -8,6 +8,7 @@ codes: 0 all users done or skipped, 1 some user failed, 2 bad arguments or setti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -82,7 +83,7 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         engine = build_engine(settings)
         if not args.dry_run:
             engine.locks.ping()
-        backlog = engine.scan(limit=settings.scan_limit, user_ids=args.users)
+        backlog = engine.scan(limit=settings.scan_limit, user_ids=args.users, dry_run=args.dry_run)
     except LockUnavailableError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_UNAVAILABLE
@@ -124,16 +125,28 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_FAILED_USERS if any(r["status"] == FAILED for r in results) else EXIT_OK
 
 
+def _configure_logging(verbose: bool, err: TextIO) -> None:
+    """Log to ``err`` at WARNING (INFO with -v): stdout carries only the report (``--json | jq``).
+
+    Importing Airflow (the hooks that read the connections need it) points the root logger at stdout
+    at INFO; so import it first, with stdout pointed at ``err``, then replace its handlers with ours.
+    """
+    with contextlib.redirect_stdout(err):
+        import airflow  # noqa: F401
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=err,
+        force=True,
+    )
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command line; return the exit code."""
     out = out or sys.stdout
     err = err or sys.stderr
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=err,
-    )
+    _configure_logging(args.verbose, err)
     if args.command == "compress":
         return run_compress(args, out, err)
     return EXIT_USAGE  # pragma: no cover - argparse enforces the subcommand

@@ -117,9 +117,12 @@ class Engine:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def scan(self, *, limit: int | None = None, user_ids: Sequence[str] | None = None) -> list[Backlog]:
-        """Return users over the threshold, largest backlog first."""
-        self.store.ensure_indexes()
+    def scan(
+        self, *, limit: int | None = None, user_ids: Sequence[str] | None = None, dry_run: bool = False
+    ) -> list[Backlog]:
+        """Return users over the threshold, largest backlog first (a dry run creates no indexes)."""
+        if not dry_run:  # a preview writes nothing: it must run with read-only credentials
+            self.store.ensure_indexes()
         backlog = self.store.scan(self.settings.threshold, limit or self.settings.scan_limit, user_ids)
         self.metrics.gauge(m.BACKLOG_USERS, len(backlog))
         return backlog

@@ -59,7 +59,7 @@ def scan(params: Mapping[str, Any], ti: Any) -> list[str]:
             # Only real runs: a dry run's report emits no finish time, so a start would look stuck.
             engine.metrics.gauge(m.RUN_STARTED_TIMESTAMP, datetime.now(UTC).timestamp())
             engine.locks.ping()  # no lock service, no compression: fail the run before mapping anything
-        backlog = engine.scan(limit=settings.scan_limit, user_ids=user_ids)
+        backlog = engine.scan(limit=settings.scan_limit, user_ids=user_ids, dry_run=bool(params.get("dry_run")))
     log.info(
         "scan: %d user(s) over %d events (limit %d%s)",
         len(backlog),
