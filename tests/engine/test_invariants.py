@@ -379,3 +379,14 @@ def test_a_multi_chunk_run_records_its_target_until_the_last_chunk(
 
     last = {"created_at": events[11]["created_at"], "event_id": events[11]["_id"]}
     assert targets == [last, last, None], f"the fold target must name the last folded event until the end: {targets}"
+
+
+def test_a_dry_run_scan_creates_no_indexes(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    engine = make_engine(mongo_db, redis_client, small_settings())
+    insert_events(mongo_db, "a", 12)
+
+    assert engine.scan(dry_run=True) == [Backlog("a", 12)]
+    assert engine.compress("a", dry_run=True).events_folded == 9
+
+    assert mongo_db.list_collection_names() == ["user_memory"], "a dry run created collections"
+    assert list(mongo_db["user_memory"].index_information()) == ["_id_"], "a dry run created indexes"
