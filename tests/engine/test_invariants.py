@@ -14,7 +14,7 @@ from pymongo.database import Database
 
 from butler_memory import metrics as m
 from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED
-from butler_memory.errors import InvalidSummaryError, LockLostError
+from butler_memory.errors import ConcurrentUpdateError, InvalidSummaryError, LockLostError
 from butler_memory.locks import UserLocks
 from butler_memory.metrics import StatsdMetrics
 from butler_memory.store import Backlog, MemoryStore
@@ -390,3 +390,40 @@ def test_a_dry_run_scan_creates_no_indexes(mongo_db: Database[Doc], redis_client
 
     assert mongo_db.list_collection_names() == ["user_memory"], "a dry run created collections"
     assert list(mongo_db["user_memory"].index_information()) == ["_id_"], "a dry run created indexes"
+
+
+class RacingSummarizer:
+    """Summarise offline, but let the bot's inline compression store a newer summary meanwhile."""
+
+    name = "racing"
+
+    def __init__(self, db: Database[Doc]) -> None:
+        self.inner = OfflineSummarizer()
+        self.db = db
+
+    def summarize(self, request: SummaryRequest) -> Summary:
+        """Bump the profile's summary version, then summarise."""
+        self.db["user_profiles"].update_one(
+            {"user_id": request.user_id}, {"$set": {"memory_summary": "- Новее.", "memory_summary_version": 8}}
+        )
+        return self.inner.summarize(request)
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def test_a_summary_changed_under_us_is_never_overwritten(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    engine = make_engine(mongo_db, redis_client, small_settings(), RacingSummarizer(mongo_db))
+    set_profile(mongo_db, "u1", memory_summary="- Старое.", memory_summary_version=7)
+    events = insert_events(mongo_db, "u1", 14)
+
+    with pytest.raises(ConcurrentUpdateError) as info:
+        engine.compress("u1")
+
+    assert info.value.retryable and "'u1'" in str(info.value), info.value
+    profile = profile_of(mongo_db, "u1")
+    assert (profile["memory_summary"], profile["memory_summary_version"]) == ("- Новее.", 8), (
+        "the newer summary was lost"
+    )
+    assert sorted(events_of(mongo_db, "u1")) == [ev["_id"] for ev in events], "events were deleted without a commit"
+    assert archive_of(mongo_db, "u1") == {}
