@@ -1,0 +1,251 @@
+"""What the pages show, read through the library: run documents, per-user status, lock state.
+
+Every function returns plain JSON-ready dicts built from an explicit list of fields, so nothing
+the pages were not meant to show (a summary, an event, a field added later) can slip through.
+Nothing here imports Airflow.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+from pymongo import DESCENDING
+from redis.exceptions import RedisError
+
+from butler_memory.compression import FAILED
+from butler_memory.locks import UserLocks
+from butler_memory.store import COMPRESSED_AT_FIELD, PENDING_FIELD, VERSION_FIELD, MemoryStore
+
+DAG_ID = "memory_compression"
+MAPPED_TASK_ID = "compress_user"
+CHART_RUNS = 30
+"""The chart shows the newest this many runs, whatever page of the table is open."""
+MAX_USER_ID_CHARS = 200
+"""Same bound as the DAG's ``user_ids`` param."""
+MAX_RUN_ID_CHARS = 250
+"""Airflow's ``dag_run.run_id`` column width."""
+MAX_ERROR_CHARS = 500
+"""Error messages are content-free by design; the cap keeps one odd message from filling a page."""
+
+NEWEST_FIRST = [("started_at", DESCENDING), ("run_id", DESCENDING)]
+RUN_COUNT_FIELDS = (
+    "users_found",
+    "users_compressed",
+    "users_dry_run",
+    "users_skipped_locked",
+    "users_skipped_below_threshold",
+    "users_failed",
+    "backlog_events",
+    "events_folded",
+    "events_deleted",
+    "prompt_tokens",
+    "completion_tokens",
+)
+USER_COUNT_FIELDS = (
+    "events_before",
+    "events_folded",
+    "events_deleted",
+    "events_after",
+    "summary_chars",
+    "prompt_tokens",
+    "completion_tokens",
+)
+
+
+class InputError(ValueError):
+    """A request value the pages refuse; the message names the value and the rule."""
+
+
+def check_id(value: str, *, name: str, max_chars: int) -> str:
+    """Return ``value`` if it is a usable id: 1 to ``max_chars`` characters, none of them control characters."""
+    if not value:
+        raise InputError(f"{name} must not be empty")
+    if len(value) > max_chars:
+        raise InputError(f"{name} must be at most {max_chars} characters, got {len(value)}")
+    # Category C: control, format (invisible), surrogate, private-use and unassigned code points.
+    bad = next((c for c in value if unicodedata.category(c).startswith("C")), None)
+    if bad is not None:
+        raise InputError(f"{name} must not contain control or invisible characters (found U+{ord(bad):04X})")
+    return value
+
+
+def check_user_id(value: str) -> str:
+    """Validate a user id from a request."""
+    return check_id(value, name="user_id", max_chars=MAX_USER_ID_CHARS)
+
+
+def check_run_id(value: str) -> str:
+    """Validate a DAG run id from a request."""
+    return check_id(value, name="run_id", max_chars=MAX_RUN_ID_CHARS)
+
+
+def iso(value: Any) -> str | None:
+    """Return a stored timestamp as ISO 8601 in UTC (pymongo returns naive UTC datetimes), else None."""
+    if not isinstance(value, datetime):
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat()
+
+
+def _count(value: Any) -> int:
+    """Return a stored count as an int; anything else (missing, text, negative) counts as 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0
+    return max(int(value), 0)
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0.0
+    return round(max(float(value), 0.0), 3)
+
+
+def _text(value: Any, limit: int) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def task_instance_path(run_id: str, map_index: int) -> str:
+    """Return the Airflow UI route of one mapped ``compress_user`` instance, relative to the UI root."""
+    return f"dags/{DAG_ID}/runs/{quote(run_id, safe='')}/tasks/{MAPPED_TASK_ID}/mapped/{map_index}"
+
+
+def run_summary(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Return one run's row: status, user and event counts, LLM tokens, duration."""
+    counts = {name: _count(doc.get(name)) for name in RUN_COUNT_FIELDS}
+    return {
+        "run_id": str(doc.get("run_id", "")),
+        "started_at": iso(doc.get("started_at")),
+        "finished_at": iso(doc.get("finished_at")),
+        "status": "failed" if counts["users_failed"] else "success",
+        "dry_run": bool(doc.get("dry_run")),
+        **counts,
+        "users_skipped": counts["users_skipped_locked"] + counts["users_skipped_below_threshold"],
+        "llm_tokens": counts["prompt_tokens"] + counts["completion_tokens"],
+        "seconds": _seconds(doc.get("seconds")),
+    }
+
+
+def user_row(row: Mapping[str, Any], map_index: int) -> dict[str, Any]:
+    """Return one user's outcome in a run, with the map index of its ``compress_user`` instance."""
+    return {
+        "user_id": str(row.get("user_id", "")),
+        "map_index": map_index,
+        "status": str(row.get("status", "")),
+        **{name: _count(row.get(name)) for name in USER_COUNT_FIELDS},
+        "seconds": _seconds(row.get("seconds")),
+        "error_type": _text(row.get("error_type"), 100),
+        "error": _text(row.get("error"), MAX_ERROR_CHARS),
+    }
+
+
+def list_runs(store: MemoryStore, *, limit: int, offset: int) -> dict[str, Any]:
+    """Return one page of run rows, newest first, and the total number of runs."""
+    cursor = store.runs.find({}, {"_id": 0, "users": 0}).sort(NEWEST_FIRST).skip(offset).limit(limit)
+    return {
+        "runs": [run_summary(doc) for doc in cursor],
+        "total": store.runs.count_documents({}),
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+def chart_runs(store: MemoryStore, n: int = CHART_RUNS) -> list[dict[str, Any]]:
+    """Return the newest ``n`` runs, oldest first: what the chart plots left to right."""
+    cursor = store.runs.find({}, {"_id": 0, "users": 0}).sort(NEWEST_FIRST).limit(n)
+    return [run_summary(doc) for doc in cursor][::-1]
+
+
+def run_detail(store: MemoryStore, run_id: str) -> dict[str, Any] | None:
+    """Return a run's row, its failed users and every user's outcome; None when no such run was stored.
+
+    A user's position in the run document's ``users`` list is its map index: ``build_report`` lists
+    users in scan order, and the scan list is what ``compress_user`` was expanded over.
+    """
+    doc = store.runs.find_one({"run_id": run_id}, {"_id": 0})
+    if doc is None:
+        return None
+    raw_users = doc.get("users")
+    users = [
+        user_row(u, i) for i, u in enumerate(raw_users if isinstance(raw_users, list) else []) if isinstance(u, Mapping)
+    ]
+    return {
+        **run_summary(doc),
+        "failed_users": [u for u in users if u["status"] == FAILED],
+        "users": users,
+    }
+
+
+def user_status(store: MemoryStore, user_id: str) -> dict[str, Any] | None:
+    """Return a user's live event count, summary bookkeeping and last run; None when nothing is known.
+
+    The summary's length is computed inside MongoDB: its text never leaves the database.
+    """
+    summary = "$" + store.settings.summary_field
+    pending = "$" + PENDING_FIELD
+    rows = list(
+        store.profiles.aggregate(
+            [
+                {"$match": {"user_id": user_id}},
+                {"$limit": 1},
+                {
+                    "$project": {
+                        "_id": 0,
+                        "version": "$" + VERSION_FIELD,
+                        "compressed_at": "$" + COMPRESSED_AT_FIELD,
+                        "summary_chars": {
+                            "$cond": [{"$eq": [{"$type": summary}, "string"]}, {"$strLenCP": summary}, 0]
+                        },
+                        "pending": {"$ne": [{"$ifNull": [pending, None]}, None]},
+                    }
+                },
+            ]
+        )
+    )
+    profile = rows[0] if rows else None
+    events = store.count_events(user_id)
+    last = store.runs.find_one(
+        {"users.user_id": user_id}, {"_id": 0, "run_id": 1, "started_at": 1, "users": 1}, sort=NEWEST_FIRST
+    )
+    if profile is None and events == 0 and last is None:
+        return None
+    return {
+        "user_id": user_id,
+        "events": events,
+        "profile": profile is not None,
+        "summary_version": _count((profile or {}).get("version")),
+        "summary_chars": _count((profile or {}).get("summary_chars")),
+        "last_compressed_at": iso((profile or {}).get("compressed_at")),
+        "pending_fold": bool((profile or {}).get("pending")),
+        "last_run": _last_run(last, user_id) if last is not None else None,
+    }
+
+
+def _last_run(doc: Mapping[str, Any], user_id: str) -> dict[str, Any] | None:
+    users = doc.get("users")
+    for index, row in enumerate(users if isinstance(users, list) else []):
+        if isinstance(row, Mapping) and row.get("user_id") == user_id:
+            outcome = user_row(row, index)
+            return {
+                "run_id": str(doc.get("run_id", "")),
+                "started_at": iso(doc.get("started_at")),
+                **{k: outcome[k] for k in ("map_index", "status", "events_folded", "error_type")},
+            }
+    return None
+
+
+def lock_status(locks: UserLocks, user_id: str) -> dict[str, Any]:
+    """Return whether the user's compression lock is held now and its TTL; an error note when Redis fails."""
+    try:
+        ttl = locks.holder_ttl(user_id)
+    except RedisError as exc:
+        return {"held": None, "ttl_seconds": None, "error": f"Redis unreachable ({type(exc).__name__})"}
+    return {"held": ttl is not None, "ttl_seconds": None if ttl is None else round(ttl, 1), "error": None}

@@ -1,0 +1,376 @@
+"""Server-side HTML for the pages: every value from the database or the request goes through ``esc``.
+
+The pages are self-contained (inline CSS, one small nonce-tagged script, an inline SVG chart): no
+CDN, no external request, so they work offline and under a strict Content-Security-Policy.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from butler_memory.ui.data import DAG_ID, MAX_USER_ID_CHARS, task_instance_path
+
+CSS = """
+:root { color-scheme: light dark; --fg: #1a202c; --muted: #5f6b7a; --bg: #fff; --line: #e2e8f0;
+  --bar: #3182ce; --fail: #e53e3e; --ok: #2f855a; --head: #f7fafc; }
+@media (prefers-color-scheme: dark) { :root { --fg: #e2e8f0; --muted: #a0aec0; --bg: #1a202c;
+  --line: #2d3748; --bar: #63b3ed; --fail: #fc8181; --ok: #68d391; --head: #2d3748; } }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
+  background: var(--bg); margin: 16px 24px; }
+h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 16px; margin: 24px 0 8px; }
+a { color: var(--bar); } .muted { color: var(--muted); } nav { margin-bottom: 12px; }
+table { border-collapse: collapse; width: 100%; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 8px; text-align: left; white-space: nowrap; }
+th { background: var(--head); font-weight: 600; white-space: normal; } td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.wrap { white-space: normal; word-break: break-all; min-width: 8em; }
+.failed { color: var(--fail); font-weight: 600; } .success { color: var(--ok); font-weight: 600; }
+.pager { margin: 8px 0; display: flex; gap: 16px; align-items: center; }
+.card { display: inline-block; border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; margin: 0 8px 8px 0; }
+.card b { display: block; font-size: 18px; }
+form.lookup input[type=text] { width: 280px; padding: 4px 6px; }
+svg text { fill: var(--muted); font-size: 11px; } svg .bar { fill: var(--bar); } svg .fail { fill: var(--fail); }
+svg .axis { stroke: var(--line); }
+"""
+
+# Inside the Airflow UI these pages run in a sandboxed iframe that may not navigate the top window.
+# A link into the Airflow UI therefore hands its route to the parent's router (same origin: history
+# API plus a popstate event, which is what the router listens to); if the parent is not reachable
+# the link simply opens inside the frame.
+SCRIPT = """
+document.addEventListener("click", function (event) {
+  var link = event.target.closest ? event.target.closest("a[data-airflow-ui]") : null;
+  if (!link || window.top === window || event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey) return;
+  try {
+    var top = window.top;
+    if (top.location.origin !== window.location.origin) return;
+    var state = top.history.state || {};
+    top.history.pushState({usr: null, key: Math.random().toString(36).slice(2, 10), idx: (state.idx || 0) + 1}, "", link.href);
+    top.dispatchEvent(new PopStateEvent("popstate", {state: top.history.state}));
+    event.preventDefault();
+  } catch (e) { /* not allowed: follow the link inside this frame */ }
+});
+"""
+
+
+def esc(value: Any) -> str:
+    """Escape any value for HTML text and attribute values."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def when(iso_text: str | None) -> str:
+    """Return an ISO timestamp as ``YYYY-MM-DD HH:MM:SS UTC``."""
+    if not iso_text:
+        return "–"
+    return iso_text[:19].replace("T", " ") + " UTC"
+
+
+def duration(seconds: float) -> str:
+    """Return seconds as ``12.3 s`` or ``4 m 05 s``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} m {rest:02d} s"
+
+
+def num(value: int) -> str:
+    """Return an integer with thousands separators."""
+    return f"{value:,}"
+
+
+class Links:
+    """URLs of this app's pages (under its mount point) and of the Airflow UI."""
+
+    def __init__(self, root: str, ui_base: str) -> None:
+        self.root = root.rstrip("/")
+        self.ui_base = ui_base if ui_base.endswith("/") else ui_base + "/"
+
+    def index(self, **query: int) -> str:
+        return f"{self.root}/" + (f"?{urlencode(query)}" if query else "")
+
+    def run(self, run_id: str) -> str:
+        return f"{self.root}/runs/{quote(run_id, safe='')}"
+
+    def user(self, user_id: str) -> str:
+        return f"{self.root}/users?{urlencode({'user_id': user_id})}"
+
+    def api(self, path: str) -> str:
+        return f"{self.root}/api/{path}"
+
+    def dag_run(self, run_id: str) -> str:
+        return f"{self.ui_base}dags/{DAG_ID}/runs/{quote(run_id, safe='')}"
+
+    def task_instance(self, run_id: str, map_index: int) -> str:
+        return self.ui_base + task_instance_path(run_id, map_index)
+
+
+def page(title: str, body: str, *, nonce: str, links: Links) -> str:
+    """Return a whole HTML document."""
+    return (
+        "<!doctype html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<title>{esc(title)}</title><style nonce="{esc(nonce)}">{CSS}</style></head>\n<body>'
+        f'<nav><a href="{esc(links.index())}">Memory compression</a></nav>\n'
+        f"{body}\n"
+        f'<script nonce="{esc(nonce)}">{SCRIPT}</script></body></html>\n'
+    )
+
+
+def _table(headers: Sequence[tuple[str, str]], rows: Iterable[Sequence[str]], *, empty: str, table_id: str) -> str:
+    """Return a table; headers are (label, CSS class of the column) and each row holds escaped cell HTML."""
+
+    def cls(name: str) -> str:
+        return f' class="{name}"' if name else ""
+
+    head = "".join(f"<th{cls(kind)}>{esc(label)}</th>" for label, kind in headers)
+    body = [
+        "<tr>" + "".join(f"<td{cls(kind)}>{cell}</td>" for cell, (_, kind) in zip(row, headers, strict=True)) + "</tr>"
+        for row in rows
+    ]
+    if not body:
+        body.append(f'<tr><td colspan="{len(headers)}" class="muted">{esc(empty)}</td></tr>')
+    return f'<table id="{esc(table_id)}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def status_cell(status: str) -> str:
+    return f'<span class="{esc(status)}">{esc(status)}</span>' if status in ("failed", "success") else esc(status)
+
+
+def chart_svg(runs: Sequence[Mapping[str, Any]], links: Links) -> str:
+    """Return an inline SVG: events folded per run (bars, top) and failed users per run (bars, bottom)."""
+    width, left, right, top = 760, 56, 12, 14
+    fold_h, gap, fail_h, bottom = 120, 26, 44, 22
+    height = top + fold_h + gap + fail_h + bottom
+    plot_w = width - left - right
+    if not runs:
+        return (
+            f'<svg id="history-chart" role="img" aria-label="No runs yet" width="{width}" height="40" '
+            f'viewBox="0 0 {width} 40"><text x="{left}" y="24">No runs stored yet.</text></svg>'
+        )
+    fold_max = max(max(int(r["events_folded"]) for r in runs), 1)
+    fail_max = max(max(int(r["users_failed"]) for r in runs), 1)
+    slot = plot_w / max(len(runs), 1)
+    bar_w = max(min(slot * 0.7, 28.0), 2.0)
+    fail_top = top + fold_h + gap
+    parts = [
+        f'<svg id="history-chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'aria-label="Events folded and failed users, last {len(runs)} runs">',
+        f'<text x="{left}" y="{top - 3}">events folded (max {num(fold_max)})</text>',
+        f'<text x="{left}" y="{fail_top - 3}">failed users (max {num(fail_max)})</text>',
+        f'<line class="axis" x1="{left}" y1="{top + fold_h}" x2="{width - right}" y2="{top + fold_h}"/>',
+        f'<line class="axis" x1="{left}" y1="{fail_top + fail_h}" x2="{width - right}" y2="{fail_top + fail_h}"/>',
+        f'<text x="{left - 6}" y="{top + 10}" text-anchor="end">{num(fold_max)}</text>',
+        f'<text x="{left - 6}" y="{top + fold_h}" text-anchor="end">0</text>',
+        f'<text x="{left - 6}" y="{fail_top + 10}" text-anchor="end">{num(fail_max)}</text>',
+        f'<text x="{left - 6}" y="{fail_top + fail_h}" text-anchor="end">0</text>',
+    ]
+    for i, run in enumerate(runs):
+        x = left + i * slot + (slot - bar_w) / 2
+        folded, failed = int(run["events_folded"]), int(run["users_failed"])
+        fh = fold_h * folded / fold_max
+        xh = fail_h * failed / fail_max
+        tip = f"{run['run_id']} · {when(run['started_at'])}: {num(folded)} events folded, {num(failed)} failed users"
+        parts.append(
+            f'<a href="{esc(links.run(str(run["run_id"])))}"><title>{esc(tip)}</title>'
+            f'<rect class="bar" x="{x:.1f}" y="{top + fold_h - fh:.1f}" width="{bar_w:.1f}" height="{fh:.1f}"/>'
+            f'<rect class="fail" x="{x:.1f}" y="{fail_top + fail_h - xh:.1f}" width="{bar_w:.1f}" height="{xh:.1f}"/>'
+            "</a>"
+        )
+    first, last = runs[0], runs[-1]
+    parts.append(f'<text x="{left}" y="{height - 6}">{esc(when(first["started_at"])[:10])}</text>')
+    parts.append(
+        f'<text x="{width - right}" y="{height - 6}" text-anchor="end">{esc(when(last["started_at"])[:10])}</text>'
+    )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+RUN_HEADERS = (
+    ("started", ""),
+    ("run", "wrap"),
+    ("status", ""),
+    ("users found", "n"),
+    ("compressed", "n"),
+    ("skipped", "n"),
+    ("failed", "n"),
+    ("events folded", "n"),
+    ("events deleted", "n"),
+    ("LLM tokens", "n"),
+    ("duration", "n"),
+)
+
+
+def _run_cells(run: Mapping[str, Any], links: Links) -> list[str]:
+    return [
+        esc(when(run["started_at"])),
+        f'<a href="{esc(links.run(run["run_id"]))}">{esc(run["run_id"])}</a>',
+        status_cell(run["status"]),
+        num(run["users_found"]),
+        num(run["users_compressed"]),
+        num(run["users_skipped"]),
+        num(run["users_failed"]),
+        num(run["events_folded"]),
+        num(run["events_deleted"]),
+        num(run["llm_tokens"]),
+        esc(duration(run["seconds"])),
+    ]
+
+
+def lookup_form(links: Links, value: str = "") -> str:
+    """Return the per-user lookup form."""
+    return (
+        f'<form class="lookup" method="get" action="{esc(links.root)}/users">'
+        f'<label>User id <input type="text" name="user_id" value="{esc(value)}" required '
+        f'maxlength="{MAX_USER_ID_CHARS}"></label> <button type="submit">Look up</button></form>'
+    )
+
+
+def runs_page(listing: Mapping[str, Any], chart: Sequence[Mapping[str, Any]], *, links: Links, nonce: str) -> str:
+    """Return the run history: chart, one table page, pager, user lookup."""
+    runs, total = listing["runs"], int(listing["total"])
+    limit, offset = int(listing["limit"]), int(listing["offset"])
+    shown = f"runs {offset + 1}–{offset + len(runs)} of {num(total)}" if runs else f"no runs here ({num(total)} in all)"
+    pager = [f'<span class="muted">{esc(shown)}</span>']
+    if offset > 0:
+        pager.append(f'<a href="{esc(links.index(limit=limit, offset=max(offset - limit, 0)))}">← newer</a>')
+    if offset + len(runs) < total:
+        pager.append(f'<a href="{esc(links.index(limit=limit, offset=offset + limit))}">older →</a>')
+    body = (
+        "<h1>Memory compression</h1>"
+        f'<p class="muted">One row per run of the <code>{DAG_ID}</code> DAG, newest first. '
+        f'JSON: <a href="{esc(links.api("runs"))}">{esc(links.api("runs"))}</a></p>'
+        f"<h2>Last {len(chart)} runs</h2>{chart_svg(chart, links)}"
+        "<h2>Runs</h2>"
+        f'<div class="pager">{"".join(pager)}</div>'
+        + _table(RUN_HEADERS, (_run_cells(r, links) for r in runs), empty="No runs stored yet.", table_id="runs")
+        + f"<h2>User</h2>{lookup_form(links)}"
+    )
+    return page("Memory compression", body, nonce=nonce, links=links)
+
+
+USER_HEADERS = (
+    ("map index", "n"),
+    ("user", "wrap"),
+    ("status", ""),
+    ("events before", "n"),
+    ("folded", "n"),
+    ("deleted", "n"),
+    ("after", "n"),
+    ("summary chars", "n"),
+    ("LLM tokens", "n"),
+    ("seconds", "n"),
+    ("task instance", ""),
+)
+
+
+def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
+    """Return one run: totals, failed users linked to their task instances, every user's outcome."""
+    run_id = detail["run_id"]
+    cards = [
+        ("status", status_cell(detail["status"])),
+        ("users found", num(detail["users_found"])),
+        ("compressed", num(detail["users_compressed"])),
+        ("skipped (locked)", num(detail["users_skipped_locked"])),
+        ("skipped (below threshold)", num(detail["users_skipped_below_threshold"])),
+        ("failed", num(detail["users_failed"])),
+        ("events folded", num(detail["events_folded"])),
+        ("events deleted", num(detail["events_deleted"])),
+        ("LLM tokens", f"{num(detail['prompt_tokens'])} + {num(detail['completion_tokens'])}"),
+        ("duration", esc(duration(detail["seconds"]))),
+    ]
+    failed_rows = [
+        [
+            f'<a href="{esc(links.user(u["user_id"]))}">{esc(u["user_id"])}</a>',
+            esc(u["error_type"] or ""),
+            esc(u["error"] or ""),
+            _ti_link(links, run_id, u["map_index"]),
+        ]
+        for u in detail["failed_users"]
+    ]
+    failed_table = _table(
+        (("user", "wrap"), ("error type", ""), ("error", "wrap"), ("task instance", "")),
+        failed_rows,
+        empty="No user failed in this run.",
+        table_id="failed-users",
+    )
+    user_rows = [
+        [
+            num(u["map_index"]),
+            f'<a href="{esc(links.user(u["user_id"]))}">{esc(u["user_id"])}</a>',
+            status_cell(u["status"]),
+            num(u["events_before"]),
+            num(u["events_folded"]),
+            num(u["events_deleted"]),
+            num(u["events_after"]),
+            num(u["summary_chars"]),
+            num(u["prompt_tokens"] + u["completion_tokens"]),
+            f"{u['seconds']:.2f}",
+            _ti_link(links, run_id, u["map_index"]),
+        ]
+        for u in detail["users"]
+    ]
+    body = (
+        f"<h1>Run {esc(run_id)}</h1>"
+        f'<p class="muted">Started {esc(when(detail["started_at"]))}, finished {esc(when(detail["finished_at"]))}. '
+        f'<a data-airflow-ui href="{esc(links.dag_run(run_id))}">Open the DAG run in Airflow</a> · '
+        f'JSON: <a href="{esc(links.api("runs/" + quote(run_id, safe="")))}">run</a></p>'
+        + "".join(f'<div class="card">{esc(label)}<b>{value}</b></div>' for label, value in cards)
+        + f"<h2>Failed users ({num(len(detail['failed_users']))})</h2>{failed_table}"
+        + f"<h2>Users ({num(len(detail['users']))})</h2>"
+        + _table(USER_HEADERS, user_rows, empty="The scan found no user over the threshold.", table_id="users")
+    )
+    return page(f"Run {run_id}", body, nonce=nonce, links=links)
+
+
+def _ti_link(links: Links, run_id: str, map_index: int) -> str:
+    return f'<a data-airflow-ui href="{esc(links.task_instance(run_id, map_index))}">compress_user [{map_index}]</a>'
+
+
+def user_page(status: Mapping[str, Any], *, links: Links, nonce: str) -> str:
+    """Return one user's status: events, summary bookkeeping (never the summary), lock, last run."""
+    lock = status["lock"]
+    if lock["held"] is None:
+        lock_text = esc(lock["error"] or "unknown")
+    elif lock["held"]:
+        lock_text = f"held, {esc(lock['ttl_seconds'])} s left"
+    else:
+        lock_text = "not held"
+    rows = [
+        ("Events in memory now", num(status["events"])),
+        ("Summary version", num(status["summary_version"])),
+        ("Summary length", f"{num(status['summary_chars'])} characters"),
+        ("Last compressed", esc(when(status["last_compressed_at"]))),
+        ("Interrupted fold pending", "yes" if status["pending_fold"] else "no"),
+        ("Compression lock", lock_text),
+    ]
+    last = status["last_run"]
+    if last is not None:
+        rows.append(
+            (
+                "Last run",
+                f'<a href="{esc(links.run(last["run_id"]))}">{esc(last["run_id"])}</a>: {status_cell(last["status"])}'
+                f", {num(last['events_folded'])} events folded"
+                + (f" ({esc(last['error_type'])})" if last["error_type"] else "")
+                + f" · {_ti_link(links, last['run_id'], last['map_index'])}",
+            )
+        )
+    table = "".join(f"<tr><th>{esc(label)}</th><td>{value}</td></tr>" for label, value in rows)
+    user_id = status["user_id"]
+    body = (
+        f"<h1>User {esc(user_id)}</h1>"
+        f'<table id="user-status">{table}</table>'
+        f'<p class="muted">JSON: <a href="{esc(links.api("users/" + quote(user_id, safe="")))}">user</a></p>'
+        f"<h2>Another user</h2>{lookup_form(links, user_id)}"
+    )
+    return page(f"User {user_id}", body, nonce=nonce, links=links)
+
+
+def error_page(code: int, message: str, *, links: Links, nonce: str, login_url: str | None = None) -> str:
+    """Return an error page that says what went wrong (and where to log in, for a 401)."""
+    body = f"<h1>{esc(code)}</h1><p>{esc(message)}</p>"
+    if login_url:
+        body += f'<p><a data-airflow-ui href="{esc(login_url)}">Log in to Airflow</a></p>'
+    return page(f"{code}", body, nonce=nonce, links=links)

@@ -1,0 +1,39 @@
+"""Airflow plugin: a "Memory compression" page under Browse in the Airflow UI.
+
+Mounts the FastAPI app of ``butler_memory.ui.app`` at ``/butler-memory`` (run history, run detail,
+per-user status, and the same data as JSON under ``/butler-memory/api/``) and lists it in the UI's
+navigation. Access needs an Airflow user allowed to read the ``memory_compression`` DAG.
+
+Every Airflow process imports this file (task processes too, for plugin macros), so the app, and
+FastAPI with it, is imported only when the API server asks for ``fastapi_apps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.plugins_manager import AirflowPlugin
+
+URL_PREFIX = "/butler-memory"
+
+
+class ButlerMemoryUIPlugin(AirflowPlugin):
+    """The memory compression pages: a FastAPI app and its navigation entry."""
+
+    name = "butler_memory_ui"
+    external_views = [  # noqa: RUF012  # the plugin manager's own attribute type
+        {
+            "name": "Memory compression",
+            "href": f"{URL_PREFIX}/",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "butler-memory",
+        }
+    ]
+
+    @property
+    def fastapi_apps(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """Return the app to mount, importing it on first use."""
+        from butler_memory.ui.app import app
+
+        return [{"app": app, "url_prefix": URL_PREFIX, "name": "Butler memory compression"}]
