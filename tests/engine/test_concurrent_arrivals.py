@@ -129,3 +129,31 @@ def test_events_arriving_between_chunks_survive_and_a_rerun_folds_them(
 
     assert second.status == COMPRESSED, second
     assert late_ids <= set(archive_of(mongo_db, "u1")), "the next run folds the late events like any other"
+
+
+def test_events_arriving_right_after_selection_are_not_folded(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    # Written between the fold list and the first read of the events, inside the fold list's key
+    # range: the read sees them (secantus materialises a cursor when it opens, so an insert during
+    # the LLM call would not be seen; a real MongoDB cursor can see it on a later getMore).
+    settings = small_settings(max_events_per_chunk=4)
+    engine = make_engine(mongo_db, redis_client, settings)
+    original = insert_events(mongo_db, "u1", 15)
+    late = [
+        late_event("u1-e000a", original[0]["created_at"]),  # same instant as the first folded event
+        late_event("u1-e005a", original[5]["created_at"]),
+        late_event("u1-b-mid", START + timedelta(minutes=8, seconds=30)),
+    ]
+
+    def write_late(step: str) -> None:
+        if step == "selected":
+            mongo_db["user_memory"].insert_many([dict(ev) for ev in late])
+
+    result = engine.compress("u1", checkpoint=write_late)
+
+    remaining, archive = events_of(mongo_db, "u1"), archive_of(mongo_db, "u1")
+    assert result.events_folded == 12, result
+    for ev in late:
+        assert ev["_id"] in remaining and ev["_id"] not in archive, f"late event {ev['_id']} was folded"
+    assert sorted(archive) == [ev["_id"] for ev in original[:12]]
