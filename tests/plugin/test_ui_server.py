@@ -1,0 +1,546 @@
+"""The memory compression plugin inside a real ``airflow api-server``, behind Airflow's own auth.
+
+One API server serves the whole module (startup costs 15-30 s on 2 cores). It runs in a process
+group of its own on a free loopback port, on the session's migrated SQLite metadata DB, with
+SimpleAuthManager users ``admin`` (ADMIN), ``viewer`` (VIEWER: may read DAGs) and ``outsider``
+(no role: SimpleAuthManager grants a user without a role nothing, so it is authenticated and
+still refused), and AIRFLOW_CONN_* variables pointing at this module's MongoDB database, the
+session's Redis, StatsD sink and fake LLM.
+
+While the server starts, the memory_compression DAG runs once in this process with ``dag.test()``
+over the same services and metadata DB: one user below the threshold, two compressed, one locked
+by the bot, one the LLM rejects. Every event carries a canary, every summary the LLM writes
+another one; neither may appear in any response. Older runs are added with ``build_report`` and
+``save_run`` (the report task's own functions) so that paging and the 30-run chart have material.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pymongo
+import pytest
+from pymongo.database import Database
+
+from butler_memory.report import build_report
+from butler_memory.settings import Settings
+from butler_memory.store import MemoryStore
+from tests.plugin import cdp
+from tools.fake_openai import FakeOpenAI
+from tools.services import MongoService, RedisService, StatsdSink, airflow_connection_env, free_port
+from tools.standalone import AirflowProcess, wait_healthy
+
+REPO = Path(__file__).resolve().parents[2]
+DAG_ID = "memory_compression"
+PREFIX = "/butler-memory"
+CANARY = "CANARY-ui-5f2a-private-diary"
+"""In every event's content."""
+SUMMARY_CANARY = "SUMMARY-CANARY-ui-81c3"
+"""In every summary the fake LLM writes and in the locked user's stored summary."""
+FAIL_MARKER = "FAIL-MARKER-ui-0d7e"
+"""In the broken user's content: the fake LLM answers 400 to it."""
+BELOW, BIG, BIGGER, LOCKED, BROKEN = "u-below", "u-big", "u-bigger", "u-locked", "u-broken"
+POPULATION = {BELOW: 30, BIG: 60, BIGGER: 75, LOCKED: 55, BROKEN: 65}
+LOCKED_SUMMARY = f"Сводка {SUMMARY_CANARY}: пользователь любит чай."
+HOSTILE_USER = '<img src=x onerror="alert(1)">'
+OLDER_RUNS = 34
+PASSWORDS = {"admin": "admin-pw-ui", "viewer": "viewer-pw-ui", "outsider": "outsider-pw-ui"}
+STARTUP_TIMEOUT = 180.0
+PAGES = ["/", "/runs/{run_id}", f"/users?user_id={BIG}"]
+APIS = ["/api/runs", "/api/chart", "/api/runs/{run_id}", f"/api/users/{BIG}"]
+"""Every route of the app; ``{run_id}`` is the DAG run's id."""
+
+
+@dataclass
+class UI:
+    """The running API server, its users' tokens and what the DAG run left behind."""
+
+    base_url: str
+    server: AirflowProcess
+    tokens: dict[str, str]
+    db: Database[dict[str, Any]]
+    run_id: str
+    older_run_ids: list[str]
+    summaries: dict[str, str]
+    profile_dir: Path
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(base_url=self.base_url, timeout=60)
+
+    def get(self, path: str, user: str | None = "admin", *, cookie: bool = False, **kwargs: Any) -> httpx.Response:
+        """GET a path as ``user`` (None: anonymous), with the token as bearer header or as the UI's cookie."""
+        headers = dict(kwargs.pop("headers", {}))
+        if user is not None:
+            token = self.tokens[user]
+            headers["Cookie" if cookie else "Authorization"] = f"_token={token}" if cookie else f"Bearer {token}"
+        return self.client.get(path, headers=headers, **kwargs)
+
+    def ui(self, path: str, user: str | None = "admin", **kwargs: Any) -> httpx.Response:
+        """GET a path of the plugin app."""
+        return self.get(PREFIX + path.format(run_id=quote(self.run_id, safe="")), user, **kwargs)
+
+
+def _json(response: httpx.Response, status: int = 200) -> Any:
+    assert response.status_code == status, (
+        f"GET {response.request.url}: expected {status}, got {response.status_code}: {response.text[:1500]}"
+    )
+    return response.json()
+
+
+def _seed(db: Database[dict[str, Any]]) -> None:
+    """Insert the population's events (each with the canary) and the locked user's existing summary."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    db["user_memory"].insert_many(
+        [
+            {
+                "event_id": f"{user_id}-{i:04d}",
+                "user_id": user_id,
+                "role": "user" if i % 2 == 0 else "assistant",
+                "content": f"Turn {i} of {user_id}: {CANARY}" + (f" {FAIL_MARKER}" if user_id == BROKEN else ""),
+                "created_at": start + timedelta(minutes=i),
+                "tags": [],
+            }
+            for user_id, n in POPULATION.items()
+            for i in range(n)
+        ]
+    )
+    db["user_profiles"].insert_one({"user_id": LOCKED, "memory_summary": LOCKED_SUMMARY, "memory_summary_version": 3})
+
+
+def _run_dag() -> str:
+    """Run memory_compression once in this process with dag.test(); return the run id."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.pool import Pool
+
+    Pool.create_or_update_pool("llm_api", 8, "LLM calls of memory_compression", include_deferred=False)
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    run = bag.dags[DAG_ID].test(run_conf={})
+    assert run.state == "failed", f"the broken user should fail the run, got {run.state}"
+    return str(run.run_id)
+
+
+def _older_runs(store: MemoryStore) -> list[str]:
+    """Store run documents older than the DAG run, every seventh with a failed user (and one hostile id)."""
+    run_ids = []
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    for day in range(OLDER_RUNS):
+        started = start + timedelta(days=day)
+        scanned = ["o-1", "o-2", HOSTILE_USER] if day == 0 else ["o-1", "o-2"]
+        results: list[dict[str, Any] | None] = [
+            {"user_id": uid, "status": "compressed", "events_folded": 40 + day, "events_deleted": 40 + day}
+            for uid in scanned
+        ]
+        if day % 7 == 3:
+            results[1] = None  # no result: counted as failed
+        run_id = f"scheduled__{started.isoformat()}"
+        store.save_run(
+            build_report(
+                run_id=run_id,
+                scanned=scanned,
+                results=results,
+                started_at=started,
+                finished_at=started + timedelta(seconds=90),
+            )
+        )
+        run_ids.append(run_id)
+    return run_ids[::-1]  # newest first
+
+
+def _token(base_url: str, user: str) -> str:
+    response = httpx.post(f"{base_url}/auth/token", json={"username": user, "password": PASSWORDS[user]}, timeout=30)
+    assert response.status_code == 201, f"POST /auth/token as {user}: {response.status_code} {response.text}"
+    return str(response.json()["access_token"])
+
+
+@pytest.fixture(scope="module")
+def ui(
+    airflow_db: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    mongo_service: MongoService,
+    mongo_client: pymongo.MongoClient[dict[str, Any]],
+    redis_service: RedisService,
+    statsd_sink: StatsdSink,
+    fake_llm: FakeOpenAI,
+) -> Iterator[UI]:
+    """Start the API server, run the DAG meanwhile, yield; stop the server's process group after."""
+    tmp = tmp_path_factory.mktemp("ui")
+    db = mongo_client[f"t_plugin_ui_{uuid.uuid4().hex[:8]}"]
+    conns = airflow_connection_env(
+        mongo=mongo_service,
+        db=db.name,
+        redis=redis_service,
+        statsd=statsd_sink,
+        llm_base_url=fake_llm.base_url,
+        llm_model=fake_llm.model,
+    )
+    # For the 503 check: a MongoDB connection nobody listens on, chosen through the butler_memory Variable.
+    conns["AIRFLOW_CONN_MONGO_UNREACHABLE"] = json.dumps(
+        {"conn_type": "mongo", "host": "127.0.0.1", "port": free_port(), "extra": {"directConnection": True}}
+    )
+    passwords_file = tmp / "passwords.json"
+    passwords_file.write_text(json.dumps(PASSWORDS))
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in conns.items():
+            mp.setenv(name, value)
+        # The suite's Airflow settings (home, metadata DB, folders, secrets) minus unit-test mode, which
+        # would load unit_tests.cfg into the server.
+        env = {name: value for name, value in os.environ.items() if name != "AIRFLOW__CORE__UNIT_TEST_MODE"}
+        env.update(
+            {
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__PORT": str(port),
+                "AIRFLOW__API__WORKERS": "1",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer,outsider:",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
+            }
+        )
+        server = AirflowProcess("api-server", ["api-server"], env, tmp / "api-server.log").start()
+        redis = redis_service.client()
+        fake_llm.reset()
+        try:
+            redis.flushall()
+            redis.set(Settings().lock_key(LOCKED), "the-bot's-inline-compression", px=600_000)
+            _seed(db)
+            fake_llm.set_responder(lambda request: f"Сводка {SUMMARY_CANARY}: пользователь обсуждал планы.")
+            fake_llm.fail_when_contains(FAIL_MARKER, 400)
+            run_id = _run_dag()  # while the API server starts
+            older = _older_runs(MemoryStore(db, Settings()))  # not closed: it shares the session's client
+            summaries = {
+                p["user_id"]: p["memory_summary"] for p in db["user_profiles"].find() if p.get("memory_summary")
+            }
+            wait_healthy(base_url, [server], components=("metadatabase",), timeout=STARTUP_TIMEOUT)
+            tokens = {user: _token(base_url, user) for user in PASSWORDS}
+            ui = UI(base_url, server, tokens, db, run_id, older, summaries, tmp / "chromium")
+            yield ui
+            ui.client.close()
+        finally:
+            server.stop()
+            fake_llm.reset()
+            redis.flushall()
+            redis.close()
+            mongo_client.drop_database(db.name)
+
+
+@pytest.fixture(autouse=True)
+def server_log_on_failure(ui: UI, test_failed: Callable[[], bool]) -> Iterator[None]:
+    """Print the end of the API server's log after a failed test (pytest shows it with the failure)."""
+    yield
+    if test_failed():
+        print(f"\n----- airflow api-server log ({ui.server.log_path}) -----\n{ui.server.log_tail(8000)}")
+
+
+def test_navigation_entry_and_app_are_listed_by_the_plugins_endpoint(ui: UI) -> None:
+    plugins = _json(ui.get("/api/v2/plugins"))["plugins"]
+    ours = [p for p in plugins if p["name"] == "butler_memory_ui"]
+    assert len(ours) == 1, f"plugin butler_memory_ui not loaded; plugins: {[p['name'] for p in plugins]}"
+    assert ours[0]["source"] == "$PLUGINS_FOLDER/butler_memory_ui.py"
+    assert ours[0]["external_views"] == [
+        {
+            "name": "Memory compression",
+            "href": f"{PREFIX}/",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "butler-memory",
+            "icon": None,
+            "icon_dark_mode": None,
+            "nav_top_level": False,
+        }
+    ]
+    assert [(a["url_prefix"], a["app"]) for a in ours[0]["fastapi_apps"]] == [(PREFIX, "fastapi.applications.FastAPI")]
+    errors = _json(ui.get("/api/v2/plugins/importErrors"))["import_errors"]
+    assert not [e for e in errors if "butler" in e["source"]], errors
+
+
+def test_runs_json_has_the_dag_runs_figures(ui: UI) -> None:
+    body = _json(ui.ui("/api/runs"))
+    assert (body["total"], body["limit"], body["offset"]) == (1 + OLDER_RUNS, 25, 0)
+    newest = body["runs"][0]
+    doc = ui.db["memory_compression_runs"].find_one({"run_id": ui.run_id})
+    assert doc is not None
+    assert newest == {
+        "run_id": ui.run_id,
+        "started_at": doc["started_at"].replace(tzinfo=UTC).isoformat(),
+        "finished_at": doc["finished_at"].replace(tzinfo=UTC).isoformat(),
+        "status": "failed",
+        "dry_run": False,
+        "users_found": 4,
+        "users_compressed": 2,
+        "users_dry_run": 0,
+        "users_skipped_locked": 1,
+        "users_skipped_below_threshold": 0,
+        "users_skipped": 1,
+        "users_failed": 1,
+        "backlog_events": 60 + 75 + 55 + 65,
+        "events_folded": (60 - 20) + (75 - 20),
+        "events_deleted": (60 - 20) + (75 - 20),
+        "prompt_tokens": doc["prompt_tokens"],
+        "completion_tokens": doc["completion_tokens"],
+        "llm_tokens": doc["prompt_tokens"] + doc["completion_tokens"],
+        "seconds": doc["seconds"],
+    }
+    assert newest["llm_tokens"] > 0 and newest["seconds"] > 0, newest
+    assert [r["run_id"] for r in body["runs"][1:]] == ui.older_run_ids[:24]
+    assert body["runs"][1]["status"] == "success"
+
+
+def test_paging_and_chart(ui: UI) -> None:
+    everything = [ui.run_id, *ui.older_run_ids]
+    pages = [_json(ui.ui(f"/api/runs?limit=10&offset={offset}")) for offset in range(0, 40, 10)]
+    assert [[r["run_id"] for r in page["runs"]] for page in pages] == [everything[i : i + 10] for i in range(0, 40, 10)]
+    assert _json(ui.ui("/api/runs?limit=200&offset=35"))["runs"] == []
+    assert len(_json(ui.ui("/api/runs?limit=200"))["runs"]) == 35
+
+    chart = _json(ui.ui("/api/chart"))["runs"]
+    assert [r["run_id"] for r in chart] == everything[:30][::-1], "the chart plots the newest 30 runs, oldest first"
+    assert chart[-1] == {
+        "run_id": ui.run_id,
+        "started_at": chart[-1]["started_at"],
+        "status": "failed",
+        "events_folded": 95,
+        "users_failed": 1,
+    }
+    # The DAG run's failed user, and older runs 10, 17, 24 and 31 (days 5 to 33 are in the chart).
+    assert [r["users_failed"] for r in chart].count(1) == 5
+
+    page = ui.ui("/?limit=10&offset=10")
+    assert page.status_code == 200, page.text
+    assert page.text.count("<rect ") == 60, "the chart draws two bars per run for 30 runs"
+    assert page.text.count("<tr><td>") == 10
+    assert "runs 11–20 of 35" in page.text
+    assert "?limit=10&amp;offset=0" in page.text and "?limit=10&amp;offset=20" in page.text, "pager links"
+
+
+def test_run_detail_links_each_failed_user_to_its_mapped_task_instance(ui: UI) -> None:
+    detail = _json(ui.ui("/api/runs/{run_id}"))
+    assert detail["run_id"] == ui.run_id
+    assert [u["user_id"] for u in detail["failed_users"]] == [BROKEN]
+    assert {u["user_id"]: u["status"] for u in detail["users"]} == {
+        BIG: "compressed",
+        BIGGER: "compressed",
+        LOCKED: "skipped_locked",
+        BROKEN: "failed",
+    }
+    broken = detail["failed_users"][0]
+    assert broken["error_type"] == "LLMPermanentError", broken
+    # Each row's map index is that user's compress_user instance: ask Airflow itself.
+    for user in detail["users"]:
+        path = (
+            f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(ui.run_id, safe='')}/taskInstances/compress_user/{user['map_index']}"
+        )
+        ti = _json(ui.get(path))
+        assert ti["rendered_map_index"] == user["user_id"], (user, ti["rendered_map_index"])
+        assert ti["state"] == ("failed" if user["user_id"] == BROKEN else "success"), ti["state"]
+        assert user["task_instance_url"] == (
+            f"/dags/{DAG_ID}/runs/{quote(ui.run_id, safe='')}/tasks/compress_user/mapped/{user['map_index']}"
+        )
+
+    page = ui.ui("/runs/{run_id}")
+    assert page.status_code == 200, page.text
+    assert f'data-airflow-ui href="{broken["task_instance_url"]}"' in page.text
+    assert "LLMPermanentError" in page.text
+
+
+def test_user_lookup_shows_counts_versions_and_locks_without_the_summary(ui: UI) -> None:
+    big = _json(ui.ui(f"/api/users/{BIG}"))
+    assert big["events"] == 20
+    assert (big["profile"], big["summary_version"], big["pending_fold"]) == (True, 1, False)
+    assert big["summary_chars"] == len(ui.summaries[BIG]) > 0
+    assert big["last_compressed_at"] is not None
+    assert big["lock"] == {"held": False, "ttl_seconds": None, "error": None}
+    assert big["last_run"]["run_id"] == ui.run_id and big["last_run"]["status"] == "compressed"
+
+    locked = _json(ui.ui(f"/api/users/{LOCKED}"))
+    assert (locked["events"], locked["summary_version"]) == (55, 3)
+    assert locked["summary_chars"] == len(LOCKED_SUMMARY)
+    assert locked["last_compressed_at"] is None
+    assert locked["lock"]["held"] is True and 0 < locked["lock"]["ttl_seconds"] <= 600, locked["lock"]
+    assert locked["last_run"]["status"] == "skipped_locked"
+
+    below = _json(ui.ui(f"/api/users/{BELOW}"))
+    assert (below["events"], below["profile"], below["summary_version"], below["last_run"]) == (30, False, 0, None)
+
+    page = ui.ui(f"/users?user_id={LOCKED}")
+    assert page.status_code == 200, page.text
+    assert "held, " in page.text and f"{len(LOCKED_SUMMARY)} characters" in page.text
+
+    missing = ui.ui("/api/users/u-nobody")
+    assert _json(missing, 404)["detail"] == "no events, profile or run record for user 'u-nobody'"
+
+
+@pytest.mark.parametrize("path", PAGES + APIS)
+def test_anonymous_is_401_and_a_user_without_dag_access_is_403(ui: UI, path: str) -> None:
+    anonymous = ui.ui(path, None)
+    assert anonymous.status_code == 401, anonymous.text
+    for how in ({"cookie": False}, {"cookie": True}):
+        outsider = ui.ui(path, "outsider", **how)
+        assert outsider.status_code == 403, (how, outsider.text)
+        assert "may not read the memory_compression DAG" in outsider.text
+        viewer = ui.ui(path, "viewer", **how)
+        assert viewer.status_code == 200, (how, viewer.text[:500])
+    garbage = ui.ui(path, None, headers={"Authorization": "Bearer not-a-jwt"})
+    assert garbage.status_code == 403, "Airflow answers an invalid token with 403"
+    if not path.startswith("/api/"):
+        assert "Log in to Airflow" in anonymous.text and "/auth/login" in anonymous.text
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        ("/api/runs?limit=0", 422, "limit: Input should be greater than or equal to 1"),
+        ("/api/runs?limit=201", 422, "limit: Input should be less than or equal to 200"),
+        ("/api/runs?limit=ten", 422, "limit: Input should be a valid integer"),
+        ("/api/runs?offset=-1", 422, "offset: Input should be greater than or equal to 0"),
+        ("/api/runs?offset=99999999999999999999999", 422, "offset: Input should be less than or equal to"),
+        ("/api/runs/manual__no-such-run", 404, "no run 'manual__no-such-run' in the run history"),
+        ("/api/runs/" + "r" * 251, 422, "run_id must be at most 250 characters, got 251"),
+        ("/api/runs/bad%09run", 422, "run_id must not contain control or invisible characters (found U+0009)"),
+        # A newline in the path never reaches the plugin: Airflow's mount does not match it.
+        ("/api/runs/bad%0Arun", 404, "Not Found"),
+        ("/api/users/" + "u" * 201, 422, "user_id must be at most 200 characters, got 201"),
+        ("/api/users/a%00b", 422, "user_id must not contain control or invisible characters (found U+0000)"),
+        ("/api/users/a%1Bb", 422, "(found U+001B)"),
+        ("/api/users/a%E2%80%8Bb", 422, "(found U+200B)"),
+        ("/api/users/", 422, "user_id must not be empty"),
+        ("/users", 422, "user_id: Field required"),
+        ("/users?user_id=a%00b", 422, "(found U+0000)"),
+        ("/users?user_id=a%0Ab", 422, "(found U+000A)"),
+        ("/?limit=0", 422, "limit: Input should be greater than or equal to 1"),
+        ("/runs/no-such-run", 404, "no run &#x27;no-such-run&#x27; in the run history"),
+    ],
+)
+def test_bad_inputs_get_a_clear_4xx(ui: UI, path: str, status: int, message: str) -> None:
+    response = ui.ui(path)
+    assert response.status_code == status, response.text
+    assert message in response.text
+    if path.startswith("/api/"):
+        assert response.headers["content-type"] == "application/json"
+    else:
+        assert response.headers["content-type"].startswith("text/html")
+    if message != "Not Found":  # no route matched: there is nothing to authorize
+        assert ui.ui(path, None).status_code == 401, "anonymous requests are refused before their input is read"
+
+
+def test_no_event_content_or_summary_text_in_any_response(ui: UI) -> None:
+    users = [*POPULATION, HOSTILE_USER]
+    paths = [*PAGES, *APIS, *(f"/api/users/{quote(u, safe='')}" for u in users)]
+    paths += [f"/users?user_id={quote(u, safe='')}" for u in users]
+    paths += [f"/runs/{quote(r, safe='')}" for r in ui.older_run_ids[:2]]
+    secrets = [CANARY, FAIL_MARKER, SUMMARY_CANARY, "Turn 1 of", *ui.summaries.values()]
+    assert len(ui.summaries) == 3, f"BIG, BIGGER and LOCKED have summaries: {ui.summaries.keys()}"
+    for path in paths:
+        response = ui.ui(path)
+        assert response.status_code in (200, 404), (path, response.status_code, response.text[:300])
+        leaked = [s for s in secrets if s in response.text]
+        assert not leaked, f"{path} leaked {leaked}"
+
+
+def test_hostile_ids_are_escaped_in_pages(ui: UI) -> None:
+    oldest = ui.older_run_ids[-1]
+    page = ui.ui(f"/runs/{quote(oldest, safe='')}")
+    assert page.status_code == 200, page.text
+    assert HOSTILE_USER not in page.text
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page.text
+    user = ui.ui(f"/users?user_id={quote(HOSTILE_USER, safe='')}")
+    assert user.status_code == 200 and HOSTILE_USER not in user.text
+    csp = user.headers["content-security-policy"]
+    assert "script-src 'nonce-" in csp and "default-src 'none'" in csp, csp
+
+
+def test_mongodb_unreachable_or_undefined_is_503(ui: UI) -> None:
+    def use_connection(conn_id: str) -> None:
+        body = {"key": "butler_memory", "value": json.dumps({"mongo_conn_id": conn_id})}
+        response = ui.client.post(
+            "/api/v2/variables", json=body, headers={"Authorization": f"Bearer {ui.tokens['admin']}"}
+        )
+        assert response.status_code == 201, response.text
+
+    try:
+        use_connection("mongo_unreachable")
+        started = time.monotonic()
+        down = ui.ui("/api/runs")
+        assert _json(down, 503)["detail"] == (
+            "MongoDB is unreachable or failed (ServerSelectionTimeoutError); try again in a moment"
+        )
+        assert time.monotonic() - started < 30, "the page must give up on MongoDB within seconds"
+        assert down.headers["retry-after"] == "30"
+        html = ui.ui("/")
+        assert html.status_code == 503 and "MongoDB is unreachable" in html.text
+        assert "127.0.0.1" not in down.text, "no server address or driver text in the answer"
+
+        ui.client.delete("/api/v2/variables/butler_memory", headers={"Authorization": f"Bearer {ui.tokens['admin']}"})
+        use_connection("mongo_missing")
+        undefined = ui.ui(f"/api/users/{BIG}")
+        assert _json(undefined, 503)["detail"] == "Airflow connection 'mongo_missing' is not defined"
+    finally:
+        ui.client.delete("/api/v2/variables/butler_memory", headers={"Authorization": f"Bearer {ui.tokens['admin']}"})
+    assert ui.ui("/api/runs").status_code == 200, "back to normal once the Variable is gone"
+
+
+@pytest.mark.skipif(not cdp.CHROMIUM.exists(), reason=f"{cdp.CHROMIUM} is not installed (Debian package 'chromium')")
+def test_page_renders_table_and_chart_in_headless_chromium(ui: UI) -> None:
+    with cdp.chromium(ui.profile_dir) as page:
+        page.send(
+            "Network.setCookie",
+            name="_token",
+            value=ui.tokens["viewer"],
+            url=f"{ui.base_url}/",
+            httpOnly=True,
+            sameSite="Lax",
+        )
+        page.navigate(f"{ui.base_url}{PREFIX}/")
+        rows = page.evaluate("document.querySelectorAll('#runs tbody tr').length")
+        bars = page.evaluate("document.querySelectorAll('#history-chart rect.bar').length")
+        first_run = page.evaluate("document.querySelector('#runs tbody tr td:nth-child(2)').innerText")
+        shot = page.screenshot(ui.profile_dir / "memory-compression.png")
+        assert (rows, bars, first_run) == (25, 30, ui.run_id), f"screenshot: {shot}"
+        assert shot.stat().st_size > 10_000
+
+        # Inside Airflow's own UI: the navigation entry opens the page in a frame, with the UI's cookie,
+        # and a failed user's link takes the UI to that user's mapped task instance.
+        page.navigate(f"{ui.base_url}/plugin/butler-memory")
+        frame_rows = _poll(
+            page, "document.querySelector('iframe')?.contentDocument?.querySelectorAll('#runs tbody tr').length"
+        )
+        assert frame_rows == 25
+        run_page = f"{PREFIX}/runs/{quote(ui.run_id, safe='')}"
+        page.evaluate(f"document.querySelector('iframe').contentWindow.location.assign({json.dumps(run_page)})")
+        _poll(
+            page,
+            "document.querySelector('iframe')?.contentDocument?.querySelector('#failed-users a[data-airflow-ui]') ? 1 : 0",
+        )
+        page.evaluate(
+            "document.querySelector('iframe').contentDocument.querySelector('#failed-users a[data-airflow-ui]').click()"
+        )
+        expected = f"/dags/{DAG_ID}/runs/{quote(ui.run_id, safe='')}/tasks/compress_user/mapped/"
+        location = _poll(page, f"location.pathname.startsWith({json.dumps(expected)}) ? location.pathname : ''")
+        broken_index = next(u["map_index"] for u in _json(ui.ui("/api/runs/{run_id}"))["failed_users"])
+        assert location == f"{expected}{broken_index}"
+        # The UI's own task instance page, labelled with the user id (the rendered map index).
+        _poll(page, f"!document.querySelector('iframe') && document.body.innerText.includes({json.dumps(BROKEN)})")
+        page.screenshot(ui.profile_dir / "task-instance.png")
+
+
+def _poll(page: cdp.Page, expression: str, timeout: float = 30.0) -> Any:
+    """Evaluate ``expression`` until it is truthy and return it."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = page.evaluate(expression)
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{expression} stayed {value!r} for {timeout:.0f}s")
