@@ -35,11 +35,17 @@ POPULATION = {BELOW: 30, BIG: 60, BIGGER: 75, LOCKED: 55, BROKEN: 65}
 
 
 @pytest.fixture(scope="module")
-def llm_pool(airflow_db: Any) -> None:
-    """Create the llm_api pool in the metadata DB, as a deployment does (dag.test() does not enforce it)."""
+def llm_pool(airflow_db: Any) -> Iterator[None]:
+    """Create the llm_api pool in the session's metadata DB, as a deployment does, and drop it after.
+
+    ``dag.test()`` runs tasks without an executor and never checks pool slots; the pool is there so
+    the run looks like production (a scheduler never queues a task whose pool is missing).
+    """
     from airflow.models.pool import Pool
 
     Pool.create_or_update_pool("llm_api", 8, "LLM calls of memory_compression", include_deferred=False)
+    yield
+    Pool.delete_pool("llm_api")  # the session DB is shared: leave it as we found it
 
 
 @pytest.fixture
