@@ -179,6 +179,11 @@ def test_failed_user_is_cleared_with_downstream_and_the_run_ends_green(
     )
     first = finished_run(api, scheduled[0]["dag_run_id"])
     assert first["state"] == "success", f"empty scheduled run: {first}"
+    wait_for(  # e.g. a second scheduled run when the test straddles midnight UTC: seed only after it
+        "no queued or running DAG run",
+        lambda: _ok(api.get(f"/dags/{DAG_ID}/dagRuns", params={"state": ["queued", "running"]}))["total_entries"] == 0,
+        RUN_TIMEOUT,
+    )
 
     # The trigger form refuses a bad param with a message naming it, before any run exists.
     refused = api.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": {"limit": 0}})
