@@ -11,10 +11,15 @@ FastAPI with it, is imported only when the API server asks for ``fastapi_apps``.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
+from airflow.configuration import conf
 from airflow.plugins_manager import AirflowPlugin
 
 URL_PREFIX = "/butler-memory"
+# The UI frames ``href`` as given: behind a path prefix ([api] base_url = https://host/airflow/) the
+# page lives at /airflow/butler-memory/.
+_ROOT = urlsplit(conf.get("api", "base_url", fallback="") or "/").path.rstrip("/")
 
 
 class ButlerMemoryUIPlugin(AirflowPlugin):
@@ -24,7 +29,7 @@ class ButlerMemoryUIPlugin(AirflowPlugin):
     external_views = [  # noqa: RUF012  # the plugin manager's own attribute type
         {
             "name": "Memory compression",
-            "href": f"{URL_PREFIX}/",
+            "href": f"{_ROOT}{URL_PREFIX}/",
             "destination": "nav",
             "category": "browse",
             "url_route": "butler-memory",
