@@ -217,15 +217,17 @@ def _compress_locked(
         return result
     checkpoint("selected")
     if dry_run:
+        # Events of an unfinished fold are already summarised: a real run deletes them, never folds them.
+        pending = set(profile.pending.ids) if profile.pending is not None else set()
         result.status = DRY_RUN
-        result.events_folded = len(keys)
+        result.events_folded = sum(1 for key in keys if key.id not in pending)
         result.events_after = result.events_before - len(keys)
         return result
 
     log.info("user %s: folding %d of %d events", user_id, len(keys), result.events_before)
     language = profile.language or settings.summary_language
     summary, version = profile.summary, profile.version
-    for chunk in _chunks(user_id, keys, store, settings, len(summary)):
+    for chunk in _chunks(user_id, keys, store, settings):
         lock.extend()
         request = SummaryRequest(
             user_id=user_id,
@@ -343,7 +345,7 @@ def _finish_pending(
 
 
 def _chunks(
-    user_id: str, keys: list[EventKey], store: MemoryStore, settings: Settings, summary_chars: int
+    user_id: str, keys: list[EventKey], store: MemoryStore, settings: Settings
 ) -> Iterator[list[dict[str, Any]]]:
     """Yield the fold list's events in chunks that fit one prompt, streaming from MongoDB.
 
