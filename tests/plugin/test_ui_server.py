@@ -121,9 +121,7 @@ def _seed(db: Database[dict[str, Any]]) -> None:
 def _run_dag() -> str:
     """Run memory_compression once in this process with dag.test(); return the run id."""
     from airflow.dag_processing.dagbag import DagBag
-    from airflow.models.pool import Pool
 
-    Pool.create_or_update_pool("llm_api", 8, "LLM calls of memory_compression", include_deferred=False)
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert not bag.import_errors, bag.import_errors
     run = bag.dags[DAG_ID].test(run_conf={})
@@ -175,6 +173,8 @@ def ui(
     fake_llm: FakeOpenAI,
 ) -> Iterator[UI]:
     """Start the API server, run the DAG meanwhile, yield; stop the server's process group after."""
+    from airflow.models.pool import Pool
+
     tmp = tmp_path_factory.mktemp("ui")
     db = mongo_client[f"t_plugin_ui_{uuid.uuid4().hex[:8]}"]
     conns = airflow_connection_env(
@@ -211,6 +211,8 @@ def ui(
         server = AirflowProcess("api-server", ["api-server"], env, tmp / "api-server.log").start()
         redis = redis_service.client()
         fake_llm.reset()
+        # As a deployment has it (dag.test() does not enforce pools); dropped after: the session DB is shared.
+        Pool.create_or_update_pool("llm_api", 8, "LLM calls of memory_compression", include_deferred=False)
         try:
             redis.flushall()
             redis.set(Settings().lock_key(LOCKED), "the-bot's-inline-compression", px=600_000)
@@ -229,6 +231,7 @@ def ui(
             ui.client.close()
         finally:
             server.stop()
+            Pool.delete_pool("llm_api")
             fake_llm.reset()
             redis.flushall()
             redis.close()
