@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make demo     run the memory_compression DAG end to end on embedded MongoDB/Redis"
 	@echo "make test     lint + the whole test suite (real services started by the suite)"
-	@echo "make airflow  airflow standalone with the embedded services (UI on 127.0.0.1:8080)"
+	@echo "make airflow  Airflow API server + scheduler + DAG processor on the embedded services (UI on 127.0.0.1:8080)"
 	@echo "make bench    benchmarks; prints figures (takes up to 15 minutes)"
 	@echo "make lock     regenerate requirements*.txt from requirements*.in"
 
