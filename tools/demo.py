@@ -10,16 +10,18 @@ OpenAI-compatible endpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from tools.seed import seed  # noqa: E402
+from tools.seed import SeededUser, seed  # noqa: E402
 from tools.services import MongoService, RedisService, airflow_connection_env  # noqa: E402
 
 LOCAL = REPO / ".local"
@@ -66,6 +68,31 @@ def llm_env() -> tuple[str | None, str, str]:
     return base, os.environ.get("OPENAI_MODEL", "gpt-4o-mini"), os.environ.get("OPENAI_API_KEY", "not-needed")
 
 
+@contextlib.contextmanager
+def embedded_butler(data: Path, users: int) -> Iterator[tuple[MongoService, list[SeededUser], dict[str, str]]]:
+    """Start MongoDB and Redis under ``data`` (fresh), seed ``users``; yield them and the AIRFLOW_CONN_* env."""
+    shutil.rmtree(data, ignore_errors=True)  # every start begins from fresh synthetic data
+    data.mkdir(parents=True)
+    with MongoService(data / "mongo") as mongo, RedisService(data / "redis") as redis_srv:
+        print(f"==> MongoDB wire server on {mongo.host}:{mongo.port}, redis-server on {redis_srv.port}", flush=True)
+        with mongo.client() as client:
+            planted = seed(client["butler"], users=users)
+        over = sum(1 for u in planted if u.events > 50)
+        print(f"==> Seeded {len(planted)} users, {sum(u.events for u in planted)} events; {over} over the threshold")
+        base_url, model, key = llm_env()
+        print("==> Summariser:", f"OpenAI-compatible {base_url} ({model})" if base_url else "offline extractive")
+        connections = airflow_connection_env(
+            mongo=mongo,
+            db="butler",
+            redis=redis_srv,
+            statsd=None,
+            llm_base_url=base_url,
+            llm_model=model,
+            llm_api_key=key,
+        )
+        yield mongo, planted, connections
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the DAG run's exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,32 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     home = LOCAL / "airflow"
-    data = LOCAL / "demo-services"
-    shutil.rmtree(data, ignore_errors=True)  # every demo starts from fresh synthetic data
-    data.mkdir(parents=True)
     env = airflow_env(home)
     print(f"==> Airflow home {home} (SQLite); migrating and creating pool llm_api", flush=True)
     prepare_airflow(home, env, pool_slots=8)
 
-    with MongoService(data / "mongo") as mongo, RedisService(data / "redis") as redis_srv:
-        print(f"==> MongoDB wire server on {mongo.host}:{mongo.port}, redis-server on {redis_srv.port}", flush=True)
-        with mongo.client() as client:
-            planted = seed(client["butler"], users=args.users)
-        over = sum(1 for u in planted if u.events > 50)
-        print(f"==> Seeded {len(planted)} users, {sum(u.events for u in planted)} events; {over} over the threshold")
-        base_url, model, key = llm_env()
-        print("==> Summariser:", f"OpenAI-compatible {base_url} ({model})" if base_url else "offline extractive")
-        env.update(
-            airflow_connection_env(
-                mongo=mongo,
-                db="butler",
-                redis=redis_srv,
-                statsd=None,
-                llm_base_url=base_url,
-                llm_model=model,
-                llm_api_key=key,
-            )
-        )
+    with embedded_butler(LOCAL / "demo-services", args.users) as (mongo, planted, connections):
+        env.update(connections)
         dag_args = ["dags", "test", "memory_compression"]
         if args.conf:
             dag_args += ["--conf", args.conf]
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     return proc.returncode
 
 
-def print_report(mongo: MongoService, planted: list) -> None:
+def print_report(mongo: MongoService, planted: list[SeededUser]) -> None:
     """Print the stored run report and one user's before/after, as an example."""
     from butler_memory.report import to_markdown
 

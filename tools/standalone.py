@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,9 +36,8 @@ from typing import Any, Self
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from tools.demo import LOCAL, airflow_env, llm_env, prepare_airflow  # noqa: E402
-from tools.seed import seed  # noqa: E402
-from tools.services import LOOPBACK, MongoService, RedisService, airflow_connection_env  # noqa: E402
+from tools.demo import LOCAL, airflow_env, embedded_butler, prepare_airflow  # noqa: E402
+from tools.services import LOOPBACK  # noqa: E402
 
 DEFAULT_PORT = 8080
 PARALLELISM = 4
@@ -257,29 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
 
     home = LOCAL / "airflow"
-    data = LOCAL / "standalone-services"
-    shutil.rmtree(data, ignore_errors=True)  # fresh synthetic data on every start
-    data.mkdir(parents=True)
     print(f"==> Airflow home {home} (SQLite); migrating and creating pool llm_api", flush=True)
     prepare_airflow(home, server_env(home, port=args.port, connections={}), pool_slots=8)
 
-    with MongoService(data / "mongo") as mongo, RedisService(data / "redis") as redis_srv:
-        print(f"==> MongoDB wire server on {mongo.host}:{mongo.port}, redis-server on {redis_srv.port}", flush=True)
-        with mongo.client() as client:
-            planted = seed(client["butler"], users=args.users)
-        over = sum(1 for u in planted if u.events > 50)
-        print(f"==> Seeded {len(planted)} users, {sum(u.events for u in planted)} events; {over} over the threshold")
-        base_url, model, key = llm_env()
-        print("==> Summariser:", f"OpenAI-compatible {base_url} ({model})" if base_url else "offline extractive")
-        connections = airflow_connection_env(
-            mongo=mongo,
-            db="butler",
-            redis=redis_srv,
-            statsd=None,
-            llm_base_url=base_url,
-            llm_model=model,
-            llm_api_key=key,
-        )
+    with embedded_butler(LOCAL / "standalone-services", args.users) as (_mongo, _planted, connections):
         env = server_env(home, port=args.port, connections=connections, parallelism=args.parallelism)
         processes = airflow_processes(env, LOCAL / "airflow-logs")
         print(f"==> Starting {', '.join(p.name for p in processes)} (logs: {LOCAL / 'airflow-logs'})", flush=True)
