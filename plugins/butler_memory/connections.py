@@ -47,6 +47,10 @@ def user_locks(settings: Settings) -> UserLocks:
     from airflow.providers.redis.hooks.redis import RedisHook
 
     client = RedisHook(redis_conn_id=settings.redis_conn_id).get_conn()
+    # RedisHook offers no timeouts; the pool opens connections lazily, so these apply to all of them.
+    client.connection_pool.connection_kwargs.update(
+        socket_timeout=settings.redis_timeout_seconds, socket_connect_timeout=settings.redis_timeout_seconds
+    )
     return UserLocks(client, settings)
 
 

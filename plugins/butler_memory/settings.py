@@ -69,6 +69,8 @@ class Settings:
     lock_key_pattern: str = "butler:memory:lock:{user_id}"
     """Shared with the bot's inline compression: both must use the same key."""
     lock_ttl_seconds: int = 300
+    redis_timeout_seconds: float = 5.0
+    """Socket connect/read timeout for the lock Redis (RedisHook sets none: a silent host would hang)."""
     archive_enabled: bool = True
     archive_retention_days: int = 90
     delete_batch_size: int = 500
@@ -94,6 +96,8 @@ class Settings:
                 f"llm_timeout_seconds ({self.llm_timeout_seconds}) must be positive and under half of "
                 f"lock_ttl_seconds ({self.lock_ttl_seconds}), so the lock cannot expire during a call"
             )
+        if self.redis_timeout_seconds <= 0:
+            raise SettingsError(f"redis_timeout_seconds must be positive, got {self.redis_timeout_seconds}")
         if self.llm_max_retries < 0:
             raise SettingsError(f"llm_max_retries must be >= 0, got {self.llm_max_retries}")
         # One event, the previous summary and the instructions must fit one prompt (3 chars a token).

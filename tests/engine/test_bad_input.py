@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -110,3 +113,28 @@ def test_unreachable_redis_fails_closed_and_writes_nothing(mongo_db: Database[Do
     assert info.value.retryable and "'u1'" in str(info.value), info.value
     assert snapshot(mongo_db, "u1") == before, "a compression without a lock wrote to MongoDB"
     assert mongo_db.list_collection_names() == ["user_memory"], "nothing else may be created without a lock"
+
+
+def test_silent_redis_times_out_through_the_connection_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch, airflow_conns: object
+) -> None:
+    """A Redis host that accepts and never answers fails closed within the configured timeout."""
+    from butler_memory.connections import user_locks
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_REDIS_DEFAULT", json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": port})
+    )
+    locks = user_locks(small_settings().replace(redis_timeout_seconds=0.2))
+    started = time.monotonic()
+    try:
+        with pytest.raises(LockUnavailableError, match="TimeoutError"):
+            locks.ping()
+    finally:
+        locks.close()
+        silent.close()
+    # redis-py retries a timed-out command a few times; without a timeout it would wait forever.
+    assert time.monotonic() - started < 30, "the lock client has no socket timeout"
