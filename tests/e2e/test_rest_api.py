@@ -3,15 +3,23 @@
 An Airflow scheduler (LocalExecutor), DAG processor and API server run as separate processes, each in
 a process group of its own, on a SQLite metadata DB of their own (not the suite's unit-test config),
 with the connections pointing at this test's MongoDB database, Redis, StatsD sink and fake LLM.
-The test then does what an operator does in the UI: unpause, trigger with params, find the failed
+The first test does what an operator does in the UI: unpause, trigger with params, find the failed
 user's mapped instance by its label, fix the cause, clear that instance with downstream, and watch
-the run turn green.
+the run turn green. The second does the CLI way of the README and runbook: a run triggered with a
+logical date, then `airflow tasks clear` (run as a subprocess with the services' environment)
+selecting the failed users of the runs in a logical-date range.
+
+Airflow starts once per module (a cold start costs 10-30 s); every test gets the module's MongoDB
+database emptied, a flushed Redis and a reset fake LLM.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pymongo
 import pytest
 import redis
 from pymongo.database import Database
@@ -26,7 +35,7 @@ from pymongo.database import Database
 from butler_memory.settings import Settings
 from tools.demo import prepare_airflow
 from tools.fake_openai import FakeOpenAI
-from tools.services import AirflowConns, free_port
+from tools.services import MongoService, RedisService, StatsdSink, airflow_connection_env, free_port
 from tools.standalone import PASSWORDS_FILE, AirflowProcess, airflow_processes, server_env, stop_all, wait_healthy
 
 pytestmark = pytest.mark.e2e
@@ -50,6 +59,8 @@ class Airflow:
     base_url: str
     api: httpx.Client
     processes: list[AirflowProcess]
+    env: dict[str, str]
+    """The environment of the services, for `airflow` CLI commands against the same DB and connections."""
 
 
 def _dump_logs(processes: list[AirflowProcess]) -> None:
@@ -58,13 +69,47 @@ def _dump_logs(processes: list[AirflowProcess]) -> None:
         print(f"\n----- airflow {process.name}: {process.log_path} (last lines) -----\n{process.log_tail(5000)}")
 
 
+@pytest.fixture(scope="module")
+def e2e_db(mongo_client: pymongo.MongoClient[dict[str, Any]]) -> Iterator[Database[dict[str, Any]]]:
+    """Return the MongoDB database the module's Airflow points at, dropped after the module."""
+    db = mongo_client[f"t_e2e_rest_api_{uuid.uuid4().hex[:8]}"]
+    yield db
+    mongo_client.drop_database(db.name)
+
+
 @pytest.fixture
-def airflow(tmp_path: Path, airflow_conns: AirflowConns) -> Iterator[Airflow]:
-    """Start API server, scheduler and DAG processor on a fresh SQLite DB; stop every process group after."""
+def mongo_db(e2e_db: Database[dict[str, Any]]) -> Database[dict[str, Any]]:
+    """Override the per-test database: the module's one (the running services use it), emptied first."""
+    for name in e2e_db.list_collection_names():
+        e2e_db[name].delete_many({})  # keeps the indexes the engine created
+    return e2e_db
+
+
+@pytest.fixture(scope="module")
+def airflow(
+    tmp_path_factory: pytest.TempPathFactory,
+    mongo_service: MongoService,
+    e2e_db: Database[dict[str, Any]],
+    redis_service: RedisService,
+    statsd_sink: StatsdSink,
+    fake_llm: FakeOpenAI,
+) -> Iterator[Airflow]:
+    """Start API server, scheduler and DAG processor on a fresh SQLite DB once for the module; stop
+    every process group after."""
+    tmp_path = tmp_path_factory.mktemp("e2e-airflow")
     home = tmp_path / "airflow"
     home.mkdir()
     port = free_port()
-    env = server_env(home, port=port, connections=airflow_conns.env)
+    connections = airflow_connection_env(
+        mongo=mongo_service,
+        db=e2e_db.name,
+        redis=redis_service,
+        redis_db=0,
+        statsd=statsd_sink,
+        llm_base_url=fake_llm.base_url,
+        llm_model=fake_llm.model,
+    )
+    env = server_env(home, port=port, connections=connections)
     # A known admin password: SimpleAuthManager only generates passwords for users missing from this file.
     (home / PASSWORDS_FILE).write_text(json.dumps({"admin": ADMIN_PASSWORD}) + "\n")
     prepare_airflow(home, env, pool_slots=8)  # `airflow db migrate` and `airflow pools set llm_api 8`
@@ -82,12 +127,20 @@ def airflow(tmp_path: Path, airflow_conns: AirflowConns) -> Iterator[Airflow]:
             headers={"Authorization": f"Bearer {token.json()['access_token']}"},
             timeout=30,
         )
-        yield Airflow(base_url, api, processes)
+        yield Airflow(base_url, api, processes, env)
     finally:
         if api is not None:
             api.close()
-        _dump_logs(processes)
+        else:  # startup failed: no test will print the logs
+            _dump_logs(processes)
         stop_all(processes)
+
+
+@pytest.fixture(autouse=True)
+def _service_logs(airflow: Airflow) -> Iterator[None]:
+    """After each test, print the end of every service log (pytest shows it only when the test failed)."""
+    yield
+    _dump_logs(airflow.processes)
 
 
 def _ok(response: httpx.Response, *expected: int) -> Any:
@@ -126,10 +179,10 @@ def task_instances(api: httpx.Client, run_id: str) -> dict[tuple[str, int], dict
     return {(ti["task_id"], ti["map_index"]): ti for ti in body["task_instances"]}
 
 
-def seed_users(db: Database[dict[str, Any]]) -> None:
-    """Insert the mixed population; the broken user's content makes the fake LLM answer 400."""
+def seed_users(db: Database[dict[str, Any]], population: dict[str, int] = POPULATION) -> None:
+    """Insert the population (user id: events); the broken user's content makes the fake LLM answer 400."""
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    docs = [
+    docs: list[dict[str, Any]] = [
         {
             "event_id": f"{user_id}-{i:04d}",
             "user_id": user_id,
@@ -138,7 +191,7 @@ def seed_users(db: Database[dict[str, Any]]) -> None:
             "created_at": start + timedelta(minutes=i),
             "tags": [],
         }
-        for user_id, n in POPULATION.items()
+        for user_id, n in population.items()
         for i in range(n)
     ]
     db["user_memory"].insert_many(docs)
@@ -153,7 +206,6 @@ def event_counts(db: Database[dict[str, Any]]) -> dict[str, int]:
 @pytest.mark.timeout(420)
 def test_failed_user_is_cleared_with_downstream_and_the_run_ends_green(
     airflow: Airflow,
-    airflow_conns: AirflowConns,
     mongo_db: Database[dict[str, Any]],
     redis_client: redis.Redis,
     llm: FakeOpenAI,
@@ -255,3 +307,103 @@ def test_failed_user_is_cleared_with_downstream_and_the_run_ends_green(
     assert summary == (4, 3, 1, 0), {k: v for k, v in doc.items() if k != "users"}
     assert doc["failed_user_ids"] == []
     assert redis_client.get(lock_key) == b"the-bot's-inline-compression", "another holder's lock was touched"
+
+
+CLI_LOGICAL_DATE = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
+"""A manual run's logical date (as `airflow dags trigger -l`); after the DAG's start_date, not a midnight
+of a scheduled run, so the -s/-e range below selects this run only."""
+CLI_RANGE = ("2026-06-15", "2026-06-16")
+DOCUMENTED_REGEX = "^compress_user$"
+"""What the README and runbook used to pass to -t: in Airflow 3.3 it selects nothing (see below)."""
+
+
+def airflow_cli(airflow: Airflow, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``airflow <args>`` from the venv with the services' environment; fail with its output on error."""
+    cmd = [str(Path(sys.executable).parent / "airflow"), *args]
+    proc = subprocess.run(cmd, env=airflow.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"`airflow {' '.join(args)}` exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def dag_ready_and_idle(api: httpx.Client) -> None:
+    """Wait for the DAG to be parsed; unpause it (the first test may not have run); wait for no active run."""
+    dag = wait_for(
+        f"the DAG processor to parse {DAG_ID}",
+        lambda: (r := api.get(f"/dags/{DAG_ID}")).status_code == 200 and r.json(),
+        DAG_PARSE_TIMEOUT,
+    )
+    if dag["is_paused"]:  # unpausing starts the latest scheduled run at once: an empty scan, let it finish
+        _ok(api.patch(f"/dags/{DAG_ID}", json={"is_paused": False}))
+        wait_for(
+            "the scheduled run created by unpausing",
+            lambda: _ok(api.get(f"/dags/{DAG_ID}/dagRuns"))["total_entries"] > 0,
+            60,
+        )
+    wait_for(
+        "no queued or running DAG run",
+        lambda: _ok(api.get(f"/dags/{DAG_ID}/dagRuns", params={"state": ["queued", "running"]}))["total_entries"] == 0,
+        RUN_TIMEOUT,
+    )
+
+
+@pytest.mark.timeout(300)
+def test_cli_clear_of_failed_users_in_a_logical_date_range_ends_the_run_green(
+    airflow: Airflow,
+    mongo_db: Database[dict[str, Any]],
+    redis_client: redis.Redis,
+    llm: FakeOpenAI,
+) -> None:
+    """The CLI recipe of the README and runbook, on a run triggered with a logical date."""
+    api, db = airflow.api, mongo_db
+    dag_ready_and_idle(api)
+    seed_users(db, {BIG: 60, BIGGER: 75, BROKEN: 65})
+    llm.fail_when_contains(FAIL_MARKER, 400)
+
+    # `airflow dags trigger memory_compression -l 2026-06-15T12:00:00+00:00 --conf ...`, through REST.
+    body = {"logical_date": CLI_LOGICAL_DATE.isoformat(), "conf": {"threshold": 50}}
+    triggered = _ok(api.post(f"/dags/{DAG_ID}/dagRuns", json=body), 200)
+    run_id = triggered["dag_run_id"]
+    assert datetime.fromisoformat(triggered["logical_date"]) == CLI_LOGICAL_DATE, triggered
+    run = finished_run(api, run_id)
+    tis = task_instances(api, run_id)
+    states = {f"{t}[{ti['rendered_map_index'] or i}]": (ti["state"], ti["try_number"]) for (t, i), ti in tis.items()}
+    assert run["state"] == "failed", f"a failed user must fail the run: {states}"
+    by_user = {ti["rendered_map_index"]: ti for (t, _), ti in tis.items() if t == "compress_user"}
+    assert {u: ti["state"] for u, ti in by_user.items()} == {BIG: "success", BIGGER: "success", BROKEN: "failed"}
+    assert tis[("report", -1)]["state"] == "failed", states
+    broken_index = by_user[BROKEN]["map_index"]
+    tries_before = {key: ti["try_number"] for key, ti in tis.items()}
+    llm.clear_rules()
+    start, end = CLI_RANGE
+
+    # The form the docs used to give: -t is matched as a substring of the task id in Airflow 3.3
+    # (SerializedDAG.partial_subset), not as a regex, so the anchors match no task and the command
+    # clears nothing, silently, with exit code 0.
+    airflow_cli(
+        airflow,
+        *("tasks", "clear", DAG_ID, "-t", DOCUMENTED_REGEX, "-s", start, "-e", end),
+        *("--only-failed", "--downstream", "-y"),
+    )
+    assert _ok(api.get(f"/dags/{DAG_ID}/dagRuns/{run_id}"))["state"] == "failed"
+    unchanged = {key: (ti["state"], ti["try_number"]) for key, ti in task_instances(api, run_id).items()}
+    assert unchanged == {key: (ti["state"], ti["try_number"]) for key, ti in tis.items()}, unchanged
+
+    # The documented command: the failed compress_user instances of the runs in the range, and report.
+    airflow_cli(
+        airflow,
+        *("tasks", "clear", DAG_ID, "-t", "compress_user", "-s", start, "-e", end),
+        *("--only-failed", "--downstream", "-y"),
+    )
+    run = finished_run(api, run_id)
+    tis = task_instances(api, run_id)
+    states = {f"{t}[{ti['rendered_map_index'] or i}]": (ti["state"], ti["try_number"]) for (t, i), ti in tis.items()}
+    assert run["state"] == "success", f"after the CLI clear: {states}"
+    for key, ti in tis.items():
+        rerun = key in {("compress_user", broken_index), ("report", -1)}
+        expected = tries_before[key] + 1 if rerun else tries_before[key]
+        assert ti["try_number"] == expected, f"{key}: try {ti['try_number']}, expected {expected}; {states}"
+    assert event_counts(db) == {BIG: 20, BIGGER: 20, BROKEN: 20}
+    profile = db["user_profiles"].find_one({"user_id": BROKEN})
+    assert profile is not None and profile.get("memory_summary"), profile
+    doc = db["memory_compression_runs"].find_one({"run_id": run_id})
+    assert doc is not None and (doc["users_compressed"], doc["users_failed"]) == (3, 0), doc
