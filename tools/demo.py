@@ -141,7 +141,8 @@ def print_report(mongo: MongoService, planted: list[SeededUser]) -> None:
         left = db.user_memory.count_documents({"user_id": example.user_id})
         print(f"Example (synthetic) user {example.user_id}: {example.events} events -> {left} raw events left.")
         print("Planted facts:\n" + "\n".join(f"  * {f}" for f in example.facts))
-        print("Stored summary:\n" + "\n".join(f"  {line}" for line in profile.get("memory_summary", "").splitlines()))
+        summary = str(profile.get("memory_summary") or "")
+        print("Stored summary:\n" + "\n".join(f"  {line}" for line in summary.splitlines()))
 
 
 if __name__ == "__main__":
