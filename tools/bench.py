@@ -1,0 +1,744 @@
+"""Benchmarks of memory_compression: ``make bench`` (about 12-15 minutes on 2 cores).
+
+Every figure is a ratio or a count taken in ONE run, so a noisy machine moves both sides of it:
+
+1. throughput: a full DAG run under real Airflow services (LocalExecutor, pool ``llm_api``) against
+   a plain sequential loop over the same engine, with a fake LLM answering in a fixed latency;
+2. MongoDB round trips per user (pymongo command monitoring), by command, for 60 / 1,000 /
+   100,000 events;
+3. prompt efficiency: prompt characters sent per character of event text (recorded requests);
+4. peak RSS of one compression of a 100,000-event user, in a subprocess;
+5. Airflow overhead per mapped task with an instant LLM;
+6. scan time as the event collection grows, with the server's ``explain``.
+
+Prints a summary table, writes ``.local/bench/results.json`` and the SVG charts in ``docs/img/``.
+Every server listens on 127.0.0.1 only; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
+
+from butler_memory.settings import Settings  # noqa: E402
+from butler_memory.store import MemoryStore  # noqa: E402
+from tools import bench_engine as eng  # noqa: E402
+from tools import bench_svg as svg  # noqa: E402
+from tools.bench_airflow import (  # noqa: E402
+    OTHER_CPU,
+    TASKS_CPU,
+    AirflowServices,
+    RunTiming,
+    cpu_delta,
+    cpu_snapshot,
+    machine_busy_seconds,
+)
+from tools.fake_openai import FakeOpenAI  # noqa: E402
+from tools.services import MongoService, RedisService, airflow_connection_env  # noqa: E402
+
+OUT_DIR = REPO / ".local" / "bench"
+IMG_DIR = REPO / "docs" / "img"
+CAPPED_SCAN_SIZE = 300_000
+"""Largest collection the scan figure falls back to when the next size would overrun the budget."""
+TARGET_FRACTION = 0.7
+"""Throughput target: this fraction of pool_slots / latency."""
+
+
+STARTED = time.monotonic()
+
+
+def log(message: str) -> None:
+    """Print a progress line with the time since the bench started."""
+    print(f"[{time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
+
+
+class Budget:
+    """The bench's wall-clock budget: phases ask how much is left before starting expensive work."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        """Return the seconds left."""
+        return self.deadline - time.monotonic()
+
+
+# -- phases ---------------------------------------------------------------------------------------
+
+
+class LoadMeter:
+    """How busy the machine was during a phase, and how much of that was not the bench's processes."""
+
+    def __init__(self, ctx: dict[str, Any]) -> None:
+        self.pids = [os.getpid(), ctx["mongo"].pid, ctx["redis"].pid]
+        self.before = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        own = 0.0
+        for pid in self.pids:
+            with contextlib.suppress(psutil.Error, TypeError):
+                t = psutil.Process(pid).cpu_times()
+                own += t.user + t.system + t.children_user + t.children_system
+        busy, total = machine_busy_seconds()
+        return busy, total, own
+
+    def result(self) -> dict[str, float]:
+        """Return the busy fraction of all cores and the fraction used by other processes."""
+        busy, total, own = (a - b for a, b in zip(self._sample(), self.before, strict=True))
+        return {
+            "cpu_busy_fraction": round(busy / total, 3) if total else 0.0,
+            "other_load_fraction": round(max(busy - own, 0.0) / total, 3) if total else 0.0,
+        }
+
+
+def _engine_loop(
+    ctx: dict[str, Any], args: argparse.Namespace, label: str, latency: float, workers: int
+) -> dict[str, Any]:
+    """Seed N users in a fresh database and compress them with the engine alone (no Airflow)."""
+    db_name = f"bench_loop_{label}"
+    db = ctx["client"][db_name]
+    MemoryStore(db, Settings()).ensure_indexes()
+    eng.seed_users(db, eng.throughput_users(args.users))
+    ctx["fake"].reset()
+    ctx["fake"].set_latency(latency)
+    engine = eng.build_engine(ctx["mongo"].uri, db_name, ctx["redis"].url, ctx["fake"].base_url, Settings())
+    meter = LoadMeter(ctx)
+    try:
+        if workers == 1:
+            result = eng.run_sequential(engine, run_id=f"bench-{label}")
+        else:
+            result = eng.run_threaded(engine, run_id=f"bench-{label}", workers=workers)
+    finally:
+        engine.close()
+    result.update(meter.result())
+    result["latency"] = latency
+    result["llm_requests"] = ctx["fake"].request_count
+    ctx["client"].drop_database(db_name)
+    ctx["fake"].set_latency(0.0)
+    log(
+        f"engine loop {label}, LLM latency {latency:g}s, {workers} worker(s): {result['users']} users in {result['seconds']:.1f}s"
+    )
+    return result
+
+
+def phase_sequential(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """1 and 5 without Airflow: the sequential loop at the LLM latency and at 0, and (what-if) the same
+    engine with as many threads as the pool has slots, as one task compressing a batch of users would."""
+    return {
+        "llm_latency": _engine_loop(ctx, args, "sequential", args.latency, 1),
+        "instant_llm": _engine_loop(ctx, args, "sequential_instant", 0.0, 1),
+        "threaded_llm_latency": _engine_loop(ctx, args, "threaded", args.latency, args.pool_slots),
+    }
+
+
+def phase_per_user(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """2, 3 and 4: each user size compressed in a subprocess (commands, RSS) with its prompts recorded."""
+    db_name = "bench_per_user"
+    db = ctx["client"][db_name]
+    MemoryStore(db, Settings()).ensure_indexes()
+    sizes = {f"user-{n}": n for n in args.user_sizes}
+    started = time.monotonic()
+    eng.seed_users(db, sizes)
+    seed_seconds = time.monotonic() - started
+    summary = eng.steady_summary(args.summary_chars)
+    eng.seed_profiles(db, sizes, summary)
+    log(f"seeded {sum(sizes.values()):,} events for {len(sizes)} users in {seed_seconds:.1f}s")
+    fake: FakeOpenAI = ctx["fake"]
+    users: dict[str, Any] = {}
+    for user_id, n in sizes.items():
+        fake.reset()
+        fake.set_responder(lambda _request: summary)
+        report = eng.compress_in_child(
+            ctx["mongo"].uri, db_name, ctx["redis"].url, fake.base_url, user_id, timeout=max(args.budget_guard(), 60)
+        )
+        report["events"] = n
+        report["prompts"] = eng.prompt_breakdown(fake.chat_requests)
+        users[str(n)] = report
+        log(
+            f"user with {n:,} events: {report['seconds']:.1f}s, {report['round_trips']} MongoDB commands "
+            f"{report['commands']}, peak RSS +{report['peak_delta_kb'] / 1024:.1f} MiB"
+        )
+    fake.reset()
+    ctx["client"].drop_database(db_name)
+    return {"seed_seconds": round(seed_seconds, 2), "previous_summary_chars": len(summary), "users": users}
+
+
+def phase_filter_order(ctx: dict[str, Any], events: int) -> dict[str, Any]:
+    """Before/after of the store fix: the same ``_id``-list read, ``user_id`` first versus ``_id`` first."""
+    db_name = "bench_filter_order"
+    db = ctx["client"][db_name]
+    MemoryStore(db, Settings()).ensure_indexes()
+    eng.seed_users(db, {"probe": events})
+    ids = [d["_id"] for d in db["user_memory"].find({"user_id": "probe"}, {"_id": 1}).limit(160)]
+    user_first, _ = eng.timed(lambda: list(db["user_memory"].find({"user_id": "probe", "_id": {"$in": ids}})), 1)
+    id_first, _ = eng.timed(lambda: list(db["user_memory"].find({"_id": {"$in": ids}, "user_id": "probe"})), 3)
+    ctx["client"].drop_database(db_name)
+    out = {
+        "user_events": events,
+        "batch_ids": len(ids),
+        "user_id_first_seconds": round(user_first, 4),
+        "id_first_seconds": round(id_first, 4),
+    }
+    log(f"filter order on a {events:,}-event user: user_id first {user_first:.3f}s, _id first {id_first:.3f}s")
+    return out
+
+
+def _analyse_run(timing: RunTiming, engine_seconds: list[float], users: int) -> dict[str, Any]:
+    """Reduce a run's task instances to throughput and overhead figures."""
+    compress = [t for t in timing.tasks if t.task_id == "compress_user"]
+    by_task = {t.task_id: t for t in timing.tasks if t.map_index < 0}
+    first_start = min(t.start for t in compress if t.start)
+    last_end = max(t.end for t in compress if t.end)
+    span = (last_end - first_start).total_seconds()
+    durations = [t.duration for t in compress]
+    out: dict[str, Any] = {
+        "state": timing.state,
+        "run_seconds": round(timing.seconds, 3),
+        "users": users,
+        "users_per_second": round(users / timing.seconds, 3),
+        "compress_span_seconds": round(span, 3),
+        "compress_users_per_second": round(users / span, 3) if span else 0.0,
+        "task_duration_median": round(statistics.median(durations), 3),
+        "task_duration_mean": round(statistics.mean(durations), 3),
+        "engine_seconds_median": round(statistics.median(engine_seconds), 3) if engine_seconds else None,
+        "queue_wait_median": round(statistics.median(t.queue_wait for t in compress), 3),
+        "average_concurrency": round(sum(durations) / span, 2) if span else 0.0,
+        "tries_over_one": sum(1 for t in compress if t.try_number > 1),
+        "states": {s: sum(1 for t in compress if t.state == s) for s in {t.state for t in compress}},
+    }
+    if engine_seconds:
+        out["airflow_overhead_per_task_median"] = round(out["task_duration_median"] - out["engine_seconds_median"], 3)
+    for name in ("scan", "report"):
+        if name in by_task:
+            out[f"{name}_task_seconds"] = round(by_task[name].duration, 3)
+    if "scan" in by_task and by_task["scan"].end:
+        out["scan_end_to_first_compress_start"] = round((first_start - by_task["scan"].end).total_seconds(), 3)
+    if "report" in by_task and by_task["report"].start:
+        out["last_compress_end_to_report_start"] = round((by_task["report"].start - last_end).total_seconds(), 3)
+    return out
+
+
+def _airflow_run(
+    ctx: dict[str, Any], airflow: AirflowServices, args: argparse.Namespace, label: str, latency: float, users: int
+) -> dict[str, Any]:
+    """Seed ``users`` users, trigger one DAG run at the given LLM latency, wait, and analyse it."""
+    db = ctx["client"][args.airflow_db]
+    ctx["client"].drop_database(args.airflow_db)
+    MemoryStore(db, Settings()).ensure_indexes()
+    eng.seed_users(db, eng.throughput_users(users))
+    ctx["fake"].reset()
+    ctx["fake"].set_latency(latency)
+    run_id = f"bench-{label}-{int(time.time())}"
+    others = {"MongoDB server (secantusd)": ctx["mongo"].pid, "bench process (fake LLM)": os.getpid()}
+    airflow.trigger(run_id)
+    before = cpu_snapshot(airflow, others)
+    wall = time.monotonic()
+    state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120))
+    wall = time.monotonic() - wall
+    after = cpu_snapshot(airflow, others)
+    timing = airflow.run_timing(run_id)
+    doc = db["memory_compression_runs"].find_one({"run_id": run_id}) or {}
+    engine_seconds = [float(u.get("seconds") or 0) for u in doc.get("users", [])]
+    out = _analyse_run(timing, engine_seconds, users)
+    out.update(
+        {
+            "latency": latency,
+            "state": state,
+            "wait_seconds": round(wall, 2),
+            "llm_requests": ctx["fake"].request_count,
+            "users_compressed": doc.get("users_compressed"),
+            "cpu_seconds": cpu_delta(before, after),
+        }
+    )
+    cpu = out["cpu_seconds"]
+    out["cpu_busy_fraction"] = round(cpu["machine busy"] / cpu["machine total"], 3) if cpu["machine total"] else None
+    task_cpu = cpu.get(TASKS_CPU, 0.0)
+    out["task_cpu_seconds_per_user"] = round(task_cpu / users, 3)
+    out["bench_cpu_seconds_per_user"] = round((cpu["machine busy"] - cpu[OTHER_CPU]) / users, 3)
+    out["other_load_fraction"] = round(cpu[OTHER_CPU] / cpu["machine total"], 3) if cpu["machine total"] else None
+    log(
+        f"airflow, LLM latency {latency}s: {state}, {users} users in {out['run_seconds']:.1f}s "
+        f"({out['users_per_second']:.2f} users/s), task median {out['task_duration_median']:.2f}s, "
+        f"CPU busy {out['cpu_busy_fraction']:.0%} (processes not the bench's: {out['other_load_fraction']:.0%})"
+    )
+    return out
+
+
+def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """1 and 5, Airflow side: one run at the LLM latency, one with an instant LLM."""
+    conn_env = airflow_connection_env(
+        mongo=ctx["mongo"], db=args.airflow_db, redis=ctx["redis"], statsd=None, llm_base_url=ctx["fake"].base_url
+    )
+    airflow = AirflowServices(
+        OUT_DIR / "airflow", conn_env=conn_env, pool_slots=args.pool_slots, parallelism=args.parallelism
+    )
+    started = time.monotonic()
+    with airflow:
+        log(f"airflow up in {time.monotonic() - started:.1f}s (migrate {airflow.prepare_seconds:.1f}s)")
+        out: dict[str, Any] = {
+            "pool_slots": args.pool_slots,
+            "parallelism": args.parallelism,
+            "executor": "LocalExecutor",
+            "metadata_db": "SQLite",
+            "startup_seconds": round(time.monotonic() - started, 1),
+        }
+        out["llm_latency"] = _airflow_run(ctx, airflow, args, "latency", args.latency, args.users)
+        out["instant_llm"] = _airflow_run(ctx, airflow, args, "instant", 0.0, args.users)
+        # One mapped task alone on the machine: the per-task overhead without 8 tasks sharing 2 cores.
+        out["single_user"] = _airflow_run(ctx, airflow, args, "single", 0.0, 1)
+    ctx["client"].drop_database(args.airflow_db)
+    ctx["fake"].set_latency(0.0)
+    return out
+
+
+def phase_task_imports() -> dict[str, Any]:
+    """CPU a fresh task process spends importing what a compress_user task needs (after airflow.sdk)."""
+    code = r"""
+import json, sys, time
+sys.path[:0] = [sys.argv[1] + "/plugins", sys.argv[1]]
+steps = {}
+t = time.process_time(); import airflow.sdk; steps["airflow.sdk (the worker has it already)"] = time.process_time() - t
+t = time.process_time()
+import importlib.util
+spec = importlib.util.spec_from_file_location("memory_compression", sys.argv[1] + "/dags/memory_compression.py")
+module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+steps["parse dags/memory_compression.py"] = time.process_time() - t
+t = time.process_time(); import butler_memory.dag_tasks; steps["import butler_memory.dag_tasks"] = time.process_time() - t
+t = time.process_time(); import airflow.providers.mongo.hooks.mongo; steps["import MongoHook (pymongo)"] = time.process_time() - t
+t = time.process_time(); import airflow.providers.redis.hooks.redis; steps["import RedisHook"] = time.process_time() - t
+t = time.process_time(); import openai; steps["import openai"] = time.process_time() - t
+print(json.dumps({k: round(v, 3) for k, v in steps.items()}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-1500:]}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def phase_scan(ctx: dict[str, Any], args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
+    """6: grow the collection to each size, timing the scan and one user's reads at every size."""
+    db_name = "bench_scan"
+    ctx["client"].drop_database(db_name)
+    db = ctx["client"][db_name]
+    store = MemoryStore(db, Settings())
+    store.ensure_indexes()
+    points: list[dict[str, Any]] = []
+    notes: list[str] = []
+    next_user, inserted, insert_seconds = 0, 0, 0.0
+    for target in sorted(args.scan_sizes):
+        wanted = target - inserted
+        rate = inserted / insert_seconds if insert_seconds else None
+        # Projected: inserting the rest, then three scans and one old-style per-user read, each
+        # touching every event (about 15 us an event on 2 cores); keep 30 s in hand.
+        per_event_reads = 4 * 15e-6
+        projected = (wanted / rate if rate else 0) + target * per_event_reads + 30
+        if rate and projected > budget.left():
+            affordable = int((budget.left() - 30 + inserted / rate) / (1 / rate + per_event_reads))
+            cap = min(CAPPED_SCAN_SIZE, affordable)
+            note = (
+                f"{target:,} events would take about {projected:.0f}s at the measured {rate:,.0f} inserts/s, "
+                f"{budget.left():.0f}s left"
+            )
+            if cap < inserted + 50_000:
+                notes.append(note + ": skipped")
+                break
+            notes.append(note + f": capped at {cap:,} events")
+            target, wanted = cap, cap - inserted
+        started = time.monotonic()
+        while inserted < target:
+            events, next_user = eng.scan_events(next_user, min(50_000, target - inserted))
+            eng.insert_events(db, events)
+            inserted += len(events)
+        insert_seconds += time.monotonic() - started
+        point = eng.measure_scan_point(store, db, probe_user="scan-0000002")
+        point["insert_rate_per_second"] = round(inserted / insert_seconds)
+        points.append(point)
+        log(
+            f"scan at {point['events']:,} events: {point['scan_seconds']:.2f}s "
+            f"({point['scan_users_returned']} users), one user's keys {point['user_fold_keys_seconds'] * 1000:.1f} ms, "
+            f"insert {point['insert_rate_per_second']:,}/s"
+        )
+    out: dict[str, Any] = {"points": points, "notes": notes}
+    if points:
+        out["explain"] = eng.explain_scan(store, db, probe_user="scan-0000002")
+        log(f"explain: {out['explain']}")
+    ctx["client"].drop_database(db_name)
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+Row = tuple[str, str, str, str]
+
+
+def _rows_throughput(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
+    """Rows of figure 1: both times, the speed-up and the fraction of pool_slots / latency."""
+    rows: list[Row] = []
+    limit = args.pool_slots / args.latency if args.latency else float("inf")
+    seq = results.get("sequential", {}).get("llm_latency")
+    a = results.get("airflow", {}).get("llm_latency")
+    if seq:
+        rows.append(
+            (
+                f"sequential loop, {args.users} users, LLM {args.latency:g} s",
+                f"{seq['seconds']:.1f} s ({seq['users_per_second']:.2f} users/s)",
+                "",
+                "",
+            )
+        )
+    if not a:
+        return rows
+    rows.append(
+        (
+            f"Airflow DAG run, {args.users} users, LLM {args.latency:g} s",
+            f"{a['run_seconds']:.1f} s ({a['users_per_second']:.2f} users/s)",
+            "",
+            "",
+        )
+    )
+    if seq:
+        results["speedup"] = round(seq["seconds"] / a["run_seconds"], 2)
+        rows.append(
+            ("speed-up (sequential time / Airflow time)", f"{results['speedup']:.2f}x", f"up to {args.pool_slots}x", "")
+        )
+    frac = a["users_per_second"] / limit
+    results["fraction_of_limit"] = round(frac, 3)
+    verdict = "met" if frac >= TARGET_FRACTION else "MISSED"
+    rows.append((f"Airflow throughput / limit {limit:g} users/s", f"{frac:.1%}", f">= {TARGET_FRACTION:.0%}", verdict))
+    rows.append(
+        ("  compress phase only (first start..last end)", f"{a['compress_users_per_second']:.2f} users/s", "", "")
+    )
+    rows.append(
+        (
+            "  task duration / engine time (medians)",
+            f"{a['task_duration_median']:.2f} s / {a['engine_seconds_median']:.2f} s",
+            "",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "  average running tasks (sum of durations / span)",
+            f"{a['average_concurrency']:.1f}",
+            f"{args.pool_slots}",
+            "",
+        )
+    )
+    rows.append(
+        ("  CPU busy / of it not the bench's", f"{a['cpu_busy_fraction']:.0%} / {a['other_load_fraction']:.0%}", "", "")
+    )
+    rows.append(
+        (
+            "  CPU s per user: task processes / all bench processes",
+            f"{a['task_cpu_seconds_per_user']:.2f} / {a['bench_cpu_seconds_per_user']:.2f}",
+            "",
+            "",
+        )
+    )
+    return rows
+
+
+def _rows_overhead(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
+    """Rows of figure 5: Airflow's cost per mapped task with an instant LLM."""
+    rows: list[Row] = []
+    af, seq = results.get("airflow", {}), results.get("sequential", {})
+    if "instant_llm" in af:
+        a = af["instant_llm"]
+        rows.append(
+            (
+                f"Airflow, instant LLM: run seconds per user ({args.users} users)",
+                f"{a['run_seconds'] / a['users']:.3f} s",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  task duration - engine time (medians, 8 tasks on 2 cores)",
+                f"{a['airflow_overhead_per_task_median']:.2f} s",
+                "",
+                "",
+            )
+        )
+    if "single_user" in af:
+        a = af["single_user"]
+        rows.append(
+            ("  one task alone: duration - engine time", f"{a['airflow_overhead_per_task_median']:.2f} s", "", "")
+        )
+        rows.append(("  one task alone: queued -> running", f"{a['queue_wait_median']:.2f} s", "", ""))
+    if "threaded_llm_latency" in seq:
+        t = seq["threaded_llm_latency"]
+        limit = args.pool_slots / args.latency
+        rows.append(
+            (
+                f"what-if: engine in {t['workers']} threads, one process, LLM {args.latency:g} s",
+                f"{t['seconds']:.1f} s ({t['users_per_second']:.2f} users/s, {t['users_per_second'] / limit:.0%} of limit)",
+                "",
+                "",
+            )
+        )
+    if "instant_llm" in seq:
+        s = seq["instant_llm"]
+        rows.append(
+            ("sequential loop, instant LLM: seconds per user", f"{s['seconds'] / max(s['users'], 1):.3f} s", "", "")
+        )
+    return rows
+
+
+def _rows_per_user(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
+    """Rows of figures 2, 3 and 4, and the store fix's before/after."""
+    rows: list[Row] = []
+    users = results.get("per_user", {}).get("users", {})
+    for n, u in users.items():
+        commands = ", ".join(f"{k} {v}" for k, v in sorted(u["commands"].items()))
+        rows.append(
+            (
+                f"MongoDB commands, {int(n):,}-event user",
+                f"{u['round_trips']} ({commands})",
+                "const + O(chunks)",
+                f"{u['result']['chunks']} chunk(s)",
+            )
+        )
+    for n, u in users.items():
+        pr = u["prompts"]
+        rows.append(
+            (
+                f"prompt chars / event chars, {int(n):,}-event user",
+                f"{pr['prompt_to_event_chars']:.2f} ({pr['prompt_chars_per_event']:.0f} chars, ~{pr['prompt_tokens_per_event']:.0f} tokens per event)",
+                "",
+                "",
+            )
+        )
+    for n, u in users.items():
+        rows.append(
+            (
+                f"peak RSS over baseline, {int(n):,}-event user",
+                f"{u['peak_delta_kb'] / 1024:.1f} MiB (compress {u['seconds']:.1f} s)",
+                "",
+                "",
+            )
+        )
+    fo = results.get("filter_order")
+    if fo:
+        rows.append(
+            (
+                f"store fix, 160 _ids of a {fo['user_events']:,}-event user",
+                f"{fo['user_id_first_seconds']:.2f} s -> {fo['id_first_seconds']:.3f} s",
+                "",
+                "",
+            )
+        )
+    return rows
+
+
+def _rows_scan(results: dict[str, Any]) -> list[Row]:
+    """Rows of figure 6."""
+    rows: list[Row] = []
+    for pt in results.get("scan", {}).get("points", []):
+        rows.append(
+            (
+                f"scan at {pt['events']:,} events",
+                f"{pt['scan_seconds']:.2f} s; one user: keys {pt['user_fold_keys_seconds'] * 1000:.0f} ms, "
+                f"events {pt['user_iter_events_seconds'] * 1000:.0f} ms (before the fix "
+                f"{pt['user_iter_events_before_fix_seconds'] * 1000:.0f} ms)",
+                "",
+                "",
+            )
+        )
+    rows.extend(("  note", note, "", "") for note in results.get("scan", {}).get("notes", []))
+    return rows
+
+
+def summarise(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
+    """Return the summary rows: (figure, value, target, verdict)."""
+    return [
+        *_rows_throughput(results, args),
+        *_rows_overhead(results, args),
+        *_rows_per_user(results, args),
+        *_rows_scan(results),
+    ]
+
+
+def print_table(rows: list[Row]) -> None:
+    """Print the summary rows as an aligned table."""
+    widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
+    print()
+    print("=" * (sum(widths) + 9))
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    print("=" * (sum(widths) + 9))
+
+
+def write_charts(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """Write the SVG charts into docs/img and return their paths."""
+    IMG_DIR.mkdir(parents=True, exist_ok=True)
+    written = []
+    seq, af = results.get("sequential", {}), results.get("airflow", {})
+    limit = args.pool_slots / args.latency
+    if "llm_latency" in seq and "llm_latency" in af:
+        bars = [
+            svg.Bar(f"sequential loop, LLM {args.latency:g} s", seq["llm_latency"]["users_per_second"], svg.GREY),
+            svg.Bar(f"Airflow run, LLM {args.latency:g} s", af["llm_latency"]["users_per_second"], svg.BLUE),
+            svg.Bar("Airflow compress phase only", af["llm_latency"]["compress_users_per_second"], svg.BLUE),
+            svg.Bar("Airflow run, instant LLM", af["instant_llm"]["users_per_second"], svg.ORANGE),
+            svg.Bar("sequential loop, instant LLM", seq["instant_llm"]["users_per_second"], svg.GREY),
+            svg.Bar(
+                f"what-if: engine, {args.pool_slots} threads, LLM {args.latency:g} s",
+                seq["threaded_llm_latency"]["users_per_second"],
+                svg.PURPLE,
+            ),
+            svg.Bar(f"limit: {args.pool_slots} slots / {args.latency:g} s", limit, svg.GREEN),
+        ]
+        chart = svg.bar_chart(
+            f"Throughput, {args.users} users over the threshold (one LLM call each)",
+            f"users per second; 2 cores, LocalExecutor, pool llm_api = {args.pool_slots} slots; {results['date'][:10]}",
+            bars,
+            "users per second",
+            [svg.RefLine(limit * TARGET_FRACTION, f"target {TARGET_FRACTION:.0%} of limit")],
+        )
+        path = IMG_DIR / "bench-throughput.svg"
+        path.write_text(chart)
+        written.append(str(path.relative_to(REPO)))
+    points = results.get("scan", {}).get("points", [])
+    if points:
+        chart = svg.line_chart(
+            "Scan time as the event collection grows (embedded SecantusDB)",
+            f"scan: $group over every event (COLLSCAN); one user: 100 events via the index; {results['date'][:10]}, 2 cores",
+            [
+                svg.Series("scan ($group)", [(p["events"], p["scan_seconds"]) for p in points], svg.BLUE),
+                svg.Series(
+                    "one user's events, before the store fix",
+                    [(p["events"], p["user_iter_events_before_fix_seconds"]) for p in points],
+                    svg.RED,
+                ),
+                svg.Series("one user's keys", [(p["events"], p["user_fold_keys_seconds"]) for p in points], svg.ORANGE),
+                svg.Series(
+                    "one user's events", [(p["events"], p["user_iter_events_seconds"]) for p in points], svg.GREEN
+                ),
+            ],
+            "events in user_memory (log scale)",
+            "seconds (log scale)",
+        )
+        path = IMG_DIR / "bench-scan.svg"
+        path.write_text(chart)
+        written.append(str(path.relative_to(REPO)))
+    return written
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=100,
+        help="users over the threshold for the throughput runs (the issue's 200 take about 8 minutes of Airflow alone)",
+    )
+    parser.add_argument("--latency", type=float, default=0.5, help="fake LLM latency in seconds")
+    parser.add_argument("--pool-slots", type=int, default=8, help="slots of the llm_api pool")
+    parser.add_argument("--parallelism", type=int, default=8, help="[core] parallelism (LocalExecutor task slots)")
+    parser.add_argument(
+        "--user-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[60, 1000, 100_000],
+        help="events of the users whose round trips, prompts and memory are measured",
+    )
+    parser.add_argument(
+        "--scan-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[10_000, 100_000, 1_000_000],
+        help="collection sizes for the scan figure (capped when the budget does not allow them)",
+    )
+    parser.add_argument(
+        "--summary-chars", type=int, default=1200, help="length of the rolling summary a prompt carries"
+    )
+    parser.add_argument(
+        "--filter-probe-events", type=int, default=10_000, help="events of the user in the filter-order probe"
+    )
+    parser.add_argument("--budget", type=float, default=900.0, help="wall-clock budget in seconds")
+    parser.add_argument("--skip-airflow", action="store_true", help="engine figures only (no Airflow services)")
+    parser.add_argument("--skip-scan", action="store_true", help="leave out the scan figure")
+    parser.add_argument("--no-charts", action="store_true", help="do not rewrite docs/img/*.svg")
+    parser.add_argument("--out", type=Path, default=OUT_DIR / "results.json")
+    args = parser.parse_args(argv)
+    args.airflow_db = "bench_airflow"
+    return args
+
+
+def machine() -> dict[str, Any]:
+    """Describe the machine the figures come from."""
+    import pymongo
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "pymongo": pymongo.version,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every phase, print the table, write results.json and the charts."""
+    args = parse_args(argv)
+    budget = Budget(args.budget)
+    args.budget_guard = budget.left
+    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
+    results["load_average_at_start"] = os.getloadavg()
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: the machine is already busy (load average {os.getloadavg()[0]:.1f}); figures will be noisy")
+    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("budget_guard", "out")}
+    data = OUT_DIR / "services"
+    shutil.rmtree(data, ignore_errors=True)
+    with (
+        MongoService(data / "mongo") as mongo,
+        RedisService(data / "redis") as redis_srv,
+        FakeOpenAI() as fake,
+        mongo.client() as client,
+    ):
+        ctx = {"mongo": mongo, "redis": redis_srv, "fake": fake, "client": client}
+        log(f"services up: MongoDB wire server :{mongo.port}, redis :{redis_srv.port}, fake LLM {fake.base_url}")
+        results["sequential"] = phase_sequential(ctx, args)
+        results["filter_order"] = phase_filter_order(ctx, args.filter_probe_events)
+        results["per_user"] = phase_per_user(ctx, args)
+        results["task_imports_cpu_seconds"] = phase_task_imports()
+        if not args.skip_airflow:
+            results["airflow"] = phase_airflow(ctx, args)
+        if not args.skip_scan:
+            results["scan"] = phase_scan(ctx, args, budget)
+    results["elapsed_seconds"] = round(time.monotonic() - STARTED, 1)
+    rows = summarise(results, args)
+    results["summary"] = [list(r) for r in rows]
+    if not args.no_charts:
+        results["charts"] = write_charts(results, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print_table(rows)
+    log(f"results in {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

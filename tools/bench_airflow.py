@@ -1,0 +1,335 @@
+"""Real Airflow services for the benchmarks: scheduler (LocalExecutor), dag-processor, api-server.
+
+Reuses ``tools/standalone.py`` (the components ``make airflow`` runs, loopback only) on a fresh
+SQLite metadata DB under ``.local/bench/airflow`` with the ``llm_api`` pool; adds what the bench
+needs: ``airflow dags trigger``, waiting for the run, and the run's task instance timings read back
+from the metadata DB (scheduled/queued/start/end dates), which is where per-task overhead shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
+
+from tools.demo import prepare_airflow  # noqa: E402
+from tools.services import free_port  # noqa: E402
+from tools.standalone import (  # noqa: E402
+    READY_TIMEOUT,
+    AirflowProcess,
+    airflow_processes,
+    server_env,
+    stop_all,
+    wait_healthy,
+)
+
+DAG_ID = "memory_compression"
+TERMINAL_STATES = {"success", "failed"}
+TASKS_CPU = "task processes (LocalExecutor workers, supervisors, tasks)"
+OTHER_CPU = "not the bench's processes"
+
+
+def _airflow_bin() -> str:
+    return str(Path(sys.executable).parent / "airflow")
+
+
+def parse_ts(value: Any) -> datetime | None:
+    """Parse a timestamp as SQLite stores Airflow's UtcDateTime ("2026-01-01 10:00:00.123456[+00:00]")."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    parsed = datetime.fromisoformat(str(value).replace(" ", "T"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass
+class TaskTiming:
+    """One task instance's dates, as the scheduler and the execution API recorded them."""
+
+    task_id: str
+    map_index: int
+    state: str | None
+    try_number: int
+    scheduled: datetime | None
+    queued: datetime | None
+    start: datetime | None
+    end: datetime | None
+
+    @property
+    def duration(self) -> float:
+        """Seconds from running to finished (the task process's life, DAG parse included)."""
+        return (self.end - self.start).total_seconds() if self.start and self.end else 0.0
+
+    @property
+    def queue_wait(self) -> float:
+        """Seconds from queued (handed to the executor) to running (the supervisor reported start)."""
+        return (self.start - self.queued).total_seconds() if self.start and self.queued else 0.0
+
+
+@dataclass
+class RunTiming:
+    """A DAG run's dates and its task instances."""
+
+    run_id: str
+    state: str
+    start: datetime
+    end: datetime
+    tasks: list[TaskTiming] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        """Seconds from the run's start (running) to its end, as the scheduler recorded them."""
+        return (self.end - self.start).total_seconds()
+
+
+class AirflowServices:
+    """API server, scheduler (LocalExecutor) and DAG processor on a fresh SQLite metadata DB.
+
+    Started with ``tools/standalone.py``'s helpers (the components ``make airflow`` and the e2e test
+    run, loopback only), plus: no scheduled runs (only the bench's triggered ones), DAGs unpaused.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        conn_env: Mapping[str, str],
+        pool_slots: int = 8,
+        parallelism: int = 8,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.home = home
+        self.pool_slots = pool_slots
+        self.parallelism = parallelism
+        self.api_port = free_port()
+        self.env = server_env(home, port=self.api_port, connections=conn_env, parallelism=parallelism)
+        self.env.update(
+            {
+                "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(max(parallelism, 16)),
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+                # Only the triggered runs: no scheduled run competes with them (max_active_runs=1).
+                "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+                "AIRFLOW__CORE__FERNET_KEY": _fernet_key(),
+                "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
+                "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+            }
+        )
+        self.env.update(extra_env or {})
+        self.processes: list[AirflowProcess] = []
+        self.prepare_seconds = 0.0
+        self.start_seconds = 0.0
+
+    @property
+    def db_path(self) -> Path:
+        """Return the SQLite metadata DB."""
+        return self.home / "airflow.db"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = READY_TIMEOUT) -> Self:
+        """Migrate a fresh metadata DB, create the pool, start the services, wait for the DAG."""
+        shutil.rmtree(self.home, ignore_errors=True)
+        started = time.monotonic()
+        prepare_airflow(self.home, self.env, pool_slots=self.pool_slots)
+        self.prepare_seconds = time.monotonic() - started
+        started = time.monotonic()
+        self.processes = airflow_processes(self.env, self.home / "service-logs")
+        try:
+            for process in self.processes:
+                process.start()
+            wait_healthy(f"http://127.0.0.1:{self.api_port}", self.processes, timeout=timeout)
+            self._wait_dag(started + timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - started
+        return self
+
+    def _wait_dag(self, deadline: float) -> None:
+        """Wait for the DAG processor's first serialisation of the DAG."""
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if self._query("SELECT 1 FROM serialized_dag WHERE dag_id = ?", (DAG_ID,)):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{DAG_ID} not parsed in time; logs in {self.home / 'service-logs'}")
+
+    def _check_alive(self) -> None:
+        for process in self.processes:
+            code = process.exit_code()
+            if code is not None:
+                raise RuntimeError(f"airflow {process.name} exited with code {code}:\n{process.log_tail(3000)}")
+
+    def stop(self) -> None:
+        """Stop every service's process group; idempotent."""
+        processes, self.processes = self.processes, []
+        stop_all(processes)
+
+    def __enter__(self) -> Self:
+        """Start the services."""
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Stop the services."""
+        self.stop()
+
+    # -- processes, for the CPU profile ----------------------------------------------------------
+
+    def service_processes(self) -> dict[str, list[psutil.Process]]:
+        """Return each service's process tree (LocalExecutor workers and task processes included)."""
+        trees: dict[str, list[psutil.Process]] = {}
+        for process in self.processes:
+            if process.pid is None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(process.pid)
+                trees[process.name] = [root, *root.children(recursive=True)]
+        return trees
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def trigger(self, run_id: str, conf: Mapping[str, Any] | None = None) -> None:
+        """Trigger a run of the DAG through the CLI."""
+        proc = subprocess.run(
+            [_airflow_bin(), "dags", "trigger", DAG_ID, "--run-id", run_id, "--conf", json.dumps(dict(conf or {}))],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"airflow dags trigger failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
+
+    def run_state(self, run_id: str) -> str | None:
+        """Return the DAG run's state, None before it exists."""
+        rows = self._query("SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", (DAG_ID, run_id))
+        return rows[0][0] if rows else None
+
+    def wait_run(self, run_id: str, timeout: float, poll: float = 0.5) -> str:
+        """Wait until the run succeeds or fails; return its state (raise TimeoutError after timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            state = self.run_state(run_id)
+            if state in TERMINAL_STATES:
+                return state
+            time.sleep(poll)
+        raise TimeoutError(f"run {run_id} not finished within {timeout:.0f}s (state {self.run_state(run_id)})")
+
+    def run_timing(self, run_id: str) -> RunTiming:
+        """Read the run's and its task instances' dates from the metadata DB."""
+        run = self._query(
+            "SELECT state, start_date, end_date FROM dag_run WHERE dag_id = ? AND run_id = ?", (DAG_ID, run_id)
+        )[0]
+        rows = self._query(
+            "SELECT task_id, map_index, state, try_number, scheduled_dttm, queued_dttm, start_date, end_date "
+            "FROM task_instance WHERE dag_id = ? AND run_id = ? ORDER BY start_date",
+            (DAG_ID, run_id),
+        )
+        tasks = [
+            TaskTiming(
+                r[0], int(r[1]), r[2], int(r[3] or 0), parse_ts(r[4]), parse_ts(r[5]), parse_ts(r[6]), parse_ts(r[7])
+            )
+            for r in rows
+        ]
+        start, end = parse_ts(run[1]), parse_ts(run[2])
+        assert start is not None and end is not None, f"run {run_id} has no start/end date"
+        return RunTiming(run_id=run_id, state=run[0], start=start, end=end, tasks=tasks)
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if not self.db_path.exists():
+            return []
+        for attempt in range(10):
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)) as db:
+                    return list(db.execute(sql, args))
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return []
+                if attempt == 9:
+                    raise
+                time.sleep(0.2)
+        return []
+
+
+def _fernet_key() -> str:
+    from cryptography.fernet import Fernet
+
+    return Fernet.generate_key().decode()
+
+
+# -- where the CPU goes during a run -------------------------------------------------------------
+
+
+def _proc_cpu(proc: psutil.Process, *, children: bool = True) -> float:
+    """Return a process's CPU seconds, plus those of its reaped children when asked."""
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    own = times.user + times.system
+    return own + (times.children_user + times.children_system if children else 0.0)
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """Return (busy CPU seconds, total CPU seconds) of the whole machine since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields) - idle) / ticks, sum(fields) / ticks
+
+
+def cpu_snapshot(services: AirflowServices, others: Mapping[str, int | None]) -> dict[str, float]:
+    """Return cumulative CPU seconds per component: each Airflow service's main process, the
+    scheduler's descendants (LocalExecutor workers, supervisors, task processes), the other
+    named processes (MongoDB server, the bench with its fake LLM), and the whole machine."""
+    snap: dict[str, float] = {}
+    for name, tree in services.service_processes().items():
+        root, *rest = tree
+        snap[f"airflow {name} (main process)"] = _proc_cpu(root, children=False)
+        # Reaped children's time is in the parent's children_* fields, so count it once per level.
+        below = sum(_proc_cpu(p) for p in rest) + (_proc_cpu(root) - _proc_cpu(root, children=False))
+        key = (
+            "task processes (LocalExecutor workers, supervisors, tasks)"
+            if name == "scheduler"
+            else f"airflow {name} (children)"
+        )
+        snap[key] = below
+    for name, pid in others.items():
+        if pid is not None:
+            with contextlib.suppress(psutil.Error):
+                snap[name] = _proc_cpu(psutil.Process(pid))
+    snap["machine busy"], snap["machine total"] = machine_busy_seconds()
+    return snap
+
+
+def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """Return per-component CPU seconds spent between two snapshots, and what no component explains
+    (other processes on the machine, e.g. another engineer's test suite)."""
+    delta = {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
+    known = sum(v for k, v in delta.items() if not k.startswith("machine"))
+    delta[OTHER_CPU] = round(max(delta["machine busy"] - known, 0.0), 2)
+    return delta
