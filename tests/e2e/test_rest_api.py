@@ -179,6 +179,20 @@ def task_instances(api: httpx.Client, run_id: str) -> dict[tuple[str, int], dict
     return {(ti["task_id"], ti["map_index"]): ti for ti in body["task_instances"]}
 
 
+def assert_green_after_rerun_of(
+    api: httpx.Client, run_id: str, broken_index: int, tries_before: dict[tuple[str, int], int], when: str
+) -> None:
+    """Wait for the run; assert it is green and only the cleared user's instance and report ran again."""
+    run = finished_run(api, run_id)
+    tis = task_instances(api, run_id)
+    states = {f"{t}[{ti['rendered_map_index'] or i}]": (ti["state"], ti["try_number"]) for (t, i), ti in tis.items()}
+    assert run["state"] == "success", f"{when}: {states}"
+    for key, ti in tis.items():
+        rerun = key in {("compress_user", broken_index), ("report", -1)}
+        expected = tries_before[key] + 1 if rerun else tries_before[key]
+        assert ti["try_number"] == expected, f"{key}: try {ti['try_number']}, expected {expected}; {states}"
+
+
 def seed_users(db: Database[dict[str, Any]], population: dict[str, int] = POPULATION) -> None:
     """Insert the population (user id: events); the broken user's content makes the fake LLM answer 400."""
     start = datetime(2026, 1, 1, tzinfo=UTC)
@@ -286,15 +300,7 @@ def test_failed_user_is_cleared_with_downstream_and_the_run_ends_green(
         ("compress_user", broken_index),
         ("report", -1),
     ], cleared
-    run = finished_run(api, run_id)
-
-    tis = task_instances(api, run_id)
-    states = {f"{t}[{ti['rendered_map_index'] or i}]": (ti["state"], ti["try_number"]) for (t, i), ti in tis.items()}
-    assert run["state"] == "success", f"after clearing the failed user: {states}"
-    for key, ti in tis.items():
-        rerun = key in {("compress_user", broken_index), ("report", -1)}
-        expected = tries_before[key] + 1 if rerun else tries_before[key]
-        assert ti["try_number"] == expected, f"{key}: try {ti['try_number']}, expected {expected}; {states}"
+    assert_green_after_rerun_of(api, run_id, broken_index, tries_before, "after clearing the failed user")
     assert llm.request_count == requests_before + 1, "only the cleared user should have called the LLM again"
     assert event_counts(db) == {BELOW: 30, BIG: 20, BIGGER: 20, LOCKED: 55, BROKEN: 20}
     profile = db["user_profiles"].find_one({"user_id": BROKEN})
@@ -394,14 +400,7 @@ def test_cli_clear_of_failed_users_in_a_logical_date_range_ends_the_run_green(
         *("tasks", "clear", DAG_ID, "-t", "compress_user", "-s", start, "-e", end),
         *("--only-failed", "--downstream", "-y"),
     )
-    run = finished_run(api, run_id)
-    tis = task_instances(api, run_id)
-    states = {f"{t}[{ti['rendered_map_index'] or i}]": (ti["state"], ti["try_number"]) for (t, i), ti in tis.items()}
-    assert run["state"] == "success", f"after the CLI clear: {states}"
-    for key, ti in tis.items():
-        rerun = key in {("compress_user", broken_index), ("report", -1)}
-        expected = tries_before[key] + 1 if rerun else tries_before[key]
-        assert ti["try_number"] == expected, f"{key}: try {ti['try_number']}, expected {expected}; {states}"
+    assert_green_after_rerun_of(api, run_id, broken_index, tries_before, "after the CLI clear")
     assert event_counts(db) == {BIG: 20, BIGGER: 20, BROKEN: 20}
     profile = db["user_profiles"].find_one({"user_id": BROKEN})
     assert profile is not None and profile.get("memory_summary"), profile
