@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.settings import Settings
+from tests.population import seed_population
 from tools.fake_openai import FakeOpenAI
 from tools.services import AirflowConns, StatsdSink
 
@@ -64,23 +65,8 @@ def dag(llm_pool: None) -> Any:
 
 
 def seed_users(db: Database[dict[str, Any]], population: dict[str, int]) -> None:
-    """Insert events for each user: alternating roles, a minute apart, each carrying the canary."""
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    docs = []
-    for user_id, n in population.items():
-        marker = f" {FAIL_MARKER}" if user_id == BROKEN else ""
-        for i in range(n):
-            docs.append(
-                {
-                    "event_id": f"{user_id}-{i:04d}",
-                    "user_id": user_id,
-                    "role": "user" if i % 2 == 0 else "assistant",
-                    "content": f"Turn {i} of {user_id}: {CANARY}{marker}",
-                    "created_at": start + timedelta(minutes=i),
-                    "tags": [],
-                }
-            )
-    db["user_memory"].insert_many(docs)
+    """Insert events for each user, each carrying the canary; the broken user's carry the fail marker."""
+    seed_population(db, population, canary=CANARY, broken=BROKEN, fail_marker=FAIL_MARKER)
 
 
 def event_counts(db: Database[dict[str, Any]]) -> dict[str, int]:

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.settings import Settings
+from tests.population import seed_population
 from tools.demo import prepare_airflow
 from tools.fake_openai import FakeOpenAI
 from tools.services import MongoService, RedisService, StatsdSink, airflow_connection_env, free_port
@@ -195,20 +196,7 @@ def assert_green_after_rerun_of(
 
 def seed_users(db: Database[dict[str, Any]], population: dict[str, int] = POPULATION) -> None:
     """Insert the population (user id: events); the broken user's content makes the fake LLM answer 400."""
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    docs: list[dict[str, Any]] = [
-        {
-            "event_id": f"{user_id}-{i:04d}",
-            "user_id": user_id,
-            "role": "user" if i % 2 == 0 else "assistant",
-            "content": f"Turn {i} of {user_id}: {CANARY}" + (f" {FAIL_MARKER}" if user_id == BROKEN else ""),
-            "created_at": start + timedelta(minutes=i),
-            "tags": [],
-        }
-        for user_id, n in population.items()
-        for i in range(n)
-    ]
-    db["user_memory"].insert_many(docs)
+    seed_population(db, population, canary=CANARY, broken=BROKEN, fail_marker=FAIL_MARKER)
 
 
 def event_counts(db: Database[dict[str, Any]]) -> dict[str, int]:

@@ -36,6 +36,7 @@ from butler_memory.report import build_report
 from butler_memory.settings import Settings
 from butler_memory.store import MemoryStore
 from tests.plugin import cdp
+from tests.population import seed_population
 from tools.fake_openai import FakeOpenAI
 from tools.services import MongoService, RedisService, StatsdSink, airflow_connection_env, free_port
 from tools.standalone import AirflowProcess, wait_healthy
@@ -100,21 +101,7 @@ def _json(response: httpx.Response, status: int = 200) -> Any:
 
 def _seed(db: Database[dict[str, Any]]) -> None:
     """Insert the population's events (each with the canary) and the locked user's existing summary."""
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    db["user_memory"].insert_many(
-        [
-            {
-                "event_id": f"{user_id}-{i:04d}",
-                "user_id": user_id,
-                "role": "user" if i % 2 == 0 else "assistant",
-                "content": f"Turn {i} of {user_id}: {CANARY}" + (f" {FAIL_MARKER}" if user_id == BROKEN else ""),
-                "created_at": start + timedelta(minutes=i),
-                "tags": [],
-            }
-            for user_id, n in POPULATION.items()
-            for i in range(n)
-        ]
-    )
+    seed_population(db, POPULATION, canary=CANARY, broken=BROKEN, fail_marker=FAIL_MARKER)
     db["user_profiles"].insert_one({"user_id": LOCKED, "memory_summary": LOCKED_SUMMARY, "memory_summary_version": 3})
 
 
