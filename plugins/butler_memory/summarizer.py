@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -168,6 +170,43 @@ class LLMConfig:
         return f"LLMConfig(base_url={self.base_url!r}, model={self.model!r}, api_key=***)"
 
 
+_TLS_CONTEXT: tuple[int, ssl.SSLContext] | None = None
+
+
+def tls_context() -> ssl.SSLContext:
+    """Return the TLS context the LLM client verifies servers with, built once per process.
+
+    It is the client's own default (``httpcore2.default_ssl_context``: ``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR``, else the system CA store); building it reads the CA bundle, about 25 ms of CPU
+    that each task process would otherwise spend again. A process forked after :func:`warm_up` (an
+    Airflow task process) inherits it; the context holds no connection, so sharing it is safe.
+    """
+    global _TLS_CONTEXT  # one context per process, on purpose
+    if _TLS_CONTEXT is None or _TLS_CONTEXT[0] != _tls_key():
+        import httpcore2
+
+        _TLS_CONTEXT = (_tls_key(), httpcore2.default_ssl_context())
+    return _TLS_CONTEXT[1]
+
+
+def _tls_key() -> int:
+    """Rebuild the context when the CA settings it was built from change."""
+    return hash((os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")))
+
+
+def warm_up() -> None:
+    """Import what the first LLM call would import lazily and build the TLS context, without any I/O.
+
+    Called by the ``butler_memory_preload`` Airflow plugin in each Airflow component, so that task
+    processes forked from it start with all of this done.
+    """
+    summarizer = OpenAISummarizer(LLMConfig(base_url="http://127.0.0.1:9/v1", api_key="warm-up", model="warm-up"))
+    try:
+        summarizer._client.chat.completions  # noqa: B018  # the lazy import of the chat resources
+    finally:
+        summarizer.close()
+
+
 class OpenAISummarizer:
     """Summarise through the ``openai`` client (OpenAI, Azure, vLLM, Ollama, ...), temperature 0."""
 
@@ -183,6 +222,7 @@ class OpenAISummarizer:
                 api_key=config.api_key,
                 timeout=config.timeout_seconds,
                 max_retries=config.max_retries,
+                http_client=openai.DefaultHttpxClient(verify=tls_context()),
             )
         self._client = client
 

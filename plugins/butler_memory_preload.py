@@ -1,0 +1,83 @@
+"""Airflow plugin: import the compression task's libraries once per Airflow process, not per task.
+
+Every ``compress_user`` task instance runs in a process that Airflow forks for it (LocalExecutor: the
+scheduler forks its workers, a worker forks each task; Celery: the worker forks each task). A fresh
+task process imports what the task needs: the ``openai`` client alone cost 0.4 CPU-s, and imports
+were 90 % of a task's own CPU (py-spy, ``docs/benchmarks.md``). Airflow imports
+plugin modules in each component before it forks (the scheduler does it when its job starts, before
+the LocalExecutor's workers exist), so importing the libraries here makes every forked task process
+inherit them, already loaded, through copy-on-write memory.
+
+The plugin registers nothing. Set ``BUTLER_MEMORY_PRELOAD=false`` to turn it off (e.g. to keep the
+API server's memory smaller); the DAG then works as before, each task importing what it uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+
+from airflow.plugins_manager import AirflowPlugin
+
+PRELOAD_ENV = "BUTLER_MEMORY_PRELOAD"
+PRELOADED_MODULES = (
+    "butler_memory.dag_tasks",  # engine, store, locks, settings, report, metrics, connections
+    "airflow.providers.mongo.hooks.mongo",  # pymongo
+    "airflow.providers.redis.hooks.redis",  # redis-py
+    "statsd",
+    # What the DAG file's ``from airflow.sdk import dag, task`` resolves lazily when a task parses it.
+    "airflow.sdk.definitions.decorators",
+    "airflow.providers.standard.decorators.python",
+)
+"""What a ``compress_user`` task process imports; each is imported at most once."""
+
+log = logging.getLogger(__name__)
+
+
+def preload_enabled(env: os._Environ[str] | dict[str, str] | None = None) -> bool:
+    """Return False when ``BUTLER_MEMORY_PRELOAD`` is a false value (0, false, no, off)."""
+    value = (os.environ if env is None else env).get(PRELOAD_ENV, "true")
+    return value.strip().lower() not in {"0", "false", "no", "off"}
+
+
+def preload(modules: tuple[str, ...] = PRELOADED_MODULES) -> dict[str, float]:
+    """Import ``modules``; return the seconds each took. A module that fails to import is logged
+    and skipped: the task imports it again itself and reports the error where it belongs."""
+    took: dict[str, float] = {}
+    for name in modules:
+        started = time.perf_counter()
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # never break the component that loads plugins
+            log.warning("butler_memory preload: %s not imported (%s)", name, type(exc).__name__)
+            continue
+        took[name] = round(time.perf_counter() - started, 4)
+    return took
+
+
+def warm_llm_client() -> float | None:
+    """Import the ``openai`` client with the resources it loads lazily on first use and build its TLS
+    context (``butler_memory.summarizer.warm_up``; no I/O). Return the seconds it took, None when it
+    failed (logged; the task then does it itself and reports any error)."""
+    started = time.perf_counter()
+    try:
+        from butler_memory.summarizer import warm_up
+
+        warm_up()
+    except Exception as exc:  # never break the component that loads plugins
+        log.warning("butler_memory preload: LLM client not warmed up (%s)", type(exc).__name__)
+        return None
+    return round(time.perf_counter() - started, 4)
+
+
+if preload_enabled():
+    PRELOAD_SECONDS = preload()
+    PRELOAD_SECONDS["openai (client warm-up)"] = warm_llm_client() or 0.0
+
+
+class ButlerMemoryPreloadPlugin(AirflowPlugin):
+    """Registers nothing: importing this module is its whole effect."""
+
+    name = "butler_memory_preload"
