@@ -41,6 +41,7 @@ from butler_memory.store import MemoryStore  # noqa: E402
 from tools import bench_engine as eng  # noqa: E402
 from tools import bench_svg as svg  # noqa: E402
 from tools.bench_airflow import (  # noqa: E402
+    NOOP_DAG_ID,
     OTHER_CPU,
     TASKS_CPU,
     AirflowServices,
@@ -51,6 +52,7 @@ from tools.bench_airflow import (  # noqa: E402
 )
 from tools.fake_openai import FakeOpenAI  # noqa: E402
 from tools.services import MongoService, RedisService, airflow_connection_env  # noqa: E402
+from tools.standalone import TUNING  # noqa: E402
 
 OUT_DIR = REPO / ".local" / "bench"
 IMG_DIR = REPO / "docs" / "img"
@@ -280,28 +282,75 @@ def _airflow_run(
     return out
 
 
-def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """1 and 5, Airflow side: one run at the LLM latency, one with an instant LLM."""
+BASELINE_ENV = {
+    # Airflow's defaults and the package without its preload plugin: the "before" of figure 1.
+    "BUTLER_MEMORY_PRELOAD": "false",
+    "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "5",
+    "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "1",
+}
+
+
+def _noop_run(airflow: AirflowServices, args: argparse.Namespace, latency: float, users: int) -> dict[str, Any]:
+    """Run the no-op mapped DAG (each task sleeps ``latency``): Airflow's own floor per mapped task."""
+    run_id = f"bench-noop-{int(time.time())}"
+    before = cpu_snapshot(airflow, {})
+    airflow.trigger(run_id, {"users": users, "sleep": latency}, dag_id=NOOP_DAG_ID)
+    state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120), dag_id=NOOP_DAG_ID)
+    after = cpu_snapshot(airflow, {})
+    out = _analyse_run(airflow.run_timing(run_id, dag_id=NOOP_DAG_ID), [], users)
+    cpu = cpu_delta(before, after)
+    out.update(
+        {
+            "latency": latency,
+            "state": state,
+            "cpu_seconds": cpu,
+            "cpu_busy_fraction": round(cpu["machine busy"] / cpu["machine total"], 3) if cpu["machine total"] else None,
+            "task_cpu_seconds_per_user": round(cpu.get(TASKS_CPU, 0.0) / users, 3),
+            "bench_cpu_seconds_per_user": round((cpu["machine busy"] - cpu[OTHER_CPU]) / users, 3),
+        }
+    )
+    log(
+        f"airflow, no-op mapped task sleeping {latency}s: {state}, {users} users in {out['run_seconds']:.1f}s "
+        f"({out['users_per_second']:.2f} users/s)"
+    )
+    return out
+
+
+def _services(
+    ctx: dict[str, Any], args: argparse.Namespace, name: str, parallelism: int, extra_env: dict[str, str] | None
+) -> AirflowServices:
     conn_env = airflow_connection_env(
         mongo=ctx["mongo"], db=args.airflow_db, redis=ctx["redis"], statsd=None, llm_base_url=ctx["fake"].base_url
     )
-    airflow = AirflowServices(
-        OUT_DIR / "airflow", conn_env=conn_env, pool_slots=args.pool_slots, parallelism=args.parallelism
+    return AirflowServices(
+        OUT_DIR / name, conn_env=conn_env, pool_slots=args.pool_slots, parallelism=parallelism, extra_env=extra_env
     )
+
+
+def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """1 and 5, Airflow side, with the settings ``make airflow`` and docker-compose.yaml use: a run at the
+    LLM latency, one with an instant LLM, one user alone, and the no-op DAG (Airflow's floor); then,
+    unless ``--skip-baseline``, the run at the LLM latency with Airflow's defaults and no preload."""
+    out: dict[str, Any] = {
+        "pool_slots": args.pool_slots,
+        "parallelism": args.parallelism,
+        "executor": "LocalExecutor",
+        "metadata_db": "SQLite",
+        "tuning": dict(TUNING),
+    }
     started = time.monotonic()
-    with airflow:
+    with _services(ctx, args, "airflow", args.parallelism, None) as airflow:
         log(f"airflow up in {time.monotonic() - started:.1f}s (migrate {airflow.prepare_seconds:.1f}s)")
-        out: dict[str, Any] = {
-            "pool_slots": args.pool_slots,
-            "parallelism": args.parallelism,
-            "executor": "LocalExecutor",
-            "metadata_db": "SQLite",
-            "startup_seconds": round(time.monotonic() - started, 1),
-        }
+        out["startup_seconds"] = round(time.monotonic() - started, 1)
         out["llm_latency"] = _airflow_run(ctx, airflow, args, "latency", args.latency, args.users)
+        out["noop_llm_latency"] = _noop_run(airflow, args, args.latency, args.users)
         out["instant_llm"] = _airflow_run(ctx, airflow, args, "instant", 0.0, args.users)
         # One mapped task alone on the machine: the per-task overhead without 8 tasks sharing 2 cores.
         out["single_user"] = _airflow_run(ctx, airflow, args, "single", 0.0, 1)
+    if not args.skip_baseline:
+        out["baseline"] = {"parallelism": args.pool_slots, "env": dict(BASELINE_ENV)}
+        with _services(ctx, args, "airflow-baseline", args.pool_slots, BASELINE_ENV) as airflow:
+            out["baseline"]["llm_latency"] = _airflow_run(ctx, airflow, args, "baseline", args.latency, args.users)
     ctx["client"].drop_database(args.airflow_db)
     ctx["fake"].set_latency(0.0)
     return out
@@ -424,6 +473,30 @@ def _rows_throughput(results: dict[str, Any], args: argparse.Namespace) -> list[
     results["fraction_of_limit"] = round(frac, 3)
     verdict = "met" if frac >= TARGET_FRACTION else "MISSED"
     rows.append((f"Airflow throughput / limit {limit:g} users/s", f"{frac:.1%}", f">= {TARGET_FRACTION:.0%}", verdict))
+    base = results.get("airflow", {}).get("baseline", {}).get("llm_latency")
+    if base:
+        results["improvement_over_baseline"] = round(a["users_per_second"] / base["users_per_second"], 2)
+        rows.append(
+            (
+                "  before: Airflow defaults, parallelism = pool, no preload",
+                f"{base['run_seconds']:.1f} s ({base['users_per_second']:.2f} users/s, "
+                f"{base['users_per_second'] / limit:.1%})",
+                "",
+                f"now {results['improvement_over_baseline']:.2f}x",
+            )
+        )
+    noop = results.get("airflow", {}).get("noop_llm_latency")
+    if noop:
+        results["fraction_of_floor"] = round(a["users_per_second"] / noop["users_per_second"], 3)
+        rows.append(
+            (
+                f"  Airflow floor: no-op mapped task sleeping {args.latency:g} s",
+                f"{noop['run_seconds']:.1f} s ({noop['users_per_second']:.2f} users/s, "
+                f"{noop['users_per_second'] / limit:.1%})",
+                "",
+                f"ours {results['fraction_of_floor']:.0%} of it",
+            )
+        )
     rows.append(
         ("  compress phase only (first start..last end)", f"{a['compress_users_per_second']:.2f} users/s", "", "")
     )
@@ -599,6 +672,24 @@ def write_charts(results: dict[str, Any], args: argparse.Namespace) -> list[str]
             svg.Bar(f"sequential loop, LLM {args.latency:g} s", seq["llm_latency"]["users_per_second"], svg.GREY),
             svg.Bar(f"Airflow run, LLM {args.latency:g} s", af["llm_latency"]["users_per_second"], svg.BLUE),
             svg.Bar("Airflow compress phase only", af["llm_latency"]["compress_users_per_second"], svg.BLUE),
+        ]
+        if "baseline" in af:
+            bars.append(
+                svg.Bar(
+                    "before: Airflow defaults, no preload",
+                    af["baseline"]["llm_latency"]["users_per_second"],
+                    svg.GREY,
+                )
+            )
+        if "noop_llm_latency" in af:
+            bars.append(
+                svg.Bar(
+                    f"Airflow floor: no-op task, sleep {args.latency:g} s",
+                    af["noop_llm_latency"]["users_per_second"],
+                    svg.PURPLE,
+                )
+            )
+        bars += [
             svg.Bar("Airflow run, instant LLM", af["instant_llm"]["users_per_second"], svg.ORANGE),
             svg.Bar("sequential loop, instant LLM", seq["instant_llm"]["users_per_second"], svg.GREY),
             svg.Bar(
@@ -653,12 +744,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--users",
         type=int,
-        default=100,
-        help="users over the threshold for the throughput runs (the issue's 200 take about 8 minutes of Airflow alone)",
+        default=200,
+        help="users over the threshold for the throughput runs",
     )
     parser.add_argument("--latency", type=float, default=0.5, help="fake LLM latency in seconds")
     parser.add_argument("--pool-slots", type=int, default=8, help="slots of the llm_api pool")
-    parser.add_argument("--parallelism", type=int, default=8, help="[core] parallelism (LocalExecutor task slots)")
+    parser.add_argument(
+        "--parallelism",
+        type=int,
+        default=16,
+        help="[core] parallelism (LocalExecutor worker processes), twice the pool as in docker-compose.yaml",
+    )
     parser.add_argument(
         "--user-sizes",
         type=lambda s: [int(x) for x in s.split(",")],
@@ -680,6 +776,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=900.0, help="wall-clock budget in seconds")
     parser.add_argument("--skip-airflow", action="store_true", help="engine figures only (no Airflow services)")
     parser.add_argument("--skip-scan", action="store_true", help="leave out the scan figure")
+    parser.add_argument(
+        "--skip-baseline", action="store_true", help="leave out the Airflow-defaults run (the 'before' of figure 1)"
+    )
+    parser.add_argument(
+        "--only-throughput", action="store_true", help="figure 1 and 5 only (no per-user sizes, no scan)"
+    )
     parser.add_argument("--no-charts", action="store_true", help="do not rewrite docs/img/*.svg")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "results.json")
     args = parser.parse_args(argv)
@@ -721,12 +823,13 @@ def main(argv: list[str] | None = None) -> int:
         ctx = {"mongo": mongo, "redis": redis_srv, "fake": fake, "client": client}
         log(f"services up: MongoDB wire server :{mongo.port}, redis :{redis_srv.port}, fake LLM {fake.base_url}")
         results["sequential"] = phase_sequential(ctx, args)
-        results["filter_order"] = phase_filter_order(ctx, args.filter_probe_events)
-        results["per_user"] = phase_per_user(ctx, args)
+        if not args.only_throughput:
+            results["filter_order"] = phase_filter_order(ctx, args.filter_probe_events)
+            results["per_user"] = phase_per_user(ctx, args)
         results["task_imports_cpu_seconds"] = phase_task_imports()
         if not args.skip_airflow:
             results["airflow"] = phase_airflow(ctx, args)
-        if not args.skip_scan:
+        if not args.skip_scan and not args.only_throughput:
             results["scan"] = phase_scan(ctx, args, budget)
     results["elapsed_seconds"] = round(time.monotonic() - STARTED, 1)
     rows = summarise(results, args)

@@ -41,6 +41,9 @@ from tools.standalone import (  # noqa: E402
 )
 
 DAG_ID = "memory_compression"
+NOOP_DAG_ID = "bench_noop_mapped"
+"""``tools/bench_dags/noop_mapped.py``: the same DAG shape whose mapped task only sleeps (Airflow's floor)."""
+BENCH_DAGS = (REPO / "dags" / "memory_compression.py", REPO / "tools" / "bench_dags" / "noop_mapped.py")
 TERMINAL_STATES = {"success", "failed"}
 TASKS_CPU = "task processes (LocalExecutor workers, supervisors, tasks)"
 OTHER_CPU = "not the bench's processes"
@@ -117,6 +120,7 @@ class AirflowServices:
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.home = home
+        self.dags_folder = home / "dags"
         self.pool_slots = pool_slots
         self.parallelism = parallelism
         self.api_port = free_port()
@@ -130,6 +134,8 @@ class AirflowServices:
                 "AIRFLOW__CORE__FERNET_KEY": _fernet_key(),
                 "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
                 "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+                # The package's DAG and the no-op one (a folder of copies: the repo's dags/ stays as it is).
+                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             }
         )
         self.env.update(extra_env or {})
@@ -148,6 +154,9 @@ class AirflowServices:
         """Migrate a fresh metadata DB, create the pool, start the services, wait for the DAG."""
         shutil.rmtree(self.home, ignore_errors=True)
         started = time.monotonic()
+        self.dags_folder.mkdir(parents=True)
+        for dag_file in BENCH_DAGS:
+            shutil.copy(dag_file, self.dags_folder / dag_file.name)
         prepare_airflow(self.home, self.env, pool_slots=self.pool_slots)
         self.prepare_seconds = time.monotonic() - started
         started = time.monotonic()
@@ -164,13 +173,16 @@ class AirflowServices:
         return self
 
     def _wait_dag(self, deadline: float) -> None:
-        """Wait for the DAG processor's first serialisation of the DAG."""
+        """Wait for the DAG processor's first serialisation of both DAGs."""
         while time.monotonic() < deadline:
             self._check_alive()
-            if self._query("SELECT 1 FROM serialized_dag WHERE dag_id = ?", (DAG_ID,)):
+            found = self._query(
+                "SELECT COUNT(DISTINCT dag_id) FROM serialized_dag WHERE dag_id IN (?, ?)", (DAG_ID, NOOP_DAG_ID)
+            )
+            if found and found[0][0] == 2:
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"{DAG_ID} not parsed in time; logs in {self.home / 'service-logs'}")
+        raise TimeoutError(f"{DAG_ID}/{NOOP_DAG_ID} not parsed in time; logs in {self.home / 'service-logs'}")
 
     def _check_alive(self) -> None:
         for process in self.processes:
@@ -208,10 +220,10 @@ class AirflowServices:
 
     # -- runs ------------------------------------------------------------------------------------
 
-    def trigger(self, run_id: str, conf: Mapping[str, Any] | None = None) -> None:
+    def trigger(self, run_id: str, conf: Mapping[str, Any] | None = None, dag_id: str = DAG_ID) -> None:
         """Trigger a run of the DAG through the CLI."""
         proc = subprocess.run(
-            [_airflow_bin(), "dags", "trigger", DAG_ID, "--run-id", run_id, "--conf", json.dumps(dict(conf or {}))],
+            [_airflow_bin(), "dags", "trigger", dag_id, "--run-id", run_id, "--conf", json.dumps(dict(conf or {}))],
             env=self.env,
             capture_output=True,
             text=True,
@@ -223,31 +235,31 @@ class AirflowServices:
                 f"airflow dags trigger failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
             )
 
-    def run_state(self, run_id: str) -> str | None:
+    def run_state(self, run_id: str, dag_id: str = DAG_ID) -> str | None:
         """Return the DAG run's state, None before it exists."""
-        rows = self._query("SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", (DAG_ID, run_id))
+        rows = self._query("SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id))
         return rows[0][0] if rows else None
 
-    def wait_run(self, run_id: str, timeout: float, poll: float = 0.5) -> str:
+    def wait_run(self, run_id: str, timeout: float, poll: float = 0.5, dag_id: str = DAG_ID) -> str:
         """Wait until the run succeeds or fails; return its state (raise TimeoutError after timeout)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
-            state = self.run_state(run_id)
+            state = self.run_state(run_id, dag_id)
             if state in TERMINAL_STATES:
                 return state
             time.sleep(poll)
-        raise TimeoutError(f"run {run_id} not finished within {timeout:.0f}s (state {self.run_state(run_id)})")
+        raise TimeoutError(f"run {run_id} not finished within {timeout:.0f}s (state {self.run_state(run_id, dag_id)})")
 
-    def run_timing(self, run_id: str) -> RunTiming:
+    def run_timing(self, run_id: str, dag_id: str = DAG_ID) -> RunTiming:
         """Read the run's and its task instances' dates from the metadata DB."""
         run = self._query(
-            "SELECT state, start_date, end_date FROM dag_run WHERE dag_id = ? AND run_id = ?", (DAG_ID, run_id)
+            "SELECT state, start_date, end_date FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id)
         )[0]
         rows = self._query(
             "SELECT task_id, map_index, state, try_number, scheduled_dttm, queued_dttm, start_date, end_date "
             "FROM task_instance WHERE dag_id = ? AND run_id = ? ORDER BY start_date",
-            (DAG_ID, run_id),
+            (dag_id, run_id),
         )
         tasks = [
             TaskTiming(

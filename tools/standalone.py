@@ -48,6 +48,14 @@ READY_TIMEOUT = 180.0
 # The scheduler waits for running task processes on SIGTERM; past this, the groups are killed.
 STOP_TIMEOUT = 30.0
 LOG_TAIL_CHARS = 6000
+TUNING = {
+    # A worker's supervisor can wait up to this long after its task ended before taking the next
+    # one (default 5 s); at 1 s, 200 short mapped tasks run 2.1x faster (docs/benchmarks.md).
+    "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+    # An idle scheduler loop sleeps this long (default 1 s) before it refills freed pool slots.
+    "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
+}
+"""Airflow settings for many short mapped tasks, as docker-compose.yaml sets them."""
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
 """Where Airflow 3's SimpleAuthManager keeps the generated passwords, under AIRFLOW_HOME."""
 
@@ -72,6 +80,7 @@ def server_env(
             del env[name]
     env.update(
         {
+            **TUNING,
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": str(parallelism),
             "AIRFLOW__API__HOST": LOOPBACK,
