@@ -267,7 +267,7 @@ def prompt_breakdown(requests: list[dict[str, Any]]) -> dict[str, Any]:
         summary_json = _between(user, "<<<SUMMARY\n", "\nSUMMARY>>>")
         events_block = _between(user, "<<<EVENTS\n", "\nEVENTS>>>")
         lines = [line for line in events_block.split("\n") if line]
-        event_chars = sum(len(json.loads(line)["text"]) for line in lines)
+        event_chars = sum(len(json.loads(line)[2]) for line in lines)  # [time, role, text]
         summary_chars = len(json.loads(summary_json)) if summary_json else 0
         totals["requests"] += 1
         totals["events"] += len(lines)

@@ -30,6 +30,7 @@ from butler_memory.metrics import Metrics, NullMetrics
 from butler_memory.settings import Settings
 from butler_memory.store import Backlog, EventKey, MemoryStore, Profile
 from butler_memory.summarizer import (
+    EVENT_FRAMING_CHARS,
     PROMPT_OVERHEAD_TOKENS,
     EventText,
     Summarizer,
@@ -39,6 +40,9 @@ from butler_memory.summarizer import (
 )
 
 log = logging.getLogger(__name__)
+
+FRAMING_TOKENS = estimate_tokens(EVENT_FRAMING_CHARS + 2)
+"""Tokens an event costs on top of its text: the JSON array around it, escapes and the newline."""
 
 Checkpoint = Callable[[str], None]
 """Called with a step name at every step boundary (tests kill the process there)."""
@@ -362,7 +366,7 @@ def _chunks(
         if ev["_id"] not in wanted:
             continue
         content = _checked_content(user_id, ev, settings)
-        tokens = estimate_tokens(content) + 20  # JSON framing per event
+        tokens = estimate_tokens(content) + FRAMING_TOKENS
         if chunk and (chunk_tokens + tokens > budget or len(chunk) >= settings.max_events_per_chunk):
             yield chunk
             chunk, chunk_tokens = [], 0

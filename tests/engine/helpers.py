@@ -171,8 +171,13 @@ def _block(text: str, opening: str, closing: str) -> str:
 
 
 def prompt_events(request: Doc) -> list[Doc]:
-    """Return the JSON event objects fenced in a request's <<<EVENTS ... EVENTS>>> block."""
-    return [json.loads(line) for line in _block(user_message(request), "<<<EVENTS\n", "\nEVENTS>>>").splitlines()]
+    """Return the events fenced in a request's <<<EVENTS ... EVENTS>>> block, one JSON array
+    ``[time, role, text]`` a line, as ``{"at", "role", "text"}``; fails on any other line."""
+    events = []
+    for line in _block(user_message(request), "<<<EVENTS\n", "\nEVENTS>>>").splitlines():
+        at, role, text = json.loads(line)
+        events.append({"at": at, "role": role, "text": text})
+    return events
 
 
 def prompt_summary(request: Doc) -> str:

@@ -51,5 +51,5 @@ def test_prompt_fences_events_as_json_and_carries_previous_summary() -> None:
     assert attack not in user["content"], "raw event text must not appear unescaped"
     block = user["content"].split("<<<EVENTS\n", 1)[1].split("\nEVENTS>>>", 1)[0]
     lines = block.splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["text"] == attack
+    assert len(lines) == 1 and json.loads(lines[0]) == ["2026-01-01 00:00", "user", attack]
     assert json.dumps("- Аллергия на орехи.", ensure_ascii=False) in user["content"]
