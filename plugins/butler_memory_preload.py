@@ -1,12 +1,13 @@
 """Airflow plugin: import the compression task's libraries once per Airflow process, not per task.
 
 Every ``compress_user`` task instance runs in a process that Airflow forks for it (LocalExecutor: the
-scheduler forks its workers, a worker forks each task; Celery: the worker forks each task). A fresh
+scheduler forks its workers, a worker forks each task; Celery: a worker process forks each task). A fresh
 task process imports what the task needs: the ``openai`` client alone cost 0.4 CPU-s, and imports
 were 90 % of a task's own CPU (py-spy, ``docs/benchmarks.md``). Airflow imports
 plugin modules in each component before it forks (the scheduler does it when its job starts, before
 the LocalExecutor's workers exist), so importing the libraries here makes every forked task process
-inherit them, already loaded, through copy-on-write memory.
+inherit them, already loaded, through copy-on-write memory. (Measured with the LocalExecutor; under
+Celery it helps as far as the worker has loaded plugins before it forks.)
 
 The plugin registers nothing. Set ``BUTLER_MEMORY_PRELOAD=false`` to turn it off (e.g. to keep the
 API server's memory smaller); the DAG then works as before, each task importing what it uses.
