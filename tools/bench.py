@@ -1,4 +1,4 @@
-"""Benchmarks of memory_compression: ``make bench`` (about 12-15 minutes on 2 cores).
+"""Benchmarks of memory_compression: ``make bench`` (about 14-15 minutes on 2 cores).
 
 Every figure is a ratio or a count taken in ONE run, so a noisy machine moves both sides of it:
 
@@ -795,8 +795,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep-latencies",
         type=lambda s: [float(x) for x in s.split(",") if x],
-        default=[1.0, 2.0],
-        help="further LLM latencies for Airflow runs (fraction of pool_slots / latency); empty to skip",
+        default=[2.0],
+        help="further LLM latencies for Airflow runs (fraction of pool_slots / latency), e.g. 1,2 (+50 s for 1); "
+        "empty to skip",
     )
     parser.add_argument(
         "--skip-baseline", action="store_true", help="leave out the Airflow-defaults run (the 'before' of figure 1)"
