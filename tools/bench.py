@@ -328,7 +328,7 @@ def _services(
 
 
 def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """1 and 5, Airflow side, with the settings ``make airflow`` and docker-compose.yaml use: a run at the
+    """1 and 5, Airflow side, with the settings ``make airflow`` uses (``TUNING``): a run at the
     LLM latency, one with an instant LLM, one user alone, and the no-op DAG (Airflow's floor); then,
     unless ``--skip-baseline``, the run at the LLM latency with Airflow's defaults and no preload."""
     out: dict[str, Any] = {
