@@ -5,6 +5,8 @@ FROM apache/airflow:3.3.2-python3.11
 
 RUN pip install --no-cache-dir \
     apache-airflow==3.3.2 \
+    apache-airflow-providers-celery==3.26.0 \
+    celery==5.5.3 \
     apache-airflow-providers-mongo==5.5.1 \
     apache-airflow-providers-redis==4.7.1 \
     openai==3.57.0 \

@@ -8,6 +8,7 @@ is a setting: the bot's inline path and this job must use the same one.
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import redis
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
@@ -95,5 +96,6 @@ class UserLocks:
 
     def holder_ttl(self, user_id: str) -> float | None:
         """Return the seconds left on the user's lock, or None when nobody holds it."""
-        ttl_ms = self._client.pttl(self._settings.lock_key(user_id))
+        # redis-py 5 types sync and async replies alike (ResponseT); this client is synchronous.
+        ttl_ms = cast("int | None", self._client.pttl(self._settings.lock_key(user_id)))
         return None if ttl_ms is None or ttl_ms < 0 else ttl_ms / 1000.0

@@ -1,0 +1,118 @@
+"""The preload under the CeleryExecutor (the compose stack's executor): one DAG run with Airflow's
+default Celery config, one with ``butler_memory.celery_config``, in the same invocation.
+
+    .venv/bin/python tools/bench_celery.py [--users 100] [--latency 0.5]
+
+Runs the API server, scheduler and DAG processor of ``tools/bench_airflow.py`` with the
+CeleryExecutor, a redis-server as the broker, a SQLite result backend, and an
+``airflow celery worker`` (concurrency = 2 x pool slots); prints users/s and the worker process
+tree's CPU seconds per user for both runs. Not part of ``make bench`` (about 3 minutes more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
+
+from tools import bench  # noqa: E402
+from tools.bench_airflow import AirflowServices, _proc_cpu  # noqa: E402
+from tools.fake_openai import FakeOpenAI  # noqa: E402
+from tools.services import MongoService, RedisService, airflow_connection_env  # noqa: E402
+
+OUT_DIR = REPO / ".local" / "bench-celery"
+CONFIG = "butler_memory.celery_config.CELERY_CONFIG"
+
+
+def _tree_cpu(root: psutil.Process) -> float:
+    return sum(_proc_cpu(p) for p in [root, *root.children(recursive=True)])
+
+
+def _one(ctx: dict[str, Any], args: argparse.Namespace, broker: RedisService, configured: bool) -> dict[str, Any]:
+    label = "celery_config" if configured else "airflow_default"
+    home = OUT_DIR / label
+    extra = {
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{broker.port}/0",
+        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+sqlite:///{OUT_DIR / (label + '-results.db')}",
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(2 * args.pool_slots),
+    }
+    if configured:
+        extra["AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS"] = CONFIG
+    conn_env = airflow_connection_env(
+        mongo=ctx["mongo"], db=args.airflow_db, redis=ctx["redis"], statsd=None, llm_base_url=ctx["fake"].base_url
+    )
+    services = AirflowServices(
+        home, conn_env=conn_env, pool_slots=args.pool_slots, parallelism=2 * args.pool_slots, extra_env=extra
+    )
+    with services, (OUT_DIR / f"{label}-worker.log").open("wb") as log:
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "celery", "worker", "--skip-serve-logs"],
+            env=services.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            time.sleep(15)  # the worker connects to the broker and forks its pool
+            if worker.poll() is not None:
+                raise RuntimeError(f"celery worker exited {worker.returncode}; log in {log.name}")
+            root = psutil.Process(worker.pid)
+            before = _tree_cpu(root)
+            run = bench._airflow_run(ctx, services, args, label, args.latency, args.users)
+            worker_cpu = _tree_cpu(root) - before
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+    return {
+        "state": run["state"],
+        "users_per_second": run["users_per_second"],
+        "task_duration_median": run["task_duration_median"],
+        "worker_cpu_seconds_per_user": round(worker_cpu / args.users, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both configurations and print their figures as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--latency", type=float, default=0.5)
+    parser.add_argument("--pool-slots", type=int, default=8)
+    args = parser.parse_args(argv)
+    args.airflow_db = "bench_celery"
+    args.budget_guard = lambda: 900.0
+    shutil.rmtree(OUT_DIR, ignore_errors=True)
+    OUT_DIR.mkdir(parents=True)
+    with (
+        MongoService(OUT_DIR / "mongo") as mongo,
+        RedisService(OUT_DIR / "redis") as redis_srv,
+        RedisService(OUT_DIR / "broker") as broker,
+        FakeOpenAI() as fake,
+        mongo.client() as client,
+    ):
+        ctx = {"mongo": mongo, "redis": redis_srv, "fake": fake, "client": client}
+        results = {
+            "airflow_default": _one(ctx, args, broker, configured=False),
+            "celery_config": _one(ctx, args, broker, configured=True),
+        }
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
