@@ -6,9 +6,8 @@ task process imports what the task needs: the ``openai`` client alone cost 0.4 C
 were 90 % of a task's own CPU (py-spy, ``docs/benchmarks.md``). Airflow imports
 plugin modules in each component before it forks (the scheduler does it when its job starts, before
 the LocalExecutor's workers exist), so importing the libraries here makes every forked task process
-inherit them, already loaded, through copy-on-write memory. (Measured with the LocalExecutor. A
-Celery worker loads no plugins before its prefork pool starts, so there it does not take effect
-unless the worker imports this module at start-up; see docs/deployment.md.)
+inherit them, already loaded, through copy-on-write memory. A Celery worker loads no plugins
+before it forks its pool: ``butler_memory.celery_config`` makes it import this module first.
 
 The plugin registers nothing. Set ``BUTLER_MEMORY_PRELOAD=false`` to turn it off (e.g. to keep the
 API server's memory smaller); the DAG then works as before, each task importing what it uses.
