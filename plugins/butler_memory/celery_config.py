@@ -5,7 +5,7 @@ A Celery worker loads no Airflow plugins before its prefork pool starts, so with
 ``compress_user`` task process imports the engine, ``openai``, pymongo and redis-py again (about
 0.4 CPU-s a task). Celery imports the modules listed in ``imports`` in the worker's main process
 at start-up, before it forks the pool: pool processes, and the task processes Airflow forks from
-them, then start with everything loaded (measured: worker CPU per user 0.63 → 0.17 s,
+them, then start with everything loaded (measured: worker CPU per user 0.63 → 0.18 s,
 ``docs/benchmarks.md``). Use it with::
 
     AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS=butler_memory.celery_config.CELERY_CONFIG
