@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ from tools import bench  # noqa: E402
 from tools.bench_airflow import AirflowServices, _proc_cpu  # noqa: E402
 from tools.fake_openai import FakeOpenAI  # noqa: E402
 from tools.services import MongoService, RedisService, airflow_connection_env  # noqa: E402
+from tools.standalone import celery_worker  # noqa: E402
 
 OUT_DIR = REPO / ".local" / "bench-celery"
 CONFIG = "butler_memory.celery_config.CELERY_CONFIG"
@@ -57,28 +55,15 @@ def _one(ctx: dict[str, Any], args: argparse.Namespace, broker: RedisService, co
     services = AirflowServices(
         home, conn_env=conn_env, pool_slots=args.pool_slots, parallelism=2 * args.pool_slots, extra_env=extra
     )
-    with services, (OUT_DIR / f"{label}-worker.log").open("wb") as log:
-        worker = subprocess.Popen(
-            [str(Path(sys.executable).parent / "airflow"), "celery", "worker", "--skip-serve-logs"],
-            env=services.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            time.sleep(15)  # the worker connects to the broker and forks its pool
-            if worker.poll() is not None:
-                raise RuntimeError(f"celery worker exited {worker.returncode}; log in {log.name}")
-            root = psutil.Process(worker.pid)
-            before = _tree_cpu(root)
-            run = bench._airflow_run(ctx, services, args, label, args.latency, args.users)
-            worker_cpu = _tree_cpu(root) - before
-        finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+    log_path = OUT_DIR / f"{label}-worker.log"
+    with services, celery_worker(services.env, log_path) as worker:
+        time.sleep(15)  # the worker connects to the broker and forks its pool
+        if worker.poll() is not None:
+            raise RuntimeError(f"celery worker exited {worker.returncode}; log in {log_path}")
+        root = psutil.Process(worker.pid)
+        before = _tree_cpu(root)
+        run = bench._airflow_run(ctx, services, args, label, args.latency, args.users)
+        worker_cpu = _tree_cpu(root) - before
     return {
         "state": run["state"],
         "users_per_second": run["users_per_second"],

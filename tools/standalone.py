@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, Self
@@ -173,6 +173,30 @@ COMPONENTS = {
 def airflow_processes(env: Mapping[str, str], log_dir: Path) -> list[AirflowProcess]:
     """Return the Airflow components, not started, each logging to ``log_dir/<name>.log``."""
     return [AirflowProcess(name, args, env, log_dir / f"{name}.log") for name, args in COMPONENTS.items()]
+
+
+@contextlib.contextmanager
+def celery_worker(env: Mapping[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``airflow celery worker`` (own process group, no log server) for the ``with`` block; its
+    output goes to ``log_path``. On exit, SIGTERM to the group, SIGKILL after ``STOP_TIMEOUT``."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "celery", "worker", "--skip-serve-logs"],
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def stop_all(processes: Iterable[AirflowProcess], timeout: float = STOP_TIMEOUT) -> dict[str, int | None]:

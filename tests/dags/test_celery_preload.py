@@ -9,9 +9,7 @@ never by Celery or Airflow themselves. The broker is the suite's redis-server.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import psutil
 import pytest
 
 from tools.services import RedisService
+from tools.standalone import celery_worker
 
 REPO = Path(__file__).resolve().parents[2]
 MARKERS = ("pymongo/_cmessage", "jiter/jiter")
@@ -34,7 +33,7 @@ def _maps(pid: int) -> str:
         return ""
 
 
-def _start_worker(tmp_path: Path, redis_service: RedisService, configured: bool) -> subprocess.Popen[bytes]:
+def _worker_env(tmp_path: Path, redis_service: RedisService, configured: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "AIRFLOW__CORE__UNIT_TEST_MODE"}
     env.update(
         {
@@ -48,14 +47,7 @@ def _start_worker(tmp_path: Path, redis_service: RedisService, configured: bool)
     )
     if configured:
         env["AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS"] = "butler_memory.celery_config.CELERY_CONFIG"
-    with (tmp_path / "worker.log").open("wb") as log:
-        return subprocess.Popen(
-            [str(Path(sys.executable).parent / "airflow"), "celery", "worker", "--skip-serve-logs"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    return env
 
 
 def _pool_of(root: psutil.Process) -> list[psutil.Process]:
@@ -82,19 +74,12 @@ def _pool_processes(worker: subprocess.Popen[bytes], tmp_path: Path) -> list[psu
 def test_worker_pool_starts_with_the_task_libraries_only_with_our_config(
     tmp_path: Path, redis_service: RedisService, configured: bool
 ) -> None:
-    worker = _start_worker(tmp_path, redis_service, configured)
-    try:
+    env = _worker_env(tmp_path, redis_service, configured)
+    with celery_worker(env, tmp_path / "worker.log") as worker:
         pool = _pool_processes(worker, tmp_path)
         loaded = {p.pid: all(marker in _maps(p.pid) for marker in MARKERS) for p in pool}
-        assert len(loaded) >= POOL
-        if configured:
-            assert all(loaded.values()), f"pool processes without the preloaded libraries: {loaded}"
-        else:
-            assert not any(loaded.values()), f"libraries loaded without the config (the check proves nothing): {loaded}"
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
+    assert len(loaded) >= POOL
+    if configured:
+        assert all(loaded.values()), f"pool processes without the preloaded libraries: {loaded}"
+    else:
+        assert not any(loaded.values()), f"libraries loaded without the config (the check proves nothing): {loaded}"
