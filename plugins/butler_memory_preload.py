@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 
 from airflow.plugins_manager import AirflowPlugin
 
@@ -37,10 +38,18 @@ PRELOADED_MODULES = (
 log = logging.getLogger(__name__)
 
 
-def preload_enabled(env: os._Environ[str] | dict[str, str] | None = None) -> bool:
-    """Return False when ``BUTLER_MEMORY_PRELOAD`` is a false value (0, false, no, off)."""
-    value = (os.environ if env is None else env).get(PRELOAD_ENV, "true")
-    return value.strip().lower() not in {"0", "false", "no", "off"}
+def preload_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """Return False when ``BUTLER_MEMORY_PRELOAD`` is false (0, false, no, off). Any other value that
+    is not true (1, true, yes, on) is logged and treated as true: a plugin must not stop Airflow."""
+    from butler_memory.settings import FALSE_VALUES, TRUE_VALUES
+
+    raw = (os.environ if env is None else env).get(PRELOAD_ENV)
+    value = "true" if raw is None else raw.strip().lower()
+    if value in FALSE_VALUES:
+        return False
+    if value not in TRUE_VALUES:
+        log.warning("butler_memory preload: %s=%r is not true or false; preloading", PRELOAD_ENV, raw)
+    return True
 
 
 def preload(modules: tuple[str, ...] = PRELOADED_MODULES) -> dict[str, float]:

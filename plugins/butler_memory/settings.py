@@ -168,8 +168,9 @@ def _positive(settings: Settings, *names: str) -> None:
             raise SettingsError(f"{name} must be a positive number, got {value!r}")
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+FALSE_VALUES = frozenset({"0", "false", "no", "off"})
+"""Spellings of a boolean in the environment (case-insensitive)."""
 
 
 def _coerce(name: str, raw: Any, kind: type) -> Any:
@@ -177,8 +178,8 @@ def _coerce(name: str, raw: Any, kind: type) -> Any:
     if kind is bool:
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
-            return raw.strip().lower() in _TRUE
+        if isinstance(raw, str) and raw.strip().lower() in TRUE_VALUES | FALSE_VALUES:
+            return raw.strip().lower() in TRUE_VALUES
         raise SettingsError(f"{name} must be true or false, got {raw!r}")
     if kind is int:
         if isinstance(raw, bool):

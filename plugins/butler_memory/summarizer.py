@@ -188,7 +188,7 @@ def tls_context() -> ssl.SSLContext:
     """Return the TLS context the LLM client verifies servers with, built once per process.
 
     It is the client's own default (``httpcore2.default_ssl_context``: ``SSL_CERT_FILE`` /
-    ``SSL_CERT_DIR``, else the system CA store); building it reads the CA bundle, about 25 ms of CPU
+    ``SSL_CERT_DIR``, else the system CA store); building it reads the CA bundle, about 18 ms of CPU
     that each task process would otherwise spend again. A process forked after :func:`warm_up` (an
     Airflow task process) inherits it; the context holds no connection, so sharing it is safe.
     """

@@ -118,3 +118,10 @@ def test_a_failing_import_is_skipped_not_raised() -> None:
     ]
     assert preload_plugin.preload_enabled({"BUTLER_MEMORY_PRELOAD": "No"}) is False
     assert preload_plugin.preload_enabled({}) is True
+    records.messages.clear()
+    preload_plugin.log.addHandler(records)
+    try:
+        assert preload_plugin.preload_enabled({"BUTLER_MEMORY_PRELOAD": "maybe"}) is True
+    finally:
+        preload_plugin.log.removeHandler(records)
+    assert records.messages == ["butler_memory preload: BUTLER_MEMORY_PRELOAD='maybe' is not true or false; preloading"]
