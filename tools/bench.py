@@ -236,6 +236,17 @@ def _analyse_run(timing: RunTiming, engine_seconds: list[float], users: int) -> 
     return out
 
 
+def _cpu_figures(cpu: dict[str, float], users: int) -> dict[str, float | None]:
+    """Reduce a run's CPU seconds per component to busy fraction, per-user costs and other load."""
+    total = cpu["machine total"]
+    return {
+        "cpu_busy_fraction": round(cpu["machine busy"] / total, 3) if total else None,
+        "task_cpu_seconds_per_user": round(cpu.get(TASKS_CPU, 0.0) / users, 3),
+        "bench_cpu_seconds_per_user": round((cpu["machine busy"] - cpu[OTHER_CPU]) / users, 3),
+        "other_load_fraction": round(cpu[OTHER_CPU] / total, 3) if total else None,
+    }
+
+
 def _airflow_run(
     ctx: dict[str, Any], airflow: AirflowServices, args: argparse.Namespace, label: str, latency: float, users: int
 ) -> dict[str, Any]:
@@ -268,12 +279,7 @@ def _airflow_run(
             "cpu_seconds": cpu_delta(before, after),
         }
     )
-    cpu = out["cpu_seconds"]
-    out["cpu_busy_fraction"] = round(cpu["machine busy"] / cpu["machine total"], 3) if cpu["machine total"] else None
-    task_cpu = cpu.get(TASKS_CPU, 0.0)
-    out["task_cpu_seconds_per_user"] = round(task_cpu / users, 3)
-    out["bench_cpu_seconds_per_user"] = round((cpu["machine busy"] - cpu[OTHER_CPU]) / users, 3)
-    out["other_load_fraction"] = round(cpu[OTHER_CPU] / cpu["machine total"], 3) if cpu["machine total"] else None
+    out.update(_cpu_figures(out["cpu_seconds"], users))
     log(
         f"airflow, LLM latency {latency}s: {state}, {users} users in {out['run_seconds']:.1f}s "
         f"({out['users_per_second']:.2f} users/s), task median {out['task_duration_median']:.2f}s, "
@@ -299,16 +305,7 @@ def _noop_run(airflow: AirflowServices, args: argparse.Namespace, latency: float
     after = cpu_snapshot(airflow, {})
     out = _analyse_run(airflow.run_timing(run_id, dag_id=NOOP_DAG_ID), [], users)
     cpu = cpu_delta(before, after)
-    out.update(
-        {
-            "latency": latency,
-            "state": state,
-            "cpu_seconds": cpu,
-            "cpu_busy_fraction": round(cpu["machine busy"] / cpu["machine total"], 3) if cpu["machine total"] else None,
-            "task_cpu_seconds_per_user": round(cpu.get(TASKS_CPU, 0.0) / users, 3),
-            "bench_cpu_seconds_per_user": round((cpu["machine busy"] - cpu[OTHER_CPU]) / users, 3),
-        }
-    )
+    out.update({"latency": latency, "state": state, "cpu_seconds": cpu, **_cpu_figures(cpu, users)})
     log(
         f"airflow, no-op mapped task sleeping {latency}s: {state}, {users} users in {out['run_seconds']:.1f}s "
         f"({out['users_per_second']:.2f} users/s)"
