@@ -313,14 +313,15 @@ def _noop_run(airflow: AirflowServices, args: argparse.Namespace, latency: float
     return out
 
 
-def _services(
-    ctx: dict[str, Any], args: argparse.Namespace, name: str, parallelism: int, extra_env: dict[str, str] | None
+def airflow_services(
+    ctx: dict[str, Any], args: argparse.Namespace, home: Path, parallelism: int, extra_env: dict[str, str] | None
 ) -> AirflowServices:
+    """Airflow services in ``home`` on the bench's MongoDB, Redis and fake LLM (not started yet)."""
     conn_env = airflow_connection_env(
         mongo=ctx["mongo"], db=args.airflow_db, redis=ctx["redis"], statsd=None, llm_base_url=ctx["fake"].base_url
     )
     return AirflowServices(
-        OUT_DIR / name, conn_env=conn_env, pool_slots=args.pool_slots, parallelism=parallelism, extra_env=extra_env
+        home, conn_env=conn_env, pool_slots=args.pool_slots, parallelism=parallelism, extra_env=extra_env
     )
 
 
@@ -336,7 +337,7 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         "tuning": dict(TUNING),
     }
     started = time.monotonic()
-    with _services(ctx, args, "airflow", args.parallelism, None) as airflow:
+    with airflow_services(ctx, args, OUT_DIR / "airflow", args.parallelism, None) as airflow:
         log(f"airflow up in {time.monotonic() - started:.1f}s (migrate {airflow.prepare_seconds:.1f}s)")
         out["startup_seconds"] = round(time.monotonic() - started, 1)
         out["llm_latency"] = _airflow_run(ctx, airflow, args, "latency", args.latency, args.users)
@@ -352,7 +353,7 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         ]
     if not args.skip_baseline:
         out["baseline"] = {"parallelism": args.pool_slots, "env": dict(BASELINE_ENV)}
-        with _services(ctx, args, "airflow-baseline", args.pool_slots, BASELINE_ENV) as airflow:
+        with airflow_services(ctx, args, OUT_DIR / "airflow-baseline", args.pool_slots, BASELINE_ENV) as airflow:
             out["baseline"]["llm_latency"] = _airflow_run(ctx, airflow, args, "baseline", args.latency, args.users)
     ctx["client"].drop_database(args.airflow_db)
     ctx["fake"].set_latency(0.0)

@@ -15,7 +15,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 from tools import bench  # noqa: E402
-from tools.bench_airflow import AirflowServices, _proc_cpu  # noqa: E402
+from tools.bench_airflow import _proc_cpu  # noqa: E402
 from tools.fake_openai import FakeOpenAI  # noqa: E402
-from tools.services import MongoService, RedisService, airflow_connection_env  # noqa: E402
-from tools.standalone import celery_worker  # noqa: E402
+from tools.services import MongoService, RedisService  # noqa: E402
+from tools.standalone import celery_pool, celery_worker  # noqa: E402
 
 OUT_DIR = REPO / ".local" / "bench-celery"
 CONFIG = "butler_memory.celery_config.CELERY_CONFIG"
@@ -49,17 +48,10 @@ def _one(ctx: dict[str, Any], args: argparse.Namespace, broker: RedisService, co
     }
     if configured:
         extra["AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS"] = CONFIG
-    conn_env = airflow_connection_env(
-        mongo=ctx["mongo"], db=args.airflow_db, redis=ctx["redis"], statsd=None, llm_base_url=ctx["fake"].base_url
-    )
-    services = AirflowServices(
-        home, conn_env=conn_env, pool_slots=args.pool_slots, parallelism=2 * args.pool_slots, extra_env=extra
-    )
+    services = bench.airflow_services(ctx, args, home, 2 * args.pool_slots, extra)
     log_path = OUT_DIR / f"{label}-worker.log"
     with services, celery_worker(services.env, log_path) as worker:
-        time.sleep(15)  # the worker connects to the broker and forks its pool
-        if worker.poll() is not None:
-            raise RuntimeError(f"celery worker exited {worker.returncode}; log in {log_path}")
+        celery_pool(worker, 2 * args.pool_slots, log_path)
         root = psutil.Process(worker.pid)
         before = _tree_cpu(root)
         run = bench._airflow_run(ctx, services, args, label, args.latency, args.users)

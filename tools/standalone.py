@@ -33,6 +33,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Self
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
@@ -197,6 +199,24 @@ def celery_worker(env: Mapping[str, str], log_path: Path) -> Iterator[subprocess
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def celery_pool(
+    worker: subprocess.Popen[bytes], size: int, log_path: Path, timeout: float = READY_TIMEOUT
+) -> list[psutil.Process]:
+    """Wait until a ``celery_worker`` has forked ``size`` prefork pool processes (titled
+    ``[celeryd: ...:ForkPoolWorker-N]``; the worker's other children are Airflow's helpers) and they
+    have settled; return them. Raise RuntimeError, with the log's tail, if it exits or times out."""
+    root = psutil.Process(worker.pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise RuntimeError(f"celery worker exited {worker.returncode}:\n{_log_tail(log_path)}")
+        if len([p for p in root.children() if "ForkPoolWorker" in p.name()]) >= size:
+            time.sleep(2.0)  # let every pool process finish its own start-up
+            return [p for p in root.children() if "ForkPoolWorker" in p.name()]
+        time.sleep(0.5)
+    raise RuntimeError(f"celery worker forked no pool of {size} within {timeout:.0f}s:\n{_log_tail(log_path)}")
 
 
 def stop_all(processes: Iterable[AirflowProcess], timeout: float = STOP_TIMEOUT) -> dict[str, int | None]:

@@ -9,15 +9,12 @@ never by Celery or Airflow themselves. The broker is the suite's redis-server.
 from __future__ import annotations
 
 import os
-import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tools.services import RedisService
-from tools.standalone import celery_worker
+from tools.standalone import celery_pool, celery_worker
 
 REPO = Path(__file__).resolve().parents[2]
 MARKERS = ("pymongo/_cmessage", "jiter/jiter")
@@ -50,33 +47,13 @@ def _worker_env(tmp_path: Path, redis_service: RedisService, configured: bool) -
     return env
 
 
-def _pool_of(root: psutil.Process) -> list[psutil.Process]:
-    """Celery's prefork pool processes (titled ``[celeryd: ...:ForkPoolWorker-N]``); the worker has
-    other children (Airflow's helper processes) that are not forked from it to run tasks."""
-    return [p for p in root.children() if "ForkPoolWorker" in p.name()]
-
-
-def _pool_processes(worker: subprocess.Popen[bytes], tmp_path: Path) -> list[psutil.Process]:
-    """Wait until the worker has forked its pool (and the pool has settled); return the pool."""
-    deadline = time.monotonic() + START_TIMEOUT
-    root = psutil.Process(worker.pid)
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            pytest.fail(f"celery worker exited {worker.returncode}:\n{(tmp_path / 'worker.log').read_text()[-3000:]}")
-        if len(_pool_of(root)) >= POOL:
-            time.sleep(2.0)  # let every pool process finish its own start-up
-            return _pool_of(root)
-        time.sleep(0.5)
-    pytest.fail(f"no pool within {START_TIMEOUT:.0f}s:\n{(tmp_path / 'worker.log').read_text()[-3000:]}")
-
-
 @pytest.mark.parametrize("configured", [True, False], ids=["celery_config", "airflow_default"])
 def test_worker_pool_starts_with_the_task_libraries_only_with_our_config(
     tmp_path: Path, redis_service: RedisService, configured: bool
 ) -> None:
     env = _worker_env(tmp_path, redis_service, configured)
     with celery_worker(env, tmp_path / "worker.log") as worker:
-        pool = _pool_processes(worker, tmp_path)
+        pool = celery_pool(worker, POOL, tmp_path / "worker.log", timeout=START_TIMEOUT)
         loaded = {p.pid: all(marker in _maps(p.pid) for marker in MARKERS) for p in pool}
     assert len(loaded) >= POOL
     if configured:
