@@ -69,11 +69,11 @@ def preload(modules: tuple[str, ...] = PRELOADED_MODULES) -> dict[str, float]:
 
 def warm_llm_client() -> float | None:
     """Import the ``openai`` client with the resources it loads lazily on first use and build its TLS
-    context (``butler_memory.summarizer.warm_up``; no I/O). Return the seconds it took, None when it
+    context (``butler_memory.openai_summarizer.warm_up``; no I/O). Return the seconds it took, None when it
     failed (logged; the task then does it itself and reports any error)."""
     started = time.perf_counter()
     try:
-        from butler_memory.summarizer import warm_up
+        from butler_memory.openai_summarizer import warm_up
 
         warm_up()
     except Exception as exc:  # never break the component that loads plugins

@@ -33,9 +33,9 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 from butler_memory.compression import Engine  # noqa: E402
 from butler_memory.locks import UserLocks  # noqa: E402
+from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
 from butler_memory.settings import Settings  # noqa: E402
 from butler_memory.store import VERSION_FIELD, EventKey, MemoryStore  # noqa: E402
-from butler_memory.summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
 from tools.seed import user_events  # noqa: E402
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

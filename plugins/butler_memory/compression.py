@@ -27,17 +27,11 @@ from butler_memory import metrics as m
 from butler_memory.errors import CompressionError, InvalidEventError, LLMError
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
+from butler_memory.prompt import EVENT_FRAMING_CHARS, PROMPT_OVERHEAD_TOKENS, estimate_tokens
 from butler_memory.settings import Settings
 from butler_memory.store import Backlog, EventKey, MemoryStore, Profile
-from butler_memory.summarizer import (
-    EVENT_FRAMING_CHARS,
-    PROMPT_OVERHEAD_TOKENS,
-    EventText,
-    Summarizer,
-    SummaryRequest,
-    estimate_tokens,
-    validate_summary,
-)
+from butler_memory.summarizer import EventText, Summarizer, SummaryRequest
+from butler_memory.validation import validate_summary
 
 log = logging.getLogger(__name__)
 

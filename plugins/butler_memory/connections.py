@@ -15,9 +15,11 @@ from typing import Any
 from butler_memory.compression import Engine
 from butler_memory.locks import UserLocks
 from butler_memory.metrics import Metrics, NullMetrics, StatsdConfig, StatsdMetrics
+from butler_memory.offline import OfflineSummarizer
+from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer
 from butler_memory.settings import Settings, SettingsError
 from butler_memory.store import MemoryStore
-from butler_memory.summarizer import LLMConfig, OfflineSummarizer, OpenAISummarizer, Summarizer
+from butler_memory.summarizer import Summarizer
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ PROBE = textwrap.dedent(
     pid = os.fork()
     if pid == 0:
         loaded = {m: m in sys.modules for m in HEAVY}
-        summarizer = sys.modules.get("butler_memory.summarizer")
+        summarizer = sys.modules.get("butler_memory.openai_summarizer")
         loaded["tls context"] = summarizer is not None and summarizer._TLS_CONTEXT is not None
         os.write(write, json.dumps(loaded).encode())
         os._exit(0)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from butler_memory.metrics import StatsdConfig, StatsdMetrics
-from butler_memory.summarizer import OpenAISummarizer
+from butler_memory.openai_summarizer import OpenAISummarizer
 from tests.engine.helpers import openai_summarizer
 from tools.fake_openai import FakeOpenAI
 from tools.services import StatsdSink

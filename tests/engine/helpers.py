@@ -13,9 +13,11 @@ from pymongo.database import Database
 from butler_memory.compression import Engine
 from butler_memory.locks import UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
+from butler_memory.offline import OfflineSummarizer
+from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer
 from butler_memory.settings import Settings
 from butler_memory.store import THROUGH_FIELD, VERSION_FIELD, MemoryStore
-from butler_memory.summarizer import LLMConfig, OfflineSummarizer, OpenAISummarizer, Summarizer
+from butler_memory.summarizer import Summarizer
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 """Timestamp of every test user's first event."""

@@ -20,9 +20,9 @@ import redis
 
 from butler_memory.compression import Engine
 from butler_memory.locks import UserLocks
+from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer
 from butler_memory.settings import Settings
 from butler_memory.store import MemoryStore
-from butler_memory.summarizer import LLMConfig, OpenAISummarizer
 
 
 def main(argv: list[str]) -> int:

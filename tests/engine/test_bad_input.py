@@ -17,8 +17,8 @@ from redis.retry import Retry
 from butler_memory.compression import COMPRESSED, failed_result
 from butler_memory.errors import CompressionError, InvalidEventError, InvalidProfileError, LockUnavailableError
 from butler_memory.locks import UserLocks
+from butler_memory.offline import OfflineSummarizer
 from butler_memory.settings import Settings
-from butler_memory.summarizer import OfflineSummarizer
 from tests.engine.helpers import events_of, insert_events, make_engine, set_profile, small_settings, snapshot
 from tools.services import free_port
 

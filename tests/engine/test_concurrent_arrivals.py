@@ -9,7 +9,8 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.compression import COMPRESSED
-from butler_memory.summarizer import OfflineSummarizer, Summary, SummaryRequest
+from butler_memory.offline import OfflineSummarizer
+from butler_memory.summarizer import Summary, SummaryRequest
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     START,

@@ -17,13 +17,10 @@ from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPP
 from butler_memory.errors import ConcurrentUpdateError, InvalidSummaryError, LockLostError
 from butler_memory.locks import UserLocks
 from butler_memory.metrics import StatsdMetrics
+from butler_memory.offline import OfflineSummarizer
+from butler_memory.prompt import estimate_tokens
 from butler_memory.store import Backlog, MemoryStore
-from butler_memory.summarizer import (
-    OfflineSummarizer,
-    Summary,
-    SummaryRequest,
-    estimate_tokens,
-)
+from butler_memory.summarizer import Summary, SummaryRequest
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     archive_of,

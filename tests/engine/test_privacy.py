@@ -21,8 +21,8 @@ from butler_memory import metrics as m
 from butler_memory.compression import Engine, failed_result
 from butler_memory.errors import CompressionError
 from butler_memory.metrics import StatsdMetrics
+from butler_memory.offline import OfflineSummarizer
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
-from butler_memory.summarizer import OfflineSummarizer
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import insert_events, make_engine, profile_of, small_settings
 from tools.fake_openai import FakeOpenAI, error_body

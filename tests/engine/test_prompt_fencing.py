@@ -8,7 +8,7 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
-from butler_memory.summarizer import SYSTEM_PROMPT
+from butler_memory.prompt import SYSTEM_PROMPT
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     content_of,

@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 import pytest
 
 from butler_memory.errors import InvalidSummaryError
-from butler_memory.summarizer import EventText, SummaryRequest, build_messages, validate_summary
+from butler_memory.prompt import build_messages
+from butler_memory.summarizer import EventText, SummaryRequest
+from butler_memory.validation import validate_summary
 
 
 @pytest.mark.parametrize(

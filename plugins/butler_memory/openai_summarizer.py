@@ -1,0 +1,144 @@
+"""OpenAISummarizer: summarise through an OpenAI-compatible chat completions endpoint.
+
+Works with OpenAI, Azure, vLLM, Ollama and other servers speaking the same API. Failures are
+classified as transient (retry later) or permanent; no error message quotes user content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from butler_memory.errors import LLMPermanentError, LLMTransientError
+from butler_memory.prompt import build_messages
+from butler_memory.summarizer import Summary, SummaryRequest
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """How to reach an OpenAI-compatible chat completions endpoint."""
+
+    base_url: str | None
+    api_key: str
+    model: str
+    timeout_seconds: float = 60.0
+    max_retries: int = 2
+    extra_body: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:  # never print the key
+        return f"LLMConfig(base_url={self.base_url!r}, model={self.model!r}, api_key=***)"
+
+
+_TLS_CONTEXT: tuple[int, ssl.SSLContext] | None = None
+
+
+def tls_context() -> ssl.SSLContext:
+    """Return the TLS context the LLM client verifies servers with, built once per process.
+
+    It is the client's own default (``httpcore2.default_ssl_context``: ``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR``, else the system CA store); building it reads the CA bundle, about 18 ms of CPU
+    that each task process would otherwise spend again. A process forked after :func:`warm_up` (an
+    Airflow task process) inherits it; the context holds no connection, so sharing it is safe.
+    """
+    global _TLS_CONTEXT  # one context per process, on purpose
+    if _TLS_CONTEXT is None or _TLS_CONTEXT[0] != _tls_key():
+        import httpcore2
+
+        _TLS_CONTEXT = (_tls_key(), httpcore2.default_ssl_context())
+    return _TLS_CONTEXT[1]
+
+
+def _tls_key() -> int:
+    """Rebuild the context when the CA settings it was built from change."""
+    return hash((os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")))
+
+
+def warm_up() -> None:
+    """Import what the first LLM call would import lazily and build the TLS context, without any I/O.
+
+    Called by the ``butler_memory_preload`` Airflow plugin in each Airflow component, so that task
+    processes forked from it start with all of this done.
+    """
+    summarizer = OpenAISummarizer(LLMConfig(base_url="http://127.0.0.1:9/v1", api_key="warm-up", model="warm-up"))
+    try:
+        summarizer._client.chat.completions  # noqa: B018  # the lazy import of the chat resources
+    finally:
+        summarizer.close()
+
+
+class OpenAISummarizer:
+    """Summarise through the ``openai`` client (OpenAI, Azure, vLLM, Ollama, ...), temperature 0."""
+
+    name = "openai"
+
+    def __init__(self, config: LLMConfig, client: Any | None = None) -> None:
+        self.config = config
+        if client is None:
+            import openai
+
+            client = openai.OpenAI(
+                base_url=config.base_url,
+                api_key=config.api_key,
+                timeout=config.timeout_seconds,
+                max_retries=config.max_retries,
+                http_client=openai.DefaultHttpxClient(verify=tls_context()),
+            )
+        self._client = client
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._client.close()
+
+    def summarize(self, request: SummaryRequest) -> Summary:
+        """Call the chat completions API once; classify failures as transient or permanent."""
+        import openai
+
+        started = time.monotonic()
+        try:
+            response = self._client.chat.completions.create(
+                model=self.config.model,
+                messages=build_messages(request),  # type: ignore[arg-type]  # plain dicts are valid params
+                temperature=0,
+                max_tokens=request.max_tokens * 2,
+                extra_body=self.config.extra_body or None,
+            )
+        except (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError) as exc:
+            raise LLMTransientError(
+                f"user {request.user_id!r}: LLM {type(exc).__name__}", user_id=request.user_id
+            ) from None
+        except openai.APIStatusError as exc:
+            kind = LLMTransientError if exc.status_code >= 500 or exc.status_code in (408, 409) else LLMPermanentError
+            raise kind(
+                f"user {request.user_id!r}: LLM HTTP {exc.status_code} ({type(exc).__name__})", user_id=request.user_id
+            ) from None
+        except openai.APIResponseValidationError:
+            raise LLMTransientError(
+                f"user {request.user_id!r}: LLM returned a malformed response", user_id=request.user_id
+            ) from None
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise LLMTransientError(
+                f"user {request.user_id!r}: LLM returned a malformed response ({type(exc).__name__})",
+                user_id=request.user_id,
+            ) from None
+        seconds = time.monotonic() - started
+        choices = getattr(response, "choices", None)
+        if not choices or getattr(choices[0], "message", None) is None:
+            raise LLMTransientError(f"user {request.user_id!r}: LLM response has no choices", user_id=request.user_id)
+        choice = choices[0]
+        if getattr(choice, "finish_reason", None) == "content_filter":
+            raise LLMPermanentError(
+                f"user {request.user_id!r}: LLM rejected the content (content_filter)", user_id=request.user_id
+            )
+        usage = getattr(response, "usage", None)
+        prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+        completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        return Summary(
+            text=choice.message.content or "",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            seconds=seconds,
+        )
