@@ -25,6 +25,7 @@ import pytest
 import redis
 from pymongo.database import Database
 
+from tools import parts
 from tools.fake_openai import FakeOpenAI
 from tools.services import AirflowConns, MongoService, RedisService, StatsdSink, airflow_connection_env
 
@@ -123,6 +124,34 @@ def airflow_db(pytestconfig: pytest.Config) -> AirflowHome:
         sql_alchemy_conn=os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"],
         migrate_seconds=time.monotonic() - started,
     )
+
+
+def require_part(part: parts.Part) -> Path:
+    """Return where a system part is; a missing one fails the test under CI=true, else skips it with the reason."""
+    path = part.find()
+    if path is None:
+        if parts.in_ci():
+            pytest.fail(f"{part.missing_reason()}; CI=true: a missing part fails, never skips", pytrace=False)
+        pytest.skip(part.missing_reason())
+    return path
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> Path:
+    """Return Debian's chromium (tools/parts.py)."""
+    return require_part(parts.CHROMIUM)
+
+
+@pytest.fixture(scope="session")
+def promtool_path() -> Path:
+    """Return promtool (tools/parts.py)."""
+    return require_part(parts.PROMTOOL)
+
+
+@pytest.fixture(scope="session")
+def pg_bindir() -> Path:
+    """Return the PostgreSQL bin directory (tools/parts.py)."""
+    return require_part(parts.POSTGRESQL)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-CHROMIUM = Path("/usr/bin/chromium")
 START_TIMEOUT = 60.0
 COMMAND_TIMEOUT = 30.0
 
@@ -88,12 +87,12 @@ class Page:
 
 
 @contextlib.contextmanager
-def chromium(profile_dir: Path, *, width: int = 1280, height: int = 900) -> Iterator[Page]:
+def chromium(profile_dir: Path, executable: Path, *, width: int = 1280, height: int = 900) -> Iterator[Page]:
     """Run headless Chromium in its own process group on a loopback DevTools port; yield its first tab."""
     profile_dir.mkdir(parents=True, exist_ok=True)
     log_path = profile_dir / "chromium.log"
     command = [
-        str(CHROMIUM),
+        str(executable),
         "--headless",
         "--no-sandbox",
         "--disable-gpu",

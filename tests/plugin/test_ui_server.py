@@ -480,9 +480,8 @@ def test_mongodb_unreachable_or_undefined_is_503(ui: UI) -> None:
     assert ui.ui("/api/runs").status_code == 200, "back to normal once the Variable is gone"
 
 
-@pytest.mark.skipif(not cdp.CHROMIUM.exists(), reason=f"{cdp.CHROMIUM} is not installed (Debian package 'chromium')")
-def test_page_renders_table_and_chart_in_headless_chromium(ui: UI) -> None:
-    with cdp.chromium(ui.profile_dir) as page:
+def test_page_renders_table_and_chart_in_headless_chromium(ui: UI, chromium_path: Path) -> None:
+    with cdp.chromium(ui.profile_dir, chromium_path) as page:
         page.send(
             "Network.setCookie",
             name="_token",
