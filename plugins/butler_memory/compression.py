@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from butler_memory import metrics as m
 from butler_memory.errors import CompressionError, InvalidEventError, LLMError
+from butler_memory.history import BASELINE, FOLD, Covers, HistoryEntry, Key, prompt_version
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
-from butler_memory.prompt import EVENT_FRAMING_CHARS, PROMPT_OVERHEAD_TOKENS, estimate_tokens
+from butler_memory.prompt import EVENT_FRAMING_CHARS, PROMPT_OVERHEAD_TOKENS, SYSTEM_PROMPT, estimate_tokens
 from butler_memory.settings import Settings
 from butler_memory.store import Backlog, EventKey, MemoryStore, Profile
 from butler_memory.summarizer import EventText, Summarizer, SummaryRequest
@@ -47,6 +48,7 @@ STEPS = (
     "pending_deleted",
     "selected",
     "summarized",
+    "recorded",
     "committed",
     "archived",
     "deleted",
@@ -247,6 +249,24 @@ def _compress_locked(
         # Until the last chunk, the commit records where this fold ends, so a re-run after a kill finishes it.
         target = None if last.id == keys[-1].id else keys[-1]
         now = clock()
+        # History first: an entry the profile never reaches (a kill before the commit) is overwritten by the re-run.
+        if version == profile.version:
+            record_baseline(store, profile, clock)
+        store.history.write_version(
+            HistoryEntry(
+                user_id,
+                version + 1,
+                text,
+                FOLD,
+                run_id,
+                version,
+                now,
+                through=Key(last.created_at, last.id),
+                covers=Covers(Key(chunk[0]["created_at"], chunk[0]["_id"]), Key(last.created_at, last.id), len(chunk)),
+                **summarizer_identity(summarizer),
+            )
+        )
+        checkpoint("recorded")
         version = store.commit_summary(
             user_id,
             expected_version=version,
@@ -287,6 +307,46 @@ def _compress_locked(
         result.summary_chars,
     )
     return result
+
+
+class SummarizerIdentity(TypedDict):
+    """What the history records of the summariser that wrote a version."""
+
+    summarizer: str
+    model: str | None
+    prompt_version: str | None
+
+
+def summarizer_identity(summarizer: Summarizer) -> SummarizerIdentity:
+    """Return what the history records of the summariser: its name, model and prompt version."""
+    model = getattr(getattr(summarizer, "config", None), "model", None)
+    uses_prompt = summarizer.name == "openai"
+    return SummarizerIdentity(
+        summarizer=summarizer.name,
+        model=model if isinstance(model, str) else None,
+        prompt_version=prompt_version(SYSTEM_PROMPT) if uses_prompt else None,
+    )
+
+
+def record_baseline(store: MemoryStore, profile: Profile, clock: Callable[[], datetime]) -> None:
+    """Record the profile's current version in the history when it has none (it was committed before
+    history existed, or by the Butler), so that it can be rolled back to."""
+    if (profile.version == 0 and not profile.summary) or store.history.exists(profile.user_id, profile.version):
+        return
+    through = None if profile.through is None else Key(profile.through.created_at, profile.through.id)
+    store.history.write_version(
+        HistoryEntry(
+            profile.user_id,
+            profile.version,
+            profile.summary,
+            BASELINE,
+            None,
+            profile.version,  # what it built on is unknown: the lineage stops here
+            clock(),  # retention counts from when it was recorded
+            through=through,
+            compressed_at=profile.compressed_at,
+        )
+    )
 
 
 def _fold_list(

@@ -47,6 +47,8 @@ class Settings:
     profiles_collection: str = "user_profiles"
     archive_collection: str = "user_memory_archive"
     runs_collection: str = "memory_compression_runs"
+    history_collection: str = "user_memory_summaries"
+    """Every committed version of every user's summary (see history.py); holds personal data."""
     summary_field: str = "memory_summary"
     language_field: str = "language"
     """Profile field holding the user's language code, when the Butler stores one."""
@@ -73,6 +75,9 @@ class Settings:
     """Socket connect/read timeout for the lock Redis (RedisHook sets none: a silent host would hang)."""
     archive_enabled: bool = True
     archive_retention_days: int = 90
+    history_retention_days: int = 90
+    """Summary versions older than this are dropped (TTL on created_at); a run can be rolled back
+    only while the version before it and its archived events are kept."""
     delete_batch_size: int = 500
     """$in lists stay this short: large $in lists are slow on some servers and hold locks longer."""
     scan_limit: int = 1000
@@ -81,7 +86,7 @@ class Settings:
     def __post_init__(self) -> None:
         _positive(self, "threshold", "keep_last_n", "summary_max_tokens", "prompt_budget_tokens")
         _positive(self, "max_events_per_chunk", "max_event_chars", "lock_ttl_seconds")
-        _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days")
+        _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days", "history_retention_days")
         if self.keep_last_n > self.threshold:
             raise SettingsError(
                 f"keep_last_n ({self.keep_last_n}) must not exceed threshold ({self.threshold}): "

@@ -17,6 +17,7 @@ from pymongo.database import Database
 from pymongo.errors import OperationFailure
 
 from butler_memory.errors import ConcurrentUpdateError, InvalidEventError, InvalidProfileError
+from butler_memory.history import SummaryHistory
 from butler_memory.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ TARGET_FIELD = "memory_fold_target"
 """{"created_at": ..., "event_id": ...}: the last key of a run's fold list while chunks of it remain to
 fold; a run killed between chunks leaves it set, so the re-run folds the rest even when the user
 is no longer over the threshold (as the clean run would have)."""
+ROLLBACK_FIELD = "memory_rollback"
+"""The intent of a rollback in progress (see rollback.py): recorded before anything moves, so a
+re-run (of the rollback or of a compression) finishes it; removed when it is done."""
 
 _INDEX_CONFLICT_CODES = {85, 86}  # IndexOptionsConflict, IndexKeySpecsConflict
 _ONE_MS = timedelta(milliseconds=1)
@@ -75,6 +79,10 @@ class Profile:
     language: str | None = None
     pending: PendingFold | None = None
     fold_target: EventKey | None = None
+    through: EventKey | None = None
+    compressed_at: datetime | None = None
+    rollback: dict[str, Any] | None = None
+    """A rollback's intent left by an interrupted rollback (see rollback.py)."""
 
 
 class MemoryStore:
@@ -89,6 +97,7 @@ class MemoryStore:
         self.profiles = db[settings.profiles_collection]
         self.archive_coll = db[settings.archive_collection]
         self.runs = db[settings.runs_collection]
+        self.history = SummaryHistory(db, settings)
 
     def close(self) -> None:
         """Close the MongoDB client this store's database belongs to."""
@@ -107,6 +116,7 @@ class MemoryStore:
         self._ensure(self.events, [("user_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)])
         self._ensure(self.profiles, [("user_id", ASCENDING)])
         self._ensure(self.runs, [("run_id", ASCENDING)], unique=True)
+        self.history.ensure_indexes()
         if self.settings.archive_enabled:
             self._ensure(self.archive_coll, [("user_id", ASCENDING), ("created_at", ASCENDING)])
             ttl = self.settings.archive_retention_days * 86400
@@ -182,7 +192,7 @@ class MemoryStore:
         """Store a new summary, watermark, pending fold and fold target (None after the last chunk)
         in one guarded update; return the new version."""
         new_version = expected_version + 1
-        guard: dict[str, Any] = {"user_id": user_id, PENDING_FIELD: None}
+        guard: dict[str, Any] = {"user_id": user_id, PENDING_FIELD: None, ROLLBACK_FIELD: None}
         guard[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
         update = {
             "$set": {
@@ -314,8 +324,28 @@ def parse_profile(user_id: str, doc: Mapping[str, Any], settings: Settings) -> P
         if not (isinstance(raw, dict) and isinstance(raw.get("created_at"), datetime) and "event_id" in raw):
             raise InvalidProfileError(user_id, TARGET_FIELD, "is not {created_at: date, event_id: ...}")
         target = EventKey(raw["created_at"], raw["event_id"])
+    through = None
+    raw = doc.get(THROUGH_FIELD)
+    if raw is not None:
+        if not (isinstance(raw, dict) and isinstance(raw.get("created_at"), datetime) and "event_id" in raw):
+            raise InvalidProfileError(user_id, THROUGH_FIELD, "is not {created_at: date, event_id: ...}")
+        through = EventKey(raw["created_at"], raw["event_id"])
+    compressed_at = doc.get(COMPRESSED_AT_FIELD)
+    if compressed_at is not None and not isinstance(compressed_at, datetime):
+        raise InvalidProfileError(user_id, COMPRESSED_AT_FIELD, "is not a date")
+    rollback = doc.get(ROLLBACK_FIELD)
+    if rollback is not None and not (isinstance(rollback, dict) and isinstance(rollback.get("version"), int)):
+        raise InvalidProfileError(user_id, ROLLBACK_FIELD, "is not {version: int, ...}")
     return Profile(
-        user_id=user_id, summary=summary, version=version, language=language, pending=pending, fold_target=target
+        user_id=user_id,
+        summary=summary,
+        version=version,
+        language=language,
+        pending=pending,
+        fold_target=target,
+        through=through,
+        compressed_at=compressed_at,
+        rollback=rollback,
     )
 
 

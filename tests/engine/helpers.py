@@ -127,12 +127,18 @@ def profile_of(db: Database[Doc], user_id: str) -> Doc | None:
     return db["user_profiles"].find_one({"user_id": user_id}, {"_id": 0})
 
 
+def history_of(db: Database[Doc], user_id: str) -> list[Doc]:
+    """Return a user's summary history entries, oldest version first, without ``_id``."""
+    return list(db["user_memory_summaries"].find({"user_id": user_id}, {"_id": 0}).sort("version", 1))
+
+
 def snapshot(db: Database[Doc], user_id: str) -> Doc:
     """Return everything a compression of one user could change."""
     return {
         "events": events_of(db, user_id),
         "archive": archive_of(db, user_id),
         "profile": profile_of(db, user_id),
+        "history": history_of(db, user_id),
     }
 
 

@@ -31,6 +31,7 @@ from tests.engine.helpers import (
     archive_of,
     chain_responder,
     events_of,
+    history_of,
     insert_events,
     ledger,
     make_engine,
@@ -66,6 +67,8 @@ CASES: dict[str, list[Kill]] = {
     "selected": [("selected", 1)],
     "summarized-1": [("summarized", 1)],
     "summarized-2": [("summarized", 2)],
+    "recorded-1": [("recorded", 1)],
+    "recorded-2": [("recorded", 2)],
     "committed-1": [("committed", 1)],
     "committed-2": [("committed", 2)],
     "archived-1": [("archived", 1)],
@@ -78,6 +81,7 @@ CASES: dict[str, list[Kill]] = {
     "recovery-pending_archived": [("committed", 2), ("pending_archived", 1)],
     "recovery-pending_deleted": [("committed", 2), ("pending_deleted", 1)],
     "recovery-summarized": [("archived", 1), ("summarized", 1)],
+    "recovery-recorded": [("archived", 1), ("recorded", 1)],
 }
 
 
@@ -123,7 +127,7 @@ def expected_after_kill(kill: Kill, version_before: int, pending_before: bool) -
     step, n = kill
     if step == "locked":
         return version_before, pending_before
-    if step in ("selected", "summarized"):
+    if step in ("selected", "summarized", "recorded"):
         return version_before + n - 1, False
     if step in ("committed", "archived", "deleted"):
         return version_before + n, True
@@ -140,6 +144,28 @@ def wait_for_lock_expiry(client: redis.Redis, key: str, ttl: float) -> None:
     while client.exists(key):
         assert time.monotonic() < deadline, f"lock {key!r} outlived its {ttl}s TTL"
         time.sleep(0.05)
+
+
+def _comparable(entry: Doc) -> Doc:
+    """Return a history entry without what differs between runs (run id and times)."""
+    return {k: v for k, v in entry.items() if k not in ("run_id", "created_at")}
+
+
+def check_history(db: Database[Doc], profile: Doc, archive: dict[str, Doc], clean: list[Doc]) -> None:
+    """Exactly one entry per committed version, each covering exactly the events archived with it."""
+    history = history_of(db, USER)
+    assert [e["version"] for e in history] == list(range(1, profile["memory_summary_version"] + 1)), (
+        f"history versions {[e['version'] for e in history]} differ from the committed ones"
+    )
+    assert history[-1]["text"] == profile["memory_summary"], "the current version's history text differs"
+    for entry in history:
+        assert entry["kind"] == "fold" and entry["base_version"] == entry["version"] - 1, entry["version"]
+        covered = sorted((d["created_at"], i) for i, d in archive.items() if d["summary_version"] == entry["version"])
+        covers = entry["covers"]
+        assert covers["count"] == len(covered), f"v{entry['version']} covers {covers['count']}, archived {covered}"
+        assert (covers["first"]["created_at"], covers["first"]["event_id"]) == covered[0]
+        assert (covers["last"]["created_at"], covers["last"]["event_id"]) == covered[-1]
+    assert [_comparable(e) for e in history] == clean, "the history differs from a clean run's"
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +188,7 @@ def clean_run(
             "version": summary_version(db, USER),
             "summary": profile_of(db, USER)["memory_summary"],
             "requests": len(fake_llm.chat_requests),
+            "history": [_comparable(entry) for entry in history_of(db, USER)],
         }
     finally:
         fake_llm.reset()
@@ -192,7 +219,7 @@ def test_kill_then_rerun_ends_like_a_clean_run(
     for kill in kills:
         version_before = summary_version(mongo_db, USER)
         pending_before = (profile_of(mongo_db, USER) or {}).get(PENDING_FIELD) is not None
-        if kill[0] == "summarized":
+        if kill[0] in ("summarized", "recorded"):
             # Chunks fold oldest first, CHUNK events each: the killed call was showing chunk v + n.
             start = (version_before + kill[1] - 1) * CHUNK
             resummarised += folded[start : start + CHUNK]
@@ -242,3 +269,4 @@ def test_kill_then_rerun_ends_like_a_clean_run(
     )
     assert profile["memory_summary_version"] == clean_run["version"] == CHUNKS
     assert profile["memory_summary"] == clean_run["summary"]
+    check_history(mongo_db, profile, archive, clean_run["history"])
