@@ -132,11 +132,12 @@ def compress_outcomes(run: Any) -> dict[str, tuple[str, str | None]]:
 
 
 def snapshot(db: Database[dict[str, Any]]) -> dict[str, Any]:
-    """Return everything a run could write: events per user, profiles, archive and run documents."""
+    """Return everything a run could write: events per user, profiles, archive, history and run documents."""
     return {
         "events": event_counts(db),
         "profiles": list(db["user_profiles"].find({}, {"_id": 0})),
         "archive": db["user_memory_archive"].count_documents({}),
+        "history": db["user_memory_summaries"].count_documents({}),
         "runs": list(db["memory_compression_runs"].find({}, {"_id": 0})),
     }
 
