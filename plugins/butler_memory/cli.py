@@ -1,8 +1,9 @@
-"""The same engine without Airflow's scheduler: ``python -m butler_memory compress ...``.
+"""The same engine without Airflow's scheduler: ``python -m butler_memory compress|forget ...``.
 
 Reads the same ``AIRFLOW_CONN_*`` variables (and ``BUTLER_MEMORY_*`` settings) as the DAG. Exit
-codes: 0 all users done or skipped, 1 some user failed, 2 bad arguments or settings, 3 a service
-(MongoDB, Redis) is unreachable.
+codes: 0 all users done or skipped, 1 some user failed (forget: it could not finish, e.g. the lock
+stayed busy; run it again), 2 bad arguments or settings (forget: bad input, nothing changed), 3 a
+service (MongoDB, Redis) is unreachable.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from butler_memory.compression import FAILED, UserResult, failed_result
-from butler_memory.errors import CompressionError, LockUnavailableError
+from butler_memory.errors import CompressionError, ForgetInputError, LockUnavailableError
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
 from butler_memory.settings import Settings, SettingsError
 
@@ -50,6 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--json", action="store_true", help="print the report as JSON")
     compress.add_argument("--run-id", default=None, help="id of this run in memory_compression_runs")
     compress.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+
+    forget = sub.add_parser(
+        "forget",
+        allow_abbrev=False,
+        help="forget a user, or some of their events, everywhere we keep them (docs/erasure.md)",
+        description="Without --event/--since/--until: the whole user (archive, summary and its history, "
+        "our profile fields, run documents, Redis keys; their user_memory events only with --include-events). "
+        "With them: those events, and the summary is rebuilt without them.",
+    )
+    forget.add_argument("--user", required=True, metavar="ID", help="the user id")
+    forget.add_argument(
+        "--include-events", action="store_true", help="whole user: also delete their events in user_memory"
+    )
+    forget.add_argument(
+        "--event", action="append", dest="events", metavar="EVENT_ID", help="a Butler event_id to forget (repeatable)"
+    )
+    forget.add_argument("--since", metavar="ISO", help="forget the user's events from this time (ISO 8601)")
+    forget.add_argument("--until", metavar="ISO", help="... up to this time, excluded (ISO 8601)")
+    forget.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
+    forget.add_argument("--json", action="store_true", help="print the result as JSON")
+    forget.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     return parser
 
 
@@ -125,6 +147,56 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_FAILED_USERS if any(r["status"] == FAILED for r in results) else EXIT_OK
 
 
+def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Forget a user or some of their events; print the result; return the exit code."""
+    from butler_memory import erasure
+    from butler_memory.connections import build_engine, erasure_secret
+
+    by_events = bool(args.events) or args.since is not None or args.until is not None
+    if by_events and args.include_events:
+        err.write("error: --include-events is for forgetting the whole user; --event/--since/--until forget events\n")
+        return EXIT_USAGE
+    try:
+        settings = Settings.from_env()
+        secret = None if args.dry_run else erasure_secret(settings)
+        engine = build_engine(settings)
+    except SettingsError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
+        err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
+        return EXIT_UNAVAILABLE
+    try:
+        if by_events:
+            raise ForgetInputError("forgetting single events (--event/--since/--until) is not available yet")
+        result = erasure.forget_user(
+            args.user,
+            settings=settings,
+            store=engine.store,
+            locks=engine.locks,
+            secret=secret,
+            events=args.include_events,
+            dry_run=args.dry_run,
+            requested_by="cli",
+        )
+    except ForgetInputError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    except LockUnavailableError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_UNAVAILABLE
+    except CompressionError as exc:
+        err.write(f"error: {type(exc).__name__}: {exc}\n")
+        return EXIT_FAILED_USERS
+    finally:
+        engine.close()
+    if args.json:
+        out.write(json.dumps(result.to_dict(), default=str, indent=2) + "\n")
+    else:
+        out.write(erasure.to_text(result))
+    return EXIT_OK
+
+
 def _configure_logging(verbose: bool, err: TextIO) -> None:
     """Log to ``err`` at WARNING (INFO with -v): stdout carries only the report (``--json | jq``).
 
@@ -149,4 +221,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     _configure_logging(args.verbose, err)
     if args.command == "compress":
         return run_compress(args, out, err)
+    if args.command == "forget":
+        return run_forget(args, out, err)
     return EXIT_USAGE  # pragma: no cover - argparse enforces the subcommand

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 from butler_memory import metrics as m
-from butler_memory.errors import CompressionError, InvalidEventError, LLMError
+from butler_memory.errors import CompressionError, ErasurePendingError, InvalidEventError, LLMError
 from butler_memory.history import BASELINE, FOLD, Covers, HistoryEntry, Key, prompt_version
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
@@ -202,6 +202,14 @@ def _compress_locked(
     clock: Callable[[], datetime],
 ) -> UserResult:
     profile = store.load_profile(user_id, create=not dry_run)
+    if profile.erasing:
+        # Forgetting wins: folding more into a summary an erasure is about to rebuild or remove would
+        # either undo the erasure or be lost by it.
+        raise ErasurePendingError(
+            f"user {user_id!r}: an erasure of this user (or of some of their events) is unfinished; "
+            "re-run it (python -m butler_memory forget --user ...) and compress afterwards",
+            user_id=user_id,
+        )
     result = UserResult(user_id, COMPRESSED, summary_version=profile.version, summary_chars=len(profile.summary))
     if profile.pending is not None and not dry_run:
         result.events_deleted += _finish_pending(user_id, profile, store, metrics, run_id, checkpoint, clock)

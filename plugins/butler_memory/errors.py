@@ -65,3 +65,20 @@ class LLMPermanentError(LLMError):
 
 class InvalidSummaryError(LLMError):
     """The summariser returned something that is not a usable summary; nothing was deleted."""
+
+
+class ForgetInputError(CompressionError):
+    """An erasure was asked for something that cannot be done as asked (unknown user, another user's
+    event, an empty or inverted time range); nothing was changed."""
+
+
+class LockBusyError(CompressionError):
+    """The user's lock stayed held (a compression is running) past the erasure's wait; nothing changed."""
+
+    retryable = True
+
+
+class ErasurePendingError(CompressionError):
+    """An erasure of this user, or of some of their events, is unfinished: no compression until it is."""
+
+    retryable = True

@@ -60,6 +60,11 @@ class UserLocks:
         self._client = client
         self._settings = settings
 
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis client the locks live on (an erasure also removes the user's other keys there)."""
+        return self._client
+
     def close(self) -> None:
         """Close the Redis connection pool."""
         self._client.close()

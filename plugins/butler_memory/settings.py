@@ -49,6 +49,8 @@ class Settings:
     runs_collection: str = "memory_compression_runs"
     history_collection: str = "user_memory_summaries"
     """Every committed version of every user's summary (see history.py); holds personal data."""
+    erasures_collection: str = "memory_erasures"
+    """One content-free audit record per erasure (see erasure.py and docs/erasure.md)."""
     summary_field: str = "memory_summary"
     language_field: str = "language"
     """Profile field holding the user's language code, when the Butler stores one."""
@@ -83,10 +85,18 @@ class Settings:
     scan_limit: int = 1000
     """Most users one run compresses (largest backlog first)."""
 
+    # Erasure (docs/erasure.md).
+    erasure_lock_wait_seconds: int = 300
+    """How long an erasure waits for a compression holding the user's lock; the default is the lock
+    TTL, so even a killed holder's lock expires within it."""
+    erasure_secret_conn_id: str = "butler_memory_erasure"  # noqa: S105 - a connection id
+    """Connection whose password keys the audit references (BUTLER_MEMORY_ERASURE_SECRET wins)."""
+
     def __post_init__(self) -> None:
         _positive(self, "threshold", "keep_last_n", "summary_max_tokens", "prompt_budget_tokens")
         _positive(self, "max_events_per_chunk", "max_event_chars", "lock_ttl_seconds")
         _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days", "history_retention_days")
+        _positive(self, "erasure_lock_wait_seconds")
         if self.keep_last_n > self.threshold:
             raise SettingsError(
                 f"keep_last_n ({self.keep_last_n}) must not exceed threshold ({self.threshold}): "

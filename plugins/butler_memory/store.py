@@ -39,6 +39,20 @@ is no longer over the threshold (as the clean run would have)."""
 ROLLBACK_FIELD = "memory_rollback"
 """The intent of a rollback in progress (see rollback.py): recorded before anything moves, so a
 re-run (of the rollback or of a compression) finishes it; removed when it is done."""
+ERASING_FIELD = "memory_erasing"
+"""The id of an unfinished erasure of this user (see erasure.py): compressions refuse the user."""
+FORGET_FIELD = "memory_forget"
+"""The intent of an unfinished forget of some events (see forget.py): compressions refuse the user."""
+OUR_PROFILE_FIELDS = (
+    VERSION_FIELD,
+    THROUGH_FIELD,
+    COMPRESSED_AT_FIELD,
+    PENDING_FIELD,
+    TARGET_FIELD,
+    FORGET_FIELD,
+    ROLLBACK_FIELD,
+)
+"""Every profile field this package writes besides the summary (a user erasure removes them all)."""
 
 _INDEX_CONFLICT_CODES = {85, 86}  # IndexOptionsConflict, IndexKeySpecsConflict
 _ONE_MS = timedelta(milliseconds=1)
@@ -83,6 +97,8 @@ class Profile:
     compressed_at: datetime | None = None
     rollback: dict[str, Any] | None = None
     """A rollback's intent left by an interrupted rollback (see rollback.py)."""
+    erasing: bool = False
+    """An erasure of the user, or of some of their events, is unfinished."""
 
 
 class MemoryStore:
@@ -336,6 +352,7 @@ def parse_profile(user_id: str, doc: Mapping[str, Any], settings: Settings) -> P
     rollback = doc.get(ROLLBACK_FIELD)
     if rollback is not None and not (isinstance(rollback, dict) and isinstance(rollback.get("version"), int)):
         raise InvalidProfileError(user_id, ROLLBACK_FIELD, "is not {version: int, ...}")
+    erasing = doc.get(ERASING_FIELD) is not None or doc.get(FORGET_FIELD) is not None
     return Profile(
         user_id=user_id,
         summary=summary,
@@ -346,6 +363,7 @@ def parse_profile(user_id: str, doc: Mapping[str, Any], settings: Settings) -> P
         through=through,
         compressed_at=compressed_at,
         rollback=rollback,
+        erasing=erasing,
     )
 
 

@@ -2,7 +2,9 @@
 
 Usage: ``python tests/engine/kill_worker.py '<json>'`` with keys ``mongo_uri``, ``db``, ``redis_host``,
 ``redis_port``, ``llm_base_url``, ``user_id``, ``run_id``, ``settings`` (a Settings mapping),
-``kill_step`` and ``kill_occurrence`` (1 = the first time the step is reached). Needs ``plugins/``
+``kill_step`` and ``kill_occurrence`` (1 = the first time the step is reached); optional ``task``:
+``compress`` (the default) or ``forget_user`` (then ``secret``, ``events``, ``key_patterns`` and
+``shared_keys`` to register, see tests/engine/test_erasure_kill_matrix.py). Needs ``plugins/``
 on PYTHONPATH. Exits 0 when the step was never reached, so the parent can tell a missed kill from
 a real one (a SIGKILL shows as return code -9).
 """
@@ -14,15 +16,21 @@ import os
 import signal
 import sys
 from collections import Counter
+from collections.abc import Callable
 
 import pymongo
 import redis
 
+from butler_memory import erasure
 from butler_memory.compression import Engine
 from butler_memory.locks import UserLocks
 from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer
 from butler_memory.settings import Settings
 from butler_memory.store import MemoryStore
+
+
+def _constant(value: str) -> Callable[[Settings], str]:
+    return lambda settings: value
 
 
 def main(argv: list[str]) -> int:
@@ -54,6 +62,20 @@ def main(argv: list[str]) -> int:
         summarizer,
     )
     with engine:
+        if config.get("task", "compress") == "forget_user":
+            erasure.USER_KEY_PATTERNS += [_constant(p) for p in config.get("key_patterns", [])]
+            erasure.SHARED_REDIS_MEMBERS += [_constant(k) for k in config.get("shared_keys", [])]
+            done = erasure.forget_user(
+                config["user_id"],
+                settings=settings,
+                store=engine.store,
+                locks=engine.locks,
+                secret=config["secret"].encode(),
+                events=config.get("events", False),
+                checkpoint=checkpoint,
+            )
+            print(json.dumps(done.to_dict()), flush=True)
+            return 0
         result = engine.compress(config["user_id"], run_id=config["run_id"], checkpoint=checkpoint)
     print(json.dumps(result.to_dict()), flush=True)
     return 0

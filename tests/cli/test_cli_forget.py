@@ -1,0 +1,76 @@
+"""``python -m butler_memory forget`` in a subprocess, reading AIRFLOW_CONN_* like the DAG does."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+from pymongo.database import Database
+
+from tests.cli.test_cli import CANARY, SMALL, cli, counts, seed
+from tools.services import AirflowConns
+
+Doc = dict[str, Any]
+SECRET_ENV = {"BUTLER_MEMORY_ERASURE_SECRET": "cli-test-secret-5e2a91c0"}
+
+
+def compressed(db: Database[Doc]) -> None:
+    """Seed two users and compress them, so both have a summary and an archive."""
+    seed(db, {"gone": 30, "stays": 30})
+    result = cli("compress", "--json", *SMALL)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dry_run_lists_what_would_go_and_changes_nothing(airflow_conns: AirflowConns, mongo_db: Database[Doc]) -> None:
+    compressed(mongo_db)
+    before = {name: list(mongo_db[name].find()) for name in mongo_db.list_collection_names()}
+
+    result = cli("forget", "--user", "gone", "--include-events", "--dry-run", "--json")
+
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["status"] == "dry_run" and plan["removed"]["archive"] == 27 and plan["removed"]["events"] == 3, plan
+    assert {name: list(mongo_db[name].find()) for name in mongo_db.list_collection_names()} == before
+
+
+def test_forget_erases_the_user_and_prints_the_audit_id(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    compressed(mongo_db)
+
+    result = cli("forget", "--user", "gone", "--include-events", env=SECRET_ENV)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("user erasure: erased (audit record "), result.stdout
+    assert counts(mongo_db) == {"stays": 3}
+    assert mongo_db["user_memory_archive"].count_documents({"user_id": "gone"}) == 0
+    assert mongo_db["user_profiles"].count_documents({"user_id": "gone"}) == 0
+    assert mongo_db["memory_erasures"].count_documents({"state": "done"}) == 1
+    assert CANARY not in result.stdout + result.stderr
+    assert redis_client.keys("*") == []
+
+    again = cli("forget", "--user", "gone", "--include-events", "--json", env=SECRET_ENV)
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "already_erased", again
+
+
+def test_without_a_secret_nothing_is_erased(airflow_conns: AirflowConns, mongo_db: Database[Doc]) -> None:
+    compressed(mongo_db)
+
+    result = cli("forget", "--user", "gone")
+
+    assert result.returncode == 2, result
+    assert "BUTLER_MEMORY_ERASURE_SECRET" in result.stderr, result.stderr
+    assert counts(mongo_db) == {"gone": 3, "stays": 3}
+
+
+def test_an_unknown_user_exits_2_and_changes_nothing(airflow_conns: AirflowConns, mongo_db: Database[Doc]) -> None:
+    compressed(mongo_db)
+    before = {name: list(mongo_db[name].find()) for name in mongo_db.list_collection_names()}
+
+    result = cli("forget", "--user", "nobody", env=SECRET_ENV)
+
+    assert result.returncode == 2, result
+    assert "'nobody'" in result.stderr and "unknown" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert {name: list(mongo_db[name].find()) for name in mongo_db.list_collection_names()} == before

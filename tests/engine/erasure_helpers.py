@@ -1,0 +1,111 @@
+"""Shared helpers of the erasure tests: a user with data in every place we write, and a search of all of them."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from pymongo.database import Database
+
+from butler_memory.compression import COMPRESSED, failed_result
+from butler_memory.errors import LLMPermanentError
+from butler_memory.report import build_report
+from butler_memory.settings import Settings
+from butler_memory.store import MemoryStore
+from tests.engine.helpers import insert_events, make_engine
+
+Doc = dict[str, Any]
+SECRET = b"test-erasure-secret-0f3c9a77"
+TARGET = "erase-me-7f3a"
+OTHER = "keep-me-2b91"
+CANARY = "CANARY-erasure-94d1e0"
+"""Planted in every event of the target user: it must be gone from everywhere afterwards."""
+OTHER_CANARY = "CANARY-kept-c41a"
+TEST_KEY_PATTERN = "butler:memory:test-pending:{user_id}"
+SHARED_KEY = "butler:memory:test-due"
+
+
+def canary_content(user_id: str, i: int) -> str:
+    """Return a turn carrying the user's canary (each user's own)."""
+    canary = CANARY if user_id == TARGET else OTHER_CANARY
+    return f"Turn {i} of {user_id}: my diary says {canary} number {i}."
+
+
+def seed_everywhere(db: Database[Doc], client: redis.Redis, settings: Settings, n: int = 25) -> None:
+    """Give TARGET and OTHER data in every place this package writes.
+
+    Both users are compressed for real (profile, archive, history when the engine writes it); a run
+    document names both (a compressed row for each, a failed row and a failed-user id for TARGET);
+    a history entry is planted as well (in case the engine writes none); per-user and shared Redis
+    keys are set.
+    """
+    engine = make_engine(db, client, settings)
+    results = []
+    for user_id in (TARGET, OTHER):
+        insert_events(db, user_id, n, content=canary_content)
+        result = engine.compress(user_id, run_id="seed-run")
+        assert result.status == COMPRESSED, result
+        results.append(result.to_dict())
+    now = datetime(2026, 2, 1, tzinfo=UTC)
+    store = MemoryStore(db, settings)
+    store.save_run(
+        build_report(run_id="seed-run", scanned=[TARGET, OTHER], results=results, started_at=now, finished_at=now)
+    )
+    failure = failed_result(TARGET, LLMPermanentError(f"user {TARGET!r}: the endpoint refused the prompt"))
+    store.save_run(
+        build_report(
+            run_id="failed-run",
+            scanned=[TARGET, OTHER],
+            results=[failure.to_dict(), results[1]],
+            started_at=now,
+            finished_at=now,
+        )
+    )
+    history = db[settings.history_collection]
+    for user_id in (TARGET, OTHER):
+        history.replace_one(
+            {"user_id": user_id, "version": 99},
+            {"user_id": user_id, "version": 99, "text": canary_content(user_id, 99), "kind": "fold"},
+            upsert=True,
+        )
+    for user_id in (TARGET, OTHER):
+        client.set(TEST_KEY_PATTERN.format(user_id=user_id), f"pending for {user_id}")
+    client.sadd(SHARED_KEY, TARGET, OTHER)
+
+
+def mongo_mentions(db: Database[Doc], needles: list[str]) -> list[str]:
+    """Return "collection: needle" for every document of every collection whose JSON holds a needle."""
+    found = []
+    for name in sorted(db.list_collection_names()):
+        for doc in db[name].find({}):
+            text = json.dumps(doc, default=str, ensure_ascii=False)
+            found += [f"{name}: {needle}" for needle in needles if needle in text]
+    return found
+
+
+def redis_mentions(client: redis.Redis, needles: list[str]) -> list[str]:
+    """Return "key: needle" for every Redis key (in every database) whose name or value holds a needle."""
+    found = []
+    kwargs = client.connection_pool.connection_kwargs
+    databases = int(client.config_get("databases")["databases"])
+    for index in range(databases):
+        with redis.Redis(host=kwargs["host"], port=kwargs["port"], db=index) as db_client:
+            for raw_key in db_client.scan_iter(count=1000):
+                text = raw_key.decode() + " " + repr(_redis_value(db_client, raw_key))
+                found += [f"db{index} {raw_key.decode()}: {needle}" for needle in needles if needle in text]
+    return found
+
+
+def _redis_value(client: redis.Redis, key: bytes) -> Any:
+    kind = client.type(key).decode()
+    readers: dict[str, Any] = {
+        "string": client.get,
+        "set": client.smembers,
+        "hash": client.hgetall,
+        "list": lambda k: client.lrange(k, 0, -1),
+        "zset": lambda k: client.zrange(k, 0, -1),
+        "stream": client.xrange,
+    }
+    return readers[kind](key) if kind in readers else kind

@@ -1,0 +1,246 @@
+"""Forgetting a user: every place we write is searched afterwards; bad input changes nothing."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+import redis
+from pymongo.database import Database
+
+from butler_memory import erasure
+from butler_memory.errors import ErasurePendingError, ForgetInputError, LockBusyError
+from butler_memory.locks import UserLocks
+from butler_memory.settings import Settings
+from butler_memory.store import ERASING_FIELD, MemoryStore
+from tests.engine.erasure_helpers import (
+    CANARY,
+    OTHER,
+    OTHER_CANARY,
+    SECRET,
+    SHARED_KEY,
+    TARGET,
+    TEST_KEY_PATTERN,
+    mongo_mentions,
+    redis_mentions,
+    seed_everywhere,
+)
+from tests.engine.helpers import events_of, insert_events, make_engine, profile_of, set_profile, small_settings
+
+Doc = dict[str, Any]
+
+
+@pytest.fixture
+def registered_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register a per-user key pattern and a shared key, as a module keeping such keys would."""
+    monkeypatch.setattr(erasure, "USER_KEY_PATTERNS", [*erasure.USER_KEY_PATTERNS, lambda s: TEST_KEY_PATTERN])
+    monkeypatch.setattr(erasure, "SHARED_REDIS_MEMBERS", [*erasure.SHARED_REDIS_MEMBERS, lambda s: SHARED_KEY])
+
+
+def forget(db: Database[Doc], client: redis.Redis, settings: Settings, user_id: str = TARGET, **kwargs: Any) -> Any:
+    """Run forget_user with the test secret."""
+    return erasure.forget_user(
+        user_id,
+        settings=settings,
+        store=MemoryStore(db, settings),
+        locks=UserLocks(client, settings),
+        secret=SECRET,
+        **kwargs,
+    )
+
+
+def everything(db: Database[Doc], client: redis.Redis) -> Doc:
+    """Return every document of every collection and every Redis key with its value."""
+    return {
+        "mongo": {name: list(db[name].find({})) for name in sorted(db.list_collection_names())},
+        "redis": sorted(redis_mentions(client, [TARGET, OTHER, "lock"])),
+    }
+
+
+def test_forgetting_a_user_leaves_no_trace_of_them_anywhere_and_the_other_user_intact(
+    mongo_db: Database[Doc], redis_client: redis.Redis, registered_keys: None
+) -> None:
+    settings = small_settings()
+    seed_everywhere(mongo_db, redis_client, settings)
+    assert mongo_mentions(mongo_db, [TARGET, CANARY]), "the seed should have put the user everywhere"
+    other_before = {name: list(mongo_db[name].find({"user_id": OTHER})) for name in mongo_db.list_collection_names()}
+
+    result = forget(mongo_db, redis_client, settings, events=True, requested_by="test")
+
+    assert result.status == erasure.ERASED, result
+    assert mongo_mentions(mongo_db, [TARGET, CANARY]) == [], "a document still names the user or holds their content"
+    assert redis_mentions(redis_client, [TARGET, CANARY]) == [], "a Redis key still names the user"
+    # The other user lost nothing.
+    for name, docs in other_before.items():
+        assert list(mongo_db[name].find({"user_id": OTHER})) == docs, f"{name}: the other user's documents changed"
+    assert redis_client.get(TEST_KEY_PATTERN.format(user_id=OTHER)) == f"pending for {OTHER}".encode()
+    assert redis_client.smembers(SHARED_KEY) == {OTHER.encode()}
+    runs = {doc["run_id"]: doc for doc in mongo_db[settings.runs_collection].find()}
+    assert [u["user_id"] for u in runs["seed-run"]["users"]] == [OTHER]
+    assert runs["failed-run"]["failed_user_ids"] == []
+    assert mongo_mentions(mongo_db, [OTHER_CANARY]), "the other user's content should still be there"
+    # The audit record: counts, a reference, no id, no content.
+    records = list(mongo_db[settings.erasures_collection].find())
+    assert len(records) == 1, records
+    record = records[0]
+    assert record["subject"] == erasure.subject_ref(SECRET, TARGET) == result.subject
+    assert record["state"] == "done" and record["_id"] == result.erasure_id
+    assert record["removed"] == result.removed
+    assert result.removed == {
+        "events": 3,
+        "archive": 22,
+        "history": 1,
+        "run_documents": 2,
+        "profile_fields": result.removed["profile_fields"],
+        "redis_keys": 2,
+    }, result.removed
+    assert result.removed["profile_fields"] >= 4
+    assert record["left"] == {} == result.left
+    assert erasure.audit_records(MemoryStore(mongo_db, settings), SECRET, TARGET) == records
+
+
+def test_forgetting_again_finds_the_erasure_done_and_writes_nothing(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    seed_everywhere(mongo_db, redis_client, settings)
+    first = forget(mongo_db, redis_client, settings, events=True)
+    before = everything(mongo_db, redis_client)
+
+    again = forget(mongo_db, redis_client, settings, events=True)
+
+    assert again.status == erasure.ALREADY_ERASED and again.erasure_id == first.erasure_id, again
+    assert everything(mongo_db, redis_client) == before
+
+
+def test_without_events_the_butlers_events_stay_and_the_result_says_so(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    seed_everywhere(mongo_db, redis_client, settings)
+
+    result = forget(mongo_db, redis_client, settings)
+
+    assert result.status == erasure.ERASED
+    assert len(events_of(mongo_db, TARGET)) == settings.keep_last_n, "user_memory is the Butler's to delete here"
+    assert result.removed["events"] == 0 and result.left == {"events": settings.keep_last_n}
+    assert any("still in user_memory" in note for note in result.notes), result.notes
+    assert profile_of(mongo_db, TARGET) is None
+    assert mongo_db["user_memory_archive"].count_documents({"user_id": TARGET}) == 0
+
+
+def test_the_butlers_own_profile_fields_stay(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    settings = small_settings()
+    seed_everywhere(mongo_db, redis_client, settings)
+    set_profile(mongo_db, TARGET, language="en", display_name="Ada")
+
+    forget(mongo_db, redis_client, settings, events=True)
+
+    assert profile_of(mongo_db, TARGET) == {"user_id": TARGET, "language": "en", "display_name": "Ada"}
+
+
+def test_dry_run_counts_and_changes_nothing(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    settings = small_settings()
+    seed_everywhere(mongo_db, redis_client, settings)
+    before = everything(mongo_db, redis_client)
+
+    result = forget(mongo_db, redis_client, settings, events=True, dry_run=True)
+
+    assert result.status == erasure.DRY_RUN
+    assert result.removed["events"] == 3 and result.removed["archive"] == 22, result.removed
+    assert everything(mongo_db, redis_client) == before
+
+
+@pytest.mark.parametrize("user_id", ["nobody-here", "", "   ", None, 42])
+def test_an_unknown_or_malformed_user_is_refused_and_nothing_changes(
+    user_id: Any, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    seed_everywhere(mongo_db, redis_client, settings)
+    before = everything(mongo_db, redis_client)
+
+    with pytest.raises(ForgetInputError) as info:
+        forget(mongo_db, redis_client, settings, user_id=user_id, events=True)
+
+    assert repr(user_id) in str(info.value), info.value
+    assert not info.value.retryable
+    assert everything(mongo_db, redis_client) == before
+
+
+def test_an_erasure_waits_for_a_running_compression_and_gives_up_at_its_bound(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings(erasure_lock_wait_seconds=1)
+    insert_events(mongo_db, TARGET, 5)
+    key = settings.lock_key(TARGET)
+    redis_client.set(key, "a-compression", px=60_000)
+    before = everything(mongo_db, redis_client)
+
+    with pytest.raises(LockBusyError) as info:
+        forget(mongo_db, redis_client, settings, events=True)
+    assert info.value.retryable and f"{TARGET!r}" in str(info.value)
+    assert everything(mongo_db, redis_client) == before, "an erasure without the lock changed something"
+
+    # The holder finishes while the erasure waits: the erasure then goes ahead.
+    redis_client.pexpire(key, 300)
+    result = forget(mongo_db, redis_client, settings.replace(erasure_lock_wait_seconds=10), events=True)
+    assert result.status == erasure.ERASED and events_of(mongo_db, TARGET) == {}
+
+
+def test_a_compression_refuses_a_user_whose_erasure_is_unfinished(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    insert_events(mongo_db, TARGET, 14)
+    set_profile(mongo_db, TARGET, **{ERASING_FIELD: "an-erasure-id"})
+    engine = make_engine(mongo_db, redis_client, settings)
+
+    with pytest.raises(ErasurePendingError) as info:
+        engine.compress(TARGET)
+
+    assert info.value.retryable and f"{TARGET!r}" in str(info.value)
+    assert len(events_of(mongo_db, TARGET)) == 14
+    assert redis_client.keys("*") == [], "the refused compression must release its lock"
+
+
+def test_the_butlers_call_erases_with_plain_clients(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    settings = small_settings()
+    seed_everywhere(mongo_db, redis_client, settings)
+
+    done = erasure.erase_user(
+        TARGET, db=mongo_db, redis_client=redis_client, secret=SECRET.decode(), events=True, settings=settings
+    )
+
+    assert done["status"] == erasure.ERASED
+    assert json.dumps(done, default=str).count(TARGET) == 0, "the result names the user"
+    assert mongo_mentions(mongo_db, [TARGET, CANARY]) == []
+
+
+def test_a_short_secret_is_refused() -> None:
+    from butler_memory.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="BUTLER_MEMORY_ERASURE_SECRET"):
+        erasure.erasure_secret({erasure.SECRET_ENV: "short"})
+    assert erasure.erasure_secret({erasure.SECRET_ENV: "x" * 16}) == b"x" * 16
+
+
+def test_lock_waits_do_not_block_other_threads_forever(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    """Two erasures of one user at once: one erases, the other waits and then finds it done."""
+    settings = small_settings(erasure_lock_wait_seconds=20)
+    seed_everywhere(mongo_db, redis_client, settings)
+    results: list[Any] = []
+
+    def run() -> None:
+        with redis.Redis(**redis_client.connection_pool.connection_kwargs) as client:
+            results.append(forget(mongo_db, client, settings, events=True))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(r.status for r in results) == [erasure.ALREADY_ERASED, erasure.ERASED], results
+    assert mongo_db[settings.erasures_collection].count_documents({}) == 1
