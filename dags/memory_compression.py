@@ -20,13 +20,55 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import pendulum
 from airflow.configuration import conf
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import (
+    DAG,
+    Asset,
+    AssetOrTimeSchedule,
+    AssetWatcher,
+    CronTriggerTimetable,
+    Param,
+    dag,
+    get_current_context,
+    task,
+)
+
+from butler_memory.doorbell_trigger import DoorbellTrigger
 
 SCHEDULE = os.environ.get("BUTLER_MEMORY_SCHEDULE", "@daily")
 """A cron expression or preset; the run time is a setting, read from the environment at parse time."""
+CATCHUP_SCHEDULE = os.environ.get("BUTLER_MEMORY_CATCHUP_SCHEDULE", "*/5 * * * *")
+"""The catch-up DAG's cadence (cron), read from the environment at parse time."""
+DOORBELL_ASSET = Asset(
+    name="butler_memory_doorbell",
+    uri="redis://butler-memory/doorbell",
+    watchers=[
+        AssetWatcher(
+            name="butler_memory_doorbell",
+            trigger=DoorbellTrigger(
+                redis_conn_id=os.environ.get("BUTLER_MEMORY_REDIS_CONN_ID", "redis_default"),
+                key=os.environ.get("BUTLER_MEMORY_DOORBELL_KEY", "butler:memory:doorbell"),
+                channel=os.environ.get("BUTLER_MEMORY_DOORBELL_CHANNEL", "butler:memory:doorbell:ring"),
+            ),
+        )
+    ],
+)
+"""Rung by the Butler (butler_memory.doorbell); its watcher runs in the triggerer."""
+
+CATCHUP_DOC = """
+# memory_compression_catchup
+
+Fresh memory all day: the same **scan -> compress_user (mapped) -> report** as `memory_compression`,
+every few minutes (`BUTLER_MEMORY_CATCHUP_SCHEDULE`, default every 5 minutes) and at once when the
+Butler rings the doorbell (`butler_memory.doorbell`; asset `butler_memory_doorbell`, watched in the
+triggerer). Its scan counts only users with events since its last scan (minus a margin for late
+writes) and the users the doorbell recorded, not the whole collection. A run with nobody due
+stores no run document (it bumps an idle counter). Same lock, same report, same clear-and-rerun.
+The daily `memory_compression` full scan stays the safety net.
+"""
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
 MAX_MAP_LENGTH = conf.getint("core", "max_map_length")
 
@@ -40,12 +82,12 @@ DEFAULT_ARGS = {
 
 
 @task(execution_timeout=timedelta(minutes=15))
-def scan() -> list[str]:
+def scan(kind: str) -> list[str]:
     """Return the ids of users over the threshold, largest backlog first."""
     from butler_memory import dag_tasks
 
     context = get_current_context()
-    return dag_tasks.scan(context["params"], context["ti"])
+    return dag_tasks.scan(context["params"], context["ti"], kind=kind)
 
 
 @task(
@@ -73,57 +115,70 @@ def report() -> dict:
     return dag_tasks.report(context["params"], context["ti"], context["run_id"], dag_run.start_date)
 
 
-@dag(
-    dag_id="memory_compression",
-    schedule=SCHEDULE,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    tags=["butler", "memory", "llm"],
-    doc_md=__doc__,
-    params={
-        "dry_run": Param(False, type="boolean", title="Dry run", description="Scan and report only; write nothing."),
-        "limit": Param(
-            None,
-            type=["null", "integer"],
-            minimum=1,
-            maximum=MAX_MAP_LENGTH,
-            title="Limit",
-            description=f"Most users in this run, largest backlog first (1 to {MAX_MAP_LENGTH}). Empty: the scan_limit setting.",
-        ),
-        "user_ids": Param(
-            [],
-            type="array",
-            items={"type": "string", "minLength": 1, "maxLength": 200},
-            uniqueItems=True,
-            title="User ids",
-            description="Only these users (one per line). Empty: every user over the threshold.",
-        ),
-        "threshold": Param(
-            None,
-            type=["null", "integer"],
-            minimum=1,
-            title="Threshold",
-            description="Compress users with more than this many events. Empty: the configured setting (50).",
-        ),
-        "keep_last_n": Param(
-            None,
-            type=["null", "integer"],
-            minimum=1,
-            title="Keep last N",
-            description="Newest events kept raw. Empty: the configured setting (20). Must not exceed threshold.",
-        ),
-    },
+PARAMS = {
+    "dry_run": Param(False, type="boolean", title="Dry run", description="Scan and report only; write nothing."),
+    "limit": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        maximum=MAX_MAP_LENGTH,
+        title="Limit",
+        description=f"Most users in this run, largest backlog first (1 to {MAX_MAP_LENGTH}). Empty: the scan_limit setting.",
+    ),
+    "user_ids": Param(
+        [],
+        type="array",
+        items={"type": "string", "minLength": 1, "maxLength": 200},
+        uniqueItems=True,
+        title="User ids",
+        description="Only these users (one per line). Empty: every user over the threshold.",
+    ),
+    "threshold": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Threshold",
+        description="Compress users with more than this many events. Empty: the configured setting (50).",
+    ),
+    "keep_last_n": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Keep last N",
+        description="Newest events kept raw. Empty: the configured setting (20). Must not exceed threshold.",
+    ),
+}
+
+
+def compression_dag(dag_id: str, kind: str, schedule: Any, doc_md: str) -> DAG:
+    """Build one compression DAG: scan, compress each user in a mapped task, report (one shape for both)."""
+
+    @dag(
+        dag_id=dag_id,
+        schedule=schedule,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        tags=["butler", "memory", "llm"],
+        doc_md=doc_md,
+        params=PARAMS,
+    )
+    def compression() -> None:
+        users = scan(kind)
+        results = compress_user.expand(user_id=users)
+        results >> report()
+
+    return compression()
+
+
+memory_compression_dag = compression_dag("memory_compression", "daily", SCHEDULE, __doc__ or "")
+memory_compression_catchup_dag = compression_dag(
+    "memory_compression_catchup",
+    "catchup",
+    AssetOrTimeSchedule(timetable=CronTriggerTimetable(CATCHUP_SCHEDULE, timezone="UTC"), assets=[DOORBELL_ASSET]),
+    CATCHUP_DOC,
 )
-def memory_compression() -> None:
-    """Scan, compress each user in a mapped task, report."""
-    users = scan()
-    results = compress_user.expand(user_id=users)
-    results >> report()
-
-
-memory_compression_dag = memory_compression()
 
 if __name__ == "__main__":
     memory_compression_dag.test()

@@ -11,9 +11,11 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from butler_memory import fresh
 from butler_memory import metrics as m
 from butler_memory.compression import failed_result, utcnow
-from butler_memory.connections import build_engine, mongo_store, statsd_metrics
+from butler_memory.connections import build_engine, mongo_store, statsd_metrics, user_locks
+from butler_memory.doorbell import DoorbellRecord
 from butler_memory.errors import CompressionError
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
 from butler_memory.settings import Settings, SettingsError
@@ -47,27 +49,52 @@ def _fail(message: str) -> Exception:
     return AirflowFailException(message)
 
 
-def scan(params: Mapping[str, Any], ti: Any) -> list[str]:
-    """Return the ids of users to compress, largest backlog first; fail closed when Redis is down."""
+def doorbell_record(settings: Settings, client: Any) -> DoorbellRecord:
+    """The doorbell's record on the lock Redis."""
+    return DoorbellRecord(client, key=settings.doorbell_key, channel=settings.doorbell_channel)
+
+
+def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[str]:
+    """Return the ids of users to compress, largest backlog first; fail closed when Redis is down.
+
+    ``kind`` "daily" is the full scan; "catchup" counts only users with new events or a doorbell
+    record (``butler_memory.fresh``). Given ``user_ids``, both scan just those.
+    """
     try:
         settings = resolve_settings(params)
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
     user_ids = params.get("user_ids") or None
+    dry_run = bool(params.get("dry_run"))
     with build_engine(settings) as engine:
-        if not params.get("dry_run"):
-            # Only real runs: a dry run's report emits no finish time, so a start would look stuck.
-            engine.metrics.gauge(m.RUN_STARTED_TIMESTAMP, datetime.now(UTC).timestamp())
+        if not dry_run:
+            if kind == fresh.DAILY:
+                # Only real runs: a dry run's report emits no finish time, so a start would look stuck.
+                engine.metrics.gauge(m.RUN_STARTED_TIMESTAMP, datetime.now(UTC).timestamp())
             engine.locks.ping()  # no lock service, no compression: fail the run before mapping anything
-        backlog = engine.scan(limit=settings.scan_limit, user_ids=user_ids, dry_run=bool(params.get("dry_run")))
+            engine.store.ensure_indexes()
+        if kind == fresh.CATCHUP and user_ids is None:
+            result = fresh.catchup_scan(
+                engine.store, doorbell_record(settings, engine.locks.client), settings, settings.scan_limit
+            )
+        else:
+            result = fresh.daily_scan(engine.store, settings, settings.scan_limit, user_ids)
+        if not dry_run:
+            engine.metrics.gauge(m.BACKLOG_USERS, len(result.backlog) + result.left)
+            engine.metrics.gauge(m.BACKLOG_LEFT_USERS, result.left)
+    backlog = result.backlog
     log.info(
-        "scan: %d user(s) over %d events (limit %d%s)",
+        "scan (%s): %d user(s) over %d events (limit %d%s), %d left for the next run%s",
+        kind,
         len(backlog),
         settings.threshold,
         settings.scan_limit,
         f", restricted to {len(user_ids)} given id(s)" if user_ids else "",
+        result.left,
+        f"; counted {result.candidates} user(s) with new events or a doorbell record" if kind == fresh.CATCHUP else "",
     )
     ti.xcom_push(key="backlog", value={b.user_id: b.events for b in backlog})
+    ti.xcom_push(key="scan", value={"kind": kind, **result.xcom()})
     return [b.user_id for b in backlog]
 
 
@@ -113,6 +140,8 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
     if scanned is None:
         raise _fail("scan did not produce a user list (it failed or was skipped); nothing was compressed")
     backlog = ti.xcom_pull(task_ids="scan", key="backlog") or {}
+    scan_info: dict[str, Any] = ti.xcom_pull(task_ids="scan", key="scan") or {}
+    kind = scan_info.get("kind", fresh.DAILY)
     results = _as_list(ti.xcom_pull(task_ids="compress_user", key="return_value"))
     failures = {f["user_id"]: f for f in _as_list(ti.xcom_pull(task_ids="compress_user", key=FAILURE_XCOM_KEY))}
     done = {r["user_id"] for r in results}
@@ -128,15 +157,30 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
         finished_at=finished,
         dry_run=bool(params.get("dry_run")),
         backlog=backlog,
+        kind=kind,
+        backlog_left=int(scan_info.get("left") or 0),
     )
+    idle = kind == fresh.CATCHUP and not scanned
     if not doc["dry_run"]:
         with mongo_store(settings) as store:
-            store.save_run(doc)
+            if not idle:  # an idle catch-up run leaves no run document, only a counter in the state
+                store.save_run(doc)
+            if kind == fresh.CATCHUP and scan_info.get("scanned_at"):
+                locks = user_locks(settings)
+                try:
+                    fresh.settle_catchup(
+                        store, doorbell_record(settings, locks.client), scan_info, idle=idle, finished_at=finished
+                    )
+                finally:
+                    locks.close()
         run_metrics = statsd_metrics(settings)
         try:
             emit_run_metrics(doc, run_metrics)
         finally:
             run_metrics.close()
+    if idle:
+        log.info("catch-up run %s: nobody due (%d user(s) counted)", run_id, int(scan_info.get("candidates") or 0))
+        return {"run_id": run_id, "kind": kind, "idle": True, "users_found": 0}
     log.info("run report\n%s", to_markdown(doc))
     if doc["users_failed"]:
         raise _fail(

@@ -29,6 +29,12 @@ RUN_USERS_FAILED = f"{PREFIX}_run_users_failed"
 """Gauge: users failed in the last finished run."""
 BACKLOG_USERS = f"{PREFIX}_backlog_users"
 """Gauge: users over the threshold found by the last scan."""
+BACKLOG_LEFT_USERS = f"{PREFIX}_backlog_left_users"
+"""Gauge: users over the threshold the last scan left for the next run (past scan_limit)."""
+CATCHUP_IDLE_RUNS_TOTAL = f"{PREFIX}_catchup_idle_runs_total"
+"""Counter: catch-up runs that found nobody due (they store no run document)."""
+CATCHUP_LAST_RUN_TIMESTAMP = f"{PREFIX}_catchup_last_run_timestamp_seconds"
+"""Gauge: unix time the last catch-up run (idle or not) finished its report."""
 RUN_STARTED_TIMESTAMP = f"{PREFIX}_run_started_timestamp_seconds"
 """Gauge: unix time the current/last run's scan started."""
 RUN_FINISHED_TIMESTAMP = f"{PREFIX}_run_finished_timestamp_seconds"
@@ -58,6 +64,9 @@ ALL_METRICS: Mapping[str, str] = {
     DURATION_SECONDS: "timer",
     RUN_USERS_FAILED: "gauge",
     BACKLOG_USERS: "gauge",
+    BACKLOG_LEFT_USERS: "gauge",
+    CATCHUP_IDLE_RUNS_TOTAL: "counter",
+    CATCHUP_LAST_RUN_TIMESTAMP: "gauge",
     RUN_STARTED_TIMESTAMP: "gauge",
     RUN_FINISHED_TIMESTAMP: "gauge",
     LAST_SUCCESS_TIMESTAMP: "gauge",

@@ -24,6 +24,8 @@ def build_report(
     finished_at: datetime,
     dry_run: bool = False,
     backlog: Mapping[str, int] | None = None,
+    kind: str = "daily",
+    backlog_left: int = 0,
 ) -> dict[str, Any]:
     """Return the run document: counts by status, totals, failed user ids, per-user rows.
 
@@ -50,6 +52,7 @@ def build_report(
     }
     return {
         "run_id": run_id,
+        "kind": kind,
         "dry_run": dry_run,
         "started_at": started_at,
         "finished_at": finished_at,
@@ -62,6 +65,7 @@ def build_report(
         "users_failed": len(failed),
         "failed_user_ids": failed,
         "backlog_events": sum((backlog or {}).values()),
+        "backlog_left": backlog_left,
         **total,
         "user_seconds_max": max((float(u.get("seconds") or 0) for u in users), default=0.0),
         "users": users,
@@ -69,13 +73,24 @@ def build_report(
 
 
 def emit_run_metrics(report: Mapping[str, Any], metrics: Metrics) -> None:
-    """Send the run-level metrics (per-user ones were sent by each compression)."""
+    """Send the run-level metrics (per-user ones were sent by each compression).
+
+    A catch-up run leaves the run timestamps to the daily run (whose staleness the alerts watch) and
+    sets its own; an idle one (nobody due) only counts itself.
+    """
+    finished = report["finished_at"].timestamp()
+    if report.get("kind") == "catchup":
+        metrics.gauge(m.CATCHUP_LAST_RUN_TIMESTAMP, finished)
+        if not report["users_found"]:
+            metrics.incr(m.CATCHUP_IDLE_RUNS_TOTAL)
+            return
     metrics.incr(m.RUNS_TOTAL)
     metrics.incr(m.USERS_PROCESSED_TOTAL, report["users_compressed"])
     metrics.incr(m.ERRORS_TOTAL, report["users_failed"])
     metrics.gauge(m.RUN_USERS_FAILED, report["users_failed"])
     metrics.timing(m.DURATION_SECONDS, report["seconds"])
-    finished = report["finished_at"].timestamp()
+    if report.get("kind") == "catchup":
+        return
     metrics.gauge(m.RUN_FINISHED_TIMESTAMP, finished)
     if report["users_failed"] == 0:
         metrics.gauge(m.LAST_SUCCESS_TIMESTAMP, finished)
@@ -84,7 +99,9 @@ def emit_run_metrics(report: Mapping[str, Any], metrics: Metrics) -> None:
 def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
     """Render the report as Markdown: totals, then one row per user (failed users first)."""
     lines = [
-        f"## Memory compression run `{report['run_id']}`" + (" (dry run)" if report["dry_run"] else ""),
+        f"## Memory compression run `{report['run_id']}`"
+        + (" (catch-up)" if report.get("kind") == "catchup" else "")
+        + (" (dry run)" if report["dry_run"] else ""),
         "",
         "| users found | compressed | dry run | skipped (locked) | skipped (below threshold) | failed |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -93,7 +110,12 @@ def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
         "",
         f"Events folded: **{report['events_folded']}**, deleted: **{report['events_deleted']}**; "
         f"LLM tokens: {report['prompt_tokens']} prompt + {report['completion_tokens']} completion; "
-        f"{report['seconds']:.1f} s.",
+        f"{report['seconds']:.1f} s."
+        + (
+            f" **{report['backlog_left']}** user(s) over the threshold left for the next run."
+            if report.get("backlog_left")
+            else ""
+        ),
     ]
     if report["failed_user_ids"]:
         lines += ["", "Failed users: " + ", ".join(f"`{u}`" for u in report["failed_user_ids"])]

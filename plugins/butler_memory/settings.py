@@ -91,12 +91,26 @@ class Settings:
     TTL, so even a killed holder's lock expires within it."""
     erasure_secret_conn_id: str = "butler_memory_erasure"  # noqa: S105 - a connection id
     """Connection whose password keys the audit references (BUTLER_MEMORY_ERASURE_SECRET wins)."""
+    # Fresh all day: the catch-up DAG and the doorbell (docs/architecture.md, "Fresh all day").
+    catchup_runs_collection: str = "memory_compression_catchup_runs"
+    """Run documents of the catch-up DAG's runs that found someone due (idle runs store none)."""
+    state_collection: str = "memory_compression_state"
+    """Small state documents of the job (the catch-up scan's watermark and idle counter)."""
+    catchup_margin_seconds: int = 300
+    """The catch-up scan looks this far before its last scan, for events written late (clock skew, slow writes)."""
+    doorbell_key: str = "butler:memory:doorbell"
+    """Redis sorted set of users the Butler rang for (member user id, score the first ring's unix time)."""
+    doorbell_channel: str = "butler:memory:doorbell:ring"
+    """Redis pub/sub channel the doorbell publishes on; the catch-up DAG's asset watcher listens."""
+    doorbell_drain_max: int = 10_000
+    """Most doorbell entries one catch-up scan takes (oldest first); the rest wait for the next run."""
 
     def __post_init__(self) -> None:
         _positive(self, "threshold", "keep_last_n", "summary_max_tokens", "prompt_budget_tokens")
         _positive(self, "max_events_per_chunk", "max_event_chars", "lock_ttl_seconds")
         _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days", "history_retention_days")
         _positive(self, "erasure_lock_wait_seconds")
+        _positive(self, "catchup_margin_seconds", "doorbell_drain_max")
         if self.keep_last_n > self.threshold:
             raise SettingsError(
                 f"keep_last_n ({self.keep_last_n}) must not exceed threshold ({self.threshold}): "

@@ -114,6 +114,8 @@ class MemoryStore:
         self.archive_coll = db[settings.archive_collection]
         self.runs = db[settings.runs_collection]
         self.history = SummaryHistory(db, settings)
+        self.state = db[settings.state_collection]
+        self.catchup_runs = db[settings.catchup_runs_collection]
 
     def close(self) -> None:
         """Close the MongoDB client this store's database belongs to."""
@@ -133,6 +135,9 @@ class MemoryStore:
         self._ensure(self.profiles, [("user_id", ASCENDING)])
         self._ensure(self.runs, [("run_id", ASCENDING)], unique=True)
         self.history.ensure_indexes()
+        self._ensure(self.catchup_runs, [("run_id", ASCENDING)], unique=True)
+        # The catch-up scan's "who wrote since T": a covered index range over the new events only.
+        self._ensure(self.events, [("created_at", ASCENDING), ("user_id", ASCENDING)])
         if self.settings.archive_enabled:
             self._ensure(self.archive_coll, [("user_id", ASCENDING), ("created_at", ASCENDING)])
             ttl = self.settings.archive_retention_days * 86400
@@ -179,6 +184,36 @@ class MemoryStore:
                 continue
             result.append(Backlog(user_id=row["_id"], events=int(row["n"])))
         return result
+
+    def users_with_events_since(self, since: datetime) -> list[str]:
+        """Return the ids of users with an event created at or after ``since`` (the catch-up scan).
+
+        Served from the ``(created_at, user_id)`` index: the work grows with the new events, not the
+        collection. Non-string ids are left out (the full scan logs them).
+        """
+        ids = self.events.distinct("user_id", {"created_at": {"$gte": since}})
+        return [uid for uid in ids if isinstance(uid, str)]
+
+    def backlog_of(self, user_ids: Sequence[str], threshold: int) -> list[Backlog]:
+        """Count each given user's events (one ``count_documents`` each, on the user_id index) and
+        return those over ``threshold``, largest backlog first."""
+        found = []
+        for user_id in dict.fromkeys(user_ids):
+            n = self.count_events(user_id)
+            if n > threshold:
+                found.append(Backlog(user_id=user_id, events=n))
+        found.sort(key=lambda b: (-b.events, b.user_id))
+        return found
+
+    def count_over_threshold(self, threshold: int) -> int:
+        """Count the users over ``threshold`` (a full ``$group``: the daily run's figure of who is left)."""
+        pipeline: list[dict[str, Any]] = [
+            {"$group": {"_id": "$user_id", "n": {"$sum": 1}}},
+            {"$match": {"n": {"$gt": threshold}}},
+            {"$count": "users"},
+        ]
+        rows = list(self.events.aggregate(pipeline, allowDiskUse=True))
+        return int(rows[0]["users"]) if rows else 0
 
     def count_events(self, user_id: str) -> int:
         """Count one user's events."""
@@ -307,8 +342,24 @@ class MemoryStore:
     # -- runs ----------------------------------------------------------------------------------
 
     def save_run(self, doc: Mapping[str, Any]) -> None:
-        """Store or replace the document of one DAG run (keyed by run_id; re-runs update it)."""
-        self.runs.replace_one({"run_id": doc["run_id"]}, dict(doc), upsert=True)
+        """Store or replace the document of one DAG run (keyed by run_id; re-runs update it).
+
+        Catch-up runs have a collection of their own: their run ids may equal the daily DAG's
+        (both name scheduled runs after their logical date), and they would crowd the daily history.
+        """
+        coll = self.catchup_runs if doc.get("kind") == "catchup" else self.runs
+        coll.replace_one({"run_id": doc["run_id"]}, dict(doc), upsert=True)
+
+    def load_state(self, name: str) -> dict[str, Any]:
+        """Return one state document (e.g. ``"catchup"``), empty when there is none yet."""
+        return self.state.find_one({"_id": name}) or {}
+
+    def save_state(self, name: str, *, set_fields: Mapping[str, Any], inc: Mapping[str, int] | None = None) -> None:
+        """Set (and increment) fields of one state document, creating it when missing."""
+        update: dict[str, Any] = {"$set": dict(set_fields)}
+        if inc:
+            update["$inc"] = dict(inc)
+        self.state.update_one({"_id": name}, update, upsert=True)
 
     def recent_runs(self, limit: int = 30) -> list[dict]:
         """Return the newest run documents."""

@@ -313,10 +313,15 @@ def test_indexes_are_created_idempotently_and_retention_is_updated(
         return {name: info for name, info in mongo_db[collection].index_information().items() if name != "_id_"}
 
     events = keys("user_memory")
-    assert [info["key"] for info in events.values()] == [[("user_id", 1), ("created_at", 1), ("_id", 1)]], events
+    assert sorted(info["key"] for info in events.values()) == [
+        [("created_at", 1), ("user_id", 1)],  # the catch-up scan's "who wrote since"
+        [("user_id", 1), ("created_at", 1), ("_id", 1)],
+    ], events
     assert len(keys("user_profiles")) == 1, keys("user_profiles")
     runs = keys("memory_compression_runs")
     assert [(info["key"], info.get("unique")) for info in runs.values()] == [([("run_id", 1)], True)], runs
+    catchup_runs = keys("memory_compression_catchup_runs")
+    assert [(info["key"], info.get("unique")) for info in catchup_runs.values()] == [([("run_id", 1)], True)]
     archive = keys("user_memory_archive")
     assert archive["archived_at_ttl"]["expireAfterSeconds"] == 90 * 86400, archive
     assert len(archive) == 2, archive

@@ -263,6 +263,7 @@ def test_runs_json_has_the_dag_runs_figures(ui: UI) -> None:
     assert doc is not None
     assert newest == {
         "run_id": ui.run_id,
+        "kind": "daily",
         "started_at": doc["started_at"].replace(tzinfo=UTC).isoformat(),
         "finished_at": doc["finished_at"].replace(tzinfo=UTC).isoformat(),
         "status": "failed",
@@ -275,6 +276,7 @@ def test_runs_json_has_the_dag_runs_figures(ui: UI) -> None:
         "users_skipped": 1,
         "users_failed": 1,
         "backlog_events": 60 + 75 + 55 + 65,
+        "backlog_left": 0,
         "events_folded": (60 - 20) + (75 - 20),
         "events_deleted": (60 - 20) + (75 - 20),
         "prompt_tokens": doc["prompt_tokens"],
@@ -533,3 +535,41 @@ def _poll(page: cdp.Page, expression: str, timeout: float = 30.0) -> Any:
             return value
         time.sleep(0.2)
     raise AssertionError(f"{expression} stayed {value!r} for {timeout:.0f}s")
+
+
+def test_catchup_runs_are_listed_apart_and_idle_ones_only_counted(ui: UI) -> None:
+    started = datetime(2026, 3, 1, 10, 5, tzinfo=UTC)
+    run_id = "asset_triggered__2026-03-01T10:05:00+00:00_catchup"
+    doc = {
+        "run_id": run_id,
+        "kind": "catchup",
+        "started_at": started,
+        "finished_at": started,
+        "seconds": 4.5,
+        "users_found": 1,
+        "users_compressed": 1,
+        "backlog_left": 2,
+        "users": [{"user_id": "u-chatty", "status": "compressed", "events_folded": 40}],
+    }
+    ui.db["memory_compression_catchup_runs"].insert_one(dict(doc))
+    ui.db["memory_compression_state"].insert_one(
+        {"_id": "catchup", "runs": 1, "idle_runs": 287, "last_idle_at": started, "scanned_through": started}
+    )
+    try:
+        daily = _json(ui.ui("/api/runs"))
+        assert run_id not in [r["run_id"] for r in daily["runs"]], "a catch-up run crowds the daily history"
+        catchup = _json(ui.ui("/api/runs?kind=catchup"))
+        assert [r["run_id"] for r in catchup["runs"]] == [run_id]
+        assert catchup["runs"][0]["backlog_left"] == 2 and catchup["status"]["idle_runs"] == 287
+        _json(ui.ui("/api/runs?kind=weekly"), status=422)
+        page = ui.ui("/").text
+        assert 'id="catchup-runs"' in page and "287" in page and quote(run_id, safe="") in page
+        detail = _json(ui.ui(f"/api/runs/{quote(run_id, safe='')}?kind=catchup"))
+        assert detail["kind"] == "catchup"
+        assert detail["users"][0]["task_instance_url"].endswith(
+            f"/dags/memory_compression_catchup/runs/{quote(run_id, safe='')}/tasks/compress_user/mapped/0"
+        )
+        assert "Catch-up run" in ui.ui(f"/runs/{quote(run_id, safe='')}?kind=catchup").text
+    finally:
+        ui.db["memory_compression_catchup_runs"].delete_many({})
+        ui.db["memory_compression_state"].delete_many({})

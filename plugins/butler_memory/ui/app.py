@@ -47,6 +47,11 @@ NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Rows per page, 1 to 200.")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Rows to skip, newest first.")]
+Kind = Annotated[
+    str, Query(max_length=16, description="daily (memory_compression) or catchup (memory_compression_catchup).")
+]
+CATCHUP_ROWS = 10
+"""The history page lists this many of the newest catch-up runs that found someone due."""
 
 
 app = FastAPI(
@@ -184,10 +189,16 @@ def _runs(limit: int, offset: int) -> tuple[dict[str, Any], list[dict[str, Any]]
         return data.list_runs(store, limit=limit, offset=offset), data.chart_runs(store)
 
 
-def _run(run_id: str) -> dict[str, Any]:
-    run_id = data.check_run_id(run_id)
+def _catchup() -> tuple[dict[str, Any], dict[str, Any]]:
     with _store(_settings()) as store:
-        detail = data.run_detail(store, run_id)
+        return data.list_runs(store, limit=CATCHUP_ROWS, offset=0, kind="catchup"), data.catchup_status(store)
+
+
+def _run(run_id: str, kind: str = "daily") -> dict[str, Any]:
+    run_id = data.check_run_id(run_id)
+    kind = data.check_kind(kind)
+    with _store(_settings()) as store:
+        detail = data.run_detail(store, run_id, kind)
     if detail is None:
         raise HTTPException(404, f"no run {run_id!r} in the run history")
     return detail
@@ -207,8 +218,14 @@ def _user(user_id: str) -> dict[str, Any]:
 
 
 @app.get("/api/runs")
-def api_runs(limit: Limit = DEFAULT_LIMIT, offset: Offset = 0) -> JSONResponse:
-    """One page of runs, newest first."""
+def api_runs(limit: Limit = DEFAULT_LIMIT, offset: Offset = 0, kind: Kind = "daily") -> JSONResponse:
+    """One page of runs of one kind (daily or catchup), newest first; catchup adds its counters."""
+    kind = data.check_kind(kind)
+    if kind == "catchup":
+        with _store(_settings()) as store:
+            listing = data.list_runs(store, limit=limit, offset=offset, kind=kind)
+            listing["status"] = data.catchup_status(store)
+        return _json(listing)
     listing, _ = _runs(limit, offset)
     return _json(listing)
 
@@ -223,12 +240,12 @@ def api_chart() -> JSONResponse:
 
 
 @app.get("/api/runs/{run_id:path}")
-def api_run(run_id: str) -> JSONResponse:
+def api_run(run_id: str, kind: Kind = "daily") -> JSONResponse:
     """One run with its failed users and every user's outcome."""
-    detail = _run(run_id)
+    detail = _run(run_id, kind)
     links = render.Links("", API_ROOT_PATH)
     for user in detail["users"]:  # failed_users holds the same dicts
-        user["task_instance_url"] = links.task_instance(detail["run_id"], user["map_index"])
+        user["task_instance_url"] = links.task_instance(detail["run_id"], user["map_index"], detail["kind"])
     return _json(detail)
 
 
@@ -245,13 +262,14 @@ def api_user(user_id: str) -> JSONResponse:
 def index(request: Request, limit: Limit = DEFAULT_LIMIT, offset: Offset = 0) -> HTMLResponse:
     """Run history: chart, table, user lookup."""
     listing, chart = _runs(limit, offset)
-    return _html(request, render.runs_page, listing=listing, chart=chart)
+    catchup, status = _catchup()
+    return _html(request, render.runs_page, listing=listing, chart=chart, catchup=catchup, catchup_status=status)
 
 
 @app.get("/runs/{run_id:path}", response_class=HTMLResponse)
-def run_page(request: Request, run_id: str) -> HTMLResponse:
-    """One run."""
-    return _html(request, render.run_page, detail=_run(run_id))
+def run_page(request: Request, run_id: str, kind: Kind = "daily") -> HTMLResponse:
+    """One run (``?kind=catchup`` for a catch-up run)."""
+    return _html(request, render.run_page, detail=_run(run_id, kind))
 
 
 @app.get("/users", response_class=HTMLResponse)

@@ -22,6 +22,9 @@ from butler_memory.locks import UserLocks
 from butler_memory.store import COMPRESSED_AT_FIELD, PENDING_FIELD, VERSION_FIELD, MemoryStore
 
 DAG_ID = "memory_compression"
+DAG_IDS = {"daily": DAG_ID, "catchup": "memory_compression_catchup"}
+"""Run kind -> the DAG whose runs they are."""
+CATCHUP_STATE = "catchup"
 MAPPED_TASK_ID = "compress_user"
 CHART_RUNS = 30
 """The chart shows the newest this many runs, whatever page of the table is open."""
@@ -41,6 +44,7 @@ RUN_COUNT_FIELDS = (
     "users_skipped_below_threshold",
     "users_failed",
     "backlog_events",
+    "backlog_left",
     "events_folded",
     "events_deleted",
     "prompt_tokens",
@@ -113,9 +117,20 @@ def _text(value: Any, limit: int) -> str | None:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def task_instance_path(run_id: str, map_index: int) -> str:
+def check_kind(value: str) -> str:
+    """Return a run kind ("daily" or "catchup"); raise InputError for anything else."""
+    if value not in DAG_IDS:
+        raise InputError(f"kind must be one of {', '.join(DAG_IDS)}")
+    return value
+
+
+def _runs_of(store: MemoryStore, kind: str) -> Any:
+    return store.catchup_runs if kind == "catchup" else store.runs
+
+
+def task_instance_path(run_id: str, map_index: int, kind: str = "daily") -> str:
     """Return the Airflow UI route of one mapped ``compress_user`` instance, relative to the UI root."""
-    return f"dags/{DAG_ID}/runs/{quote(run_id, safe='')}/tasks/{MAPPED_TASK_ID}/mapped/{map_index}"
+    return f"dags/{DAG_IDS[kind]}/runs/{quote(run_id, safe='')}/tasks/{MAPPED_TASK_ID}/mapped/{map_index}"
 
 
 def run_summary(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,6 +138,7 @@ def run_summary(doc: Mapping[str, Any]) -> dict[str, Any]:
     counts = {name: _count(doc.get(name)) for name in RUN_COUNT_FIELDS}
     return {
         "run_id": str(doc.get("run_id", "")),
+        "kind": "catchup" if doc.get("kind") == "catchup" else "daily",
         "started_at": iso(doc.get("started_at")),
         "finished_at": iso(doc.get("finished_at")),
         "status": "failed" if counts["users_failed"] else "success",
@@ -147,30 +163,44 @@ def user_row(row: Mapping[str, Any], map_index: int) -> dict[str, Any]:
     }
 
 
-def list_runs(store: MemoryStore, *, limit: int, offset: int) -> dict[str, Any]:
-    """Return one page of run rows, newest first, and the total number of runs."""
-    cursor = store.runs.find({}, {"_id": 0, "users": 0}).sort(NEWEST_FIRST).skip(offset).limit(limit)
+def list_runs(store: MemoryStore, *, limit: int, offset: int, kind: str = "daily") -> dict[str, Any]:
+    """Return one page of run rows of one kind, newest first, and the total number of those runs."""
+    runs = _runs_of(store, kind)
+    cursor = runs.find({}, {"_id": 0, "users": 0}).sort(NEWEST_FIRST).skip(offset).limit(limit)
     return {
+        "kind": kind,
         "runs": [run_summary(doc) for doc in cursor],
-        "total": store.runs.count_documents({}),
+        "total": runs.count_documents({}),
         "limit": limit,
         "offset": offset,
     }
 
 
 def chart_runs(store: MemoryStore, n: int = CHART_RUNS) -> list[dict[str, Any]]:
-    """Return the newest ``n`` runs, oldest first: what the chart plots left to right."""
+    """Return the newest ``n`` daily runs, oldest first: what the chart plots left to right."""
     cursor = store.runs.find({}, {"_id": 0, "users": 0}).sort(NEWEST_FIRST).limit(n)
     return [run_summary(doc) for doc in cursor][::-1]
 
 
-def run_detail(store: MemoryStore, run_id: str) -> dict[str, Any] | None:
+def catchup_status(store: MemoryStore) -> dict[str, Any]:
+    """Return the catch-up DAG's counters: runs that found someone, idle runs, when it last ran and scanned."""
+    state = store.load_state(CATCHUP_STATE)
+    return {
+        "runs": _count(state.get("runs")),
+        "idle_runs": _count(state.get("idle_runs")),
+        "last_run_at": iso(state.get("last_run_at")),
+        "last_idle_at": iso(state.get("last_idle_at")),
+        "scanned_through": iso(state.get("scanned_through")),
+    }
+
+
+def run_detail(store: MemoryStore, run_id: str, kind: str = "daily") -> dict[str, Any] | None:
     """Return a run's row, its failed users and every user's outcome; None when no such run was stored.
 
     A user's position in the run document's ``users`` list is its map index: ``build_report`` lists
     users in scan order, and the scan list is what ``compress_user`` was expanded over.
     """
-    doc = store.runs.find_one({"run_id": run_id}, {"_id": 0})
+    doc = _runs_of(store, kind).find_one({"run_id": run_id}, {"_id": 0})
     if doc is None:
         return None
     raw_users = doc.get("users")

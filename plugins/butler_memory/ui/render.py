@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from butler_memory.ui.data import DAG_ID, MAX_USER_ID_CHARS, task_instance_path
+from butler_memory.ui.data import DAG_ID, DAG_IDS, MAX_USER_ID_CHARS, task_instance_path
 
 CSS = """
 :root { color-scheme: light dark; --fg: #1a202c; --muted: #5f6b7a; --bg: #fff; --line: #e2e8f0;
@@ -90,8 +90,8 @@ class Links:
     def index(self, **query: int) -> str:
         return f"{self.root}/" + (f"?{urlencode(query)}" if query else "")
 
-    def run(self, run_id: str) -> str:
-        return f"{self.root}/runs/{quote(run_id, safe='')}"
+    def run(self, run_id: str, kind: str = "daily") -> str:
+        return f"{self.root}/runs/{quote(run_id, safe='')}" + ("?kind=catchup" if kind == "catchup" else "")
 
     def user(self, user_id: str) -> str:
         return f"{self.root}/users?{urlencode({'user_id': user_id})}"
@@ -99,11 +99,11 @@ class Links:
     def api(self, path: str) -> str:
         return f"{self.root}/api/{path}"
 
-    def dag_run(self, run_id: str) -> str:
-        return f"{self.ui_base}dags/{DAG_ID}/runs/{quote(run_id, safe='')}"
+    def dag_run(self, run_id: str, kind: str = "daily") -> str:
+        return f"{self.ui_base}dags/{DAG_IDS[kind]}/runs/{quote(run_id, safe='')}"
 
-    def task_instance(self, run_id: str, map_index: int) -> str:
-        return self.ui_base + task_instance_path(run_id, map_index)
+    def task_instance(self, run_id: str, map_index: int, kind: str = "daily") -> str:
+        return self.ui_base + task_instance_path(run_id, map_index, kind)
 
 
 def page(title: str, body: str, *, nonce: str, links: Links) -> str:
@@ -206,7 +206,7 @@ RUN_HEADERS = (
 def _run_cells(run: Mapping[str, Any], links: Links) -> list[str]:
     return [
         esc(when(run["started_at"])),
-        f'<a href="{esc(links.run(run["run_id"]))}">{esc(run["run_id"])}</a>',
+        f'<a href="{esc(links.run(run["run_id"], run["kind"]))}">{esc(run["run_id"])}</a>',
         status_cell(run["status"]),
         num(run["users_found"]),
         num(run["users_compressed"]),
@@ -228,8 +228,35 @@ def lookup_form(links: Links, value: str = "") -> str:
     )
 
 
-def runs_page(listing: Mapping[str, Any], chart: Sequence[Mapping[str, Any]], *, links: Links, nonce: str) -> str:
-    """Return the run history: chart, one table page, pager, user lookup."""
+def catchup_section(catchup: Mapping[str, Any], status: Mapping[str, Any], links: Links) -> str:
+    """Return the catch-up DAG's part of the history: its counters, then its runs that found someone."""
+    idle = num(status["idle_runs"])
+    line = (
+        f'<p class="muted" id="catchup-status">Runs of <code>{DAG_IDS["catchup"]}</code> that found someone due: '
+        f"{num(status['runs'])}; idle runs (nobody due, not listed): {idle}"
+        + (f", last {esc(when(status['last_idle_at']))}" if status["last_idle_at"] else "")
+        + (f". Scanned through {esc(when(status['scanned_through']))}." if status["scanned_through"] else ".")
+        + f' JSON: <a href="{esc(links.api("runs?kind=catchup"))}">{esc(links.api("runs?kind=catchup"))}</a></p>'
+    )
+    table = _table(
+        RUN_HEADERS,
+        (_run_cells(r, links) for r in catchup["runs"]),
+        empty="No catch-up run has found anyone due yet.",
+        table_id="catchup-runs",
+    )
+    return f"<h2>Catch-up runs (newest {len(catchup['runs'])})</h2>{line}{table}"
+
+
+def runs_page(
+    listing: Mapping[str, Any],
+    chart: Sequence[Mapping[str, Any]],
+    *,
+    links: Links,
+    nonce: str,
+    catchup: Mapping[str, Any] | None = None,
+    catchup_status: Mapping[str, Any] | None = None,
+) -> str:
+    """Return the run history: chart, one table page of daily runs, pager, the catch-up runs, user lookup."""
     runs, total = listing["runs"], int(listing["total"])
     limit, offset = int(listing["limit"]), int(listing["offset"])
     shown = f"runs {offset + 1}–{offset + len(runs)} of {num(total)}" if runs else f"no runs here ({num(total)} in all)"
@@ -246,6 +273,11 @@ def runs_page(listing: Mapping[str, Any], chart: Sequence[Mapping[str, Any]], *,
         "<h2>Runs</h2>"
         f'<div class="pager">{"".join(pager)}</div>'
         + _table(RUN_HEADERS, (_run_cells(r, links) for r in runs), empty="No runs stored yet.", table_id="runs")
+        + (
+            catchup_section(catchup, catchup_status, links)
+            if catchup is not None and catchup_status is not None
+            else ""
+        )
         + f"<h2>User</h2>{lookup_form(links)}"
     )
     return page("Memory compression", body, nonce=nonce, links=links)
@@ -268,7 +300,7 @@ USER_HEADERS = (
 
 def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
     """Return one run: totals, failed users linked to their task instances, every user's outcome."""
-    run_id = detail["run_id"]
+    run_id, kind = detail["run_id"], detail["kind"]
     cards = [
         ("status", status_cell(detail["status"])),
         ("users found", num(detail["users_found"])),
@@ -280,13 +312,14 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
         ("events deleted", num(detail["events_deleted"])),
         ("LLM tokens", f"{num(detail['prompt_tokens'])} + {num(detail['completion_tokens'])}"),
         ("duration", esc(duration(detail["seconds"]))),
+        ("left for the next run", num(detail["backlog_left"])),
     ]
     failed_rows = [
         [
             f'<a href="{esc(links.user(u["user_id"]))}">{esc(u["user_id"])}</a>',
             esc(u["error_type"] or ""),
             esc(u["error"] or ""),
-            _ti_link(links, run_id, u["map_index"]),
+            _ti_link(links, run_id, u["map_index"], kind),
         ]
         for u in detail["failed_users"]
     ]
@@ -308,14 +341,14 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
             num(u["summary_chars"]),
             num(u["prompt_tokens"] + u["completion_tokens"]),
             f"{u['seconds']:.2f}",
-            _ti_link(links, run_id, u["map_index"]),
+            _ti_link(links, run_id, u["map_index"], kind),
         ]
         for u in detail["users"]
     ]
     body = (
-        f"<h1>Run {esc(run_id)}</h1>"
+        f"<h1>{'Catch-up run' if kind == 'catchup' else 'Run'} {esc(run_id)}</h1>"
         f'<p class="muted">Started {esc(when(detail["started_at"]))}, finished {esc(when(detail["finished_at"]))}. '
-        f'<a data-airflow-ui href="{esc(links.dag_run(run_id))}">Open the DAG run in Airflow</a> · '
+        f'<a data-airflow-ui href="{esc(links.dag_run(run_id, kind))}">Open the DAG run in Airflow</a> · '
         f'JSON: <a href="{esc(links.api("runs/" + quote(run_id, safe="")))}">run</a></p>'
         + "".join(f'<div class="card">{esc(label)}<b>{value}</b></div>' for label, value in cards)
         + f"<h2>Failed users ({num(len(detail['failed_users']))})</h2>{failed_table}"
@@ -325,8 +358,9 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
     return page(f"Run {run_id}", body, nonce=nonce, links=links)
 
 
-def _ti_link(links: Links, run_id: str, map_index: int) -> str:
-    return f'<a data-airflow-ui href="{esc(links.task_instance(run_id, map_index))}">compress_user [{map_index}]</a>'
+def _ti_link(links: Links, run_id: str, map_index: int, kind: str = "daily") -> str:
+    url = links.task_instance(run_id, map_index, kind)
+    return f'<a data-airflow-ui href="{esc(url)}">compress_user [{map_index}]</a>'
 
 
 def user_page(status: Mapping[str, Any], *, links: Links, nonce: str) -> str:

@@ -1,0 +1,172 @@
+"""Fresh all day, below Airflow: the catch-up scan, the doorbell and its record, on real MongoDB and Redis.
+
+The catch-up scan's MongoDB commands are counted with a pymongo command listener (as
+``tools/bench_engine.py`` counts them): they must not grow with the collection, only with the users
+who wrote since the last scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pymongo
+import pytest
+import redis
+import redis.asyncio
+from pymongo.database import Database
+
+from butler_memory import fresh
+from butler_memory.doorbell import AsyncDoorbell, Doorbell, DoorbellRecord, valid_user_id
+from butler_memory.store import Backlog, MemoryStore
+from tests.engine.helpers import insert_events, small_settings
+from tools.bench_engine import CommandCounter
+from tools.services import MongoService, RedisService
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+LAST_SCAN = NOW - timedelta(minutes=5)
+
+
+def _seed_quiet(db: Database[dict[str, Any]], users: int, events: int = 15) -> None:
+    """Users over the threshold (10) whose events are all old: the catch-up scan must not count them."""
+    for i in range(users):
+        insert_events(db, f"quiet-{i:04d}", events)
+
+
+def _counted_scan(
+    mongo_service: MongoService, db_name: str, redis_client: redis.Redis, **setting: Any
+) -> tuple[fresh.ScanResult, Counter[str]]:
+    settings = small_settings(catchup_margin_seconds=60, **setting)
+    counter = CommandCounter()
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_service.uri, event_listeners=[counter])
+    try:
+        store = MemoryStore(client[db_name], settings)
+        counter.reset()
+        result = fresh.catchup_scan(store, DoorbellRecord(redis_client), settings, settings.scan_limit, now=NOW)
+        return result, Counter(counter.counts)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("quiet_users", [20, 200])
+def test_catchup_scan_counts_only_users_with_new_events(
+    mongo_service: MongoService,
+    mongo_db: Database[dict[str, Any]],
+    redis_client: redis.Redis,
+    quiet_users: int,
+) -> None:
+    settings = small_settings()
+    store = MemoryStore(mongo_db, settings)
+    store.ensure_indexes()
+    _seed_quiet(mongo_db, quiet_users)
+    # Since the last scan: one user crossed the threshold, one wrote but stays under it.
+    insert_events(mongo_db, "chatty", 14, start=LAST_SCAN - timedelta(minutes=10), step=timedelta(minutes=1))
+    insert_events(mongo_db, "light", 2, start=LAST_SCAN + timedelta(seconds=30))
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": LAST_SCAN})
+
+    result, commands = _counted_scan(mongo_service, mongo_db.name, redis_client)
+
+    assert result.backlog == [Backlog("chatty", 14)]
+    assert result.candidates == 2  # chatty and light; none of the quiet users
+    assert result.left == 0
+    assert result.scanned_at == NOW
+    # One state read, one distinct, one count per candidate: the same for 20 and 200 quiet users.
+    assert commands == Counter({"find": 1, "distinct": 1, "aggregate": 2}), commands
+
+
+def test_catchup_scan_takes_doorbell_users_and_leaves_the_rest_past_the_limit(
+    mongo_service: MongoService, mongo_db: Database[dict[str, Any]], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    store = MemoryStore(mongo_db, settings)
+    _seed_quiet(mongo_db, 3, events=12)  # old events only: found through the doorbell alone
+    insert_events(mongo_db, "fresh-big", 20, start=LAST_SCAN + timedelta(seconds=1), step=timedelta(seconds=1))
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": LAST_SCAN})
+    bell = Doorbell(redis_client, threshold=settings.threshold)
+    for user_id in ("quiet-0000", "quiet-0001", "nobody-at-all"):
+        assert bell.ring(user_id)
+
+    result, _ = _counted_scan(mongo_service, mongo_db.name, redis_client, scan_limit=2)
+
+    assert result.backlog == [Backlog("fresh-big", 20), Backlog("quiet-0000", 12)]
+    assert result.left == 1 and result.left_ids == ["quiet-0001"]
+    assert set(result.rung) == {"quiet-0000", "quiet-0001", "nobody-at-all"}
+
+    record = DoorbellRecord(redis_client)
+    fresh.settle_catchup(store, record, result.xcom(), idle=False, finished_at=NOW)
+    # Handled records are dropped (the unknown user too); the user left over waits for the next run.
+    assert set(record.oldest(10)) == {"quiet-0001"}
+    state = store.load_state(fresh.STATE_DOC)
+    assert state["scanned_through"].replace(tzinfo=UTC) == NOW
+    assert state["runs"] == 1
+
+
+def test_first_catchup_scan_is_a_full_scan(mongo_db: Database[dict[str, Any]], redis_client: redis.Redis) -> None:
+    settings = small_settings()
+    store = MemoryStore(mongo_db, settings)
+    _seed_quiet(mongo_db, 2, events=12)
+    insert_events(mongo_db, "small", 5)
+    result = fresh.catchup_scan(store, DoorbellRecord(redis_client), settings, settings.scan_limit, now=NOW)
+    assert [b.user_id for b in result.backlog] == ["quiet-0000", "quiet-0001"]
+
+
+def test_idle_settle_counts_without_a_run(mongo_db: Database[dict[str, Any]], redis_client: redis.Redis) -> None:
+    store = MemoryStore(mongo_db, small_settings())
+    scan = fresh.ScanResult(backlog=[], scanned_at=NOW).xcom()
+    for _ in range(3):
+        fresh.settle_catchup(store, DoorbellRecord(redis_client), scan, idle=True, finished_at=NOW)
+    state = store.load_state(fresh.STATE_DOC)
+    assert state["idle_runs"] == 3 and "runs" not in state
+
+
+@pytest.mark.parametrize("bad", ["", " ", "a b", "x" * 201, "tab\there", "nl\n", 42, None, b"bytes"])
+def test_doorbell_refuses_malformed_ids_without_touching_redis(redis_client: redis.Redis, bad: Any) -> None:
+    assert not valid_user_id(bad)
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("butler:memory:doorbell:ring")
+    assert Doorbell(redis_client).ring(bad) is False
+    assert redis_client.zcard("butler:memory:doorbell") == 0
+    assert pubsub.get_message(timeout=0.2) is None
+    pubsub.close()
+
+
+def test_doorbell_records_once_and_wakes_every_time(redis_client: redis.Redis) -> None:
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("butler:memory:doorbell:ring")
+    pubsub.get_message(timeout=0.2)
+    bell = Doorbell(redis_client, threshold=50)
+    assert bell.ring("u-1") and bell.ring("u-1", events=80)
+    assert bell.ring("u-2", events=50) is False  # at the threshold: not due, nothing sent
+    first = DoorbellRecord(redis_client).oldest(10)
+    assert list(first) == ["u-1"] and bell.pending() == 1
+    messages = [pubsub.get_message(timeout=1.0), pubsub.get_message(timeout=1.0)]
+    assert all(m is not None and m["data"] == b"ring" for m in messages)
+    assert pubsub.get_message(timeout=0.2) is None
+    pubsub.close()
+
+
+def test_doorbell_reports_a_redis_outage_as_false() -> None:
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    assert Doorbell(dead).ring("u-1") is False
+
+
+def test_async_doorbell_matches_the_sync_one(redis_service: RedisService, redis_client: redis.Redis) -> None:
+    async def ring_some() -> tuple[list[bool], int]:
+        bell = AsyncDoorbell(redis.asyncio.Redis.from_url(redis_service.url), threshold=10)
+        try:
+            rang = [
+                await bell.ring("a-1"),
+                await bell.ring("a-1"),
+                await bell.ring("a 2"),
+                await bell.ring("a-3", events=3),
+            ]
+            return rang, await bell.pending()
+        finally:
+            await bell.close()
+
+    rang, pending = asyncio.run(ring_some())
+    assert rang == [True, True, False, False]
+    assert pending == 1
+    assert list(DoorbellRecord(redis_client).oldest(5)) == ["a-1"]
