@@ -32,8 +32,8 @@ def dags(llm_pool: None) -> dict[str, Any]:
     return {CATCHUP_ID: bag.dags[CATCHUP_ID], DAILY_ID: bag.dags[DAILY_ID]}
 
 
-def _runs(db: Database[dict[str, Any]]) -> list[dict[str, Any]]:
-    return list(db["memory_compression_runs"].find({}, {"_id": 0}).sort("started_at", 1))
+def _runs(db: Database[dict[str, Any]], collection: str = "memory_compression_runs") -> list[dict[str, Any]]:
+    return list(db[collection].find({}, {"_id": 0}).sort("started_at", 1))
 
 
 def _statuses(doc: dict[str, Any]) -> dict[str, str]:
@@ -46,7 +46,7 @@ def test_idle_catchup_run_stores_no_run_document(dags: dict[str, Any], world: di
     # The first run has no watermark: a full scan; nobody is over the threshold.
     run = dags[CATCHUP_ID].test(run_conf={})
     assert run.state == "success", {k: ti.state for k, ti in task_instances(run).items()}
-    assert _runs(db) == []
+    assert _runs(db) == _runs(db, "memory_compression_catchup_runs") == []
     state = db["memory_compression_state"].find_one({"_id": fresh.STATE_DOC})
     assert state is not None and state["idle_runs"] == 1 and state["scanned_through"]
     lines = statsd.wait_for(lambda got: any("catchup_idle_runs_total:1|c" in line for line in got))
@@ -65,7 +65,8 @@ def test_daily_catchup_and_an_inline_holder_compress_a_user_once(dags: dict[str,
     catchup = dags[CATCHUP_ID].test(run_conf={})
     assert daily.state == catchup.state == "success"
 
-    daily_doc, catchup_doc = _runs(db)
+    [daily_doc] = _runs(db)
+    [catchup_doc] = _runs(db, "memory_compression_catchup_runs")
     assert (daily_doc["kind"], catchup_doc["kind"]) == ("daily", "catchup")
     assert _statuses(daily_doc) == {"u-held": "skipped_locked", "u-free": "compressed"}
     assert _statuses(catchup_doc) == {"u-held": "skipped_locked"}, "the catch-up run must say it skipped"
