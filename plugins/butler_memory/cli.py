@@ -72,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
     forget.add_argument("--json", action="store_true", help="print the result as JSON")
     forget.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    rollback = sub.add_parser(
+        "rollback",
+        help="undo a run: summaries back to the version before it, its events back to user_memory",
+        description="Undo a run for each user it changed (or the given users): the summary and its "
+        "bookkeeping return to the version before the run, as a new version; the events it folded go "
+        "back from the archive into user_memory.",
+    )
+    rollback.add_argument("--run", required=True, dest="run_id", metavar="RUN_ID", help="the run to undo")
+    rollback.add_argument("--user", action="append", dest="users", metavar="ID", help="only this user (repeatable)")
+    rollback.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
+    rollback.add_argument("--cascade", action="store_true", help="also undo later runs that built on it")
+    rollback.add_argument(
+        "--allow-missing-events",
+        action="store_true",
+        help="roll back even where some of the run's events are no longer archived (they stay lost)",
+    )
+    rollback.add_argument("--json", action="store_true", help="print the results as JSON")
+    rollback.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     return parser
 
 
@@ -197,6 +215,80 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+ROLLBACK_OK = ("rolled_back", "dry_run", "not_changed")
+
+
+def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Roll back one run for each user it changed; print one line per user; return the exit code."""
+    from butler_memory.connections import build_engine
+    from butler_memory.rollback import RollbackResult, users_of_run
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    rollback_id = f"rollback__{args.run_id}__{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S')}"
+    try:
+        engine = build_engine(settings)
+        if not args.dry_run:
+            engine.locks.ping()
+            engine.store.ensure_indexes()
+        user_ids = users_of_run(engine.store, args.run_id, args.users)
+    except LockUnavailableError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_UNAVAILABLE
+    except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
+        err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
+        return EXIT_UNAVAILABLE
+    results: list[RollbackResult] = []
+    try:
+        for user_id in user_ids:
+            try:
+                result = engine.rollback(
+                    user_id,
+                    args.run_id,
+                    rollback_id=rollback_id,
+                    cascade=args.cascade,
+                    allow_missing=args.allow_missing_events,
+                    dry_run=args.dry_run,
+                )
+            except CompressionError as exc:
+                result = RollbackResult(user_id, FAILED, args.run_id, message=str(exc))
+                log.warning("user %s: rollback failed: %s", user_id, exc)
+            results.append(result)
+    finally:
+        engine.close()
+    if args.json:
+        out.write(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    else:
+        out.write(rollback_markdown(args.run_id, results, dry_run=args.dry_run))
+    return EXIT_OK if all(r.status in ROLLBACK_OK for r in results) else EXIT_FAILED_USERS
+
+
+def rollback_markdown(run_id: str, results: Sequence[Any], *, dry_run: bool) -> str:
+    """Return a rollback's results as Markdown: one row per user, no content."""
+    lines = [
+        f"# Rollback of run {run_id}{' (dry run: nothing written)' if dry_run else ''}",
+        "",
+        f"{len(results)} user(s).",
+        "",
+    ]
+    if results:
+        lines += [
+            "| user | status | version | restores | undoes | runs undone | events back | events missing | note |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+    for r in results:
+        version = f"v{r.from_version} → v{r.to_version}" if r.to_version != r.from_version else f"v{r.from_version}"
+        restores = "" if r.restored_version is None else f"v{r.restored_version}"
+        lines.append(
+            f"| {r.user_id} | {r.status} | {version} | {restores} | {', '.join(f'v{v}' for v in r.undoes)} | "
+            f"{', '.join(r.undone_runs)} | {r.events_restored} | {r.events_missing} | {r.message} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _configure_logging(verbose: bool, err: TextIO) -> None:
     """Log to ``err`` at WARNING (INFO with -v): stdout carries only the report (``--json | jq``).
 
@@ -223,4 +315,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return run_compress(args, out, err)
     if args.command == "forget":
         return run_forget(args, out, err)
+    if args.command == "rollback":
+        return run_rollback(args, out, err)
     return EXIT_USAGE  # pragma: no cover - argparse enforces the subcommand

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from butler_memory import metrics as m
 from butler_memory.errors import CompressionError, ErasurePendingError, InvalidEventError, LLMError
@@ -33,6 +33,9 @@ from butler_memory.settings import Settings
 from butler_memory.store import Backlog, EventKey, MemoryStore, Profile
 from butler_memory.summarizer import EventText, Summarizer, SummaryRequest
 from butler_memory.validation import validate_summary
+
+if TYPE_CHECKING:
+    from butler_memory.rollback import RollbackResult
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +151,33 @@ class Engine:
             checkpoint=checkpoint,
         )
 
+    def rollback(
+        self,
+        user_id: str,
+        run_id: str,
+        *,
+        rollback_id: str,
+        cascade: bool = False,
+        allow_missing: bool = False,
+        dry_run: bool = False,
+        checkpoint: Checkpoint = _no_checkpoint,
+    ) -> RollbackResult:
+        """Undo one run for one user (see ``rollback.rollback_user``)."""
+        from butler_memory.rollback import rollback_user
+
+        return rollback_user(
+            user_id,
+            run_id,
+            store=self.store,
+            locks=self.locks,
+            rollback_id=rollback_id,
+            cascade=cascade,
+            allow_missing=allow_missing,
+            dry_run=dry_run,
+            checkpoint=checkpoint,
+            clock=utcnow,
+        )
+
 
 def compress_user(
     user_id: str,
@@ -211,8 +241,16 @@ def _compress_locked(
             user_id=user_id,
         )
     result = UserResult(user_id, COMPRESSED, summary_version=profile.version, summary_chars=len(profile.summary))
+    if profile.rollback is not None and not dry_run:
+        from butler_memory.rollback import finish_rollback  # rollback builds on this module
+
+        # An interrupted rollback put events back in user_memory that the summary still covers: finish it first.
+        finish_rollback(store, profile, _no_checkpoint, clock)
+        profile = store.load_profile(user_id, create=False)
     if profile.pending is not None and not dry_run:
-        result.events_deleted += _finish_pending(user_id, profile, store, metrics, run_id, checkpoint, clock)
+        result.events_deleted += finish_pending(
+            profile, store, run_id=run_id, clock=clock, metrics=metrics, checkpoint=checkpoint
+        )
         profile = store.load_profile(user_id, create=False)
 
     result.events_before = store.count_events(user_id)
@@ -381,16 +419,18 @@ def _fold_list(
     return None
 
 
-def _finish_pending(
-    user_id: str,
+def finish_pending(
     profile: Profile,
     store: MemoryStore,
-    metrics: Metrics,
+    *,
     run_id: str,
-    checkpoint: Checkpoint,
     clock: Callable[[], datetime],
+    metrics: Metrics | None = None,
+    checkpoint: Checkpoint = _no_checkpoint,
 ) -> int:
     """Archive and delete the events an interrupted run already summarised; never re-summarise them."""
+    metrics = metrics or NullMetrics()
+    user_id = profile.user_id
     pending = profile.pending
     assert pending is not None
     log.info(

@@ -82,3 +82,7 @@ class ErasurePendingError(CompressionError):
     """An erasure of this user, or of some of their events, is unfinished: no compression until it is."""
 
     retryable = True
+
+
+class RollbackRefusedError(CompressionError):
+    """A rollback (or re-fold) cannot be done as asked; nothing was changed. The message says why."""

@@ -54,6 +54,9 @@ OUR_PROFILE_FIELDS = (
 )
 """Every profile field this package writes besides the summary (a user erasure removes them all)."""
 
+ARCHIVE_FIELDS = frozenset({"run_id", "summary_version", "archived_at"})
+"""Fields ``archive()`` adds to an event; a restored event is stored without them."""
+
 _INDEX_CONFLICT_CODES = {85, 86}  # IndexOptionsConflict, IndexKeySpecsConflict
 _ONE_MS = timedelta(milliseconds=1)
 """The resolution of BSON dates."""
@@ -274,6 +277,95 @@ class MemoryStore:
     def clear_fold_target(self, user_id: str, version: int) -> None:
         """Forget an unfinished run's fold target (nothing of it is left to fold)."""
         self.profiles.update_one({"user_id": user_id, VERSION_FIELD: version}, {"$set": {TARGET_FIELD: None}})
+
+    # -- rollback ------------------------------------------------------------------------------
+
+    def begin_rollback(self, user_id: str, *, expected_version: int, intent: Mapping[str, Any]) -> None:
+        """Record a rollback's intent, guarded by the version it starts from (nothing else pending)."""
+        guard = {"user_id": user_id, VERSION_FIELD: expected_version, PENDING_FIELD: None, ROLLBACK_FIELD: None}
+        if not expected_version:
+            guard[VERSION_FIELD] = {"$in": [0, None]}
+        res = self.profiles.update_one(guard, {"$set": {ROLLBACK_FIELD: dict(intent)}})
+        if res.matched_count != 1:
+            raise ConcurrentUpdateError(
+                f"user {user_id!r}: profile changed before the rollback started (expected summary version "
+                f"{expected_version}); nothing was written, a re-run starts from the new state",
+                user_id=user_id,
+            )
+
+    def commit_rollback(
+        self,
+        user_id: str,
+        *,
+        expected_version: int,
+        new_version: int,
+        summary: str,
+        through: Mapping[str, Any] | None,
+        compressed_at: datetime | None,
+    ) -> None:
+        """Store the restored summary and bookkeeping as ``new_version``, guarded by the old version
+        and the rollback's intent."""
+        guard: dict[str, Any] = {"user_id": user_id, f"{ROLLBACK_FIELD}.version": new_version}
+        guard[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
+        update = {
+            "$set": {
+                self.settings.summary_field: summary,
+                VERSION_FIELD: new_version,
+                THROUGH_FIELD: None if through is None else dict(through),
+                COMPRESSED_AT_FIELD: compressed_at,
+                PENDING_FIELD: None,
+                TARGET_FIELD: None,
+            }
+        }
+        if self.profiles.update_one(guard, update).matched_count != 1:
+            raise ConcurrentUpdateError(
+                f"user {user_id!r}: profile changed during the rollback (expected summary version "
+                f"{expected_version}); nothing was written",
+                user_id=user_id,
+            )
+
+    def clear_rollback(self, user_id: str, version: int) -> None:
+        """Remove a finished rollback's intent."""
+        self.profiles.update_one(
+            {"user_id": user_id, VERSION_FIELD: version, f"{ROLLBACK_FIELD}.version": version},
+            {"$unset": {ROLLBACK_FIELD: ""}},
+        )
+
+    def archived_counts(self, user_id: str, versions: Sequence[int]) -> dict[int, int]:
+        """Return how many archived events of the user each of ``versions`` folded."""
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"user_id": user_id, "summary_version": {"$in": list(versions)}}},
+            {"$group": {"_id": "$summary_version", "n": {"$sum": 1}}},
+        ]
+        return {int(row["_id"]): int(row["n"]) for row in self.archive_coll.aggregate(pipeline)}
+
+    def iter_archived(self, user_id: str, versions: Sequence[int], batch_size: int) -> Iterator[dict]:
+        """Stream the archived events those versions folded, in ``(created_at, _id)`` order."""
+        query = {"user_id": user_id, "summary_version": {"$in": list(versions)}}
+        cursor = self.archive_coll.find(query).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
+        yield from cursor.batch_size(batch_size)
+
+    def restore(self, user_id: str, versions: Sequence[int], *, unarchive: bool) -> int:
+        """Put the archived events those versions folded back into user_memory, as they were
+        (upsert by _id, without our archive fields); with ``unarchive``, then drop them from the
+        archive. Repeating it adds nothing. Return how many were restored."""
+        restored = 0
+        batch: list[dict] = []
+        for doc in self.iter_archived(user_id, versions, self.settings.delete_batch_size):
+            batch.append(doc)
+            if len(batch) >= self.settings.delete_batch_size:
+                restored += self._restore_batch(user_id, batch, unarchive)
+                batch = []
+        if batch:
+            restored += self._restore_batch(user_id, batch, unarchive)
+        return restored
+
+    def _restore_batch(self, user_id: str, docs: list[dict], unarchive: bool) -> int:
+        events = [{k: v for k, v in doc.items() if k not in ARCHIVE_FIELDS} for doc in docs]
+        self.events.bulk_write([ReplaceOne({"_id": ev["_id"]}, ev, upsert=True) for ev in events], ordered=False)
+        if unarchive:  # only after the batch is back in user_memory
+            self.archive_coll.delete_many(_ids_of_user([ev["_id"] for ev in events], user_id))
+        return len(events)
 
     # -- events --------------------------------------------------------------------------------
 

@@ -3,10 +3,11 @@
 Usage: ``python tests/engine/kill_worker.py '<json>'`` with keys ``mongo_uri``, ``db``, ``redis_host``,
 ``redis_port``, ``llm_base_url``, ``user_id``, ``run_id``, ``settings`` (a Settings mapping),
 ``kill_step`` and ``kill_occurrence`` (1 = the first time the step is reached); optional ``task``:
-``compress`` (the default) or ``forget_user`` (then ``secret``, ``events``, ``key_patterns`` and
+``compress`` (the default), ``rollback`` or ``forget_user`` (then ``secret``, ``events``, ``key_patterns`` and
 ``shared_keys`` to register, see tests/engine/test_erasure_kill_matrix.py). Needs ``plugins/``
-on PYTHONPATH. Exits 0 when the step was never reached, so the parent can tell a missed kill from
-a real one (a SIGKILL shows as return code -9).
+on PYTHONPATH. ``task`` ``rollback`` rolls back the run ``rollback`` names instead (``run_id`` names
+the rollback; ``cascade`` optional). Exits 0 when the step was never reached, so the parent can
+tell a missed kill from a real one (a SIGKILL shows as return code -9).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pymongo
 import redis
@@ -76,7 +78,16 @@ def main(argv: list[str]) -> int:
             )
             print(json.dumps(done.to_dict()), flush=True)
             return 0
-        result = engine.compress(config["user_id"], run_id=config["run_id"], checkpoint=checkpoint)
+        if config.get("task") == "rollback":
+            result: Any = engine.rollback(
+                config["user_id"],
+                config["rollback"],
+                rollback_id=config["run_id"],
+                cascade=bool(config.get("cascade")),
+                checkpoint=checkpoint,
+            )
+        else:
+            result = engine.compress(config["user_id"], run_id=config["run_id"], checkpoint=checkpoint)
     print(json.dumps(result.to_dict()), flush=True)
     return 0
 

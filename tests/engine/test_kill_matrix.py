@@ -25,6 +25,7 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED, STEPS
+from butler_memory.settings import Settings
 from butler_memory.store import PENDING_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
@@ -96,9 +97,16 @@ def ids(events: list[Doc]) -> list[str]:
 
 
 def run_worker(
-    mongo_service: MongoService, db: Database[Doc], redis_service: RedisService, llm: FakeOpenAI, kill: Kill
+    mongo_service: MongoService,
+    db: Database[Doc],
+    redis_service: RedisService,
+    llm: FakeOpenAI,
+    kill: Kill,
+    settings: Settings = SETTINGS,
+    **extra: Any,
 ) -> subprocess.CompletedProcess[str]:
-    """Run one compression in a child process that SIGKILLs itself at ``kill``."""
+    """Run one compression (or, with ``task="rollback", rollback=RUN``, a rollback) in a child process that SIGKILLs
+    itself at ``kill``."""
     config = {
         "mongo_uri": mongo_service.uri,
         "db": db.name,
@@ -107,9 +115,10 @@ def run_worker(
         "llm_base_url": llm.base_url,
         "user_id": USER,
         "run_id": f"killed-at-{kill[0]}-{kill[1]}",
-        "settings": SETTINGS.as_dict(),
+        "settings": settings.as_dict(),
         "kill_step": kill[0],
         "kill_occurrence": kill[1],
+        **extra,
     }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO)])}
     return subprocess.run(

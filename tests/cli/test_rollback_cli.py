@@ -1,0 +1,90 @@
+"""``python -m butler_memory rollback`` in a subprocess: dry run, the drill, refusal and --cascade."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from pymongo.database import Database
+
+from tests.cli.test_cli import CANARY, SMALL, cli, seed
+from tools.fake_openai import FakeOpenAI
+from tools.services import AirflowConns
+
+Doc = dict[str, Any]
+
+
+def state(db: Database[Doc]) -> Doc:
+    """Return user_memory by _id, the archive by _id, and the profiles without their version."""
+    profiles = {p["user_id"]: p for p in db["user_profiles"].find({}, {"_id": 0})}
+    for profile in profiles.values():
+        profile.pop("memory_summary_version", None)
+    return {
+        "events": {d["_id"]: d for d in db["user_memory"].find()},
+        "archive": {d["_id"]: d for d in db["user_memory_archive"].find()},
+        "profiles": profiles,
+    }
+
+
+def test_rollback_dry_run_then_the_drill_through_the_command_line(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI
+) -> None:
+    seed(mongo_db, {"a": 20, "b": 25})
+    assert cli("compress", "--run-id", "r0", *SMALL).returncode == 0
+    start = datetime(2026, 2, 1, tzinfo=UTC)
+    mongo_db["user_memory"].insert_many(
+        [
+            {
+                "_id": f"b-later-{i}",
+                "user_id": "b",
+                "role": "user",
+                "content": f"Later {i}: {CANARY}.",
+                "created_at": start + timedelta(minutes=i),
+                "tags": [],
+            }
+            for i in range(12)
+        ]
+    )
+    before = state(mongo_db)
+    assert cli("compress", "--run-id", "r1", *SMALL).returncode == 0
+    after_run = state(mongo_db)
+    assert after_run != before
+
+    dry = cli("rollback", "--run", "r1", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = {r["user_id"]: (r["status"], r["events_restored"]) for r in json.loads(dry.stdout)}
+    assert plan == {"b": ("dry_run", 12)}, plan
+    assert state(mongo_db) == after_run, "a dry run wrote something"
+    untouched = cli("rollback", "--run", "r1", "--user", "a", "--json")
+    assert [r["status"] for r in json.loads(untouched.stdout)] == ["not_changed"], untouched.stdout
+
+    done = cli("rollback", "--run", "r1")
+    assert done.returncode == 0, done.stderr
+    assert "| b | rolled_back | v2 → v3 |" in done.stdout, done.stdout
+    assert state(mongo_db) == before, "the rollback did not restore user_memory, archive and profiles exactly"
+    assert CANARY not in done.stdout + done.stderr + dry.stdout + dry.stderr, "conversation content was printed"
+
+
+def test_rollback_refuses_a_run_a_later_one_built_on_unless_cascade(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI
+) -> None:
+    seed(mongo_db, {"a": 20})
+    before = state(mongo_db)
+    assert cli("compress", "--run-id", "r0", "--threshold", "10", "--keep-last-n", "8").returncode == 0
+    assert cli("compress", "--run-id", "r1", "--threshold", "5", "--keep-last-n", "3").returncode == 0
+    after = state(mongo_db)
+
+    refused = cli("rollback", "--run", "r0", "--user", "a")
+    assert refused.returncode == 1
+    assert "r1" in refused.stdout and "--cascade" in refused.stdout, refused.stdout
+    assert state(mongo_db) == after
+
+    done = cli("rollback", "--run", "r0", "--user", "a", "--cascade", "--json")
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)
+    assert result["undone_runs"] == ["r1", "r0"] and result["events_restored"] == 17
+    now = state(mongo_db)
+    assert now["events"] == before["events"] and now["archive"] == {}
+    assert now["profiles"]["a"]["memory_summary"] == ""

@@ -1,0 +1,179 @@
+"""Rollback of a run: the drill (snapshot, run, roll back: equal exactly), refusals, dry run, cascade."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from pymongo.database import Database
+
+from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, Engine
+from butler_memory.rollback import DRY_RUN, NOT_CHANGED, REFUSED, ROLLED_BACK
+from butler_memory.store import ROLLBACK_FIELD, VERSION_FIELD
+from tests.engine.helpers import (
+    START,
+    archive_of,
+    events_of,
+    history_of,
+    insert_events,
+    make_engine,
+    profile_of,
+    small_settings,
+    snapshot,
+)
+
+Doc = dict[str, Any]
+SETTINGS = small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5)
+LATER = START + timedelta(days=1)
+
+
+class Crash(Exception):
+    """Stands in for a kill at a checkpoint (the kill matrix kills for real)."""
+
+
+def crash_at(step: str) -> Any:
+    def checkpoint(name: str) -> None:
+        if name == step:
+            raise Crash(step)
+
+    return checkpoint
+
+
+def two_runs(db: Database[Doc], engine: Engine) -> Doc:
+    """Run r0 on 20 events (v1-v3), add 15 events, snapshot, run r1 (v4-v6); return the snapshot."""
+    insert_events(db, "u1", 20)
+    assert engine.compress("u1", run_id="r0").summary_version == 3
+    insert_events(db, "u1", 15, first=20, start=LATER)
+    before = snapshot(db, "u1")
+    assert engine.compress("u1", run_id="r1").summary_version == 6
+    return before
+
+
+def assert_back_to(db: Database[Doc], before: Doc, version: int) -> None:
+    """user_memory (by _id and content), the archive and the profile equal the snapshot, but for the version."""
+    after = snapshot(db, "u1")
+    assert after["events"] == before["events"], "user_memory differs from the snapshot"
+    assert after["archive"] == before["archive"], "the archive differs from the snapshot"
+    profile, old = dict(after["profile"]), dict(before["profile"] or {})
+    assert profile.pop(VERSION_FIELD) == version
+    old.pop(VERSION_FIELD, None)
+    assert profile == old, "profile fields differ from the snapshot"
+
+
+def test_rollback_drill_restores_user_memory_and_profile_exactly(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    before = two_runs(mongo_db, engine)
+    v3_text = history_of(mongo_db, "u1")[2]["text"]
+
+    result = engine.rollback("u1", "r1", rollback_id="rb1")
+
+    assert result.status == ROLLED_BACK, result
+    assert (result.from_version, result.to_version, result.restored_version) == (6, 7, 3)
+    assert result.undoes == [6, 5, 4] and result.undone_runs == ["r1"] and result.events_restored == 15
+    assert_back_to(mongo_db, before, 7)
+    history = history_of(mongo_db, "u1")
+    assert [e["version"] for e in history] == [1, 2, 3, 4, 5, 6, 7], "history must only grow"
+    assert history[-1]["kind"] == "rollback" and history[-1]["base_version"] == 3
+    assert history[-1]["text"] == v3_text == profile_of(mongo_db, "u1")["memory_summary"]
+    assert history[-1]["run_id"] == "rb1" and history[-1]["covers"] is None
+
+    # Idempotent: once done, the same rollback changes nothing.
+    done = snapshot(mongo_db, "u1")
+    again = engine.rollback("u1", "r1", rollback_id="rb2")
+    assert again.status == NOT_CHANGED and "already rolled back" in again.message
+    assert snapshot(mongo_db, "u1") == done
+
+    # The restored events fold again in the next run, once each.
+    assert engine.compress("u1", run_id="r2").status == COMPRESSED
+    assert len(events_of(mongo_db, "u1")) == SETTINGS.keep_last_n
+    assert len(archive_of(mongo_db, "u1")) == 30
+
+
+def test_rollback_of_a_first_run_returns_every_event(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    original = insert_events(mongo_db, "u1", 20)
+    engine.compress("u1", run_id="r0")
+    result = engine.rollback("u1", "r0", rollback_id="rb")
+    assert result.status == ROLLED_BACK and result.restored_version == 0
+    assert events_of(mongo_db, "u1") == {ev["_id"]: ev for ev in original}
+    assert archive_of(mongo_db, "u1") == {}
+    profile = profile_of(mongo_db, "u1")
+    assert profile["memory_summary"] == "" and profile["memory_compressed_through"] is None
+    assert ROLLBACK_FIELD not in profile
+
+
+def test_dry_run_writes_nothing_and_says_what_would_change(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    two_runs(mongo_db, engine)
+    before = snapshot(mongo_db, "u1")
+    result = engine.rollback("u1", "r1", rollback_id="rb", dry_run=True)
+    assert result.status == DRY_RUN
+    assert (result.from_version, result.restored_version, result.undoes, result.events_restored) == (
+        6,
+        3,
+        [6, 5, 4],
+        15,
+    )
+    assert "v3 as v7" in result.message
+    assert snapshot(mongo_db, "u1") == before
+
+
+def test_a_later_run_is_named_and_rolled_back_only_with_cascade(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    original = insert_events(mongo_db, "u1", 20)
+    engine.compress("u1", run_id="r0")
+    later = insert_events(mongo_db, "u1", 15, first=20, start=LATER)
+    engine.compress("u1", run_id="r1")
+    before = snapshot(mongo_db, "u1")
+
+    refused = engine.rollback("u1", "r0", rollback_id="rb")
+    assert refused.status == REFUSED
+    assert "r1 (v6, v5, v4)" in refused.message and "--cascade" in refused.message
+    assert snapshot(mongo_db, "u1") == before, "a refused rollback changed something"
+
+    result = engine.rollback("u1", "r0", rollback_id="rb", cascade=True)
+    assert result.status == ROLLED_BACK and result.undone_runs == ["r1", "r0"] and result.restored_version == 0
+    assert events_of(mongo_db, "u1") == {ev["_id"]: ev for ev in original + later}
+    assert archive_of(mongo_db, "u1") == {}
+
+
+def test_events_no_longer_archived_refuse_unless_allowed(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    two_runs(mongo_db, engine)
+    mongo_db["user_memory_archive"].delete_many({"summary_version": 5})  # as retention would
+    before = snapshot(mongo_db, "u1")
+
+    refused = engine.rollback("u1", "r1", rollback_id="rb")
+    assert refused.status == REFUSED and "5 of the 15 events" in refused.message
+    assert snapshot(mongo_db, "u1") == before
+
+    result = engine.rollback("u1", "r1", rollback_id="rb", allow_missing=True)
+    assert result.status == ROLLED_BACK and result.events_missing == 5 and result.events_restored == 10
+
+
+def test_a_compression_finishes_an_interrupted_rollback_first(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    before = two_runs(mongo_db, engine)
+    with pytest.raises(Crash):
+        engine.rollback("u1", "r1", rollback_id="rb", checkpoint=crash_at("restored"))
+    assert ROLLBACK_FIELD in profile_of(mongo_db, "u1")
+
+    quiet = make_engine(mongo_db, redis_client, SETTINGS.replace(threshold=50, keep_last_n=5))
+    assert quiet.compress("u1", run_id="r2").status == SKIPPED_BELOW_THRESHOLD
+    assert_back_to(mongo_db, before, 7)
+
+
+def test_a_rollback_run_is_not_rolled_back(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    two_runs(mongo_db, engine)
+    engine.rollback("u1", "r1", rollback_id="rb")
+    result = engine.rollback("u1", "rb", rollback_id="rb-of-rb")
+    assert result.status == REFUSED and "is a rollback" in result.message

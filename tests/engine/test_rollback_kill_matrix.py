@@ -1,0 +1,108 @@
+"""Kill matrix of a rollback: SIGKILL it at every step boundary, re-run, and compare with the snapshot.
+
+Two runs fold a user (r0: v1-v3, then 15 new events, r1: v4-v6); a child process (``kill_worker.py``)
+rolls r1 back and kills itself at a checkpoint. The re-run (a rollback, or a compression, which must
+finish the rollback first) must end as one clean rollback: user_memory, the archive and the profile
+equal the snapshot taken before r1 (but for the version, 7), and the history is v1-v7 with v7 the
+rollback carrying v3's text.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from pymongo.database import Database
+
+from butler_memory.rollback import NOT_CHANGED, ROLLED_BACK, SKIPPED_LOCKED, STEPS
+from butler_memory.store import ROLLBACK_FIELD, VERSION_FIELD
+from tests.engine.helpers import START, history_of, insert_events, make_engine, profile_of, snapshot
+from tests.engine.test_kill_matrix import SETTINGS, Kill, run_worker, wait_for_lock_expiry
+from tests.engine.test_rollback import assert_back_to
+from tools.fake_openai import FakeOpenAI
+from tools.services import MongoService, RedisService
+
+Doc = dict[str, Any]
+USER = "u1"
+
+CASES: dict[str, list[Kill]] = {step: [(step, 1)] for step in STEPS}
+CASES |= {
+    # The re-run, finishing the intent, killed at its own steps.
+    "restored-then-committed": [("restored", 1), ("committed", 1)],
+    "committed-then-unarchived": [("committed", 1), ("unarchived", 1)],
+}
+COMPRESS_AFTER = ("intent", "restored", "committed", "unarchived")
+"""Kills after which a compression (not the rollback) is the re-run: it must finish the rollback first."""
+
+
+def test_the_matrix_covers_every_step() -> None:
+    killed = {step for kills in CASES.values() for step, _ in kills}
+    assert killed == set(STEPS), f"steps without a kill case: {set(STEPS) - killed}"
+
+
+def expected_after_kill(step: str) -> tuple[int, bool]:
+    """Return the profile's version and whether the intent is recorded right after a kill at ``step``."""
+    if step == "locked":
+        return 6, False
+    if step in ("intent", "restored", "recorded"):
+        return 6, True
+    return 7, step != "cleared"
+
+
+def prepare(db: Database[Doc], redis_client: redis.Redis) -> Doc:
+    engine = make_engine(db, redis_client, SETTINGS)
+    insert_events(db, USER, 20)
+    assert engine.compress(USER, run_id="r0").summary_version == 3
+    insert_events(db, USER, 15, first=20, start=START + timedelta(days=1))
+    before = snapshot(db, USER)
+    assert engine.compress(USER, run_id="r1").summary_version == 6
+    return before
+
+
+RUNS = [(kills, "rollback") for kills in CASES.values()] + [([(step, 1)], "compress") for step in COMPRESS_AFTER]
+RUN_IDS = [f"{name}-rollback" for name in CASES] + [f"{step}-compress" for step in COMPRESS_AFTER]
+
+
+@pytest.mark.parametrize(("kills", "rerun"), RUNS, ids=RUN_IDS)
+def test_kill_a_rollback_then_rerun_ends_like_a_clean_rollback(
+    kills: list[Kill],
+    rerun: str,
+    mongo_service: MongoService,
+    mongo_db: Database[Doc],
+    redis_service: RedisService,
+    redis_client: redis.Redis,
+    llm: FakeOpenAI,
+) -> None:
+    before = prepare(mongo_db, redis_client)
+    v3_text = history_of(mongo_db, USER)[2]["text"]
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    for n, kill in enumerate(kills):
+        child = run_worker(mongo_service, mongo_db, redis_service, llm, kill, task="rollback", rollback="r1")
+        assert child.returncode == -9, (
+            f"the child should have died at {kill}, exited {child.returncode}:\n{child.stderr[-3000:]}"
+        )
+        if n == 0:
+            version, intent = expected_after_kill(kill[0])
+            profile = profile_of(mongo_db, USER) or {}
+            assert profile[VERSION_FIELD] == version, f"after a kill at {kill}: v{profile[VERSION_FIELD]}"
+            assert (profile.get(ROLLBACK_FIELD) is not None) == intent, f"after a kill at {kill}"
+        held = snapshot(mongo_db, USER)
+        assert engine.rollback(USER, "r1", rollback_id="blocked").status == SKIPPED_LOCKED
+        assert snapshot(mongo_db, USER) == held, "a rollback blocked by the lock changed the database"
+        wait_for_lock_expiry(redis_client, SETTINGS.lock_key(USER), SETTINGS.lock_ttl_seconds)
+
+    if rerun == "rollback":
+        result = engine.rollback(USER, "r1", rollback_id="rerun")
+        assert result.status in (ROLLED_BACK, NOT_CHANGED), result
+    else:
+        quiet = make_engine(mongo_db, redis_client, SETTINGS.replace(threshold=50))
+        assert quiet.compress(USER, run_id="r2").status == "skipped_below_threshold"
+
+    assert_back_to(mongo_db, before, 7)
+    history = history_of(mongo_db, USER)
+    assert [e["version"] for e in history] == list(range(1, 8)), "exactly one entry per committed version"
+    assert history[-1]["kind"] == "rollback" and history[-1]["base_version"] == 3
+    assert history[-1]["text"] == v3_text == profile_of(mongo_db, USER)["memory_summary"]
+    assert history[-1]["undoes"] == [6, 5, 4]
