@@ -101,7 +101,7 @@ def xcom_values(run: Any) -> list[tuple[str, int, str, str]]:
     with create_session() as session:
         rows = session.execute(
             select(XComModel.task_id, XComModel.map_index, XComModel.key, XComModel.value).where(
-                XComModel.dag_id == DAG_ID, XComModel.run_id == run.run_id
+                XComModel.dag_id == run.dag_id, XComModel.run_id == run.run_id
             )
         ).all()
     return [(t, i, k, json.dumps(v, ensure_ascii=False)) for t, i, k, v in rows]

@@ -1,0 +1,109 @@
+"""
+# memory_rollback
+
+Undo a `memory_compression` run (manual trigger only). For each user the run changed (or the
+given `user_ids`): the summary and its bookkeeping return to the version before the run, as a
+**new** version, and the events the run folded go back from `user_memory_archive` into
+`user_memory`. **plan** lists the users, **rollback_user** runs once per user (labelled with the
+user id, under the user's lock), **report** logs one line per user and fails the run when any
+user was refused or failed.
+
+* Start with `dry_run` on: the report lists users, versions and event counts; nothing is written.
+* A later run that built on this one makes the user *refused* (the message names it) unless
+  `cascade` is on; events no longer archived make it *refused* unless `allow_missing_events`.
+* Safe to re-run: a finished rollback reports `not_changed`; an interrupted one is finished.
+
+Same engine as `python -m butler_memory rollback`. Docs: `docs/operations/runbook.md` (a bad run).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+DEFAULT_ARGS = {
+    "owner": "butler-memory",
+    "retries": 3,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+@task(execution_timeout=timedelta(minutes=15))
+def plan() -> list[str]:
+    """Return the ids of the users to roll back."""
+    from butler_memory import rollback_tasks
+
+    return rollback_tasks.plan(get_current_context()["params"])
+
+
+@task(multiple_outputs=False, map_index_template="{{ rolled_back_user_id }}", execution_timeout=timedelta(minutes=30))
+def rollback_user(user_id: str) -> dict:
+    """Roll one user back to the version before the run."""
+    from butler_memory import rollback_tasks
+
+    context = get_current_context()
+    context["rolled_back_user_id"] = user_id  # type: ignore[typeddict-unknown-key]
+    return rollback_tasks.rollback(user_id, context["params"], context["ti"], context["run_id"])
+
+
+@task(multiple_outputs=False, trigger_rule="all_done", retries=1, execution_timeout=timedelta(minutes=15))
+def report() -> dict:
+    """Log the rollback report; fail when any user was not rolled back."""
+    from butler_memory import rollback_tasks
+
+    context = get_current_context()
+    return rollback_tasks.report(context["params"], context["ti"])
+
+
+@dag(
+    dag_id="memory_rollback",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["butler", "memory", "rollback"],
+    doc_md=__doc__,
+    params={
+        "run_id": Param(
+            type="string",
+            minLength=1,
+            maxLength=250,
+            title="Run id",
+            description="The memory_compression run to undo (its run id, e.g. scheduled__2026-03-01T00:00:00+00:00).",
+        ),
+        "user_ids": Param(
+            [],
+            type="array",
+            items={"type": "string", "minLength": 1, "maxLength": 200},
+            uniqueItems=True,
+            title="User ids",
+            description="Only these users (one per line). Empty: every user the run changed.",
+        ),
+        "dry_run": Param(True, type="boolean", title="Dry run", description="List what would change; write nothing."),
+        "cascade": Param(
+            False, type="boolean", title="Cascade", description="Also undo later runs that built on this one."
+        ),
+        "allow_missing_events": Param(
+            False,
+            type="boolean",
+            title="Allow missing events",
+            description="Roll back even where some of the run's events are no longer archived (they stay lost).",
+        ),
+    },
+)
+def memory_rollback() -> None:
+    """Plan, roll back each user in a mapped task, report."""
+    users = plan()
+    results = rollback_user.expand(user_id=users)
+    results >> report()
+
+
+memory_rollback_dag = memory_rollback()
+
+if __name__ == "__main__":
+    memory_rollback_dag.test()

@@ -1,0 +1,77 @@
+"""memory_rollback run in-process with ``dag.test()`` against real MongoDB and Redis: dry run, the drill, refusal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pymongo.database import Database
+
+from tests.dags.test_dag_run import CANARY, REPO, llm_pool, seed_users, task_instances, world, xcom_values
+
+__all__ = ["llm_pool", "world"]  # fixtures used by this module's tests
+
+Doc = dict[str, Any]
+
+
+@pytest.fixture
+def dags(llm_pool: None) -> dict[str, Any]:
+    """Return the compression and rollback DAGs freshly parsed from dags/."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return {"compress": bag.dags["memory_compression"], "rollback": bag.dags["memory_rollback"]}
+
+
+def state(db: Database[Doc]) -> Doc:
+    """Return user_memory and the archive by _id, and the profiles without their version."""
+    profiles = {p["user_id"]: p for p in db["user_profiles"].find({}, {"_id": 0})}
+    for profile in profiles.values():
+        profile.pop("memory_summary_version", None)
+    return {
+        "events": {d["_id"]: d for d in db["user_memory"].find()},
+        "archive": {d["_id"]: d for d in db["user_memory_archive"].find()},
+        "profiles": profiles,
+    }
+
+
+def test_rollback_dag_dry_run_then_drill(dags: dict[str, Any], world: dict[str, Any]) -> None:
+    db = world["db"]
+    seed_users(db, {"u-a": 60, "u-b": 70})
+    first = dags["compress"].test(run_conf={})
+    assert first.state == "success"
+    more = {"u-a": 45, "u-b": 45}
+    seed_users(db, more)  # new _ids (ObjectIds), timestamps among the archived ones
+    before = state(db)
+    second = dags["compress"].test(run_conf={})
+    assert second.state == "success"
+    after_run = state(db)
+    assert after_run != before
+
+    dry = dags["rollback"].test(run_conf={"run_id": second.run_id})
+    assert dry.state == "success", {k: ti.state for k, ti in task_instances(dry).items()}
+    assert state(db) == after_run, "a dry run (the default) wrote something"
+
+    real = dags["rollback"].test(run_conf={"run_id": second.run_id, "dry_run": False})
+    assert real.state == "success", {k: ti.state for k, ti in task_instances(real).items()}
+    assert state(db) == before, "user_memory, archive and profiles differ from the snapshot"
+    results = [row for row in xcom_values(real) if row[0] == "rollback_user" and row[2] == "return_value"]
+    assert len(results) == 2 and all('"rolled_back"' in row[3] for row in results), results
+    assert not any(CANARY in row[3] for row in xcom_values(real) + xcom_values(dry)), "content in XCom"
+
+
+def test_rollback_dag_refuses_a_run_a_later_one_built_on(dags: dict[str, Any], world: dict[str, Any]) -> None:
+    db = world["db"]
+    seed_users(db, {"u-a": 60})
+    first = dags["compress"].test(run_conf={})
+    seed_users(db, {"u-a": 45})
+    assert dags["compress"].test(run_conf={}).state == "success"
+    held = state(db)
+
+    refused = dags["rollback"].test(run_conf={"run_id": first.run_id, "dry_run": False})
+    assert refused.state == "failed"
+    assert state(db) == held, "a refused rollback changed something"
+    cascade = dags["rollback"].test(run_conf={"run_id": first.run_id, "dry_run": False, "cascade": True})
+    assert cascade.state == "success"
+    assert db["user_memory"].count_documents({"user_id": "u-a"}) == 105
