@@ -167,7 +167,7 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Forget a user or some of their events; print the result; return the exit code."""
-    from butler_memory import erasure
+    from butler_memory import erasure, forget
     from butler_memory.connections import build_engine, erasure_secret
 
     by_events = bool(args.events) or args.since is not None or args.until is not None
@@ -186,17 +186,27 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_UNAVAILABLE
     try:
         if by_events:
-            raise ForgetInputError("forgetting single events (--event/--since/--until) is not available yet")
-        result = erasure.forget_user(
-            args.user,
-            settings=settings,
-            store=engine.store,
-            locks=engine.locks,
-            secret=secret,
-            events=args.include_events,
-            dry_run=args.dry_run,
-            requested_by="cli",
-        )
+            result = forget.forget_events(
+                args.user,
+                engine=engine,
+                secret=secret,
+                event_ids=args.events,
+                since=args.since,
+                until=args.until,
+                dry_run=args.dry_run,
+                requested_by="cli",
+            )
+        else:
+            result = erasure.forget_user(
+                args.user,
+                settings=settings,
+                store=engine.store,
+                locks=engine.locks,
+                secret=secret,
+                events=args.include_events,
+                dry_run=args.dry_run,
+                requested_by="cli",
+            )
     except ForgetInputError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_USAGE

@@ -431,6 +431,13 @@ class MemoryStore:
             deleted += self.events.delete_many(_ids_of_user(batch, user_id)).deleted_count
         return deleted
 
+    def delete_archived(self, user_id: str, ids: Sequence[Any]) -> int:
+        """Delete the given archived events of one user in batches; return how many were deleted."""
+        deleted = 0
+        for batch in _batches(ids, self.settings.delete_batch_size):
+            deleted += self.archive_coll.delete_many(_ids_of_user(batch, user_id)).deleted_count
+        return deleted
+
     # -- runs ----------------------------------------------------------------------------------
 
     def save_run(self, doc: Mapping[str, Any]) -> None:

@@ -18,6 +18,8 @@ SECRET_ENV = {"BUTLER_MEMORY_ERASURE_SECRET": "cli-test-secret-5e2a91c0"}
 def compressed(db: Database[Doc]) -> None:
     """Seed two users and compress them, so both have a summary and an archive."""
     seed(db, {"gone": 30, "stays": 30})
+    for doc in db["user_memory"].find({}, {"_id": 1}):  # the Butler's event_id (the seed sets only _id)
+        db["user_memory"].update_one({"_id": doc["_id"]}, {"$set": {"event_id": doc["_id"]}})
     result = cli("compress", "--json", *SMALL)
     assert result.returncode == 0, result.stderr
 
@@ -74,3 +76,30 @@ def test_an_unknown_user_exits_2_and_changes_nothing(airflow_conns: AirflowConns
     assert "'nobody'" in result.stderr and "unknown" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert {name: list(mongo_db[name].find()) for name in mongo_db.list_collection_names()} == before
+
+
+def test_forget_events_rebuilds_the_summary(airflow_conns: AirflowConns, mongo_db: Database[Doc]) -> None:
+    compressed(mongo_db)
+    env = {**SECRET_ENV, "BUTLER_MEMORY_SUMMARIZER": "offline"}
+
+    result = cli("forget", "--user", "gone", "--event", "gone-005", "--json", env=env)
+
+    assert result.returncode == 0, result.stderr
+    done = json.loads(result.stdout)
+    assert done["status"] == "forgotten" and done["summary_version"] == 2 and done["versions_dropped"] == [1], done
+    assert mongo_db["user_memory_archive"].count_documents({"_id": "gone-005"}) == 0
+
+
+def test_forget_events_refuses_bad_input(airflow_conns: AirflowConns, mongo_db: Database[Doc]) -> None:
+    compressed(mongo_db)
+    cases = [
+        ["--event", "stays-003"],
+        ["--since", "2026-01-02", "--until", "2026-01-01"],
+        ["--since", "not-a-time", "--until", "2026-01-01"],
+        ["--event", "gone-003", "--include-events"],
+    ]
+    for args in cases:
+        result = cli("forget", "--user", "gone", *args, env=SECRET_ENV)
+        assert result.returncode == 2, (args, result)
+        assert "\nerror: " in "\n" + result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    assert mongo_db["memory_erasures"].count_documents({}) == 0

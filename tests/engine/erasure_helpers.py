@@ -109,3 +109,38 @@ def _redis_value(client: redis.Redis, key: bytes) -> Any:
         "stream": client.xrange,
     }
     return readers[kind](key) if kind in readers else kind
+
+
+# -- forgetting events: a user whose facts sit in known summary versions --------------------------
+
+FACTS = {
+    2: "Меня зовут Анна Петрова.",
+    8: "У меня аллергия на арахис и на пенициллин.",
+    14: "Мой день рождения 14 марта.",
+    20: "Я работаю врачом в Казани.",
+    24: "My daughter Mia was born on 3 June 2019.",
+}
+"""Planted facts by event index. With 30 events, keep 3 and chunks of 6, the compression folds
+versions 1..5 of 6, 6, 6, 6 and 3 events: fact i sits in version i // 6 + 1."""
+FACT_USER = "facts-user"
+
+
+def fact_content(user_id: str, i: int) -> str:
+    """Return the planted fact of turn i, else small talk."""
+    return FACTS.get(i) or ("Хорошо, понял." if i % 2 == 0 else "Я записал это.")
+
+
+def fact_settings(**changes: Any) -> Settings:
+    """Return the settings of the forget tests: threshold 10, keep 3, chunks of 6 events."""
+    from tests.engine.helpers import small_settings
+
+    return small_settings(max_events_per_chunk=6, **changes)
+
+
+def fact_responder(request: Doc) -> str:
+    """Answer like a faithful summariser: the previous summary's lines plus the facts in the prompt."""
+    from tests.engine.helpers import prompt_events, prompt_summary
+
+    lines = [line for line in prompt_summary(request).splitlines() if line.strip()]
+    lines += [f"- {ev['text']}" for ev in prompt_events(request) if ev["text"] in FACTS.values()]
+    return "\n".join(dict.fromkeys(lines)) or "- Пользователь поздоровался."

@@ -3,11 +3,13 @@
 Usage: ``python tests/engine/kill_worker.py '<json>'`` with keys ``mongo_uri``, ``db``, ``redis_host``,
 ``redis_port``, ``llm_base_url``, ``user_id``, ``run_id``, ``settings`` (a Settings mapping),
 ``kill_step`` and ``kill_occurrence`` (1 = the first time the step is reached); optional ``task``:
-``compress`` (the default), ``rollback`` or ``forget_user`` (then ``secret``, ``events``, ``key_patterns`` and
-``shared_keys`` to register, see tests/engine/test_erasure_kill_matrix.py). Needs ``plugins/``
-on PYTHONPATH. ``task`` ``rollback`` rolls back the run ``rollback`` names instead (``run_id`` names
-the rollback; ``cascade`` optional). Exits 0 when the step was never reached, so the parent can
-tell a missed kill from a real one (a SIGKILL shows as return code -9).
+``compress`` (the default), ``rollback``, ``forget_user`` (then ``secret``, ``events``,
+``key_patterns`` and ``shared_keys`` to register, see tests/engine/test_erasure_kill_matrix.py) or
+``forget_events`` (then ``secret`` and ``event_ids`` or ``since``/``until``, see
+tests/engine/test_forget_kill_matrix.py). Needs ``plugins/`` on PYTHONPATH. ``task`` ``rollback``
+rolls back the run ``rollback`` names instead (``run_id`` names the rollback; ``cascade``
+optional). Exits 0 when the step was never reached, so the parent can tell a missed kill from a
+real one (a SIGKILL shows as return code -9).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import pymongo
 import redis
 
-from butler_memory import erasure
+from butler_memory import erasure, forget
 from butler_memory.compression import Engine
 from butler_memory.locks import UserLocks
 from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer
@@ -77,6 +79,18 @@ def main(argv: list[str]) -> int:
                 checkpoint=checkpoint,
             )
             print(json.dumps(done.to_dict()), flush=True)
+            return 0
+        if config.get("task") == "forget_events":
+            forgotten = forget.forget_events(
+                config["user_id"],
+                engine=engine,
+                secret=config["secret"].encode(),
+                event_ids=config.get("event_ids"),
+                since=config.get("since"),
+                until=config.get("until"),
+                checkpoint=checkpoint,
+            )
+            print(json.dumps(forgotten.to_dict()), flush=True)
             return 0
         if config.get("task") == "rollback":
             result: Any = engine.rollback(

@@ -1,0 +1,238 @@
+"""Forgetting events: planted facts are gone from the summary, every kept history version and the
+archive; the user's other facts survive; what cannot be rebuilt is said; bad input changes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from pymongo.database import Database
+
+from butler_memory import forget
+from butler_memory.compression import COMPRESSED, Engine
+from butler_memory.errors import ErasurePendingError, ForgetInputError
+from butler_memory.settings import Settings
+from butler_memory.store import FORGET_FIELD
+from tests.engine.conftest import OpenAIFactory
+from tests.engine.erasure_helpers import (
+    FACT_USER,
+    FACTS,
+    OTHER,
+    SECRET,
+    canary_content,
+    fact_content,
+    fact_responder,
+    fact_settings,
+    mongo_mentions,
+)
+from tests.engine.helpers import START, insert_events, make_engine, profile_of, prompt_events
+from tools.fake_openai import FakeOpenAI
+
+Doc = dict[str, Any]
+
+
+def seeded(db: Database[Doc], client: redis.Redis, settings: Settings, summarizer: Any = None) -> Engine:
+    """Compress FACT_USER (30 events with planted facts) into versions 1..5, and OTHER as well."""
+    engine = make_engine(db, client, settings, summarizer)
+    insert_events(db, FACT_USER, 30, content=fact_content)
+    insert_events(db, OTHER, 30, content=canary_content)
+    for user_id in (FACT_USER, OTHER):
+        result = engine.compress(user_id, run_id="seed")
+        assert result.status == COMPRESSED and result.summary_version == 5, result
+    summary = profile_of(db, FACT_USER)["memory_summary"]
+    assert all(fact in summary for fact in FACTS.values()), f"the seed summary should hold every fact:\n{summary}"
+    return engine
+
+
+def eid(i: int, user_id: str = FACT_USER) -> str:
+    """Return the Butler event_id of a user's i-th event."""
+    return f"{user_id}-e{i:03d}"
+
+
+def history_versions(db: Database[Doc], user_id: str = FACT_USER) -> dict[int, Doc]:
+    """Return a user's history entries by version."""
+    return {d["version"]: d for d in db["user_memory_summaries"].find({"user_id": user_id})}
+
+
+def whole_db(db: Database[Doc]) -> Doc:
+    """Return every document of every collection."""
+    return {name: list(db[name].find()) for name in sorted(db.list_collection_names())}
+
+
+def assert_forgotten(db: Database[Doc], gone: list[str], kept: list[str]) -> None:
+    """The facts in ``gone`` are nowhere (any collection); those in ``kept`` are in the summary and
+    in the newest history version."""
+    assert mongo_mentions(db, gone) == [], "a forgotten fact is still stored"
+    summary = profile_of(db, FACT_USER)["memory_summary"]
+    newest = max(history_versions(db).values(), key=lambda d: d["version"])
+    for fact in kept:
+        assert fact in summary, f"a fact that was not forgotten was lost: {fact!r}\n{summary}"
+        assert fact in newest["text"], f"the newest history version lacks {fact!r}"
+    assert newest["text"] == summary and newest["version"] == profile_of(db, FACT_USER)["memory_summary_version"]
+
+
+def test_forgetting_an_event_rebuilds_the_summary_without_its_fact_and_keeps_the_others(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = fact_settings()
+    engine = seeded(mongo_db, redis_client, settings)
+    other_before = {name: list(mongo_db[name].find({"user_id": OTHER})) for name in mongo_db.list_collection_names()}
+
+    result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)])
+
+    assert result.status == forget.FORGOTTEN, result
+    assert_forgotten(mongo_db, [FACTS[14]], [f for i, f in FACTS.items() if i != 14])
+    # Event 14 was folded by version 3: versions 3..5 saw it and are dropped; v6 is built on v2.
+    assert (result.summary_version, result.rebuilt_from_version, result.versions_dropped) == (6, 2, [3, 4, 5])
+    assert sorted(history_versions(mongo_db)) == [1, 2, 6]
+    v6 = history_versions(mongo_db)[6]
+    assert v6["kind"] == "forget" and v6["base_version"] == 2 and v6["covers"]["count"] == 14, v6
+    assert result.events_refolded == 14 and result.removed == {"events": 0, "archive": 1}
+    assert result.lost == {}, "every needed event was in the archive"
+    profile = profile_of(mongo_db, FACT_USER)
+    assert profile[FORGET_FIELD] is None and profile["memory_pending_fold"] is None
+    assert mongo_db["user_memory_archive"].count_documents({"user_id": FACT_USER}) == 26
+    for name, docs in other_before.items():
+        assert list(mongo_db[name].find({"user_id": OTHER})) == docs, f"{name}: the other user changed"
+    (record,) = mongo_db["memory_erasures"].find()
+    assert record["kind"] == "events" and record["state"] == "done" and record["_id"] == result.erasure_id
+    assert FACT_USER not in str(record) and eid(14) not in str(record), "the audit record names the user or event"
+    assert record["summary"]["versions_dropped"] == [[3, 5]]
+    # A compression afterwards builds on the rebuilt summary.
+    insert_events(mongo_db, FACT_USER, 10, first=30, content=fact_content)
+    assert engine.compress(FACT_USER).status == COMPRESSED
+    assert_forgotten(mongo_db, [FACTS[14]], [f for i, f in FACTS.items() if i != 14])
+
+
+def test_forgetting_through_the_openai_compatible_server_never_shows_it_the_forgotten_fact(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    llm.set_responder(fact_responder)
+    settings = fact_settings()
+    engine = seeded(mongo_db, redis_client, settings, make_openai(timeout=settings.llm_timeout_seconds))
+    llm.reset()
+    llm.set_responder(fact_responder)
+
+    result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(8), eid(20)])
+
+    assert result.status == forget.FORGOTTEN and result.rebuilt_from_version == 1, result
+    assert_forgotten(mongo_db, [FACTS[8], FACTS[20]], [FACTS[2], FACTS[14], FACTS[24]])
+    seen = [ev["text"] for request in llm.chat_requests for ev in prompt_events(request)]
+    assert seen and FACTS[8] not in seen and FACTS[20] not in seen, "a forgotten event was sent to the LLM"
+    assert FACTS[14] in seen and FACTS[24] in seen, "the kept events after the base must be re-folded"
+    assert all(FACTS[8] not in str(r) for r in llm.chat_requests), "the forgotten fact reached the LLM"
+
+
+def test_forgetting_a_time_range(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    from datetime import timedelta
+
+    settings = fact_settings()
+    engine = seeded(mongo_db, redis_client, settings)
+
+    since, until = START + timedelta(minutes=19), START + timedelta(minutes=21)  # events 19 and 20
+    result = forget.forget_events(
+        FACT_USER, engine=engine, secret=SECRET, since=since.isoformat(), until=until.isoformat()
+    )
+
+    assert result.status == forget.FORGOTTEN and result.removed == {"events": 0, "archive": 2}, result
+    assert result.versions_dropped == [4, 5] and result.rebuilt_from_version == 3
+    assert_forgotten(mongo_db, [FACTS[20]], [f for i, f in FACTS.items() if i != 20])
+    again = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, since=since, until=until)
+    assert again.status == "already_erased", again
+
+
+def test_forgetting_a_raw_event_leaves_the_summary_alone(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    settings = fact_settings()
+    engine = seeded(mongo_db, redis_client, settings)
+    summary = profile_of(mongo_db, FACT_USER)["memory_summary"]
+
+    result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(28)])
+
+    assert result.summary_version is None and result.versions_dropped == [] and result.removed["events"] == 1
+    assert profile_of(mongo_db, FACT_USER)["memory_summary"] == summary
+    assert sorted(history_versions(mongo_db)) == [1, 2, 3, 4, 5]
+    assert mongo_db["user_memory"].count_documents({"event_id": eid(28)}) == 0
+
+
+def test_what_the_archive_no_longer_holds_is_named_not_invented(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = fact_settings()
+    engine = seeded(mongo_db, redis_client, settings)
+    # Retention took version 1's archived events and versions 1..2 of the history.
+    mongo_db["user_memory_archive"].delete_many({"user_id": FACT_USER, "summary_version": 1})
+    mongo_db["user_memory_summaries"].delete_many({"user_id": FACT_USER, "version": {"$in": [1, 2]}})
+
+    result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)])
+
+    assert result.rebuilt_from_version == 0 and result.summary_version == 6, result
+    assert result.lost["versions_without_history"] == [[1, 2]], result.lost
+    assert any("no longer in the history" in note for note in result.notes), result.notes
+    summary = profile_of(mongo_db, FACT_USER)["memory_summary"]
+    assert FACTS[2] not in summary, "a fact whose events and versions are gone cannot come back"
+    assert FACTS[8] in summary and FACTS[20] in summary and FACTS[24] in summary
+    assert mongo_mentions(mongo_db, [FACTS[14]]) == []
+
+
+def test_a_compression_refuses_the_user_while_a_forget_is_unfinished(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = fact_settings()
+    engine = seeded(mongo_db, redis_client, settings)
+    mongo_db["user_profiles"].update_one({"user_id": FACT_USER}, {"$set": {FORGET_FIELD: {"id": "x"}}})
+    insert_events(mongo_db, FACT_USER, 20, first=30, content=fact_content)
+
+    with pytest.raises(ErasurePendingError):
+        engine.compress(FACT_USER)
+
+
+BAD_REQUESTS: dict[str, dict[str, Any]] = {
+    "another-users-event": {"event_ids": [eid(3, OTHER)]},
+    "unknown-event": {"event_ids": ["no-such-event"]},
+    "inverted-range": {"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
+    "empty-range": {"since": "2026-01-01T00:00:00Z", "until": "2026-01-01T00:00:00+00:00"},
+    "malformed-iso": {"since": "yesterday", "until": "2026-01-01T00:00:00Z"},
+    "only-since": {"since": "2026-01-01T00:00:00Z"},
+    "ids-and-range": {"event_ids": [eid(3)], "since": "2026-01-01", "until": "2026-01-02"},
+    "nothing-in-range": {"since": "2027-01-01", "until": "2027-01-02"},
+    "nothing-asked": {},
+}
+
+
+@pytest.mark.parametrize("request_", list(BAD_REQUESTS.values()), ids=list(BAD_REQUESTS))
+def test_bad_input_is_refused_clearly_and_changes_nothing(
+    request_: dict[str, Any], mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = fact_settings()
+    engine = seeded(mongo_db, redis_client, settings)
+    before = whole_db(mongo_db)
+
+    with pytest.raises(ForgetInputError) as info:
+        forget.forget_events(FACT_USER, engine=engine, secret=SECRET, **request_)
+
+    assert not info.value.retryable
+    assert all(fact not in str(info.value) for fact in FACTS.values())
+    assert whole_db(mongo_db) == before
+    assert redis_client.keys("*") == []
+
+
+def test_an_unknown_user_is_refused(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    engine = seeded(mongo_db, redis_client, fact_settings())
+    before = whole_db(mongo_db)
+
+    with pytest.raises(ForgetInputError, match="'nobody': unknown"):
+        forget.forget_events("nobody", engine=engine, secret=SECRET, event_ids=[eid(3)])
+
+    assert whole_db(mongo_db) == before
+
+
+def test_dry_run_plans_and_changes_nothing(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    engine = seeded(mongo_db, redis_client, fact_settings())
+    before = whole_db(mongo_db)
+
+    plan = forget.forget_events(FACT_USER, engine=engine, secret=None, event_ids=[eid(14)], dry_run=True)
+
+    assert plan.status == "dry_run" and plan.versions_dropped == [3, 4, 5] and plan.rebuilt_from_version == 2
+    assert plan.events_refolded == 14
+    assert whole_db(mongo_db) == before
