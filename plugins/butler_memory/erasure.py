@@ -77,9 +77,10 @@ USER_KEY_PATTERNS: list[Callable[[Settings], str]] = [lambda s: s.lock_key_patte
 """Per-user Redis key patterns (each with ``{user_id}``) a user erasure deletes. A module that
 keeps another per-user key (say a doorbell) appends its pattern here, next to where it writes it."""
 
-SHARED_REDIS_MEMBERS: list[Callable[[Settings], str]] = []
+SHARED_REDIS_MEMBERS: list[Callable[[Settings], str]] = [lambda s: s.doorbell_key]
 """Shared Redis keys (sets, sorted sets, hashes, lists) whose members or fields may be user ids; a
-user erasure removes the user's id from each. Modules that keep such a key register it here."""
+user erasure removes the user's id from each: the doorbell's record (a sorted set of user ids), and
+whatever another module registers here."""
 
 
 def _no_checkpoint(step: str) -> None:
@@ -314,18 +315,26 @@ def _id_pattern(user_id: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\w.-]){re.escape(user_id)}(?![\w.-])")
 
 
-def _runs_naming(store: MemoryStore, user_id: str) -> list[tuple[Any, dict[str, Any]]]:
-    """Return (_id, scrubbed document) of every run document that names the user.
+def _job_collections(store: MemoryStore) -> list[Collection[dict[str, Any]]]:
+    """Return the collections of the job's own documents: runs, catch-up runs, state."""
+    settings = store.settings
+    names = dict.fromkeys([settings.runs_collection, settings.catchup_runs_collection, settings.state_collection])
+    return [store.db[name] for name in names]
 
-    Every run document is read: their number is one per DAG run (small), and a field added later by
-    another feature (a list of due users, say) is covered without being known here.
+
+def _runs_naming(store: MemoryStore, user_id: str) -> list[tuple[Collection[dict[str, Any]], Any, dict[str, Any]]]:
+    """Return (collection, _id, scrubbed document) of every run or state document that names the user.
+
+    Every such document is read: there is one per DAG run that found someone due (small), and a
+    field added later by another feature (a list of due users, say) is covered without being known here.
     """
     pattern = _id_pattern(user_id)
     found = []
-    for doc in store.runs.find({}):
-        new = scrub(doc, user_id, pattern)
-        if new is not doc and new is not _GONE:
-            found.append((doc["_id"], new))
+    for coll in _job_collections(store):
+        for doc in coll.find({}):
+            new = scrub(doc, user_id, pattern)
+            if new is not doc and new is not _GONE:
+                found.append((coll, doc["_id"], new))
     return found
 
 
@@ -333,7 +342,7 @@ def _runs_naming(store: MemoryStore, user_id: str) -> list[tuple[Any, dict[str, 
 
 
 def _history(store: MemoryStore) -> Collection[dict[str, Any]]:
-    return store.db[store.settings.history_collection]
+    return store.history.coll
 
 
 def _count(store: MemoryStore, redis_client: Any, user_id: str) -> dict[str, int]:
@@ -490,8 +499,8 @@ def _forget_user_locked(
     _history(store).delete_many({"user_id": user_id})
     checkpoint("history")
     lock.extend()
-    for doc_id, scrubbed in _runs_naming(store, user_id):
-        store.runs.replace_one({"_id": doc_id}, scrubbed)
+    for coll, doc_id, scrubbed in _runs_naming(store, user_id):
+        coll.replace_one({"_id": doc_id}, scrubbed)
     checkpoint("runs")
     _erase_redis(locks.client, settings, user_id, lock_key)
     checkpoint("redis")

@@ -45,8 +45,8 @@ from butler_memory.compression import (
     Engine,
     _checked_content,
     _event_text,
-    _finish_pending,
     _summarize,
+    finish_pending,
     summarizer_identity,
 )
 from butler_memory.erasure import (
@@ -267,9 +267,15 @@ def _forget_locked(
             return finished
         profile = store.load_profile(user_id, create=False)
     _check_known(store, user_id, profile)
+    if profile.rollback is not None:
+        from butler_memory.rollback import finish_rollback  # rollback builds on compression, as this does
+
+        # An interrupted rollback put events back in user_memory the summary still covers: finish it first.
+        finish_rollback(store, profile, _no_checkpoint, clock)
+        profile = store.load_profile(user_id, create=False)
     if profile.pending is not None:
         # Events of an interrupted fold are in the current summary: archive them first (never re-summarised).
-        _finish_pending(user_id, profile, store, engine.metrics, "forget", _no_checkpoint, clock)
+        finish_pending(profile, store, run_id="forget", clock=clock, metrics=engine.metrics)
         profile = store.load_profile(user_id, create=False)
     plan = _plan(store, user_id, profile, request, secret, audit)
     if not plan.ids and plan.first_tainted is None:

@@ -10,6 +10,7 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.compression import COMPRESSED, failed_result
+from butler_memory.doorbell import Doorbell
 from butler_memory.errors import LLMPermanentError
 from butler_memory.report import build_report
 from butler_memory.settings import Settings
@@ -73,6 +74,11 @@ def seed_everywhere(db: Database[Doc], client: redis.Redis, settings: Settings, 
     for user_id in (TARGET, OTHER):
         client.set(TEST_KEY_PATTERN.format(user_id=user_id), f"pending for {user_id}")
     client.sadd(SHARED_KEY, TARGET, OTHER)
+    bell = Doorbell(client, key=settings.doorbell_key, threshold=None)
+    assert bell.ring(TARGET) and bell.ring(OTHER)
+    db[settings.catchup_runs_collection].insert_one(
+        build_report(run_id="catchup-run", scanned=[TARGET, OTHER], results=results, started_at=now, finished_at=now)
+    )
 
 
 def mongo_mentions(db: Database[Doc], needles: list[str]) -> list[str]:

@@ -77,6 +77,9 @@ def test_forgetting_a_user_leaves_no_trace_of_them_anywhere_and_the_other_user_i
         assert list(mongo_db[name].find({"user_id": OTHER})) == docs, f"{name}: the other user's documents changed"
     assert redis_client.get(TEST_KEY_PATTERN.format(user_id=OTHER)) == f"pending for {OTHER}".encode()
     assert redis_client.smembers(SHARED_KEY) == {OTHER.encode()}
+    assert redis_client.zrange(settings.doorbell_key, 0, -1) == [OTHER.encode()], (
+        "the doorbell record of the other user"
+    )
     runs = {doc["run_id"]: doc for doc in mongo_db[settings.runs_collection].find()}
     assert [u["user_id"] for u in runs["seed-run"]["users"]] == [OTHER]
     assert runs["failed-run"]["failed_user_ids"] == []
@@ -92,9 +95,9 @@ def test_forgetting_a_user_leaves_no_trace_of_them_anywhere_and_the_other_user_i
         "events": 3,
         "archive": 22,
         "history": 2,  # version 1 of the compression and the planted one
-        "run_documents": 2,
+        "run_documents": 3,  # two runs and a catch-up run
         "profile_fields": result.removed["profile_fields"],
-        "redis_keys": 2,
+        "redis_keys": 3,  # the per-user key, the shared set and the doorbell's record
     }, result.removed
     assert result.removed["profile_fields"] >= 4
     assert record["left"] == {} == result.left
