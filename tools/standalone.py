@@ -9,7 +9,7 @@ and the admin password, runs until Ctrl-C or SIGTERM, then stops every group and
 Why not ``airflow standalone`` itself: its scheduler always starts the worker log server on every
 interface (``0.0.0.0:8793``, host hard-coded) and it offers no way to pass ``--skip-serve-logs``;
 here everything listens on 127.0.0.1 only. The API server reads task logs from the shared log
-folder, so nothing is lost. No triggerer: the DAG has no deferrable tasks.
+folder, so nothing is lost. The triggerer runs the catch-up DAG's asset watcher (the doorbell).
 
 The same helpers (``airflow_processes``, ``server_env``, ``wait_healthy``, ``stop_all``) start and
 stop Airflow for the end-to-end test.
@@ -168,8 +168,10 @@ COMPONENTS = {
     # The worker log server would listen on every interface; the API server reads the log folder.
     "scheduler": ["scheduler", "--skip-serve-logs"],
     "dag-processor": ["dag-processor"],
+    # Runs the doorbell's AssetWatcher (memory_compression_catchup); no log server either.
+    "triggerer": ["triggerer", "--skip-serve-logs"],
 }
-"""What ``airflow standalone`` runs, minus the triggerer (no deferrable tasks here)."""
+"""What ``airflow standalone`` runs."""
 
 
 def airflow_processes(env: Mapping[str, str], log_dir: Path) -> list[AirflowProcess]:
@@ -238,7 +240,7 @@ def wait_healthy(
     base_url: str,
     processes: Iterable[AirflowProcess],
     *,
-    components: Iterable[str] = ("metadatabase", "scheduler", "dag_processor"),
+    components: Iterable[str] = ("metadatabase", "scheduler", "dag_processor", "triggerer"),
     timeout: float = READY_TIMEOUT,
     stop: threading.Event | None = None,
 ) -> dict[str, Any]:
@@ -340,6 +342,7 @@ def _serve(processes: list[AirflowProcess], home: Path, url: str, stop: threadin
     print(f"    User:        admin   password: {password}   (from {home / PASSWORDS_FILE})")
     print("    DAG:         memory_compression is paused. Unpause it to run: that starts today's scheduled")
     print("                 run at once; runs you trigger (with params) wait in 'queued' while it is paused.")
+    print("                 memory_compression_catchup (every 5 min + the doorbell) is paused too.")
     print("    Ctrl-C stops Airflow and the services.")
     print(flush=True)
     while not stop.wait(1.0):

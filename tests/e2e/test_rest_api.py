@@ -94,6 +94,7 @@ def airflow(
     redis_service: RedisService,
     statsd_sink: StatsdSink,
     fake_llm: FakeOpenAI,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Airflow]:
     """Start API server, scheduler and DAG processor on a fresh SQLite DB once for the module; stop
     every process group after."""
@@ -111,6 +112,7 @@ def airflow(
         llm_model=fake_llm.model,
     )
     env = server_env(home, port=port, connections=connections)
+    env.update(getattr(request.module, "AIRFLOW_EXTRA_ENV", {}))  # a module using this fixture may add settings
     # A known admin password: SimpleAuthManager only generates passwords for users missing from this file.
     (home / PASSWORDS_FILE).write_text(json.dumps({"admin": ADMIN_PASSWORD}) + "\n")
     prepare_airflow(home, env, pool_slots=8)  # `airflow db migrate` and `airflow pools set llm_api 8`
