@@ -40,8 +40,10 @@ from butler_memory.doorbell_trigger import DoorbellTrigger
 
 SCHEDULE = os.environ.get("BUTLER_MEMORY_SCHEDULE", "@daily")
 """A cron expression or preset; the run time is a setting, read from the environment at parse time."""
-CATCHUP_SCHEDULE = os.environ.get("BUTLER_MEMORY_CATCHUP_SCHEDULE", "*/5 * * * *")
-"""The catch-up DAG's cadence (cron), read from the environment at parse time."""
+CATCHUP_SCHEDULE = os.environ.get("BUTLER_MEMORY_CATCHUP_SCHEDULE", "2-59/5 * * * *")
+"""The catch-up DAG's cadence (cron), read from the environment at parse time. Every 5 minutes from
+minute 2: never at the daily run's minute, so the two DAGs never name a scheduled run alike
+(``scheduled__<time>``), which the summary history's run ids would confuse."""
 DOORBELL_ASSET = Asset(
     name="butler_memory_doorbell",
     uri="redis://butler-memory/doorbell",

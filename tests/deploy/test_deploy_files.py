@@ -48,6 +48,8 @@ REQUIRED_ALERTS = {
     "MemoryWorkerLongRunning",
     "MemoryWorkerNotRunning",
     "MemoryWorkerLLMErrorRate",
+    "MemoryWorkerBacklogGrowing",
+    "MemoryCatchupNotRunning",
 }
 # Series the exporter and Prometheus produce themselves, not through the mapping.
 BUILTIN_METRICS = {"up", "process_start_time_seconds"}
@@ -736,6 +738,18 @@ def alert_cases() -> list[tuple[str, list[dict[str, str]], list[dict[str, Any]]]
         # Every call fails, but 12 calls an hour are too few to alert on.
         ("1m", [_series(requests, "0+0.2x120"), _series(errors, "0+0.2x120")],
          [_silent("MemoryWorkerLLMErrorRate", "70m")]),
+        # Ten users left over, five more every minute: growing.
+        ("1m", [_series(f"{p}_backlog_left_users", "10+5x120")],
+         [_silent("MemoryWorkerBacklogGrowing", "10m"), _fires("MemoryWorkerBacklogGrowing", "80m")]),
+        # Users left over but not more of them: a steady backlog the runs keep up with.
+        ("1m", [_series(f"{p}_backlog_left_users", "40x120")], [_silent("MemoryWorkerBacklogGrowing", "80m")]),
+        # Grew, then a run took everyone: nobody left, no alert.
+        ("1m", [_series(f"{p}_backlog_left_users", "10+5x60 0x60")], [_silent("MemoryWorkerBacklogGrowing", "110m")]),
+        # Catch-up last reported at t=0: quiet at 20 min, firing at 40 min.
+        ("1m", [_series(f"{p}_catchup_last_run_timestamp_seconds", "0x60")],
+         [_silent("MemoryCatchupNotRunning", "20m"), _fires("MemoryCatchupNotRunning", "40m")]),
+        # Catch-up reporting every minute: quiet.
+        ("1m", [_series(f"{p}_catchup_last_run_timestamp_seconds", "0+60x60")], [_silent("MemoryCatchupNotRunning", "50m")]),
         # The exporter cannot be scraped.
         ("1m", [_series("up", "1x10 0x30", job="statsd-exporter")],
          [_silent("MemoryWorkerMetricsDown", "15m"),
