@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollback.add_argument("--json", action="store_true", help="print the results as JSON")
     rollback.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    refold = sub.add_parser(
+        "refold",
+        help="rebuild a user's summary from the archive with today's summariser (a new version)",
+        description="Re-fold the archived events on top of the oldest kept version whose covered events are "
+        "all still archived (after a model upgrade or a prompt fix). Raw events in user_memory stay raw.",
+    )
+    refold.add_argument(
+        "--user", action="append", dest="users", required=True, metavar="ID", help="the user (repeatable)"
+    )
+    refold.add_argument(
+        "--dry-run", action="store_true", help="print where it would start and how many events; write nothing"
+    )
+    refold.add_argument("--json", action="store_true", help="print the results as JSON")
+    refold.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     return parser
 
 
@@ -276,6 +290,57 @@ def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if all(r.status in ROLLBACK_OK for r in results) else EXIT_FAILED_USERS
 
 
+def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Re-fold each given user from the archive; print one line per user; return the exit code."""
+    from butler_memory.connections import build_engine
+    from butler_memory.refold import RefoldResult
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    run_id = f"refold__{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S')}"
+    try:
+        engine = build_engine(settings)
+        if not args.dry_run:
+            engine.locks.ping()
+    except LockUnavailableError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_UNAVAILABLE
+    except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
+        err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
+        return EXIT_UNAVAILABLE
+    results: list[RefoldResult] = []
+    try:
+        for user_id in dict.fromkeys(args.users):
+            try:
+                result = engine.refold(user_id, run_id=run_id, dry_run=args.dry_run)
+            except CompressionError as exc:
+                result = RefoldResult(user_id, FAILED, message=f"{type(exc).__name__}: {exc}")
+                log.warning("user %s: re-fold failed: %s", user_id, exc)
+            results.append(result)
+    finally:
+        engine.close()
+    if args.json:
+        out.write(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    else:
+        lines = [f"# Re-fold{' (dry run: nothing written)' if args.dry_run else ''}", ""]
+        lines += [
+            "| user | status | version | from | events | chunks | guards | note |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results:
+            version = f"v{r.from_version} → v{r.to_version}" if r.to_version != r.from_version else f"v{r.from_version}"
+            start = "" if r.refolded_from is None else f"v{r.refolded_from}"
+            guards = ", ".join(f"{k}: {v}" for k, v in r.guards.items())
+            lines.append(
+                f"| {r.user_id} | {r.status} | {version} | {start} | {r.events} | {r.chunks} | {guards} | {r.message} |"
+            )
+        out.write("\n".join(lines) + "\n")
+    return EXIT_OK if all(r.status in ("refolded", "dry_run") for r in results) else EXIT_FAILED_USERS
+
+
 def rollback_markdown(run_id: str, results: Sequence[Any], *, dry_run: bool) -> str:
     """Return a rollback's results as Markdown: one row per user, no content."""
     lines = [
@@ -327,4 +392,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return run_forget(args, out, err)
     if args.command == "rollback":
         return run_rollback(args, out, err)
+    if args.command == "refold":
+        return run_refold(args, out, err)
     return EXIT_USAGE  # pragma: no cover - argparse enforces the subcommand

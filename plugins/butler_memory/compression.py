@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -35,6 +35,7 @@ from butler_memory.summarizer import EventText, Summarizer, SummaryRequest
 from butler_memory.validation import validate_summary
 
 if TYPE_CHECKING:
+    from butler_memory.refold import RefoldResult
     from butler_memory.rollback import RollbackResult
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,25 @@ class Engine:
             rollback_id=rollback_id,
             cascade=cascade,
             allow_missing=allow_missing,
+            dry_run=dry_run,
+            checkpoint=checkpoint,
+            clock=utcnow,
+        )
+
+    def refold(
+        self, user_id: str, *, run_id: str, dry_run: bool = False, checkpoint: Checkpoint = _no_checkpoint
+    ) -> RefoldResult:
+        """Rebuild one user's summary from the archive (see ``refold.refold_user``)."""
+        from butler_memory.refold import refold_user
+
+        return refold_user(
+            user_id,
+            settings=self.settings,
+            store=self.store,
+            locks=self.locks,
+            summarizer=self.summarizer,
+            metrics=self.metrics,
+            run_id=run_id,
             dry_run=dry_run,
             checkpoint=checkpoint,
             clock=utcnow,
@@ -461,12 +481,16 @@ def _chunks(
     if not keys:
         return
     wanted = {key.id for key in keys}
+    events = store.iter_events(user_id, keys[0], keys[-1], batch_size=min(settings.max_events_per_chunk, 1000))
+    yield from pack_chunks(user_id, (ev for ev in events if ev["_id"] in wanted), settings)
+
+
+def pack_chunks(user_id: str, events: Iterable[dict[str, Any]], settings: Settings) -> Iterator[list[dict[str, Any]]]:
+    """Group events, in the given order, into chunks that fit one prompt with the previous summary."""
     budget = settings.prompt_budget_tokens - PROMPT_OVERHEAD_TOKENS - estimate_tokens(settings.summary_max_chars)
     chunk: list[dict[str, Any]] = []
     chunk_tokens = 0
-    for ev in store.iter_events(user_id, keys[0], keys[-1], batch_size=min(settings.max_events_per_chunk, 1000)):
-        if ev["_id"] not in wanted:
-            continue
+    for ev in events:
         content = _checked_content(user_id, ev, settings)
         tokens = estimate_tokens(content) + FRAMING_TOKENS
         if chunk and (chunk_tokens + tokens > budget or len(chunk) >= settings.max_events_per_chunk):

@@ -226,7 +226,7 @@ class SummaryHistory:
         return [HistoryEntry.from_doc(doc) for doc in cursor.sort([("version", ASCENDING)])]
 
     def lineage(self, user_id: str, *, through: int) -> list[HistoryEntry]:
-        """Return the chain of versions ``through``'s text descends from, newest first.
+        """Return the chain of versions ``through``'s text descends from, newest first, without text.
 
         A fold, re-fold or forget builds on the version before it; a rollback on the version it
         restored, so versions a rollback undid are not in the chain. Stops at version 0 or at the

@@ -324,6 +324,26 @@ class MemoryStore:
                 user_id=user_id,
             )
 
+    def commit_refold(self, user_id: str, *, expected_version: int, summary: str, now: datetime) -> int:
+        """Store a re-folded summary as the next version (the watermark stays: it covers the same
+        events), guarded by the old version and nothing in progress; return the new version."""
+        guard: dict[str, Any] = {"user_id": user_id, PENDING_FIELD: None, ROLLBACK_FIELD: None}
+        guard[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
+        update = {
+            "$set": {
+                self.settings.summary_field: summary,
+                VERSION_FIELD: expected_version + 1,
+                COMPRESSED_AT_FIELD: now,
+            }
+        }
+        if self.profiles.update_one(guard, update).matched_count != 1:
+            raise ConcurrentUpdateError(
+                f"user {user_id!r}: profile changed during the re-fold (expected summary version "
+                f"{expected_version}); nothing was written, a re-run starts from the new state",
+                user_id=user_id,
+            )
+        return expected_version + 1
+
     def clear_rollback(self, user_id: str, version: int) -> None:
         """Remove a finished rollback's intent."""
         self.profiles.update_one(

@@ -88,3 +88,26 @@ def test_rollback_refuses_a_run_a_later_one_built_on_unless_cascade(
     now = state(mongo_db)
     assert now["events"] == before["events"] and now["archive"] == {}
     assert now["profiles"]["a"]["memory_summary"] == ""
+
+
+def test_refold_through_the_command_line(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI
+) -> None:
+    seed(mongo_db, {"a": 20})
+    assert cli("compress", "--run-id", "r0", *SMALL).returncode == 0
+    before = state(mongo_db)
+
+    dry = cli("refold", "--user", "a", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    [plan] = json.loads(dry.stdout)
+    assert (plan["status"], plan["events"], plan["refolded_from"]) == ("dry_run", 17, 0), plan
+    assert state(mongo_db) == before
+
+    done = cli("refold", "--user", "a")
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "| a | refolded | v" in done.stdout, done.stdout
+    after = state(mongo_db)
+    assert after["events"] == before["events"] and after["archive"] == before["archive"]
+    kinds = [e["kind"] for e in mongo_db["user_memory_summaries"].find({"user_id": "a"}).sort("version", 1)]
+    assert kinds[-1] == "refold" and kinds.count("refold") == 1
+    assert CANARY not in done.stdout + done.stderr + dry.stdout + dry.stderr

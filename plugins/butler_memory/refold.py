@@ -1,0 +1,260 @@
+"""Re-fold a user's summary from the archive with today's summariser (after a model upgrade or a
+prompt fix).
+
+Under the user's lock, starting from the **oldest kept version whose covered events are all still
+archived** (walking the current version's lineage down while every fold's events are in the
+archive; often the empty summary at version 0), the archived events those versions folded are
+summarised again, oldest first, chunk by chunk, on top of that version's text. Events still raw in
+user_memory stay raw (a later compression folds them as usual). Every chunk goes through the same
+validation and guards as a compression. The result is one **new** version (kind "refold",
+``base_version`` = the version it replaces, ``refolded_from`` = the version it started from), written
+to the history and then committed with a guarded update; the history is never rewritten.
+
+Nothing moves but the summary: a kill before the commit leaves the profile as it was (the history
+entry the profile never reached is overwritten by the re-run), a kill after it leaves the new version.
+A dry run reads only and says where it would start and how many events it would fold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from butler_memory.errors import RollbackRefusedError
+from butler_memory.history import REFOLD, HistoryEntry, Key
+from butler_memory.locks import UserLock, UserLocks
+from butler_memory.metrics import Metrics, NullMetrics
+from butler_memory.settings import Settings
+from butler_memory.store import MemoryStore, Profile
+from butler_memory.summarizer import Summarizer, SummaryRequest
+
+log = logging.getLogger(__name__)
+
+Checkpoint = Callable[[str], None]
+STEPS = ("locked", "summarized", "recorded", "committed")
+
+REFOLDED = "refolded"
+DRY_RUN = "dry_run"
+REFUSED = "refused"
+SKIPPED_LOCKED = "skipped_locked"
+FAILED = "failed"
+
+
+def _no_checkpoint(step: str) -> None:
+    return None
+
+
+@dataclass
+class RefoldResult:
+    """What a re-fold did (or would do) to one user: ids, versions and counts, never content."""
+
+    user_id: str
+    status: str
+    from_version: int = 0
+    to_version: int = 0
+    refolded_from: int | None = None
+    events: int = 0
+    chunks: int = 0
+    summary_chars: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    guards: dict[str, str] = field(default_factory=dict)
+    message: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-safe dict (fit for XCom)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RefoldPlan:
+    """Where a re-fold starts and which versions' archived events it folds again."""
+
+    start: HistoryEntry
+    versions: list[int]
+    """Fold versions whose archived events are folded again, newest first."""
+    events: int
+
+
+def plan_refold(store: MemoryStore, profile: Profile) -> RefoldPlan:
+    """Return the oldest kept version whose covered events are all archived, and what to fold on it.
+
+    Raises ``RollbackRefusedError`` when there is none (the current version's own events are no
+    longer all archived, or the history does not reach the current version).
+    """
+    user_id = profile.user_id
+    chain = store.history.lineage(user_id, through=profile.version)
+    if not chain or chain[0].version != profile.version:
+        raise RollbackRefusedError(
+            f"user {user_id!r}: the history has no entry for the current version {profile.version}; "
+            "nothing to re-fold from",
+            user_id=user_id,
+        )
+    counts = store.archived_counts(user_id, [e.version for e in chain if e.covers is not None])
+    start: HistoryEntry | None = None
+    versions: list[int] = []
+    for i, entry in enumerate(chain):
+        if entry.covers is not None:
+            if counts.get(entry.version, 0) != entry.covers.count:
+                break  # some of this version's events are no longer archived: start no lower than it
+            versions.append(entry.version)
+        # Everything from here up can be folded again: the version this one built on is a start.
+        below = chain[i + 1] if i + 1 < len(chain) else None
+        if below is None and entry.base_version < entry.version:
+            below = store.history.version(user_id, entry.base_version)  # version 0: the empty summary
+        if below is None:
+            break  # the history ends here (retention, or a baseline of unknown origin)
+        start = below
+    if start is None or not versions:
+        raise RollbackRefusedError(
+            f"user {user_id!r}: no kept version whose covered events are all still archived "
+            "(archive_retention_days, or the archive is off); nothing to re-fold",
+            user_id=user_id,
+        )
+    full = store.history.version(user_id, start.version)  # the lineage carries no text
+    assert full is not None
+    return RefoldPlan(full, versions, sum(counts.get(v, 0) for v in versions))
+
+
+def refold_user(
+    user_id: str,
+    *,
+    settings: Settings,
+    store: MemoryStore,
+    locks: UserLocks,
+    summarizer: Summarizer,
+    metrics: Metrics | None = None,
+    run_id: str,
+    dry_run: bool = False,
+    checkpoint: Checkpoint = _no_checkpoint,
+    clock: Callable[[], datetime],
+) -> RefoldResult:
+    """Rebuild one user's summary from the archive (see the module docstring)."""
+    metrics = metrics or NullMetrics()
+    started = time.monotonic()
+    lock = locks.acquire(user_id)
+    if lock is None:
+        return RefoldResult(user_id, SKIPPED_LOCKED, message="the user's lock is held; try again")
+    try:
+        checkpoint("locked")
+        result = _refold_locked(user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock)
+    except RollbackRefusedError as exc:
+        result = RefoldResult(user_id, REFUSED, message=str(exc))
+    finally:
+        lock.release()
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _refold_locked(
+    user_id: str,
+    lock: UserLock,
+    settings: Settings,
+    store: MemoryStore,
+    summarizer: Summarizer,
+    metrics: Metrics,
+    run_id: str,
+    dry_run: bool,
+    checkpoint: Checkpoint,
+    clock: Callable[[], datetime],
+) -> RefoldResult:
+    from butler_memory import compression as c
+    from butler_memory.rollback import finish_rollback
+
+    profile = store.load_profile(user_id, create=False)
+    if profile.erasing:
+        raise RollbackRefusedError(
+            f"user {user_id!r}: an erasure of this user is unfinished; finish it first; nothing was changed",
+            user_id=user_id,
+        )
+    if not dry_run:
+        if profile.rollback is not None:
+            finish_rollback(store, profile, _no_checkpoint, clock)
+            profile = store.load_profile(user_id, create=False)
+        if profile.pending is not None:
+            c.finish_pending(profile, store, run_id=run_id, clock=clock, metrics=metrics)
+            profile = store.load_profile(user_id, create=False)
+    plan = plan_refold(store, profile)
+    result = RefoldResult(
+        user_id,
+        DRY_RUN if dry_run else REFOLDED,
+        from_version=profile.version,
+        to_version=profile.version if dry_run else profile.version + 1,
+        refolded_from=plan.start.version,
+        events=plan.events,
+    )
+    if dry_run:
+        result.message = (
+            f"would fold {plan.events} archived event(s) of v{', v'.join(map(str, sorted(plan.versions)))} "
+            f"again on top of v{plan.start.version}, as v{profile.version + 1}"
+        )
+        return result
+
+    log.info(
+        "user %s: re-folding %d archived event(s) from v%d (current v%d)",
+        user_id,
+        plan.events,
+        plan.start.version,
+        profile.version,
+    )
+    language = profile.language or settings.summary_language
+    summary = plan.start.text
+    archived = store.iter_archived(user_id, plan.versions, batch_size=min(settings.max_events_per_chunk, 1000))
+    for chunk in c.pack_chunks(user_id, archived, settings):
+        lock.extend()
+        request = SummaryRequest(
+            user_id=user_id,
+            previous_summary=summary,
+            events=[c._event_text(user_id, ev) for ev in chunk],
+            language=language,
+            max_tokens=settings.summary_max_tokens,
+            max_chars=settings.summary_max_chars,
+        )
+        produced = c._summarize(summarizer, request, metrics)
+        text = c.validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
+        check_guards(user_id, request, text, settings, metrics, result)
+        result.prompt_tokens += produced.prompt_tokens
+        result.completion_tokens += produced.completion_tokens
+        result.chunks += 1
+        summary = text
+    checkpoint("summarized")
+
+    lock.extend()  # the lock must still be ours right before the write
+    now = clock()
+    store.history.write_version(
+        HistoryEntry(
+            user_id,
+            profile.version + 1,
+            summary,
+            REFOLD,
+            run_id,
+            profile.version,  # it covers what the version it replaces covered
+            now,
+            through=None if profile.through is None else Key(profile.through.created_at, profile.through.id),
+            guards=dict(result.guards),
+            refolded_from=plan.start.version,
+            **c.summarizer_identity(summarizer),
+        )
+    )
+    checkpoint("recorded")
+    store.commit_refold(user_id, expected_version=profile.version, summary=summary, now=now)
+    checkpoint("committed")
+    result.summary_chars = len(summary)
+    result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
+    return result
+
+
+def check_guards(
+    user_id: str, request: SummaryRequest, text: str, settings: Settings, metrics: Metrics, result: RefoldResult
+) -> None:
+    """Hook: run the summary guards (guards.py) on a re-folded chunk, as a compression does.
+
+    Until the guards land this accepts every validated summary; a rejection raises like any other
+    error (nothing committed).
+    """
+    return None

@@ -1,0 +1,125 @@
+"""Re-fold from the archive: today's summariser, from the oldest version whose events are all archived."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from pymongo.database import Database
+
+from butler_memory.refold import DRY_RUN, REFOLDED, REFUSED
+from butler_memory.rollback import ROLLED_BACK
+from tests.engine.conftest import OpenAIFactory
+from tests.engine.helpers import (
+    START,
+    archive_of,
+    chain_responder,
+    events_of,
+    history_of,
+    insert_events,
+    ledger,
+    make_engine,
+    profile_of,
+    small_settings,
+    snapshot,
+)
+from tests.engine.test_rollback import Crash, crash_at
+from tools.fake_openai import FakeOpenAI
+
+Doc = dict[str, Any]
+SETTINGS = small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5)
+
+
+def two_runs(db: Database[Doc], redis_client: redis.Redis) -> list[Doc]:
+    """Fold 30 events with the offline summariser in two runs (v1-v3, v4-v6); return them in order."""
+    engine = make_engine(db, redis_client, SETTINGS)
+    first = insert_events(db, "u1", 20)
+    engine.compress("u1", run_id="r0")
+    later = insert_events(db, "u1", 15, first=20, start=START + timedelta(days=1))
+    engine.compress("u1", run_id="r1")
+    return first + later
+
+
+def test_refold_rebuilds_from_the_empty_summary_with_todays_summariser(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    events = two_runs(mongo_db, redis_client)
+    folded = [ev["_id"] for ev in events[:30]]
+    before = snapshot(mongo_db, "u1")
+    llm.set_responder(chain_responder)
+    engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai())
+
+    result = engine.refold("u1", run_id="refold-1")
+
+    assert result.status == REFOLDED, result
+    assert (result.from_version, result.to_version, result.refolded_from, result.events) == (6, 7, 0, 30)
+    profile = profile_of(mongo_db, "u1")
+    assert ledger(profile["memory_summary"]) == folded, "archived events must be folded again once each, in order"
+    assert events_of(mongo_db, "u1") == before["events"], "raw events must stay raw and untouched"
+    assert archive_of(mongo_db, "u1") == before["archive"]
+    assert profile["memory_compressed_through"] == before["profile"]["memory_compressed_through"]
+    history = history_of(mongo_db, "u1")
+    assert [e["version"] for e in history] == list(range(1, 8))
+    assert history[:6] == before["history"], "the history was rewritten"
+    new = history[-1]
+    assert (new["kind"], new["base_version"], new["refolded_from"], new["summarizer"], new["model"]) == (
+        "refold",
+        6,
+        0,
+        "openai",
+        "test-model",
+    )
+    assert new["prompt_version"].startswith("sha256:") and new["text"] == profile["memory_summary"]
+
+    # A re-fold is a run like any other: it can be rolled back.
+    undo = engine.rollback("u1", "refold-1", rollback_id="undo")
+    assert undo.status == ROLLED_BACK and undo.restored_version == 6 and undo.events_restored == 0
+    assert profile_of(mongo_db, "u1")["memory_summary"] == before["profile"]["memory_summary"]
+
+
+def test_refold_starts_above_versions_whose_events_are_gone(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    events = two_runs(mongo_db, redis_client)
+    mongo_db["user_memory_archive"].delete_many({"summary_version": 2})  # as retention would
+    v2_text = history_of(mongo_db, "u1")[1]["text"]
+    llm.set_responder(chain_responder)
+    result = make_engine(mongo_db, redis_client, SETTINGS, make_openai()).refold("u1", run_id="refold")
+    assert result.status == REFOLDED and result.refolded_from == 2 and result.events == 20
+    expected = " ".join([v2_text, *(ev["_id"] for ev in events[10:30])])
+    assert profile_of(mongo_db, "u1")["memory_summary"] == expected
+
+
+def test_refold_refuses_when_the_current_versions_events_are_gone(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    two_runs(mongo_db, redis_client)
+    mongo_db["user_memory_archive"].delete_many({"summary_version": 6})
+    before = snapshot(mongo_db, "u1")
+    result = make_engine(mongo_db, redis_client, SETTINGS).refold("u1", run_id="refold")
+    assert result.status == REFUSED and "no kept version" in result.message
+    assert snapshot(mongo_db, "u1") == before
+
+
+def test_refold_dry_run_writes_nothing(mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI) -> None:
+    two_runs(mongo_db, redis_client)
+    before = snapshot(mongo_db, "u1")
+    result = make_engine(mongo_db, redis_client, SETTINGS).refold("u1", run_id="refold", dry_run=True)
+    assert result.status == DRY_RUN and result.events == 30 and result.refolded_from == 0
+    assert snapshot(mongo_db, "u1") == before
+
+
+@pytest.mark.parametrize("step", ["summarized", "recorded"])
+def test_a_refold_killed_before_its_commit_leaves_the_summary_and_reruns_cleanly(
+    step: str, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    two_runs(mongo_db, redis_client)
+    profile = profile_of(mongo_db, "u1")
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    with pytest.raises(Crash):
+        engine.refold("u1", run_id="refold", checkpoint=crash_at(step))
+    assert profile_of(mongo_db, "u1") == profile
+    assert engine.refold("u1", run_id="refold").status == REFOLDED
+    assert [e["version"] for e in history_of(mongo_db, "u1")] == list(range(1, 8))
