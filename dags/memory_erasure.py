@@ -1,0 +1,103 @@
+"""
+# memory_erasure
+
+Forget a user, or some of their events, everywhere butler-memory keeps them (manual trigger only).
+
+* **Whole user** (only `user_id`): their archived events, every version of their summary, the
+  summary and our bookkeeping fields in their profile, their rows and ids in run documents, their
+  Redis keys (lock, doorbell record). Their `user_memory` events only with `include_events`.
+* **Some events** (`event_ids`, the Butler's `event_id`s, or `since` + `until`): removed from
+  `user_memory` and the archive; the summary is rebuilt without them as a new version, and every
+  history version that saw them is deleted.
+* `dry_run` (on by default) lists what would be removed and changes nothing.
+* Bad input (unknown user, another user's event, an empty or inverted range, a time that is not
+  ISO 8601) fails the run at once, having changed nothing. A compression holding the user's lock
+  makes it wait, then retry. Safe to re-run: an interrupted erasure is finished, a finished one
+  reports `already_erased`.
+* Every erasure leaves a content-free audit record in `memory_erasures` (a keyed reference to the
+  user; needs the `butler_memory_erasure` connection or `BUTLER_MEMORY_ERASURE_SECRET`).
+
+Note: this run's conf (the user id) stays in Airflow's metadata database; `docs/erasure.md` says
+how to purge it. Same engine as `python -m butler_memory forget`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+DEFAULT_ARGS = {
+    "owner": "butler-memory",
+    "retries": 3,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$"
+"""What the form accepts as since/until (ISO 8601); the engine parses and checks it again."""
+
+
+@task(multiple_outputs=False, execution_timeout=timedelta(minutes=30))
+def forget() -> dict:
+    """Forget the user, or the events, the params name."""
+    from butler_memory import erasure_tasks
+
+    context = get_current_context()
+    return erasure_tasks.run(context["params"], context["run_id"])
+
+
+@dag(
+    dag_id="memory_erasure",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["butler", "memory", "erasure"],
+    doc_md=__doc__,
+    params={
+        "user_id": Param(type="string", minLength=1, maxLength=200, title="User id", description="The user to forget."),
+        "event_ids": Param(
+            [],
+            type="array",
+            items={"type": "string", "minLength": 1, "maxLength": 200},
+            uniqueItems=True,
+            title="Event ids",
+            description="Only these events (the Butler's event_id, one per line). Empty (and no range): the whole user.",
+        ),
+        "since": Param(
+            None,
+            type=["null", "string"],
+            pattern=ISO_TIME,
+            title="Since",
+            description="Forget the user's events from this time (ISO 8601, e.g. 2026-03-01T00:00:00Z).",
+        ),
+        "until": Param(
+            None,
+            type=["null", "string"],
+            pattern=ISO_TIME,
+            title="Until",
+            description="... up to this time, excluded (ISO 8601). Both ends or neither.",
+        ),
+        "include_events": Param(
+            False,
+            type="boolean",
+            title="Include user_memory events",
+            description="Whole user: also delete their events in user_memory (leave off when the Butler deletes them).",
+        ),
+        "dry_run": Param(
+            True, type="boolean", title="Dry run", description="List what would be removed; change nothing."
+        ),
+    },
+)
+def memory_erasure() -> None:
+    """One task: the erasure."""
+    forget()
+
+
+memory_erasure_dag = memory_erasure()
+
+if __name__ == "__main__":
+    memory_erasure_dag.test()
