@@ -92,3 +92,34 @@ def test_pages_escape_every_value() -> None:
     assert html.count("<script") == 1 and '<script nonce="n0nce">' in html
     error = render.error_page(404, hostile, links=LINKS, nonce="n")
     assert "<script>alert" not in error
+
+
+def test_guard_outcomes_keep_only_short_strings() -> None:
+    row = data.user_row({"user_id": "u", "status": "compressed", "guards": {"facts": "warn", "x": 3, 4: "y"}}, 0)
+    assert row["guards"] == {"facts": "warn"}
+    assert data.guard_outcomes("facts") == {} and data.guard_outcomes(None) == {}
+
+
+def test_versions_table_shows_metadata_and_escapes_it() -> None:
+    hostile = '"><script>alert(1)</script>'
+    version = {
+        "version": 3,
+        "kind": "rollback",
+        "run_id": hostile,
+        "summarizer": "openai",
+        "model": hostile,
+        "prompt_version": "sha256:abc",
+        "base_version": 1,
+        "refolded_from": None,
+        "created_at": "2026-01-02T03:04:05+00:00",
+        "events": 0,
+        "first_event_at": None,
+        "last_event_at": None,
+        "guards": {"facts": "reject", hostile: "pass"},
+        "undone_runs": [hostile],
+        "text_chars": 120,
+    }
+    html = render.versions_table([version], LINKS)
+    assert "<script>alert" not in html and "&lt;script&gt;" in html
+    assert ">rollback<" in html and ">120<" in html and '<span class="failed">reject</span>' in html
+    assert "No summary version recorded yet." in render.versions_table([], LINKS)

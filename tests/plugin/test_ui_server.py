@@ -354,6 +354,15 @@ def test_user_lookup_shows_counts_versions_and_locks_without_the_summary(ui: UI)
     assert big["last_compressed_at"] is not None
     assert big["lock"] == {"held": False, "ttl_seconds": None, "error": None}
     assert big["last_run"]["run_id"] == ui.run_id and big["last_run"]["status"] == "compressed"
+    [version] = big["versions"]  # one committed version, its metadata only
+    assert (version["version"], version["kind"], version["run_id"], version["base_version"]) == (
+        1,
+        "fold",
+        ui.run_id,
+        0,
+    )
+    assert version["events"] > 0 and version["text_chars"] == len(ui.summaries[BIG])
+    assert "text" not in version
 
     locked = _json(ui.ui(f"/api/users/{LOCKED}"))
     assert (locked["events"], locked["summary_version"]) == (55, 3)
@@ -368,6 +377,7 @@ def test_user_lookup_shows_counts_versions_and_locks_without_the_summary(ui: UI)
     page = ui.ui(f"/users?user_id={LOCKED}")
     assert page.status_code == 200, page.text
     assert "held, " in page.text and f"{len(LOCKED_SUMMARY)} characters" in page.text
+    assert 'id="versions"' in ui.ui(f"/users?user_id={BIG}").text
 
     missing = ui.ui("/api/users/u-nobody")
     assert _json(missing, 404)["detail"] == "no events, profile or run record for user 'u-nobody'"

@@ -61,6 +61,12 @@ USER_COUNT_FIELDS = (
 )
 
 
+MAX_VERSIONS = 50
+"""The user page lists this many newest summary versions."""
+VERSION_TEXT_FIELDS = ("kind", "run_id", "summarizer", "model", "prompt_version")
+VERSION_INT_FIELDS = ("version", "base_version", "refolded_from")
+
+
 class InputError(ValueError):
     """A request value the pages refuse; the message names the value and the rule."""
 
@@ -150,10 +156,22 @@ def run_summary(doc: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def guard_outcomes(value: Any) -> dict[str, str]:
+    """Return stored guard outcomes ``{guard: outcome}`` as short strings; anything else is dropped."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {
+        str(name)[:40]: str(outcome)[:20]
+        for name, outcome in value.items()
+        if isinstance(name, str) and isinstance(outcome, str)
+    }
+
+
 def user_row(row: Mapping[str, Any], map_index: int) -> dict[str, Any]:
     """Return one user's outcome in a run, with the map index of its ``compress_user`` instance."""
     return {
         "user_id": str(row.get("user_id", "")),
+        "guards": guard_outcomes(row.get("guards")),
         "map_index": map_index,
         "status": str(row.get("status", "")),
         **{name: _count(row.get(name)) for name in USER_COUNT_FIELDS},
@@ -207,11 +225,66 @@ def run_detail(store: MemoryStore, run_id: str, kind: str = "daily") -> dict[str
     users = [
         user_row(u, i) for i, u in enumerate(raw_users if isinstance(raw_users, list) else []) if isinstance(u, Mapping)
     ]
+    tally: dict[str, dict[str, int]] = {}
+    for u in users:
+        for guard, outcome in u["guards"].items():
+            tally.setdefault(guard, {}).setdefault(outcome, 0)
+            tally[guard][outcome] += 1
     return {
         **run_summary(doc),
+        "guard_outcomes": tally,
         "failed_users": [u for u in users if u["status"] == FAILED],
         "users": users,
     }
+
+
+def _key_time(value: Any) -> str | None:
+    return iso(value.get("created_at")) if isinstance(value, Mapping) else None
+
+
+def user_versions(store: MemoryStore, user_id: str, limit: int = MAX_VERSIONS) -> list[dict[str, Any]]:
+    """Return a user's newest summary versions, newest first: metadata only.
+
+    The text's length is computed inside MongoDB: the text never leaves the database.
+    """
+    rows = store.history.coll.aggregate(
+        [
+            {"$match": {"user_id": user_id}},
+            {"$sort": {"version": DESCENDING}},
+            {"$limit": limit},
+            {
+                "$project": {
+                    "_id": 0,
+                    **{name: 1 for name in (*VERSION_TEXT_FIELDS, *VERSION_INT_FIELDS)},
+                    "created_at": 1,
+                    "covers": 1,
+                    "guards": 1,
+                    "undone_runs": 1,
+                    "text_chars": {"$cond": [{"$eq": [{"$type": "$text"}, "string"]}, {"$strLenCP": "$text"}, 0]},
+                }
+            },
+        ]
+    )
+    versions = []
+    for row in rows:
+        covers = row.get("covers") if isinstance(row.get("covers"), Mapping) else None
+        undone = row.get("undone_runs")
+        versions.append(
+            {
+                **{name: _text(row.get(name), MAX_RUN_ID_CHARS) for name in VERSION_TEXT_FIELDS},
+                **{name: None if row.get(name) is None else _count(row.get(name)) for name in VERSION_INT_FIELDS},
+                "created_at": iso(row.get("created_at")),
+                "events": _count(covers.get("count")) if covers else 0,
+                "first_event_at": _key_time(covers.get("first")) if covers else None,
+                "last_event_at": _key_time(covers.get("last")) if covers else None,
+                "guards": guard_outcomes(row.get("guards")),
+                "undone_runs": [_text(r, MAX_RUN_ID_CHARS) for r in undone if isinstance(r, str)]
+                if isinstance(undone, list)
+                else [],
+                "text_chars": _count(row.get("text_chars")),
+            }
+        )
+    return versions
 
 
 def user_status(store: MemoryStore, user_id: str) -> dict[str, Any] | None:
@@ -245,9 +318,11 @@ def user_status(store: MemoryStore, user_id: str) -> dict[str, Any] | None:
     last = store.runs.find_one(
         {"users.user_id": user_id}, {"_id": 0, "run_id": 1, "started_at": 1, "users": 1}, sort=NEWEST_FIRST
     )
-    if profile is None and events == 0 and last is None:
+    versions = user_versions(store, user_id)
+    if profile is None and events == 0 and last is None and not versions:
         return None
     return {
+        "versions": versions,
         "user_id": user_id,
         "events": events,
         "profile": profile is not None,

@@ -294,8 +294,63 @@ USER_HEADERS = (
     ("summary chars", "n"),
     ("LLM tokens", "n"),
     ("seconds", "n"),
+    ("guards", ""),
     ("task instance", ""),
 )
+VERSION_HEADERS = (
+    ("version", "n"),
+    ("kind", ""),
+    ("committed", ""),
+    ("run", "wrap"),
+    ("built on", "n"),
+    ("new events", "n"),
+    ("events from … to", ""),
+    ("summariser", ""),
+    ("prompt", ""),
+    ("guards", ""),
+    ("chars", "n"),
+)
+
+
+def guards_text(outcomes: Mapping[str, str]) -> str:
+    """Return guard outcomes as escaped "guard: outcome" pairs; failures stand out."""
+    return ", ".join(
+        f'{esc(g)}: <span class="{"failed" if o in ("reject", "warn") else ""}">{esc(o)}</span>'
+        for g, o in sorted(outcomes.items())
+    )
+
+
+def versions_table(versions: Sequence[Mapping[str, Any]], links: Links) -> str:
+    """Return a user's summary versions (metadata, never the text), newest first."""
+    rows = []
+    for v in versions:
+        run = esc(v["run_id"] or "")
+        if v["kind"] == "fold" and v["run_id"]:
+            run = f'<a href="{esc(links.run(v["run_id"]))}">{run}</a>'
+        if v["undone_runs"]:
+            run += f' <span class="muted">(undid {esc(", ".join(v["undone_runs"]))})</span>'
+        span = ""
+        if v["first_event_at"]:
+            span = f"{esc(when(v['first_event_at']))} … {esc(when(v['last_event_at']))}"
+        built_on = "" if v["base_version"] is None else num(v["base_version"])
+        if v["refolded_from"] is not None:
+            built_on += f" (from v{num(v['refolded_from'])})"
+        rows.append(
+            [
+                num(v["version"]),
+                esc(v["kind"]),
+                esc(when(v["created_at"])),
+                run,
+                built_on,
+                num(v["events"]),
+                span,
+                esc(" / ".join(x for x in (v["summarizer"], v["model"]) if x)),
+                esc(v["prompt_version"] or ""),
+                guards_text(v["guards"]),
+                num(v["text_chars"]),
+            ]
+        )
+    return _table(VERSION_HEADERS, rows, empty="No summary version recorded yet.", table_id="versions")
 
 
 def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
@@ -341,9 +396,14 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
             num(u["summary_chars"]),
             num(u["prompt_tokens"] + u["completion_tokens"]),
             f"{u['seconds']:.2f}",
+            guards_text(u["guards"]),
             _ti_link(links, run_id, u["map_index"], kind),
         ]
         for u in detail["users"]
+    ]
+    guard_rows = [
+        [esc(guard), *(num(counts.get(o, 0)) for o in ("pass", "warn", "reject", "off"))]
+        for guard, counts in sorted(detail.get("guard_outcomes", {}).items())
     ]
     body = (
         f"<h1>{'Catch-up run' if kind == 'catchup' else 'Run'} {esc(run_id)}</h1>"
@@ -352,6 +412,13 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
         f'JSON: <a href="{esc(links.api("runs/" + quote(run_id, safe="")))}">run</a></p>'
         + "".join(f'<div class="card">{esc(label)}<b>{value}</b></div>' for label, value in cards)
         + f"<h2>Failed users ({num(len(detail['failed_users']))})</h2>{failed_table}"
+        + "<h2>Guard outcomes (users)</h2>"
+        + _table(
+            (("guard", ""), ("pass", "n"), ("warn", "n"), ("reject", "n"), ("off", "n")),
+            guard_rows,
+            empty="No guard outcome recorded in this run.",
+            table_id="guards",
+        )
         + f"<h2>Users ({num(len(detail['users']))})</h2>"
         + _table(USER_HEADERS, user_rows, empty="The scan found no user over the threshold.", table_id="users")
     )
@@ -397,6 +464,11 @@ def user_page(status: Mapping[str, Any], *, links: Links, nonce: str) -> str:
         f"<h1>User {esc(user_id)}</h1>"
         f'<table id="user-status">{table}</table>'
         f'<p class="muted">JSON: <a href="{esc(links.api("users/" + quote(user_id, safe="")))}">user</a></p>'
+        f"<h2>Summary versions ({num(len(status.get('versions', [])))} newest)</h2>"
+        '<p class="muted">Every committed version is kept (the text is not shown here). Undo a run: '
+        "<code>python -m butler_memory rollback --run RUN_ID --user ID --dry-run</code> or the "
+        "<code>memory_rollback</code> DAG.</p>"
+        f"{versions_table(status.get('versions', []), links)}"
         f"<h2>Another user</h2>{lookup_form(links, user_id)}"
     )
     return page(f"User {user_id}", body, nonce=nonce, links=links)
