@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,12 +41,11 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.compression import (
-    FRAMING_TOKENS,
     Engine,
-    _checked_content,
     _event_text,
     _summarize,
     finish_pending,
+    pack_chunks,
     summarizer_identity,
 )
 from butler_memory.erasure import (
@@ -63,7 +62,6 @@ from butler_memory.erasure import (
 from butler_memory.errors import ConcurrentUpdateError, ForgetInputError, InvalidProfileError
 from butler_memory.history import BASELINE, FORGET, Covers, HistoryEntry, Key
 from butler_memory.locks import UserLock, UserLocks
-from butler_memory.prompt import PROMPT_OVERHEAD_TOKENS, estimate_tokens
 from butler_memory.settings import Settings, SettingsError
 from butler_memory.store import FORGET_FIELD, THROUGH_FIELD, VERSION_FIELD, MemoryStore, Profile
 from butler_memory.summarizer import Summarizer, SummaryRequest
@@ -417,16 +415,7 @@ def _rebuild_plan(
     base = max(kept) if kept else 0
     if base and store.history.version(user_id, base) is None:
         base = 0
-    refold = [
-        doc["_id"]
-        for doc in store.archive_coll.find(
-            {"user_id": user_id, "summary_version": {"$gt": base, "$lte": current}}, {"_id": 1, "created_at": 1}
-        ).sort([("created_at", 1), ("_id", 1)])
-        if doc["_id"] not in forgotten
-    ]
-    if refold:  # events back in user_memory (a rollback re-inserted them) are not in the summary
-        back = {d["_id"] for d in store.events.find({"_id": {"$in": refold}, "user_id": user_id}, {"_id": 1})}
-        refold = [i for i in refold if i not in back]
+    refold = refold_ids(store, user_id, base, current, forgotten)
     by_version = {e.version: e for e in history if base < e.version <= current}
     missing = [v for v in range(base + 1, current + 1) if v not in by_version]
     unrecorded = [e.version for e in by_version.values() if e.covers is None and e.kind == "baseline"]
@@ -550,11 +539,8 @@ def _finish(
         store.clear_pending(user_id, new_version)
         # The re-folded events now belong to the new version (as a fold's events do to it), so "which
         # version saw event E" stays a lookup in the archive.
-        base = int(intent["base_version"])
-        store.archive_coll.update_many(
-            {"user_id": user_id, "summary_version": {"$gt": base, "$lte": expected}},
-            {"$set": {"summary_version": new_version}},
-        )
+        relabel = refold_ids(store, user_id, int(intent["base_version"]), expected, set(ids))
+        store.relabel_archived(user_id, relabel, new_version)
         checkpoint("committed")
         tainted = list(range(int(first_tainted), expected + 1))
         store.history.coll.delete_many({"user_id": user_id, "version": {"$in": tainted}})
@@ -612,13 +598,14 @@ def _rebuild(
 ) -> tuple[str, int, Key | None, Key | None]:
     """Re-fold the kept archived events after the base version; return (text, count, first key, last key)."""
     store, settings = engine.store, engine.settings
-    base = int(intent["base_version"])
+    base, current = int(intent["base_version"]), int(intent["expected_version"])
     entry = store.history.version(user_id, base)
     text = entry.text if entry is not None else ""
     profile = store.load_profile(user_id, create=False)
-    forgotten = set(intent["ids"])
+    wanted = set(refold_ids(store, user_id, base, current, set(intent["ids"])))
+    archived = store.iter_archived(user_id, range(base + 1, current + 1), batch_size=1000)
     count, first, last = 0, None, None
-    for chunk in _refold_chunks(user_id, store, settings, base, int(intent["expected_version"]), forgotten):
+    for chunk in pack_chunks(user_id, (ev for ev in archived if ev["_id"] in wanted), settings):
         lock.extend()
         request = SummaryRequest(
             user_id=user_id,
@@ -636,29 +623,16 @@ def _rebuild(
     return text, count, first, last
 
 
-def _refold_chunks(
-    user_id: str, store: MemoryStore, settings: Any, base: int, current: int, forgotten: set[Any]
-) -> Iterator[list[dict[str, Any]]]:
-    """Yield the archived events to re-fold, oldest first, in chunks that fit one prompt."""
-    budget = settings.prompt_budget_tokens - PROMPT_OVERHEAD_TOKENS - estimate_tokens(settings.summary_max_chars)
-    cursor = store.archive_coll.find({"user_id": user_id, "summary_version": {"$gt": base, "$lte": current}}).sort(
-        [("created_at", 1), ("_id", 1)]
-    )
-    docs = [d for d in cursor.batch_size(1000) if d["_id"] not in forgotten]
-    back = {d["_id"] for d in store.find_by_ids(user_id, [d["_id"] for d in docs])} if docs else set()
-    chunk: list[dict[str, Any]] = []
-    tokens = 0
-    for ev in docs:
-        if ev["_id"] in back:
-            continue
-        cost = estimate_tokens(_checked_content(user_id, ev, settings)) + FRAMING_TOKENS
-        if chunk and (tokens + cost > budget or len(chunk) >= settings.max_events_per_chunk):
-            yield chunk
-            chunk, tokens = [], 0
-        chunk.append(ev)
-        tokens += cost
-    if chunk:
-        yield chunk
+def refold_ids(store: MemoryStore, user_id: str, base: int, current: int, forgotten: set[Any]) -> list[Any]:
+    """Return the ``_id``s a rebuild on ``base`` re-folds, oldest first: the archived events of versions
+    after it, minus the forgotten ones and minus any back in user_memory (a rollback put them there:
+    they are not in the summary)."""
+    cursor = store.archive_coll.find(
+        {"user_id": user_id, "summary_version": {"$gt": base, "$lte": current}}, {"_id": 1}
+    ).sort([("created_at", 1), ("_id", 1)])
+    ids = [doc["_id"] for doc in cursor.batch_size(5000) if doc["_id"] not in forgotten]
+    back = {doc["_id"] for doc in store.find_by_ids(user_id, ids)} if ids else set()
+    return [i for i in ids if i not in back]
 
 
 def _result(status: str, plan: Plan, intent_id: str | None, secret: bytes | None, user_id: str) -> ErasureResult:

@@ -451,6 +451,11 @@ class MemoryStore:
             deleted += self.events.delete_many(_ids_of_user(batch, user_id)).deleted_count
         return deleted
 
+    def relabel_archived(self, user_id: str, ids: Sequence[Any], version: int) -> None:
+        """Mark archived events as folded by ``version`` (a forget re-folded them into it)."""
+        for batch in _batches(ids, self.settings.delete_batch_size):
+            self.archive_coll.update_many(_ids_of_user(batch, user_id), {"$set": {"summary_version": version}})
+
     def delete_archived(self, user_id: str, ids: Sequence[Any]) -> int:
         """Delete the given archived events of one user in batches; return how many were deleted."""
         deleted = 0

@@ -236,3 +236,29 @@ def test_dry_run_plans_and_changes_nothing(mongo_db: Database[Doc], redis_client
     assert plan.status == "dry_run" and plan.versions_dropped == [3, 4, 5] and plan.rebuilt_from_version == 2
     assert plan.events_refolded == 14
     assert whole_db(mongo_db) == before
+
+
+def test_a_second_forget_builds_on_the_first(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    engine = seeded(mongo_db, redis_client, fact_settings())
+    forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)])
+
+    second = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(20)])
+
+    # Event 20 was re-folded into v6 by the first forget: v6 is dropped, v7 is rebuilt on v2 again.
+    assert (second.summary_version, second.rebuilt_from_version, second.versions_dropped) == (7, 2, [6]), second
+    assert sorted(history_versions(mongo_db)) == [1, 2, 7]
+    assert_forgotten(mongo_db, [FACTS[14], FACTS[20]], [FACTS[2], FACTS[8], FACTS[24]])
+
+
+def test_neither_a_refold_nor_a_rollback_brings_a_forgotten_fact_back(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    engine = seeded(mongo_db, redis_client, fact_settings())
+    forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(8)])
+
+    refolded = engine.refold(FACT_USER, run_id="refold-after-forget")
+    assert refolded.status == "refolded", refolded
+    rolled = engine.rollback(FACT_USER, "seed", rollback_id="rollback-after-forget", allow_missing=True)
+
+    assert rolled.status in ("rolled_back", "refused"), rolled
+    assert mongo_mentions(mongo_db, [FACTS[8]]) == [], f"a forgotten fact came back (rollback: {rolled.status})"
