@@ -38,7 +38,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -587,8 +587,3 @@ def audit_records(store: MemoryStore, secret: bytes, user_id: str) -> list[dict[
     """Return every erasure record of a user (found by recomputing their reference; nothing else
     links a record to a person)."""
     return AuditLog(store).by_subject(subject_ref(secret, user_id))
-
-
-def names_user(values: Iterable[Any], user_id: str) -> bool:
-    """Return whether any of the values is, or contains, the user id (a check for tests and audits)."""
-    return any(scrub(v, user_id, _id_pattern(user_id)) is not v for v in values)

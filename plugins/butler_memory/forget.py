@@ -59,11 +59,11 @@ from butler_memory.erasure import (
     event_ref,
     subject_ref,
 )
-from butler_memory.errors import ConcurrentUpdateError, ForgetInputError, InvalidProfileError
+from butler_memory.errors import ConcurrentUpdateError, ErasurePendingError, ForgetInputError, InvalidProfileError
 from butler_memory.history import BASELINE, FORGET, Covers, HistoryEntry, Key
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.settings import Settings, SettingsError
-from butler_memory.store import FORGET_FIELD, THROUGH_FIELD, VERSION_FIELD, MemoryStore, Profile
+from butler_memory.store import ERASING_FIELD, FORGET_FIELD, THROUGH_FIELD, VERSION_FIELD, MemoryStore, Profile
 from butler_memory.summarizer import Summarizer, SummaryRequest
 from butler_memory.validation import validate_summary
 
@@ -264,6 +264,12 @@ def _forget_locked(
         if _same_request(intent["request"], request):
             return finished
         profile = store.load_profile(user_id, create=False)
+    if store.profiles.find_one({"user_id": user_id, ERASING_FIELD: {"$ne": None}}, {"_id": 1}):
+        raise ErasurePendingError(
+            f"user {user_id!r}: an erasure of the whole user is unfinished; finish it first "
+            "(python -m butler_memory forget --user ...); nothing was changed",
+            user_id=user_id,
+        )
     _check_known(store, user_id, profile)
     if profile.rollback is not None:
         from butler_memory.rollback import finish_rollback  # rollback builds on compression, as this does

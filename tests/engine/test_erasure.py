@@ -60,8 +60,11 @@ def everything(db: Database[Doc], client: redis.Redis) -> Doc:
 
 
 def test_forgetting_a_user_leaves_no_trace_of_them_anywhere_and_the_other_user_intact(
-    mongo_db: Database[Doc], redis_client: redis.Redis, registered_keys: None
+    mongo_db: Database[Doc], redis_client: redis.Redis, registered_keys: None, caplog: pytest.LogCaptureFixture
 ) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
     settings = small_settings()
     seed_everywhere(mongo_db, redis_client, settings)
     assert mongo_mentions(mongo_db, [TARGET, CANARY]), "the seed should have put the user everywhere"
@@ -102,6 +105,8 @@ def test_forgetting_a_user_leaves_no_trace_of_them_anywhere_and_the_other_user_i
     assert result.removed["profile_fields"] >= 4
     assert record["left"] == {} == result.left
     assert erasure.audit_records(MemoryStore(mongo_db, settings), SECRET, TARGET) == records
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert CANARY not in logged and CANARY not in json.dumps(result.to_dict()), "content in the logs or the result"
 
 
 def test_forgetting_again_finds_the_erasure_done_and_writes_nothing(

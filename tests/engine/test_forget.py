@@ -262,3 +262,46 @@ def test_neither_a_refold_nor_a_rollback_brings_a_forgotten_fact_back(
 
     assert rolled.status in ("rolled_back", "refused"), rolled
     assert mongo_mentions(mongo_db, [FACTS[8]]) == [], f"a forgotten fact came back (rollback: {rolled.status})"
+
+
+def test_the_butlers_call_forgets_events_and_logs_no_content(
+    mongo_db: Database[Doc], redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    from butler_memory.offline import OfflineSummarizer
+
+    settings = fact_settings()
+    seeded(mongo_db, redis_client, settings)
+    caplog.set_level(logging.DEBUG)
+
+    done = forget.erase_events(
+        FACT_USER,
+        db=mongo_db,
+        redis_client=redis_client,
+        summarizer=OfflineSummarizer(),
+        secret=SECRET.decode(),
+        event_ids=[eid(14)],
+        settings=settings,
+    )
+
+    assert done["status"] == forget.FORGOTTEN and done["summary_version"] == 6, done
+    assert_forgotten(mongo_db, [FACTS[14]], [f for i, f in FACTS.items() if i != 14])
+    text = json.dumps(done, default=str) + "\n".join(r.getMessage() for r in caplog.records)
+    assert not [fact for fact in FACTS.values() if fact in text], "content in the result or the logs"
+
+
+def test_forgetting_events_waits_for_an_unfinished_user_erasure(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    from butler_memory.store import ERASING_FIELD
+
+    engine = seeded(mongo_db, redis_client, fact_settings())
+    mongo_db["user_profiles"].update_one({"user_id": FACT_USER}, {"$set": {ERASING_FIELD: "an-erasure"}})
+    before = whole_db(mongo_db)
+
+    with pytest.raises(ErasurePendingError):
+        forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)])
+
+    assert whole_db(mongo_db) == before
