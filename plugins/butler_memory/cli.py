@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -242,47 +242,71 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 ROLLBACK_OK = ("rolled_back", "dry_run", "not_changed")
 
 
-def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Roll back one run for each user it changed; print one line per user; return the exit code."""
+def _each_user(
+    err: TextIO,
+    *,
+    dry_run: bool,
+    users: Callable[[Any], Sequence[str]],
+    act: Callable[[Any, str], Any],
+    failed: Callable[[str, CompressionError], Any],
+) -> list[Any] | int:
+    """Open the engine (a real run first pings the lock service and ensures the indexes), act on each
+    user in turn, close it; return the results, or an exit code when a service or setting is bad."""
     from butler_memory.connections import build_engine
-    from butler_memory.rollback import RollbackResult, users_of_run
 
     try:
-        settings = Settings.from_env()
+        engine = build_engine(Settings.from_env())
     except SettingsError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_USAGE
-    rollback_id = f"rollback__{args.run_id}__{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S')}"
-    try:
-        engine = build_engine(settings)
-        if not args.dry_run:
-            engine.locks.ping()
-            engine.store.ensure_indexes()
-        user_ids = users_of_run(engine.store, args.run_id, args.users)
-    except LockUnavailableError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_UNAVAILABLE
     except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
         err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
         return EXIT_UNAVAILABLE
-    results: list[RollbackResult] = []
     try:
+        try:
+            if not dry_run:
+                engine.locks.ping()
+                engine.store.ensure_indexes()
+            user_ids = list(dict.fromkeys(users(engine)))
+        except LockUnavailableError as exc:
+            err.write(f"error: {exc}\n")
+            return EXIT_UNAVAILABLE
+        except Exception as exc:  # MongoDB down: say which, exit non-zero
+            err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
+            return EXIT_UNAVAILABLE
+        results = []
         for user_id in user_ids:
             try:
-                result = engine.rollback(
-                    user_id,
-                    args.run_id,
-                    rollback_id=rollback_id,
-                    cascade=args.cascade,
-                    allow_missing=args.allow_missing_events,
-                    dry_run=args.dry_run,
-                )
+                results.append(act(engine, user_id))
             except CompressionError as exc:
-                result = RollbackResult(user_id, FAILED, args.run_id, message=str(exc))
-                log.warning("user %s: rollback failed: %s", user_id, exc)
-            results.append(result)
+                log.warning("user %s failed: %s", user_id, exc)
+                results.append(failed(user_id, exc))
+        return results
     finally:
         engine.close()
+
+
+def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Roll back one run for each user it changed; print one line per user; return the exit code."""
+    from butler_memory.rollback import RollbackResult, users_of_run
+
+    rollback_id = f"rollback__{args.run_id}__{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S')}"
+    results = _each_user(
+        err,
+        dry_run=args.dry_run,
+        users=lambda engine: users_of_run(engine.store, args.run_id, args.users),
+        act=lambda engine, user_id: engine.rollback(
+            user_id,
+            args.run_id,
+            rollback_id=rollback_id,
+            cascade=args.cascade,
+            allow_missing=args.allow_missing_events,
+            dry_run=args.dry_run,
+        ),
+        failed=lambda user_id, exc: RollbackResult(user_id, FAILED, args.run_id, message=str(exc)),
+    )
+    if isinstance(results, int):
+        return results
     if args.json:
         out.write(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     else:
@@ -292,36 +316,18 @@ def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Re-fold each given user from the archive; print one line per user; return the exit code."""
-    from butler_memory.connections import build_engine
     from butler_memory.refold import RefoldResult
 
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_USAGE
     run_id = f"refold__{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S')}"
-    try:
-        engine = build_engine(settings)
-        if not args.dry_run:
-            engine.locks.ping()
-    except LockUnavailableError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_UNAVAILABLE
-    except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
-        err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
-        return EXIT_UNAVAILABLE
-    results: list[RefoldResult] = []
-    try:
-        for user_id in dict.fromkeys(args.users):
-            try:
-                result = engine.refold(user_id, run_id=run_id, dry_run=args.dry_run)
-            except CompressionError as exc:
-                result = RefoldResult(user_id, FAILED, message=f"{type(exc).__name__}: {exc}")
-                log.warning("user %s: re-fold failed: %s", user_id, exc)
-            results.append(result)
-    finally:
-        engine.close()
+    results = _each_user(
+        err,
+        dry_run=args.dry_run,
+        users=lambda engine: args.users,
+        act=lambda engine, user_id: engine.refold(user_id, run_id=run_id, dry_run=args.dry_run),
+        failed=lambda user_id, exc: RefoldResult(user_id, FAILED, message=f"{type(exc).__name__}: {exc}"),
+    )
+    if isinstance(results, int):
+        return results
     if args.json:
         out.write(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     else:

@@ -261,17 +261,11 @@ def _compress_locked(
             user_id=user_id,
         )
     result = UserResult(user_id, COMPRESSED, summary_version=profile.version, summary_chars=len(profile.summary))
-    if profile.rollback is not None and not dry_run:
-        from butler_memory.rollback import finish_rollback  # rollback builds on this module
-
-        # An interrupted rollback put events back in user_memory that the summary still covers: finish it first.
-        finish_rollback(store, profile, _no_checkpoint, clock)
-        profile = store.load_profile(user_id, create=False)
-    if profile.pending is not None and not dry_run:
-        result.events_deleted += finish_pending(
+    if not dry_run:
+        profile, deleted = finish_interrupted(
             profile, store, run_id=run_id, clock=clock, metrics=metrics, checkpoint=checkpoint
         )
-        profile = store.load_profile(user_id, create=False)
+        result.events_deleted += deleted
 
     result.events_before = store.count_events(user_id)
     keys = _fold_list(user_id, profile, store, settings, result.events_before, dry_run)
@@ -437,6 +431,32 @@ def _fold_list(
     if not dry_run:
         store.clear_fold_target(user_id, profile.version)
     return None
+
+
+def finish_interrupted(
+    profile: Profile,
+    store: MemoryStore,
+    *,
+    run_id: str,
+    clock: Callable[[], datetime],
+    metrics: Metrics | None = None,
+    checkpoint: Checkpoint = _no_checkpoint,
+) -> tuple[Profile, int]:
+    """Finish what an interrupted run left in the profile: a rollback's intent, then a pending fold.
+
+    Return the profile as it is afterwards and how many events the pending fold deleted.
+    """
+    if profile.rollback is not None:
+        from butler_memory.rollback import finish_rollback  # rollback builds on this module
+
+        # An interrupted rollback put events back in user_memory that the summary still covers: finish it first.
+        finish_rollback(store, profile, _no_checkpoint, clock)
+        profile = store.load_profile(profile.user_id, create=False)
+    deleted = 0
+    if profile.pending is not None:
+        deleted = finish_pending(profile, store, run_id=run_id, clock=clock, metrics=metrics, checkpoint=checkpoint)
+        profile = store.load_profile(profile.user_id, create=False)
+    return profile, deleted
 
 
 def finish_pending(

@@ -164,7 +164,6 @@ def _refold_locked(
     clock: Callable[[], datetime],
 ) -> RefoldResult:
     from butler_memory import compression as c
-    from butler_memory.rollback import finish_rollback
 
     profile = store.load_profile(user_id, create=False)
     if profile.erasing:
@@ -173,12 +172,7 @@ def _refold_locked(
             user_id=user_id,
         )
     if not dry_run:
-        if profile.rollback is not None:
-            finish_rollback(store, profile, _no_checkpoint, clock)
-            profile = store.load_profile(user_id, create=False)
-        if profile.pending is not None:
-            c.finish_pending(profile, store, run_id=run_id, clock=clock, metrics=metrics)
-            profile = store.load_profile(user_id, create=False)
+        profile, _ = c.finish_interrupted(profile, store, run_id=run_id, clock=clock, metrics=metrics)
     plan = plan_refold(store, profile)
     result = RefoldResult(
         user_id,

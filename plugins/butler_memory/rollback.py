@@ -226,7 +226,7 @@ def _rollback_locked(
     checkpoint: Checkpoint,
     clock: Callable[[], datetime],
 ) -> RollbackResult:
-    from butler_memory.compression import finish_pending
+    from butler_memory.compression import finish_interrupted
 
     profile = store.load_profile(user_id, create=False)
     if profile.erasing:
@@ -236,12 +236,10 @@ def _rollback_locked(
             user_id=user_id,
         )
     if not dry_run:
-        if profile.rollback is not None:
+        if profile.rollback is not None:  # our own interrupted run: finished with its checkpoints
             finish_rollback(store, profile, checkpoint, clock)
             profile = store.load_profile(user_id, create=False)
-        if profile.pending is not None:
-            finish_pending(profile, store, run_id=rollback_id, clock=clock)
-            profile = store.load_profile(user_id, create=False)
+        profile, _ = finish_interrupted(profile, store, run_id=rollback_id, clock=clock)
     plan = plan_rollback(store, profile, run_id, cascade=cascade, allow_missing=allow_missing)
     if isinstance(plan, str):
         return RollbackResult(user_id, NOT_CHANGED, run_id, profile.version, profile.version, message=plan)

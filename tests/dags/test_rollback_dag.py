@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pymongo.database import Database
 
+from tests.cli.test_rollback_cli import state
 from tests.dags.test_dag_run import CANARY, REPO, llm_pool, seed_users, task_instances, world, xcom_values
 
 __all__ = ["llm_pool", "world"]  # fixtures used by this module's tests
@@ -22,18 +22,6 @@ def dags(llm_pool: None) -> dict[str, Any]:
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert not bag.import_errors, bag.import_errors
     return {"compress": bag.dags["memory_compression"], "rollback": bag.dags["memory_rollback"]}
-
-
-def state(db: Database[Doc]) -> Doc:
-    """Return user_memory and the archive by _id, and the profiles without their version."""
-    profiles = {p["user_id"]: p for p in db["user_profiles"].find({}, {"_id": 0})}
-    for profile in profiles.values():
-        profile.pop("memory_summary_version", None)
-    return {
-        "events": {d["_id"]: d for d in db["user_memory"].find()},
-        "archive": {d["_id"]: d for d in db["user_memory_archive"].find()},
-        "profiles": profiles,
-    }
 
 
 def test_rollback_dag_dry_run_then_drill(dags: dict[str, Any], world: dict[str, Any]) -> None:
