@@ -1,4 +1,5 @@
-"""Bodies of the memory_rollback DAG's tasks: Airflow context in, engine calls, small XComs out.
+"""Bodies of the memory_rollback and memory_refold DAGs' tasks: Airflow context in, engine calls,
+small XComs out.
 
 XCom carries user ids, versions, counts and statuses, never content.
 """
@@ -87,3 +88,24 @@ def report(params: Mapping[str, Any], ti: Any) -> dict[str, Any]:
     for r in results:
         by_status[r.status] = by_status.get(r.status, 0) + 1
     return {"run_id": params["run_id"], "users": len(results), "by_status": by_status}
+
+
+def refold(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
+    """Re-fold one user from the archive; a held lock or a transient error retries, a refusal fails at once."""
+    from butler_memory.refold import REFUSED as REFOLD_REFUSED
+    from butler_memory.refold import SKIPPED_LOCKED as REFOLD_LOCKED
+
+    settings = resolve_settings({})
+    try:
+        with build_engine(settings) as engine:
+            result = engine.refold(user_id, run_id=run_id, dry_run=bool(params.get("dry_run")))
+    except CompressionError as exc:
+        if exc.retryable:
+            raise RuntimeError(f"{type(exc).__name__}: {exc} (will retry)") from None
+        raise _fail(f"{type(exc).__name__}: {exc}") from None
+    log.info("user %s: %s (%s)", user_id, result.status, result.message)
+    if result.status == REFOLD_LOCKED:
+        raise RuntimeError(f"user {user_id!r}: the lock is held (a compression is running); will retry")
+    if result.status == REFOLD_REFUSED:
+        raise _fail(result.message)
+    return result.to_dict()

@@ -1,4 +1,4 @@
-"""memory_rollback run in-process with ``dag.test()`` against real MongoDB and Redis: dry run, the drill, refusal."""
+"""memory_rollback and memory_refold run in-process with ``dag.test()`` against real MongoDB and Redis."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ def dags(llm_pool: None) -> dict[str, Any]:
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert not bag.import_errors, bag.import_errors
-    return {"compress": bag.dags["memory_compression"], "rollback": bag.dags["memory_rollback"]}
+    return {
+        "compress": bag.dags["memory_compression"],
+        "rollback": bag.dags["memory_rollback"],
+        "refold": bag.dags["memory_refold"],
+    }
 
 
 def test_rollback_dag_dry_run_then_drill(dags: dict[str, Any], world: dict[str, Any]) -> None:
@@ -63,3 +67,26 @@ def test_rollback_dag_refuses_a_run_a_later_one_built_on(dags: dict[str, Any], w
     cascade = dags["rollback"].test(run_conf={"run_id": first.run_id, "dry_run": False, "cascade": True})
     assert cascade.state == "success"
     assert db["user_memory"].count_documents({"user_id": "u-a"}) == 105
+
+
+def test_refold_dag_dry_run_then_a_new_version(dags: dict[str, Any], world: dict[str, Any]) -> None:
+    db = world["db"]
+    seed_users(db, {"u-a": 60})
+    assert dags["compress"].test(run_conf={}).state == "success"
+    before = state(db)
+
+    dry = dags["refold"].test(run_conf={"user_ids": ["u-a"]})
+    assert dry.state == "success", {k: ti.state for k, ti in task_instances(dry).items()}
+    assert state(db) == before, "a dry run (the default) wrote something"
+
+    real = dags["refold"].test(run_conf={"user_ids": ["u-a"], "dry_run": False})
+    assert real.state == "success", {k: ti.state for k, ti in task_instances(real).items()}
+    after = state(db)
+    assert after["events"] == before["events"] and after["archive"] == before["archive"]
+    newest = db["user_memory_summaries"].find_one({"user_id": "u-a"}, sort=[("version", -1)])
+    assert newest is not None and (newest["kind"], newest["run_id"], newest["refolded_from"]) == (
+        "refold",
+        real.run_id,
+        0,
+    )
+    assert not any(CANARY in row[3] for row in xcom_values(real)), "content in XCom"

@@ -1,0 +1,85 @@
+"""
+# memory_refold
+
+Rebuild users' summaries from the archive with today's summariser (manual trigger only), after a
+model upgrade or a prompt fix. **refold_user** runs once per given user (labelled with the user
+id, under the user's lock): it starts from the oldest kept summary version whose events are all
+still archived, folds those archived events again, and commits the result as a **new** version
+(kind `refold`). Raw events in `user_memory` stay raw. A user refused (nothing archived to start
+from) or rejected by a guard fails its task; nothing is written for them.
+
+* Start with `dry_run` on (the default): each task logs where it would start and how many events.
+* Worse than before? Roll it back with `memory_rollback` (its `run_id` is this run's id).
+
+Same engine as `python -m butler_memory refold`. Docs: `docs/operations/runbook.md` (a model upgrade).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
+DEFAULT_ARGS = {
+    "owner": "butler-memory",
+    "retries": 3,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+@task
+def users() -> list[str]:
+    """Return the user ids to re-fold (the param, validated at trigger time)."""
+    return list(get_current_context()["params"]["user_ids"])
+
+
+@task(
+    multiple_outputs=False,
+    pool=LLM_POOL,
+    map_index_template="{{ refolded_user_id }}",
+    execution_timeout=timedelta(minutes=30),
+)
+def refold_user(user_id: str) -> dict:
+    """Re-fold one user's summary from the archive."""
+    from butler_memory import rollback_tasks
+
+    context = get_current_context()
+    context["refolded_user_id"] = user_id  # type: ignore[typeddict-unknown-key]
+    return rollback_tasks.refold(user_id, context["params"], context["ti"], context["run_id"])
+
+
+@dag(
+    dag_id="memory_refold",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["butler", "memory", "llm"],
+    doc_md=__doc__,
+    params={
+        "user_ids": Param(
+            type="array",
+            items={"type": "string", "minLength": 1, "maxLength": 200},
+            minItems=1,
+            uniqueItems=True,
+            title="User ids",
+            description="The users to re-fold (one per line).",
+        ),
+        "dry_run": Param(True, type="boolean", title="Dry run", description="Say what would happen; write nothing."),
+    },
+)
+def memory_refold() -> None:
+    """Re-fold each given user in a mapped task."""
+    refold_user.expand(user_id=users())
+
+
+memory_refold_dag = memory_refold()
+
+if __name__ == "__main__":
+    memory_refold_dag.test()
