@@ -421,7 +421,12 @@ def _rebuild_plan(
     base = max(kept) if kept else 0
     if base and store.history.version(user_id, base) is None:
         base = 0
-    refold = refold_ids(store, user_id, base, current, forgotten)
+    return base, refold_ids(store, user_id, base, current, forgotten), _losses(store, user_id, base, current, history)
+
+
+def _losses(store: MemoryStore, user_id: str, base: int, current: int, history: list[HistoryEntry]) -> dict[str, Any]:
+    """Return what a rebuild on ``base`` cannot re-fold: events of versions after it no longer
+    archived, versions no longer (or never) in the history; empty when nothing is lost."""
     by_version = {e.version: e for e in history if base < e.version <= current}
     missing = [v for v in range(base + 1, current + 1) if v not in by_version]
     unrecorded = [e.version for e in by_version.values() if e.covers is None and e.kind == "baseline"]
@@ -438,7 +443,7 @@ def _rebuild_plan(
         lost["versions_from_before_history"] = unrecorded
     if lost:
         lost["versions"] = [base + 1, current]
-    return base, refold, lost
+    return lost
 
 
 def _ranges(numbers: list[int]) -> list[list[int]]:
@@ -502,6 +507,17 @@ def _finish(
     if first_tainted is not None:
         new_version = expected + 1
         profile = store.load_profile(user_id, create=False)
+        if profile.version > expected and not _committed_by(store, profile, intent, new_version):
+            # Someone folded on top of the summary that still holds the forgotten facts (the bot's inline
+            # compression, after a killed forget's lock expired): those versions are tainted too.
+            intent = _extend(store, user_id, intent, profile.version)
+            expected, new_version = profile.version, profile.version + 1
+        if profile.version < expected:
+            raise ConcurrentUpdateError(
+                f"user {user_id!r}: summary version is {profile.version}, the forget expected {expected} or "
+                f"more; nothing more was changed, see docs/erasure.md",
+                user_id=user_id,
+            )
         if profile.version == expected:
             through = profile.through
             if through is None:
@@ -535,12 +551,6 @@ def _finish(
                 run_id=str(intent.get("run_id")),
                 now=now,
                 target=profile.fold_target,
-            )
-        elif profile.version != new_version:
-            raise ConcurrentUpdateError(
-                f"user {user_id!r}: summary version is {profile.version}, the forget expected {expected} or "
-                f"{new_version}; nothing more was changed, see docs/erasure.md",
-                user_id=user_id,
             )
         store.clear_pending(user_id, new_version)
         # The re-folded events now belong to the new version (as a fold's events do to it), so "which
@@ -597,6 +607,36 @@ def _finish(
     )
     result.notes = _notes(result, intent.get("already") or [])
     return result
+
+
+def _committed_by(store: MemoryStore, profile: Profile, intent: dict[str, Any], new_version: int) -> bool:
+    """Return whether the profile's current version is this forget's own commit."""
+    if profile.version != new_version:
+        return False
+    entry = store.history.version(profile.user_id, new_version)
+    return (
+        entry is not None
+        and entry.kind == FORGET
+        and entry.run_id == intent.get("run_id")
+        and entry.text == profile.summary
+    )
+
+
+def _extend(store: MemoryStore, user_id: str, intent: dict[str, Any], current: int) -> dict[str, Any]:
+    """Widen an intent to versions committed on top of it since it was recorded; return it updated."""
+    base = int(intent["base_version"])
+    history = store.history.versions(user_id, through=current, text=False)
+    changes = {
+        "expected_version": current,
+        "lost": _losses(store, user_id, base, current, history),
+        "refold_count": len(refold_ids(store, user_id, base, current, set(intent["ids"]))),
+    }
+    log.warning("user %s: versions up to v%d were committed during the forget; they are rebuilt too", user_id, current)
+    store.profiles.update_one(
+        {"user_id": user_id, f"{FORGET_FIELD}.id": intent["id"]},
+        {"$set": {f"{FORGET_FIELD}.{name}": value for name, value in changes.items()}},
+    )
+    return {**intent, **changes}
 
 
 def _rebuild(

@@ -305,3 +305,33 @@ def test_forgetting_events_waits_for_an_unfinished_user_erasure(
         forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)])
 
     assert whole_db(mongo_db) == before
+
+
+class Killed(Exception):
+    """Stands in for a kill at a checkpoint (the kill matrix does it with SIGKILL)."""
+
+
+def test_a_version_committed_on_top_of_an_interrupted_forget_is_rebuilt_too(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    engine = seeded(mongo_db, redis_client, fact_settings())
+
+    def die_after_delete(step: str) -> None:
+        if step == "deleted":
+            raise Killed
+
+    with pytest.raises(Killed):
+        forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)], checkpoint=die_after_delete)
+    # The bot's inline compression, not knowing the intent, folds on top of the summary that still has the fact.
+    profile = profile_of(mongo_db, FACT_USER)
+    mongo_db["user_profiles"].update_one(
+        {"user_id": FACT_USER},
+        {"$set": {"memory_summary": profile["memory_summary"] + "\n- Bot note.", "memory_summary_version": 6}},
+    )
+
+    result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)])
+
+    assert result.status == forget.FORGOTTEN and result.summary_version == 7, result
+    assert result.versions_dropped == [3, 4, 5, 6] and result.rebuilt_from_version == 2
+    assert result.lost["versions_without_history"] == [[6, 6]], "the bot's version is not in the history: said so"
+    assert_forgotten(mongo_db, [FACTS[14]], [f for i, f in FACTS.items() if i != 14])
