@@ -44,7 +44,7 @@ from butler_memory.compression import (
     Engine,
     _event_text,
     _summarize,
-    finish_pending,
+    finish_interrupted,
     pack_chunks,
     summarizer_identity,
 )
@@ -271,16 +271,9 @@ def _forget_locked(
             user_id=user_id,
         )
     _check_known(store, user_id, profile)
-    if profile.rollback is not None:
-        from butler_memory.rollback import finish_rollback  # rollback builds on compression, as this does
-
-        # An interrupted rollback put events back in user_memory the summary still covers: finish it first.
-        finish_rollback(store, profile, _no_checkpoint, clock)
-        profile = store.load_profile(user_id, create=False)
-    if profile.pending is not None:
-        # Events of an interrupted fold are in the current summary: archive them first (never re-summarised).
-        finish_pending(profile, store, run_id="forget", clock=clock, metrics=engine.metrics)
-        profile = store.load_profile(user_id, create=False)
+    # An interrupted rollback or fold left events the summary covers in user_memory: finish it first,
+    # so every summarised event is in the archive (and never re-summarised).
+    profile, _ = finish_interrupted(profile, store, run_id="forget", clock=clock, metrics=engine.metrics)
     plan = _plan(store, user_id, profile, request, secret, audit)
     if not plan.ids and plan.first_tainted is None:
         return _result(ALREADY_ERASED, plan, None, secret, user_id)
