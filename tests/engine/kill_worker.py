@@ -92,8 +92,10 @@ def main(argv: list[str]) -> int:
             )
             print(json.dumps(forgotten.to_dict()), flush=True)
             return 0
-        if config.get("task") == "rollback":
-            result: Any = engine.rollback(
+        if config.get("task") == "refold":
+            result: Any = engine.refold(config["user_id"], run_id=config["run_id"], checkpoint=checkpoint)
+        elif config.get("task") == "rollback":
+            result = engine.rollback(
                 config["user_id"],
                 config["rollback"],
                 rollback_id=config["run_id"],

@@ -1,4 +1,4 @@
-"""Kill matrix of a rollback: SIGKILL it at every step boundary, re-run, and compare with the snapshot.
+"""Kill matrices of a rollback and a re-fold: SIGKILL them at every step boundary, re-run, compare.
 
 Two runs fold a user (r0: v1-v3, then 15 new events, r1: v4-v6); a child process (``kill_worker.py``)
 rolls r1 back and kills itself at a checkpoint. The re-run (a rollback, or a compression, which must
@@ -16,9 +16,21 @@ import pytest
 import redis
 from pymongo.database import Database
 
+from butler_memory import refold
 from butler_memory.rollback import NOT_CHANGED, ROLLED_BACK, SKIPPED_LOCKED, STEPS
 from butler_memory.store import ROLLBACK_FIELD, VERSION_FIELD
-from tests.engine.helpers import START, history_of, insert_events, make_engine, profile_of, snapshot
+from tests.engine.conftest import OpenAIFactory
+from tests.engine.helpers import (
+    START,
+    chain_responder,
+    history_of,
+    insert_events,
+    ledger,
+    make_engine,
+    profile_of,
+    snapshot,
+    summary_version,
+)
 from tests.engine.test_kill_matrix import SETTINGS, Kill, run_worker, wait_for_lock_expiry
 from tests.engine.test_rollback import assert_back_to
 from tools.fake_openai import FakeOpenAI
@@ -106,3 +118,40 @@ def test_kill_a_rollback_then_rerun_ends_like_a_clean_rollback(
     assert history[-1]["kind"] == "rollback" and history[-1]["base_version"] == 3
     assert history[-1]["text"] == v3_text == profile_of(mongo_db, USER)["memory_summary"]
     assert history[-1]["undoes"] == [6, 5, 4]
+
+
+REFOLD_STEPS = refold.STEPS
+
+
+@pytest.mark.parametrize("step", REFOLD_STEPS)
+def test_kill_a_refold_then_rerun_ends_like_a_clean_refold(
+    step: str,
+    mongo_service: MongoService,
+    mongo_db: Database[Doc],
+    redis_service: RedisService,
+    redis_client: redis.Redis,
+    llm: FakeOpenAI,
+    make_openai: OpenAIFactory,
+) -> None:
+    """A refold moves no event: killed before its commit, the profile is as it was and the re-run
+    writes v7; killed after it, v7 is there already. Either way: one v7, the ledger of all 30 events."""
+    prepare(mongo_db, redis_client)
+    llm.set_responder(chain_responder)
+    folded = sorted(snapshot(mongo_db, USER)["archive"])  # ids sort in time order: u1-e000 ... u1-e029
+    child = run_worker(mongo_service, mongo_db, redis_service, llm, (step, 1), task="refold")
+    assert child.returncode == -9, (
+        f"the child should have died at {step}, exited {child.returncode}:\n{child.stderr[-3000:]}"
+    )
+    committed = step == "committed"
+    assert summary_version(mongo_db, USER) == (7 if committed else 6), f"after a kill at {step}"
+    wait_for_lock_expiry(redis_client, SETTINGS.lock_key(USER), SETTINGS.lock_ttl_seconds)
+    if not committed:
+        engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai(timeout=SETTINGS.llm_timeout_seconds))
+        assert engine.refold(USER, run_id="rerun").status == refold.REFOLDED
+
+    history = history_of(mongo_db, USER)
+    assert [e["version"] for e in history] == list(range(1, 8)), "exactly one entry per committed version"
+    assert history[-1]["kind"] == "refold" and history[-1]["refolded_from"] == 0
+    profile = profile_of(mongo_db, USER)
+    assert history[-1]["text"] == profile["memory_summary"]
+    assert ledger(profile["memory_summary"]) == folded, "each archived event folded again exactly once, in order"
