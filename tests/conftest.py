@@ -1,5 +1,10 @@
 """Root test configuration: a throwaway Airflow home and the real services every test tier shares.
 
+Airflow's metadata DB for the session is a database on a PostgreSQL server started here, before
+Airflow is first imported (Debian's postgresql; SQLite when it is not installed, and then the tests
+that need PostgreSQL skip, or fail under CI=true). The real-scheduler tests create databases of
+their own on the same server.
+
 Servers (MongoDB wire server, redis-server, a StatsD UDP sink, a fake OpenAI endpoint) start once
 per session, on 127.0.0.1 only, and only when a test asks for them; each test gets a fresh Mongo
 database, a flushed Redis, a cleared sink and a reset LLM. Airflow is never imported here.
@@ -27,7 +32,14 @@ from pymongo.database import Database
 
 from tools import parts
 from tools.fake_openai import FakeOpenAI
-from tools.services import AirflowConns, MongoService, RedisService, StatsdSink, airflow_connection_env
+from tools.services import (
+    AirflowConns,
+    MongoService,
+    PostgresService,
+    RedisService,
+    StatsdSink,
+    airflow_connection_env,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # Variables from the developer's shell that would leak into the suite: Airflow settings and
@@ -35,9 +47,10 @@ REPO = Path(__file__).resolve().parent.parent
 HERMETIC_PREFIXES = ("AIRFLOW", "OPENAI_")
 _home_key = pytest.StashKey[Path]()
 _saved_env_key = pytest.StashKey[dict[str, str | None]]()
+_postgres_key = pytest.StashKey[PostgresService | None]()
 
 
-def airflow_test_env(home: Path) -> dict[str, str]:
+def airflow_test_env(home: Path, sql_alchemy_conn: str | None = None) -> dict[str, str]:
     """Return the Airflow settings every test process (and subprocess) runs with."""
     from cryptography.fernet import Fernet
 
@@ -48,7 +61,7 @@ def airflow_test_env(home: Path) -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sql_alchemy_conn or f"sqlite:///{home / 'airflow.db'}",
         # unit_tests.cfg draws both secrets at random per process; pin them so a Variable
         # encrypted here decrypts in an `airflow` subprocess, and tokens verify across processes.
         "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
@@ -64,7 +77,10 @@ def pytest_configure(config: pytest.Config) -> None:
             "import airflow inside fixtures and tests, not at the top of a conftest.py"
         )
     home = Path(tempfile.mkdtemp(prefix="butler-airflow-home-"))
-    env = airflow_test_env(home)
+    bindir = parts.POSTGRESQL.find()
+    postgres = PostgresService(home / "postgres", bindir) if bindir is not None else None
+    config.stash[_postgres_key] = postgres
+    env = airflow_test_env(home, postgres.create_database("airflow_session") if postgres else None)
     leaked = [name for name in os.environ if name.startswith(HERMETIC_PREFIXES)]
     config.stash[_saved_env_key] = {name: os.environ.get(name) for name in [*leaked, *env]}
     for name in leaked:
@@ -83,6 +99,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+    postgres = config.stash.get(_postgres_key, None)
+    if postgres is not None:
+        postgres.stop()
     home = config.stash.get(_home_key, None)
     if home is not None:
         shutil.rmtree(home, ignore_errors=True)
@@ -90,7 +109,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @dataclass(frozen=True)
 class AirflowHome:
-    """The session's Airflow home and its migrated SQLite metadata database."""
+    """The session's Airflow home and its migrated metadata database (PostgreSQL, else SQLite)."""
 
     home: Path
     db_path: Path
@@ -100,7 +119,7 @@ class AirflowHome:
 
 @pytest.fixture(scope="session")
 def airflow_db(pytestconfig: pytest.Config) -> AirflowHome:
-    """Migrate the session's SQLite metadata database once, with `airflow db migrate`."""
+    """Migrate the session's metadata database once, with `airflow db migrate`."""
     home = pytestconfig.stash[_home_key]
     started = time.monotonic()
     # A subprocess keeps Airflow's import-time setup and migration warnings out of this process.
@@ -152,6 +171,16 @@ def promtool_path() -> Path:
 def pg_bindir() -> Path:
     """Return the PostgreSQL bin directory (tools/parts.py)."""
     return require_part(parts.POSTGRESQL)
+
+
+@pytest.fixture(scope="session")
+def postgres(pytestconfig: pytest.Config) -> PostgresService:
+    """Return the session's PostgreSQL server (started in pytest_configure); skip/fail without one."""
+    service = pytestconfig.stash.get(_postgres_key, None)
+    if service is None:
+        require_part(parts.POSTGRESQL)
+        raise AssertionError("PostgreSQL is installed but was not started")  # pragma: no cover
+    return service
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Real local services for tests and the demo: MongoDB wire server, redis-server, a StatsD sink.
+"""Real local services for tests and the demo: MongoDB wire server, redis-server, PostgreSQL, a StatsD sink.
 
 Every service listens on 127.0.0.1 only and runs in its own process group, so stopping it also
 stops anything it spawned. Nothing here imports Airflow: the test suite must be able to set
@@ -12,20 +12,23 @@ import importlib.util
 import json
 import logging
 import os
+import pwd
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple, Self
+from typing import Any, NamedTuple, Self
 
+import psycopg2
 import pymongo
 import redis
 from pymongo.errors import PyMongoError
@@ -57,6 +60,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stand_in_env() -> dict[str, str]:
+    """Return this process's environment without coverage's start-up variables: a stand-in is not our
+    code, and measuring it (secantusd-py is Python) would only slow it down."""
+    return {k: v for k, v in os.environ.items() if k not in {"COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"}}
+
+
 def _log_tail(path: Path) -> str:
     """Return the last few KB of a log file, or a note that it is missing."""
     try:
@@ -81,6 +90,8 @@ class _ProcessService:
     name = "service"
     # What the readiness probe may raise while the server is still coming up.
     probe_errors: tuple[type[Exception], ...] = (OSError,)
+    # What asks the server to stop (postgres takes SIGINT as its "fast" shutdown).
+    stop_signal = signal.SIGTERM
 
     def __init__(self, log_path: Path, startup_timeout: float) -> None:
         self.host = LOOPBACK
@@ -97,6 +108,10 @@ class _ProcessService:
     def _probe(self) -> None:
         """Raise unless the server answers a real request."""
         raise NotImplementedError
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        """Return extra subprocess.Popen arguments (e.g. the user to run as)."""
+        return {}
 
     @property
     def pid(self) -> int | None:
@@ -141,7 +156,9 @@ class _ProcessService:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=self.log_path.parent,
+                env=stand_in_env(),
                 start_new_session=True,
+                **self._popen_kwargs(),
             )
         try:
             self._wait_ready(started)
@@ -178,13 +195,13 @@ class _ProcessService:
         )
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Stop the process group: SIGTERM, then SIGKILL after timeout seconds; idempotent."""
+        """Stop the process group: stop_signal (SIGTERM), then SIGKILL after timeout seconds; idempotent."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, self.stop_signal)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -344,6 +361,136 @@ class RedisService(_ProcessService):
         with redis.Redis(host=self.host, port=self.port, socket_timeout=2) as client:
             if not client.ping():
                 raise RuntimeError("PING did not return PONG")
+
+
+def postgres_user() -> str | None:
+    """Return the user postgres runs as: None (this user) unless root, which postgres refuses to run as;
+    then Debian's ``postgres`` system user (made by the postgresql package), else ``nobody``."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "nobody"
+    return "postgres"
+
+
+class PostgresService(_ProcessService):
+    """A throwaway PostgreSQL server (Debian's binaries) on 127.0.0.1, trust auth; starts on construction.
+
+    The cluster lives in a fresh temporary directory of its own (``butler-pg-*`` under the system
+    temp dir, owned by the server's user: a pytest temp dir is not traversable by another user) and
+    is deleted by stop(); the log goes to ``work_dir/postgres.log``. Run as root, initdb and postgres
+    run as :func:`postgres_user`. No Unix socket, TCP on loopback only. ``durable=False`` (tests)
+    turns off fsync, synchronous_commit and full_page_writes; the benchmark keeps PostgreSQL's
+    defaults, as a deployment does.
+    """
+
+    name = "postgres"
+    probe_errors = (psycopg2.Error,)
+    stop_signal = signal.SIGINT  # "fast" shutdown: a smart one (SIGTERM) waits for every client to leave
+    superuser = "postgres"
+
+    def __init__(
+        self,
+        work_dir: Path,
+        bindir: Path,
+        *,
+        port: int | None = None,
+        durable: bool = False,
+        startup_timeout: float = STARTUP_TIMEOUT,
+        start: bool = True,
+    ) -> None:
+        self.work_dir = Path(work_dir).resolve()
+        super().__init__(self.work_dir / "postgres.log", startup_timeout)
+        self.bindir = Path(bindir)
+        self.port = port or 0
+        self.durable = durable
+        self.user = postgres_user()
+        self.data_dir: Path | None = None
+        if start:
+            self.start()
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        """Run as the unprivileged user when root."""
+        return {"user": self.user} if self.user else {}
+
+    def _init_cluster(self) -> Path:
+        """Create the cluster with initdb (once per service) and return its data directory."""
+        if self.data_dir is not None:
+            return self.data_dir
+        root = Path(tempfile.mkdtemp(prefix="butler-pg-"))
+        if self.user:
+            shutil.chown(root, self.user)
+        data = root / "data"
+        command = [
+            str(self.bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            self.superuser,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=stand_in_env(), cwd=root, check=False, **self._popen_kwargs()
+        )
+        if result.returncode != 0:
+            shutil.rmtree(root, ignore_errors=True)
+            raise ServiceStartError(
+                f"initdb failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+            )
+        self.data_dir = data
+        return data
+
+    def _command(self) -> list[str]:
+        """Return the postgres argv (the cluster is created first)."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        data = self._init_cluster()
+        settings = {
+            "listen_addresses": self.host,
+            "port": str(self.port),
+            "unix_socket_directories": "",
+            "max_connections": "200",
+        }
+        if not self.durable:
+            settings.update({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+        command = [str(self.bindir / "postgres"), "-D", str(data)]
+        for name, value in settings.items():
+            command += ["-c", f"{name}={value}"]
+        return command
+
+    def _probe(self) -> None:
+        """Connect and run SELECT 1."""
+        with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+    def connect(self, dbname: str = "postgres") -> Any:
+        """Return a new psycopg2 connection in autocommit mode; the caller closes it."""
+        conn = psycopg2.connect(host=self.host, port=self.port, user=self.superuser, dbname=dbname, connect_timeout=5)
+        conn.autocommit = True
+        return conn
+
+    def url(self, dbname: str) -> str:
+        """Return Airflow's SQLAlchemy URL (psycopg2 driver, as docker-compose.yaml) for database ``dbname``."""
+        return f"postgresql+psycopg2://{self.superuser}@{self.host}:{self.port}/{dbname}"
+
+    def create_database(self, dbname: str) -> str:
+        """Create an empty database and return its SQLAlchemy URL."""
+        if not dbname.replace("_", "").isalnum():
+            raise ValueError(f"not a plain database name: {dbname!r}")
+        with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{dbname}"')
+        return self.url(dbname)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the server (fast shutdown) and delete the cluster."""
+        super().stop(timeout)
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+            self.data_dir = None
 
 
 class Metric(NamedTuple):

@@ -1,7 +1,8 @@
 """End to end through real Airflow services, driven only by the REST API the UI uses.
 
 An Airflow scheduler (LocalExecutor), DAG processor and API server run as separate processes, each in
-a process group of its own, on a SQLite metadata DB of their own (not the suite's unit-test config),
+a process group of its own, on a PostgreSQL metadata database of their own (on the session's server;
+not the suite's unit-test config),
 with the connections pointing at this test's MongoDB database, Redis, StatsD sink and fake LLM.
 The first test does what an operator does in the UI: unpause, trigger with params, find the failed
 user's mapped instance by its label, fix the cause, clear that instance with downstream, and watch
@@ -36,7 +37,14 @@ from butler_memory.settings import Settings
 from tests.population import seed_population
 from tools.demo import prepare_airflow
 from tools.fake_openai import FakeOpenAI
-from tools.services import MongoService, RedisService, StatsdSink, airflow_connection_env, free_port
+from tools.services import (
+    MongoService,
+    PostgresService,
+    RedisService,
+    StatsdSink,
+    airflow_connection_env,
+    free_port,
+)
 from tools.standalone import PASSWORDS_FILE, AirflowProcess, airflow_processes, server_env, stop_all, wait_healthy
 
 pytestmark = pytest.mark.e2e
@@ -95,9 +103,10 @@ def airflow(
     statsd_sink: StatsdSink,
     fake_llm: FakeOpenAI,
     request: pytest.FixtureRequest,
+    postgres: PostgresService,
 ) -> Iterator[Airflow]:
-    """Start API server, scheduler and DAG processor on a fresh SQLite DB once for the module; stop
-    every process group after."""
+    """Start API server, scheduler and DAG processor on a fresh PostgreSQL database once for the module;
+    stop every process group after."""
     tmp_path = tmp_path_factory.mktemp("e2e-airflow")
     home = tmp_path / "airflow"
     home.mkdir()
@@ -113,6 +122,7 @@ def airflow(
     )
     env = server_env(home, port=port, connections=connections)
     env.update(getattr(request.module, "AIRFLOW_EXTRA_ENV", {}))  # a module using this fixture may add settings
+    env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = postgres.create_database(f"e2e_{uuid.uuid4().hex[:8]}")
     # A known admin password: SimpleAuthManager only generates passwords for users missing from this file.
     (home / PASSWORDS_FILE).write_text(json.dumps({"admin": ADMIN_PASSWORD}) + "\n")
     prepare_airflow(home, env, pool_slots=8)  # `airflow db migrate` and `airflow pools set llm_api 8`

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import psutil
 import pytest
 import redis
 import statsd as statsd_package  # type: ignore[import-untyped]
@@ -25,14 +27,17 @@ from pymongo.errors import ServerSelectionTimeoutError
 
 from tools.fake_openai import FakeOpenAI, default_responder
 from tools.services import (
+    LOOPBACK,
     AirflowConns,
     MongoService,
+    PostgresService,
     RedisService,
     ServiceStartError,
     StatsdSink,
     airflow_connection_env,
     free_port,
     parse_statsd_line,
+    postgres_user,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -302,18 +307,36 @@ def test_connection_env_in_a_subprocess(airflow_conns: AirflowConns, mongo_db: D
 
 
 @pytest.mark.slow
-def test_airflow_db_is_migrated(airflow_db: Any) -> None:
-    """The session database has Airflow's tables and lives in the temporary home."""
-    import sqlite3
-
+def test_airflow_db_is_migrated(airflow_db: Any, postgres: PostgresService) -> None:
+    """The session database is a PostgreSQL database with Airflow's tables; the home is temporary."""
     assert os.environ["AIRFLOW_HOME"] == str(airflow_db.home)
-    assert airflow_db.sql_alchemy_conn == f"sqlite:///{airflow_db.db_path}"
-    with sqlite3.connect(airflow_db.db_path) as db:
-        tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
-        pools = [row[0] for row in db.execute("select pool from slot_pool")]
-    db.close()
+    assert airflow_db.sql_alchemy_conn == postgres.url("airflow_session")
+    with contextlib.closing(postgres.connect("airflow_session")) as conn, conn.cursor() as cur:
+        cur.execute("select tablename from pg_tables where schemaname = 'public'")
+        tables = {row[0] for row in cur.fetchall()}
+        cur.execute("select pool from slot_pool")
+        pools = [row[0] for row in cur.fetchall()]
     assert {"dag", "task_instance", "connection", "variable", "alembic_version"} <= tables
     assert pools == ["default_pool"]
+
+
+def test_postgres_runs_unprivileged_on_loopback_and_stop_removes_the_cluster(
+    postgres: PostgresService, tmp_path: Path
+) -> None:
+    """A second server: as root it runs as the postgres user, listens on 127.0.0.1 only, and stop()
+    deletes its temporary cluster."""
+    with PostgresService(tmp_path, postgres.bindir) as other:
+        assert other.port != postgres.port and other.data_dir is not None
+        data_dir = other.data_dir
+        process = psutil.Process(other.pid)
+        assert process.username() == (postgres_user() or psutil.Process().username())
+        listening = {c.laddr for c in process.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening == {(LOOPBACK, other.port)}
+        with contextlib.closing(other.connect()) as conn, conn.cursor() as cur:
+            cur.execute("select current_setting('fsync'), current_setting('unix_socket_directories')")
+            assert cur.fetchone() == ("off", "")
+    assert not data_dir.exists()
+    assert not other.is_running()
 
 
 def test_environment_is_hermetic() -> None:

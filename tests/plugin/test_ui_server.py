@@ -1,7 +1,7 @@
 """The memory compression plugin inside a real ``airflow api-server``, behind Airflow's own auth.
 
 One API server serves the whole module (startup costs 15-30 s on 2 cores). It runs in a process
-group of its own on a free loopback port, on the session's migrated SQLite metadata DB, with
+group of its own on a free loopback port, on the session's migrated PostgreSQL metadata DB, with
 SimpleAuthManager users ``admin`` (ADMIN), ``viewer`` (VIEWER: may read DAGs) and ``outsider``
 (no role: SimpleAuthManager grants a user without a role nothing, so it is authenticated and
 still refused), and AIRFLOW_CONN_* variables pointing at this module's MongoDB database, the
@@ -38,7 +38,14 @@ from butler_memory.store import MemoryStore
 from tests.plugin import cdp
 from tests.population import seed_population
 from tools.fake_openai import FakeOpenAI
-from tools.services import MongoService, RedisService, StatsdSink, airflow_connection_env, free_port
+from tools.services import (
+    MongoService,
+    PostgresService,
+    RedisService,
+    StatsdSink,
+    airflow_connection_env,
+    free_port,
+)
 from tools.standalone import AirflowProcess, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,6 +159,7 @@ def _token(base_url: str, user: str) -> str:
 @pytest.fixture(scope="module")
 def ui(
     airflow_db: Any,
+    postgres: PostgresService,
     tmp_path_factory: pytest.TempPathFactory,
     mongo_service: MongoService,
     mongo_client: pymongo.MongoClient[dict[str, Any]],
