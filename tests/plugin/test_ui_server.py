@@ -25,17 +25,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pymongo
 import pytest
+from playwright.sync_api import Browser, Locator, Page, expect
 from pymongo.database import Database
 
 from butler_memory.report import build_report
 from butler_memory.settings import Settings
 from butler_memory.store import MemoryStore
-from tests.plugin import cdp
+from tests.plugin.browser import chromium, page_with_token
 from tests.population import seed_population
 from tools.fake_openai import FakeOpenAI
 from tools.services import (
@@ -500,59 +501,49 @@ def test_mongodb_unreachable_or_undefined_is_503(ui: UI) -> None:
     assert ui.ui("/api/runs").status_code == 200, "back to normal once the Variable is gone"
 
 
-def test_page_renders_table_and_chart_in_headless_chromium(ui: UI, chromium_path: Path) -> None:
-    with cdp.chromium(ui.profile_dir, chromium_path) as page:
-        page.send(
-            "Network.setCookie",
-            name="_token",
-            value=ui.tokens["viewer"],
-            url=f"{ui.base_url}/",
-            httpOnly=True,
-            sameSite="Lax",
-        )
-        page.navigate(f"{ui.base_url}{PREFIX}/")
-        rows = page.evaluate("document.querySelectorAll('#runs tbody tr').length")
-        bars = page.evaluate("document.querySelectorAll('#history-chart rect.bar').length")
-        first_run = page.evaluate("document.querySelector('#runs tbody tr td:nth-child(2)').innerText")
-        shot = page.screenshot(ui.profile_dir / "memory-compression.png")
-        assert (rows, bars, first_run) == (25, 30, ui.run_id), f"screenshot: {shot}"
+@pytest.fixture(scope="module")
+def browser(chromium_path: Path) -> Iterator[Browser]:
+    """Headless Debian chromium through Playwright, for the module."""
+    with chromium(chromium_path) as launched:
+        yield launched
+
+
+def _dag_runs(ui: UI) -> dict[str, dict[str, Any]]:
+    """Return the DAG's runs by id, through the REST API."""
+    body = _json(ui.get(f"/api/v2/dags/{DAG_ID}/dagRuns", params={"limit": 100}))
+    return {run["dag_run_id"]: run for run in body["dag_runs"]}
+
+
+def test_page_renders_table_and_chart_in_headless_chromium(ui: UI, browser: Browser) -> None:
+    with page_with_token(browser, ui.base_url, ui.tokens["viewer"]) as page:
+        page.goto(f"{ui.base_url}{PREFIX}/")
+        expect(page.locator("#runs tbody tr")).to_have_count(25)
+        expect(page.locator("#history-chart rect.bar")).to_have_count(30)
+        expect(page.locator("#runs tbody tr").first.locator("td").nth(1)).to_have_text(ui.run_id)
+        shot = ui.profile_dir / "memory-compression.png"
+        page.screenshot(path=shot)
         assert shot.stat().st_size > 10_000
 
-        # Inside Airflow's own UI: the navigation entry opens the page in a frame, with the UI's cookie,
-        # and a failed user's link takes the UI to that user's mapped task instance.
-        page.navigate(f"{ui.base_url}/plugin/butler-memory")
-        frame_rows = _poll(
-            page, "document.querySelector('iframe')?.contentDocument?.querySelectorAll('#runs tbody tr').length"
-        )
-        assert frame_rows == 25
-        run_page = f"{PREFIX}/runs/{quote(ui.run_id, safe='')}"
-        page.evaluate(f"document.querySelector('iframe').contentWindow.location.assign({json.dumps(run_page)})")
-        _poll(
-            page,
-            "document.querySelector('iframe')?.contentDocument?.querySelector('#failed-users a[data-airflow-ui]') ? 1 : 0",
-        )
-        page.evaluate(
-            "document.querySelector('iframe').contentDocument.querySelector('#failed-users a[data-airflow-ui]').click()"
-        )
-        expected = f"/dags/{DAG_ID}/runs/{quote(ui.run_id, safe='')}/tasks/compress_user/mapped/"
-        location = _poll(page, f"location.pathname.startsWith({json.dumps(expected)}) ? location.pathname : ''")
-        broken_index = next(u["map_index"] for u in _json(ui.ui("/api/runs/{run_id}"))["failed_users"])
-        assert location == f"{expected}{broken_index}"
-        # The UI's own task instance page, labelled with the user id (the rendered map index).
-        _poll(page, f"!document.querySelector('iframe') && document.body.innerText.includes({json.dumps(BROKEN)})")
-        page.screenshot(ui.profile_dir / "task-instance.png")
 
-
-def _poll(page: cdp.Page, expression: str, timeout: float = 30.0) -> Any:
-    """Evaluate ``expression`` until it is truthy and return it."""
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = page.evaluate(expression)
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{expression} stayed {value!r} for {timeout:.0f}s")
+def test_browse_menu_opens_the_page_in_airflow_and_a_failed_user_leads_to_its_task_instance(
+    ui: UI, browser: Browser
+) -> None:
+    broken_index = next(u["map_index"] for u in _json(ui.ui("/api/runs/{run_id}"))["failed_users"])
+    with page_with_token(browser, ui.base_url, ui.tokens["viewer"]) as page:
+        page.goto(f"{ui.base_url}/")
+        page.get_by_role("button", name="Browse").click()
+        page.get_by_role("menuitem", name="Memory compression").click()
+        frame = page.frame_locator("iframe")
+        expect(frame.locator("#runs tbody tr")).to_have_count(25)
+        # The newest run's id links to its page (inside the frame); its failed user links out of the frame.
+        frame.get_by_role("link", name=ui.run_id, exact=True).first.click()
+        frame.locator("#failed-users a[data-airflow-ui]").click()
+        expected = f"/dags/{DAG_ID}/runs/{quote(ui.run_id, safe='')}/tasks/compress_user/mapped/{broken_index}"
+        page.wait_for_url(lambda url: urlsplit(url).path == expected)
+        # Airflow's own task instance page, labelled with the user id (the rendered map index).
+        expect(page.locator("iframe")).to_have_count(0)
+        expect(page.get_by_text(BROKEN).first).to_be_visible()
+        page.screenshot(path=ui.profile_dir / "task-instance.png")
 
 
 def test_catchup_runs_are_listed_apart_and_idle_ones_only_counted(ui: UI) -> None:
@@ -591,3 +582,48 @@ def test_catchup_runs_are_listed_apart_and_idle_ones_only_counted(ui: UI) -> Non
     finally:
         ui.db["memory_compression_catchup_runs"].delete_many({})
         ui.db["memory_compression_state"].delete_many({})
+
+
+def _open_trigger_form(page: Page, ui: UI) -> Locator:
+    page.goto(f"{ui.base_url}/dags/{DAG_ID}")
+    page.get_by_role("button", name="Trigger Dag").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_text("Run Parameters")).to_be_visible()
+    return dialog
+
+
+def test_trigger_form_with_its_defaults_queues_a_run_with_the_params_defaults(ui: UI, browser: Browser) -> None:
+    before = _dag_runs(ui)
+    new: list[str] = []
+    try:
+        with page_with_token(browser, ui.base_url, ui.tokens["admin"]) as page:
+            dialog = _open_trigger_form(page, ui)
+            with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/dagRuns")) as posted:
+                dialog.get_by_role("button", name="Trigger", exact=True).click()
+            assert posted.value.status == 200, posted.value.text()
+            expect(dialog).to_be_hidden()
+        runs = _dag_runs(ui)
+        new = [run_id for run_id in runs if run_id not in before]
+        assert len(new) == 1, f"one run triggered, got {new}"
+        run = runs[new[0]]
+        assert run["run_type"] == "manual" and run["state"] == "queued", run
+        assert run["conf"] == {"dry_run": False, "limit": None, "user_ids": [], "threshold": None, "keep_last_n": None}
+    finally:
+        headers = {"Authorization": f"Bearer {ui.tokens['admin']}"}
+        for run_id in new:
+            ui.client.delete(f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}", headers=headers)
+        # The form's "Unpause on trigger" is on by default; the module's other tests expect the DAG as it was.
+        ui.client.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": True}, headers=headers)
+
+
+def test_trigger_form_refuses_a_bad_limit_and_queues_nothing(ui: UI, browser: Browser) -> None:
+    before = _dag_runs(ui)
+    with page_with_token(browser, ui.base_url, ui.tokens["admin"]) as page:
+        dialog = _open_trigger_form(page, ui)
+        dialog.locator("input[name=element_limit]").fill("1.5")
+        with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/dagRuns")) as posted:
+            dialog.get_by_role("button", name="Trigger", exact=True).click()
+        assert posted.value.status == 400, posted.value.text()
+        expect(dialog.get_by_text("Invalid input for param limit")).to_be_visible()
+        expect(dialog).to_be_visible()
+    assert _dag_runs(ui) == before, "a refused trigger queues nothing"
