@@ -190,7 +190,7 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     try:
         settings = Settings.from_env()
-        secret = None if args.dry_run else erasure_secret(settings)
+        secret = erasure_secret(settings, required=not args.dry_run)
         engine = build_engine(settings)
     except SettingsError as exc:
         err.write(f"error: {exc}\n")

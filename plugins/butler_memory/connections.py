@@ -131,16 +131,20 @@ def statsd_metrics(settings: Settings, env: Mapping[str, str] | None = None) -> 
         return NullMetrics()
 
 
-def erasure_secret(settings: Settings, env: Mapping[str, str] | None = None) -> bytes:
+def erasure_secret(settings: Settings, env: Mapping[str, str] | None = None, *, required: bool = True) -> bytes | None:
     """Return the key of erasure audit references: BUTLER_MEMORY_ERASURE_SECRET, else the password of
-    the ``erasure_secret_conn_id`` connection; a SettingsError when neither is set."""
+    the ``erasure_secret_conn_id`` connection; a SettingsError when neither is set (None when not
+    ``required``: a dry run names nobody, it only uses the secret to recognise earlier erasures)."""
     from butler_memory import erasure
 
     env = os.environ if env is None else env
-    if env.get(erasure.SECRET_ENV):
-        return erasure.erasure_secret(env)
-    conn = _connection(settings.erasure_secret_conn_id)
-    return erasure.erasure_secret(env, connection_password=conn.password if conn is not None else None)
+    conn = None if env.get(erasure.SECRET_ENV) else _connection(settings.erasure_secret_conn_id)
+    try:
+        return erasure.erasure_secret(env, connection_password=conn.password if conn is not None else None)
+    except SettingsError:
+        if required:
+            raise
+        return None
 
 
 def build_engine(settings: Settings, *, metrics: Metrics | None = None) -> Engine:

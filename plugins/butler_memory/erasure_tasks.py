@@ -29,7 +29,7 @@ def run(params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
         raise _fail("include_events is for forgetting the whole user; event_ids/since/until forget events")
     try:
         settings = resolve_settings({})
-        secret = None if dry_run else erasure_secret(settings)
+        secret = erasure_secret(settings, required=not dry_run)
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
     try:

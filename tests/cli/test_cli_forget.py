@@ -54,6 +54,8 @@ def test_forget_erases_the_user_and_prints_the_audit_id(
 
     again = cli("forget", "--user", "gone", "--include-events", "--json", env=SECRET_ENV)
     assert again.returncode == 0 and json.loads(again.stdout)["status"] == "already_erased", again
+    proof = cli("forget", "--user", "gone", "--dry-run", "--json", env=SECRET_ENV)
+    assert proof.returncode == 0 and json.loads(proof.stdout)["status"] == "already_erased", proof
 
 
 def test_without_a_secret_nothing_is_erased(airflow_conns: AirflowConns, mongo_db: Database[Doc]) -> None:
