@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from butler_memory import metrics as m
+from butler_memory.budget import TokenBudget
 from butler_memory.errors import CompressionError, ErasurePendingError, InvalidEventError, LLMError
 from butler_memory.history import BASELINE, FOLD, Covers, HistoryEntry, Key, prompt_version
 from butler_memory.locks import UserLock, UserLocks
@@ -64,6 +65,8 @@ COMPRESSED = "compressed"
 DRY_RUN = "dry_run"
 SKIPPED_LOCKED = "skipped_locked"
 SKIPPED_BELOW_THRESHOLD = "skipped_below_threshold"
+SKIPPED_BUDGET = "skipped_budget"
+"""The day's LLM token budget was spent before this user was started (butler_memory.budget)."""
 FAILED = "failed"
 
 
@@ -91,6 +94,8 @@ class UserResult:
     summary_version: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    freshness_seconds: float | None = None
+    """From the event that took the user over the threshold to the commit that folded it."""
     seconds: float = 0.0
     error: str | None = None
     error_type: str | None = None
@@ -109,6 +114,8 @@ class Engine:
     locks: UserLocks
     summarizer: Summarizer
     metrics: Metrics = field(default_factory=NullMetrics)
+    budget: TokenBudget | None = None
+    """The daily token budget, when one is set."""
 
     def close(self) -> None:
         """Close every client the parts hold (MongoDB, Redis, LLM, StatsD)."""
@@ -150,6 +157,7 @@ class Engine:
             run_id=run_id,
             dry_run=dry_run,
             checkpoint=checkpoint,
+            budget=self.budget,
         )
 
     def rollback(
@@ -211,17 +219,25 @@ def compress_user(
     dry_run: bool = False,
     checkpoint: Checkpoint = _no_checkpoint,
     clock: Callable[[], datetime] = utcnow,
+    budget: TokenBudget | None = None,
 ) -> UserResult:
     """Fold all but the newest ``keep_last_n`` events of one user into their summary.
 
     Raises a ``CompressionError`` subclass when the user could not be compressed; its
     ``retryable`` says whether a later attempt can succeed unchanged. Nothing is ever deleted
-    before a summary covering it is stored.
+    before a summary covering it is stored. With a token ``budget`` spent, the user is not started
+    (``skipped_budget``); once started, a user is finished whatever the budget.
     """
     metrics = metrics or NullMetrics()
     started = time.monotonic()
     if not isinstance(user_id, str) or not user_id:
         raise CompressionError(f"user_id must be a non-empty string, got {user_id!r}")
+    if budget is not None and not dry_run and budget.exhausted():
+        log.info(
+            "user %s: today's LLM token budget (%d) is spent, leaving the user for tomorrow", user_id, budget.limit
+        )
+        metrics.incr(m.USERS_SKIPPED_BUDGET_TOTAL)
+        return UserResult(user_id, SKIPPED_BUDGET, seconds=time.monotonic() - started)
     lock = locks.acquire(user_id)
     if lock is None:
         log.info("user %s: lock held by another compression, skipping", user_id)
@@ -230,7 +246,7 @@ def compress_user(
     try:
         checkpoint("locked")
         result = _compress_locked(
-            user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock
+            user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock, budget
         )
     finally:
         lock.release()
@@ -250,6 +266,7 @@ def _compress_locked(
     dry_run: bool,
     checkpoint: Checkpoint,
     clock: Callable[[], datetime],
+    budget: TokenBudget | None = None,
 ) -> UserResult:
     profile = store.load_profile(user_id, create=not dry_run)
     if profile.erasing:
@@ -284,6 +301,10 @@ def _compress_locked(
         result.events_after = result.events_before - len(keys)
         return result
 
+    # Read before anything is deleted: the event that took the user over the threshold (freshness).
+    crossed_at = (
+        store.nth_event_time(user_id, settings.threshold) if result.events_before > settings.threshold else None
+    )
     log.info("user %s: folding %d of %d events", user_id, len(keys), result.events_before)
     language = profile.language or settings.summary_language
     summary, version = profile.summary, profile.version
@@ -298,6 +319,8 @@ def _compress_locked(
             max_chars=settings.summary_max_chars,
         )
         produced = _summarize(summarizer, request, metrics)
+        if budget is not None:  # counted before anything else can fail: the tokens are spent either way
+            budget.spend(produced.prompt_tokens + produced.completion_tokens)
         text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
         result.prompt_tokens += produced.prompt_tokens
         result.completion_tokens += produced.completion_tokens
@@ -355,6 +378,9 @@ def _compress_locked(
 
     result.summary_version = version
     result.summary_chars = len(summary)
+    if crossed_at is not None and result.chunks:
+        result.freshness_seconds = round(max((now - crossed_at).total_seconds(), 0.0), 3)
+        metrics.timing(m.FRESHNESS_LAG_SECONDS, result.freshness_seconds)
     result.events_after = store.count_events(user_id)
     log.info(
         "user %s: folded %d events in %d chunk(s), deleted %d, %d left, summary v%d %d chars",

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from butler_memory.budget import TokenBudget
 from butler_memory.compression import Engine
 from butler_memory.locks import UserLocks
 from butler_memory.metrics import Metrics, NullMetrics, StatsdConfig, StatsdMetrics
@@ -149,10 +150,12 @@ def erasure_secret(settings: Settings, env: Mapping[str, str] | None = None, *, 
 
 def build_engine(settings: Settings, *, metrics: Metrics | None = None) -> Engine:
     """Connect every part the engine needs."""
+    locks = user_locks(settings)
     return Engine(
         settings=settings,
         store=mongo_store(settings),
-        locks=user_locks(settings),
+        locks=locks,
         summarizer=build_summarizer(settings),
         metrics=metrics if metrics is not None else statsd_metrics(settings),
+        budget=TokenBudget(locks.client, settings) if settings.daily_token_budget > 0 else None,
     )

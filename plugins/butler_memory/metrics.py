@@ -45,11 +45,15 @@ LAST_SUCCESS_TIMESTAMP = f"{PREFIX}_last_success_timestamp_seconds"
 # Per user (emitted by compress_user).
 USERS_SKIPPED_LOCKED_TOTAL = f"{PREFIX}_users_skipped_locked_total"
 USERS_SKIPPED_BELOW_THRESHOLD_TOTAL = f"{PREFIX}_users_skipped_below_threshold_total"
+USERS_SKIPPED_BUDGET_TOTAL = f"{PREFIX}_users_skipped_budget_total"
+"""Counter: users not started because the day's LLM token budget was spent."""
 EVENTS_FOLDED_TOTAL = f"{PREFIX}_events_folded_total"
 EVENTS_ARCHIVED_TOTAL = f"{PREFIX}_events_archived_total"
 EVENTS_DELETED_TOTAL = f"{PREFIX}_events_deleted_total"
 USER_DURATION_SECONDS = f"{PREFIX}_user_duration_seconds"
 """Timer: wall time of one user's compression."""
+FRESHNESS_LAG_SECONDS = f"{PREFIX}_freshness_lag_seconds"
+"""Timer: from the event that took a user over the threshold to the commit that compressed them."""
 LLM_REQUESTS_TOTAL = f"{PREFIX}_llm_requests_total"
 LLM_ERRORS_TOTAL = f"{PREFIX}_llm_errors_total"
 LLM_PROMPT_TOKENS_TOTAL = f"{PREFIX}_llm_prompt_tokens_total"
@@ -72,10 +76,12 @@ ALL_METRICS: Mapping[str, str] = {
     LAST_SUCCESS_TIMESTAMP: "gauge",
     USERS_SKIPPED_LOCKED_TOTAL: "counter",
     USERS_SKIPPED_BELOW_THRESHOLD_TOTAL: "counter",
+    USERS_SKIPPED_BUDGET_TOTAL: "counter",
     EVENTS_FOLDED_TOTAL: "counter",
     EVENTS_ARCHIVED_TOTAL: "counter",
     EVENTS_DELETED_TOTAL: "counter",
     USER_DURATION_SECONDS: "timer",
+    FRESHNESS_LAG_SECONDS: "timer",
     LLM_REQUESTS_TOTAL: "counter",
     LLM_ERRORS_TOTAL: "counter",
     LLM_PROMPT_TOKENS_TOTAL: "counter",

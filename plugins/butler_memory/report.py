@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from butler_memory import metrics as m
-from butler_memory.compression import COMPRESSED, DRY_RUN, FAILED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED
+from butler_memory.compression import (
+    COMPRESSED,
+    DRY_RUN,
+    FAILED,
+    SKIPPED_BELOW_THRESHOLD,
+    SKIPPED_BUDGET,
+    SKIPPED_LOCKED,
+)
 from butler_memory.metrics import Metrics
 
 NO_RESULT = "no_result"
@@ -62,14 +70,28 @@ def build_report(
         "users_dry_run": statuses.get(DRY_RUN, 0),
         "users_skipped_locked": statuses.get(SKIPPED_LOCKED, 0),
         "users_skipped_below_threshold": statuses.get(SKIPPED_BELOW_THRESHOLD, 0),
+        "users_skipped_budget": statuses.get(SKIPPED_BUDGET, 0),
         "users_failed": len(failed),
         "failed_user_ids": failed,
         "backlog_events": sum((backlog or {}).values()),
         "backlog_left": backlog_left,
         **total,
         "user_seconds_max": max((float(u.get("seconds") or 0) for u in users), default=0.0),
+        **freshness(users),
         "users": users,
     }
+
+
+def freshness(users: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Return the run's freshness figures: p50, p95 and max lag (seconds) of the users it compressed."""
+    lags = sorted(float(u["freshness_seconds"]) for u in users if u.get("freshness_seconds") is not None)
+    if not lags:
+        return {"freshness_seconds_p50": None, "freshness_seconds_p95": None, "freshness_seconds_max": None}
+
+    def rank(q: float) -> float:  # nearest rank: a figure some user actually had
+        return lags[min(len(lags) - 1, max(0, math.ceil(q * len(lags)) - 1))]
+
+    return {"freshness_seconds_p50": rank(0.5), "freshness_seconds_p95": rank(0.95), "freshness_seconds_max": lags[-1]}
 
 
 def emit_run_metrics(report: Mapping[str, Any], metrics: Metrics) -> None:
@@ -103,20 +125,33 @@ def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
         + (" (catch-up)" if report.get("kind") == "catchup" else "")
         + (" (dry run)" if report["dry_run"] else ""),
         "",
-        "| users found | compressed | dry run | skipped (locked) | skipped (below threshold) | failed |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| users found | compressed | dry run | skipped (locked) | skipped (below threshold) | skipped (budget) | failed |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
         f"| {report['users_found']} | {report['users_compressed']} | {report['users_dry_run']} | "
-        f"{report['users_skipped_locked']} | {report['users_skipped_below_threshold']} | {report['users_failed']} |",
+        f"{report['users_skipped_locked']} | {report['users_skipped_below_threshold']} | "
+        f"{report.get('users_skipped_budget', 0)} | {report['users_failed']} |",
         "",
         f"Events folded: **{report['events_folded']}**, deleted: **{report['events_deleted']}**; "
         f"LLM tokens: {report['prompt_tokens']} prompt + {report['completion_tokens']} completion; "
         f"{report['seconds']:.1f} s."
+        + (
+            f" Freshness (over the threshold -> compressed): p95 {report['freshness_seconds_p95']:.0f} s, "
+            f"max {report['freshness_seconds_max']:.0f} s."
+            if report.get("freshness_seconds_max") is not None
+            else ""
+        )
         + (
             f" **{report['backlog_left']}** user(s) over the threshold left for the next run."
             if report.get("backlog_left")
             else ""
         ),
     ]
+    if report.get("users_skipped_budget"):
+        lines += [
+            "",
+            f"The day's LLM token budget was spent: **{report['users_skipped_budget']}** user(s) not started "
+            "(nothing touched); they wait for tomorrow's runs.",
+        ]
     if report["failed_user_ids"]:
         lines += ["", "Failed users: " + ", ".join(f"`{u}`" for u in report["failed_user_ids"])]
     rows = sorted(report["users"], key=lambda u: (u["status"] != FAILED, u["user_id"]))

@@ -102,6 +102,10 @@ class Settings:
     """Redis sorted set of users the Butler rang for (member user id, score the first ring's unix time)."""
     doorbell_channel: str = "butler:memory:doorbell:ring"
     """Redis pub/sub channel the doorbell publishes on; the catch-up DAG's asset watcher listens."""
+    daily_token_budget: int = 0
+    """LLM tokens (prompt + completion) all runs may spend per UTC day; 0 = no budget (butler_memory.budget)."""
+    token_budget_key_pattern: str = "butler:memory:tokens:{day}"  # noqa: S105 - a Redis key name
+    """Redis key of the day's token count ({day} = the UTC date), on the lock Redis."""
     doorbell_drain_max: int = 10_000
     """Most doorbell entries one catch-up scan takes (oldest first); the rest wait for the next run."""
 
@@ -111,6 +115,10 @@ class Settings:
         _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days", "history_retention_days")
         _positive(self, "erasure_lock_wait_seconds")
         _positive(self, "catchup_margin_seconds", "doorbell_drain_max")
+        if self.daily_token_budget < 0:
+            raise SettingsError(f"daily_token_budget must be >= 0 (0 = no budget), got {self.daily_token_budget}")
+        if "{day}" not in self.token_budget_key_pattern:
+            raise SettingsError(f"token_budget_key_pattern {self.token_budget_key_pattern!r} must contain '{{day}}'")
         if self.keep_last_n > self.threshold:
             raise SettingsError(
                 f"keep_last_n ({self.keep_last_n}) must not exceed threshold ({self.threshold}): "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReplaceOne
@@ -217,6 +217,20 @@ class MemoryStore:
         ]
         rows = list(self.events.aggregate(pipeline, allowDiskUse=True))
         return int(rows[0]["users"]) if rows else 0
+
+    def nth_event_time(self, user_id: str, n: int) -> datetime | None:
+        """Return ``created_at`` of the user's ``n``-th event counting from 0, oldest first, or None:
+        with ``n`` = threshold, the event that took the user over the threshold (one indexed read)."""
+        docs = list(
+            self.events.find({"user_id": user_id}, {"_id": 0, "created_at": 1})
+            .sort([("created_at", ASCENDING), ("_id", ASCENDING)])
+            .skip(n)
+            .limit(1)
+        )
+        created = docs[0].get("created_at") if docs else None
+        if not isinstance(created, datetime):
+            return None
+        return created if created.tzinfo is not None else created.replace(tzinfo=UTC)
 
     def count_events(self, user_id: str) -> int:
         """Count one user's events."""

@@ -750,6 +750,19 @@ def alert_cases() -> list[tuple[str, list[dict[str, str]], list[dict[str, Any]]]
          [_silent("MemoryCatchupNotRunning", "20m"), _fires("MemoryCatchupNotRunning", "40m")]),
         # Catch-up reporting every minute: quiet.
         ("1m", [_series(f"{p}_catchup_last_run_timestamp_seconds", "0+60x60")], [_silent("MemoryCatchupNotRunning", "50m")]),
+        # Users skipped for the budget: a counter rising from 0 to 3 at minute 20.
+        ("1m", [_series(f"{p}_users_skipped_budget_total", "0x20 3x60")],
+         [_silent("MemoryWorkerTokenBudgetSpent", "10m"), _fires("MemoryWorkerTokenBudgetSpent", "30m"),
+          _silent("MemoryWorkerTokenBudgetSpent", "85m")]),
+        # Ten users an hour compressed 20 minutes late each: p95 over the bound.
+        ("1m", [_series(f"{p}_freshness_lag_seconds_bucket", "0x120", le=le) for le in ("600", "900")]
+         + [_series(f"{p}_freshness_lag_seconds_bucket", "0+0.17x120", le=le) for le in ("1800", "+Inf")]
+         + [_series(f"{p}_freshness_lag_seconds_count", "0+0.17x120")],
+         [_silent("MemoryWorkerFreshnessSlow", "5m"), _fires("MemoryWorkerFreshnessSlow", "90m")]),
+        # The same users compressed within 5 minutes: quiet.
+        ("1m", [_series(f"{p}_freshness_lag_seconds_bucket", "0+0.17x120", le=le) for le in ("300", "900", "+Inf")]
+         + [_series(f"{p}_freshness_lag_seconds_count", "0+0.17x120")],
+         [_silent("MemoryWorkerFreshnessSlow", "90m")]),
         # The exporter cannot be scraped.
         ("1m", [_series("up", "1x10 0x30", job="statsd-exporter")],
          [_silent("MemoryWorkerMetricsDown", "15m"),

@@ -121,6 +121,31 @@ def test_idle_settle_counts_without_a_run(mongo_db: Database[dict[str, Any]], re
     assert state["idle_runs"] == 3 and "runs" not in state
 
 
+def test_freshness_is_the_lag_from_crossing_the_threshold_to_the_commit(
+    mongo_db: Database[dict[str, Any]], redis_client: redis.Redis, statsd_metrics: Any, statsd: Any
+) -> None:
+    from butler_memory.compression import compress_user
+    from butler_memory.locks import UserLocks
+    from butler_memory.offline import OfflineSummarizer
+
+    settings = small_settings()  # threshold 10: the 11th event (index 10) takes the user over it
+    start = NOW - timedelta(minutes=30)
+    insert_events(mongo_db, "u-fresh", 14, start=start, step=timedelta(minutes=1))
+    crossed = start + timedelta(minutes=10)
+    result = compress_user(
+        "u-fresh",
+        settings=settings,
+        store=MemoryStore(mongo_db, settings),
+        locks=UserLocks(redis_client, settings),
+        summarizer=OfflineSummarizer(),
+        metrics=statsd_metrics,
+        clock=lambda: crossed + timedelta(seconds=90),
+    )
+    assert result.freshness_seconds == 90.0, result
+    lines = statsd.wait_for(lambda got: any("freshness_lag_seconds" in line for line in got))
+    assert "personalized_memory_worker_freshness_lag_seconds:90000.000000|ms" in lines, lines
+
+
 @pytest.mark.parametrize("bad", ["", " ", "a b", "x" * 201, "tab\there", "nl\n", 42, None, b"bytes"])
 def test_doorbell_refuses_malformed_ids_without_touching_redis(redis_client: redis.Redis, bad: Any) -> None:
     assert not valid_user_id(bad)

@@ -282,6 +282,7 @@ def test_runs_json_has_the_dag_runs_figures(ui: UI) -> None:
         "users_dry_run": 0,
         "users_skipped_locked": 1,
         "users_skipped_below_threshold": 0,
+        "users_skipped_budget": 0,
         "users_skipped": 1,
         "users_failed": 1,
         "backlog_events": 60 + 75 + 55 + 65,
@@ -292,7 +293,10 @@ def test_runs_json_has_the_dag_runs_figures(ui: UI) -> None:
         "completion_tokens": doc["completion_tokens"],
         "llm_tokens": doc["prompt_tokens"] + doc["completion_tokens"],
         "seconds": doc["seconds"],
+        "freshness_seconds_p95": doc["freshness_seconds_p95"],
+        "freshness_seconds_max": doc["freshness_seconds_max"],
     }
+    assert newest["freshness_seconds_max"] >= newest["freshness_seconds_p95"] > 0, newest
     assert newest["llm_tokens"] > 0 and newest["seconds"] > 0, newest
     assert [r["run_id"] for r in body["runs"][1:]] == ui.older_run_ids[:24]
     assert body["runs"][1]["status"] == "success"
@@ -558,7 +562,9 @@ def test_catchup_runs_are_listed_apart_and_idle_ones_only_counted(ui: UI) -> Non
         "users_found": 1,
         "users_compressed": 1,
         "backlog_left": 2,
-        "users": [{"user_id": "u-chatty", "status": "compressed", "events_folded": 40}],
+        "freshness_seconds_p95": 75.0,
+        "freshness_seconds_max": 75.0,
+        "users": [{"user_id": "u-chatty", "status": "compressed", "events_folded": 40, "freshness_seconds": 75.0}],
     }
     ui.db["memory_compression_catchup_runs"].insert_one(dict(doc))
     ui.db["memory_compression_state"].insert_one(
@@ -573,6 +579,7 @@ def test_catchup_runs_are_listed_apart_and_idle_ones_only_counted(ui: UI) -> Non
         _json(ui.ui("/api/runs?kind=weekly"), status=422)
         page = ui.ui("/").text
         assert 'id="catchup-runs"' in page and "287" in page and quote(run_id, safe="") in page
+        assert "Freshness" in page and "p95 <b>" in page
         detail = _json(ui.ui(f"/api/runs/{quote(run_id, safe='')}?kind=catchup"))
         assert detail["kind"] == "catchup"
         assert detail["users"][0]["task_instance_url"].endswith(

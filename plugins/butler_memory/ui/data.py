@@ -42,6 +42,7 @@ RUN_COUNT_FIELDS = (
     "users_dry_run",
     "users_skipped_locked",
     "users_skipped_below_threshold",
+    "users_skipped_budget",
     "users_failed",
     "backlog_events",
     "backlog_left",
@@ -150,9 +151,13 @@ def run_summary(doc: Mapping[str, Any]) -> dict[str, Any]:
         "status": "failed" if counts["users_failed"] else "success",
         "dry_run": bool(doc.get("dry_run")),
         **counts,
-        "users_skipped": counts["users_skipped_locked"] + counts["users_skipped_below_threshold"],
+        "users_skipped": counts["users_skipped_locked"]
+        + counts["users_skipped_below_threshold"]
+        + counts["users_skipped_budget"],
         "llm_tokens": counts["prompt_tokens"] + counts["completion_tokens"],
         "seconds": _seconds(doc.get("seconds")),
+        "freshness_seconds_p95": _lag(doc.get("freshness_seconds_p95")),
+        "freshness_seconds_max": _lag(doc.get("freshness_seconds_max")),
     }
 
 
@@ -165,6 +170,24 @@ def guard_outcomes(value: Any) -> dict[str, str]:
         for name, outcome in value.items()
         if isinstance(name, str) and isinstance(outcome, str)
     }
+
+
+def _lag(value: Any) -> float | None:
+    """A freshness figure, or None when the run compressed nobody (or the document predates it)."""
+    return None if value is None else _seconds(value)
+
+
+def freshness_line(runs: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Return the freshness of the newest run (of those given, newest first) that compressed someone."""
+    for run in runs:
+        if run.get("freshness_seconds_max") is not None:
+            return {
+                "run_id": run["run_id"],
+                "kind": run["kind"],
+                "p95": run["freshness_seconds_p95"],
+                "max": run["freshness_seconds_max"],
+            }
+    return None
 
 
 def user_row(row: Mapping[str, Any], map_index: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from butler_memory.ui.data import DAG_ID, DAG_IDS, MAX_USER_ID_CHARS, task_instance_path
+from butler_memory.ui.data import DAG_ID, DAG_IDS, MAX_USER_ID_CHARS, freshness_line, task_instance_path
 
 CSS = """
 :root { color-scheme: light dark; --fg: #1a202c; --muted: #5f6b7a; --bg: #fff; --line: #e2e8f0;
@@ -228,6 +228,19 @@ def lookup_form(links: Links, value: str = "") -> str:
     )
 
 
+def freshness_html(runs: Sequence[Mapping[str, Any]], links: Links) -> str:
+    """Return the line saying how fresh the newest run that compressed someone kept memory."""
+    line = freshness_line(list(runs))
+    if line is None:
+        return ""
+    return (
+        '<p class="freshness">Freshness (an event taking a user over the threshold → their compression), '
+        f'newest run that compressed someone (<a href="{esc(links.run(line["run_id"], line["kind"]))}">'
+        f"{esc(line['run_id'])}</a>): p95 <b>{esc(duration(line['p95'] or 0.0))}</b>, "
+        f"max <b>{esc(duration(line['max'] or 0.0))}</b>.</p>"
+    )
+
+
 def catchup_section(catchup: Mapping[str, Any], status: Mapping[str, Any], links: Links) -> str:
     """Return the catch-up DAG's part of the history: its counters, then its runs that found someone."""
     idle = num(status["idle_runs"])
@@ -244,7 +257,8 @@ def catchup_section(catchup: Mapping[str, Any], status: Mapping[str, Any], links
         empty="No catch-up run has found anyone due yet.",
         table_id="catchup-runs",
     )
-    return f"<h2>Catch-up runs (newest {len(catchup['runs'])})</h2>{line}{table}"
+    fresh = freshness_html(catchup["runs"], links)
+    return f"<h2>Catch-up runs (newest {len(catchup['runs'])})</h2>{line}{fresh}{table}"
 
 
 def runs_page(
@@ -269,7 +283,8 @@ def runs_page(
         "<h1>Memory compression</h1>"
         f'<p class="muted">One row per run of the <code>{DAG_ID}</code> DAG, newest first. '
         f'JSON: <a href="{esc(links.api("runs"))}">{esc(links.api("runs"))}</a></p>'
-        f"<h2>Last {len(chart)} runs</h2>{chart_svg(chart, links)}"
+        + freshness_html(runs, links)
+        + f"<h2>Last {len(chart)} runs</h2>{chart_svg(chart, links)}"
         "<h2>Runs</h2>"
         f'<div class="pager">{"".join(pager)}</div>'
         + _table(RUN_HEADERS, (_run_cells(r, links) for r in runs), empty="No runs stored yet.", table_id="runs")
@@ -362,6 +377,7 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
         ("compressed", num(detail["users_compressed"])),
         ("skipped (locked)", num(detail["users_skipped_locked"])),
         ("skipped (below threshold)", num(detail["users_skipped_below_threshold"])),
+        ("skipped (token budget)", num(detail["users_skipped_budget"])),
         ("failed", num(detail["users_failed"])),
         ("events folded", num(detail["events_folded"])),
         ("events deleted", num(detail["events_deleted"])),

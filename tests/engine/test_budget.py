@@ -1,0 +1,86 @@
+"""The daily LLM token budget on real Redis, MongoDB and the fake OpenAI server.
+
+A run that reaches the budget stops taking users: those it has not started are ``skipped_budget``
+with nothing touched (events, profile, history, archive as before), the user it had started is
+finished, and the report says so without failing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from pymongo.database import Database
+
+from butler_memory.budget import TokenBudget
+from butler_memory.compression import COMPRESSED, SKIPPED_BUDGET, Engine
+from butler_memory.report import build_report, to_markdown
+from butler_memory.store import MemoryStore
+from tests.engine.conftest import OpenAIFactory
+from tests.engine.helpers import insert_events, small_settings, snapshot
+from tools.fake_openai import FakeOpenAI
+
+Doc = dict[str, Any]
+DAY = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
+
+
+def _engine(db: Database[Doc], client: redis.Redis, make_openai: OpenAIFactory, budget: int) -> Engine:
+    from butler_memory.locks import UserLocks
+
+    settings = small_settings(daily_token_budget=budget, max_events_per_chunk=4)
+    return Engine(
+        settings,
+        MemoryStore(db, settings),
+        UserLocks(client, settings),
+        make_openai(),
+        budget=TokenBudget(client, settings, clock=lambda: DAY),
+    )
+
+
+def test_a_spent_budget_stops_taking_users_and_leaves_them_untouched(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    users = ["u-a", "u-b", "u-c"]
+    for user_id in users:
+        insert_events(mongo_db, user_id, 15)  # over threshold 10: 12 to fold, in 3 chunks of 4
+    engine = _engine(mongo_db, redis_client, make_openai, budget=1)  # one token: spent by the first call
+    untouched = {u: snapshot(mongo_db, u) for u in users[1:]}
+
+    results = [engine.compress(u, run_id="r1") for u in users]
+
+    assert [r.status for r in results] == [COMPRESSED, SKIPPED_BUDGET, SKIPPED_BUDGET]
+    first = results[0]
+    assert first.chunks == 3 and first.events_folded == 12, "a started user is finished, not left half-folded"
+    assert llm.request_count == 3, "no LLM call for a user not started"
+    for user_id in users[1:]:
+        assert snapshot(mongo_db, user_id) == untouched[user_id], f"{user_id} was touched"
+    assert redis_client.keys("butler:memory:lock:*") == [], "a skipped user's lock was taken"
+    spent = int(redis_client.get("butler:memory:tokens:2026-06-01") or 0)
+    assert spent == first.prompt_tokens + first.completion_tokens > 0
+    assert 0 < redis_client.ttl("butler:memory:tokens:2026-06-01") <= 2 * 86400
+
+    report = build_report(
+        run_id="r1", scanned=users, results=[r.to_dict() for r in results], started_at=DAY, finished_at=DAY
+    )
+    assert report["users_skipped_budget"] == 2 and report["users_failed"] == 0
+    assert "token budget was spent: **2** user(s) not started" in to_markdown(report)
+
+
+def test_the_budget_is_shared_and_resets_the_next_day(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    settings = small_settings(daily_token_budget=100)
+    today = TokenBudget(redis_client, settings, clock=lambda: DAY)
+    other_task = TokenBudget(redis_client, settings, clock=lambda: DAY)
+    assert not today.exhausted()
+    today.spend(60)
+    assert other_task.spend(40) == 100 and today.exhausted() and other_task.exhausted()
+    tomorrow = TokenBudget(redis_client, settings, clock=lambda: DAY.replace(day=2))
+    assert not tomorrow.exhausted() and tomorrow.spent() == 0
+
+
+def test_no_budget_sends_nothing_to_redis(redis_client: redis.Redis) -> None:
+    budget = TokenBudget(redis_client, small_settings(), clock=lambda: DAY)
+    assert budget.spend(10_000) == 0 and not budget.exhausted()
+    assert redis_client.keys("*") == []
