@@ -10,4 +10,6 @@ RUN pip install --no-cache-dir \
     apache-airflow-providers-mongo==5.5.1 \
     apache-airflow-providers-redis==4.7.1 \
     openai==3.57.0 \
-    statsd==4.0.1
+    statsd==4.0.1 \
+    lingua-language-detector==2.1.1 \
+    snowballstemmer==3.1.1

@@ -66,6 +66,9 @@ def airflow_test_env(home: Path, sql_alchemy_conn: str | None = None) -> dict[st
         # encrypted here decrypts in an `airflow` subprocess, and tokens verify across processes.
         "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
         "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
+        # The test populations (tests/population.py, the CLI's users) write English; the language
+        # guard holds summaries to this language.
+        "BUTLER_MEMORY_SUMMARY_LANGUAGE": "en",
     }
 
 

@@ -9,7 +9,8 @@ Every figure is a ratio or a count taken in ONE run, so a noisy machine moves bo
 3. prompt efficiency: prompt characters sent per character of event text (recorded requests);
 4. peak RSS of one compression of a 100,000-event user, in a subprocess;
 5. Airflow overhead per mapped task with an instant LLM;
-6. scan time as the event collection grows, with the server's ``explain``.
+6. scan time as the event collection grows, with the server's ``explain``;
+7. the guards: catch rate of the fake LLM's bad modes, false alarms on honest runs (tools/bench_guards.py).
 
 Prints a summary table, writes ``.local/bench/results.json`` and the SVG charts in ``docs/img/``.
 Every server listens on 127.0.0.1 only; every loop is bounded in count and time.
@@ -39,6 +40,7 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 from butler_memory.settings import Settings  # noqa: E402
 from butler_memory.store import MemoryStore  # noqa: E402
 from tools import bench_engine as eng  # noqa: E402
+from tools import bench_guards  # noqa: E402
 from tools import bench_svg as svg  # noqa: E402
 from tools.bench_airflow import (  # noqa: E402
     NOOP_DAG_ID,
@@ -662,6 +664,7 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
         *_rows_overhead(results, args),
         *_rows_per_user(results, args),
         *_rows_scan(results),
+        *(bench_guards.rows(results["guards"]) if "guards" in results else []),
     ]
 
 
@@ -790,6 +793,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=900.0, help="wall-clock budget in seconds")
     parser.add_argument("--skip-airflow", action="store_true", help="engine figures only (no Airflow services)")
     parser.add_argument("--skip-scan", action="store_true", help="leave out the scan figure")
+    parser.add_argument("--skip-guards", action="store_true", help="leave out the guard figures (about a minute)")
     parser.add_argument(
         "--sweep-latencies",
         type=lambda s: [float(x) for x in s.split(",") if x],
@@ -847,6 +851,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.only_throughput:
             results["filter_order"] = phase_filter_order(ctx, args.filter_probe_events)
             results["per_user"] = phase_per_user(ctx, args)
+        if not args.skip_guards and not args.only_throughput:
+            ctx["fake"].set_latency(0.0)
+            results["guards"] = bench_guards.phase_guards(ctx["mongo"], ctx["redis"].port, ctx["fake"])
         results["task_imports_cpu_seconds"] = phase_task_imports()
         if not args.skip_airflow:
             results["airflow"] = phase_airflow(ctx, args)

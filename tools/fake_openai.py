@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import socket
 import sys
@@ -86,12 +87,127 @@ def _russian_messages(n: int) -> str:
 
 
 def default_responder(request: dict[str, Any]) -> str:
-    """Return a short Russian summary counting the non-empty lines of the user messages.
+    """Return a short summary counting the non-empty lines of the user messages.
 
-    The reply never echoes request content, so a test can tell a summary from a copy of the input.
+    Russian, or English when the system prompt asks for English; a previous summary carried in
+    the prompt is kept in front (a rolling summary keeps its facts). The reply never echoes event
+    content, so a test can tell a summary from a copy of the input.
     """
     lines = sum(1 for text in _message_texts(request, "user") for line in text.splitlines() if line.strip())
-    return f"Краткая сводка: пользователь обсуждал {_russian_messages(lines)}."
+    if _asked_language(request) == "English":
+        summary = f"Brief summary: the user discussed {lines} message{'s' if lines != 1 else ''}."
+    else:
+        summary = f"Краткая сводка: пользователь обсуждал {_russian_messages(lines)}."
+    previous = prompt_parts(request)[0]
+    return f"{previous}\n{summary}" if previous else summary
+
+
+# -- summaries that read the butler_memory prompt (guard tests and the guard benchmark) -------------
+
+_SUMMARY_BLOCK = re.compile(r"<<<SUMMARY\n(.*?)\nSUMMARY>>>", re.DOTALL)
+_EVENTS_BLOCK = re.compile(r"<<<EVENTS\n(.*?)\nEVENTS>>>", re.DOTALL)
+_LANGUAGE = re.compile(r"Write in ([^.\n]+)\.")
+# A line carries a durable detail when it holds a digit or a capitalised word inside a sentence.
+DETAIL = re.compile(r"\d|(?<=[\w,;:] )[A-ZА-ЯЁ]")
+_SENTENCES = re.compile(r"(?<=[.!?…])\s+|\n+")
+
+
+def _asked_language(request: dict[str, Any]) -> str:
+    """Return the language the system prompt asks for ("Russian", "English", ...), or ""."""
+    match = _LANGUAGE.search("\n".join(_message_texts(request, "system")))
+    return match.group(1).strip() if match else ""
+
+
+def prompt_parts(request: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """Return (previous summary, [(role, text)] of the events) of a butler_memory prompt."""
+    user = "\n".join(_message_texts(request, "user"))
+    match = _SUMMARY_BLOCK.search(user)
+    previous = str(json.loads(match.group(1))) if match else ""
+    events = []
+    match = _EVENTS_BLOCK.search(user)
+    for line in match.group(1).splitlines() if match else []:
+        try:
+            _, role, text = json.loads(line)
+        except (ValueError, TypeError):
+            continue
+        events.append((str(role), str(text)))
+    return previous.strip(), events
+
+
+def _budget(request: dict[str, Any]) -> int:
+    """Return the longest summary the engine accepts: it asks for max_tokens = 2x its token budget
+    and accepts 6 characters a token."""
+    return int(request.get("max_tokens") or 600) * 3
+
+
+_SAID = {"Russian": "Пользователь сообщил", "English": "The user said"}
+
+
+def _faithful(previous: str, events: list[tuple[str, str]], budget: int, language: str = "Russian") -> str:
+    """Keep every line of the previous summary, then add each user sentence carrying a detail,
+    introduced in the asked language (an LLM writes its own words around what it keeps)."""
+    said = _SAID.get(language, _SAID["Russian"])
+    lines = [line for line in previous.splitlines() if line.strip()]
+    seen = {line.strip().lstrip("-• ").casefold() for line in lines}
+    used = sum(len(line) + 1 for line in lines)
+    for role, text in events:
+        if role != "user":
+            continue
+        for sentence in _SENTENCES.split(text):
+            sentence = " ".join(sentence.split())
+            key = sentence.casefold()
+            if not DETAIL.search(sentence) or key in seen:
+                continue
+            line = f"- {said}: {sentence}"
+            if used + len(line) + 1 > budget:
+                continue
+            seen.add(key)
+            lines.append(line)
+            used += len(line) + 1
+    return "\n".join(lines) or ("- Nothing new." if language == "English" else "- Ничего нового.")
+
+
+def faithful_responder(request: dict[str, Any]) -> str:
+    """An honest LLM: the previous summary in full, plus the new user sentences that carry details."""
+    previous, events = prompt_parts(request)
+    return _faithful(previous, events, _budget(request), _asked_language(request))
+
+
+def drop_fact_responder(request: dict[str, Any]) -> str:
+    """A faithful summary that silently drops the first line of the previous summary carrying a detail."""
+    previous, events = prompt_parts(request)
+    lines = previous.splitlines()
+    for i, line in enumerate(lines):
+        if DETAIL.search(line):
+            del lines[i]
+            break
+    return _faithful("\n".join(lines), events, _budget(request), _asked_language(request))
+
+
+def new_only_responder(request: dict[str, Any]) -> str:
+    """A summary of the new events only: the previous summary is ignored."""
+    _, events = prompt_parts(request)
+    return _faithful("", events, _budget(request), _asked_language(request))
+
+
+def wrong_language_responder(request: dict[str, Any]) -> str:
+    """A summary in the wrong language (English when Russian is asked for, else Russian) that
+    still lists the names and numbers of the faithful summary."""
+    previous, events = prompt_parts(request)
+    details = " ".join(re.findall(r"\d+|[A-ZА-ЯЁ][\w-]+", _faithful(previous, events, _budget(request))))
+    if _asked_language(request) in ("Russian", ""):
+        return f"The user talked about their family, health, work and plans. Details they mentioned: {details}."
+    return f"Пользователь рассказывал о семье, здоровье, работе и планах. Упомянутые детали: {details}."
+
+
+RESPONDERS: dict[str, Responder] = {
+    "default": default_responder,
+    "faithful": faithful_responder,
+    "drop_fact": drop_fact_responder,
+    "new_only": new_only_responder,
+    "wrong_language": wrong_language_responder,
+}
+"""Named responders, selectable with ``--responder`` or ``/_control {"responder": NAME}``."""
 
 
 def error_body(status: int, message: str | None = None) -> dict[str, Any]:
@@ -380,8 +496,13 @@ class FakeOpenAI:
         with self._lock:
             self._latency = float(seconds)
 
-    def set_responder(self, responder: Responder | None) -> None:
-        """Answer unscripted requests with responder(request_json); None restores the default."""
+    def set_responder(self, responder: Responder | str | None) -> None:
+        """Answer unscripted requests with responder(request_json), or a named one of RESPONDERS;
+        None restores the default."""
+        if isinstance(responder, str):
+            if responder not in RESPONDERS:
+                raise ValueError(f"unknown responder {responder!r}; known: {', '.join(RESPONDERS)}")
+            responder = RESPONDERS[responder]
         with self._lock:
             self._responder = responder or default_responder
 
@@ -414,13 +535,22 @@ class FakeOpenAI:
         """Apply a /_control document such as {"latency": 0.5} or {"default_status": null}."""
         if not isinstance(command, dict):
             raise TypeError(f"control document must be an object, not {type(command).__name__}")
-        unknown = set(command) - {"latency", "default_status", "fail_when_contains", "clear_rules", "reset"}
+        unknown = set(command) - {
+            "latency",
+            "default_status",
+            "fail_when_contains",
+            "clear_rules",
+            "reset",
+            "responder",
+        }
         if unknown:
             raise ValueError(f"unknown control keys {sorted(unknown)}")
         if command.get("reset"):
             self.reset()
         if command.get("clear_rules"):
             self.clear_rules()
+        if "responder" in command:
+            self.set_responder(None if command["responder"] is None else str(command["responder"]))
         if "latency" in command:
             self.set_latency(float(command["latency"]))
         if "default_status" in command:
@@ -514,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (read it from stdout)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every chat request")
     parser.add_argument("--model", default="test-model")
+    parser.add_argument(
+        "--responder", default="default", choices=sorted(RESPONDERS), help="how to answer chat requests"
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -527,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     with FakeOpenAI(args.host, args.port, model=args.model) as fake:
         fake.set_latency(args.latency)
+        fake.set_responder(args.responder)
         print(fake.base_url, flush=True)
         while not done.wait(0.5):
             pass

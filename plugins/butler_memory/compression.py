@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from butler_memory import guards
 from butler_memory import metrics as m
 from butler_memory.budget import TokenBudget
-from butler_memory.errors import CompressionError, ErasurePendingError, InvalidEventError, LLMError
+from butler_memory.errors import CompressionError, ErasurePendingError, GuardRejected, InvalidEventError, LLMError
 from butler_memory.history import BASELINE, FOLD, Covers, HistoryEntry, Key, prompt_version
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
@@ -99,6 +100,8 @@ class UserResult:
     seconds: float = 0.0
     error: str | None = None
     error_type: str | None = None
+    guards: dict[str, str] = field(default_factory=dict)
+    """``{guard: outcome}``, the worst over the user's chunks ("pass", "warn", "reject", "off")."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-safe dict (fit for XCom)."""
@@ -324,6 +327,7 @@ def _compress_locked(
         text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
         result.prompt_tokens += produced.prompt_tokens
         result.completion_tokens += produced.completion_tokens
+        outcomes = guard_summary(user_id, request, text, settings, metrics, result.guards)
         checkpoint("summarized")
 
         lock.extend()  # the lock must still be ours right before the write
@@ -346,6 +350,7 @@ def _compress_locked(
                 now,
                 through=Key(last.created_at, last.id),
                 covers=Covers(Key(chunk[0]["created_at"], chunk[0]["_id"]), Key(last.created_at, last.id), len(chunk)),
+                guards=outcomes,
                 **summarizer_identity(summarizer),
             )
         )
@@ -571,6 +576,33 @@ def _event_text(user_id: str, ev: dict[str, Any]) -> EventText:
     return EventText(role=role, content=ev["content"], created_at=ev["created_at"])
 
 
+def guard_summary(
+    user_id: str, request: SummaryRequest, text: str, settings: Settings, metrics: Metrics, worst: dict[str, str]
+) -> dict[str, str]:
+    """Check a proposed summary before it is committed; return ``{guard: outcome}``, or raise
+    GuardRejected when a guard rejects it. ``worst`` (a result's ``guards``) keeps each guard's
+    worst outcome over the chunks."""
+    verdict = guards.check_summary(
+        previous=request.previous_summary,
+        events=[ev.content for ev in request.events],
+        summary=text,
+        language=request.language,
+        settings=settings,
+    )
+    for check in verdict:
+        if check.outcome != guards.OFF:
+            metrics.incr(m.guard_metric(check.guard, "checks"))
+        if check.outcome in (guards.WARN, guards.REJECT):
+            metrics.incr(m.guard_metric(check.guard, check.outcome))
+        if check.outcome == guards.WARN:
+            log.warning(
+                "user %s: %s guard would reject the summary (warn mode): %s", user_id, check.guard, check.detail
+            )
+    guards.merge(worst, verdict)
+    guards.enforce(user_id, verdict)
+    return guards.outcomes(verdict)
+
+
 def _summarize(summarizer: Summarizer, request: SummaryRequest, metrics: Metrics) -> Any:
     metrics.incr(m.LLM_REQUESTS_TOTAL)
     try:
@@ -587,4 +619,11 @@ def _summarize(summarizer: Summarizer, request: SummaryRequest, metrics: Metrics
 def failed_result(user_id: str, exc: BaseException, seconds: float = 0.0) -> UserResult:
     """Describe a failure without content: the error type and its (content-free) message."""
     message = str(exc) if isinstance(exc, CompressionError) else f"unexpected {type(exc).__name__}"
-    return UserResult(user_id, FAILED, error=message, error_type=type(exc).__name__, seconds=round(seconds, 3))
+    return UserResult(
+        user_id,
+        FAILED,
+        error=message,
+        error_type=type(exc).__name__,
+        seconds=round(seconds, 3),
+        guards=dict(exc.guards) if isinstance(exc, GuardRejected) else {},
+    )

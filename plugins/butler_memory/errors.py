@@ -86,3 +86,17 @@ class ErasurePendingError(CompressionError):
 
 class RollbackRefusedError(CompressionError):
     """A rollback (or re-fold) cannot be done as asked; nothing was changed. The message says why."""
+
+
+class GuardRejected(CompressionError):
+    """A guard refused the proposed summary (facts dropped, wrong language); nothing was committed.
+
+    Not retryable: the summariser runs at temperature 0, so the same previous summary and events
+    give the same summary again; an immediate retry would only spend tokens. The next scheduled
+    run is the retry, after an operator looked (docs/operations/runbook.md#a-guard-rejected-a-summary).
+    """
+
+    def __init__(self, message: str, *, user_id: str, guards: dict[str, str]) -> None:
+        super().__init__(message, user_id=user_id)
+        self.guards = guards
+        """``{guard: outcome}`` of the rejected summary."""

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from butler_memory.guards import GUARDS
+
 log = logging.getLogger(__name__)
 
 PREFIX = "personalized_memory_worker"
@@ -61,6 +63,18 @@ LLM_COMPLETION_TOKENS_TOTAL = f"{PREFIX}_llm_completion_tokens_total"
 LLM_LATENCY_SECONDS = f"{PREFIX}_llm_latency_seconds"
 """Timer: latency of one LLM call."""
 
+# Guards (emitted by compress_user for each proposed summary; guards.py). Per guard: every check,
+# and the failed ones by mode; passes are checks - warn - reject. A guard set to "off" sends nothing.
+GUARD_COUNTERS = ("checks", "warn", "reject")
+
+
+def guard_metric(guard: str, counter: str) -> str:
+    """Return a guard's counter, e.g. ``personalized_memory_worker_guard_facts_reject_total``."""
+    return f"{PREFIX}_guard_{guard}_{counter}_total"
+
+
+GUARD_METRICS = {guard_metric(g, c): "counter" for g in GUARDS for c in GUARD_COUNTERS}
+
 ALL_METRICS: Mapping[str, str] = {
     RUNS_TOTAL: "counter",
     ERRORS_TOTAL: "counter",
@@ -87,6 +101,7 @@ ALL_METRICS: Mapping[str, str] = {
     LLM_PROMPT_TOKENS_TOTAL: "counter",
     LLM_COMPLETION_TOKENS_TOTAL: "counter",
     LLM_LATENCY_SECONDS: "timer",
+    **GUARD_METRICS,
 }
 """Every metric this package emits, with its StatsD type. Docs and alert rules are checked against it."""
 

@@ -54,9 +54,11 @@ _NO_FACTS = {
 class OfflineSummarizer:
     """Deterministic extractive summariser: no network; keeps the most informative sentences.
 
-    Candidates are the previous summary's lines (kept with a bonus, so facts survive many folds)
-    and every sentence of the new events. The best-scoring ones that fit the character budget are
-    kept, in their original order, one per line, without duplicates.
+    Every line of the previous summary is kept, in its order: a rolling summary must not lose
+    what it already holds (the fact guard checks it). New sentences are candidates: the
+    best-scoring ones that still fit the character budget are added after it, in their original
+    order, one per line, without duplicates. A full summary therefore stops growing; the events it
+    could not take stay in the archive.
     """
 
     name = "offline"
@@ -67,13 +69,18 @@ class OfflineSummarizer:
     def summarize(self, request: SummaryRequest) -> Summary:
         """Select sentences into a summary of at most ``request.max_chars`` characters."""
         started = time.monotonic()
-        candidates: list[tuple[float, int, str]] = []
-        order = 0
+        kept: list[str] = []
+        seen: set[str] = set()
+        used = 0
         for line in request.previous_summary.splitlines():
             text = line.strip().lstrip("-• ").strip()
-            if text:
-                candidates.append((sentence_score(text, "user") + 3.0, order, text))
-                order += 1
+            # Only a smaller budget than the previous summary was written for can cut it here.
+            if text and text.casefold() not in seen and used + len(text) + 3 <= request.max_chars:
+                seen.add(text.casefold())
+                kept.append(text)
+                used += len(text) + 3
+        candidates: list[tuple[float, int, str]] = []
+        order = 0
         for ev in request.events:
             for raw in _SENTENCE_SPLIT.split(ev.content):
                 text = " ".join(raw.split())
@@ -81,8 +88,6 @@ class OfflineSummarizer:
                     candidates.append((sentence_score(text, ev.role), order, text[:400]))
                     order += 1
         chosen: list[tuple[int, str]] = []
-        seen: set[str] = set()
-        used = 0
         for score, position, text in sorted(candidates, key=lambda c: (-c[0], c[1])):
             key = text.casefold()
             cost = len(text) + 3
@@ -91,10 +96,7 @@ class OfflineSummarizer:
             seen.add(key)
             chosen.append((position, text))
             used += cost
-        if not chosen and request.previous_summary.strip():
-            summary = request.previous_summary.strip()[: request.max_chars]
-        else:
-            summary = "\n".join(f"- {text}" for _, text in sorted(chosen))
+        summary = "\n".join(f"- {text}" for text in [*kept, *(text for _, text in sorted(chosen))])
         if not summary:
             # Nothing scored as a fact: say what happened in numbers rather than invent content.
             template = _NO_FACTS.get(request.language, _NO_FACTS["en"])

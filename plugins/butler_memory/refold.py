@@ -246,9 +246,8 @@ def _refold_locked(
 def check_guards(
     user_id: str, request: SummaryRequest, text: str, settings: Settings, metrics: Metrics, result: RefoldResult
 ) -> None:
-    """Hook: run the summary guards (guards.py) on a re-folded chunk, as a compression does.
+    """Run the summary guards (guards.py) on a re-folded chunk, as a compression does: a rejection
+    raises GuardRejected (nothing committed); the worst outcome per guard goes into the result."""
+    from butler_memory import compression as c
 
-    Until the guards land this accepts every validated summary; a rejection raises like any other
-    error (nothing committed).
-    """
-    return None
+    c.guard_summary(user_id, request, text, settings, metrics, result.guards)

@@ -18,6 +18,7 @@ from typing import Any
 ENV_PREFIX = "BUTLER_MEMORY_"
 
 SUMMARIZERS = ("auto", "openai", "offline")
+GUARD_MODES = ("reject", "warn", "off")
 
 
 class SettingsError(ValueError):
@@ -68,6 +69,14 @@ class Settings:
     llm_timeout_seconds: float = 60.0
     llm_max_retries: int = 2
     """Retries inside the openai client (429/5xx/timeouts) before the task itself fails and retries."""
+
+    # Guards between the summariser and the commit (guards.py): "reject", "warn" or "off".
+    fact_guard: str = "reject"
+    """The new summary keeps the previous one's numbers, dates, names and contacts (unless events mention them)."""
+    language_guard: str = "reject"
+    """The new summary is in the user's language (profile field, else summary_language)."""
+    language_guard_min_share: float = 0.5
+    """Least share of the summary's language-bearing letters that must be in the user's language."""
 
     # Safety and housekeeping.
     lock_key_pattern: str = "butler:memory:lock:{user_id}"
@@ -126,6 +135,11 @@ class Settings:
             )
         if self.summarizer not in SUMMARIZERS:
             raise SettingsError(f"summarizer {self.summarizer!r} is not one of {', '.join(SUMMARIZERS)}")
+        for name in ("fact_guard", "language_guard"):
+            if getattr(self, name) not in GUARD_MODES:
+                raise SettingsError(f"{name} {getattr(self, name)!r} is not one of {', '.join(GUARD_MODES)}")
+        if not 0 < self.language_guard_min_share <= 1:
+            raise SettingsError(f"language_guard_min_share must be in (0, 1], got {self.language_guard_min_share}")
         if "{user_id}" not in self.lock_key_pattern:
             raise SettingsError(f"lock_key_pattern {self.lock_key_pattern!r} must contain '{{user_id}}'")
         if self.llm_timeout_seconds <= 0 or self.llm_timeout_seconds * 2 >= self.lock_ttl_seconds:

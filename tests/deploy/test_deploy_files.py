@@ -50,6 +50,7 @@ REQUIRED_ALERTS = {
     "MemoryWorkerLLMErrorRate",
     "MemoryWorkerBacklogGrowing",
     "MemoryCatchupNotRunning",
+    "MemoryWorkerGuardFailures",
 }
 # Series the exporter and Prometheus produce themselves, not through the mapping.
 BUILTIN_METRICS = {"up", "process_start_time_seconds"}
@@ -763,6 +764,21 @@ def alert_cases() -> list[tuple[str, list[dict[str, str]], list[dict[str, Any]]]
         ("1m", [_series(f"{p}_freshness_lag_seconds_bucket", "0+0.17x120", le=le) for le in ("300", "900", "+Inf")]
          + [_series(f"{p}_freshness_lag_seconds_count", "0+0.17x120")],
          [_silent("MemoryWorkerFreshnessSlow", "90m")]),
+        # 3 of 10 fact checks a minute fail (warn and reject): 30% > 10%.
+        ("1m", [_series(f"{p}_guard_facts_checks_total", "0+10x400"), _series(f"{p}_guard_facts_warn_total", "0+1x400"),
+                _series(f"{p}_guard_facts_reject_total", "0+2x400")],
+         [_fires("MemoryWorkerGuardFailures", "30m")]),
+        # Only rejections, no warn series at all (never incremented): still counted.
+        ("1m", [_series(f"{p}_guard_language_checks_total", "0+10x400"),
+                _series(f"{p}_guard_language_reject_total", "0+5x400")],
+         [_fires("MemoryWorkerGuardFailures", "30m")]),
+        # 1 in 20 fails: 5%, under the threshold.
+        ("1m", [_series(f"{p}_guard_facts_checks_total", "0+20x400"), _series(f"{p}_guard_facts_reject_total", "0+1x400")],
+         [_silent("MemoryWorkerGuardFailures", "30m")]),
+        # Every check fails, but 12 checks in 6 hours are too few to alert on.
+        ("1m", [_series(f"{p}_guard_facts_checks_total", "0+0.03x400"),
+                _series(f"{p}_guard_facts_reject_total", "0+0.03x400")],
+         [_silent("MemoryWorkerGuardFailures", "5h")]),
         # The exporter cannot be scraped.
         ("1m", [_series("up", "1x10 0x30", job="statsd-exporter")],
          [_silent("MemoryWorkerMetricsDown", "15m"),
@@ -836,6 +852,7 @@ def test_dashboard_has_the_required_panels() -> None:
         "llm latency p50 / p95",
         "backlog users",
         "skipped users",
+        "guard",
     ]
     for word in required:
         assert any(word in title for title in titles), f"no panel about {word!r}; panels: {titles}"

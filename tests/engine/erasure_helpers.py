@@ -137,10 +137,11 @@ def fact_content(user_id: str, i: int) -> str:
 
 
 def fact_settings(**changes: Any) -> Settings:
-    """Return the settings of the forget tests: threshold 10, keep 3, chunks of 6 events."""
+    """Return the settings of the forget tests: threshold 10, keep 3, chunks of 6 events, Russian
+    summaries (the planted facts are mostly Russian; the language guard checks it)."""
     from tests.engine.helpers import small_settings
 
-    return small_settings(max_events_per_chunk=6, **changes)
+    return small_settings(**{"max_events_per_chunk": 6, "summary_language": "ru", **changes})
 
 
 def fact_responder(request: Doc) -> str:

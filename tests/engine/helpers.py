@@ -26,8 +26,10 @@ Doc = dict[str, Any]
 
 
 def small_settings(**changes: Any) -> Settings:
-    """Return settings small enough for fast tests: threshold 10, keep 3, 2 s lock, 0.9 s LLM timeout."""
+    """Return settings small enough for fast tests: threshold 10, keep 3, 30 s lock, 5 s LLM timeout;
+    summaries in English, the language of the test events (the language guard checks it)."""
     base: dict[str, Any] = {
+        "summary_language": "en",
         "threshold": 10,
         "keep_last_n": 3,
         "lock_ttl_seconds": 30,

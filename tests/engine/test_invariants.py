@@ -46,6 +46,10 @@ Doc = dict[str, Any]
 BOOKKEEPING = {"run_id", "summary_version", "archived_at"}
 
 
+COUNTED = {"summary_language": "ru", "fact_guard": "warn"}
+"""Settings for counted_responder: Russian replies whose counter changes (a dropped number, warned)."""
+
+
 def counted_responder() -> Any:
     """Return a responder answering 'Сводка N: ...' with N counting up, so every summary is unique."""
     counter = itertools.count(1)
@@ -105,7 +109,7 @@ def test_events_are_folded_exactly_once_and_the_newest_stay_untouched(
 def test_previous_summary_reaches_the_next_prompt(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
-    settings = small_settings(max_events_per_chunk=5)
+    settings = small_settings(max_events_per_chunk=5, **COUNTED)
     engine = make_engine(mongo_db, redis_client, settings, make_openai())
     set_profile(mongo_db, "u1", memory_summary="- Аллергия на орехи.")
     llm.set_responder(counted_responder())
@@ -130,7 +134,7 @@ def test_long_history_is_chunked_and_each_event_reaches_the_llm_once(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
     # Chunk budget: 700 - 400 (instructions) - 100 (summary of 300 chars) = 200 tokens.
-    settings = small_settings(summary_max_tokens=50, max_event_chars=300, prompt_budget_tokens=700)
+    settings = small_settings(summary_max_tokens=50, max_event_chars=300, prompt_budget_tokens=700, **COUNTED)
     engine = make_engine(mongo_db, redis_client, settings, make_openai())
     llm.set_responder(counted_responder())
     events = insert_events(mongo_db, "u1", 40, content=lambda u, i: f"{u}-e{i:03d}: " + "слово " * (i % 7 * 7))
@@ -179,7 +183,7 @@ def test_bad_llm_output_fails_and_changes_nothing(
 def test_bad_output_in_a_later_chunk_keeps_earlier_chunks_and_deletes_nothing_of_its_own(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
-    settings = small_settings(max_events_per_chunk=5)
+    settings = small_settings(max_events_per_chunk=5, summary_language="ru")
     engine = make_engine(mongo_db, redis_client, settings, make_openai())
     events = insert_events(mongo_db, "u1", 13)
     llm.push_reply("- Пользователь любит чай.")

@@ -86,7 +86,8 @@ def test_unreachable_llm_is_transient(mongo_db: Database[Doc], redis_client: red
 def test_a_retry_inside_the_client_recovers(
     status: int, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
-    engine = make_engine(mongo_db, redis_client, small_settings(), make_openai(max_retries=1, timeout=2.0))
+    settings = small_settings(summary_language="ru")  # the reply is Russian
+    engine = make_engine(mongo_db, redis_client, settings, make_openai(max_retries=1, timeout=2.0))
     insert_events(mongo_db, "u1", 14)
     llm.push_status(status)
     llm.push_reply("- Пользователь любит чай.")
@@ -101,7 +102,7 @@ def test_a_retry_inside_the_client_recovers(
 def test_the_request_asks_for_the_model_at_temperature_zero(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
-    settings = small_settings(summary_max_tokens=200)
+    settings = small_settings(summary_max_tokens=200, summary_language="ru")  # the reply is Russian
     engine = make_engine(mongo_db, redis_client, settings, make_openai())
     insert_events(mongo_db, "u1", 14)
     llm.push_reply("- Пользователь любит чай.", prompt_tokens=123, completion_tokens=7)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from butler_memory.guards import missing_facts
 from butler_memory.offline import OfflineSummarizer
 from butler_memory.summarizer import EventText, SummaryRequest
 from butler_memory.validation import validate_summary
@@ -114,3 +115,17 @@ def test_small_talk_after_a_summary_keeps_the_summary() -> None:
     summary = OfflineSummarizer().summarize(request(chatter(12), previous="- Аллергия на орехи.")).text
 
     assert "Аллергия на орехи" in summary
+
+
+def test_a_full_summary_keeps_every_line_when_richer_facts_arrive() -> None:
+    """Found by the fact guard: over budget, new high-scoring sentences used to push out older lines."""
+    previous = "\n".join(f"- Врач: Иван{i}, кабинет {i}." for i in range(20))
+    rich = [
+        f"Мой брат Павел{i} живёт в Москве, его день рождения {i % 28 + 1} мая, мама Ольга{i} тоже." for i in range(5)
+    ]
+
+    summary = OfflineSummarizer().summarize(request(rich, previous=previous, max_chars=len(previous) + 40)).text
+
+    assert len(summary) <= len(previous) + 40
+    assert missing_facts(previous, rich, summary) == [], summary
+    assert summary.startswith(previous), "every line of the previous summary, in its order"

@@ -213,7 +213,7 @@ def ui(
             redis.flushall()
             redis.set(Settings().lock_key(LOCKED), "the-bot's-inline-compression", px=600_000)
             _seed(db)
-            fake_llm.set_responder(lambda request: f"Сводка {SUMMARY_CANARY}: пользователь обсуждал планы.")
+            fake_llm.set_responder(lambda request: f"Summary {SUMMARY_CANARY}: the user discussed their plans.")
             fake_llm.fail_when_contains(FAIL_MARKER, 400)
             run_id = _run_dag()  # while the API server starts
             older = _older_runs(MemoryStore(db, Settings()))  # not closed: it shares the session's client

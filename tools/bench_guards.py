@@ -1,0 +1,229 @@
+"""Benchmark of the guards: catch rate of bad LLM modes and false alarms on honest runs.
+
+The demo population (tools/seed.py: Russian and English turns, planted facts) is compressed by
+the real engine (MongoDB wire server, redis-server, the fake OpenAI server over HTTP) in chunks
+of ``--chunk`` events, so most proposals fold into a previous summary that has facts to lose:
+
+- honest runs: the offline summariser and the fake's ``faithful`` mode. Every guard failure is a
+  false alarm (the guards run in ``warn`` mode so that each user runs to the end);
+- bad modes: ``drop_fact``, ``new_only``, ``wrong_language``. A proposal is *bad* when it lost a
+  line of the previous summary that carries a detail (a digit or a capitalised word inside a
+  sentence, the fake's own test, not the guard's), or for ``wrong_language`` when it differs from
+  the faithful answer; it is *caught* when a guard rejects it. A rejection ends that user's run
+  (nothing is committed), as in production; an uncaught bad summary is committed and the user
+  goes on. Answers that differ from the faithful one but lose no detail line (the previous summary
+  had none) are counted apart.
+
+Standalone: ``python tools/bench_guards.py [--users 300] [--chunk 20]``; ``make bench`` runs it as
+one phase of tools/bench.py. Every server listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
+
+import redis  # noqa: E402
+
+from butler_memory import guards  # noqa: E402
+from butler_memory.compression import Engine  # noqa: E402
+from butler_memory.errors import GuardRejected  # noqa: E402
+from butler_memory.locks import UserLocks  # noqa: E402
+from butler_memory.metrics import NullMetrics, guard_metric  # noqa: E402
+from butler_memory.offline import OfflineSummarizer  # noqa: E402
+from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
+from butler_memory.settings import Settings  # noqa: E402
+from butler_memory.store import MemoryStore  # noqa: E402
+from butler_memory.summarizer import Summarizer  # noqa: E402
+from tools.fake_openai import DETAIL, RESPONDERS, FakeOpenAI, prompt_parts  # noqa: E402
+from tools.seed import seed  # noqa: E402
+from tools.services import MongoService, RedisService  # noqa: E402
+
+OUT_DIR = REPO / ".local" / "bench"
+HONEST = ("offline", "faithful")
+USERS, CHUNK = 100, 30
+"""Defaults that keep the five runs under a minute on 2 cores; --users 300 --chunk 20 for a finer figure."""
+BAD = ("drop_fact", "new_only", "wrong_language")
+
+
+class _CountingMetrics(NullMetrics):
+    """Count the counters the engine sends (the guard outcomes among them), in memory."""
+
+    def __init__(self) -> None:
+        self.counters: Counter[str] = Counter()
+
+    def incr(self, name: str, count: int = 1) -> None:
+        self.counters[name] += count
+
+
+class _Recorder:
+    """A responder that answers in one mode and records whether that answer was a bad one."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.bad = 0
+        self.harmless = 0
+        self.prompts: list[tuple[str, list[str], str]] = []
+
+    def __call__(self, request: dict[str, Any]) -> str:
+        answer = RESPONDERS[self.mode](request)
+        previous, events = prompt_parts(request)
+        self.prompts.append((previous, [text for _, text in events], answer))
+        if self.mode == "wrong_language":
+            self.bad += answer != RESPONDERS["faithful"](request)
+        elif self.mode in BAD:
+            # Bad = a line of the previous summary carrying a detail is gone: judged by the fake's
+            # own notion of a detail, not by the guard's extraction.
+            kept = set(answer.splitlines())
+            lost = [line for line in previous.splitlines() if DETAIL.search(line) and line not in kept]
+            self.bad += bool(lost)
+            self.harmless += not lost and answer != RESPONDERS["faithful"](request)
+        return answer
+
+
+def _run_mode(
+    mode: str, mongo: MongoService, redis_port: int, fake: FakeOpenAI, users: int, chunk: int
+) -> dict[str, Any]:
+    """Seed a fresh database, compress every user over the threshold in one mode, count outcomes."""
+    db_name = f"bench_guards_{mode}"
+    client = mongo.client()  # the engine closes it
+    client.drop_database(db_name)
+    db = client[db_name]
+    seed(db, users=users)
+    honest = mode in HONEST
+    # Honest runs warn so that every proposal of every user is checked; bad runs reject, as in production.
+    settings = Settings(
+        max_events_per_chunk=chunk,
+        fact_guard="warn" if honest else "reject",
+        language_guard="warn" if honest else "reject",
+    )
+    recorder = _Recorder(mode)
+    fake.set_responder(recorder)
+    summarizer: Summarizer
+    if mode == "offline":
+        summarizer = OfflineSummarizer()
+    else:
+        config = LLMConfig(base_url=fake.base_url, api_key="bench", model="bench", max_retries=0, timeout_seconds=10)
+        summarizer = OpenAISummarizer(config)
+    redis_client = redis.Redis(host="127.0.0.1", port=redis_port)
+    counts = _CountingMetrics()
+    engine = Engine(settings, MemoryStore(db, settings), UserLocks(redis_client, settings), summarizer, counts)
+    caught_by: Counter[str] = Counter()
+    rejected_users = compressed_users = 0
+    started = time.monotonic()
+    try:
+        with engine:
+            for backlog in engine.scan():
+                try:
+                    engine.compress(backlog.user_id, run_id=f"bench-{mode}")
+                    compressed_users += 1
+                except GuardRejected as exc:
+                    rejected_users += 1
+                    caught_by.update(g for g, o in exc.guards.items() if o == guards.REJECT)
+    finally:
+        fake.set_responder(None)
+    with mongo.client() as cleanup:
+        cleanup.drop_database(db_name)
+    outcomes = {
+        f"{g}:{c}": counts.counters[guard_metric(g, c)] for g in guards.GUARDS for c in ("checks", "warn", "reject")
+    }
+    proposals = outcomes["facts:checks"]
+    failed = sum(n for key, n in outcomes.items() if key.endswith((":warn", ":reject")))
+    row: dict[str, Any] = {
+        "mode": mode,
+        "users": compressed_users + rejected_users,
+        "proposals": proposals,
+        "seconds": round(time.monotonic() - started, 2),
+        "outcomes": outcomes,
+    }
+    if recorder.prompts:
+        t0 = time.perf_counter()
+        for previous, texts, answer in recorder.prompts:
+            guards.check_summary(previous=previous, events=texts, summary=answer, language="ru", settings=settings)
+        row["guard_ms_per_proposal"] = round(1000 * (time.perf_counter() - t0) / len(recorder.prompts), 3)
+    if honest:
+        row["false_alarms"] = failed
+        row["false_alarm_rate"] = round(failed / max(proposals, 1), 4)
+        row["false_alarms_by_guard"] = {g: outcomes[f"{g}:warn"] + outcomes[f"{g}:reject"] for g in guards.GUARDS}
+    else:
+        row["bad_proposals"] = recorder.bad
+        row["different_but_nothing_lost"] = recorder.harmless
+        row["caught"] = rejected_users
+        row["caught_by"] = dict(caught_by)
+        row["catch_rate"] = round(rejected_users / max(recorder.bad, 1), 4)
+    return row
+
+
+def phase_guards(
+    mongo: MongoService, redis_port: int, fake: FakeOpenAI, *, users: int = USERS, chunk: int = CHUNK
+) -> dict[str, Any]:
+    """Run every mode on the demo population; return one row per mode."""
+    t0 = time.process_time()
+    guards.language_share("Пользователь живёт в Казани и работает врачом.", "ru")  # Lingua's one-off model load
+    load = time.process_time() - t0
+    return {
+        "users": users,
+        "chunk": chunk,
+        "lingua_load_cpu_seconds": round(load, 3),
+        "modes": [_run_mode(mode, mongo, redis_port, fake, users, chunk) for mode in (*HONEST, *BAD)],
+    }
+
+
+def rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Summary rows (figure, value, target, verdict) for tools/bench.py's table."""
+    out = []
+    for row in result["modes"]:
+        if "false_alarms" in row:
+            verdict = "ok" if row["false_alarms"] == 0 else "FALSE ALARMS"
+            value = f"{row['false_alarms']} of {row['proposals']} proposals ({row['false_alarm_rate']:.1%})" + (
+                f"; guards {row['guard_ms_per_proposal']:.2f} ms a proposal" if "guard_ms_per_proposal" in row else ""
+            )
+            out.append((f"guards: false alarms, {row['mode']} (honest)", value, "0", verdict))
+        else:
+            value = f"{row['caught']} of {row['bad_proposals']} bad summaries caught ({row['catch_rate']:.1%}) by {row['caught_by']}"
+            out.append(
+                (f"guards: catch rate, {row['mode']}", value, "100%", "ok" if row["catch_rate"] >= 1 else "MISSED")
+            )
+    out.append(("guards: Lingua model load (once a process)", f"{result['lingua_load_cpu_seconds']:.3f} CPU-s", "", ""))
+    return out
+
+
+@contextlib.contextmanager
+def _services(data: Path) -> Iterator[tuple[MongoService, int, FakeOpenAI]]:
+    shutil.rmtree(data, ignore_errors=True)
+    with MongoService(data / "mongo") as mongo, RedisService(data / "redis") as redis_srv, FakeOpenAI() as fake:
+        yield mongo, redis_srv.port, fake
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the services, run the guard benchmark, print its rows and write its JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--users", type=int, default=USERS, help="demo population size (about 45%% are compressed)")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help="max_events_per_chunk: smaller = more proposals")
+    parser.add_argument("--out", type=Path, default=OUT_DIR / "guards.json")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    with _services(OUT_DIR / "guard-services") as (mongo, redis_port, fake):
+        result = phase_guards(mongo, redis_port, fake, users=args.users, chunk=args.chunk)
+    result["elapsed_seconds"] = round(time.monotonic() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for figure, value, target, verdict in rows(result):
+        print(f"{figure:48} {value}  {target} {verdict}".rstrip())
+    print(f"elapsed {result['elapsed_seconds']} s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
