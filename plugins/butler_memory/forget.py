@@ -33,7 +33,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +45,7 @@ from butler_memory.compression import (
     _event_text,
     _summarize,
     finish_interrupted,
+    guard_summary,
     pack_chunks,
     summarizer_identity,
 )
@@ -515,7 +516,8 @@ def _finish(
             through = profile.through
             if through is None:
                 raise InvalidProfileError(user_id, THROUGH_FIELD, "is missing, yet a summary version folded events")
-            text, refolded, first_key, last_key = _rebuild(user_id, intent, engine, lock)
+            rebuilt = _rebuild(user_id, intent, engine, lock)
+            text, refolded = rebuilt.text, rebuilt.count
             checkpoint("summarized")
             now = clock()
             store.history.write_version(
@@ -528,7 +530,8 @@ def _finish(
                     int(intent["base_version"]),
                     now,
                     through=Key(through.created_at, through.id),
-                    covers=None if first_key is None or last_key is None else Covers(first_key, last_key, refolded),
+                    covers=rebuilt.covers,
+                    guards=dict(rebuilt.guards),
                     refolded_from=int(intent["base_version"]),
                     **summarizer_identity(engine.summarizer),
                 )
@@ -632,10 +635,26 @@ def _extend(store: MemoryStore, user_id: str, intent: dict[str, Any], current: i
     return {**intent, **changes}
 
 
-def _rebuild(
-    user_id: str, intent: dict[str, Any], engine: Engine, lock: UserLock
-) -> tuple[str, int, Key | None, Key | None]:
-    """Re-fold the kept archived events after the base version; return (text, count, first key, last key)."""
+@dataclass
+class Rebuilt:
+    """A rebuilt summary (not yet committed) and what it re-folded."""
+
+    text: str
+    count: int = 0
+    first: Key | None = None
+    last: Key | None = None
+    guards: dict[str, str] = field(default_factory=dict)
+    """``{guard: outcome}``, the worst over the chunks (as a compression records it)."""
+
+    @property
+    def covers(self) -> Covers | None:
+        """Return what the new version folded in (None when it re-folded nothing)."""
+        return None if self.first is None or self.last is None else Covers(self.first, self.last, self.count)
+
+
+def _rebuild(user_id: str, intent: dict[str, Any], engine: Engine, lock: UserLock) -> Rebuilt:
+    """Re-fold the kept archived events after the base version, through the summariser, the
+    validation and the guards, as a compression folds them."""
     store, settings = engine.store, engine.settings
     base, current = int(intent["base_version"]), int(intent["expected_version"])
     entry = store.history.version(user_id, base)
@@ -643,12 +662,12 @@ def _rebuild(
     profile = store.load_profile(user_id, create=False)
     wanted = set(refold_ids(store, user_id, base, current, set(intent["ids"])))
     archived = store.iter_archived(user_id, range(base + 1, current + 1), batch_size=1000)
-    count, first, last = 0, None, None
+    rebuilt = Rebuilt(text)
     for chunk in pack_chunks(user_id, (ev for ev in archived if ev["_id"] in wanted), settings):
         lock.extend()
         request = SummaryRequest(
             user_id=user_id,
-            previous_summary=text,
+            previous_summary=rebuilt.text,
             events=[_event_text(user_id, ev) for ev in chunk],
             language=profile.language or settings.summary_language,
             max_tokens=settings.summary_max_tokens,
@@ -656,10 +675,12 @@ def _rebuild(
         )
         produced = _summarize(engine.summarizer, request, engine.metrics)
         text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
-        count += len(chunk)
-        first = first or Key(chunk[0]["created_at"], chunk[0]["_id"])
-        last = Key(chunk[-1]["created_at"], chunk[-1]["_id"])
-    return text, count, first, last
+        guard_summary(user_id, request, text, settings, engine.metrics, rebuilt.guards)
+        rebuilt.text = text
+        rebuilt.count += len(chunk)
+        rebuilt.first = rebuilt.first or Key(chunk[0]["created_at"], chunk[0]["_id"])
+        rebuilt.last = Key(chunk[-1]["created_at"], chunk[-1]["_id"])
+    return rebuilt
 
 
 def refold_ids(store: MemoryStore, user_id: str, base: int, current: int, forgotten: set[Any]) -> list[Any]:

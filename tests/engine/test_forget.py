@@ -88,6 +88,7 @@ def test_forgetting_an_event_rebuilds_the_summary_without_its_fact_and_keeps_the
     assert sorted(history_versions(mongo_db)) == [1, 2, 6]
     v6 = history_versions(mongo_db)[6]
     assert v6["kind"] == "forget" and v6["base_version"] == 2 and v6["covers"]["count"] == 14, v6
+    assert set(v6["guards"]) == {"facts", "language"}, "the rebuild goes through the guards like a fold"
     assert result.events_refolded == 14 and result.removed == {"events": 0, "archive": 1}
     assert result.lost == {}, "every needed event was in the archive"
     profile = profile_of(mongo_db, FACT_USER)
@@ -334,4 +335,28 @@ def test_a_version_committed_on_top_of_an_interrupted_forget_is_rebuilt_too(
     assert result.status == forget.FORGOTTEN and result.summary_version == 7, result
     assert result.versions_dropped == [3, 4, 5, 6] and result.rebuilt_from_version == 2
     assert result.lost["versions_without_history"] == [[6, 6]], "the bot's version is not in the history: said so"
+    assert_forgotten(mongo_db, [FACTS[14]], [f for i, f in FACTS.items() if i != 14])
+
+
+def test_an_llm_outage_leaves_the_forget_unfinished_and_the_re_run_finishes_it(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    from butler_memory.errors import LLMError
+
+    settings = fact_settings()
+    llm.set_responder(fact_responder)
+    engine = seeded(mongo_db, redis_client, settings, make_openai(timeout=settings.llm_timeout_seconds))
+    llm.set_default_status(500)
+
+    with pytest.raises(LLMError):
+        forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)])
+    assert profile_of(mongo_db, FACT_USER)[FORGET_FIELD] is not None, "the intent must stay for the re-run"
+    assert mongo_db["user_memory_archive"].count_documents({"event_id": eid(14)}) == 0, "forgetting comes first"
+    with pytest.raises(ErasurePendingError):
+        engine.compress(FACT_USER)
+
+    llm.set_default_status(None)
+    result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)])
+
+    assert result.status == forget.FORGOTTEN and result.summary_version == 6, result
     assert_forgotten(mongo_db, [FACTS[14]], [f for i, f in FACTS.items() if i != 14])
