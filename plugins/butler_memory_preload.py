@@ -67,24 +67,24 @@ def preload(modules: tuple[str, ...] = PRELOADED_MODULES) -> dict[str, float]:
     return took
 
 
-def warm_llm_client() -> float | None:
-    """Import the ``openai`` client with the resources it loads lazily on first use and build its TLS
-    context (``butler_memory.openai_summarizer.warm_up``; no I/O). Return the seconds it took, None when it
-    failed (logged; the task then does it itself and reports any error)."""
+def warm_up(what: str, module: str) -> float | None:
+    """Call ``module.warm_up()`` (no I/O): the LLM client's lazy imports and TLS context
+    (``butler_memory.openai_summarizer``), the guards' stemmers and language detector
+    (``butler_memory.guards``). Return the seconds it took, None when it failed (logged; the task
+    then does it itself and reports any error)."""
     started = time.perf_counter()
     try:
-        from butler_memory.openai_summarizer import warm_up
-
-        warm_up()
+        importlib.import_module(module).warm_up()
     except Exception as exc:  # never break the component that loads plugins
-        log.warning("butler_memory preload: LLM client not warmed up (%s)", type(exc).__name__)
+        log.warning("butler_memory preload: %s not warmed up (%s)", what, type(exc).__name__)
         return None
     return round(time.perf_counter() - started, 4)
 
 
 if preload_enabled():
     PRELOAD_SECONDS = preload()
-    PRELOAD_SECONDS["openai (client warm-up)"] = warm_llm_client() or 0.0
+    PRELOAD_SECONDS["openai (client warm-up)"] = warm_up("LLM client", "butler_memory.openai_summarizer") or 0.0
+    PRELOAD_SECONDS["guards (Lingua, Snowball)"] = warm_up("guards", "butler_memory.guards") or 0.0
 
 
 class ButlerMemoryPreloadPlugin(AirflowPlugin):

@@ -148,6 +148,7 @@ def _run_mode(
         "outcomes": outcomes,
     }
     if recorder.prompts:
+        row["with_facts_at_stake"] = sum(bool(guards.durable_facts(previous)) for previous, _, _ in recorder.prompts)
         t0 = time.perf_counter()
         for previous, texts, answer in recorder.prompts:
             guards.check_summary(previous=previous, events=texts, summary=answer, language="ru", settings=settings)
@@ -186,9 +187,10 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     for row in result["modes"]:
         if "false_alarms" in row:
             verdict = "ok" if row["false_alarms"] == 0 else "FALSE ALARMS"
-            value = f"{row['false_alarms']} of {row['proposals']} proposals ({row['false_alarm_rate']:.1%})" + (
-                f"; guards {row['guard_ms_per_proposal']:.2f} ms a proposal" if "guard_ms_per_proposal" in row else ""
-            )
+            value = f"{row['false_alarms']} of {row['proposals']} proposals ({row['false_alarm_rate']:.1%})"
+            if "with_facts_at_stake" in row:
+                value += f", {row['with_facts_at_stake']} with facts at stake"
+                value += f"; guards {row['guard_ms_per_proposal']:.2f} ms a proposal"
             out.append((f"guards: false alarms, {row['mode']} (honest)", value, "0", verdict))
         else:
             value = f"{row['caught']} of {row['bad_proposals']} bad summaries caught ({row['catch_rate']:.1%}) by {row['caught_by']}"

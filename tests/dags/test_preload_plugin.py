@@ -28,6 +28,8 @@ HEAVY = (
     "butler_memory.dag_tasks",
     "statsd",
     "airflow.providers.standard.decorators.python",
+    "lingua",  # the language guard's detector, built with its models
+    "snowballstemmer",
 )
 
 PROBE = textwrap.dedent(
@@ -46,6 +48,8 @@ PROBE = textwrap.dedent(
         loaded = {m: m in sys.modules for m in HEAVY}
         summarizer = sys.modules.get("butler_memory.openai_summarizer")
         loaded["tls context"] = summarizer is not None and summarizer._TLS_CONTEXT is not None
+        guards = sys.modules.get("butler_memory.guards")
+        loaded["language detector"] = guards is not None and guards._build_detector.cache_info().currsize > 0
         os.write(write, json.dumps(loaded).encode())
         os._exit(0)
     os.waitpid(pid, 0)
