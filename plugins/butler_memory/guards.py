@@ -108,7 +108,7 @@ def enforce(user_id: str, results: Iterable[GuardResult]) -> None:
         reasons = "; ".join(f"{r.guard} guard: {r.detail}" for r in rejected)
         raise GuardRejected(
             f"user {user_id!r}: summary rejected by the {' and '.join(r.guard for r in rejected)} guard "
-            f"({reasons}); nothing was committed or deleted",
+            f"({reasons}); it was not committed and none of its events deleted",
             user_id=user_id,
             guards=outcomes(results),
         )
@@ -398,7 +398,7 @@ def _build_detector(codes: frozenset[str]) -> Any:
     Low-accuracy mode (trigram models only) on purpose: high accuracy loads models costing about
     1 CPU-second and 130 MB in every task process (measured), several times a whole compression's
     CPU, and the script grouping gives it enough text to be right. Preloading the models at build
-    time makes the cost fixed (0.03 CPU-s) and, through ``warm_up``, paid before Airflow forks.
+    time makes the cost fixed (about 0.06 CPU-s) and, through ``warm_up``, paid before Airflow forks.
     """
     from lingua import LanguageDetectorBuilder
 
