@@ -42,9 +42,11 @@ from butler_memory.store import MemoryStore  # noqa: E402
 from tools import bench_engine as eng  # noqa: E402
 from tools import bench_guards  # noqa: E402
 from tools import bench_svg as svg  # noqa: E402
+from tools import parts  # noqa: E402
 from tools.bench_airflow import (  # noqa: E402
     NOOP_DAG_ID,
     OTHER_CPU,
+    STAND_INS,
     TASKS_CPU,
     AirflowServices,
     RunTiming,
@@ -53,7 +55,7 @@ from tools.bench_airflow import (  # noqa: E402
     machine_busy_seconds,
 )
 from tools.fake_openai import FakeOpenAI  # noqa: E402
-from tools.services import MongoService, RedisService, airflow_connection_env  # noqa: E402
+from tools.services import MongoService, PostgresService, RedisService, airflow_connection_env  # noqa: E402
 from tools.standalone import TUNING  # noqa: E402
 
 OUT_DIR = REPO / ".local" / "bench"
@@ -238,15 +240,31 @@ def _analyse_run(timing: RunTiming, engine_seconds: list[float], users: int) -> 
     return out
 
 
-def _cpu_figures(cpu: dict[str, float], users: int) -> dict[str, float | None]:
-    """Reduce a run's CPU seconds per component to busy fraction, per-user costs and other load."""
+def _cpu_figures(cpu: dict[str, float], users: int) -> dict[str, Any]:
+    """Reduce a run's CPU seconds per component to busy fraction, per-user costs and other load.
+
+    ``deployment_cpu_seconds_per_user`` is what a real deployment pays for the run: Airflow's processes
+    and the task processes (our engine runs inside those), without the stand-ins (``STAND_INS``)."""
     total = cpu["machine total"]
+    components = {k: v for k, v in cpu.items() if not k.startswith("machine") and k != OTHER_CPU}
+    stand_ins = sum(v for k, v in components.items() if k in STAND_INS.values())
     return {
         "cpu_busy_fraction": round(cpu["machine busy"] / total, 3) if total else None,
         "task_cpu_seconds_per_user": round(cpu.get(TASKS_CPU, 0.0) / users, 3),
         "bench_cpu_seconds_per_user": round((cpu["machine busy"] - cpu[OTHER_CPU]) / users, 3),
+        "deployment_cpu_seconds_per_user": round((sum(components.values()) - stand_ins) / users, 3),
+        "stand_in_cpu_seconds_per_user": round(stand_ins / users, 3),
+        "cpu_seconds_per_user_by_component": {k: round(v / users, 4) for k, v in components.items()},
         "other_load_fraction": round(cpu[OTHER_CPU] / total, 3) if total else None,
     }
+
+
+def _stand_in_pids(ctx: dict[str, Any], airflow: AirflowServices) -> dict[str, int | None]:
+    """The stand-ins' processes, for cpu_snapshot (the fake LLM runs in the bench process)."""
+    pids = {STAND_INS["mongo"]: ctx["mongo"].pid, STAND_INS["llm"]: os.getpid(), STAND_INS["redis"]: ctx["redis"].pid}
+    if airflow.postgres is not None:
+        pids[STAND_INS["postgres"]] = airflow.postgres.pid
+    return pids
 
 
 def _airflow_run(
@@ -260,7 +278,7 @@ def _airflow_run(
     ctx["fake"].reset()
     ctx["fake"].set_latency(latency)
     run_id = f"bench-{label}-{int(time.time())}"
-    others = {"MongoDB server (secantusd)": ctx["mongo"].pid, "bench process (fake LLM)": os.getpid()}
+    others = _stand_in_pids(ctx, airflow)
     airflow.trigger(run_id)
     before = cpu_snapshot(airflow, others)
     wall = time.monotonic()
@@ -298,13 +316,16 @@ BASELINE_ENV = {
 }
 
 
-def _noop_run(airflow: AirflowServices, args: argparse.Namespace, latency: float, users: int) -> dict[str, Any]:
+def _noop_run(
+    ctx: dict[str, Any], airflow: AirflowServices, args: argparse.Namespace, latency: float, users: int
+) -> dict[str, Any]:
     """Run the no-op mapped DAG (each task sleeps ``latency``): Airflow's own floor per mapped task."""
     run_id = f"bench-noop-{int(time.time())}"
-    before = cpu_snapshot(airflow, {})
+    others = _stand_in_pids(ctx, airflow)
+    before = cpu_snapshot(airflow, others)
     airflow.trigger(run_id, {"users": users, "sleep": latency}, dag_id=NOOP_DAG_ID)
     state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120), dag_id=NOOP_DAG_ID)
-    after = cpu_snapshot(airflow, {})
+    after = cpu_snapshot(airflow, others)
     out = _analyse_run(airflow.run_timing(run_id, dag_id=NOOP_DAG_ID), [], users)
     cpu = cpu_delta(before, after)
     out.update({"latency": latency, "state": state, "cpu_seconds": cpu, **_cpu_figures(cpu, users)})
@@ -316,26 +337,39 @@ def _noop_run(airflow: AirflowServices, args: argparse.Namespace, latency: float
 
 
 def airflow_services(
-    ctx: dict[str, Any], args: argparse.Namespace, home: Path, parallelism: int, extra_env: dict[str, str] | None
+    ctx: dict[str, Any],
+    args: argparse.Namespace,
+    home: Path,
+    parallelism: int,
+    extra_env: dict[str, str] | None,
+    *,
+    sqlite: bool = False,
 ) -> AirflowServices:
-    """Airflow services in ``home`` on the bench's MongoDB, Redis and fake LLM (not started yet)."""
+    """Airflow services in ``home`` on the bench's MongoDB, Redis and fake LLM (not started yet), on a
+    fresh database of the bench's PostgreSQL (as a deployment runs it), or on SQLite when asked."""
     conn_env = airflow_connection_env(
         mongo=ctx["mongo"], db=args.airflow_db, redis=ctx["redis"], statsd=None, llm_base_url=ctx["fake"].base_url
     )
     return AirflowServices(
-        home, conn_env=conn_env, pool_slots=args.pool_slots, parallelism=parallelism, extra_env=extra_env
+        home,
+        conn_env=conn_env,
+        pool_slots=args.pool_slots,
+        parallelism=parallelism,
+        extra_env=extra_env,
+        postgres=None if sqlite else ctx.get("postgres"),
     )
 
 
 def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """1 and 5, Airflow side, with the settings ``make airflow`` uses (``TUNING``): a run at the
     LLM latency, one with an instant LLM, one user alone, and the no-op DAG (Airflow's floor); then,
-    unless ``--skip-baseline``, the run at the LLM latency with Airflow's defaults and no preload."""
+    unless ``--skip-baseline``, the run at the LLM latency with Airflow's defaults and no preload; then,
+    unless ``--skip-sqlite``, the run at the LLM latency again with Airflow on SQLite."""
     out: dict[str, Any] = {
         "pool_slots": args.pool_slots,
         "parallelism": args.parallelism,
         "executor": "LocalExecutor",
-        "metadata_db": "SQLite",
+        "metadata_db": "PostgreSQL",
         "tuning": dict(TUNING),
     }
     started = time.monotonic()
@@ -343,7 +377,7 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         log(f"airflow up in {time.monotonic() - started:.1f}s (migrate {airflow.prepare_seconds:.1f}s)")
         out["startup_seconds"] = round(time.monotonic() - started, 1)
         out["llm_latency"] = _airflow_run(ctx, airflow, args, "latency", args.latency, args.users)
-        out["noop_llm_latency"] = _noop_run(airflow, args, args.latency, args.users)
+        out["noop_llm_latency"] = _noop_run(ctx, airflow, args, args.latency, args.users)
         out["instant_llm"] = _airflow_run(ctx, airflow, args, "instant", 0.0, args.users)
         # One mapped task alone on the machine: the per-task overhead without 8 tasks sharing 2 cores.
         out["single_user"] = _airflow_run(ctx, airflow, args, "single", 0.0, 1)
@@ -357,6 +391,10 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         out["baseline"] = {"parallelism": args.pool_slots, "env": dict(BASELINE_ENV)}
         with airflow_services(ctx, args, OUT_DIR / "airflow-baseline", args.pool_slots, BASELINE_ENV) as airflow:
             out["baseline"]["llm_latency"] = _airflow_run(ctx, airflow, args, "baseline", args.latency, args.users)
+    if not args.skip_sqlite:
+        # The same DAG and settings on SQLite (Airflow's embedded default, what `make demo` uses).
+        with airflow_services(ctx, args, OUT_DIR / "airflow-sqlite", args.parallelism, None, sqlite=True) as airflow:
+            out["sqlite"] = {"llm_latency": _airflow_run(ctx, airflow, args, "sqlite", args.latency, args.users)}
     ctx["client"].drop_database(args.airflow_db)
     ctx["fake"].set_latency(0.0)
     return out
@@ -535,14 +573,55 @@ def _rows_throughput(results: dict[str, Any], args: argparse.Namespace) -> list[
     rows.append(
         ("  CPU busy / of it not the bench's", f"{a['cpu_busy_fraction']:.0%} / {a['other_load_fraction']:.0%}", "", "")
     )
-    rows.append(
-        (
-            "  CPU s per user: task processes / all bench processes",
-            f"{a['task_cpu_seconds_per_user']:.2f} / {a['bench_cpu_seconds_per_user']:.2f}",
-            "",
-            "",
+    rows.extend(_rows_cpu(results, args))
+    return rows
+
+
+def _rows_cpu(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
+    """CPU seconds per compressed user by component, the headline (what a deployment pays) against
+    Airflow's floor, and the same run on SQLite."""
+    af = results.get("airflow", {})
+    a, noop = af.get("llm_latency"), af.get("noop_llm_latency")
+    if not a:
+        return []
+    rows: list[Row] = []
+    if noop:
+        ratio = a["deployment_cpu_seconds_per_user"] / noop["deployment_cpu_seconds_per_user"]
+        results["deployment_cpu_ratio_to_floor"] = round(ratio, 2)
+        rows.append(
+            (
+                "CPU s per user a deployment pays (Airflow + tasks) / Airflow's floor (no-op DAG)",
+                f"{a['deployment_cpu_seconds_per_user']:.2f} / {noop['deployment_cpu_seconds_per_user']:.2f}",
+                "",
+                f"{ratio:.2f}x the floor",
+            )
         )
-    )
+    engine = results.get("sequential", {}).get("llm_latency", {}).get("engine_cpu_seconds_per_user")
+    floor = noop["cpu_seconds_per_user_by_component"] if noop else {}
+    for name, value in a["cpu_seconds_per_user_by_component"].items():
+        rows.append((f"  {name}", f"{value:.3f}", "", f"floor {floor[name]:.3f}" if name in floor else ""))
+        if name == TASKS_CPU and engine is not None:
+            rows.append(("    of it our engine (its CPU alone in the sequential loop)", f"{engine:.3f}", "", ""))
+    rows.append(("  stand-ins together", f"{a['stand_in_cpu_seconds_per_user']:.3f}", "", ""))
+    lite = af.get("sqlite", {}).get("llm_latency")
+    if lite:
+        rows.append(
+            (
+                f"metadata DB: PostgreSQL / SQLite, {args.users} users, LLM {args.latency:g} s",
+                f"{a['run_seconds']:.1f} s / {lite['run_seconds']:.1f} s "
+                f"({a['users_per_second']:.2f} / {lite['users_per_second']:.2f} users/s)",
+                "",
+                f"SQLite {lite['run_seconds'] / a['run_seconds']:.2f}x the time",
+            )
+        )
+        rows.append(
+            (
+                "  CPU s per user a deployment pays: PostgreSQL / SQLite",
+                f"{a['deployment_cpu_seconds_per_user']:.2f} / {lite['deployment_cpu_seconds_per_user']:.2f}",
+                "",
+                "",
+            )
+        )
     return rows
 
 
@@ -805,6 +884,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip-baseline", action="store_true", help="leave out the Airflow-defaults run (the 'before' of figure 1)"
     )
     parser.add_argument(
+        "--skip-sqlite", action="store_true", help="leave out the run on SQLite (the metadata DB comparison)"
+    )
+    parser.add_argument(
         "--only-throughput", action="store_true", help="figure 1 and 5 only (no per-user sizes, no scan)"
     )
     parser.add_argument("--no-charts", action="store_true", help="do not rewrite docs/img/*.svg")
@@ -839,14 +921,26 @@ def main(argv: list[str] | None = None) -> int:
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("budget_guard", "out")}
     data = OUT_DIR / "services"
     shutil.rmtree(data, ignore_errors=True)
+    pg_bindir = parts.POSTGRESQL.find()
+    if pg_bindir is None and not args.skip_airflow:
+        print(f"!! {parts.POSTGRESQL.missing_reason()}: Airflow runs on PostgreSQL in the bench", file=sys.stderr)
+        return 2
     with (
         MongoService(data / "mongo") as mongo,
         RedisService(data / "redis") as redis_srv,
+        contextlib.ExitStack() as stack,
         FakeOpenAI() as fake,
         mongo.client() as client,
     ):
-        ctx = {"mongo": mongo, "redis": redis_srv, "fake": fake, "client": client}
-        log(f"services up: MongoDB wire server :{mongo.port}, redis :{redis_srv.port}, fake LLM {fake.base_url}")
+        # PostgreSQL's defaults (fsync on), as a deployment runs it.
+        postgres = (
+            stack.enter_context(PostgresService(data / "postgres", pg_bindir, durable=True)) if pg_bindir else None
+        )
+        ctx = {"mongo": mongo, "redis": redis_srv, "fake": fake, "client": client, "postgres": postgres}
+        log(
+            f"services up: MongoDB wire server :{mongo.port}, redis :{redis_srv.port}, fake LLM {fake.base_url}, "
+            f"PostgreSQL :{postgres.port if postgres else '-'}"
+        )
         results["sequential"] = phase_sequential(ctx, args)
         if not args.only_throughput:
             results["filter_order"] = phase_filter_order(ctx, args.filter_probe_events)

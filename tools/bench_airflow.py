@@ -1,7 +1,8 @@
 """Real Airflow services for the benchmarks: scheduler (LocalExecutor), dag-processor, api-server.
 
 Reuses ``tools/standalone.py`` (the components ``make airflow`` runs, loopback only) on a fresh
-SQLite metadata DB under ``.local/bench/airflow`` with the ``llm_api`` pool; adds what the bench
+metadata DB (a new database on the bench's PostgreSQL server, or SQLite under ``.local/bench/airflow``)
+with the ``llm_api`` pool; adds what the bench
 needs: ``airflow dags trigger``, waiting for the run, and the run's task instance timings read back
 from the metadata DB (scheduled/queued/start/end dates), which is where per-task overhead shows.
 """
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 from tools.demo import prepare_airflow  # noqa: E402
-from tools.services import free_port  # noqa: E402
+from tools.services import PostgresService, free_port  # noqa: E402
 from tools.standalone import (  # noqa: E402
     READY_TIMEOUT,
     AirflowProcess,
@@ -47,6 +48,13 @@ BENCH_DAGS = (REPO / "dags" / "memory_compression.py", REPO / "tools" / "bench_d
 TERMINAL_STATES = {"success", "failed"}
 TASKS_CPU = "task processes (LocalExecutor workers, supervisors, tasks)"
 OTHER_CPU = "not the bench's processes"
+STAND_INS = {
+    "mongo": "stand-in: MongoDB wire server (secantusd-py)",
+    "llm": "stand-in: fake LLM (the bench process)",
+    "redis": "stand-in: redis-server",
+    "postgres": "stand-in: PostgreSQL (Airflow's metadata DB)",
+}
+"""The CPU components a real deployment does not pay as such (its own MongoDB, LLM, Redis, database)."""
 
 
 def _airflow_bin() -> str:
@@ -104,7 +112,8 @@ class RunTiming:
 
 
 class AirflowServices:
-    """API server, scheduler (LocalExecutor) and DAG processor on a fresh SQLite metadata DB.
+    """API server, scheduler (LocalExecutor) and DAG processor on a fresh metadata DB: a new database
+    on ``postgres`` when given, else SQLite in ``home``.
 
     Started with ``tools/standalone.py``'s helpers (the components ``make airflow`` and the e2e test
     run, loopback only), plus: no scheduled runs (only the bench's triggered ones), DAGs unpaused.
@@ -118,8 +127,11 @@ class AirflowServices:
         pool_slots: int = 8,
         parallelism: int = 8,
         extra_env: Mapping[str, str] | None = None,
+        postgres: PostgresService | None = None,
     ) -> None:
         self.home = home
+        self.postgres = postgres
+        self.pg_database: str | None = None
         self.dags_folder = home / "dags"
         self.pool_slots = pool_slots
         self.parallelism = parallelism
@@ -148,6 +160,11 @@ class AirflowServices:
         """Return the SQLite metadata DB."""
         return self.home / "airflow.db"
 
+    @property
+    def metadata_db(self) -> str:
+        """Say which database Airflow runs on."""
+        return "PostgreSQL" if self.postgres is not None else "SQLite"
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self, timeout: float = READY_TIMEOUT) -> Self:
@@ -157,6 +174,9 @@ class AirflowServices:
         self.dags_folder.mkdir(parents=True)
         for dag_file in BENCH_DAGS:
             shutil.copy(dag_file, self.dags_folder / dag_file.name)
+        if self.postgres is not None:
+            self.pg_database = f"bench_{uuid.uuid4().hex[:8]}"
+            self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = self.postgres.create_database(self.pg_database)
         prepare_airflow(self.home, self.env, pool_slots=self.pool_slots)
         self.prepare_seconds = time.monotonic() - started
         started = time.monotonic()
@@ -272,6 +292,9 @@ class AirflowServices:
         return RunTiming(run_id=run_id, state=run[0], start=start, end=end, tasks=tasks)
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query (``?`` placeholders) on the metadata DB; [] before its tables exist."""
+        if self.postgres is not None:
+            return self._query_postgres(sql.replace("?", "%s"), args)
         if not self.db_path.exists():
             return []
         for attempt in range(10):
@@ -285,6 +308,17 @@ class AirflowServices:
                     raise
                 time.sleep(0.2)
         return []
+
+    def _query_postgres(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        import psycopg2
+
+        assert self.postgres is not None and self.pg_database is not None
+        try:
+            with contextlib.closing(self.postgres.connect(self.pg_database)) as conn, conn.cursor() as cur:
+                cur.execute(sql, args)
+                return list(cur.fetchall())
+        except psycopg2.errors.UndefinedTable:
+            return []
 
 
 def _fernet_key() -> str:
@@ -333,7 +367,10 @@ def cpu_snapshot(services: AirflowServices, others: Mapping[str, int | None]) ->
     for name, pid in others.items():
         if pid is not None:
             with contextlib.suppress(psutil.Error):
-                snap[name] = _proc_cpu(psutil.Process(pid))
+                root = psutil.Process(pid)
+                # postgres serves each connection from a child process: live ones counted here, ended
+                # ones are in the root's children_* fields.
+                snap[name] = _proc_cpu(root) + sum(_proc_cpu(p, children=False) for p in root.children(recursive=True))
     snap["machine busy"], snap["machine total"] = machine_busy_seconds()
     return snap
 
