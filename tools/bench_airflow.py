@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -50,11 +51,15 @@ TASKS_CPU = "task processes (LocalExecutor workers, supervisors, tasks)"
 OTHER_CPU = "not the bench's processes"
 STAND_INS = {
     "mongo": "stand-in: MongoDB wire server (secantusd-py)",
-    "llm": "stand-in: fake LLM (the bench process)",
+    "llm": "stand-in: fake LLM (the bench process, its polling included)",
     "redis": "stand-in: redis-server",
     "postgres": "stand-in: PostgreSQL (Airflow's metadata DB)",
+    "trigger": "bench: its `airflow dags trigger` CLI call",
 }
-"""The CPU components a real deployment does not pay as such (its own MongoDB, LLM, Redis, database)."""
+"""The CPU components a real deployment does not pay as such (its own MongoDB, LLM, Redis, database),
+and the bench's own ``airflow dags trigger`` calls."""
+TREE_STAND_INS = {STAND_INS["postgres"]}
+"""Stand-ins counted with their child processes (the others' children are measured apart or not at all)."""
 
 
 def _airflow_bin() -> str:
@@ -340,6 +345,12 @@ def _proc_cpu(proc: psutil.Process, *, children: bool = True) -> float:
     return own + (times.children_user + times.children_system if children else 0.0)
 
 
+def reaped_children_cpu() -> float:
+    """Return the CPU seconds of this process's ended and waited-for children (e.g. a CLI call)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def machine_busy_seconds() -> tuple[float, float]:
     """Return (busy CPU seconds, total CPU seconds) of the whole machine since boot, from /proc/stat."""
     fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -368,9 +379,11 @@ def cpu_snapshot(services: AirflowServices, others: Mapping[str, int | None]) ->
         if pid is not None:
             with contextlib.suppress(psutil.Error):
                 root = psutil.Process(pid)
-                # postgres serves each connection from a child process: live ones counted here, ended
-                # ones are in the root's children_* fields.
-                snap[name] = _proc_cpu(root) + sum(_proc_cpu(p, children=False) for p in root.children(recursive=True))
+                snap[name] = _proc_cpu(root)
+                if name in TREE_STAND_INS:
+                    # postgres serves each connection from a child process: live ones are counted here,
+                    # ended ones are in the root's children_* fields.
+                    snap[name] += sum(_proc_cpu(p, children=False) for p in root.children(recursive=True))
     snap["machine busy"], snap["machine total"] = machine_busy_seconds()
     return snap
 
