@@ -40,9 +40,8 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 from butler_memory.settings import Settings  # noqa: E402
 from butler_memory.store import MemoryStore  # noqa: E402
 from tools import bench_engine as eng  # noqa: E402
-from tools import bench_guards  # noqa: E402
+from tools import bench_guards, parts  # noqa: E402
 from tools import bench_svg as svg  # noqa: E402
-from tools import parts  # noqa: E402
 from tools.bench_airflow import (  # noqa: E402
     DAG_ID,
     NOOP_DAG_ID,
