@@ -11,7 +11,7 @@ help:
 	@echo "make demo     run the memory_compression DAG end to end on embedded MongoDB/Redis"
 	@echo "make test     lint + the whole test suite (real services started by the suite)"
 	@echo "make airflow  Airflow API server + scheduler + DAG processor on the embedded services (UI on 127.0.0.1:8080)"
-	@echo "make bench    benchmarks; prints figures (takes up to 15 minutes)"
+	@echo "make bench    benchmarks; prints figures (takes up to 35 minutes)"
 	@echo "make lock     regenerate requirements*.txt from requirements*.in"
 
 venv: $(STAMP)
@@ -52,6 +52,7 @@ airflow: venv
 
 bench: venv
 	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/bench_fresh.py
 
 lock: venv
 	$(BIN)/pip install --quiet uv

@@ -245,20 +245,24 @@ class AirflowServices:
 
     # -- runs ------------------------------------------------------------------------------------
 
-    def trigger(self, run_id: str, conf: Mapping[str, Any] | None = None, dag_id: str = DAG_ID) -> None:
-        """Trigger a run of the DAG through the CLI."""
+    def cli(self, *args: str) -> str:
+        """Run ``airflow <args>`` with the services' environment; return its output, raise on failure."""
         proc = subprocess.run(
-            [_airflow_bin(), "dags", "trigger", dag_id, "--run-id", run_id, "--conf", json.dumps(dict(conf or {}))],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+            [_airflow_bin(), *args], env=self.env, capture_output=True, text=True, timeout=120, check=False
         )
         if proc.returncode != 0:
             raise RuntimeError(
-                f"airflow dags trigger failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+                f"airflow {' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
             )
+        return proc.stdout
+
+    def trigger(self, run_id: str, conf: Mapping[str, Any] | None = None, dag_id: str = DAG_ID) -> None:
+        """Trigger a run of the DAG through the CLI."""
+        self.cli("dags", "trigger", dag_id, "--run-id", run_id, "--conf", json.dumps(dict(conf or {})))
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Read the metadata DB (read-only)."""
+        return self._query(sql, args)
 
     def run_state(self, run_id: str, dag_id: str = DAG_ID) -> str | None:
         """Return the DAG run's state, None before it exists."""
