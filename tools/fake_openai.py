@@ -15,6 +15,9 @@ Standalone use (benchmarks, e2e tests steering a server in another process)::
 How a chat request is answered, first match wins: a ``fail_when_contains`` rule whose marker is in
 the request body; the next queued one-shot behaviour (``push_*``); the default status
 (``set_default_status``); the responder (``set_responder``, else :func:`default_responder`).
+Named responders (``RESPONDERS``: ``faithful``, ``drop_fact``, ``new_only``, ``wrong_language``)
+read the butler_memory prompt and play an honest LLM or one of the failures the guards must catch;
+pick one with ``set_responder("faithful")``, ``--responder`` or ``/_control {"responder": ...}``.
 ``set_latency`` delays every chat request, errors included.
 """
 

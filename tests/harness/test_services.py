@@ -579,6 +579,31 @@ def test_control_endpoint_steers_the_server(client: openai.OpenAI, llm: FakeOpen
     assert "no_such_knob" in reply["error"]
 
 
+def test_named_responders_read_the_butler_prompt(client: openai.OpenAI, llm: FakeOpenAI) -> None:
+    """The guard modes: each answers the engine's own prompt, chosen over /_control by name."""
+    from datetime import UTC, datetime
+
+    from butler_memory.prompt import build_messages
+    from butler_memory.summarizer import EventText, SummaryRequest
+
+    events = [EventText("user", "Мою дочь зовут Ольга, ей 7 лет.", datetime(2026, 1, 1, tzinfo=UTC))]
+    request = SummaryRequest("u1", "- Меня зовут Анна.\n- Живу в Казани.", events, "ru", 300, 1800)
+    root = llm.base_url.removesuffix("/v1")
+
+    def answer(responder: str) -> str:
+        assert post_json(f"{root}/_control", {"responder": responder}) == (200, {"ok": True})
+        reply = client.chat.completions.create(model="m", messages=build_messages(request), max_tokens=600)  # type: ignore[arg-type]
+        return str(reply.choices[0].message.content)
+
+    faithful = answer("faithful")
+    assert faithful.startswith("- Меня зовут Анна.\n- Живу в Казани.\n") and "Ольга" in faithful, faithful
+    assert "Анна" not in answer("drop_fact") and "Казани" in answer("drop_fact")
+    assert "Анна" not in answer("new_only") and "Ольга" in answer("new_only")
+    assert answer("wrong_language").startswith("The user talked about")
+    status, reply = post_json(f"{root}/_control", {"responder": "no_such_mode"})
+    assert status == 400 and "no_such_mode" in reply["error"]
+
+
 def test_stop_wakes_hanging_requests() -> None:
     """stop() returns promptly even while a request is parked in push_hang."""
     server = FakeOpenAI().start()
