@@ -12,4 +12,5 @@ RUN pip install --no-cache-dir \
     openai==3.57.0 \
     statsd==4.0.1 \
     lingua-language-detector==2.1.1 \
-    snowballstemmer==3.1.1
+    snowballstemmer==3.1.1 \
+    quicktok-v1==0.4.0

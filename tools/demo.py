@@ -3,8 +3,8 @@
 Starts the embedded MongoDB wire-protocol server and redis-server on free loopback ports, seeds
 synthetic Butler users, runs ``airflow dags test memory_compression`` on a SQLite metadata DB under
 ``.local/airflow``, prints the run report, and stops everything it started. Uses the offline
-summariser unless OPENAI_BASE_URL / OPENAI_API_KEY (and OPENAI_MODEL) point at an
-OpenAI-compatible endpoint.
+summariser (chosen explicitly: summarizer=offline) unless OPENAI_BASE_URL (with OPENAI_API_KEY and
+OPENAI_MODEL) points at an OpenAI-compatible endpoint; an OPENAI_API_KEY alone is not used.
 """
 
 from __future__ import annotations
@@ -62,9 +62,7 @@ def prepare_airflow(home: Path, env: dict[str, str], pool_slots: int) -> None:
 
 def llm_env() -> tuple[str | None, str, str]:
     """Return (base URL, model, key) of a configured OpenAI-compatible endpoint, if any."""
-    base = os.environ.get("OPENAI_BASE_URL") or (
-        "https://api.openai.com/v1" if os.environ.get("OPENAI_API_KEY") else None
-    )
+    base = os.environ.get("OPENAI_BASE_URL") or None  # never the public endpoint by default
     return base, os.environ.get("OPENAI_MODEL", "gpt-4o-mini"), os.environ.get("OPENAI_API_KEY", "not-needed")
 
 
@@ -90,6 +88,8 @@ def embedded_butler(data: Path, users: int) -> Iterator[tuple[MongoService, list
             llm_model=model,
             llm_api_key=key,
         )
+        if base_url is None:  # no LLM connection: say so, the DAG never falls back on its own
+            connections["BUTLER_MEMORY_SUMMARIZER"] = "offline"
         yield mongo, planted, connections
 
 

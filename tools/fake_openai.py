@@ -19,6 +19,12 @@ Named responders (``RESPONDERS``: ``faithful``, ``drop_fact``, ``new_only``, ``w
 read the butler_memory prompt and play an honest LLM or one of the failures the guards must catch;
 pick one with ``set_responder("faithful")``, ``--responder`` or ``/_control {"responder": ...}``.
 ``set_latency`` delays every chat request, errors included.
+
+Reported ``usage.prompt_tokens`` is the real ``o200k_base`` count of the message texts plus
+``TEMPLATE_TOKENS`` per message (a chat template's markers), as a server reading all of it reports.
+``set_context_window(n)`` makes the server behave like Ollama with a context of ``n`` tokens: a
+longer prompt loses its head without an error (the responder sees only the tail) and the reply
+reports the ``n`` tokens read.
 """
 
 from __future__ import annotations
@@ -62,6 +68,46 @@ ERROR_TYPES = {
 }
 # Handler threads waiting on a client (idle keep-alive, slow body) give up after this long.
 IDLE_TIMEOUT = 60.0
+TEMPLATE_TOKENS = 4
+"""Tokens a chat template adds around each message (role markers), as real servers count them."""
+
+
+def _encoding() -> Any:
+    import quicktok
+
+    return quicktok.get_encoding("o200k_base")
+
+
+def prompt_tokens_of(request: dict[str, Any]) -> int:
+    """Return the prompt tokens a server reading all of ``request`` reports."""
+    texts = _message_texts(request)
+    return sum(_encoding().count(text) for text in texts) + TEMPLATE_TOKENS * len(texts)
+
+
+def keep_tail(request: dict[str, Any], window: int) -> tuple[dict[str, Any], int]:
+    """Return the request as a server with a context of ``window`` tokens reads it, and the tokens read.
+
+    Like Ollama: when the prompt is longer, whole leading tokens are dropped (the system message
+    first), silently; what is left is the tail of the prompt.
+    """
+    total = prompt_tokens_of(request)
+    if total <= window:
+        return request, total
+    enc = _encoding()
+    drop = total - window
+    kept: list[dict[str, Any]] = []
+    for message in request.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, str):
+            continue
+        ids = enc.encode_ordinary(content)
+        cost = len(ids) + TEMPLATE_TOKENS
+        if drop >= cost:
+            drop -= cost
+            continue
+        kept.append({**message, "content": enc.decode(ids[max(drop - TEMPLATE_TOKENS, 0) :])})
+        drop = 0
+    return {**request, "messages": kept}, window
 
 
 def _message_texts(request: dict[str, Any], role: str | None = None) -> list[str]:
@@ -412,6 +458,7 @@ class FakeOpenAI:
         self._responder: Responder = default_responder
         self._latency = 0.0
         self._default_status: int | None = None
+        self._context_window: int | None = None
         self._server = _Server((host, port), self)
         self.host: str = str(self._server.server_address[0])
         self.port: int = int(self._server.server_address[1])
@@ -509,6 +556,11 @@ class FakeOpenAI:
         with self._lock:
             self._responder = responder or default_responder
 
+    def set_context_window(self, tokens: int | None) -> None:
+        """Behave like Ollama with this context: keep only the tail of a longer prompt, silently; None ends it."""
+        with self._lock:
+            self._context_window = tokens
+
     def set_default_status(self, code: int | None) -> None:
         """Fail every unscripted request with this status until reset (an outage); None ends it."""
         with self._lock:
@@ -533,6 +585,7 @@ class FakeOpenAI:
             self._responder = default_responder
             self._latency = 0.0
             self._default_status = None
+            self._context_window = None
 
     def apply_control(self, command: object) -> None:
         """Apply a /_control document such as {"latency": 0.5} or {"default_status": null}."""
@@ -545,6 +598,7 @@ class FakeOpenAI:
             "clear_rules",
             "reset",
             "responder",
+            "context_window",
         }
         if unknown:
             raise ValueError(f"unknown control keys {sorted(unknown)}")
@@ -559,6 +613,9 @@ class FakeOpenAI:
         if "default_status" in command:
             code = command["default_status"]
             self.set_default_status(None if code is None else int(code))
+        if "context_window" in command:
+            window = command["context_window"]
+            self.set_context_window(None if window is None else int(window))
         if "fail_when_contains" in command:
             rule = command["fail_when_contains"]
             self.fail_when_contains(str(rule["marker"]), int(rule["status"]))
@@ -596,6 +653,7 @@ class FakeOpenAI:
         """Pick how to answer a chat request, and the latency to add."""
         with self._lock:
             latency = self._latency
+            window = self._context_window
             if self._rules:
                 text = raw + json.dumps(request, ensure_ascii=False)
                 for rule in self._rules:
@@ -606,6 +664,9 @@ class FakeOpenAI:
             if self._default_status is not None:
                 return _Status(self._default_status), latency
             responder = self._responder
+        if window is not None:
+            read, tokens = keep_tail(request, window)
+            return _Reply(responder(read), prompt_tokens=tokens), latency
         return _Reply(responder(request)), latency
 
     def _sleep(self, seconds: float) -> None:
@@ -615,8 +676,7 @@ class FakeOpenAI:
 
     def _completion(self, request: dict[str, Any], reply: _Reply) -> dict[str, Any]:
         """Return a chat.completion document for a reply."""
-        prompt_chars = sum(len(text) for text in _message_texts(request))
-        prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else prompt_chars // 4
+        prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else prompt_tokens_of(request)
         completion_tokens = reply.completion_tokens if reply.completion_tokens is not None else len(reply.text) // 4
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from butler_memory.compression import FAILED, UserResult, failed_result
 from butler_memory.errors import CompressionError, ForgetInputError, LockUnavailableError
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
-from butler_memory.settings import Settings, SettingsError
+from butler_memory.settings import SettingsError
 
 log = logging.getLogger("butler_memory.cli")
 
@@ -117,17 +117,12 @@ def _progress(out: TextIO, done: int, total: int, result: UserResult) -> None:
 
 def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Scan, compress each user in turn, print the report; return the exit code."""
-    from butler_memory.connections import build_engine
+    from butler_memory.connections import build_engine, resolve_settings
 
-    overrides: dict[str, Any] = {}
-    if args.threshold is not None:
-        overrides["threshold"] = args.threshold
-    if args.keep_last_n is not None:
-        overrides["keep_last_n"] = args.keep_last_n
-    if args.limit is not None:
-        overrides["scan_limit"] = args.limit
+    # The options are the DAG's params: settings resolve exactly as in the DAG (env, Variable, params).
+    params = {"threshold": args.threshold, "keep_last_n": args.keep_last_n, "limit": args.limit}
     try:
-        settings = Settings.from_env().replace(**overrides)
+        settings = resolve_settings(params)
     except SettingsError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_USAGE
@@ -182,14 +177,14 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Forget a user or some of their events; print the result; return the exit code."""
     from butler_memory import erasure, forget
-    from butler_memory.connections import build_engine, erasure_secret
+    from butler_memory.connections import build_engine, erasure_secret, resolve_settings
 
     by_events = bool(args.events) or args.since is not None or args.until is not None
     if by_events and args.include_events:
         err.write("error: --include-events is for forgetting the whole user; --event/--since/--until forget events\n")
         return EXIT_USAGE
     try:
-        settings = Settings.from_env()
+        settings = resolve_settings({})  # the DAG's settings: the same lock keys and collections
         secret = erasure_secret(settings, required=not args.dry_run)
         engine = build_engine(settings)
     except SettingsError as exc:
@@ -252,10 +247,10 @@ def _each_user(
 ) -> list[Any] | int:
     """Open the engine (a real run first pings the lock service and ensures the indexes), act on each
     user in turn, close it; return the results, or an exit code when a service or setting is bad."""
-    from butler_memory.connections import build_engine
+    from butler_memory.connections import build_engine, resolve_settings
 
     try:
-        engine = build_engine(Settings.from_env())
+        engine = build_engine(resolve_settings({}))  # the DAG's settings: the same lock keys and collections
     except SettingsError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_USAGE

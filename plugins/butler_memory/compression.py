@@ -30,7 +30,7 @@ from butler_memory.errors import CompressionError, ErasurePendingError, GuardRej
 from butler_memory.history import BASELINE, FOLD, Covers, HistoryEntry, Key, prompt_version
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
-from butler_memory.prompt import EVENT_FRAMING_CHARS, PROMPT_OVERHEAD_TOKENS, SYSTEM_PROMPT, estimate_tokens
+from butler_memory.prompt import SYSTEM_PROMPT, build_messages, event_line
 from butler_memory.settings import Settings
 from butler_memory.store import Backlog, EventKey, MemoryStore, Profile
 from butler_memory.summarizer import EventText, Summarizer, SummaryRequest
@@ -41,9 +41,6 @@ if TYPE_CHECKING:
     from butler_memory.rollback import RollbackResult
 
 log = logging.getLogger(__name__)
-
-FRAMING_TOKENS = estimate_tokens(EVENT_FRAMING_CHARS + 2)
-"""Tokens an event costs on top of its text: the JSON array around it, escapes and the newline."""
 
 Checkpoint = Callable[[str], None]
 """Called with a step name at every step boundary (tests kill the process there)."""
@@ -311,7 +308,8 @@ def _compress_locked(
     log.info("user %s: folding %d of %d events", user_id, len(keys), result.events_before)
     language = profile.language or settings.summary_language
     summary, version = profile.summary, profile.version
-    for chunk in _chunks(user_id, keys, store, settings):
+    # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
+    for chunk in _chunks(user_id, keys, store, settings, summarizer, language, lambda: summary):  # noqa: B023
         lock.extend()
         request = SummaryRequest(
             user_id=user_id,
@@ -522,7 +520,13 @@ def finish_pending(
 
 
 def _chunks(
-    user_id: str, keys: list[EventKey], store: MemoryStore, settings: Settings
+    user_id: str,
+    keys: list[EventKey],
+    store: MemoryStore,
+    settings: Settings,
+    summarizer: Summarizer,
+    language: str,
+    summary: Callable[[], str],
 ) -> Iterator[list[dict[str, Any]]]:
     """Yield the fold list's events in chunks that fit one prompt, streaming from MongoDB.
 
@@ -533,20 +537,51 @@ def _chunks(
         return
     wanted = {key.id for key in keys}
     events = store.iter_events(user_id, keys[0], keys[-1], batch_size=min(settings.max_events_per_chunk, 1000))
-    yield from pack_chunks(user_id, (ev for ev in events if ev["_id"] in wanted), settings)
+    yield from pack_chunks(
+        user_id, (ev for ev in events if ev["_id"] in wanted), settings, summarizer, language, summary
+    )
 
 
-def pack_chunks(user_id: str, events: Iterable[dict[str, Any]], settings: Settings) -> Iterator[list[dict[str, Any]]]:
-    """Group events, in the given order, into chunks that fit one prompt with the previous summary."""
-    budget = settings.prompt_budget_tokens - PROMPT_OVERHEAD_TOKENS - estimate_tokens(settings.summary_max_chars)
+def pack_chunks(
+    user_id: str,
+    events: Iterable[dict[str, Any]],
+    settings: Settings,
+    summarizer: Summarizer,
+    language: str,
+    summary: Callable[[], str],
+) -> Iterator[list[dict[str, Any]]]:
+    """Cut ``events`` (in order) into chunks that each fit one prompt with the summary they fold into.
+
+    Tokens are counted by the summariser (the model's tokenizer, or an upper bound); a chunk's
+    budget is ``prompt_budget_tokens``, capped by the model's context less the reply, less the
+    instructions and the summary the chunk folds into (``summary()``, read as each chunk starts).
+    An event that cannot fit the model's context even alone fails the user, naming the event.
+    """
+    reply = 2 * settings.summary_max_tokens
+    limit = None if summarizer.context_tokens is None else summarizer.context_tokens - reply
+    ceiling = settings.prompt_budget_tokens if limit is None else min(settings.prompt_budget_tokens, limit)
+
+    def budget() -> int:
+        frame = build_messages(SummaryRequest(user_id, summary(), [], language, settings.summary_max_tokens, 0))
+        return ceiling - sum(summarizer.count_tokens(message["content"]) for message in frame)
+
     chunk: list[dict[str, Any]] = []
     chunk_tokens = 0
+    room = budget()
     for ev in events:
-        content = _checked_content(user_id, ev, settings)
-        tokens = estimate_tokens(content) + FRAMING_TOKENS
-        if chunk and (chunk_tokens + tokens > budget or len(chunk) >= settings.max_events_per_chunk):
+        _checked_content(user_id, ev, settings)
+        tokens = summarizer.count_tokens(event_line(_event_text(user_id, ev))) + 1  # and its newline
+        if chunk and (chunk_tokens + tokens > room or len(chunk) >= settings.max_events_per_chunk):
             yield chunk
-            chunk, chunk_tokens = [], 0
+            chunk, chunk_tokens, room = [], 0, budget()
+        if not chunk and limit is not None and tokens > room:
+            raise InvalidEventError(
+                user_id,
+                ev["_id"],
+                "content",
+                f"is {tokens} tokens: with the instructions and the summary it exceeds the model's context "
+                f"({summarizer.context_tokens} tokens less {reply} for the reply)",
+            )
         chunk.append(ev)
         chunk_tokens += tokens
     if chunk:

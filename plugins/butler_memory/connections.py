@@ -21,19 +21,53 @@ from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer
 from butler_memory.settings import Settings, SettingsError
 from butler_memory.store import MemoryStore
 from butler_memory.summarizer import Summarizer
+from butler_memory.tokens import AUTO, TOKENIZERS
 
 log = logging.getLogger(__name__)
 
 
-def _connection(conn_id: str) -> Any | None:
-    """Return an Airflow connection, or None when it is not defined anywhere."""
-    from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowNotFoundException, AirflowRuntimeError
+VARIABLE_NAME = "butler_memory"
+"""Airflow Variable holding a JSON object of settings (optional)."""
+PARAM_SETTINGS = ("threshold", "keep_last_n")
+"""Params that override settings of the same name when not null."""
 
+
+def resolve_settings(params: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Merge defaults, BUTLER_MEMORY_* env, the ``butler_memory`` Variable and the run's params.
+
+    The one way settings are resolved: the DAG's tasks, the CLI (its options are the params) and
+    the UI all call this, so all of them take the same lock keys, collections and fields.
+    """
+    from airflow.sdk import Variable
+
+    params = params or {}
+    settings = Settings.from_env(os.environ if env is None else env)
+    raw = Variable.get(VARIABLE_NAME, default=None)
+    if raw:
+        settings = Settings.from_json(raw, base=settings, source=f"Airflow Variable {VARIABLE_NAME!r}")
+    overrides = {name: params[name] for name in PARAM_SETTINGS if params.get(name) is not None}
+    if params.get("limit") is not None:
+        overrides["scan_limit"] = params["limit"]
+    return settings.replace(**overrides) if overrides else settings
+
+
+def _connection(conn_id: str) -> Any | None:
+    """Return an Airflow connection, None when it is not defined anywhere.
+
+    Any other failure to read it (the API server or a secrets backend answering with an error) is a
+    SettingsError: a connection that exists but cannot be read must never look like a missing one.
+    """
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    if not conn_id:
+        return None
     try:
         return BaseHook.get_connection(conn_id)
-    except (AirflowNotFoundException, AirflowRuntimeError):
+    except AirflowNotFoundException:
         return None
+    except Exception as exc:
+        raise SettingsError(f"connection {conn_id!r} could not be read ({type(exc).__name__})") from None
 
 
 def mongo_store(settings: Settings) -> MemoryStore:
@@ -59,7 +93,11 @@ def user_locks(settings: Settings) -> UserLocks:
 
 def llm_config(settings: Settings, env: Mapping[str, str] | None = None) -> LLMConfig | None:
     """Read the LLM endpoint from the connection (host = base URL, password = key, extra = model and
-    options), else from OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL; None when neither exists."""
+    options), else from OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL; None when neither exists.
+
+    The environment is used only when it names the endpoint (OPENAI_BASE_URL): an OPENAI_API_KEY
+    alone never sends conversations anywhere, least of all to the public OpenAI endpoint by default.
+    """
     env = os.environ if env is None else env
     conn = _connection(settings.llm_conn_id)
     if conn is not None:
@@ -69,23 +107,90 @@ def llm_config(settings: Settings, env: Mapping[str, str] | None = None) -> LLMC
             raise SettingsError(
                 f'connection {settings.llm_conn_id!r}: extra must name the model, e.g. {{"model": ...}}'
             )
-        return LLMConfig(
-            base_url=_base_url(conn.host, conn.port, extra.get("path")),
+        base_url = _base_url(conn.host, conn.port, extra.get("path"))
+        if base_url is None:
+            raise SettingsError(
+                f"connection {settings.llm_conn_id!r} has no host: set it to the endpoint's base URL "
+                "(https://api.openai.com/v1 for OpenAI itself)"
+            )
+        return _checked(
+            settings,
+            f"connection {settings.llm_conn_id!r}",
+            base_url=base_url,
             api_key=conn.password or env.get("OPENAI_API_KEY") or "not-needed",
             model=model,
-            timeout_seconds=float(extra.get("timeout", settings.llm_timeout_seconds)),
-            max_retries=int(extra.get("max_retries", settings.llm_max_retries)),
-            extra_body=extra.get("extra_body"),
+            extra=extra,
         )
-    if env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"):
-        return LLMConfig(
-            base_url=env.get("OPENAI_BASE_URL") or None,
+    if env.get("OPENAI_BASE_URL"):
+        return _checked(
+            settings,
+            "OPENAI_BASE_URL",
+            base_url=env["OPENAI_BASE_URL"],
             api_key=env.get("OPENAI_API_KEY") or "not-needed",
             model=env.get("OPENAI_MODEL") or "gpt-4o-mini",
-            timeout_seconds=settings.llm_timeout_seconds,
-            max_retries=settings.llm_max_retries,
+            extra={},
         )
+    if env.get("OPENAI_API_KEY"):
+        log.warning("OPENAI_API_KEY is set without OPENAI_BASE_URL or connection %r: ignored", settings.llm_conn_id)
     return None
+
+
+LLM_EXTRAS: dict[str, type | tuple[type, ...]] = {
+    "model": str,
+    "path": str,
+    "timeout": (int, float),
+    "max_retries": int,
+    "extra_body": dict,
+    "tokenizer": str,
+    "context_tokens": int,
+    "prompt_tokens_tolerance": (int, float),
+    "verify_prompt_tokens": bool,
+}
+"""The LLM connection's extra fields and their JSON types (docs/configuration.md)."""
+
+
+def _checked(
+    settings: Settings, source: str, *, base_url: str, api_key: str, model: str, extra: Mapping[str, Any]
+) -> LLMConfig:
+    """Build the LLMConfig, checking every extra's type and range against the settings (lock TTL)."""
+    for name, value in extra.items():
+        kind = LLM_EXTRAS.get(name)
+        if kind is None:
+            raise SettingsError(f"{source}: unknown extra {name!r} (known: {', '.join(sorted(LLM_EXTRAS))})")
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+            raise SettingsError(f"{source}: extra {name!r} has the wrong type ({type(value).__name__})")
+    tokenizer = extra.get("tokenizer", AUTO)
+    if tokenizer not in TOKENIZERS:
+        raise SettingsError(f"{source}: extra tokenizer {tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    context = extra.get("context_tokens")
+    if context is not None and context <= 2 * settings.summary_max_tokens + 1000:
+        raise SettingsError(
+            f"{source}: extra context_tokens ({context}) leaves no room for a prompt beside the reply "
+            f"({2 * settings.summary_max_tokens} tokens)"
+        )
+    tolerance = extra.get("prompt_tokens_tolerance")
+    if tolerance is not None and not 0 <= tolerance < 1:
+        raise SettingsError(f"{source}: extra prompt_tokens_tolerance ({tolerance}) must be in [0, 1)")
+    config = LLMConfig(
+        base_url=base_url,
+        api_key=api_key,
+        model=model,
+        timeout_seconds=float(extra.get("timeout", settings.llm_timeout_seconds)),
+        max_retries=int(extra.get("max_retries", settings.llm_max_retries)),
+        extra_body=extra.get("extra_body"),
+        tokenizer=tokenizer,
+        context_tokens=context,
+        prompt_tokens_tolerance=None if tolerance is None else float(tolerance),
+        verify_prompt_tokens=bool(extra.get("verify_prompt_tokens", True)),
+    )
+    if config.max_retries < 0:
+        raise SettingsError(f"{source}: extra max_retries must be >= 0, got {config.max_retries}")
+    if config.timeout_seconds <= 0 or config.timeout_seconds * 2 >= settings.lock_ttl_seconds:
+        raise SettingsError(
+            f"{source}: extra timeout ({config.timeout_seconds}) must be positive and under half of "
+            f"lock_ttl_seconds ({settings.lock_ttl_seconds}), like llm_timeout_seconds"
+        )
+    return config
 
 
 def _base_url(host: str | None, port: int | None, path: str | None) -> str | None:
@@ -98,26 +203,37 @@ def _base_url(host: str | None, port: int | None, path: str | None) -> str | Non
 
 
 def build_summarizer(settings: Settings) -> Summarizer:
-    """Pick the summariser the settings ask for."""
-    if settings.summarizer == "offline":
+    """Pick the summariser the settings ask for; never fall back silently.
+
+    ``offline`` is the extractive summariser. ``openai`` needs the LLM connection (or OPENAI_BASE_URL).
+    ``auto`` is ``openai`` whenever an LLM connection id is configured or OPENAI_BASE_URL is set,
+    and ``offline`` only when neither is (``llm_conn_id`` set to ""): a configured connection that
+    is missing or unreadable fails the run instead of silently switching summarisers.
+    """
+    if settings.summarizer == "offline" or (
+        settings.summarizer == "auto" and not settings.llm_conn_id and not os.environ.get("OPENAI_BASE_URL")
+    ):
+        log.info("summariser: offline extractive")
         return OfflineSummarizer()
     config = llm_config(settings)
     if config is None:
-        if settings.summarizer == "openai":
-            raise SettingsError(
-                f"summarizer is 'openai' but neither connection {settings.llm_conn_id!r} nor "
-                "OPENAI_API_KEY/OPENAI_BASE_URL is set"
-            )
-        log.info("no LLM connection %r: using the offline extractive summariser", settings.llm_conn_id)
-        return OfflineSummarizer()
+        raise SettingsError(
+            f"summarizer is {settings.summarizer!r} but LLM connection {settings.llm_conn_id!r} is not defined "
+            "(nor OPENAI_BASE_URL); define it, or set summarizer to 'offline' for the extractive summariser"
+        )
     log.info("summariser: OpenAI-compatible endpoint, model %s", config.model)
     return OpenAISummarizer(config)
 
 
 def statsd_metrics(settings: Settings, env: Mapping[str, str] | None = None) -> Metrics:
-    """Return a StatsD client from the connection or STATSD_HOST/STATSD_PORT; a no-op when neither exists."""
+    """Return a StatsD client from the connection or STATSD_HOST/STATSD_PORT; a no-op when neither exists
+    (or when the connection cannot be read: metrics are no reason to stop a compression)."""
     env = os.environ if env is None else env
-    conn = _connection(settings.statsd_conn_id)
+    try:
+        conn = _connection(settings.statsd_conn_id)
+    except SettingsError as exc:
+        log.warning("statsd disabled: %s", exc)
+        conn = None
     config: StatsdConfig | None = None
     if conn is not None and conn.host:
         config = StatsdConfig(conn.host, int(conn.port or 8125), (conn.extra_dejson or {}).get("prefix") or None)

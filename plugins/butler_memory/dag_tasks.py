@@ -6,7 +6,6 @@ The DAG file only wires these together. XCom carries user ids, counts and status
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +13,14 @@ from typing import Any
 from butler_memory import fresh
 from butler_memory import metrics as m
 from butler_memory.compression import failed_result, utcnow
-from butler_memory.connections import build_engine, mongo_store, statsd_metrics, user_locks
+from butler_memory.connections import (
+    VARIABLE_NAME,
+    build_engine,
+    mongo_store,
+    resolve_settings,
+    statsd_metrics,
+    user_locks,
+)
 from butler_memory.doorbell import DoorbellRecord
 from butler_memory.errors import CompressionError
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
@@ -22,25 +28,8 @@ from butler_memory.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
-VARIABLE_NAME = "butler_memory"
-"""Airflow Variable holding a JSON object of settings (optional)."""
-PARAM_SETTINGS = ("threshold", "keep_last_n")
-"""Params that override settings of the same name when not null."""
 FAILURE_XCOM_KEY = "failure"
-
-
-def resolve_settings(params: Mapping[str, Any]) -> Settings:
-    """Merge defaults, BUTLER_MEMORY_* env, the ``butler_memory`` Variable and the run's params."""
-    from airflow.sdk import Variable
-
-    settings = Settings.from_env(os.environ)
-    raw = Variable.get(VARIABLE_NAME, default=None)
-    if raw:
-        settings = Settings.from_json(raw, base=settings, source=f"Airflow Variable {VARIABLE_NAME!r}")
-    overrides = {name: params[name] for name in PARAM_SETTINGS if params.get(name) is not None}
-    if params.get("limit") is not None:
-        overrides["scan_limit"] = params["limit"]
-    return settings.replace(**overrides) if overrides else settings
+__all__ = ["VARIABLE_NAME", "compress", "report", "resolve_settings", "scan"]
 
 
 def _fail(message: str) -> Exception:

@@ -63,6 +63,18 @@ class LLMPermanentError(LLMError):
     """Bad credentials, bad request, content rejected: retrying will not help."""
 
 
+class LLMReplyCutOffError(LLMPermanentError):
+    """The reply stopped before it was finished (``finish_reason`` "length"): never a summary."""
+
+
+class LLMPromptTooLongError(LLMPermanentError):
+    """The prompt would not fit the model's context (``context_tokens``); it was not sent."""
+
+
+class LLMPromptTruncatedError(LLMPermanentError):
+    """The server read fewer prompt tokens than were sent (a silently truncated prompt); nothing was written."""
+
+
 class InvalidSummaryError(LLMError):
     """The summariser returned something that is not a usable summary; nothing was deleted."""
 

@@ -663,13 +663,16 @@ def _rebuild(user_id: str, intent: dict[str, Any], engine: Engine, lock: UserLoc
     wanted = set(refold_ids(store, user_id, base, current, set(intent["ids"])))
     archived = store.iter_archived(user_id, range(base + 1, current + 1), batch_size=1000)
     rebuilt = Rebuilt(text)
-    for chunk in pack_chunks(user_id, (ev for ev in archived if ev["_id"] in wanted), settings):
+    language = profile.language or settings.summary_language
+    kept = (ev for ev in archived if ev["_id"] in wanted)
+    # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
+    for chunk in pack_chunks(user_id, kept, settings, engine.summarizer, language, lambda: rebuilt.text):
         lock.extend()
         request = SummaryRequest(
             user_id=user_id,
             previous_summary=rebuilt.text,
             events=[_event_text(user_id, ev) for ev in chunk],
-            language=profile.language or settings.summary_language,
+            language=language,
             max_tokens=settings.summary_max_tokens,
             max_chars=settings.summary_max_chars,
         )

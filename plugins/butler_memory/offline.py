@@ -62,6 +62,11 @@ class OfflineSummarizer:
     """
 
     name = "offline"
+    context_tokens: int | None = None
+
+    def count_tokens(self, text: str) -> int:
+        """Estimate tokens (no model reads the prompt; the budget only shapes the chunks)."""
+        return estimate_tokens(text)
 
     def close(self) -> None:
         """Nothing to close: no network."""

@@ -13,9 +13,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from butler_memory.errors import LLMPermanentError, LLMTransientError
+from butler_memory.errors import (
+    LLMPermanentError,
+    LLMPromptTooLongError,
+    LLMPromptTruncatedError,
+    LLMReplyCutOffError,
+    LLMTransientError,
+)
 from butler_memory.prompt import build_messages
 from butler_memory.summarizer import Summary, SummaryRequest
+from butler_memory.tokens import AUTO, TokenCounter
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,15 @@ class LLMConfig:
     timeout_seconds: float = 60.0
     max_retries: int = 2
     extra_body: dict[str, Any] | None = None
+    tokenizer: str = AUTO
+    """How prompt tokens are counted: "auto" (by model name), an encoding of ``tokens.ENCODINGS``,
+    or "utf8_bytes" (an upper bound for any tokenizer)."""
+    context_tokens: int | None = None
+    """The model's context window as the server runs it (prompt + reply), when known."""
+    prompt_tokens_tolerance: float | None = None
+    """How much less than our count the server may report reading (share; None = the counter's default)."""
+    verify_prompt_tokens: bool = True
+    """Refuse a reply whose server reported no ``usage.prompt_tokens`` (its reading cannot be checked)."""
 
     def __repr__(self) -> str:  # never print the key
         return f"LLMConfig(base_url={self.base_url!r}, model={self.model!r}, api_key=***)"
@@ -77,6 +93,12 @@ class OpenAISummarizer:
 
     def __init__(self, config: LLMConfig, client: Any | None = None) -> None:
         self.config = config
+        self.tokens = TokenCounter.for_model(config.model, config.tokenizer)
+        self.tokens.warm_up()  # about 1 s of CPU once per process: before any lock is taken, not under one
+        self.context_tokens = config.context_tokens
+        self.tolerance = (
+            self.tokens.default_tolerance if config.prompt_tokens_tolerance is None else config.prompt_tokens_tolerance
+        )
         if client is None:
             import openai
 
@@ -93,17 +115,35 @@ class OpenAISummarizer:
         """Close the HTTP client."""
         self._client.close()
 
+    def count_tokens(self, text: str) -> int:
+        """Return the tokens of a prompt text for this model (an upper bound for an unknown tokenizer)."""
+        return self.tokens.count(text)
+
     def summarize(self, request: SummaryRequest) -> Summary:
-        """Call the chat completions API once; classify failures as transient or permanent."""
+        """Call the chat completions API once; classify failures as transient or permanent.
+
+        A reply is accepted only when it is complete (not cut off at ``max_tokens``) and the server
+        reports having read the whole prompt (``usage.prompt_tokens`` against our own count).
+        """
         import openai
 
+        messages = build_messages(request)
+        reply_tokens = request.max_tokens * 2
+        if self.context_tokens is not None and self.tokens.exact:
+            sent = sum(self.tokens.count(m["content"]) for m in messages)
+            if sent + reply_tokens > self.context_tokens:
+                raise LLMPromptTooLongError(
+                    f"user {request.user_id!r}: prompt is {sent} tokens + {reply_tokens} for the reply, over the "
+                    f"model's context of {self.context_tokens}; not sent",
+                    user_id=request.user_id,
+                )
         started = time.monotonic()
         try:
             response = self._client.chat.completions.create(
                 model=self.config.model,
-                messages=build_messages(request),  # type: ignore[arg-type]  # plain dicts are valid params
+                messages=messages,  # type: ignore[arg-type]  # plain dicts are valid params
                 temperature=0,
-                max_tokens=request.max_tokens * 2,
+                max_tokens=reply_tokens,
                 extra_body=self.config.extra_body or None,
             )
         except (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError) as exc:
@@ -133,12 +173,50 @@ class OpenAISummarizer:
             raise LLMPermanentError(
                 f"user {request.user_id!r}: LLM rejected the content (content_filter)", user_id=request.user_id
             )
+        finish_reason = getattr(choice, "finish_reason", None)
+        if finish_reason not in _COMPLETE:
+            shown = finish_reason if isinstance(finish_reason, str) and finish_reason.isidentifier() else "unexpected"
+            raise LLMReplyCutOffError(
+                f"user {request.user_id!r}: LLM reply is incomplete (finish_reason={shown[:32]!r}, "
+                f"max_tokens={reply_tokens}); nothing was written",
+                user_id=request.user_id,
+            )
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        self._check_read(request.user_id, messages, prompt_tokens)
         return Summary(
             text=choice.message.content or "",
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             seconds=seconds,
         )
+
+    def _check_read(self, user_id: str, messages: list[dict[str, str]], prompt_tokens: int) -> None:
+        """Raise LLMPromptTruncatedError unless the server read (about) all of the prompt we sent.
+
+        Servers such as Ollama drop the head of a prompt longer than their context without an error
+        (the instructions and the previous summary go first); the only trace is a low
+        ``usage.prompt_tokens``. Chat templates add tokens, so a complete read is never below our count.
+        """
+        expected = sum(self.tokens.reference(m["content"]) for m in messages)
+        if prompt_tokens <= 0:
+            if self.config.verify_prompt_tokens:
+                raise LLMPromptTruncatedError(
+                    f"user {user_id!r}: LLM server reported no usage.prompt_tokens, so a truncated prompt cannot "
+                    "be ruled out (set the connection extra verify_prompt_tokens=false to accept such servers)",
+                    user_id=user_id,
+                )
+            return
+        floor = expected * (1.0 - self.tolerance)
+        if prompt_tokens < floor:
+            raise LLMPromptTruncatedError(
+                f"user {user_id!r}: LLM server read {prompt_tokens} prompt tokens of about {expected} sent "
+                f"({self.tokens.encoding}, tolerance {self.tolerance:.0%}): it truncated the prompt "
+                "(is its context smaller than the connection's context_tokens?); nothing was written",
+                user_id=user_id,
+            )
+
+
+_COMPLETE = frozenset({"stop", "eos", "eos_token", "end_turn", None})
+"""finish_reason values of a complete reply ("length" = cut at max_tokens; content_filter is handled first)."""

@@ -21,9 +21,6 @@ LANGUAGE_NAMES = {
     "uk": "Ukrainian",
 }
 
-PROMPT_OVERHEAD_TOKENS = 400
-"""Tokens the instructions and JSON framing take, on top of the events and previous summary."""
-
 
 def estimate_tokens(text: str | int) -> int:
     """Estimate tokens of a text (or a character count): about 3 characters a token, conservative."""
@@ -43,10 +40,6 @@ Rules:
   constraints, preferences, commitments, recurring tasks. Drop small talk.
 - Write in {language}. Plain sentences or short bullet points, no preamble.
 - At most {max_tokens} tokens."""
-
-
-EVENT_FRAMING_CHARS = len(json.dumps(["2026-01-01 00:00", "assistant", ""], separators=(",", ":")))
-"""Characters one event's framing adds around its text in the prompt (35)."""
 
 
 def event_line(event: EventText) -> str:

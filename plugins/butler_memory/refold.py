@@ -199,7 +199,8 @@ def _refold_locked(
     language = profile.language or settings.summary_language
     summary = plan.start.text
     archived = store.iter_archived(user_id, plan.versions, batch_size=min(settings.max_events_per_chunk, 1000))
-    for chunk in c.pack_chunks(user_id, archived, settings):
+    # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
+    for chunk in c.pack_chunks(user_id, archived, settings, summarizer, language, lambda: summary):  # noqa: B023
         lock.extend()
         request = SummaryRequest(
             user_id=user_id,

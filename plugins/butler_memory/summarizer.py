@@ -50,6 +50,12 @@ class Summarizer(Protocol):
     """Anything that can fold events into a summary."""
 
     name: str
+    context_tokens: int | None
+    """The model's context window (prompt + reply) in its tokens, when known; None = unknown."""
+
+    def count_tokens(self, text: str) -> int:
+        """Return the tokens ``text`` costs in a prompt (exact, or an upper bound)."""
+        ...
 
     def summarize(self, request: SummaryRequest) -> Summary: ...
 

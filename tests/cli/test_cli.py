@@ -205,3 +205,22 @@ def test_settings_come_from_the_environment(
     assert result.returncode == 0, result.stderr
     assert counts(mongo_db) == {"big": 10}
     assert llm.request_count == 0, "BUTLER_MEMORY_SUMMARIZER=offline must not call the LLM"
+
+
+def test_settings_come_from_the_butler_memory_variable_like_the_dag(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI
+) -> None:
+    """Inside a stack whose Variable renames the lock key and the summary field, the CLI takes the
+    bot's lock and writes where the Butler reads (it resolves settings like the DAG; issue 11)."""
+    seed(mongo_db, {"held": 30, "free": 30})
+    variable = {"lock_key_pattern": "bot:{user_id}:lock", "summary_field": "long_term_memory", "threshold": 25}
+    redis_client.set("bot:held:lock", "the-bot", px=60_000)  # the bot is compressing "held" right now
+
+    result = cli("compress", "--json", "--keep-last-n", "3", env={"AIRFLOW_VAR_BUTLER_MEMORY": json.dumps(variable)})
+
+    assert result.returncode == 0, result.stderr
+    statuses = {u["user_id"]: u["status"] for u in report_of(result)["users"]}
+    assert statuses == {"held": "skipped_locked", "free": "compressed"}, statuses
+    assert counts(mongo_db) == {"held": 30, "free": 3}
+    profile = mongo_db["user_profiles"].find_one({"user_id": "free"}) or {}
+    assert profile.get("long_term_memory") and "memory_summary" not in profile, profile

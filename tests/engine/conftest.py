@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -20,8 +21,8 @@ def make_openai(llm: FakeOpenAI) -> Iterator[OpenAIFactory]:
     """Return a factory of OpenAISummarizers on the fake server; each is closed after the test."""
     made: list[OpenAISummarizer] = []
 
-    def factory(*, max_retries: int = 0, timeout: float = 2.0) -> OpenAISummarizer:
-        summarizer = openai_summarizer(llm.base_url, max_retries=max_retries, timeout=timeout)
+    def factory(*, max_retries: int = 0, timeout: float = 2.0, **config: Any) -> OpenAISummarizer:
+        summarizer = openai_summarizer(llm.base_url, max_retries=max_retries, timeout=timeout, **config)
         made.append(summarizer)
         return summarizer
 

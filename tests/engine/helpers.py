@@ -88,11 +88,18 @@ def _normalised(doc: Doc) -> Doc:
     return out
 
 
-def openai_summarizer(base_url: str, *, max_retries: int = 0, timeout: float = 2.0) -> OpenAISummarizer:
-    """Return an OpenAISummarizer talking to the fake server."""
+def openai_summarizer(base_url: str, *, max_retries: int = 0, timeout: float = 2.0, **config: Any) -> OpenAISummarizer:
+    """Return an OpenAISummarizer talking to the fake server, counting tokens with the fake's o200k_base
+    (``config``: more LLMConfig fields, e.g. context_tokens)."""
+    config.setdefault("tokenizer", "o200k_base")
     return OpenAISummarizer(
         LLMConfig(
-            base_url=base_url, api_key="test-key", model="test-model", timeout_seconds=timeout, max_retries=max_retries
+            base_url=base_url,
+            api_key="test-key",
+            model="test-model",
+            timeout_seconds=timeout,
+            max_retries=max_retries,
+            **config,
         )
     )
 

@@ -87,7 +87,7 @@ def test_events_arriving_during_the_llm_call_survive_whatever_their_timestamp(
     assert result.events_after == 3 + len(written), result
 
 
-class WritingSummarizer:
+class WritingSummarizer(OfflineSummarizer):
     """Summarise offline; before each call, write one more event with the oldest possible timestamp."""
 
     name = "writing"

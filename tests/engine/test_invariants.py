@@ -18,7 +18,6 @@ from butler_memory.errors import ConcurrentUpdateError, InvalidSummaryError, Loc
 from butler_memory.locks import UserLocks
 from butler_memory.metrics import StatsdMetrics
 from butler_memory.offline import OfflineSummarizer
-from butler_memory.prompt import estimate_tokens
 from butler_memory.store import Backlog, MemoryStore
 from butler_memory.summarizer import Summary, SummaryRequest
 from tests.engine.conftest import OpenAIFactory
@@ -133,9 +132,10 @@ def test_previous_summary_reaches_the_next_prompt(
 def test_long_history_is_chunked_and_each_event_reaches_the_llm_once(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
-    # Chunk budget: 700 - 400 (instructions) - 100 (summary of 300 chars) = 200 tokens.
+    # Chunk budget: 700 tokens less the instructions and the summary (o200k_base, as the fake counts).
     settings = small_settings(summary_max_tokens=50, max_event_chars=300, prompt_budget_tokens=700, **COUNTED)
-    engine = make_engine(mongo_db, redis_client, settings, make_openai())
+    summarizer = make_openai()
+    engine = make_engine(mongo_db, redis_client, settings, summarizer)
     llm.set_responder(counted_responder())
     events = insert_events(mongo_db, "u1", 40, content=lambda u, i: f"{u}-e{i:03d}: " + "слово " * (i % 7 * 7))
 
@@ -146,9 +146,9 @@ def test_long_history_is_chunked_and_each_event_reaches_the_llm_once(
     assert result.events_folded == 37 and result.chunks == len(requests) > 1, result
     assert texts_seen(requests) == folded, "every folded event must reach the LLM exactly once, in order"
     for number, request in enumerate(requests, 1):
-        prompt = system_message(request) + user_message(request)
-        assert estimate_tokens(prompt) <= settings.prompt_budget_tokens, (
-            f"prompt {number} is ~{estimate_tokens(prompt)} tokens, over the budget {settings.prompt_budget_tokens}"
+        tokens = summarizer.count_tokens(system_message(request)) + summarizer.count_tokens(user_message(request))
+        assert tokens <= settings.prompt_budget_tokens, (
+            f"prompt {number} is {tokens} tokens, over the budget {settings.prompt_budget_tokens}"
         )
     assert sorted(events_of(mongo_db, "u1")) == [ev["_id"] for ev in events[-3:]]
 
@@ -220,7 +220,7 @@ def test_a_lock_held_by_another_holder_skips_the_user_and_is_left_alone(
     other.release()
 
 
-class TakeOverSummarizer:
+class TakeOverSummarizer(OfflineSummarizer):
     """Summarise offline, but first let another holder take the lock over (as after a TTL expiry)."""
 
     name = "take-over"
@@ -398,7 +398,7 @@ def test_a_dry_run_scan_creates_no_indexes(mongo_db: Database[Doc], redis_client
     assert list(mongo_db["user_memory"].index_information()) == ["_id_"], "a dry run created indexes"
 
 
-class RacingSummarizer:
+class RacingSummarizer(OfflineSummarizer):
     """Summarise offline, but let the bot's inline compression store a newer summary meanwhile."""
 
     name = "racing"

@@ -12,7 +12,14 @@ from pymongo.database import Database
 
 from butler_memory import metrics as m
 from butler_memory.compression import COMPRESSED
-from butler_memory.errors import CompressionError, InvalidSummaryError, LLMPermanentError, LLMTransientError
+from butler_memory.errors import (
+    CompressionError,
+    InvalidSummaryError,
+    LLMPermanentError,
+    LLMPromptTruncatedError,
+    LLMReplyCutOffError,
+    LLMTransientError,
+)
 from butler_memory.metrics import StatsdMetrics
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import insert_events, make_engine, openai_summarizer, set_profile, small_settings, snapshot
@@ -33,6 +40,11 @@ FAULTS: dict[str, tuple[Callable[[FakeOpenAI], None], type[CompressionError], bo
     "content-filter": (lambda llm: llm.push_reply("-", finish_reason="content_filter"), LLMPermanentError, False),
     "empty": (lambda llm: llm.push_empty(), InvalidSummaryError, False),
     "over-long": (lambda llm: llm.push_reply("Факт. " * 400), InvalidSummaryError, False),
+    # A reply cut at max_tokens reads like a summary, but lost whatever it did not get to write.
+    "cut-off": (lambda llm: llm.push_reply("- Аллергия на", finish_reason="length"), LLMReplyCutOffError, False),
+    # A server that reports reading far less than was sent dropped part of the prompt.
+    "read-less": (lambda llm: llm.push_reply("- Факт.", prompt_tokens=40), LLMPromptTruncatedError, False),
+    "no-usage": (lambda llm: llm.push_reply("- Факт.", prompt_tokens=0), LLMPromptTruncatedError, False),
 }
 
 
@@ -105,7 +117,7 @@ def test_the_request_asks_for_the_model_at_temperature_zero(
     settings = small_settings(summary_max_tokens=200, summary_language="ru")  # the reply is Russian
     engine = make_engine(mongo_db, redis_client, settings, make_openai())
     insert_events(mongo_db, "u1", 14)
-    llm.push_reply("- Пользователь любит чай.", prompt_tokens=123, completion_tokens=7)
+    llm.push_reply("- Пользователь любит чай.", prompt_tokens=4321, completion_tokens=7)
 
     result = engine.compress("u1")
 
@@ -115,4 +127,4 @@ def test_the_request_asks_for_the_model_at_temperature_zero(
     assert body["max_tokens"] >= settings.summary_max_tokens, "the completion must have room for a full summary"
     assert [msg["role"] for msg in body["messages"]] == ["system", "user"]
     assert request["headers"]["authorization"] == "Bearer test-key"
-    assert (result.prompt_tokens, result.completion_tokens) == (123, 7), "token usage must be reported"
+    assert (result.prompt_tokens, result.completion_tokens) == (4321, 7), "token usage must be reported"

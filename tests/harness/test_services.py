@@ -25,7 +25,7 @@ import statsd as statsd_package  # type: ignore[import-untyped]
 from pymongo.database import Database
 from pymongo.errors import ServerSelectionTimeoutError
 
-from tools.fake_openai import FakeOpenAI, default_responder
+from tools.fake_openai import FakeOpenAI, default_responder, prompt_tokens_of
 from tools.services import (
     LOOPBACK,
     AirflowConns,
@@ -376,9 +376,10 @@ def test_default_reply_is_a_summary_with_usage(client: openai.OpenAI, llm: FakeO
     assert reply.choices[0].finish_reason == "stop"
     assert reply.object == "chat.completion"
     assert reply.model == "test-model"
-    prompt_chars = len("Сожми историю.") + len(text)
     assert reply.usage is not None
-    assert reply.usage.prompt_tokens == prompt_chars // 4
+    assert reply.usage.prompt_tokens == prompt_tokens_of(
+        {"messages": [{"content": "Сожми историю."}, {"content": text}]}
+    ), "a server that read the whole prompt reports all of its tokens"
     assert reply.usage.completion_tokens == len(content) // 4
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 

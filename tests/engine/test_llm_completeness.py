@@ -1,0 +1,98 @@
+"""A summary is accepted only from a complete reply to a prompt the server read in full (issue 11).
+
+The fake OpenAI server plays an Ollama whose context is smaller than the prompt: it drops the
+head of the prompt (the instructions and the previous summary go first) without an error and
+reports the tokens it read, as Ollama does. Nothing may be deleted on such an answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from pymongo.database import Database
+
+from butler_memory.compression import COMPRESSED
+from butler_memory.errors import InvalidEventError, LLMPromptTruncatedError
+from butler_memory.prompt import SYSTEM_PROMPT
+from tests.engine.conftest import OpenAIFactory
+from tests.engine.helpers import insert_events, make_engine, set_profile, small_settings, snapshot
+from tools.fake_openai import FakeOpenAI, default_responder, prompt_tokens_of
+
+Doc = dict[str, Any]
+WINDOW = 700
+"""The fake server's context, in tokens (an Ollama started with a small num_ctx)."""
+RULES = SYSTEM_PROMPT.splitlines()[0]
+
+
+def russian(user_id: str, i: int) -> str:
+    return f"{user_id}-e{i:03d}: Меня зовут Анна, я живу в Казани и не ем орехи, запомни это, пожалуйста. " * 2
+
+
+def reading_responder(seen: list[bool]) -> Any:
+    """Answer like the default responder; record whether the instructions were in what the server read."""
+
+    def respond(request: dict[str, Any]) -> str:
+        seen.append(any(RULES in (msg.get("content") or "") for msg in request["messages"]))
+        return default_responder(request)
+
+    return respond
+
+
+@pytest.mark.parametrize("tokenizer", ["o200k_base", "auto"], ids=["model-tokenizer", "unknown-model"])
+def test_a_prompt_the_server_cut_is_refused_and_nothing_is_deleted(
+    tokenizer: str, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    # No context_tokens on the connection: the chunk budget (6000) is far over the server's 700.
+    engine = make_engine(mongo_db, redis_client, small_settings(), make_openai(tokenizer=tokenizer))
+    set_profile(mongo_db, "u1", memory_summary="- Аллергия на орехи.", memory_summary_version=2)
+    insert_events(mongo_db, "u1", 40, content=russian)
+    before = snapshot(mongo_db, "u1")
+    seen: list[bool] = []
+    llm.set_responder(reading_responder(seen))
+    llm.set_context_window(WINDOW)
+
+    with pytest.raises(LLMPromptTruncatedError, match=r"read 700 prompt tokens") as info:
+        engine.compress("u1")
+
+    assert seen == [False], "the fake must have dropped the head of the prompt (its instructions)"
+    assert not info.value.retryable, "the same prompt would be cut again: fail, do not retry"
+    assert snapshot(mongo_db, "u1") == before, "a summary of a truncated prompt was stored or events deleted"
+
+
+def test_with_the_context_on_the_connection_every_prompt_fits(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    settings = small_settings(summary_max_tokens=50, max_event_chars=400, prompt_budget_tokens=6000)
+    summarizer = make_openai(context_tokens=WINDOW)
+    engine = make_engine(mongo_db, redis_client, settings, summarizer)
+    insert_events(mongo_db, "u1", 40, content=russian)
+    seen: list[bool] = []
+    llm.set_responder(reading_responder(seen))
+    llm.set_context_window(WINDOW)
+
+    result = engine.compress("u1")
+
+    assert result.status == COMPRESSED and result.events_folded == 37 and result.chunks > 1, result
+    assert seen and all(seen), "every prompt must reach the server whole, instructions included"
+    reply_room = 2 * settings.summary_max_tokens
+    for request in llm.chat_requests:
+        assert prompt_tokens_of(request) + reply_room <= WINDOW, "a prompt left no room for the reply"
+
+
+def test_an_event_longer_than_the_context_fails_naming_it_before_any_call(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    settings = small_settings(summary_max_tokens=50, max_event_chars=3000)
+    engine = make_engine(mongo_db, redis_client, settings, make_openai(context_tokens=WINDOW))
+    set_profile(mongo_db, "u1", memory_summary="- Аллергия на орехи.", memory_summary_version=2)
+    insert_events(mongo_db, "u1", 14, content=lambda u, i: russian(u, i) * (10 if i == 0 else 1))
+    before = snapshot(mongo_db, "u1")
+
+    with pytest.raises(InvalidEventError, match=r"event u1-e000: field 'content' is \d+ tokens") as info:
+        engine.compress("u1")
+
+    assert "Анна" not in str(info.value)
+    assert llm.chat_requests == [], "a prompt that cannot fit must not be sent"
+    assert snapshot(mongo_db, "u1") == before
