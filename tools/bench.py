@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,41 @@ class Budget:
     def left(self) -> float:
         """Return the seconds left."""
         return self.deadline - time.monotonic()
+
+
+def timed_out(record: object) -> bool:
+    """Whether a phase's record says it ran out of time."""
+    return isinstance(record, dict) and record.get("timed_out") is True
+
+
+def write_results(results: Mapping[str, Any], out: Path) -> None:
+    """Write the figures so far to ``out`` (atomically: a kill never leaves half a file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    partial.replace(out)
+
+
+def run_phase(
+    results: dict[str, Any], key: str, phase: Callable[[], Any], *, save: Callable[[], None] | None = None
+) -> None:
+    """Run one phase into ``results[key]``; ``save`` the figures so far as it ends.
+
+    A phase that runs out of time (a slower machine: a run's wait guard raises TimeoutError) is
+    recorded as ``{"timed_out": true, ...}`` and the bench goes on, so the other figures are still
+    measured and reported.
+    """
+    started = time.monotonic()
+    log(f"phase {key}: started")
+    try:
+        results[key] = phase()
+    except TimeoutError as exc:
+        results[key] = {"timed_out": True, "error": str(exc), "seconds": round(time.monotonic() - started, 1)}
+        log(f"phase {key}: TIMED OUT after {time.monotonic() - started:.0f} s ({exc}); the other phases go on")
+    else:
+        log(f"phase {key}: done in {time.monotonic() - started:.0f} s")
+    if save is not None:
+        save()
 
 
 # -- phases ---------------------------------------------------------------------------------------
@@ -299,7 +335,7 @@ def _airflow_run(
     before = cpu_snapshot(airflow, others)
     wall = time.monotonic()
     trigger_cpu = _trigger(airflow, run_id)
-    state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120))
+    state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120), progress=log)
     wall = time.monotonic() - wall
     after = cpu_snapshot(airflow, others)
     timing = airflow.run_timing(run_id)
@@ -340,8 +376,8 @@ def _noop_run(
     run_id = f"bench-noop-{int(time.time())}"
     others = _stand_in_pids(ctx, airflow)
     before = cpu_snapshot(airflow, others)
-    trigger_cpu = _trigger(airflow, run_id, {"users": users, "sleep": latency}, dag_id=NOOP_DAG_ID)
-    state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120), dag_id=NOOP_DAG_ID)
+    trigger_cpu = _trigger(airflow, run_id, {"users": users, "sleep": latency}, dag_id=NOOP_DAG_ID, progress=log)
+    state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120), dag_id=NOOP_DAG_ID, progress=log)
     after = cpu_snapshot(airflow, others)
     out = _analyse_run(airflow.run_timing(run_id, dag_id=NOOP_DAG_ID), [], users)
     cpu = _without_trigger(cpu_delta(before, after), trigger_cpu)
@@ -389,29 +425,51 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         "metadata_db": "PostgreSQL",
         "tuning": dict(TUNING),
     }
+    if "results" in ctx:  # each run's figures reach results.json as the run ends, not with the phase
+        ctx["results"]["airflow"] = out
+    save = ctx.get("save")
     started = time.monotonic()
     with airflow_services(ctx, args, OUT_DIR / "airflow", args.parallelism, None) as airflow:
         log(f"airflow up in {time.monotonic() - started:.1f}s (migrate {airflow.prepare_seconds:.1f}s)")
         out["startup_seconds"] = round(time.monotonic() - started, 1)
-        out["llm_latency"] = _airflow_run(ctx, airflow, args, "latency", args.latency, args.users)
-        out["noop_llm_latency"] = _noop_run(ctx, airflow, args, args.latency, args.users)
-        out["instant_llm"] = _airflow_run(ctx, airflow, args, "instant", 0.0, args.users)
+        run_phase(
+            out, "llm_latency", lambda: _airflow_run(ctx, airflow, args, "latency", args.latency, args.users), save=save
+        )
+        run_phase(out, "noop_llm_latency", lambda: _noop_run(ctx, airflow, args, args.latency, args.users), save=save)
+        run_phase(out, "instant_llm", lambda: _airflow_run(ctx, airflow, args, "instant", 0.0, args.users), save=save)
         # One mapped task alone on the machine: the per-task overhead without 8 tasks sharing 2 cores.
-        out["single_user"] = _airflow_run(ctx, airflow, args, "single", 0.0, 1)
+        run_phase(out, "single_user", lambda: _airflow_run(ctx, airflow, args, "single", 0.0, 1), save=save)
         # Slower LLMs: the fraction of pool_slots / latency as the LLM's share of a task grows.
-        out["latency_sweep"] = [
-            _airflow_run(ctx, airflow, args, f"sweep{latency:g}", latency, args.users)
-            for latency in args.sweep_latencies
-            if latency != args.latency
-        ]
+        sweep: dict[str, Any] = {}
+        for latency in args.sweep_latencies:
+            if latency != args.latency:
+                run_phase(
+                    sweep,
+                    f"{latency:g}",
+                    lambda latency=latency: _airflow_run(ctx, airflow, args, f"sweep{latency:g}", latency, args.users),
+                    save=save,
+                )
+        out["latency_sweep"] = [run for run in sweep.values() if not timed_out(run)]
+        out["latency_sweep_timed_out"] = [key for key, run in sweep.items() if timed_out(run)]
     if not args.skip_baseline:
         out["baseline"] = {"parallelism": args.pool_slots, "env": dict(BASELINE_ENV)}
         with airflow_services(ctx, args, OUT_DIR / "airflow-baseline", args.pool_slots, BASELINE_ENV) as airflow:
-            out["baseline"]["llm_latency"] = _airflow_run(ctx, airflow, args, "baseline", args.latency, args.users)
+            run_phase(
+                out["baseline"],
+                "llm_latency",
+                lambda: _airflow_run(ctx, airflow, args, "baseline", args.latency, args.users),
+                save=save,
+            )
     if not args.skip_sqlite:
         # The same DAG and settings on SQLite (Airflow's embedded default, what `make demo` uses).
         with airflow_services(ctx, args, OUT_DIR / "airflow-sqlite", args.parallelism, None, sqlite=True) as airflow:
-            out["sqlite"] = {"llm_latency": _airflow_run(ctx, airflow, args, "sqlite", args.latency, args.users)}
+            out["sqlite"] = {}
+            run_phase(
+                out["sqlite"],
+                "llm_latency",
+                lambda: _airflow_run(ctx, airflow, args, "sqlite", args.latency, args.users),
+                save=save,
+            )
     ctx["client"].drop_database(args.airflow_db)
     ctx["fake"].set_latency(0.0)
     return out
@@ -506,6 +564,8 @@ def _rows_throughput(results: dict[str, Any], args: argparse.Namespace) -> list[
     limit = args.pool_slots / args.latency if args.latency else float("inf")
     seq = results.get("sequential", {}).get("llm_latency")
     a = results.get("airflow", {}).get("llm_latency")
+    seq = None if timed_out(seq) else seq
+    a = None if timed_out(a) else a
     if seq:
         rows.append(
             (
@@ -754,14 +814,36 @@ def _rows_scan(results: dict[str, Any]) -> list[Row]:
 
 
 def summarise(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
-    """Return the summary rows: (figure, value, target, verdict)."""
-    return [
-        *_rows_throughput(results, args),
-        *_rows_overhead(results, args),
-        *_rows_per_user(results, args),
-        *_rows_scan(results),
-        *(bench_guards.rows(results["guards"]) if "guards" in results else []),
+    """Return the summary rows: (figure, value, target, verdict); a phase that timed out gets a row
+    saying so, and the figures that needed it are left out instead of failing the report."""
+    rows: list[Row] = [
+        (f"phase {name}", f"timed out after {info['seconds']:.0f} s", "", "NOT MEASURED")
+        for name, info in _timed_out_phases(results)
     ]
+    for part in (
+        lambda: _rows_throughput(results, args),
+        lambda: _rows_overhead(results, args),
+        lambda: _rows_per_user(results, args),
+        lambda: _rows_scan(results),
+        lambda: (
+            bench_guards.rows(results["guards"]) if "guards" in results and not timed_out(results["guards"]) else []
+        ),
+    ):
+        try:
+            rows += part()
+        except (KeyError, TypeError, ZeroDivisionError):
+            continue  # its phase timed out (listed above)
+    return rows
+
+
+def _timed_out_phases(results: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (dotted name, record) of every phase that timed out, nested ones included."""
+    for key, value in results.items():
+        if isinstance(value, dict):
+            if timed_out(value):
+                yield f"{prefix}{key}", value
+            else:
+                yield from _timed_out_phases(value, f"{prefix}{key}.")
 
 
 def print_table(rows: list[Row]) -> None:
@@ -953,30 +1035,49 @@ def main(argv: list[str] | None = None) -> int:
         postgres = (
             stack.enter_context(PostgresService(data / "postgres", pg_bindir, durable=True)) if pg_bindir else None
         )
-        ctx = {"mongo": mongo, "redis": redis_srv, "fake": fake, "client": client, "postgres": postgres}
+
+        def save() -> None:
+            write_results(results, args.out)
+
+        ctx = {
+            "mongo": mongo,
+            "redis": redis_srv,
+            "fake": fake,
+            "client": client,
+            "postgres": postgres,
+            "results": results,
+            "save": save,
+        }
         log(
             f"services up: MongoDB wire server :{mongo.port}, redis :{redis_srv.port}, fake LLM {fake.base_url}, "
             f"PostgreSQL :{postgres.port if postgres else '-'}"
         )
-        results["sequential"] = phase_sequential(ctx, args)
+        run_phase(results, "sequential", lambda: phase_sequential(ctx, args), save=save)
         if not args.only_throughput:
-            results["filter_order"] = phase_filter_order(ctx, args.filter_probe_events)
-            results["per_user"] = phase_per_user(ctx, args)
+            run_phase(results, "filter_order", lambda: phase_filter_order(ctx, args.filter_probe_events), save=save)
+            run_phase(results, "per_user", lambda: phase_per_user(ctx, args), save=save)
         if not args.skip_guards and not args.only_throughput:
             ctx["fake"].set_latency(0.0)
-            results["guards"] = bench_guards.phase_guards(ctx["mongo"], ctx["redis"].port, ctx["fake"])
-        results["task_imports_cpu_seconds"] = phase_task_imports()
+            run_phase(
+                results,
+                "guards",
+                lambda: bench_guards.phase_guards(ctx["mongo"], ctx["redis"].port, ctx["fake"]),
+                save=save,
+            )
+        run_phase(results, "task_imports_cpu_seconds", phase_task_imports, save=save)
         if not args.skip_airflow:
-            results["airflow"] = phase_airflow(ctx, args)
+            run_phase(results, "airflow", lambda: phase_airflow(ctx, args), save=save)
         if not args.skip_scan and not args.only_throughput:
-            results["scan"] = phase_scan(ctx, args, budget)
+            run_phase(results, "scan", lambda: phase_scan(ctx, args, budget), save=save)
     results["elapsed_seconds"] = round(time.monotonic() - STARTED, 1)
     rows = summarise(results, args)
     results["summary"] = [list(r) for r in rows]
     if not args.no_charts:
-        results["charts"] = write_charts(results, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        try:
+            results["charts"] = write_charts(results, args)
+        except (KeyError, TypeError) as exc:  # a figure's phase timed out: no chart for it
+            log(f"charts not written: a phase they need is incomplete ({type(exc).__name__}: {exc})")
+    write_results(results, args.out)
     print_table(rows)
     log(f"results in {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
     return 0

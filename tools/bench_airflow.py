@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -269,16 +269,41 @@ class AirflowServices:
         rows = self._query("SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id))
         return rows[0][0] if rows else None
 
-    def wait_run(self, run_id: str, timeout: float, poll: float = 0.5, dag_id: str = DAG_ID) -> str:
-        """Wait until the run succeeds or fails; return its state (raise TimeoutError after timeout)."""
-        deadline = time.monotonic() + timeout
+    def wait_run(
+        self,
+        run_id: str,
+        timeout: float,
+        poll: float = 0.5,
+        dag_id: str = DAG_ID,
+        progress: Callable[[str], None] | None = None,
+        every: float = 30.0,
+    ) -> str:
+        """Wait until the run succeeds or fails; return its state (raise TimeoutError after timeout).
+
+        With ``progress``, a line every ``every`` seconds says how far the run is (a long run on a
+        slow machine is then visibly alive, and how far it got is in the output if it times out).
+        """
+        started = time.monotonic()
+        deadline = started + timeout
+        next_report = started + every
         while time.monotonic() < deadline:
             self._check_alive()
             state = self.run_state(run_id, dag_id)
             if state in TERMINAL_STATES:
                 return state
+            if progress is not None and time.monotonic() >= next_report:
+                next_report += every
+                progress(
+                    f"run {run_id}: {state}, {self.tasks_done(run_id, dag_id)}, {time.monotonic() - started:.0f} s"
+                )
             time.sleep(poll)
         raise TimeoutError(f"run {run_id} not finished within {timeout:.0f}s (state {self.run_state(run_id, dag_id)})")
+
+    def tasks_done(self, run_id: str, dag_id: str = DAG_ID) -> str:
+        """Return "N of M task instances finished" for a run."""
+        rows = self._query("SELECT state FROM task_instance WHERE dag_id = ? AND run_id = ?", (dag_id, run_id))
+        done = sum(1 for (state,) in rows if state in ("success", "failed", "skipped", "upstream_failed"))
+        return f"{done} of {len(rows)} task instances finished"
 
     def run_timing(self, run_id: str, dag_id: str = DAG_ID) -> RunTiming:
         """Read the run's and its task instances' dates from the metadata DB."""

@@ -87,7 +87,10 @@ def build_engine(
 ) -> Engine:
     """Wire the engine exactly as the DAG does, minus Airflow's hooks (plain clients on the same servers)."""
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri, event_listeners=list(listeners))
-    config = LLMConfig(base_url=llm_base_url, api_key="bench", model="bench-model", max_retries=0)
+    # The fake LLM reports o200k_base token counts: count the same way (the model name is not a real one).
+    config = LLMConfig(
+        base_url=llm_base_url, api_key="bench", model="bench-model", max_retries=0, tokenizer="o200k_base"
+    )
     return Engine(
         settings=settings,
         store=MemoryStore(client[db_name], settings),

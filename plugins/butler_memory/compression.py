@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from pymongo.errors import PyMongoError
+
 from butler_memory import guards
 from butler_memory import metrics as m
 from butler_memory.budget import TokenBudget
@@ -32,7 +34,7 @@ from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
 from butler_memory.prompt import SYSTEM_PROMPT, build_messages, event_line
 from butler_memory.settings import Settings
-from butler_memory.store import Backlog, EventKey, MemoryStore, Profile
+from butler_memory.store import Backlog, EventKey, MemoryStore, Profile, event_digest, id_key, store_error
 from butler_memory.summarizer import EventText, Summarizer, SummaryRequest
 from butler_memory.validation import validate_summary
 
@@ -145,6 +147,7 @@ class Engine:
         run_id: str = "manual",
         dry_run: bool = False,
         checkpoint: Checkpoint = _no_checkpoint,
+        holder: str | None = None,
     ) -> UserResult:
         """Compress one user (see ``compress_user``)."""
         return compress_user(
@@ -158,6 +161,7 @@ class Engine:
             dry_run=dry_run,
             checkpoint=checkpoint,
             budget=self.budget,
+            holder=holder,
         )
 
     def rollback(
@@ -220,8 +224,12 @@ def compress_user(
     checkpoint: Checkpoint = _no_checkpoint,
     clock: Callable[[], datetime] = utcnow,
     budget: TokenBudget | None = None,
+    holder: str | None = None,
 ) -> UserResult:
     """Fold all but the newest ``keep_last_n`` events of one user into their summary.
+
+    ``holder`` names who takes the lock (the DAG: dag, run, task and map index): a lock left by an
+    earlier, killed attempt of the same holder is waited out instead of read as someone else's.
 
     Raises a ``CompressionError`` subclass when the user could not be compressed; its
     ``retryable`` says whether a later attempt can succeed unchanged. Nothing is ever deleted
@@ -238,7 +246,7 @@ def compress_user(
         )
         metrics.incr(m.USERS_SKIPPED_BUDGET_TOTAL)
         return UserResult(user_id, SKIPPED_BUDGET, seconds=time.monotonic() - started)
-    lock = locks.acquire(user_id)
+    lock = locks.acquire(user_id, holder=holder)
     if lock is None:
         log.info("user %s: lock held by another compression, skipping", user_id)
         metrics.incr(m.USERS_SKIPPED_LOCKED_TOTAL)
@@ -248,6 +256,9 @@ def compress_user(
         result = _compress_locked(
             user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock, budget
         )
+    except PyMongoError as exc:
+        # Never the driver's text: it quotes the failed documents (event content, the summary).
+        raise store_error(user_id, exc) from None
     finally:
         lock.release()
     result.seconds = round(time.monotonic() - started, 3)
@@ -295,9 +306,9 @@ def _compress_locked(
     checkpoint("selected")
     if dry_run:
         # Events of an unfinished fold are already summarised: a real run deletes them, never folds them.
-        pending = set(profile.pending.ids) if profile.pending is not None else set()
+        pending = {id_key(i) for i in profile.pending.ids} if profile.pending is not None else set()
         result.status = DRY_RUN
-        result.events_folded = sum(1 for key in keys if key.id not in pending)
+        result.events_folded = sum(1 for key in keys if id_key(key.id) not in pending)
         result.events_after = result.events_before - len(keys)
         return result
 
@@ -319,7 +330,8 @@ def _compress_locked(
             max_tokens=settings.summary_max_tokens,
             max_chars=settings.summary_max_chars,
         )
-        produced = _summarize(summarizer, request, metrics)
+        with lock.kept_alive():  # retries and Retry-After waits can outlast the TTL: extend meanwhile
+            produced = _summarize(summarizer, request, metrics)
         if budget is not None:  # counted before anything else can fail: the tokens are spent either way
             budget.spend(produced.prompt_tokens + produced.completion_tokens)
         text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
@@ -362,6 +374,7 @@ def _compress_locked(
             run_id=run_id,
             now=now,
             target=target,
+            digests=[event_digest(ev) for ev in chunk],
         )
         summary = text
         result.chunks += 1
@@ -372,7 +385,9 @@ def _compress_locked(
         archived = store.archive(chunk, run_id=run_id, version=version, now=now)
         metrics.incr(m.EVENTS_ARCHIVED_TOTAL, archived)
         checkpoint("archived")
-        deleted = store.delete(user_id, ids)
+        deleted = store.delete_unchanged(user_id, chunk)  # an event edited meanwhile stays
+        if deleted < len(chunk):
+            log.info("user %s: %d event(s) changed during compression; kept", user_id, len(chunk) - deleted)
         result.events_deleted += deleted
         metrics.incr(m.EVENTS_DELETED_TOTAL, deleted)
         checkpoint("deleted")
@@ -449,11 +464,11 @@ def _fold_list(
     target = profile.fold_target
     if count <= settings.threshold and target is None:
         return None
-    keys = store.fold_keys(user_id, settings.keep_last_n)
+    keys = store.fold_keys(user_id, settings.keep_last_n, limit=settings.max_fold_events)
     if count > settings.threshold:
         return keys
     assert target is not None
-    keys = [key for key in keys if (key.created_at, key.id) <= (target.created_at, target.id)]
+    keys = _through(keys, target)
     if keys:
         log.info("user %s: finishing an interrupted run's fold list", user_id)
         return keys
@@ -488,6 +503,20 @@ def finish_interrupted(
     return profile, deleted
 
 
+def _through(keys: list[EventKey], target: EventKey) -> list[EventKey]:
+    """Return the keys up to and including ``target``, in the server's order.
+
+    ``_id``s are compared by their BSON form, never by Python's ordering: compound or mixed-type
+    ids (a document, an ObjectId beside a string) are valid MongoDB ids. A target no longer present
+    (the Butler deleted that event) ends the list at its timestamp.
+    """
+    wanted = id_key(target.id)
+    for index, key in enumerate(keys):
+        if key.created_at == target.created_at and id_key(key.id) == wanted:
+            return keys[: index + 1]
+    return [key for key in keys if key.created_at <= target.created_at]
+
+
 def finish_pending(
     profile: Profile,
     store: MemoryStore,
@@ -509,10 +538,18 @@ def finish_pending(
         pending.version,
     )
     remaining = store.find_by_ids(user_id, pending.ids)
+    if pending.digests is not None:
+        # Only events still as they were summarised: one the Butler edited since is a newer version
+        # the stored summary does not hold; it stays for a later fold.
+        summarised = {id_key(i): d for i, d in zip(pending.ids, pending.digests, strict=True)}
+        unchanged = [ev for ev in remaining if summarised.get(id_key(ev["_id"])) == event_digest(ev)]
+        if len(unchanged) < len(remaining):
+            log.info("user %s: %d event(s) changed since summarised; kept", user_id, len(remaining) - len(unchanged))
+        remaining = unchanged
     archived = store.archive(remaining, run_id=run_id, version=pending.version, now=clock())
     metrics.incr(m.EVENTS_ARCHIVED_TOTAL, archived)
     checkpoint("pending_archived")
-    deleted = store.delete(user_id, [ev["_id"] for ev in remaining])
+    deleted = store.delete_unchanged(user_id, remaining)
     metrics.incr(m.EVENTS_DELETED_TOTAL, deleted)
     checkpoint("pending_deleted")
     store.clear_pending(user_id, pending.version)
@@ -535,11 +572,19 @@ def _chunks(
     """
     if not keys:
         return
-    wanted = {key.id for key in keys}
-    events = store.iter_events(user_id, keys[0], keys[-1], batch_size=min(settings.max_events_per_chunk, 1000))
-    yield from pack_chunks(
-        user_id, (ev for ev in events if ev["_id"] in wanted), settings, summarizer, language, summary
-    )
+    events = _fold_events(user_id, keys, store, settings.max_events_per_chunk)
+    yield from pack_chunks(user_id, events, settings, summarizer, language, summary)
+
+
+def _fold_events(user_id: str, keys: list[EventKey], store: MemoryStore, group: int) -> Iterator[dict[str, Any]]:
+    """Yield the fold list's events in order, one short query per ``group`` keys (no cursor stays
+    open across LLM calls); only the ``_id``s of the list, whatever else shares their timestamps."""
+    for start in range(0, len(keys), group):
+        part = keys[start : start + group]
+        wanted = {id_key(key.id) for key in part}
+        for ev in store.read_events(user_id, part[0], part[-1]):
+            if id_key(ev["_id"]) in wanted:
+                yield ev
 
 
 def pack_chunks(

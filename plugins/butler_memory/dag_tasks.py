@@ -96,7 +96,10 @@ def compress(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
         raise _fail(f"invalid settings: {exc}") from None
     try:
         with build_engine(settings) as engine:
-            result = engine.compress(user_id, run_id=run_id, dry_run=bool(params.get("dry_run")))
+            # The holder names this task instance: a retry after a kill waits out the lock its killed
+            # attempt left instead of reporting skipped_locked (a green run that folded nothing).
+            holder = f"{ti.dag_id}|{run_id}|{ti.task_id}|{ti.map_index}"
+            result = engine.compress(user_id, run_id=run_id, dry_run=bool(params.get("dry_run")), holder=holder)
     except CompressionError as exc:
         seconds = (utcnow() - started).total_seconds()
         ti.xcom_push(key=FAILURE_XCOM_KEY, value=failed_result(user_id, exc, seconds).to_dict())

@@ -49,6 +49,20 @@ class ConcurrentUpdateError(CompressionError):
     retryable = True
 
 
+class StoreError(CompressionError):
+    """MongoDB failed an operation; the message names its type, code and counts, never a document.
+
+    ``retryable`` is set per instance: a lost connection or a write-concern timeout may succeed
+    later, a refused write (duplicate key, validator) will not.
+    """
+
+
+class StaleOwnLockError(CompressionError):
+    """An earlier attempt of this same task still holds the user's lock (it keeps extending it)."""
+
+    retryable = True
+
+
 class LLMError(CompressionError):
     """The summariser failed."""
 

@@ -93,6 +93,17 @@ class Settings:
     """$in lists stay this short: large $in lists are slow on some servers and hold locks longer."""
     scan_limit: int = 1000
     """Most users one run compresses (largest backlog first)."""
+    max_fold_events: int = 100_000
+    """Most events one run folds for one user (oldest first; later runs fold the rest), so a huge
+    user's keys are never all held in memory."""
+
+    # Durability (MongoDB).
+    mongo_write_concern: str = "majority"
+    """Write concern of the summary commit, archive and delete: "majority", or a number of nodes."""
+    mongo_write_timeout_ms: int = 10_000
+    """How long a write waits for its write concern before failing (retryably); never forever."""
+    mongo_read_concern: str = "majority"
+    """Read concern of the profile read: "majority" or "local"."""
 
     # Erasure (docs/erasure.md).
     erasure_lock_wait_seconds: int = 300
@@ -123,6 +134,8 @@ class Settings:
         _positive(self, "max_events_per_chunk", "max_event_chars", "lock_ttl_seconds")
         _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days", "history_retention_days")
         _positive(self, "erasure_lock_wait_seconds")
+        _positive(self, "max_fold_events", "mongo_write_timeout_ms")
+        _check_durability(self)
         _positive(self, "catchup_margin_seconds", "doorbell_drain_max")
         if self.daily_token_budget < 0:
             raise SettingsError(f"daily_token_budget must be >= 0 (0 = no budget), got {self.daily_token_budget}")
@@ -210,6 +223,20 @@ class Settings:
         if not isinstance(values, dict):
             raise SettingsError(f"{source} must be a JSON object, got {type(values).__name__}")
         return cls.from_mapping(values, base=base)
+
+
+def _check_durability(settings: Settings) -> None:
+    """Refuse write and read concerns that would let a delete outlive its summary commit."""
+    if not (
+        settings.mongo_write_concern == "majority"
+        or (settings.mongo_write_concern.isdigit() and int(settings.mongo_write_concern) >= 1)
+    ):
+        raise SettingsError(
+            f"mongo_write_concern {settings.mongo_write_concern!r} must be 'majority' or a number of nodes >= 1 "
+            "(unacknowledged writes would let a delete land before its summary)"
+        )
+    if settings.mongo_read_concern not in ("majority", "local"):
+        raise SettingsError(f"mongo_read_concern {settings.mongo_read_concern!r} must be 'majority' or 'local'")
 
 
 def _positive(settings: Settings, *names: str) -> None:

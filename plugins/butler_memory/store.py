@@ -6,17 +6,21 @@ write is idempotent so that a re-run after a kill at any point ends in the same 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, ReplaceOne
+import bson
+from pymongo import ASCENDING, DESCENDING, DeleteOne, ReplaceOne
 from pymongo.database import Database
-from pymongo.errors import OperationFailure
+from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError, WTimeoutError
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
 
-from butler_memory.errors import ConcurrentUpdateError, InvalidEventError, InvalidProfileError
+from butler_memory.errors import ConcurrentUpdateError, InvalidEventError, InvalidProfileError, StoreError
 from butler_memory.history import SummaryHistory
 from butler_memory.settings import Settings
 
@@ -76,6 +80,8 @@ class PendingFold:
 
     version: int
     ids: list[Any]
+    digests: list[str] | None = None
+    """One :func:`event_digest` per id, of the event as summarised (None in folds of older versions)."""
 
 
 @dataclass(frozen=True)
@@ -112,9 +118,17 @@ class MemoryStore:
             _PYMONGO_COMMAND_LOG.setLevel(logging.INFO)
         self.db = db
         self.settings = settings
-        self.events = db[settings.events_collection]
-        self.profiles = db[settings.profiles_collection]
-        self.archive_coll = db[settings.archive_collection]
+        # Durability must not depend on server defaults: with w:1 a failover can roll back a summary
+        # commit after its events' deletes landed. Majority writes on everything the invariant touches,
+        # and majority reads of the profile (the summary version and pending fold we build on).
+        durable = write_concern(settings)
+        self.events = db.get_collection(settings.events_collection, write_concern=durable)
+        self.profiles = db.get_collection(
+            settings.profiles_collection,
+            write_concern=durable,
+            read_concern=ReadConcern(settings.mongo_read_concern),
+        )
+        self.archive_coll = db.get_collection(settings.archive_collection, write_concern=durable)
         self.runs = db[settings.runs_collection]
         self.history = SummaryHistory(db, settings)
         self.state = db[settings.state_collection]
@@ -256,9 +270,13 @@ class MemoryStore:
         run_id: str,
         now: datetime,
         target: EventKey | None = None,
+        digests: list[str] | None = None,
     ) -> int:
         """Store a new summary, watermark, pending fold and fold target (None after the last chunk)
-        in one guarded update; return the new version."""
+        in one guarded update; return the new version.
+
+        ``digests`` (one per id, :func:`event_digest` of the event as summarised) let a re-run that
+        finishes this fold delete only events still as they were summarised."""
         new_version = expected_version + 1
         guard: dict[str, Any] = {"user_id": user_id, PENDING_FIELD: None, ROLLBACK_FIELD: None}
         guard[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
@@ -268,7 +286,12 @@ class MemoryStore:
                 VERSION_FIELD: new_version,
                 THROUGH_FIELD: {"created_at": through.created_at, "event_id": through.id},
                 COMPRESSED_AT_FIELD: now,
-                PENDING_FIELD: {"version": new_version, "ids": ids, "run_id": run_id},
+                PENDING_FIELD: {
+                    "version": new_version,
+                    "ids": ids,
+                    "run_id": run_id,
+                    **({} if digests is None else {"digests": digests}),
+                },
                 TARGET_FIELD: None if target is None else {"created_at": target.created_at, "event_id": target.id},
             }
         }
@@ -282,9 +305,14 @@ class MemoryStore:
         return new_version
 
     def clear_pending(self, user_id: str, version: int) -> None:
-        """Mark the fold of ``version`` finished."""
+        """Mark the fold of ``version`` finished, whatever the summary version is now.
+
+        Matched on the pending fold's own version only: another writer (the bot's inline
+        compression) may have stored a newer summary meanwhile without knowing our field, and a
+        pending fold whose events are archived and deleted must never block every later commit.
+        """
         self.profiles.update_one(
-            {"user_id": user_id, VERSION_FIELD: version, f"{PENDING_FIELD}.version": version},
+            {"user_id": user_id, f"{PENDING_FIELD}.version": version},
             {"$set": {PENDING_FIELD: None}},
         )
 
@@ -403,11 +431,31 @@ class MemoryStore:
 
     # -- events --------------------------------------------------------------------------------
 
-    def fold_keys(self, user_id: str, keep_last_n: int) -> list[EventKey]:
-        """Return the keys of all but the newest ``keep_last_n`` events, oldest first (validated)."""
+    def fold_keys(self, user_id: str, keep_last_n: int, *, limit: int | None = None) -> list[EventKey]:
+        """Return the keys of all but the newest ``keep_last_n`` events, oldest first (validated).
+
+        With ``limit``, a user with more than ``limit + keep_last_n`` events gets only the oldest
+        ``limit`` keys: a huge user's keys are never all held in memory, and later runs fold the
+        rest. That shorter list is taken only when at least ``keep_last_n`` events are newer than its
+        end (re-counted after reading it), so it never reaches into the newest ones.
+        """
+        if limit is not None and self.count_events(user_id) > limit + keep_last_n:
+            keys = self._keys(user_id, limit)
+            if (
+                keys
+                and self.events.count_documents({"user_id": user_id, "created_at": {"$gt": keys[-1].created_at}})
+                >= keep_last_n
+            ):
+                return keys
+        keys = self._keys(user_id, None)
+        return keys[: max(len(keys) - keep_last_n, 0)]
+
+    def _keys(self, user_id: str, limit: int | None) -> list[EventKey]:
         cursor = self.events.find({"user_id": user_id}, {"_id": 1, "created_at": 1}).sort(
             [("created_at", ASCENDING), ("_id", ASCENDING)]
         )
+        if limit is not None:
+            cursor = cursor.limit(limit)
         keys: list[EventKey] = []
         for doc in cursor.batch_size(5000):
             created_at = doc.get("created_at")
@@ -415,7 +463,7 @@ class MemoryStore:
                 problem = "is missing" if created_at is None else f"is a {type(created_at).__name__}, not a date"
                 raise InvalidEventError(user_id, doc["_id"], "created_at", problem)
             keys.append(EventKey(created_at, doc["_id"]))
-        return keys[: max(len(keys) - keep_last_n, 0)]
+        return keys
 
     def iter_events(self, user_id: str, first: EventKey, last: EventKey, batch_size: int) -> Iterator[dict]:
         """Stream the user's events timed from ``first`` to ``last``, in ``(created_at, _id)`` order.
@@ -434,6 +482,14 @@ class MemoryStore:
         }
         cursor = self.events.find(query).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
         yield from cursor.batch_size(batch_size)
+
+    def read_events(self, user_id: str, first: EventKey, last: EventKey) -> list[dict]:
+        """Return the user's events timed from ``first`` to ``last`` (as ``iter_events``), read at once.
+
+        One short query per chunk of the fold list: no cursor stays open across LLM calls, which
+        can outlast the server's idle-cursor timeout (10 minutes) on a huge user.
+        """
+        return list(self.iter_events(user_id, first, last, batch_size=1000))
 
     def find_by_ids(self, user_id: str, ids: Sequence[Any]) -> list[dict]:
         """Return those of ``ids`` still in user_memory, in batches."""
@@ -457,6 +513,19 @@ class MemoryStore:
         for batch in _batches(ops, self.settings.delete_batch_size):
             self.archive_coll.bulk_write(batch, ordered=False)
         return len(ops)
+
+    def delete_unchanged(self, user_id: str, events: Sequence[Mapping[str, Any]]) -> int:
+        """Delete those of ``events`` still exactly as given (every field equal); return how many.
+
+        An event the Butler edited or re-tagged after it was read (during the LLM call) no longer
+        matches and stays: its newer version was not summarised. One ``DeleteOne`` per event whose
+        filter is the whole document as read, ``_id`` first (the embedded server looks it up by id).
+        """
+        deleted = 0
+        for batch in _batches(events, self.settings.delete_batch_size):
+            ops = [DeleteOne({"_id": ev["_id"], **{k: v for k, v in ev.items() if k != "_id"}}) for ev in batch]
+            deleted += self.events.bulk_write(ops, ordered=False).deleted_count
+        return deleted
 
     def delete(self, user_id: str, ids: Sequence[Any]) -> int:
         """Delete the given events of one user in batches; return how many were deleted."""
@@ -522,7 +591,10 @@ def parse_profile(user_id: str, doc: Mapping[str, Any], settings: Settings) -> P
     if raw is not None:
         if not (isinstance(raw, dict) and isinstance(raw.get("ids"), list) and isinstance(raw.get("version"), int)):
             raise InvalidProfileError(user_id, PENDING_FIELD, "is not {version: int, ids: list}")
-        pending = PendingFold(version=raw["version"], ids=raw["ids"])
+        digests = raw.get("digests")
+        if digests is not None and not (isinstance(digests, list) and len(digests) == len(raw["ids"])):
+            raise InvalidProfileError(user_id, PENDING_FIELD, "has digests that do not match its ids")
+        pending = PendingFold(version=raw["version"], ids=raw["ids"], digests=digests)
     target = None
     raw = doc.get(TARGET_FIELD)
     if raw is not None:
@@ -571,3 +643,47 @@ def _ids_of_user(ids: list[Any], user_id: str) -> dict[str, Any]:
 def _batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
+
+
+def write_concern(settings: Settings) -> WriteConcern:
+    """Return the write concern of the summary commit, archive and delete (``mongo_write_concern``)."""
+    w: int | str = int(settings.mongo_write_concern) if settings.mongo_write_concern.isdigit() else "majority"
+    return WriteConcern(w=w, wtimeout=settings.mongo_write_timeout_ms)
+
+
+def event_digest(event: Mapping[str, Any]) -> str:
+    """Return a short fingerprint of an event exactly as read (its BSON bytes): equal iff unchanged."""
+    return hashlib.blake2b(bson.encode(dict(event)), digest_size=12).hexdigest()
+
+
+def id_key(value: Any) -> bytes:
+    """Return a hashable, exact form of any ``_id`` (a compound document, an ObjectId, a number...)."""
+    return bson.encode({"": value})
+
+
+_RETRYABLE_MONGO = (ConnectionFailure, WTimeoutError)
+
+
+def store_error(user_id: str, exc: PyMongoError, step: str = "compression") -> StoreError:
+    """Return a StoreError describing ``exc`` by type, code and counts only.
+
+    pymongo's messages quote the failed documents (a duplicate key's value, a bulk write's ops, a
+    schema validator's failing fields): event content or a summary must never reach a log, XCom or
+    the CLI that way.
+    """
+    parts = [type(exc).__name__]
+    if isinstance(exc, BulkWriteError):
+        details = exc.details or {}
+        codes = sorted({int(e.get("code", 0)) for e in details.get("writeErrors") or []})
+        parts.append(
+            f"{len(details.get('writeErrors') or [])} write error(s), codes {codes}, "
+            f"{len(details.get('writeConcernErrors') or [])} write concern error(s)"
+        )
+    elif isinstance(exc, OperationFailure):
+        code_name = (exc.details or {}).get("codeName")
+        parts.append(
+            f"code {exc.code}" + (f" {code_name}" if isinstance(code_name, str) and code_name.isidentifier() else "")
+        )
+    error = StoreError(f"user {user_id!r}: MongoDB failed during {step}: {', '.join(parts)}", user_id=user_id)
+    error.retryable = isinstance(exc, _RETRYABLE_MONGO)
+    return error

@@ -1,0 +1,55 @@
+"""make bench on a slower machine: a phase that runs out of time is recorded and the rest still
+reported, and the figures are on disk as each phase ends (issue 11, finding 12). Tiny phases only:
+the mechanism, not the 15-minute bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tools import bench
+
+
+def test_a_timed_out_phase_is_recorded_and_the_others_still_run_and_are_written(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    results: dict[str, Any] = {"date": "today"}
+
+    def save() -> None:
+        bench.write_results(results, out)
+
+    def slow_phase() -> dict[str, Any]:
+        time.sleep(0.05)
+        raise TimeoutError("run bench-latency-1 not finished within 120s (state running)")
+
+    seen_on_disk: list[Any] = []
+
+    def next_phase() -> dict[str, Any]:
+        seen_on_disk.append(json.loads(out.read_text()))  # what a kill at this moment would leave
+        return {"seconds": 1.0, "users_per_second": 2.0}
+
+    bench.run_phase(results, "airflow", slow_phase, save=save)
+    bench.run_phase(results, "scan", next_phase, save=save)
+
+    assert results["airflow"]["timed_out"] is True and results["airflow"]["seconds"] >= 0.05, results
+    assert "not finished within 120s" in results["airflow"]["error"]
+    assert results["scan"] == {"seconds": 1.0, "users_per_second": 2.0}, "the phase after a timeout must still run"
+    assert seen_on_disk and seen_on_disk[0]["airflow"]["timed_out"] is True, (
+        "figures must be written as each phase ends"
+    )
+    assert json.loads(out.read_text()) == results
+
+
+def test_the_report_names_a_timed_out_phase_and_keeps_the_other_figures() -> None:
+    args = argparse.Namespace(users=10, latency=1.0, pool_slots=8, sweep_latencies=[], target=0.7)
+    results: dict[str, Any] = {
+        "sequential": {"llm_latency": {"seconds": 12.0, "users_per_second": 0.83}},
+        "airflow": {"llm_latency": {"timed_out": True, "error": "not finished", "seconds": 120.0}},
+    }
+
+    rows = bench.summarise(results, args)
+
+    assert ("phase airflow.llm_latency", "timed out after 120 s", "", "NOT MEASURED") in rows, rows
+    assert any(row[0].startswith("sequential loop") for row in rows), "the figures measured must still be reported"
