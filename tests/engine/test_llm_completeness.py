@@ -18,7 +18,7 @@ from butler_memory.errors import InvalidEventError, LLMPromptTruncatedError
 from butler_memory.prompt import SYSTEM_PROMPT
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import insert_events, make_engine, set_profile, small_settings, snapshot
-from tools.fake_openai import FakeOpenAI, default_responder, prompt_tokens_of
+from tools.fake_openai import FakeOpenAI, prompt_tokens_of
 
 Doc = dict[str, Any]
 WINDOW = 700
@@ -31,11 +31,11 @@ def russian(user_id: str, i: int) -> str:
 
 
 def reading_responder(seen: list[bool]) -> Any:
-    """Answer like the default responder; record whether the instructions were in what the server read."""
+    """Answer with a short fixed summary; record whether the instructions were in what the server read."""
 
     def respond(request: dict[str, Any]) -> str:
         seen.append(any(RULES in (msg.get("content") or "") for msg in request["messages"]))
-        return default_responder(request)
+        return "- Анна живёт в Казани, не ест орехи."
 
     return respond
 
@@ -64,7 +64,10 @@ def test_a_prompt_the_server_cut_is_refused_and_nothing_is_deleted(
 def test_with_the_context_on_the_connection_every_prompt_fits(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
-    settings = small_settings(summary_max_tokens=50, max_event_chars=400, prompt_budget_tokens=6000)
+    # Russian events, Russian summaries (the language guard); the fixed reply keeps no names (fact guard: warn).
+    settings = small_settings(
+        summary_max_tokens=50, max_event_chars=400, prompt_budget_tokens=6000, summary_language="ru", fact_guard="warn"
+    )
     summarizer = make_openai(context_tokens=WINDOW)
     engine = make_engine(mongo_db, redis_client, settings, summarizer)
     insert_events(mongo_db, "u1", 40, content=russian)
