@@ -22,12 +22,12 @@ API (used by compression, rollback, refold and the forget helper)::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, ReplaceOne
+from pymongo import ASCENDING
 from pymongo.database import Database
 from pymongo.errors import OperationFailure
 
@@ -200,14 +200,6 @@ class SummaryHistory:
             raise ValueError(f"history entry kind {entry.kind!r} is not one of {', '.join(KINDS)}")
         self.coll.replace_one({"user_id": entry.user_id, "version": entry.version}, entry.to_doc(), upsert=True)
 
-    def write_versions(self, entries: list[HistoryEntry]) -> None:
-        """Store several versions in one round trip (same upsert as ``write_version``)."""
-        if entries:
-            self.coll.bulk_write(
-                [ReplaceOne({"user_id": e.user_id, "version": e.version}, e.to_doc(), upsert=True) for e in entries],
-                ordered=False,
-            )
-
     def version(self, user_id: str, version: int) -> HistoryEntry | None:
         """Return one version (text included); version 0 without an entry is the empty summary."""
         doc = self.coll.find_one({"user_id": user_id, "version": version}, {"_id": 0})
@@ -244,14 +236,3 @@ class SummaryHistory:
     def users_of_run(self, run_id: str) -> list[str]:
         """Return the users a run wrote versions for."""
         return sorted(u for u in self.coll.distinct("user_id", {"run_id": run_id}) if isinstance(u, str))
-
-    def recent(self, user_id: str, limit: int = 50) -> list[HistoryEntry]:
-        """Return a user's newest entries without text, newest first (for the UI)."""
-        cursor = self.coll.find({"user_id": user_id}, {"_id": 0, "text": 0}).sort([("version", DESCENDING)])
-        return [HistoryEntry.from_doc(doc) for doc in cursor.limit(limit)]
-
-    def iter_user_ids(self) -> Iterator[str]:
-        """Yield every user with history."""
-        for user_id in self.coll.distinct("user_id"):
-            if isinstance(user_id, str):
-                yield user_id
