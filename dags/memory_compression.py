@@ -36,6 +36,7 @@ from airflow.sdk import (
     task,
 )
 
+from butler_memory.dag_defaults import DEFAULT_ARGS
 from butler_memory.doorbell_trigger import DoorbellTrigger
 
 SCHEDULE = os.environ.get("BUTLER_MEMORY_SCHEDULE", "@daily")
@@ -73,14 +74,6 @@ The daily `memory_compression` full scan stays the safety net.
 """
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
 MAX_MAP_LENGTH = conf.getint("core", "max_map_length")
-
-DEFAULT_ARGS = {
-    "owner": "butler-memory",
-    "retries": 3,
-    "retry_delay": timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
 
 
 @task(execution_timeout=timedelta(minutes=15))

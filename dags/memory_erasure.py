@@ -28,13 +28,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-DEFAULT_ARGS = {
-    "owner": "butler-memory",
-    "retries": 3,
-    "retry_delay": timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
+from butler_memory.dag_defaults import DEFAULT_ARGS
+
 ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$"
 """What the form accepts as since/until (ISO 8601); the engine parses and checks it again."""
 

@@ -22,14 +22,9 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from butler_memory.dag_defaults import DEFAULT_ARGS
+
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
-DEFAULT_ARGS = {
-    "owner": "butler-memory",
-    "retries": 3,
-    "retry_delay": timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
 
 
 @task

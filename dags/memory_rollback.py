@@ -23,13 +23,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-DEFAULT_ARGS = {
-    "owner": "butler-memory",
-    "retries": 3,
-    "retry_delay": timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
+from butler_memory.dag_defaults import DEFAULT_ARGS
 
 
 @task(execution_timeout=timedelta(minutes=15))
