@@ -676,7 +676,8 @@ def _rebuild(user_id: str, intent: dict[str, Any], engine: Engine, lock: UserLoc
             max_tokens=settings.summary_max_tokens,
             max_chars=settings.summary_max_chars,
         )
-        produced = _summarize(engine.summarizer, request, engine.metrics)
+        with lock.kept_alive():  # retries and Retry-After waits can outlast the lock's TTL
+            produced = _summarize(engine.summarizer, request, engine.metrics)
         text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
         guard_summary(user_id, request, text, settings, engine.metrics, rebuilt.guards)
         rebuilt.text = text

@@ -210,7 +210,8 @@ def _refold_locked(
             max_tokens=settings.summary_max_tokens,
             max_chars=settings.summary_max_chars,
         )
-        produced = c._summarize(summarizer, request, metrics)
+        with lock.kept_alive():  # retries and Retry-After waits can outlast the lock's TTL
+            produced = c._summarize(summarizer, request, metrics)
         text = c.validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
         check_guards(user_id, request, text, settings, metrics, result)
         result.prompt_tokens += produced.prompt_tokens
