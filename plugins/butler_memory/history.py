@@ -102,8 +102,9 @@ class HistoryEntry:
     kind: str
     run_id: str | None
     base_version: int
-    """The version this one built on: ``version - 1`` for a fold, re-fold and forget; for a
-    rollback, the version whose text (and bookkeeping) it restored."""
+    """The version this one built on: ``version - 1`` for a fold and a re-fold; for a forget, the
+    newest clean version its rebuild started from; for a rollback, the version whose text (and
+    bookkeeping) it restored."""
     created_at: datetime | None
     """Also the profile's ``memory_compressed_at`` for this version."""
     through: Key | None = None
