@@ -18,10 +18,13 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from pymongo.errors import ConnectionFailure, PyMongoError
+
 from butler_memory.compression import FAILED, UserResult, failed_result
 from butler_memory.errors import CompressionError, ForgetInputError, LockUnavailableError
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
 from butler_memory.settings import SettingsError
+from butler_memory.store import describe_mongo_error
 
 log = logging.getLogger("butler_memory.cli")
 
@@ -107,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unreachable(err: TextIO, exc: Exception) -> int:
+    """Say the Butler database failed and return EXIT_UNAVAILABLE; never a document the driver quoted."""
+    if isinstance(exc, PyMongoError) and not isinstance(exc, ConnectionFailure):
+        detail = describe_mongo_error(exc)
+    else:  # unreachable hosts, a bad URI or connection: the text names servers, not documents
+        detail = f"{type(exc).__name__}: {exc}"
+    err.write(f"error: cannot reach the Butler database: {detail}\n")
+    return EXIT_UNAVAILABLE
+
+
 def _progress(out: TextIO, done: int, total: int, result: UserResult) -> None:
     if out.isatty():
         out.write(f"\r[{done}/{total}] {result.user_id}: {result.status:<24}")
@@ -140,8 +153,7 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"error: {exc}\n")
         return EXIT_USAGE
     except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
-        err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
-        return EXIT_UNAVAILABLE
+        return _unreachable(err, exc)
     try:
         results: list[dict[str, Any]] = []
         for done, item in enumerate(backlog, start=1):
@@ -191,8 +203,7 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"error: {exc}\n")
         return EXIT_USAGE
     except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
-        err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
-        return EXIT_UNAVAILABLE
+        return _unreachable(err, exc)
     try:
         if by_events:
             result = forget.forget_events(
@@ -255,8 +266,7 @@ def _each_user(
         err.write(f"error: {exc}\n")
         return EXIT_USAGE
     except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
-        err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
-        return EXIT_UNAVAILABLE
+        return _unreachable(err, exc)
     try:
         try:
             if not dry_run:
@@ -267,8 +277,7 @@ def _each_user(
             err.write(f"error: {exc}\n")
             return EXIT_UNAVAILABLE
         except Exception as exc:  # MongoDB down: say which, exit non-zero
-            err.write(f"error: cannot reach the Butler database: {type(exc).__name__}: {exc}\n")
-            return EXIT_UNAVAILABLE
+            return _unreachable(err, exc)
         results = []
         for user_id in user_ids:
             try:

@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from pymongo.errors import PyMongoError
-
 from butler_memory import guards
 from butler_memory import metrics as m
 from butler_memory.budget import TokenBudget
@@ -34,7 +32,7 @@ from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
 from butler_memory.prompt import SYSTEM_PROMPT, build_messages, event_line
 from butler_memory.settings import Settings
-from butler_memory.store import Backlog, EventKey, MemoryStore, Profile, event_digest, id_key, store_error
+from butler_memory.store import Backlog, EventKey, MemoryStore, Profile, event_digest, id_key, sanitized_errors
 from butler_memory.summarizer import EventText, Summarizer, SummaryRequest
 from butler_memory.validation import validate_summary
 
@@ -253,12 +251,10 @@ def compress_user(
         return UserResult(user_id, SKIPPED_LOCKED, seconds=time.monotonic() - started)
     try:
         checkpoint("locked")
-        result = _compress_locked(
-            user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock, budget
-        )
-    except PyMongoError as exc:
-        # Never the driver's text: it quotes the failed documents (event content, the summary).
-        raise store_error(user_id, exc) from None
+        with sanitized_errors(user_id, "compression"):
+            result = _compress_locked(
+                user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock, budget
+            )
     finally:
         lock.release()
     result.seconds = round(time.monotonic() - started, 3)

@@ -51,7 +51,7 @@ from pymongo.database import Database
 from butler_memory.errors import ForgetInputError, LockBusyError
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.settings import Settings, SettingsError
-from butler_memory.store import ERASING_FIELD, OUR_PROFILE_FIELDS, MemoryStore
+from butler_memory.store import ERASING_FIELD, OUR_PROFILE_FIELDS, MemoryStore, sanitized_errors
 
 log = logging.getLogger(__name__)
 
@@ -389,9 +389,10 @@ def forget_user(
     started = time.monotonic()
     if not isinstance(user_id, str) or not user_id.strip():
         raise ForgetInputError(f"user id must be a non-empty string, got {user_id!r}")
-    result = _forget_user(
-        user_id, settings, store, locks, secret, events, dry_run, requested_by, checkpoint, clock, sleep
-    )
+    with sanitized_errors(user_id, "erasure"):
+        result = _forget_user(
+            user_id, settings, store, locks, secret, events, dry_run, requested_by, checkpoint, clock, sleep
+        )
     result.seconds = round(time.monotonic() - started, 3)
     return result
 

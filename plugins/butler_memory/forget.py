@@ -64,7 +64,15 @@ from butler_memory.errors import ConcurrentUpdateError, ErasurePendingError, For
 from butler_memory.history import BASELINE, FORGET, Covers, HistoryEntry, Key
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.settings import Settings, SettingsError
-from butler_memory.store import ERASING_FIELD, FORGET_FIELD, THROUGH_FIELD, VERSION_FIELD, MemoryStore, Profile
+from butler_memory.store import (
+    ERASING_FIELD,
+    FORGET_FIELD,
+    THROUGH_FIELD,
+    VERSION_FIELD,
+    MemoryStore,
+    Profile,
+    sanitized_errors,
+)
 from butler_memory.summarizer import Summarizer, SummaryRequest
 from butler_memory.validation import validate_summary
 
@@ -217,9 +225,10 @@ def forget_events(
     store, settings = engine.store, engine.settings
     audit = AuditLog(store)
     if dry_run:
-        profile = store.load_profile(user_id, create=False)
-        _check_known(store, user_id, profile)
-        plan = _plan(store, user_id, profile, request, secret, audit)
+        with sanitized_errors(user_id, "forget"):
+            profile = store.load_profile(user_id, create=False)
+            _check_known(store, user_id, profile)
+            plan = _plan(store, user_id, profile, request, secret, audit)
         result = _result(DRY_RUN, plan, None, secret, user_id)
     else:
         if secret is None:
@@ -227,9 +236,10 @@ def forget_events(
         lock = acquire_waiting(engine.locks, user_id, settings.erasure_lock_wait_seconds, sleep=sleep)
         try:
             checkpoint("locked")
-            result = _forget_locked(
-                user_id, request, engine, lock, audit, secret, requested_by, run_id, checkpoint, clock
-            )
+            with sanitized_errors(user_id, "forget"):
+                result = _forget_locked(
+                    user_id, request, engine, lock, audit, secret, requested_by, run_id, checkpoint, clock
+                )
         finally:
             lock.release()
     result.seconds = round(time.monotonic() - started, 3)

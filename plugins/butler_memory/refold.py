@@ -29,7 +29,7 @@ from butler_memory.history import REFOLD, HistoryEntry, Key
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
 from butler_memory.settings import Settings
-from butler_memory.store import MemoryStore, Profile
+from butler_memory.store import MemoryStore, Profile, sanitized_errors
 from butler_memory.summarizer import Summarizer, SummaryRequest
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,10 @@ def refold_user(
         return RefoldResult(user_id, SKIPPED_LOCKED, message="the user's lock is held; try again")
     try:
         checkpoint("locked")
-        result = _refold_locked(user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock)
+        with sanitized_errors(user_id, "re-fold"):
+            result = _refold_locked(
+                user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock
+            )
     except RollbackRefusedError as exc:
         result = RefoldResult(user_id, REFUSED, message=str(exc))
     finally:

@@ -35,7 +35,7 @@ from typing import Any
 from butler_memory.errors import CompressionError, InvalidProfileError, RollbackRefusedError
 from butler_memory.history import BASELINE, ROLLBACK, HistoryEntry
 from butler_memory.locks import UserLocks
-from butler_memory.store import MemoryStore, Profile
+from butler_memory.store import MemoryStore, Profile, sanitized_errors
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +204,10 @@ def rollback_user(
         return RollbackResult(user_id, SKIPPED_LOCKED, run_id, message="the user's lock is held; try again")
     try:
         checkpoint("locked")
-        result = _rollback_locked(
-            user_id, run_id, store, rollback_id, cascade, allow_missing, dry_run, checkpoint, clock
-        )
+        with sanitized_errors(user_id, "rollback"):
+            result = _rollback_locked(
+                user_id, run_id, store, rollback_id, cascade, allow_missing, dry_run, checkpoint, clock
+            )
     except RollbackRefusedError as exc:
         result = RollbackResult(user_id, REFUSED, run_id, message=str(exc))
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -664,8 +665,8 @@ def id_key(value: Any) -> bytes:
 _RETRYABLE_MONGO = (ConnectionFailure, WTimeoutError)
 
 
-def store_error(user_id: str, exc: PyMongoError, step: str = "compression") -> StoreError:
-    """Return a StoreError describing ``exc`` by type, code and counts only.
+def describe_mongo_error(exc: PyMongoError) -> str:
+    """Name a pymongo error by its type, code and counts only.
 
     pymongo's messages quote the failed documents (a duplicate key's value, a bulk write's ops, a
     schema validator's failing fields): event content or a summary must never reach a log, XCom or
@@ -684,6 +685,24 @@ def store_error(user_id: str, exc: PyMongoError, step: str = "compression") -> S
         parts.append(
             f"code {exc.code}" + (f" {code_name}" if isinstance(code_name, str) and code_name.isidentifier() else "")
         )
-    error = StoreError(f"user {user_id!r}: MongoDB failed during {step}: {', '.join(parts)}", user_id=user_id)
+    return ", ".join(parts)
+
+
+def store_error(user_id: str, exc: PyMongoError, step: str = "compression") -> StoreError:
+    """Return a StoreError describing ``exc`` by type, code and counts only (``describe_mongo_error``)."""
+    error = StoreError(f"user {user_id!r}: MongoDB failed during {step}: {describe_mongo_error(exc)}", user_id=user_id)
     error.retryable = isinstance(exc, _RETRYABLE_MONGO)
     return error
+
+
+@contextmanager
+def sanitized_errors(user_id: str, step: str) -> Iterator[None]:
+    """Re-raise a pymongo error from inside as ``store_error(user_id, exc, step)``, never the driver's text.
+
+    Every per-user operation (compression, rollback, re-fold, forget, erasure) runs inside one, so a
+    failed write that quotes a document (an event put back, a summary) cannot reach a log or XCom.
+    """
+    try:
+        yield
+    except PyMongoError as exc:
+        raise store_error(user_id, exc, step) from None

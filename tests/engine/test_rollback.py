@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import traceback
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -10,6 +13,7 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, Engine
+from butler_memory.errors import StoreError
 from butler_memory.rollback import DRY_RUN, NOT_CHANGED, REFUSED, ROLLED_BACK
 from butler_memory.store import ROLLBACK_FIELD, VERSION_FIELD
 from tests.engine.helpers import (
@@ -177,3 +181,24 @@ def test_a_rollback_run_is_not_rolled_back(mongo_db: Database[Doc], redis_client
     engine.rollback("u1", "r1", rollback_id="rb")
     result = engine.rollback("u1", "rb", rollback_id="rb-of-rb")
     assert result.status == REFUSED and "is a rollback" in result.message
+
+
+def test_a_database_error_quoting_a_restored_event_is_sanitised(
+    mongo_db: Database[Doc], redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    canary = f"CANARY-{uuid.uuid4().hex}"
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    insert_events(mongo_db, "u1", 20, content=lambda u, i: f"{u}-e{i:03d}: {canary} {i}")
+    engine.compress("u1", run_id="r0")
+    # A unique index the restore violates: the server's error quotes the key, i.e. the event's content.
+    mongo_db["user_memory"].create_index("content", unique=True)
+    mongo_db["user_memory"].insert_one({"_id": "other", "user_id": "u2", "content": f"u1-e000: {canary} 0"})
+
+    with pytest.raises(StoreError) as info:
+        engine.rollback("u1", "r0", rollback_id="rb")
+
+    error = info.value
+    assert error.user_id == "u1" and "during rollback" in str(error), str(error)
+    shown = "".join(traceback.format_exception(error)) + repr(error) + caplog.text
+    assert canary not in shown, "a database error carried event content into an exception or a log"
