@@ -30,8 +30,8 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check dags plugins tools tests
-	$(BIN)/ruff check --select AIR --preview dags plugins
-	$(BIN)/mypy plugins/butler_memory plugins/butler_memory_preload.py dags
+	$(BIN)/ruff check --select AIR --preview dags plugins tools
+	$(BIN)/mypy plugins/butler_memory plugins/butler_memory_preload.py dags tools
 
 # Coverage across every process the suite starts (pyproject.toml [tool.coverage]), line and branch,
 # on plugins/ and dags/; combined and printed at the end, and the run fails under 80%.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -376,7 +377,7 @@ def _noop_run(
     run_id = f"bench-noop-{int(time.time())}"
     others = _stand_in_pids(ctx, airflow)
     before = cpu_snapshot(airflow, others)
-    trigger_cpu = _trigger(airflow, run_id, {"users": users, "sleep": latency}, dag_id=NOOP_DAG_ID, progress=log)
+    trigger_cpu = _trigger(airflow, run_id, {"users": users, "sleep": latency}, dag_id=NOOP_DAG_ID)
     state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120), dag_id=NOOP_DAG_ID, progress=log)
     after = cpu_snapshot(airflow, others)
     out = _analyse_run(airflow.run_timing(run_id, dag_id=NOOP_DAG_ID), [], users)
@@ -446,7 +447,7 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
                 run_phase(
                     sweep,
                     f"{latency:g}",
-                    lambda latency=latency: _airflow_run(ctx, airflow, args, f"sweep{latency:g}", latency, args.users),
+                    functools.partial(_airflow_run, ctx, airflow, args, f"sweep{latency:g}", latency, args.users),
                     save=save,
                 )
         out["latency_sweep"] = [run for run in sweep.values() if not timed_out(run)]
@@ -1039,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
         def save() -> None:
             write_results(results, args.out)
 
-        ctx = {
+        ctx: dict[str, Any] = {
             "mongo": mongo,
             "redis": redis_srv,
             "fake": fake,

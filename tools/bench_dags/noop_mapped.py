@@ -28,7 +28,7 @@ def bench_noop_mapped() -> None:
         users = int(get_current_context()["params"]["users"])
         return [f"noop-{i:05d}" for i in range(users)]
 
-    @task(pool="llm_api", map_index_template="{{ compressed_user_id }}")
+    @task(multiple_outputs=False, pool="llm_api", map_index_template="{{ compressed_user_id }}")
     def compress_user(user_id: str) -> dict[str, str]:
         context = get_current_context()
         context["compressed_user_id"] = user_id  # type: ignore[typeddict-unknown-key]
@@ -36,10 +36,12 @@ def bench_noop_mapped() -> None:
         return {"user_id": user_id, "status": "compressed"}
 
     @task(trigger_rule="all_done")
-    def report(results: list[dict[str, str]]) -> int:
+    def report() -> int:
+        # Reads the mapped results from XCom, as memory_compression's report does.
+        results = get_current_context()["ti"].xcom_pull(task_ids="compress_user") or []
         return sum(1 for _ in results)
 
-    report(compress_user.expand(user_id=scan()))
+    compress_user.expand(user_id=scan()) >> report()
 
 
 bench_noop_mapped()
