@@ -8,9 +8,11 @@ importing this module is cheap.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from butler_memory.budget import TokenBudget
 from butler_memory.compression import Engine
@@ -97,6 +99,8 @@ def llm_config(settings: Settings, env: Mapping[str, str] | None = None) -> LLMC
 
     The environment is used only when it names the endpoint (OPENAI_BASE_URL): an OPENAI_API_KEY
     alone never sends conversations anywhere, least of all to the public OpenAI endpoint by default.
+    A connection without a password gets OPENAI_API_KEY only when it points where that key goes
+    (``_environment_key``).
     """
     env = os.environ if env is None else env
     conn = _connection(settings.llm_conn_id)
@@ -117,7 +121,7 @@ def llm_config(settings: Settings, env: Mapping[str, str] | None = None) -> LLMC
             settings,
             f"connection {settings.llm_conn_id!r}",
             base_url=base_url,
-            api_key=conn.password or env.get("OPENAI_API_KEY") or "not-needed",
+            api_key=conn.password or _environment_key(settings, base_url, env) or "not-needed",
             model=model,
             extra=extra,
         )
@@ -133,6 +137,41 @@ def llm_config(settings: Settings, env: Mapping[str, str] | None = None) -> LLMC
     if env.get("OPENAI_API_KEY"):
         log.warning("OPENAI_API_KEY is set without OPENAI_BASE_URL or connection %r: ignored", settings.llm_conn_id)
     return None
+
+
+OPENAI_PUBLIC_URL = "https://api.openai.com/v1"
+"""Where the openai client sends OPENAI_API_KEY when OPENAI_BASE_URL is not set."""
+
+
+def _environment_key(settings: Settings, base_url: str, env: Mapping[str, str]) -> str | None:
+    """Return OPENAI_API_KEY for a connection without a password, only when the connection points
+    where that key is meant to go: OPENAI_BASE_URL when set, else the public OpenAI API.
+
+    A key for OpenAI must never travel to another host (a local server, perhaps plain http) just
+    because the connection that names that host has no password.
+    """
+    key = env.get("OPENAI_API_KEY")
+    if not key:
+        return None
+    if _origin(base_url) == _origin(env.get("OPENAI_BASE_URL") or OPENAI_PUBLIC_URL):
+        return key
+    log.warning(
+        "connection %r has no password and points elsewhere than OPENAI_BASE_URL or api.openai.com: "
+        "OPENAI_API_KEY is not sent to it",
+        settings.llm_conn_id,
+    )
+    return None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """Return (scheme, host, port) of a URL, the port made explicit: what decides where a key goes."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number: matches nothing
+        return (scheme, "", -1)
+    return (scheme, (parts.hostname or "").lower(), port or {"https": 443, "http": 80}.get(scheme))
 
 
 LLM_EXTRAS: dict[str, type | tuple[type, ...]] = {
@@ -185,6 +224,8 @@ def _checked(
     )
     if config.max_retries < 0:
         raise SettingsError(f"{source}: extra max_retries must be >= 0, got {config.max_retries}")
+    if not math.isfinite(config.timeout_seconds):  # NaN passes every comparison below
+        raise SettingsError(f"{source}: extra timeout must be a finite number, got {config.timeout_seconds!r}")
     if config.timeout_seconds <= 0 or config.timeout_seconds * 2 >= settings.lock_ttl_seconds:
         raise SettingsError(
             f"{source}: extra timeout ({config.timeout_seconds}) must be positive and under half of "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -130,6 +131,7 @@ class Settings:
     """Most doorbell entries one catch-up scan takes (oldest first); the rest wait for the next run."""
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive(self, "threshold", "keep_last_n", "summary_max_tokens", "prompt_budget_tokens")
         _positive(self, "max_events_per_chunk", "max_event_chars", "lock_ttl_seconds")
         _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days", "history_retention_days")
@@ -237,6 +239,14 @@ def _check_durability(settings: Settings) -> None:
         )
     if settings.mongo_read_concern not in ("majority", "local"):
         raise SettingsError(f"mongo_read_concern {settings.mongo_read_concern!r} must be 'majority' or 'local'")
+
+
+def _finite(settings: Settings) -> None:
+    """Refuse NaN and infinite numbers: every comparison with NaN is False, so it would pass the range checks."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{f.name} must be a finite number, got {value!r}")
 
 
 def _positive(settings: Settings, *names: str) -> None:

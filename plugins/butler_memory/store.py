@@ -117,12 +117,14 @@ class MemoryStore:
     def __init__(self, db: Database, settings: Settings) -> None:
         if _PYMONGO_COMMAND_LOG.level == logging.NOTSET:
             _PYMONGO_COMMAND_LOG.setLevel(logging.INFO)
+        # Durability must not depend on server defaults: with w:1 a failover can roll back a summary
+        # commit after its events' deletes landed. Majority writes on every collection reached through
+        # this store (events, profiles, archive, history, runs, state, the erasure audit log), and
+        # majority reads of the profile (the summary version and pending fold we build on).
+        durable = write_concern(settings)
+        db = db.with_options(write_concern=durable)
         self.db = db
         self.settings = settings
-        # Durability must not depend on server defaults: with w:1 a failover can roll back a summary
-        # commit after its events' deletes landed. Majority writes on everything the invariant touches,
-        # and majority reads of the profile (the summary version and pending fold we build on).
-        durable = write_concern(settings)
         self.events = db.get_collection(settings.events_collection, write_concern=durable)
         self.profiles = db.get_collection(
             settings.profiles_collection,

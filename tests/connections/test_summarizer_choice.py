@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,6 +14,8 @@ from butler_memory.connections import build_summarizer, llm_config
 from butler_memory.offline import OfflineSummarizer
 from butler_memory.openai_summarizer import OpenAISummarizer
 from butler_memory.settings import Settings, SettingsError
+from butler_memory.summarizer import EventText, SummaryRequest
+from tools.fake_openai import FakeOpenAI
 
 CONN = "AIRFLOW_CONN_OPENAI_DEFAULT"
 
@@ -101,9 +104,59 @@ def test_connection_extras_are_read_and_checked(monkeypatch: pytest.MonkeyPatch)
         ({"context_tokens": 1200}, r"context_tokens \(1200\) leaves no room"),
         ({"prompt_tokens_tolerance": 1.5}, "must be in"),
         ({"verify_prompt_tokens": "no"}, "wrong type"),
+        ({"timeout": float("nan")}, "extra timeout must be a finite number, got nan"),
+        ({"timeout": float("inf")}, "extra timeout must be a finite number, got inf"),
     ],
 )
 def test_bad_extras_fail_naming_them(monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], message: str) -> None:
     monkeypatch.setenv(CONN, conn(**extra))
     with pytest.raises(SettingsError, match=message):
         llm_config(Settings())
+
+
+def authorization_sent(llm: FakeOpenAI) -> str | None:
+    """Summarise once through the configured connection; return the Authorization header the server got."""
+    summarizer = build_summarizer(Settings(summarizer="openai"))
+    try:
+        event = EventText("user", "Меня зовут Анна.", datetime(2026, 1, 1, tzinfo=UTC))
+        summarizer.summarize(SummaryRequest("u1", "", [event], "ru", max_tokens=300, max_chars=1800))
+    finally:
+        summarizer.close()
+    return llm.requests[-1]["headers"].get("authorization")
+
+
+def without_password(host: str) -> str:
+    return json.dumps({"conn_type": "generic", "host": host, "extra": {"model": "gpt-4o-mini"}})
+
+
+def test_the_environment_key_never_goes_to_a_connection_host_it_was_not_given_for(
+    monkeypatch: pytest.MonkeyPatch, llm: FakeOpenAI
+) -> None:
+    """Issue 26, item 8: a connection without a password sent OPENAI_API_KEY to its own host (plain http here)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-for-openai")
+    monkeypatch.setenv(CONN, without_password(llm.base_url))
+    assert authorization_sent(llm) == "Bearer not-needed"
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://api.example.org/v1")  # the key's endpoint, not this host
+    assert authorization_sent(llm) == "Bearer not-needed"
+
+
+def test_the_environment_key_goes_to_the_endpoint_it_came_with(
+    monkeypatch: pytest.MonkeyPatch, llm: FakeOpenAI
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-for-this-server")
+    monkeypatch.setenv("OPENAI_BASE_URL", llm.base_url)
+    monkeypatch.setenv(CONN, without_password(llm.base_url))
+    assert authorization_sent(llm) == "Bearer sk-for-this-server"
+    monkeypatch.setenv(CONN, conn(llm.base_url))  # the connection's own password always wins
+    assert authorization_sent(llm) == "Bearer k"
+
+
+def test_the_public_endpoint_gets_the_environment_key() -> None:
+    from butler_memory.connections import _environment_key
+
+    env = {"OPENAI_API_KEY": "sk-x"}
+    assert _environment_key(Settings(), "https://api.openai.com/v1", env) == "sk-x"
+    assert _environment_key(Settings(), "https://API.openai.com:443/v1/", env) == "sk-x"
+    assert _environment_key(Settings(), "http://api.openai.com/v1", env) is None, "never over plain http"
+    assert _environment_key(Settings(), "https://api.openai.com.evil.example/v1", env) is None

@@ -335,6 +335,18 @@ def test_indexes_are_created_idempotently_and_retention_is_updated(
     assert keys("user_memory_archive")["archived_at_ttl"]["expireAfterSeconds"] == 30 * 86400
 
 
+def test_every_collection_of_the_store_writes_with_the_configured_write_concern(mongo_db: Database[Doc]) -> None:
+    """History and the erasure audit log used the server's default write concern (issue 26, item 8)."""
+    from butler_memory.erasure import AuditLog, _job_collections
+
+    settings = small_settings(mongo_write_concern="2", mongo_write_timeout_ms=1234)
+    store = MemoryStore(mongo_db, settings)
+    expected = {"w": 2, "wtimeout": 1234}
+    colls = [store.events, store.profiles, store.archive_coll, store.runs, store.state, store.catchup_runs]
+    colls += [store.history.coll, AuditLog(store).coll, *_job_collections(store)]
+    assert {c.name: c.write_concern.document for c in colls} == {c.name: expected for c in colls}
+
+
 # -- an interrupted run's fold target --------------------------------------------------------------
 
 

@@ -46,12 +46,24 @@ def test_layers_apply_in_order_env_then_json_then_overrides() -> None:
         ({"max_event_chars": 100_000}, "prompt_budget_tokens (6000) is too small"),
         ({"no_such_setting": 1}, "unknown setting(s): no_such_setting"),
         ({"events_collection": 5}, "events_collection must be a string"),
+        # NaN is neither <= 0 nor >= anything: it passed every range check (issue 26, item 8).
+        ({"llm_timeout_seconds": float("nan")}, "llm_timeout_seconds must be a finite number, got nan"),
+        ({"llm_timeout_seconds": "NaN"}, "llm_timeout_seconds must be a finite number"),
+        ({"redis_timeout_seconds": "inf"}, "redis_timeout_seconds must be a finite number, got inf"),
+        ({"language_guard_min_share": float("nan")}, "language_guard_min_share must be a finite number"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(values: dict, fragment: str) -> None:
     with pytest.raises(SettingsError) as info:
         Settings.from_mapping(values)
     assert fragment in str(info.value)
+
+
+def test_nan_from_the_environment_and_json_is_refused() -> None:
+    with pytest.raises(SettingsError, match="llm_timeout_seconds must be a finite number"):
+        Settings.from_env({"BUTLER_MEMORY_LLM_TIMEOUT_SECONDS": "nan"})
+    with pytest.raises(SettingsError, match="redis_timeout_seconds must be a finite number"):
+        Settings.from_json('{"redis_timeout_seconds": NaN}')
 
 
 def test_json_source_errors_name_the_source() -> None:
