@@ -28,7 +28,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from butler_memory.dag_defaults import DEFAULT_ARGS
+from butler_memory.dag_defaults import DEFAULT_ARGS, admin_access_control
 
 ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$"
 """What the form accepts as since/until (ISO 8601); the engine parses and checks it again."""
@@ -50,6 +50,7 @@ def forget() -> dict:
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
+    access_control=admin_access_control(),
     tags=["butler", "memory", "erasure"],
     doc_md=__doc__,
     params={

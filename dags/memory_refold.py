@@ -22,7 +22,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from butler_memory.dag_defaults import DEFAULT_ARGS
+from butler_memory.dag_defaults import DEFAULT_ARGS, admin_access_control
 
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
 
@@ -55,6 +55,7 @@ def refold_user(user_id: str) -> dict:
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
+    access_control=admin_access_control(),
     tags=["butler", "memory", "llm"],
     doc_md=__doc__,
     params={

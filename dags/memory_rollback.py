@@ -23,7 +23,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from butler_memory.dag_defaults import DEFAULT_ARGS
+from butler_memory.dag_defaults import DEFAULT_ARGS, admin_access_control
 
 
 @task(execution_timeout=timedelta(minutes=15))
@@ -60,6 +60,7 @@ def report() -> dict:
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
+    access_control=admin_access_control(),
     tags=["butler", "memory", "rollback"],
     doc_md=__doc__,
     params={

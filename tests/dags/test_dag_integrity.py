@@ -228,3 +228,25 @@ def test_parsing_touches_no_network_and_no_database(tmp_path: Path) -> None:
     assert DAG_ID in result["dags"], f"{DAG_ID} not parsed from {DAGS_DIR}: {result['dags']}"
     assert not result["events"], f"parsing {DAGS_DIR} opened connections: {result['events']}"
     assert result["seconds"] < PARSE_BUDGET_SECONDS, f"parsing {DAGS_DIR} took {result['seconds']:.1f}s"
+
+
+ADMIN_DAGS = ("memory_erasure", "memory_rollback", "memory_refold")
+"""The DAGs that erase or rewrite a user's memory: only the admin role may trigger them."""
+ADMIN_GRANT = {"DAGs": {"can_read", "can_edit"}, "DAG Runs": {"can_read", "can_create"}}
+
+
+@pytest.mark.parametrize("dag_id", ADMIN_DAGS)
+def test_dags_that_rewrite_memory_grant_access_to_the_admin_role_only(dagbag: DagBag, dag_id: str) -> None:
+    access = dagbag.dags[dag_id].access_control
+    assert access == {"MemoryAdmin": ADMIN_GRANT}, f"{dag_id}: access_control is {access!r}"
+
+
+def test_the_admin_role_is_configurable_and_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUTLER_MEMORY_ADMIN_ROLE", "ButlerPrivacyOfficer")
+    renamed = DagBag(dag_folder=str(DAGS_DIR))
+    monkeypatch.setenv("BUTLER_MEMORY_ADMIN_ROLE", "")
+    off = DagBag(dag_folder=str(DAGS_DIR))
+    for dag_id in ADMIN_DAGS:
+        assert renamed.dags[dag_id].access_control == {"ButlerPrivacyOfficer": ADMIN_GRANT}, dag_id
+        assert off.dags[dag_id].access_control is None, dag_id
+    assert renamed.dags[DAG_ID].access_control is None, "memory_compression is for every operator"
