@@ -1,7 +1,7 @@
 """A daily LLM token budget shared by every run (daily, catch-up, CLI), counted in Redis.
 
-Off by default (``daily_token_budget`` 0). When set, each LLM call's prompt + completion tokens are
-added with one ``INCRBY`` on the day's key (``token_budget_key_pattern`` with the UTC date; it
+Off by default (``daily_token_budget`` 0). When set, each LLM call's prompt + completion tokens
+(a refused reply's too: cut off, truncated prompt, content filter; see ``Spent``) are added with one ``INCRBY`` on the day's key (``token_budget_key_pattern`` with the UTC date; it
 expires after two days), so concurrent tasks count together and exactly. The budget is checked
 **before a user is started**, never in the middle: a user whose compression began is finished (a
 half-folded user would be no cheaper to finish tomorrow), so the day can overshoot by at most the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -75,3 +76,20 @@ class TokenBudget:
             # Uncounted tokens would let the day overspend: fail this user (retryable) before its commit.
             raise LockUnavailableError(f"Redis unreachable while counting LLM tokens ({type(exc).__name__})") from None
         return int(total)
+
+
+@dataclass
+class Spent:
+    """The LLM tokens one user's operation spent so far, every call counted (refused replies too),
+    each also counted on the day's budget when there is one."""
+
+    budget: TokenBudget | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one call's tokens (on the budget too; its Redis error fails the user, retryably)."""
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        if self.budget is not None:
+            self.budget.spend(prompt_tokens + completion_tokens)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from butler_memory import guards
 from butler_memory import metrics as m
-from butler_memory.budget import TokenBudget
+from butler_memory.budget import Spent, TokenBudget
 from butler_memory.errors import CompressionError, ErasurePendingError, GuardRejected, InvalidEventError, LLMError
 from butler_memory.history import BASELINE, FOLD, Covers, HistoryEntry, Key, prompt_version
 from butler_memory.locks import UserLock, UserLocks
@@ -249,12 +249,16 @@ def compress_user(
         log.info("user %s: lock held by another compression, skipping", user_id)
         metrics.incr(m.USERS_SKIPPED_LOCKED_TOTAL)
         return UserResult(user_id, SKIPPED_LOCKED, seconds=time.monotonic() - started)
+    spent = Spent(budget)
     try:
         checkpoint("locked")
         with sanitized_errors(user_id, "compression"):
             result = _compress_locked(
-                user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock, budget
+                user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock, spent
             )
+    except CompressionError as exc:  # the failed user's result reports every token its attempt spent
+        exc.prompt_tokens, exc.completion_tokens = spent.prompt_tokens, spent.completion_tokens
+        raise
     finally:
         lock.release()
     result.seconds = round(time.monotonic() - started, 3)
@@ -273,7 +277,7 @@ def _compress_locked(
     dry_run: bool,
     checkpoint: Checkpoint,
     clock: Callable[[], datetime],
-    budget: TokenBudget | None = None,
+    spent: Spent,
 ) -> UserResult:
     profile = store.load_profile(user_id, create=not dry_run)
     if profile.erasing:
@@ -327,12 +331,9 @@ def _compress_locked(
             max_chars=settings.summary_max_chars,
         )
         with lock.kept_alive():  # retries and Retry-After waits can outlast the TTL: extend meanwhile
-            produced = _summarize(summarizer, request, metrics)
-        if budget is not None:  # counted before anything else can fail: the tokens are spent either way
-            budget.spend(produced.prompt_tokens + produced.completion_tokens)
+            produced = _summarize(summarizer, request, metrics, spent)  # counts every token, a refused reply's too
+        result.prompt_tokens, result.completion_tokens = spent.prompt_tokens, spent.completion_tokens
         text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
-        result.prompt_tokens += produced.prompt_tokens
-        result.completion_tokens += produced.completion_tokens
         outcomes = guard_summary(user_id, request, text, settings, metrics, result.guards)
         checkpoint("summarized")
 
@@ -679,17 +680,26 @@ def guard_summary(
     return guards.outcomes(verdict)
 
 
-def _summarize(summarizer: Summarizer, request: SummaryRequest, metrics: Metrics) -> Any:
+def _summarize(summarizer: Summarizer, request: SummaryRequest, metrics: Metrics, spent: Spent | None = None) -> Any:
+    """Make one LLM call; count its tokens (metrics, ``spent`` and its budget), a refused reply's too."""
     metrics.incr(m.LLM_REQUESTS_TOTAL)
     try:
         produced = summarizer.summarize(request)
-    except LLMError:
+    except LLMError as exc:
         metrics.incr(m.LLM_ERRORS_TOTAL)
+        if exc.prompt_tokens or exc.completion_tokens:
+            _count(metrics, spent, exc.prompt_tokens, exc.completion_tokens)
         raise
     metrics.timing(m.LLM_LATENCY_SECONDS, produced.seconds)
-    metrics.incr(m.LLM_PROMPT_TOKENS_TOTAL, produced.prompt_tokens)
-    metrics.incr(m.LLM_COMPLETION_TOKENS_TOTAL, produced.completion_tokens)
+    _count(metrics, spent, produced.prompt_tokens, produced.completion_tokens)
     return produced
+
+
+def _count(metrics: Metrics, spent: Spent | None, prompt_tokens: int, completion_tokens: int) -> None:
+    metrics.incr(m.LLM_PROMPT_TOKENS_TOTAL, prompt_tokens)
+    metrics.incr(m.LLM_COMPLETION_TOKENS_TOTAL, completion_tokens)
+    if spent is not None:
+        spent.add(prompt_tokens, completion_tokens)
 
 
 def failed_result(user_id: str, exc: BaseException, seconds: float = 0.0) -> UserResult:
@@ -701,5 +711,7 @@ def failed_result(user_id: str, exc: BaseException, seconds: float = 0.0) -> Use
         error=message,
         error_type=type(exc).__name__,
         seconds=round(seconds, 3),
+        prompt_tokens=exc.prompt_tokens if isinstance(exc, CompressionError) else 0,
+        completion_tokens=exc.completion_tokens if isinstance(exc, CompressionError) else 0,
         guards=dict(exc.guards) if isinstance(exc, GuardRejected) else {},
     )

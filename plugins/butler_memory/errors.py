@@ -9,9 +9,14 @@ class CompressionError(Exception):
     retryable = False
     """Whether a later attempt can succeed without anyone changing anything."""
 
-    def __init__(self, message: str, *, user_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, user_id: str | None = None, prompt_tokens: int = 0, completion_tokens: int = 0
+    ) -> None:
         super().__init__(message)
         self.user_id = user_id
+        self.prompt_tokens = prompt_tokens
+        """LLM tokens spent before the failure (a cut-off reply's, or the user's whole attempt's): counted."""
+        self.completion_tokens = completion_tokens
 
 
 class InvalidEventError(CompressionError):

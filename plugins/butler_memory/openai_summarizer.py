@@ -165,13 +165,22 @@ class OpenAISummarizer:
                 user_id=request.user_id,
             ) from None
         seconds = time.monotonic() - started
+        # Read first: a reply refused below was paid for all the same, so its error carries the usage.
+        usage = getattr(response, "usage", None)
+        spent = {
+            "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
+            "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
+        }
+        prompt_tokens, completion_tokens = spent["prompt_tokens"], spent["completion_tokens"]
         choices = getattr(response, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
-            raise LLMTransientError(f"user {request.user_id!r}: LLM response has no choices", user_id=request.user_id)
+            raise LLMTransientError(
+                f"user {request.user_id!r}: LLM response has no choices", user_id=request.user_id, **spent
+            )
         choice = choices[0]
         if getattr(choice, "finish_reason", None) == "content_filter":
             raise LLMPermanentError(
-                f"user {request.user_id!r}: LLM rejected the content (content_filter)", user_id=request.user_id
+                f"user {request.user_id!r}: LLM rejected the content (content_filter)", user_id=request.user_id, **spent
             )
         finish_reason = getattr(choice, "finish_reason", None)
         if finish_reason not in _COMPLETE:
@@ -180,11 +189,13 @@ class OpenAISummarizer:
                 f"user {request.user_id!r}: LLM reply is incomplete (finish_reason={shown[:32]!r}, "
                 f"max_tokens={reply_tokens}); nothing was written",
                 user_id=request.user_id,
+                **spent,
             )
-        usage = getattr(response, "usage", None)
-        prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        self._check_read(request.user_id, messages, prompt_tokens)
+        try:
+            self._check_read(request.user_id, messages, prompt_tokens)
+        except LLMPromptTruncatedError as exc:
+            exc.prompt_tokens, exc.completion_tokens = prompt_tokens, completion_tokens
+            raise
         return Summary(
             text=choice.message.content or "",
             prompt_tokens=prompt_tokens,

@@ -10,11 +10,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import redis
 from pymongo.database import Database
 
 from butler_memory.budget import TokenBudget
-from butler_memory.compression import COMPRESSED, SKIPPED_BUDGET, Engine
+from butler_memory.compression import COMPRESSED, SKIPPED_BUDGET, Engine, failed_result
+from butler_memory.errors import LLMPromptTruncatedError, LLMReplyCutOffError
 from butler_memory.report import build_report, to_markdown
 from butler_memory.store import MemoryStore
 from tests.engine.conftest import OpenAIFactory
@@ -84,3 +86,32 @@ def test_no_budget_sends_nothing_to_redis(redis_client: redis.Redis) -> None:
     budget = TokenBudget(redis_client, small_settings(), clock=lambda: DAY)
     assert budget.spend(10_000) == 0 and not budget.exhausted()
     assert redis_client.keys("*") == []
+
+
+def test_every_token_is_counted_refused_replies_and_failed_users_included(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    """Issue 26, item 6: a cut-off or truncated reply's tokens reached neither the budget nor the report."""
+    for user_id in ("u-cut", "u-late"):
+        insert_events(mongo_db, user_id, 15)
+    engine = _engine(mongo_db, redis_client, make_openai, budget=1_000_000)
+
+    llm.push_reply("a reply cut off at max_tokens", prompt_tokens=700, completion_tokens=600, finish_reason="length")
+    with pytest.raises(LLMReplyCutOffError) as cut:
+        engine.compress("u-cut", run_id="r1")
+    assert (cut.value.prompt_tokens, cut.value.completion_tokens) == (700, 600)
+    assert engine.budget is not None and engine.budget.spent() == 1300
+
+    # A second chunk's server read 1 prompt token (it truncated the prompt): refused, counted, and the
+    # failed user's result carries the first chunk's tokens as well.
+    llm.push_reply("- The user told us about their day.", prompt_tokens=900, completion_tokens=40)
+    llm.push_reply("- The user told us about their day.", prompt_tokens=1, completion_tokens=30)
+    with pytest.raises(LLMPromptTruncatedError) as truncated:
+        engine.compress("u-late", run_id="r1")
+    assert (truncated.value.prompt_tokens, truncated.value.completion_tokens) == (901, 70)
+    assert engine.budget.spent() == 1300 + 971
+
+    rows = [failed_result("u-cut", cut.value).to_dict(), failed_result("u-late", truncated.value).to_dict()]
+    report = build_report(run_id="r1", scanned=["u-cut", "u-late"], results=rows, started_at=DAY, finished_at=DAY)
+    assert (report["prompt_tokens"], report["completion_tokens"]) == (1601, 670)
+    assert report["users_failed"] == 2
