@@ -574,14 +574,10 @@ def _chunks(
 
 
 def _fold_events(user_id: str, keys: list[EventKey], store: MemoryStore, group: int) -> Iterator[dict[str, Any]]:
-    """Yield the fold list's events in order, one short query per ``group`` keys (no cursor stays
-    open across LLM calls); only the ``_id``s of the list, whatever else shares their timestamps."""
+    """Yield the fold list's events in order, one short query by ``_id`` per ``group`` keys (no cursor
+    stays open across LLM calls); only the list's events, whatever else shares their timestamps."""
     for start in range(0, len(keys), group):
-        part = keys[start : start + group]
-        wanted = {id_key(key.id) for key in part}
-        for ev in store.read_events(user_id, part[0], part[-1]):
-            if id_key(ev["_id"]) in wanted:
-                yield ev
+        yield from store.read_fold(user_id, keys[start : start + group])
 
 
 def pack_chunks(

@@ -439,17 +439,14 @@ class MemoryStore:
 
         With ``limit``, a user with more than ``limit + keep_last_n`` events gets only the oldest
         ``limit`` keys: a huge user's keys are never all held in memory, and later runs fold the
-        rest. That shorter list is taken only when at least ``keep_last_n`` events are newer than its
-        end (re-counted after reading it), so it never reaches into the newest ones.
+        rest. The shorter list is cut from the first ``limit + keep_last_n`` keys in
+        ``(created_at, _id)`` order, so at least ``keep_last_n`` events are newer than its end
+        whatever their timestamps (a bulk import stamps thousands of events alike).
         """
         if limit is not None and self.count_events(user_id) > limit + keep_last_n:
-            keys = self._keys(user_id, limit)
-            if (
-                keys
-                and self.events.count_documents({"user_id": user_id, "created_at": {"$gt": keys[-1].created_at}})
-                >= keep_last_n
-            ):
-                return keys
+            keys = self._keys(user_id, limit + keep_last_n)
+            if len(keys) == limit + keep_last_n:
+                return keys[:limit]
         keys = self._keys(user_id, None)
         return keys[: max(len(keys) - keep_last_n, 0)]
 
@@ -486,13 +483,22 @@ class MemoryStore:
         cursor = self.events.find(query).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
         yield from cursor.batch_size(batch_size)
 
-    def read_events(self, user_id: str, first: EventKey, last: EventKey) -> list[dict]:
-        """Return the user's events timed from ``first`` to ``last`` (as ``iter_events``), read at once.
+    def read_fold(self, user_id: str, keys: Sequence[EventKey]) -> list[dict]:
+        """Return the events of these fold-list keys still in user_memory as listed, in the list's order.
 
-        One short query per chunk of the fold list: no cursor stays open across LLM calls, which
-        can outlast the server's idle-cursor timeout (10 minutes) on a huge user.
+        Read by explicit ``_id`` (``find_by_ids``): exactly the listed events, however many others
+        share their timestamps (a time range re-read every event of a one-timestamp bulk import for
+        each chunk). One short query per call: no cursor stays open across LLM calls, which can
+        outlast the server's idle-cursor timeout (10 minutes) on a huge user. An event whose
+        ``created_at`` changed since the keys were taken is left out: it stays for a later fold.
         """
-        return list(self.iter_events(user_id, first, last, batch_size=1000))
+        found = {id_key(ev["_id"]): ev for ev in self.find_by_ids(user_id, [key.id for key in keys])}
+        events = []
+        for key in keys:
+            ev = found.get(id_key(key.id))
+            if ev is not None and ev.get("created_at") == key.created_at:  # as read by fold_keys, same codec
+                events.append(ev)
+        return events
 
     def find_by_ids(self, user_id: str, ids: Sequence[Any]) -> list[dict]:
         """Return those of ``ids`` still in user_memory, in batches."""
