@@ -12,7 +12,8 @@ from typing import Any
 
 from butler_memory import fresh
 from butler_memory import metrics as m
-from butler_memory.compression import failed_result, utcnow
+from butler_memory.backoff import FailureBackoff
+from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, failed_result, utcnow
 from butler_memory.connections import (
     VARIABLE_NAME,
     build_engine,
@@ -64,13 +65,19 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[st
             engine.store.ensure_indexes()
         if kind == fresh.CATCHUP and user_ids is None:
             result = fresh.catchup_scan(
-                engine.store, doorbell_record(settings, engine.locks.client), settings, settings.scan_limit
+                engine.store,
+                doorbell_record(settings, engine.locks.client),
+                settings,
+                settings.scan_limit,
+                backoff=FailureBackoff(engine.locks.client, settings),
             )
         else:
             result = fresh.daily_scan(engine.store, settings, settings.scan_limit, user_ids)
         if not dry_run:
             engine.metrics.gauge(m.BACKLOG_USERS, len(result.backlog) + result.left)
             engine.metrics.gauge(m.BACKLOG_LEFT_USERS, result.left)
+            if result.backed_off:
+                engine.metrics.incr(m.USERS_SKIPPED_BACKOFF_TOTAL, len(result.backed_off))
     backlog = result.backlog
     log.info(
         "scan (%s): %d user(s) over %d events (limit %d%s), %d left for the next run%s",
@@ -80,7 +87,10 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[st
         settings.scan_limit,
         f", restricted to {len(user_ids)} given id(s)" if user_ids else "",
         result.left,
-        f"; counted {result.candidates} user(s) with new events or a doorbell record" if kind == fresh.CATCHUP else "",
+        f"; counted {result.candidates} user(s) with new events or a doorbell record, "
+        f"{len(result.backed_off)} backed off after failing"
+        if kind == fresh.CATCHUP
+        else "",
     )
     ti.xcom_push(key="backlog", value={b.user_id: b.events for b in backlog})
     ti.xcom_push(key="scan", value={"kind": kind, **result.xcom()})
@@ -88,7 +98,8 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[st
 
 
 def compress(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
-    """Compress one user; transient errors raise for a retry, permanent ones fail the task at once."""
+    """Compress one user; transient errors raise for a retry, permanent ones fail the task at once and
+    back the user off (``butler_memory.backoff``); a compression or a user under the threshold clears it."""
     started = utcnow()
     try:
         settings = resolve_settings(params)
@@ -99,7 +110,16 @@ def compress(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
             # The holder names this task instance: a retry after a kill waits out the lock its killed
             # attempt left instead of reporting skipped_locked (a green run that folded nothing).
             holder = f"{ti.dag_id}|{run_id}|{ti.task_id}|{ti.map_index}"
-            result = engine.compress(user_id, run_id=run_id, dry_run=bool(params.get("dry_run")), holder=holder)
+            dry_run = bool(params.get("dry_run"))
+            backoff = FailureBackoff(engine.locks.client, settings)
+            try:
+                result = engine.compress(user_id, run_id=run_id, dry_run=dry_run, holder=holder)
+            except CompressionError as exc:
+                if not exc.retryable and not dry_run:  # the same failure again next time: do not retry soon
+                    backoff.record_failure(user_id, type(exc).__name__)
+                raise
+            if result.status in (COMPRESSED, SKIPPED_BELOW_THRESHOLD):
+                backoff.clear(user_id)
     except CompressionError as exc:
         seconds = (utcnow() - started).total_seconds()
         ti.xcom_push(key=FAILURE_XCOM_KEY, value=failed_result(user_id, exc, seconds).to_dict())
@@ -151,6 +171,7 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
         backlog=backlog,
         kind=kind,
         backlog_left=int(scan_info.get("left") or 0),
+        backed_off=len(scan_info.get("backed_off") or []),
     )
     idle = kind == fresh.CATCHUP and not scanned
     if not doc["dry_run"]:

@@ -174,13 +174,16 @@ class DoorbellRecord:
             out[user_id] = float(score)
         return out
 
-    def settle(self, handled: list[str], again: list[str]) -> None:
-        """Drop the handled users' records; record ``again`` (left over for the next run) and wake it."""
+    def settle(self, handled: list[str], again: list[str], quiet: list[str] | None = None) -> None:
+        """Drop the handled users' records; record ``again`` (left over for the next run) and wake it;
+        record ``quiet`` without waking anyone (users a later run should take, not the next one)."""
         pipe = self._client.pipeline(transaction=True)
         if handled:
             pipe.zrem(self.key, *handled)
+        if quiet:
+            pipe.zadd(self.key, dict.fromkeys(quiet, time.time()), nx=True)
         if again:
             pipe.zadd(self.key, dict.fromkeys(again, time.time()), nx=True)
             pipe.publish(self.channel, WAKE_MESSAGE)
-        if handled or again:
+        if handled or again or quiet:
             pipe.execute()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from butler_memory.backoff import FailureBackoff
 from butler_memory.doorbell import DoorbellRecord
 from butler_memory.settings import Settings
 from butler_memory.store import Backlog, MemoryStore
@@ -51,6 +52,8 @@ class ScanResult:
     """Doorbell records this scan read (the report drops them)."""
     candidates: int = 0
     """Users the catch-up scan counted."""
+    backed_off: list[str] = field(default_factory=list)
+    """Users over the threshold the catch-up scan skipped: backed off after failing (butler_memory.backoff)."""
 
     def xcom(self) -> dict[str, Any]:
         """Return what the report needs, JSON-safe (ids and counts only)."""
@@ -60,6 +63,7 @@ class ScanResult:
             "scanned_at": self.scanned_at.isoformat() if self.scanned_at else None,
             "rung": self.rung,
             "candidates": self.candidates,
+            "backed_off": self.backed_off,
         }
 
 
@@ -73,9 +77,16 @@ def daily_scan(store: MemoryStore, settings: Settings, limit: int, user_ids: lis
 
 
 def catchup_scan(
-    store: MemoryStore, doorbell: DoorbellRecord, settings: Settings, limit: int, *, now: datetime | None = None
+    store: MemoryStore,
+    doorbell: DoorbellRecord,
+    settings: Settings,
+    limit: int,
+    *,
+    now: datetime | None = None,
+    backoff: FailureBackoff | None = None,
 ) -> ScanResult:
-    """Count only the users with new events or a doorbell record; see the module docstring."""
+    """Count only the users with new events or a doorbell record, leave out the backed-off ones; see the
+    module docstring."""
     now = now or datetime.now(UTC)
     state = store.load_state(STATE_DOC)
     watermark = state.get("scanned_through")
@@ -94,6 +105,8 @@ def catchup_scan(
         ids = list(dict.fromkeys([*rung, *store.users_with_events_since(since)]))
         candidates = len(ids)
         backlog = store.backlog_of(ids, settings.threshold)
+    held = backoff.backed_off([b.user_id for b in backlog]) if backoff is not None else set()
+    backlog = [b for b in backlog if b.user_id not in held]
     taken, rest = backlog[:limit], backlog[limit:]
     return ScanResult(
         backlog=taken,
@@ -102,6 +115,7 @@ def catchup_scan(
         scanned_at=now,
         rung=list(rung),
         candidates=candidates,
+        backed_off=sorted(held)[: settings.doorbell_drain_max],
     )
 
 
@@ -113,7 +127,8 @@ def settle_catchup(
     store: MemoryStore, doorbell: DoorbellRecord, scan: dict[str, Any], *, idle: bool, finished_at: datetime
 ) -> None:
     """After a catch-up run's report: move the watermark on, drop the handled doorbell records, record
-    the users left over (they wake the next run at once), count an idle run."""
+    the users left over (they wake the next run at once) and the backed-off ones (recorded without a
+    wake-up: the first run after their back-off takes them), count an idle run."""
     scanned_at = scan.get("scanned_at")
     fields: dict[str, Any] = {"last_run_at": finished_at}
     if scanned_at:
@@ -122,5 +137,7 @@ def settle_catchup(
         fields["last_idle_at"] = finished_at
     store.save_state(STATE_DOC, set_fields=fields, inc={"idle_runs": 1} if idle else {"runs": 1})
     left = list(scan.get("left_ids") or [])
-    handled = [u for u in scan.get("rung") or [] if u not in set(left)]
-    doorbell.settle(handled, left)
+    held = list(scan.get("backed_off") or [])
+    kept = set(left) | set(held)
+    handled = [u for u in scan.get("rung") or [] if u not in kept]
+    doorbell.settle(handled, left, quiet=held)

@@ -49,6 +49,8 @@ USERS_SKIPPED_LOCKED_TOTAL = f"{PREFIX}_users_skipped_locked_total"
 USERS_SKIPPED_BELOW_THRESHOLD_TOTAL = f"{PREFIX}_users_skipped_below_threshold_total"
 USERS_SKIPPED_BUDGET_TOTAL = f"{PREFIX}_users_skipped_budget_total"
 """Counter: users not started because the day's LLM token budget was spent."""
+USERS_SKIPPED_BACKOFF_TOTAL = f"{PREFIX}_users_skipped_backoff_total"
+"""Counter: users a catch-up scan left out, backed off after failing (emitted by the scan)."""
 EVENTS_FOLDED_TOTAL = f"{PREFIX}_events_folded_total"
 EVENTS_ARCHIVED_TOTAL = f"{PREFIX}_events_archived_total"
 EVENTS_DELETED_TOTAL = f"{PREFIX}_events_deleted_total"
@@ -91,6 +93,7 @@ ALL_METRICS: Mapping[str, str] = {
     USERS_SKIPPED_LOCKED_TOTAL: "counter",
     USERS_SKIPPED_BELOW_THRESHOLD_TOTAL: "counter",
     USERS_SKIPPED_BUDGET_TOTAL: "counter",
+    USERS_SKIPPED_BACKOFF_TOTAL: "counter",
     EVENTS_FOLDED_TOTAL: "counter",
     EVENTS_ARCHIVED_TOTAL: "counter",
     EVENTS_DELETED_TOTAL: "counter",

@@ -34,11 +34,13 @@ def build_report(
     backlog: Mapping[str, int] | None = None,
     kind: str = "daily",
     backlog_left: int = 0,
+    backed_off: int = 0,
 ) -> dict[str, Any]:
     """Return the run document: counts by status, totals, failed user ids, per-user rows.
 
     ``results`` holds one entry per scanned user in the same order, ``None`` (or a missing entry)
-    where the task produced no result: those users are counted as failed.
+    where the task produced no result: those users are counted as failed. ``backed_off`` counts the
+    users the catch-up scan left out after earlier failures (``butler_memory.backoff``): not scanned.
     """
     users: list[dict[str, Any]] = []
     by_id = {r["user_id"]: r for r in results if r}
@@ -71,6 +73,7 @@ def build_report(
         "users_skipped_locked": statuses.get(SKIPPED_LOCKED, 0),
         "users_skipped_below_threshold": statuses.get(SKIPPED_BELOW_THRESHOLD, 0),
         "users_skipped_budget": statuses.get(SKIPPED_BUDGET, 0),
+        "users_skipped_backoff": backed_off,
         "users_failed": len(failed),
         "failed_user_ids": failed,
         "backlog_events": sum((backlog or {}).values()),
@@ -151,6 +154,12 @@ def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
             "",
             f"The day's LLM token budget was spent: **{report['users_skipped_budget']}** user(s) not started "
             "(nothing touched); they wait for tomorrow's runs.",
+        ]
+    if report.get("users_skipped_backoff"):
+        lines += [
+            "",
+            f"**{report['users_skipped_backoff']}** user(s) over the threshold skipped: backed off after failing "
+            "(the daily run still tries them; see the runbook, 'A user is backed off').",
         ]
     if report["failed_user_ids"]:
         lines += ["", "Failed users: " + ", ".join(f"`{u}`" for u in report["failed_user_ids"])]

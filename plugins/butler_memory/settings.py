@@ -129,6 +129,13 @@ class Settings:
     """Redis key of the day's token count ({day} = the UTC date), on the lock Redis."""
     doorbell_drain_max: int = 10_000
     """Most doorbell entries one catch-up scan takes (oldest first); the rest wait for the next run."""
+    backoff_base_seconds: int = 900
+    """After a user's n-th deterministic failure in a row, catch-up runs skip it for this times 2**(n-1)
+    seconds (butler_memory.backoff); 0 = no back-off. The daily run and explicit user_ids still try it."""
+    backoff_max_seconds: int = 86_400
+    """The longest back-off."""
+    backoff_key_pattern: str = "butler:memory:backoff:{user_id}"
+    """Redis hash of a user's back-off (failures, until, error_type), on the lock Redis."""
 
     def __post_init__(self) -> None:
         _finite(self)
@@ -141,8 +148,7 @@ class Settings:
         _positive(self, "catchup_margin_seconds", "doorbell_drain_max")
         if self.daily_token_budget < 0:
             raise SettingsError(f"daily_token_budget must be >= 0 (0 = no budget), got {self.daily_token_budget}")
-        if "{day}" not in self.token_budget_key_pattern:
-            raise SettingsError(f"token_budget_key_pattern {self.token_budget_key_pattern!r} must contain '{{day}}'")
+        _check_redis_keys(self)
         if self.keep_last_n > self.threshold:
             raise SettingsError(
                 f"keep_last_n ({self.keep_last_n}) must not exceed threshold ({self.threshold}): "
@@ -155,8 +161,6 @@ class Settings:
                 raise SettingsError(f"{name} {getattr(self, name)!r} is not one of {', '.join(GUARD_MODES)}")
         if not 0 < self.language_guard_min_share <= 1:
             raise SettingsError(f"language_guard_min_share must be in (0, 1], got {self.language_guard_min_share}")
-        if "{user_id}" not in self.lock_key_pattern:
-            raise SettingsError(f"lock_key_pattern {self.lock_key_pattern!r} must contain '{{user_id}}'")
         if self.llm_timeout_seconds <= 0 or self.llm_timeout_seconds * 2 >= self.lock_ttl_seconds:
             raise SettingsError(
                 f"llm_timeout_seconds ({self.llm_timeout_seconds}) must be positive and under half of "
@@ -225,6 +229,22 @@ class Settings:
         if not isinstance(values, dict):
             raise SettingsError(f"{source} must be a JSON object, got {type(values).__name__}")
         return cls.from_mapping(values, base=base)
+
+
+def _check_redis_keys(settings: Settings) -> None:
+    """Refuse Redis key patterns without their placeholder, and a back-off whose bounds are inverted."""
+    for name, placeholder in (
+        ("lock_key_pattern", "{user_id}"),
+        ("backoff_key_pattern", "{user_id}"),
+        ("token_budget_key_pattern", "{day}"),
+    ):
+        if placeholder not in getattr(settings, name):
+            raise SettingsError(f"{name} {getattr(settings, name)!r} must contain '{placeholder}'")
+    if settings.backoff_base_seconds < 0 or settings.backoff_max_seconds < settings.backoff_base_seconds:
+        raise SettingsError(
+            f"backoff_base_seconds ({settings.backoff_base_seconds}) must be >= 0 (0 = off) and at most "
+            f"backoff_max_seconds ({settings.backoff_max_seconds})"
+        )
 
 
 def _check_durability(settings: Settings) -> None:

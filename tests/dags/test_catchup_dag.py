@@ -14,7 +14,16 @@ from pymongo.database import Database
 from butler_memory import fresh
 from butler_memory.doorbell import Doorbell
 from butler_memory.settings import Settings
-from tests.dags.test_dag_run import REPO, event_counts, llm_pool, seed_users, task_instances, world
+from tests.dags.test_dag_run import (
+    BROKEN,
+    FAIL_MARKER,
+    REPO,
+    event_counts,
+    llm_pool,
+    seed_users,
+    task_instances,
+    world,
+)
 
 __all__ = ["llm_pool", "world"]  # fixtures used by this module's tests
 
@@ -82,3 +91,47 @@ def test_daily_catchup_and_an_inline_holder_compress_a_user_once(dags: dict[str,
     assert _statuses(_runs(db)[-1]) == {"u-held": "compressed"}
     versions = {p["user_id"]: p.get("memory_summary_version") for p in db["user_profiles"].find()}
     assert versions == {"u-held": 1, "u-free": 1}, versions
+
+
+def test_a_user_failing_for_good_is_backed_off_by_catchup_runs_not_by_the_daily_run(
+    dags: dict[str, Any], world: dict[str, Any]
+) -> None:
+    """Issue 26, item 6: a deterministic failure spent an LLM call on every catch-up run (every 5 minutes)."""
+    db, llm, locks, statsd = world["db"], world["llm"], world["redis"], world["statsd"]
+    llm.fail_when_contains(FAIL_MARKER, 400)  # LLMPermanentError: the same every time
+    seed_users(db, {BROKEN: 65, "u-ok": 60})
+
+    first = dags[CATCHUP_ID].test(run_conf={})
+    assert first.state == "failed"
+    assert locks.hget(f"butler:memory:backoff:{BROKEN}", "failures") == b"1"
+    assert locks.hget(f"butler:memory:backoff:{BROKEN}", "error_type") == b"LLMPermanentError"
+    assert locks.exists("butler:memory:backoff:u-ok") == 0
+
+    seed_users(db, {"u-new": 60})
+    bell = Doorbell(locks)
+    bell.ring(BROKEN)
+    bell.ring("u-new")
+    calls = llm.request_count
+    statsd.clear()
+    second = dags[CATCHUP_ID].test(run_conf={})
+    assert second.state == "success", "a backed-off user is not a failure of this run"
+    assert llm.request_count == calls + 1, "only u-new's call: none for the backed-off user"
+    doc = _runs(db, "memory_compression_catchup_runs")[-1]
+    assert _statuses(doc) == {"u-new": "compressed"}
+    assert doc["users_skipped_backoff"] == 1
+    statsd.wait_for(lambda got: any("users_skipped_backoff_total:1|c" in line for line in got))
+    assert set(bell_record(locks)) == {BROKEN}, "its ring is kept for the run after its back-off"
+
+    daily = dags[DAILY_ID].test(run_conf={})
+    assert daily.state == "failed", "the daily run still tries it"
+    assert _statuses(_runs(db)[-1])[BROKEN] == "failed"
+    assert locks.hget(f"butler:memory:backoff:{BROKEN}", "failures") == b"2"
+
+    llm.clear_rules()
+    again = dags[DAILY_ID].test(run_conf={"user_ids": [BROKEN]})
+    assert again.state == "success" and _statuses(_runs(db)[-1]) == {BROKEN: "compressed"}
+    assert locks.exists(f"butler:memory:backoff:{BROKEN}") == 0, "a compression clears the back-off"
+
+
+def bell_record(locks: Any) -> list[str]:
+    return [m.decode() for m in locks.zrange("butler:memory:doorbell", 0, -1)]

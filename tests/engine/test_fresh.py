@@ -19,6 +19,7 @@ import redis.asyncio
 from pymongo.database import Database
 
 from butler_memory import fresh
+from butler_memory.backoff import FailureBackoff
 from butler_memory.doorbell import AsyncDoorbell, Doorbell, DoorbellRecord, valid_user_id
 from butler_memory.store import Backlog, MemoryStore
 from tests.engine.helpers import insert_events, small_settings
@@ -101,6 +102,61 @@ def test_catchup_scan_takes_doorbell_users_and_leaves_the_rest_past_the_limit(
     state = store.load_state(fresh.STATE_DOC)
     assert state["scanned_through"].replace(tzinfo=UTC) == NOW
     assert state["runs"] == 1
+
+
+def test_a_failing_user_is_backed_off_exponentially_up_to_the_cap(redis_client: redis.Redis) -> None:
+    """Issue 26, item 6: a user failing deterministically was retried by every catch-up run (every 5 minutes)."""
+    clock = [NOW.timestamp()]
+    backoff = FailureBackoff(
+        redis_client, small_settings(backoff_base_seconds=600, backoff_max_seconds=3000), clock=lambda: clock[0]
+    )
+    ends = [backoff.record_failure("stuck", "GuardRejected") - clock[0] for _ in range(5)]
+    assert ends == [600, 1200, 2400, 3000, 3000]
+    assert redis_client.hgetall("butler:memory:backoff:stuck") == {
+        b"failures": b"5",
+        b"until": str(clock[0] + 3000).encode(),
+        b"error_type": b"GuardRejected",
+    }
+    assert 0 < redis_client.ttl("butler:memory:backoff:stuck") <= 6000
+    assert backoff.backed_off(["stuck", "fine"]) == {"stuck"}
+    clock[0] += 3001
+    assert backoff.backed_off(["stuck"]) == set(), "the back-off ends by itself"
+    assert backoff.record_failure("stuck", "GuardRejected") - clock[0] == 3000, "failures in a row keep counting"
+    backoff.clear("stuck")
+    assert redis_client.exists("butler:memory:backoff:stuck") == 0
+    assert backoff.record_failure("stuck", "GuardRejected") - clock[0] == 600, "a success starts it over"
+    off = FailureBackoff(redis_client, small_settings(backoff_base_seconds=0))
+    assert off.record_failure("other", "GuardRejected") == 0 and off.backed_off(["stuck", "other"]) == set()
+
+
+def test_catchup_scan_leaves_out_backed_off_users_and_keeps_their_ring_quietly(
+    mongo_db: Database[dict[str, Any]], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    store = MemoryStore(mongo_db, settings)
+    insert_events(mongo_db, "stuck", 20, start=LAST_SCAN + timedelta(seconds=1), step=timedelta(seconds=1))
+    insert_events(mongo_db, "rang-stuck", 12)
+    insert_events(mongo_db, "fine", 15, start=LAST_SCAN + timedelta(seconds=1), step=timedelta(seconds=1))
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": LAST_SCAN})
+    Doorbell(redis_client, threshold=settings.threshold).ring("rang-stuck")
+    clock = [NOW.timestamp()]
+    backoff = FailureBackoff(redis_client, settings, clock=lambda: clock[0])
+    for user_id in ("stuck", "rang-stuck"):
+        backoff.record_failure(user_id, "LLMReplyCutOffError")
+    record = DoorbellRecord(redis_client)
+
+    result = fresh.catchup_scan(store, record, settings, settings.scan_limit, now=NOW, backoff=backoff)
+
+    assert result.backlog == [Backlog("fine", 15)]
+    assert result.backed_off == ["rang-stuck", "stuck"] and result.left == 0
+    assert result.xcom()["backed_off"] == ["rang-stuck", "stuck"]
+    fresh.settle_catchup(store, record, result.xcom(), idle=False, finished_at=NOW)
+    # Both stay recorded (put back without a wake-up): the first catch-up run after their back-off takes them.
+    assert set(record.oldest(10)) == {"rang-stuck", "stuck"}
+
+    clock[0] += settings.backoff_base_seconds + 1
+    later = fresh.catchup_scan(store, record, settings, settings.scan_limit, now=NOW, backoff=backoff)
+    assert {b.user_id for b in later.backlog} == {"stuck", "rang-stuck", "fine"} and later.backed_off == []
 
 
 def test_first_catchup_scan_is_a_full_scan(mongo_db: Database[dict[str, Any]], redis_client: redis.Redis) -> None:
