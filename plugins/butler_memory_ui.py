@@ -2,7 +2,7 @@
 
 Mounts the FastAPI app of ``butler_memory.ui.app`` at ``/butler-memory`` (run history, run detail,
 per-user status, and the same data as JSON under ``/butler-memory/api/``) and lists it in the UI's
-navigation. Access needs an Airflow user allowed to read the ``memory_compression`` DAG.
+navigation. Access needs ``GET`` on the custom view ``Butler Memory`` (docs/ui.md).
 
 Every Airflow process imports this file (task processes too, for plugin macros), so the app, and
 FastAPI with it, is imported only when the API server asks for ``fastapi_apps``.

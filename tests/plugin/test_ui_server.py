@@ -2,9 +2,10 @@
 
 One API server serves the whole module (startup costs 15-30 s on 2 cores). It runs in a process
 group of its own on a free loopback port, on the session's migrated PostgreSQL metadata DB, with
-SimpleAuthManager users ``admin`` (ADMIN), ``viewer`` (VIEWER: may read DAGs) and ``outsider``
-(no role: SimpleAuthManager grants a user without a role nothing, so it is authenticated and
-still refused), and AIRFLOW_CONN_* variables pointing at this module's MongoDB database, the
+SimpleAuthManager users ``admin`` (ADMIN) and ``operator`` (OP), who may read the pages,
+``viewer`` (VIEWER) and ``editor`` (USER), who may read and trigger DAGs but not the pages, and
+``outsider`` (no role: SimpleAuthManager grants a user without a role nothing, so it is
+authenticated and still refused), and AIRFLOW_CONN_* variables pointing at this module's MongoDB database, the
 session's Redis, StatsD sink and fake LLM.
 
 While the server starts, the memory_compression DAG runs once in this process with ``dag.test()``
@@ -63,7 +64,15 @@ POPULATION = {BELOW: 30, BIG: 60, BIGGER: 75, LOCKED: 55, BROKEN: 65}
 LOCKED_SUMMARY = f"Сводка {SUMMARY_CANARY}: пользователь любит чай."
 HOSTILE_USER = '<img src=x onerror="alert(1)">'
 OLDER_RUNS = 34
-PASSWORDS = {"admin": "admin-pw-ui", "viewer": "viewer-pw-ui", "outsider": "outsider-pw-ui"}
+PASSWORDS = {
+    "admin": "admin-pw-ui",
+    "operator": "operator-pw-ui",
+    "viewer": "viewer-pw-ui",
+    "editor": "editor-pw-ui",
+    "outsider": "outsider-pw-ui",
+}
+ALLOWED, REFUSED = ("admin", "operator"), ("viewer", "editor", "outsider")
+"""Who may read the pages: the Butler Memory permission (SimpleAuthManager: OP and up)."""
 STARTUP_TIMEOUT = 180.0
 PAGES = ["/", "/runs/{run_id}", f"/users?user_id={BIG}"]
 APIS = ["/api/runs", "/api/chart", "/api/runs/{run_id}", f"/api/users/{BIG}"]
@@ -200,7 +209,7 @@ def ui(
                 "AIRFLOW__API__HOST": "127.0.0.1",
                 "AIRFLOW__API__PORT": str(port),
                 "AIRFLOW__API__WORKERS": "1",
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer,outsider:",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,operator:op,viewer:viewer,editor:user,outsider:",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
             }
         )
@@ -404,15 +413,20 @@ def test_user_lookup_shows_counts_versions_and_locks_without_the_summary(ui: UI)
 
 
 @pytest.mark.parametrize("path", PAGES + APIS)
-def test_anonymous_is_401_and_a_user_without_dag_access_is_403(ui: UI, path: str) -> None:
+def test_anonymous_is_401_and_a_user_without_the_butler_memory_permission_is_403(ui: UI, path: str) -> None:
     anonymous = ui.ui(path, None)
     assert anonymous.status_code == 401, anonymous.text
     for how in ({"cookie": False}, {"cookie": True}):
-        outsider = ui.ui(path, "outsider", **how)
-        assert outsider.status_code == 403, (how, outsider.text)
-        assert "may not read the memory_compression DAG" in outsider.text
-        viewer = ui.ui(path, "viewer", **how)
-        assert viewer.status_code == 200, (how, viewer.text[:500])
+        for user in REFUSED:  # the Viewer role may read every DAG, and still not the Butler's user ids
+            refused = ui.ui(path, user, **how)
+            assert refused.status_code == 403, (user, how, refused.text[:500])
+            assert "lacks the Butler Memory permission" in refused.text, (user, refused.text[:500])
+            assert BIG not in refused.text, "a refusal names a user"
+        for user in ALLOWED:
+            allowed = ui.ui(path, user, **how)
+            assert allowed.status_code == 200, (user, how, allowed.text[:500])
+    # The Viewer still reads the DAG itself through Airflow's API: only our pages are closed to it.
+    assert ui.get(f"/api/v2/dags/{DAG_ID}", "viewer").status_code == 200
     garbage = ui.ui(path, None, headers={"Authorization": "Bearer not-a-jwt"})
     assert garbage.status_code == 403, "Airflow answers an invalid token with 403"
     if not path.startswith("/api/"):
@@ -526,7 +540,7 @@ def _dag_runs(ui: UI) -> dict[str, dict[str, Any]]:
 
 
 def test_page_renders_table_and_chart_in_headless_chromium(ui: UI, browser: Browser) -> None:
-    with page_with_token(browser, ui.base_url, ui.tokens["viewer"]) as page:
+    with page_with_token(browser, ui.base_url, ui.tokens["operator"]) as page:
         page.goto(f"{ui.base_url}{PREFIX}/")
         expect(page.locator("#runs tbody tr")).to_have_count(25)
         expect(page.locator("#history-chart rect.bar")).to_have_count(30)
@@ -540,7 +554,7 @@ def test_browse_menu_opens_the_page_in_airflow_and_a_failed_user_leads_to_its_ta
     ui: UI, browser: Browser
 ) -> None:
     broken_index = next(u["map_index"] for u in _json(ui.ui("/api/runs/{run_id}"))["failed_users"])
-    with page_with_token(browser, ui.base_url, ui.tokens["viewer"]) as page:
+    with page_with_token(browser, ui.base_url, ui.tokens["operator"]) as page:
         page.goto(f"{ui.base_url}/")
         page.get_by_role("button", name="Browse").click()
         page.get_by_role("menuitem", name="Memory compression").click()

@@ -1,9 +1,11 @@
 """The FastAPI app the plugin mounts (at ``/butler-memory``): HTML pages and the same data as JSON.
 
-Every route requires an Airflow user allowed to read the ``memory_compression`` DAG: the app-wide
-dependency is Airflow's own ``requires_access_dag("GET", param_dag_id=...)``, which takes the JWT
-from ``Authorization: Bearer`` or from the UI's ``_token`` cookie and asks the configured auth
-manager. Anonymous requests get 401, users without that permission 403.
+Every route requires an Airflow user with a permission of its own, ``GET`` on the custom view
+``Butler Memory`` (the Butler's user ids are operators' data, not a DAG's), and read access to the
+DAG whose runs it shows (``memory_compression``, ``memory_compression_catchup`` for catch-up runs,
+both for the pages that show both). The app-wide dependency takes the user from Airflow's own
+``get_user`` (the JWT in ``Authorization: Bearer`` or the UI's ``_token`` cookie) and asks the
+configured auth manager. Anonymous requests get 401, users without the permission 403.
 
 MongoDB and Redis are reached through the library with Airflow connections and the same settings
 the DAG resolves (``BUTLER_MEMORY_*`` environment, the ``butler_memory`` Variable). Imported only by
@@ -20,7 +22,10 @@ from typing import Annotated, Any
 
 import pymongo
 from airflow.api_fastapi.app import API_ROOT_PATH, get_auth_manager
-from airflow.api_fastapi.core_api.security import requires_access_dag
+from airflow.api_fastapi.auth.managers.base_auth_manager import BaseAuthManager
+from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
+from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+from airflow.api_fastapi.core_api.security import GetUserDep
 from airflow.sdk.exceptions import AirflowNotFoundException, AirflowRuntimeError
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,10 +59,54 @@ CATCHUP_ROWS = 10
 """The history page lists this many of the newest catch-up runs that found someone due."""
 
 
+RESOURCE_NAME = "Butler Memory"
+"""The custom view the pages need ``GET`` on (FAB: ``can_read`` on this resource)."""
+SIMPLE_MIN_ROLE = "OP"
+"""SimpleAuthManager grants every custom view to every role from VIEWER up, whatever the method; the
+pages also need this role there (the one that reads connections and variables: operators' data)."""
+
+
+def _simple_role_allows(auth_manager: BaseAuthManager[Any], user: BaseUser) -> bool:
+    """Return False for a SimpleAuthManager user below ``SIMPLE_MIN_ROLE``; True under any other manager."""
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import (
+        SimpleAuthManager,
+        SimpleAuthManagerRole,
+    )
+
+    if not isinstance(auth_manager, SimpleAuthManager):
+        return True
+    role = str(getattr(user, "role", None) or "").upper()
+    if role not in SimpleAuthManagerRole.__members__:
+        return False
+    return bool(SimpleAuthManagerRole[role].order >= SimpleAuthManagerRole[SIMPLE_MIN_ROLE].order)
+
+
+def _dags_shown(request: Request) -> list[str]:
+    """Return the DAGs whose runs the requested route shows: by ``kind`` for one kind, else both."""
+    path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+    kind = request.query_params.get("kind", "daily")
+    if path == "/api/chart":
+        return [data.DAG_ID]
+    if path.startswith(("/api/runs", "/runs/")) and kind in data.DAG_IDS:
+        return [data.DAG_IDS[kind]]
+    return list(data.DAG_IDS.values())  # the index and user pages show both kinds; a bad kind is a 422 later
+
+
+def requires_memory_access(request: Request, user: GetUserDep) -> None:
+    """Refuse (403) a user without ``GET`` on ``Butler Memory`` or read access to the DAGs the route shows."""
+    auth_manager = get_auth_manager()
+    allowed = auth_manager.is_authorized_custom_view(method="GET", resource_name=RESOURCE_NAME, user=user)
+    if not (allowed and _simple_role_allows(auth_manager, user)):
+        raise HTTPException(403, f"Forbidden: this Airflow user lacks the {RESOURCE_NAME} permission")
+    for dag_id in _dags_shown(request):
+        if not auth_manager.is_authorized_dag(method="GET", details=DagDetails(id=dag_id), user=user):
+            raise HTTPException(403, f"Forbidden: this Airflow user may not read the {dag_id} DAG")
+
+
 app = FastAPI(
     title="Butler memory compression",
     description="Run history and per-user status of the memory_compression DAG.",
-    dependencies=[Depends(requires_access_dag("GET", param_dag_id=data.DAG_ID))],
+    dependencies=[Depends(requires_memory_access)],
     docs_url=None,
     redoc_url=None,
     openapi_url=None,
@@ -158,10 +207,7 @@ def _error(request: Request, status_code: int, message: str, headers: dict[str, 
 
 @app.exception_handler(StarletteHTTPException)
 def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    message = str(exc.detail)
-    if exc.status_code == 403 and message == "Forbidden":  # Airflow's bare answer: say what is missing
-        message = f"Forbidden: this Airflow user may not read the {data.DAG_ID} DAG"
-    return _error(request, exc.status_code, message, dict(exc.headers or {}))
+    return _error(request, exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
 
 @app.exception_handler(RequestValidationError)
