@@ -131,3 +131,7 @@ class GuardRejected(CompressionError):
         super().__init__(message, user_id=user_id)
         self.guards = guards
         """``{guard: outcome}`` of the rejected summary."""
+
+
+class InvalidUserIdError(CompressionError, ValueError):
+    """A user id that is not one (not a string, empty, too long, spaces or control characters); nothing was read."""
