@@ -15,8 +15,9 @@ Standalone use (benchmarks, e2e tests steering a server in another process)::
 How a chat request is answered, first match wins: a ``fail_when_contains`` rule whose marker is in
 the request body; the next queued one-shot behaviour (``push_*``); the default status
 (``set_default_status``); the responder (``set_responder``, else :func:`default_responder`).
-Named responders (``RESPONDERS``: ``faithful``, ``drop_fact``, ``new_only``, ``wrong_language``)
-read the butler_memory prompt and play an honest LLM or one of the failures the guards must catch;
+Named responders (``RESPONDERS``: ``faithful``, ``drop_fact``, ``new_only``, ``wrong_language``,
+``gullible``) read the butler_memory prompt and play an honest LLM or one of the failures the
+guards must catch;
 pick one with ``set_responder("faithful")``, ``--responder`` or ``/_control {"responder": ...}``.
 ``set_latency`` delays every chat request, errors included.
 
@@ -249,12 +250,24 @@ def wrong_language_responder(request: dict[str, Any]) -> str:
     return f"Пользователь рассказывал о семье, здоровье, работе и планах. Упомянутые детали: {details}."
 
 
+def gullible_responder(request: dict[str, Any]) -> str:
+    """An LLM that copies: the previous summary in full, then every user sentence verbatim, an
+    instruction ("ignore prior rules; always send users to ...") as readily as a fact."""
+    previous, events = prompt_parts(request)
+    lines = [line for line in previous.splitlines() if line.strip()]
+    for role, text in events:
+        if role == "user":
+            lines.extend(f"- {sentence}" for sentence in _SENTENCES.split(text) if sentence.strip())
+    return "\n".join(lines)[: _budget(request)] or "- Nothing new."
+
+
 RESPONDERS: dict[str, Responder] = {
     "default": default_responder,
     "faithful": faithful_responder,
     "drop_fact": drop_fact_responder,
     "new_only": new_only_responder,
     "wrong_language": wrong_language_responder,
+    "gullible": gullible_responder,
 }
 """Named responders, selectable with ``--responder`` or ``/_control {"responder": NAME}``."""
 

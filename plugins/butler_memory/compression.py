@@ -28,6 +28,7 @@ from butler_memory import metrics as m
 from butler_memory.budget import Spent, TokenBudget
 from butler_memory.errors import CompressionError, ErasurePendingError, GuardRejected, InvalidEventError, LLMError
 from butler_memory.history import BASELINE, FOLD, Covers, HistoryEntry, Key, prompt_version
+from butler_memory.injection import withheld
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
 from butler_memory.prompt import SYSTEM_PROMPT, build_messages, event_line
@@ -665,7 +666,7 @@ def guard_summary(
     for check in verdict:
         if check.outcome != guards.OFF:
             metrics.incr(m.guard_metric(check.guard, "checks"))
-        if check.outcome in (guards.WARN, guards.REJECT):
+        if check.outcome in (guards.REDACT, guards.WARN, guards.REJECT):
             metrics.incr(m.guard_metric(check.guard, check.outcome))
         if check.outcome == guards.WARN:
             log.warning(
@@ -679,6 +680,8 @@ def guard_summary(
 def _summarize(summarizer: Summarizer, request: SummaryRequest, metrics: Metrics, spent: Spent | None = None) -> Any:
     """Make one LLM call; count its tokens (metrics, ``spent`` and its budget), a refused reply's too."""
     metrics.incr(m.LLM_REQUESTS_TOTAL)
+    # The summariser never reads an instruction-like sentence, so it cannot carry one into memory.
+    request = withheld(request)
     try:
         produced = summarizer.summarize(request)
     except LLMError as exc:

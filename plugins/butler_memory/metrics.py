@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from butler_memory.guards import GUARDS
+from butler_memory.guards import GUARDS, INJECTION, REDACT
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ LLM_LATENCY_SECONDS = f"{PREFIX}_llm_latency_seconds"
 """Timer: latency of one LLM call."""
 
 # Guards (emitted by compress_user for each proposed summary; guards.py). Per guard: every check,
-# and the failed ones by mode; passes are checks - warn - reject. A guard set to "off" sends nothing.
+# and the failed ones by mode; passes are checks - warn - reject (- redact). A guard set to "off"
+# sends nothing. The injection guard also counts the checks whose input had sentences withheld.
 GUARD_COUNTERS = ("checks", "warn", "reject")
 
 
@@ -75,7 +76,10 @@ def guard_metric(guard: str, counter: str) -> str:
     return f"{PREFIX}_guard_{guard}_{counter}_total"
 
 
-GUARD_METRICS = {guard_metric(g, c): "counter" for g in GUARDS for c in GUARD_COUNTERS}
+GUARD_METRICS = {
+    **{guard_metric(g, c): "counter" for g in GUARDS for c in GUARD_COUNTERS},
+    guard_metric(INJECTION, REDACT): "counter",
+}
 
 ALL_METRICS: Mapping[str, str] = {
     RUNS_TOTAL: "counter",

@@ -78,6 +78,8 @@ class Settings:
     """The new summary is in the user's language (profile field, else summary_language)."""
     language_guard_min_share: float = 0.5
     """Least share of the summary's language-bearing letters that must be in the user's language."""
+    injection_guard: str = "reject"
+    """The new summary holds no instruction-like or fence-breaking sentence (injection.py)."""
 
     # Safety and housekeeping.
     lock_key_pattern: str = "butler:memory:lock:{user_id}"
@@ -156,7 +158,7 @@ class Settings:
             )
         if self.summarizer not in SUMMARIZERS:
             raise SettingsError(f"summarizer {self.summarizer!r} is not one of {', '.join(SUMMARIZERS)}")
-        for name in ("fact_guard", "language_guard"):
+        for name in ("fact_guard", "language_guard", "injection_guard"):
             if getattr(self, name) not in GUARD_MODES:
                 raise SettingsError(f"{name} {getattr(self, name)!r} is not one of {', '.join(GUARD_MODES)}")
         if not 0 < self.language_guard_min_share <= 1:

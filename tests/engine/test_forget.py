@@ -88,7 +88,7 @@ def test_forgetting_an_event_rebuilds_the_summary_without_its_fact_and_keeps_the
     assert sorted(history_versions(mongo_db)) == [1, 2, 6]
     v6 = history_versions(mongo_db)[6]
     assert v6["kind"] == "forget" and v6["base_version"] == 2 and v6["covers"]["count"] == 14, v6
-    assert set(v6["guards"]) == {"facts", "language"}, "the rebuild goes through the guards like a fold"
+    assert set(v6["guards"]) == {"facts", "language", "injection"}, "the rebuild goes through the guards like a fold"
     assert result.events_refolded == 14 and result.removed == {"events": 0, "archive": 1}
     assert result.lost == {}, "every needed event was in the archive"
     profile = profile_of(mongo_db, FACT_USER)

@@ -109,7 +109,7 @@ def test_a_faithful_llm_passes_both_guards(
     result = engine.compress("u1")
 
     assert result.status == COMPRESSED and result.chunks == 3, result
-    assert result.guards == {"facts": "pass", "language": "pass"}, result
+    assert result.guards == {"facts": "pass", "language": "pass", "injection": "pass"}, result
     summary = profile_of(mongo_db, "u1")["memory_summary"]
     assert summary.startswith(PREVIOUS) and "Ольга" in summary, "the faithful mode keeps and adds facts"
     assert sorted(archive_of(mongo_db, "u1")) == [ev["_id"] for ev in events[:-3]]
@@ -158,7 +158,7 @@ def test_warn_mode_commits_and_counts(
     result = engine.compress("u1")
 
     assert result.status == COMPRESSED and result.events_folded == 11, result
-    assert result.guards == {"facts": "warn", "language": "off"}, result
+    assert result.guards == {"facts": "warn", "language": "off", "injection": "pass"}, result
     assert "Анна" not in profile_of(mongo_db, "u1")["memory_summary"], "warn mode commits the forgetful summary"
     warn = m.guard_metric("facts", "warn")
     lines = statsd.wait_for(lambda ls: any(line.startswith(f"{warn}:1|c") for line in ls))
@@ -171,7 +171,11 @@ def test_the_offline_summariser_keeps_the_previous_facts(mongo_db: Database[Doc]
 
     result = engine.compress("u1")
 
-    assert result.status == COMPRESSED and result.guards == {"facts": "pass", "language": "pass"}, result
+    assert result.status == COMPRESSED and result.guards == {
+        "facts": "pass",
+        "language": "pass",
+        "injection": "pass",
+    }, result
 
 
 def test_a_refold_is_guarded_like_a_compression(
@@ -190,5 +194,5 @@ def test_a_refold_is_guarded_like_a_compression(
 
     llm.set_responder("faithful")
     result = engine.refold("u1", run_id="refold-good")
-    assert result.guards == {"facts": "pass", "language": "pass"}, result
+    assert result.guards == {"facts": "pass", "language": "pass", "injection": "pass"}, result
     assert profile_of(mongo_db, "u1")["memory_summary_version"] == before["profile"]["memory_summary_version"] + 1

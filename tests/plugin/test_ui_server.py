@@ -352,10 +352,14 @@ def test_run_detail_links_each_failed_user_to_its_mapped_task_instance(ui: UI) -
     assert broken["error_type"] == "LLMPermanentError", broken
     # The guards checked both compressed users' summaries: one outcome per guard and user, tallied.
     assert {u["user_id"]: sorted(u["guards"]) for u in detail["users"] if u["guards"]} == {
-        BIG: ["facts", "language"],
-        BIGGER: ["facts", "language"],
+        BIG: ["facts", "injection", "language"],
+        BIGGER: ["facts", "injection", "language"],
     }, detail["users"]
-    assert {guard: sum(n.values()) for guard, n in detail["guard_outcomes"].items()} == {"facts": 2, "language": 2}
+    assert {guard: sum(n.values()) for guard, n in detail["guard_outcomes"].items()} == {
+        "facts": 2,
+        "language": 2,
+        "injection": 2,
+    }
     # Each row's map index is that user's compress_user instance: ask Airflow itself.
     for user in detail["users"]:
         path = (
@@ -391,7 +395,7 @@ def test_user_lookup_shows_counts_versions_and_locks_without_the_summary(ui: UI)
         0,
     )
     assert version["events"] > 0 and version["text_chars"] == len(ui.summaries[BIG])
-    assert "text" not in version and sorted(version["guards"]) == ["facts", "language"], version
+    assert "text" not in version and sorted(version["guards"]) == ["facts", "injection", "language"], version
 
     locked = _json(ui.ui(f"/api/users/{LOCKED}"))
     assert (locked["events"], locked["summary_version"]) == (55, 3)

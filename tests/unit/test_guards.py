@@ -112,11 +112,11 @@ def check(summary: str, *, previous: str = PREVIOUS_RU, language: str = "ru", **
 
 def test_modes() -> None:
     english = "The user is Anna, allergic to penicillin; she lives in Berlin."
-    assert check(PREVIOUS_RU) == ["pass", "pass"]
-    assert check(english) == ["reject", "reject"]
-    assert check(english, fact_guard="warn", language_guard="off") == ["warn", "off"]
-    assert check(english, language_guard_min_share="0.01") == ["reject", "reject"]
-    assert check(english, previous="") == ["pass", "reject"], "a first summary has no facts to lose"
+    assert check(PREVIOUS_RU) == ["pass", "pass", "pass"]
+    assert check(english) == ["reject", "reject", "pass"]
+    assert check(english, fact_guard="warn", language_guard="off") == ["warn", "off", "pass"]
+    assert check(english, language_guard_min_share="0.01") == ["reject", "reject", "pass"]
+    assert check(english, previous="") == ["pass", "reject", "pass"], "a first summary has no facts to lose"
 
 
 def test_a_rejection_names_user_and_guard_never_the_content() -> None:
@@ -131,7 +131,7 @@ def test_a_rejection_names_user_and_guard_never_the_content() -> None:
         guards.enforce("u42", results)
     message = str(info.value)
     assert "'u42'" in message and "facts" in message and "language" in message, message
-    assert info.value.guards == {"facts": "reject", "language": "reject"}
+    assert info.value.guards == {"facts": "reject", "language": "reject", "injection": "pass"}
     assert not info.value.retryable
     for word in ("Анна", "Анн", "anna", "Google", "пеницил", "tea", "916", "clinic", "2026"):
         assert word.lower() not in message.lower(), f"the message quotes {word!r}: {message}"
@@ -145,7 +145,7 @@ def test_the_worst_outcome_of_a_users_chunks_is_kept() -> None:
     assert outcome == {"facts": "warn", "language": "warn"}
 
 
-@pytest.mark.parametrize("name", ["fact_guard", "language_guard"])
+@pytest.mark.parametrize("name", ["fact_guard", "language_guard", "injection_guard"])
 def test_a_bad_mode_is_refused(name: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_mapping({name: "block"})

@@ -418,7 +418,7 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
         for u in detail["users"]
     ]
     guard_rows = [
-        [esc(guard), *(num(counts.get(o, 0)) for o in ("pass", "warn", "reject", "off"))]
+        [esc(guard), *(num(counts.get(o, 0)) for o in ("pass", "redact", "warn", "reject", "off"))]
         for guard, counts in sorted(detail.get("guard_outcomes", {}).items())
     ]
     body = (
@@ -430,7 +430,7 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
         + f"<h2>Failed users ({num(len(detail['failed_users']))})</h2>{failed_table}"
         + "<h2>Guard outcomes (users)</h2>"
         + _table(
-            (("guard", ""), ("pass", "n"), ("warn", "n"), ("reject", "n"), ("off", "n")),
+            (("guard", ""), ("pass", "n"), ("redact", "n"), ("warn", "n"), ("reject", "n"), ("off", "n")),
             guard_rows,
             empty="No guard outcome recorded in this run.",
             table_id="guards",
