@@ -88,6 +88,11 @@ class Budget:
         return self.deadline - time.monotonic()
 
 
+def shown(path: Path) -> str:
+    """Return ``path`` relative to the repository when it is inside it (as the docs name it)."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def timed_out(record: object) -> bool:
     """Whether a phase's record says it ran out of time."""
     return isinstance(record, dict) and record.get("timed_out") is True
@@ -430,7 +435,7 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         ctx["results"]["airflow"] = out
     save = ctx.get("save")
     started = time.monotonic()
-    with airflow_services(ctx, args, OUT_DIR / "airflow", args.parallelism, None) as airflow:
+    with airflow_services(ctx, args, args.work_dir / "airflow", args.parallelism, None) as airflow:
         log(f"airflow up in {time.monotonic() - started:.1f}s (migrate {airflow.prepare_seconds:.1f}s)")
         out["startup_seconds"] = round(time.monotonic() - started, 1)
         run_phase(
@@ -454,7 +459,7 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         out["latency_sweep_timed_out"] = [key for key, run in sweep.items() if timed_out(run)]
     if not args.skip_baseline:
         out["baseline"] = {"parallelism": args.pool_slots, "env": dict(BASELINE_ENV)}
-        with airflow_services(ctx, args, OUT_DIR / "airflow-baseline", args.pool_slots, BASELINE_ENV) as airflow:
+        with airflow_services(ctx, args, args.work_dir / "airflow-baseline", args.pool_slots, BASELINE_ENV) as airflow:
             run_phase(
                 out["baseline"],
                 "llm_latency",
@@ -463,7 +468,9 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
             )
     if not args.skip_sqlite:
         # The same DAG and settings on SQLite (Airflow's embedded default, what `make demo` uses).
-        with airflow_services(ctx, args, OUT_DIR / "airflow-sqlite", args.parallelism, None, sqlite=True) as airflow:
+        with airflow_services(
+            ctx, args, args.work_dir / "airflow-sqlite", args.parallelism, None, sqlite=True
+        ) as airflow:
             out["sqlite"] = {}
             run_phase(
                 out["sqlite"],
@@ -858,8 +865,8 @@ def print_table(rows: list[Row]) -> None:
 
 
 def write_charts(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    """Write the SVG charts into docs/img and return their paths."""
-    IMG_DIR.mkdir(parents=True, exist_ok=True)
+    """Write the SVG charts into ``--img-dir`` (docs/img) and return their paths."""
+    args.img_dir.mkdir(parents=True, exist_ok=True)
     written = []
     seq, af = results.get("sequential", {}), results.get("airflow", {})
     limit = args.pool_slots / args.latency
@@ -902,9 +909,9 @@ def write_charts(results: dict[str, Any], args: argparse.Namespace) -> list[str]
             "users per second",
             [svg.RefLine(limit * TARGET_FRACTION, f"target {TARGET_FRACTION:.0%} of limit")],
         )
-        path = IMG_DIR / "bench-throughput.svg"
+        path = args.img_dir / "bench-throughput.svg"
         path.write_text(chart)
-        written.append(str(path.relative_to(REPO)))
+        written.append(shown(path))
     points = results.get("scan", {}).get("points", [])
     if points:
         chart = svg.line_chart(
@@ -925,9 +932,9 @@ def write_charts(results: dict[str, Any], args: argparse.Namespace) -> list[str]
             "events in user_memory (log scale)",
             "seconds (log scale)",
         )
-        path = IMG_DIR / "bench-scan.svg"
+        path = args.img_dir / "bench-scan.svg"
         path.write_text(chart)
-        written.append(str(path.relative_to(REPO)))
+        written.append(shown(path))
     return written
 
 
@@ -989,7 +996,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only-throughput", action="store_true", help="figure 1 and 5 only (no per-user sizes, no scan)"
     )
-    parser.add_argument("--no-charts", action="store_true", help="do not rewrite docs/img/*.svg")
+    parser.add_argument("--guard-users", type=int, default=bench_guards.USERS, help="demo users of the guard figures")
+    parser.add_argument(
+        "--guard-chunk", type=int, default=bench_guards.CHUNK, help="events a proposal folds in the guard figures"
+    )
+    parser.add_argument("--no-charts", action="store_true", help="do not rewrite the charts")
+    parser.add_argument("--img-dir", type=Path, default=IMG_DIR, help="where the SVG charts go (docs/img)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=OUT_DIR, help="the services' data and Airflow homes (.local/bench)"
+    )
     parser.add_argument("--out", type=Path, default=OUT_DIR / "results.json")
     args = parser.parse_args(argv)
     args.airflow_db = "bench_airflow"
@@ -1018,8 +1033,10 @@ def main(argv: list[str] | None = None) -> int:
     results["load_average_at_start"] = os.getloadavg()
     if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         log(f"warning: the machine is already busy (load average {os.getloadavg()[0]:.1f}); figures will be noisy")
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("budget_guard", "out")}
-    data = OUT_DIR / "services"
+    results["settings"] = {
+        k: v for k, v in vars(args).items() if k not in ("budget_guard", "out", "img_dir", "work_dir")
+    }
+    data = args.work_dir / "services"
     shutil.rmtree(data, ignore_errors=True)
     pg_bindir = parts.POSTGRESQL.find()
     if pg_bindir is None and not args.skip_airflow:
@@ -1062,7 +1079,9 @@ def main(argv: list[str] | None = None) -> int:
             run_phase(
                 results,
                 "guards",
-                lambda: bench_guards.phase_guards(ctx["mongo"], ctx["redis"].port, ctx["fake"]),
+                lambda: bench_guards.phase_guards(
+                    ctx["mongo"], ctx["redis"].port, ctx["fake"], users=args.guard_users, chunk=args.guard_chunk
+                ),
                 save=save,
             )
         run_phase(results, "task_imports_cpu_seconds", phase_task_imports, save=save)
@@ -1080,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"charts not written: a phase they need is incomplete ({type(exc).__name__}: {exc})")
     write_results(results, args.out)
     print_table(rows)
-    log(f"results in {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    log(f"results in {shown(args.out)}")
     return 0
 
 

@@ -246,7 +246,7 @@ def reset(db: Any, redis_client: Any) -> None:
 
 @contextmanager
 def services(args: argparse.Namespace) -> Iterator[tuple[MongoService, RedisService, FakeOpenAI, AirflowServices]]:
-    data = OUT_DIR / "fresh-services"
+    data = args.work_dir / "fresh-services"
     with MongoService(data / "mongo") as mongo, RedisService(data / "redis") as redis_srv, FakeOpenAI() as fake:
         fake.set_latency(args.llm_latency)
         conn_env = airflow_connection_env(mongo=mongo, db=DB, redis=redis_srv, statsd=None, llm_base_url=fake.base_url)
@@ -255,7 +255,7 @@ def services(args: argparse.Namespace) -> Iterator[tuple[MongoService, RedisServ
             "BUTLER_MEMORY_CATCHUP_SCHEDULE": f"*/{args.cadence} * * * *",
             "BUTLER_MEMORY_SCHEDULE": "0 0 31 12 *",  # the daily DAG stays out of the window
         }
-        with AirflowServices(OUT_DIR / "fresh-airflow", conn_env=conn_env, extra_env=extra) as airflow:
+        with AirflowServices(args.work_dir / "fresh-airflow", conn_env=conn_env, extra_env=extra) as airflow:
             yield mongo, redis_srv, fake, airflow
 
 
@@ -326,7 +326,8 @@ def idle_cost(args: argparse.Namespace, ctx: tuple[Any, ...]) -> dict[str, Any]:
         wait_idle(airflow)
         reset(client[DB], redis_client)
         seed(client[DB], start_counts(user_rates(args.users, args.seed), args.seed))  # under the threshold: idle
-        time.sleep(args.cadence * 60 + 30)  # the first run after a reset is a full scan: not what an idle hour repeats
+        # The first run after a reset is a full scan: not what an idle hour repeats.
+        time.sleep(args.cadence * 60 + 30 if args.settle_seconds is None else args.settle_seconds)
 
         def measure(paused: bool) -> dict[str, float]:
             if paused:
@@ -370,6 +371,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-minutes", type=float, default=4.0)
     parser.add_argument("--llm-latency", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=None,
+        help="wait before the idle cost is measured (default: one cadence + 30 s, past the first full scan)",
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=OUT_DIR, help="the services' data and Airflow home (.local/bench)"
+    )
     parser.add_argument("--out", type=Path, default=OUT_DIR / "fresh.json")
     return parser.parse_args(argv)
 

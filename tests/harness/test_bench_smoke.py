@@ -1,0 +1,142 @@
+"""``make bench`` at a toy size: every phase of tools/bench.py and tools/bench_fresh.py runs, as the
+Makefile runs them (the CLI, real services, real Airflow on PostgreSQL and SQLite), and writes its
+figures (issue 25). What the figures are is the bench's business: this checks that each phase
+produced them and that results.json / fresh.json carry them, not their values."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools import bench
+
+REPO = Path(__file__).resolve().parents[2]
+HERMETIC_PREFIXES = ("AIRFLOW", "OPENAI_")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _run(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a bench script as ``make bench`` does, without the suite's Airflow environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(HERMETIC_PREFIXES)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _numbers(record: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        assert isinstance(record.get(key), int | float), f"{key} missing or not a number in {sorted(record)}"
+
+
+def test_every_phase_of_bench_py_produces_its_figures(tmp_path: Path, pg_bindir: Path) -> None:
+    out, img = tmp_path / "results.json", tmp_path / "img"
+    _run(
+        "bench.py",
+        *("--users", "3", "--latency", "0.05", "--pool-slots", "2", "--parallelism", "2"),
+        *("--user-sizes", "60,200", "--scan-sizes", "500,1000", "--summary-chars", "200"),
+        *("--filter-probe-events", "300", "--guard-users", "3", "--guard-chunk", "30"),
+        *("--sweep-latencies", "0.1", "--budget", "600"),
+        *("--work-dir", str(tmp_path / "work"), "--img-dir", str(img), "--out", str(out)),
+        timeout=840,
+    )
+    results = json.loads(out.read_text())
+
+    assert list(bench._timed_out_phases(results)) == [], "no phase may run out of time at a toy size"
+    for run in ("llm_latency", "instant_llm", "threaded_llm_latency"):
+        _numbers(results["sequential"][run], "seconds", "users_per_second", "cpu_busy_fraction")
+    _numbers(results["filter_order"], "user_id_first_seconds", "id_first_seconds")
+    assert sorted(results["per_user"]["users"]) == ["200", "60"]
+    for user in results["per_user"]["users"].values():
+        _numbers(user, "round_trips", "peak_delta_kb", "seconds")
+        _numbers(user["prompts"], "prompt_to_event_chars")
+    assert [m["mode"] for m in results["guards"]["modes"]] == [
+        "offline",
+        "faithful",
+        "drop_fact",
+        "new_only",
+        "wrong_language",
+    ]
+    assert "error" not in results["task_imports_cpu_seconds"], results["task_imports_cpu_seconds"]
+    _numbers(results["task_imports_cpu_seconds"], "import openai")
+
+    airflow = results["airflow"]
+    runs = {name: airflow[name] for name in ("llm_latency", "noop_llm_latency", "instant_llm", "single_user")} | {
+        "baseline": airflow["baseline"]["llm_latency"],
+        "sqlite": airflow["sqlite"]["llm_latency"],
+    }
+    assert [run["latency"] for run in airflow["latency_sweep"]] == [0.1], airflow["latency_sweep_timed_out"]
+    runs["sweep"] = airflow["latency_sweep"][0]
+    for name, run in runs.items():
+        assert run["state"] == "success", (name, run)
+        _numbers(run, "run_seconds", "users_per_second", "task_duration_median", "deployment_cpu_seconds_per_user")
+        assert run["cpu_seconds_per_user_by_component"], name
+    _numbers(runs["llm_latency"], "airflow_overhead_per_task_median", "engine_seconds_median")
+
+    assert len(results["scan"]["points"]) == 2, results["scan"]
+    assert results["scan"]["explain"]["scan"]["winning_plan"]
+
+    figures = {row[0] for row in results["summary"]}
+    for prefix in (
+        "sequential loop, 3 users",
+        "Airflow DAG run, 3 users",
+        "  Airflow floor: no-op mapped task",
+        "  before: Airflow defaults",
+        "metadata DB: PostgreSQL / SQLite",
+        "CPU s per user a deployment pays",
+        "  LLM 0.1 s: Airflow / limit",
+        "  one task alone: duration - engine time",
+        "what-if: engine in 2 threads",
+        "MongoDB commands, 200-event user",
+        "peak RSS over baseline, 200-event user",
+        "store fix, 160 _ids",
+        "scan at ",
+        "guards: catch rate, drop_fact",
+    ):
+        assert any(f.startswith(prefix) for f in figures), f"no summary row {prefix!r}"
+    for key in ("speedup", "fraction_of_limit", "fraction_of_floor", "deployment_cpu_ratio_to_floor"):
+        assert isinstance(results[key], int | float), key
+    assert sorted(Path(c).name for c in results["charts"]) == ["bench-scan.svg", "bench-throughput.svg"]
+    for chart in results["charts"]:
+        assert Path(chart).read_text().startswith("<svg"), chart
+
+
+def test_bench_fresh_produces_every_mode_and_the_idle_cost(tmp_path: Path) -> None:
+    out = tmp_path / "fresh.json"
+    _run(
+        "bench_fresh.py",
+        *("--users", "5", "--minutes", "0.25", "--cadence", "1", "--idle-minutes", "0.1"),
+        *("--settle-seconds", "0", "--llm-latency", "0.05"),
+        *("--work-dir", str(tmp_path / "work"), "--out", str(out)),
+        timeout=840,
+    )
+    results = json.loads(out.read_text())
+
+    _numbers(results["traffic"], "users", "events_per_minute_total")
+    _numbers(results, "watcher_registered_after_s", "elapsed_seconds")
+    for mode in ("daily_only", "cadence_only", "doorbell_cadence"):
+        record = results[mode]
+        for key in ("compressed_users", "still_waiting_users", "lag_p50_s", "lag_p95_s", "lag_max_s"):
+            assert key in record, (mode, key)
+        _numbers(record, "largest_event_count")
+    for mode in ("cadence_only", "doorbell_cadence"):
+        _numbers(results[mode], "events_written", "rings", "llm_calls")
+        assert isinstance(results[mode]["catchup_runs"], dict)
+    idle = results["idle"]
+    for part in ("floor", "idle"):
+        _numbers(idle[part], "airflow_cpu_s", "db_cpu_s", "seconds", "runs")
+    _numbers(idle, "airflow_cpu_s_per_idle_run", "idle_hour_cpu_s_at_5_min", "airflow_floor_cpu_s_per_hour")
