@@ -70,6 +70,7 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[st
                 settings,
                 settings.scan_limit,
                 backoff=FailureBackoff(engine.locks.client, settings),
+                persist=not dry_run,
             )
         else:
             result = fresh.daily_scan(engine.store, settings, settings.scan_limit, user_ids)
@@ -178,7 +179,7 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
         with mongo_store(settings) as store:
             if not idle:  # an idle catch-up run leaves no run document, only a counter in the state
                 store.save_run(doc)
-            if kind == fresh.CATCHUP and scan_info.get("scanned_at"):
+            if kind == fresh.CATCHUP and (scan_info.get("settle") or scan_info.get("scanned_at")):
                 locks = user_locks(settings)
                 try:
                     fresh.settle_catchup(

@@ -174,9 +174,12 @@ class DoorbellRecord:
             out[user_id] = float(score)
         return out
 
-    def settle(self, handled: list[str], again: list[str], quiet: list[str] | None = None) -> None:
+    def settle(
+        self, handled: list[str], again: list[str], quiet: list[str] | None = None, *, wake: bool = False
+    ) -> None:
         """Drop the handled users' records; record ``again`` (left over for the next run) and wake it;
-        record ``quiet`` without waking anyone (users a later run should take, not the next one)."""
+        record ``quiet`` without waking anyone (users a later run should take, not the next one); with
+        ``wake``, wake the next run anyway."""
         pipe = self._client.pipeline(transaction=True)
         if handled:
             pipe.zrem(self.key, *handled)
@@ -184,6 +187,7 @@ class DoorbellRecord:
             pipe.zadd(self.key, dict.fromkeys(quiet, time.time()), nx=True)
         if again:
             pipe.zadd(self.key, dict.fromkeys(again, time.time()), nx=True)
+        if again or wake:
             pipe.publish(self.channel, WAKE_MESSAGE)
-        if handled or again or quiet:
+        if handled or again or quiet or wake:
             pipe.execute()

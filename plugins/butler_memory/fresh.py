@@ -7,12 +7,19 @@ The daily run's scan is a full ``$group`` over ``user_memory``. The catch-up sca
   ``(created_at, user_id)`` index, and
 * users the doorbell recorded (``butler_memory.doorbell``), oldest ring first,
 
-with one ``count_documents`` each on the ``(user_id, created_at, _id)`` index. Its MongoDB work grows
-with the new events, not with the collection. The watermark (the scan's start time) is kept in the
-``state_collection`` document ``"catchup"`` and only moves on when the run's report has run, so a
-run that died before its report is scanned again from the same point. Users over the threshold
-beyond ``scan_limit`` are written back into the doorbell's record, so the next run takes them even
-when they write nothing more.
+counted with one ``$group`` per page on the ``(user_id, created_at, _id)`` index. Its MongoDB work
+grows with the new events, not with the collection, and is **bounded per run**: the new events are
+read in pages of ``catchup_scan_page_events`` in ``(created_at, user_id)`` order, at most
+``catchup_scan_max_events`` a run (after a long pause no ``distinct`` can pass 16 MB and no scan the
+task's timeout). Each page's users over the threshold are put into the doorbell's record (without a
+wake-up) and then the page's last key is stored as the cursor of the pass (``scan_pass`` in the
+``state_collection`` document ``"catchup"``), so a scan killed between pages loses nobody and the
+next one goes on from its last page. A run that stops short wakes the next one at once.
+
+The watermark ``scanned_through`` (the start of the pass) moves on only when the pass reached the
+newest event and the run's report has run. Users over the threshold beyond ``scan_limit`` stay in
+(or are written back into) the doorbell's record, so the next run takes them even when they write
+nothing more.
 
 The first catch-up scan ever (no watermark yet) is a full scan, like the daily one.
 """
@@ -20,6 +27,7 @@ The first catch-up scan ever (no watermark yet) is a full scan, like the daily o
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,7 +35,7 @@ from typing import Any
 from butler_memory.backoff import FailureBackoff
 from butler_memory.doorbell import DoorbellRecord
 from butler_memory.settings import Settings
-from butler_memory.store import Backlog, MemoryStore
+from butler_memory.store import Backlog, MemoryStore, WriterKey
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,14 @@ STATE_DOC = "catchup"
 DAILY = "daily"
 CATCHUP = "catchup"
 KINDS = (DAILY, CATCHUP)
+SCAN_FIELD = "scan_pass"
+"""The state document's unfinished pass: {since, started_at, cursor} (the last page's last key)."""
+SCAN_STEPS = ("page_recorded",)
+"""Where a catch-up scan may be killed: after a page's users are recorded and its cursor stored."""
+
+
+def _no_checkpoint(step: str) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,8 @@ class ScanResult:
     """Users the catch-up scan counted."""
     backed_off: list[str] = field(default_factory=list)
     """Users over the threshold the catch-up scan skipped: backed off after failing (butler_memory.backoff)."""
+    settle: bool = False
+    """Whether the report settles this scan (the catch-up scan's; None ``scanned_at``: its pass goes on)."""
 
     def xcom(self) -> dict[str, Any]:
         """Return what the report needs, JSON-safe (ids and counts only)."""
@@ -64,6 +82,8 @@ class ScanResult:
             "rung": self.rung,
             "candidates": self.candidates,
             "backed_off": self.backed_off,
+            "taken": [b.user_id for b in self.backlog],
+            "settle": self.settle,
         }
 
 
@@ -84,13 +104,16 @@ def catchup_scan(
     *,
     now: datetime | None = None,
     backoff: FailureBackoff | None = None,
+    persist: bool = True,
+    checkpoint: Callable[[str], None] = _no_checkpoint,
 ) -> ScanResult:
     """Count only the users with new events or a doorbell record, leave out the backed-off ones; see the
-    module docstring."""
+    module docstring. ``persist`` False (a dry run) writes nothing: no doorbell record, no scan cursor."""
     now = now or datetime.now(UTC)
     state = store.load_state(STATE_DOC)
     watermark = state.get("scanned_through")
     rung = doorbell.oldest(settings.doorbell_drain_max)
+    scanned_at: datetime | None = now
     if not isinstance(watermark, datetime):
         log.info("catch-up scan: no watermark yet, scanning every user once")
         backlog = store.scan(settings.threshold, settings.doorbell_drain_max + limit, None)
@@ -99,12 +122,10 @@ def catchup_scan(
             backlog, store.backlog_of([u for u in rung if u not in {b.user_id for b in backlog}], settings.threshold)
         )
     else:
-        if watermark.tzinfo is None:
-            watermark = watermark.replace(tzinfo=UTC)
-        since = watermark - timedelta(seconds=settings.catchup_margin_seconds)
-        ids = list(dict.fromkeys([*rung, *store.users_with_events_since(since)]))
-        candidates = len(ids)
-        backlog = store.backlog_of(ids, settings.threshold)
+        progress = state.get(SCAN_FIELD)
+        backlog, candidates, scanned_at = _scan_pages(
+            store, doorbell, settings, list(rung), _aware(watermark), progress, now, persist, checkpoint
+        )
     held = backoff.backed_off([b.user_id for b in backlog]) if backoff is not None else set()
     backlog = [b for b in backlog if b.user_id not in held]
     taken, rest = backlog[:limit], backlog[limit:]
@@ -112,11 +133,78 @@ def catchup_scan(
         backlog=taken,
         left=len(rest),
         left_ids=[b.user_id for b in rest[: settings.doorbell_drain_max]],
-        scanned_at=now,
+        scanned_at=scanned_at,
         rung=list(rung),
         candidates=candidates,
         backed_off=sorted(held)[: settings.doorbell_drain_max],
+        settle=True,
     )
+
+
+def _scan_pages(
+    store: MemoryStore,
+    doorbell: DoorbellRecord,
+    settings: Settings,
+    rung: list[str],
+    watermark: datetime,
+    progress: Any,
+    now: datetime,
+    persist: bool,
+    checkpoint: Callable[[str], None],
+) -> tuple[list[Backlog], int, datetime | None]:
+    """Page through the users who wrote since the watermark, from where the last scan stopped, for at
+    most ``catchup_scan_max_events`` events; return who is over the threshold, how many users were
+    counted, and the pass's start once the pass reached the newest event (None: it continues later).
+
+    Each page's users over the threshold go into the doorbell's record (quietly) before the cursor is
+    stored past them: a scan killed or timed out between pages loses nobody, and the next one goes on
+    from its last stored page instead of starting over.
+    """
+    cursor: WriterKey | None = None
+    if _valid_pass(progress):
+        since, started_at = _aware(progress["since"]), _aware(progress["started_at"])
+        raw = progress.get("cursor")
+        cursor = None if raw is None else WriterKey(raw["created_at"], raw["user_id"])
+        log.info("catch-up scan: resuming the pass begun at %s", started_at.isoformat())
+    else:
+        since, started_at = watermark - timedelta(seconds=settings.catchup_margin_seconds), now
+    found = {b.user_id: b for b in store.backlog_of(rung, settings.threshold)}
+    counted = set(rung)
+    read, done = 0, False
+    while not done and read < settings.catchup_scan_max_events:
+        page = min(settings.catchup_scan_page_events, settings.catchup_scan_max_events - read)
+        keys, done = store.writers_since(since, cursor, page)
+        read += page
+        fresh_ids = [k.user_id for k in keys if isinstance(k.user_id, str) and k.user_id not in counted]
+        counted.update(fresh_ids)
+        over = store.backlog_of(fresh_ids, settings.threshold)
+        found.update((b.user_id, b) for b in over)
+        cursor = keys[-1] if keys else cursor
+        if persist:
+            doorbell.settle([], [], quiet=[b.user_id for b in over])  # durable before the cursor passes them
+            store.save_state(STATE_DOC, set_fields={SCAN_FIELD: _pass_doc(since, started_at, cursor)})
+            checkpoint("page_recorded")
+    if not done:
+        log.info("catch-up scan: stopped after %d events (catchup_scan_max_events); the next run goes on", read)
+    return _merge(list(found.values()), []), len(counted), started_at if done else None
+
+
+def _valid_pass(doc: Any) -> bool:
+    if not (isinstance(doc, dict) and isinstance(doc.get("since"), datetime)):
+        return False
+    cursor = doc.get("cursor")
+    return isinstance(doc.get("started_at"), datetime) and (
+        cursor is None or (isinstance(cursor, dict) and isinstance(cursor.get("created_at"), datetime))
+    )
+
+
+def _pass_doc(since: datetime, started_at: datetime, cursor: WriterKey | None) -> dict[str, Any]:
+    at = None if cursor is None else {"created_at": cursor.created_at, "user_id": cursor.user_id}
+    return {"since": since, "started_at": started_at, "cursor": at}
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _merge(a: list[Backlog], b: list[Backlog]) -> list[Backlog]:
@@ -126,18 +214,20 @@ def _merge(a: list[Backlog], b: list[Backlog]) -> list[Backlog]:
 def settle_catchup(
     store: MemoryStore, doorbell: DoorbellRecord, scan: dict[str, Any], *, idle: bool, finished_at: datetime
 ) -> None:
-    """After a catch-up run's report: move the watermark on, drop the handled doorbell records, record
-    the users left over (they wake the next run at once) and the backed-off ones (recorded without a
-    wake-up: the first run after their back-off takes them), count an idle run."""
+    """After a catch-up run's report: move the watermark on when the scan's pass is complete (else wake
+    the next run, which continues it), drop the handled doorbell records, record the users left over
+    (they wake the next run at once) and the backed-off ones (recorded without a wake-up: the first run
+    after their back-off takes them), count an idle run."""
     scanned_at = scan.get("scanned_at")
     fields: dict[str, Any] = {"last_run_at": finished_at}
     if scanned_at:
         fields["scanned_through"] = datetime.fromisoformat(scanned_at)
+        fields[SCAN_FIELD] = None
     if idle:
         fields["last_idle_at"] = finished_at
     store.save_state(STATE_DOC, set_fields=fields, inc={"idle_runs": 1} if idle else {"runs": 1})
     left = list(scan.get("left_ids") or [])
     held = list(scan.get("backed_off") or [])
     kept = set(left) | set(held)
-    handled = [u for u in scan.get("rung") or [] if u not in kept]
-    doorbell.settle(handled, left, quiet=held)
+    handled = [u for u in dict.fromkeys([*(scan.get("rung") or []), *(scan.get("taken") or [])]) if u not in kept]
+    doorbell.settle(handled, left, quiet=held, wake=not scanned_at)

@@ -131,6 +131,10 @@ class Settings:
     """Redis key of the day's token count ({day} = the UTC date), on the lock Redis."""
     doorbell_drain_max: int = 10_000
     """Most doorbell entries one catch-up scan takes (oldest first); the rest wait for the next run."""
+    catchup_scan_page_events: int = 5000
+    """Events one page of the catch-up scan reads (on the (created_at, user_id) index); one count per page."""
+    catchup_scan_max_events: int = 200_000
+    """Most events one catch-up scan reads; past it the scan stops, and the next run goes on from there."""
     backoff_base_seconds: int = 900
     """After a user's n-th deterministic failure in a row, catch-up runs skip it for this times 2**(n-1)
     seconds (butler_memory.backoff); 0 = no back-off. The daily run and explicit user_ids still try it."""
@@ -147,7 +151,12 @@ class Settings:
         _positive(self, "erasure_lock_wait_seconds")
         _positive(self, "max_fold_events", "mongo_write_timeout_ms")
         _check_durability(self)
-        _positive(self, "catchup_margin_seconds", "doorbell_drain_max")
+        _positive(self, "catchup_margin_seconds", "doorbell_drain_max", "catchup_scan_page_events")
+        if self.catchup_scan_max_events < self.catchup_scan_page_events:
+            raise SettingsError(
+                f"catchup_scan_max_events ({self.catchup_scan_max_events}) must be at least "
+                f"catchup_scan_page_events ({self.catchup_scan_page_events})"
+            )
         if self.daily_token_budget < 0:
             raise SettingsError(f"daily_token_budget must be >= 0 (0 = no budget), got {self.daily_token_budget}")
         _check_redis_keys(self)

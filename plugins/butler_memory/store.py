@@ -76,6 +76,14 @@ class Backlog:
 
 
 @dataclass(frozen=True)
+class WriterKey:
+    """An entry of the ``(created_at, user_id)`` index: where the catch-up scan stands."""
+
+    created_at: datetime
+    user_id: Any
+
+
+@dataclass(frozen=True)
 class PendingFold:
     """Events covered by a committed summary whose archive/delete had not finished."""
 
@@ -205,23 +213,47 @@ class MemoryStore:
             result.append(Backlog(user_id=row["_id"], events=int(row["n"])))
         return result
 
-    def users_with_events_since(self, since: datetime) -> list[str]:
-        """Return the ids of users with an event created at or after ``since`` (the catch-up scan).
+    def writers_since(self, since: datetime, after: WriterKey | None, limit: int) -> tuple[list[WriterKey], bool]:
+        """Return the ``(created_at, user_id)`` keys of up to ``limit`` events created at or after
+        ``since``, in that order, strictly after ``after`` (a page of the catch-up scan), and whether
+        the page reached the newest event.
 
-        Served from the ``(created_at, user_id)`` index: the work grows with the new events, not the
-        collection. Non-string ids are left out (the full scan logs them).
+        Covered by the ``(created_at, user_id)`` index, never more than ``limit`` entries read: a page
+        costs the same however many events were written since. Equal keys (one user's events in the
+        same millisecond) are one entry, so a bulk import cannot hold a page in place. Resuming after
+        ``after`` is two plain range queries (the rest of its millisecond, then later ones), not an
+        ``$or``, which the embedded SecantusDB answers with a collection scan.
         """
-        ids = self.events.distinct("user_id", {"created_at": {"$gte": since}})
-        return [uid for uid in ids if isinstance(uid, str)]
+        projection = {"_id": 0, "created_at": 1, "user_id": 1}
+        order = [("created_at", ASCENDING), ("user_id", ASCENDING)]
+        queries: list[dict[str, Any]] = [{"created_at": {"$gte": since}}]
+        if after is not None:
+            queries = [{"created_at": after.created_at, "user_id": {"$gt": after.user_id}}]
+            queries.append({"created_at": {"$gt": after.created_at}})
+        keys: list[WriterKey] = []
+        read = 0
+        for query in queries:
+            if read >= limit:
+                break
+            for doc in self.events.find(query, projection).sort(order).limit(limit - read):
+                read += 1
+                key = WriterKey(doc["created_at"], doc.get("user_id"))
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+        return keys, read < limit
 
     def backlog_of(self, user_ids: Sequence[str], threshold: int) -> list[Backlog]:
-        """Count each given user's events (one ``count_documents`` each, on the user_id index) and
-        return those over ``threshold``, largest backlog first."""
+        """Count the given users' events (one ``$group`` per 1,000 users, on the user_id index) and
+        return those over ``threshold``, largest backlog first. Non-string ids are left out."""
         found = []
-        for user_id in dict.fromkeys(user_ids):
-            n = self.count_events(user_id)
-            if n > threshold:
-                found.append(Backlog(user_id=user_id, events=n))
+        wanted = [u for u in dict.fromkeys(user_ids) if isinstance(u, str)]
+        for batch in _batches(wanted, 1000):
+            pipeline: list[dict[str, Any]] = [
+                {"$match": {"user_id": {"$in": batch}}},
+                {"$group": {"_id": "$user_id", "n": {"$sum": 1}}},
+                {"$match": {"n": {"$gt": threshold}}},
+            ]
+            found += [Backlog(row["_id"], int(row["n"])) for row in self.events.aggregate(pipeline)]
         found.sort(key=lambda b: (-b.events, b.user_id))
         return found
 

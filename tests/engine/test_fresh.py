@@ -73,8 +73,9 @@ def test_catchup_scan_counts_only_users_with_new_events(
     assert result.candidates == 2  # chatty and light; none of the quiet users
     assert result.left == 0
     assert result.scanned_at == NOW
-    # One state read, one distinct, one count per candidate: the same for 20 and 200 quiet users.
-    assert commands == Counter({"find": 1, "distinct": 1, "aggregate": 2}), commands
+    # One state read, one page of writers, one count for the page, one cursor write: the same for 20
+    # and 200 quiet users.
+    assert commands == Counter({"find": 2, "aggregate": 1, "update": 1}), commands
 
 
 def test_catchup_scan_takes_doorbell_users_and_leaves_the_rest_past_the_limit(
@@ -102,6 +103,123 @@ def test_catchup_scan_takes_doorbell_users_and_leaves_the_rest_past_the_limit(
     state = store.load_state(fresh.STATE_DOC)
     assert state["scanned_through"].replace(tzinfo=UTC) == NOW
     assert state["runs"] == 1
+
+
+class EventsRead(pymongo.monitoring.CommandListener):
+    """Count the user_memory documents that finds return: what a catch-up scan reads of the new events."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self._finds: set[int] = set()
+
+    def started(self, event: pymongo.monitoring.CommandStartedEvent) -> None:
+        if event.command_name in ("find", "getMore") and event.command.get(event.command_name) in (
+            "user_memory",
+            None,
+        ):
+            self._finds.add(event.request_id)
+
+    def succeeded(self, event: pymongo.monitoring.CommandSucceededEvent) -> None:
+        if event.request_id in self._finds:
+            cursor = event.reply.get("cursor") or {}
+            self.read += len(cursor.get("firstBatch") or cursor.get("nextBatch") or [])
+
+    def failed(self, event: pymongo.monitoring.CommandFailedEvent) -> None:
+        self._finds.discard(event.request_id)
+
+
+class Killed(Exception):
+    """Stands for the scan task's process dying (its execution timeout) at a checkpoint."""
+
+
+PAGED = {"catchup_scan_page_events": 20, "catchup_scan_max_events": 60}
+
+
+def _seed_writers(db: Database[dict[str, Any]]) -> set[str]:
+    """Users who wrote since LAST_SCAN: 30 over the threshold, interleaved in time, one bulk import of
+    300 events in one millisecond, and 5 under the threshold. Return the ids over the threshold."""
+    for i in range(30):
+        insert_events(db, f"w-{i:02d}", 12, start=LAST_SCAN + timedelta(seconds=i), step=timedelta(minutes=1))
+    insert_events(db, "bulk", 300, start=LAST_SCAN + timedelta(seconds=1), step=timedelta(0))
+    for i in range(5):
+        insert_events(db, f"light-{i}", 3, start=LAST_SCAN + timedelta(seconds=i))
+    return {f"w-{i:02d}" for i in range(30)} | {"bulk"}
+
+
+def _catchup_until_done(
+    mongo_service: MongoService, db_name: str, redis_client: redis.Redis, kill_at: int | None = None
+) -> tuple[list[fresh.ScanResult], set[str], int]:
+    """Run catch-up scans, each settled as its report would, until one completes its pass; return the
+    scans, every user taken, and the new events the scans read. With ``kill_at``, the first scan dies
+    at its ``kill_at``-th page checkpoint (nothing after it runs: no report)."""
+    settings = small_settings(catchup_margin_seconds=60, **PAGED)
+    listener = EventsRead()
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_service.uri, event_listeners=[listener])
+    store, record = MemoryStore(client[db_name], settings), DoorbellRecord(redis_client)
+    pages = [0]
+
+    def checkpoint(step: str) -> None:
+        assert step in fresh.SCAN_STEPS
+        pages[0] += 1
+        if pages[0] == kill_at:
+            raise Killed(step)
+
+    scans, taken = [], set()
+    try:
+        if kill_at is not None:
+            with pytest.raises(Killed):
+                fresh.catchup_scan(store, record, settings, settings.scan_limit, now=NOW, checkpoint=checkpoint)
+        for _ in range(50):
+            result = fresh.catchup_scan(store, record, settings, settings.scan_limit, now=NOW)
+            scans.append(result)
+            taken |= {b.user_id for b in result.backlog}
+            fresh.settle_catchup(store, record, result.xcom(), idle=not result.backlog, finished_at=NOW)
+            if result.scanned_at is not None:
+                break
+        return scans, taken, listener.read
+    finally:
+        client.close()
+
+
+def test_catchup_scan_is_bounded_per_run_and_misses_nobody(
+    mongo_service: MongoService, mongo_db: Database[dict[str, Any]], redis_client: redis.Redis
+) -> None:
+    """Issue 26, item 5: one distinct over every user since the watermark, one count each, could pass
+    16 MB or the task's timeout, and then every later run failed the same way."""
+    store = MemoryStore(mongo_db, small_settings())
+    store.ensure_indexes()
+    due = _seed_writers(mongo_db)
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": LAST_SCAN})
+
+    scans, taken, read = _catchup_until_done(mongo_service, mongo_db.name, redis_client)
+
+    assert taken == due, "a user over the threshold was missed"
+    assert len(scans) > 3, "the pass was spread over several runs"
+    assert [s.scanned_at for s in scans[:-1]] == [None] * (len(scans) - 1) and scans[-1].scanned_at == NOW
+    assert read <= len(scans) * PAGED["catchup_scan_max_events"], "a run read more than catchup_scan_max_events"
+    # 360 + 15 events of the others, one page of the bulk import's 300 equal keys (then skipped past).
+    assert read <= 360 + 15 + PAGED["catchup_scan_page_events"], read
+    state = store.load_state(fresh.STATE_DOC)
+    assert state["scanned_through"].replace(tzinfo=UTC) == NOW, "the watermark moves once the pass is done"
+    assert state[fresh.SCAN_FIELD] is None
+
+
+def test_a_catchup_scan_killed_mid_way_is_resumed_where_it_stopped(
+    mongo_service: MongoService, mongo_db: Database[dict[str, Any]], redis_client: redis.Redis
+) -> None:
+    store = MemoryStore(mongo_db, small_settings())
+    store.ensure_indexes()
+    due = _seed_writers(mongo_db)
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": LAST_SCAN})
+    _, _, uninterrupted = _catchup_until_done(mongo_service, mongo_db.name, redis_client)
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": LAST_SCAN, fresh.SCAN_FIELD: None})
+    redis_client.flushall()
+
+    _, taken, read = _catchup_until_done(mongo_service, mongo_db.name, redis_client, kill_at=2)
+
+    assert taken == due, "the users of the killed scan's pages were lost"
+    assert read == uninterrupted, "the resumed scan read the killed scan's pages again"
+    assert store.load_state(fresh.STATE_DOC)["scanned_through"].replace(tzinfo=UTC) == NOW
 
 
 def test_a_failing_user_is_backed_off_exponentially_up_to_the_cap(redis_client: redis.Redis) -> None:
