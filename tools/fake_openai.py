@@ -19,7 +19,8 @@ Named responders (``RESPONDERS``: ``faithful``, ``drop_fact``, ``new_only``, ``w
 ``gullible``) read the butler_memory prompt and play an honest LLM or one of the failures the
 guards must catch;
 pick one with ``set_responder("faithful")``, ``--responder`` or ``/_control {"responder": ...}``.
-``set_latency`` delays every chat request, errors included.
+``set_latency`` delays every chat request, errors included; ``set_finish_reason("length")`` marks
+every responder reply as cut off at ``max_tokens``.
 
 Reported ``usage.prompt_tokens`` is the real ``o200k_base`` count of the message texts plus
 ``TEMPLATE_TOKENS`` per message (a chat template's markers), as a server reading all of it reports.
@@ -190,7 +191,14 @@ def _budget(request: dict[str, Any]) -> int:
     return int(request.get("max_tokens") or 600) * 3
 
 
-_SAID = {"Russian": "Пользователь сообщил", "English": "The user said"}
+_SAID = {
+    "Russian": "Пользователь сообщил",
+    "English": "The user said",
+    "German": "Der Nutzer sagte",
+    "French": "L'utilisateur a dit",
+    "Spanish": "El usuario dijo",
+    "Ukrainian": "Користувач повідомив",
+}
 
 
 def _faithful(previous: str, events: list[tuple[str, str]], budget: int, language: str = "Russian") -> str:
@@ -472,6 +480,7 @@ class FakeOpenAI:
         self._latency = 0.0
         self._default_status: int | None = None
         self._context_window: int | None = None
+        self._finish_reason = "stop"
         self._server = _Server((host, port), self)
         self.host: str = str(self._server.server_address[0])
         self.port: int = int(self._server.server_address[1])
@@ -574,6 +583,11 @@ class FakeOpenAI:
         with self._lock:
             self._context_window = tokens
 
+    def set_finish_reason(self, reason: str | None) -> None:
+        """Give every responder reply this ``finish_reason`` ("length": a reply cut off at max_tokens); None ends it."""
+        with self._lock:
+            self._finish_reason = reason or "stop"
+
     def set_default_status(self, code: int | None) -> None:
         """Fail every unscripted request with this status until reset (an outage); None ends it."""
         with self._lock:
@@ -599,6 +613,7 @@ class FakeOpenAI:
             self._latency = 0.0
             self._default_status = None
             self._context_window = None
+            self._finish_reason = "stop"
 
     def apply_control(self, command: object) -> None:
         """Apply a /_control document such as {"latency": 0.5} or {"default_status": null}."""
@@ -612,6 +627,7 @@ class FakeOpenAI:
             "reset",
             "responder",
             "context_window",
+            "finish_reason",
         }
         if unknown:
             raise ValueError(f"unknown control keys {sorted(unknown)}")
@@ -629,6 +645,9 @@ class FakeOpenAI:
         if "context_window" in command:
             window = command["context_window"]
             self.set_context_window(None if window is None else int(window))
+        if "finish_reason" in command:
+            reason = command["finish_reason"]
+            self.set_finish_reason(None if reason is None else str(reason))
         if "fail_when_contains" in command:
             rule = command["fail_when_contains"]
             self.fail_when_contains(str(rule["marker"]), int(rule["status"]))
@@ -677,10 +696,11 @@ class FakeOpenAI:
             if self._default_status is not None:
                 return _Status(self._default_status), latency
             responder = self._responder
+            finish_reason = self._finish_reason
         if window is not None:
             read, tokens = keep_tail(request, window)
-            return _Reply(responder(read), prompt_tokens=tokens), latency
-        return _Reply(responder(request)), latency
+            return _Reply(responder(read), prompt_tokens=tokens, finish_reason=finish_reason), latency
+        return _Reply(responder(request), finish_reason=finish_reason), latency
 
     def _sleep(self, seconds: float) -> None:
         """Sleep, but wake up at once when the server stops."""

@@ -1,15 +1,17 @@
-"""The same engine without Airflow's scheduler: ``python -m butler_memory compress|forget ...``.
+"""The same engine without Airflow's scheduler: ``python -m butler_memory compress|forget|qualify ...``.
 
 Reads the same ``AIRFLOW_CONN_*`` variables (and ``BUTLER_MEMORY_*`` settings) as the DAG. Exit
 codes: 0 all users done or skipped, 1 some user failed (forget: it could not finish, e.g. the lock
 stayed busy; run it again), 2 bad arguments or settings (forget: bad input, nothing changed), 3 a
-service (MongoDB, Redis) is unreachable.
+service (MongoDB, Redis) is unreachable. ``qualify``: 0 the model passed, 1 it failed, 2 bad settings or
+thresholds, 3 the LLM endpoint is unusable (unreachable, not OpenAI-compatible).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -22,6 +24,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 
 from butler_memory.compression import FAILED, UserResult, failed_result
 from butler_memory.errors import CompressionError, ForgetInputError, LockUnavailableError
+from butler_memory.qualify import Thresholds
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
 from butler_memory.settings import SettingsError
 from butler_memory.store import describe_mongo_error
@@ -107,6 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     refold.add_argument("--json", action="store_true", help="print the results as JSON")
     refold.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    qualify = sub.add_parser(
+        "qualify",
+        help="try the configured summariser on built-in synthetic users; write nothing (docs/qualify.md)",
+        description="Fold a fixed set of synthetic users (planted facts in several languages, short and long "
+        "histories, corrections) through the real prompt, validation and guards, and print fact retention, guard "
+        "rejections and false alarms, language kept, cut-off and truncated replies, latency and tokens, with a "
+        "verdict. Nothing is written to the Butler's data. Exit 0 pass, 1 fail, 2 bad settings, 3 endpoint unusable.",
+    )
+    defaults = Thresholds()
+    for name, kind, meaning in (
+        ("min_fact_retention", float, "least share (0-1) of the planted facts kept"),
+        ("min_language_kept", float, "least share (0-1) of the users summarised in their language"),
+        ("max_failed_users", int, "most users a compression would fail"),
+        ("max_false_alarms", int, "most guard alarms on good replies"),
+        ("max_latency_seconds", float, "most p95 latency of one LLM call, in seconds"),
+    ):
+        default = getattr(defaults, name)
+        qualify.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=default,
+            metavar="N",
+            help=f"{meaning} (default {default})",
+        )
+    qualify.add_argument("--json", action="store_true", help="print the report as JSON")
+    qualify.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     return parser
 
 
@@ -351,6 +380,32 @@ def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if all(r.status in ("refolded", "dry_run") for r in results) else EXIT_FAILED_USERS
 
 
+def run_qualify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Qualify the configured summariser on the built-in synthetic users; print the report."""
+    from butler_memory import qualify
+    from butler_memory.connections import build_summarizer, resolve_settings
+
+    try:
+        thresholds = Thresholds(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Thresholds)})
+        settings = resolve_settings({})  # the DAG's settings: the same connection, prompt budget and guards
+        summarizer = build_summarizer(settings)
+    except SettingsError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    try:
+        report = qualify.qualify(settings, summarizer, thresholds, endpoint=qualify.endpoint_name(settings, summarizer))
+    except qualify.EndpointError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_UNAVAILABLE
+    finally:
+        summarizer.close()
+    if args.json:
+        out.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    else:
+        out.write(qualify.to_markdown(report))
+    return EXIT_OK if report["verdict"] == qualify.PASS else EXIT_FAILED_USERS
+
+
 def rollback_markdown(run_id: str, results: Sequence[Any], *, dry_run: bool) -> str:
     """Return a rollback's results as Markdown: one row per user, no content."""
     lines = [
@@ -404,4 +459,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return run_rollback(args, out, err)
     if args.command == "refold":
         return run_refold(args, out, err)
+    if args.command == "qualify":
+        return run_qualify(args, out, err)
     return EXIT_USAGE  # pragma: no cover - argparse enforces the subcommand

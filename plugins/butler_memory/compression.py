@@ -34,7 +34,7 @@ from butler_memory.metrics import Metrics, NullMetrics
 from butler_memory.prompt import SYSTEM_PROMPT, build_messages, event_line
 from butler_memory.settings import Settings
 from butler_memory.store import Backlog, EventKey, MemoryStore, Profile, event_digest, id_key, sanitized_errors
-from butler_memory.summarizer import EventText, Summarizer, SummaryRequest
+from butler_memory.summarizer import EventText, Summarizer, Summary, SummaryRequest
 from butler_memory.validation import validate_summary
 
 if TYPE_CHECKING:
@@ -323,19 +323,20 @@ def _compress_locked(
     # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
     for chunk in _chunks(user_id, keys, store, settings, summarizer, language, lambda: summary):  # noqa: B023
         lock.extend()
-        request = SummaryRequest(
-            user_id=user_id,
-            previous_summary=summary,
-            events=[_event_text(user_id, ev) for ev in chunk],
-            language=language,
-            max_tokens=settings.summary_max_tokens,
-            max_chars=settings.summary_max_chars,
-        )
+        events = [_event_text(user_id, ev) for ev in chunk]
         with lock.kept_alive():  # retries and Retry-After waits can outlast the TTL: extend meanwhile
-            produced = _summarize(summarizer, request, metrics, spent)  # counts every token, a refused reply's too
+            text, outcomes = propose_summary(
+                user_id,
+                summary,
+                events,
+                language,
+                settings=settings,
+                summarizer=summarizer,
+                metrics=metrics,
+                worst=result.guards,
+                spent=spent,  # counts every token, a refused reply's too
+            )
         result.prompt_tokens, result.completion_tokens = spent.prompt_tokens, spent.completion_tokens
-        text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
-        outcomes = guard_summary(user_id, request, text, settings, metrics, result.guards)
         checkpoint("summarized")
 
         lock.extend()  # the lock must still be ours right before the write
@@ -650,6 +651,41 @@ def _event_text(user_id: str, ev: dict[str, Any]) -> EventText:
     return EventText(role=role, content=ev["content"], created_at=ev["created_at"])
 
 
+def propose_summary(
+    user_id: str,
+    previous: str,
+    events: Sequence[EventText],
+    language: str,
+    *,
+    settings: Settings,
+    summarizer: Summarizer,
+    metrics: Metrics,
+    worst: dict[str, str],
+    spent: Spent | None = None,
+    on_reply: Callable[[Summary], object] | None = None,
+) -> tuple[str, dict[str, str]]:
+    """Fold one chunk into ``previous`` through the real prompt, then check the reply: the summariser
+    proposes, validation and the guards accept it (return its cleaned text and the guards' outcomes)
+    or raise. ``spent`` counts the call's tokens (see ``_summarize``); ``on_reply`` sees
+    every reply before anything can refuse it. Compression and ``qualify`` both call this: one
+    summarising path.
+    """
+    request = SummaryRequest(
+        user_id=user_id,
+        previous_summary=previous,
+        events=events,
+        language=language,
+        max_tokens=settings.summary_max_tokens,
+        max_chars=settings.summary_max_chars,
+    )
+    produced = _summarize(summarizer, request, metrics, spent)
+    if on_reply is not None:
+        on_reply(produced)
+    text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
+    outcomes = guard_summary(user_id, request, text, settings, metrics, worst)
+    return text, outcomes
+
+
 def guard_summary(
     user_id: str, request: SummaryRequest, text: str, settings: Settings, metrics: Metrics, worst: dict[str, str]
 ) -> dict[str, str]:
@@ -677,7 +713,9 @@ def guard_summary(
     return guards.outcomes(verdict)
 
 
-def _summarize(summarizer: Summarizer, request: SummaryRequest, metrics: Metrics, spent: Spent | None = None) -> Any:
+def _summarize(
+    summarizer: Summarizer, request: SummaryRequest, metrics: Metrics, spent: Spent | None = None
+) -> Summary:
     """Make one LLM call; count its tokens (metrics, ``spent`` and its budget), a refused reply's too."""
     metrics.incr(m.LLM_REQUESTS_TOTAL)
     # The summariser never reads an instruction-like sentence, so it cannot carry one into memory.

@@ -605,6 +605,33 @@ def test_named_responders_read_the_butler_prompt(client: openai.OpenAI, llm: Fak
     assert status == 400 and "no_such_mode" in reply["error"]
 
 
+def test_finish_reason_control_cuts_every_reply_and_reset_ends_it(client: openai.OpenAI, llm: FakeOpenAI) -> None:
+    """/_control {"finish_reason": "length"} marks responder replies as cut off (qualify's length mode)."""
+    root = llm.base_url.removesuffix("/v1")
+
+    assert post_json(f"{root}/_control", {"finish_reason": "length", "responder": "faithful"}) == (200, {"ok": True})
+    assert [ask(client).choices[0].finish_reason for _ in range(2)] == ["length", "length"]
+    post_json(f"{root}/_control", {"finish_reason": None})
+    assert ask(client).choices[0].finish_reason == "stop"
+    llm.set_finish_reason("length")
+    llm.reset()
+    assert ask(client).choices[0].finish_reason == "stop"
+
+
+def test_faithful_responder_writes_the_asked_language() -> None:
+    """Its own words are in the language the prompt asks for (German here), around the kept sentences."""
+    from datetime import UTC, datetime
+
+    from butler_memory.prompt import build_messages
+    from butler_memory.summarizer import EventText, SummaryRequest
+    from tools.fake_openai import faithful_responder
+
+    events = [EventText("user", "Ich wohne jetzt in München.", datetime(2026, 1, 1, tzinfo=UTC))]
+    request = SummaryRequest("u1", "", events, "de", 300, 1800)
+    reply = faithful_responder({"messages": build_messages(request), "max_tokens": 600})
+    assert reply == "- Der Nutzer sagte: Ich wohne jetzt in München.", reply
+
+
 def test_stop_wakes_hanging_requests() -> None:
     """stop() returns promptly even while a request is parked in push_hang."""
     server = FakeOpenAI().start()

@@ -1,0 +1,96 @@
+"""
+# memory_qualify
+
+Qualify a model before trusting it (manual trigger only). **qualify** sends the configured LLM
+connection (`openai_default`, or the offline summariser when that is configured) a fixed, built-in
+set of synthetic users: planted facts in Russian, English, German and Spanish, short and long
+histories, corrections. Each goes through the real prompt, validation and guards, chunk by chunk,
+as a compression would; **nothing is written** to the Butler's data. The log holds the report (fact
+retention, guard rejections and false alarms, language kept, cut-off and truncated replies,
+latency and tokens per user); the run fails when the model does not meet the thresholds (the
+params) or the endpoint cannot be used.
+
+Run it before switching models, endpoints or prompts. Same as `python -m butler_memory qualify`.
+Docs: `docs/qualify.md`, `docs/operations/runbook.md` (a model upgrade).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from butler_memory.dag_defaults import DEFAULT_ARGS
+
+LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
+
+
+@task(multiple_outputs=False, pool=LLM_POOL, execution_timeout=timedelta(minutes=30))
+def qualify() -> dict:
+    """Run the synthetic users through the summariser and judge it."""
+    from butler_memory import qualify_tasks
+
+    return qualify_tasks.run(get_current_context()["params"])
+
+
+@dag(
+    dag_id="memory_qualify",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["butler", "memory", "llm"],
+    doc_md=__doc__,
+    params={
+        "min_fact_retention": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            title="Least fact retention",
+            description="Share of the planted facts the summaries must keep. Empty: the default (docs/qualify.md).",
+        ),
+        "min_language_kept": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            title="Least language kept",
+            description="Share of the users whose summary must be in their language. Empty: the default.",
+        ),
+        "max_failed_users": Param(
+            None,
+            type=["null", "integer"],
+            minimum=0,
+            title="Most failed users",
+            description="Users a compression would fail (guard rejection, cut-off, truncated or invalid reply). "
+            "Empty: the default.",
+        ),
+        "max_false_alarms": Param(
+            None,
+            type=["null", "integer"],
+            minimum=0,
+            title="Most false alarms",
+            description="Guard alarms on replies that kept every fact and the language. Empty: the default.",
+        ),
+        "max_latency_seconds": Param(
+            None,
+            type=["null", "number"],
+            exclusiveMinimum=0,
+            title="Most latency (p95, s)",
+            description="95th percentile of one LLM call's latency, in seconds. Empty: the default.",
+        ),
+    },
+)
+def memory_qualify() -> None:
+    """One task: qualify the summariser."""
+    qualify()
+
+
+memory_qualify_dag = memory_qualify()
+
+if __name__ == "__main__":
+    memory_qualify_dag.test()
