@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from butler_memory import qualify  # noqa: E402
+from butler_memory import guards, qualify  # noqa: E402
 from butler_memory.offline import OfflineSummarizer  # noqa: E402
 from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
 from butler_memory.settings import Settings  # noqa: E402
@@ -24,8 +24,9 @@ from butler_memory.summarizer import Summarizer  # noqa: E402
 from butler_memory.units import duration  # noqa: E402
 from tools.fake_openai import FakeOpenAI  # noqa: E402
 
-OLLAMA_WINDOW = 1024
-"""Context of the Ollama-like mode: the short users' prompts fit, the long history's do not."""
+OLLAMA_WINDOW = 768
+"""Context of the Ollama-like mode: the short users' prompts fit, the long history's do not (cut to
+under half, which the truncation check sees even with an unknown model's tokenizer, docs/qualify.md)."""
 
 MODES: dict[str, tuple[str, Callable[[FakeOpenAI], None]]] = {
     "faithful": ("a good model", lambda f: f.set_responder("faithful")),
@@ -53,7 +54,7 @@ def row(mode: str, about: str, report: dict[str, object]) -> str:
     return (
         f"| {mode} | {about} | **{str(r['verdict']).upper()}** | {r['facts_kept']}/{r['facts']} | "
         f"{r['corrections_applied']}/{r['corrections']} | {r['language_kept']}/{r['users']} | "
-        f"{rejections['facts']} / {rejections['language']} | {r['false_alarms']} | {r['cut_off']} | "
+        f"{' / '.join(str(rejections[g]) for g in guards.GUARDS)} | {r['false_alarms']} | {r['cut_off']} | "
         f"{r['truncated']} | {r['users_failed']} | {r['llm_calls']} | "
         f"{duration(latency if isinstance(latency, float) else None)} | {r['prompt_tokens']} + {r['completion_tokens']} |"
     )
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(row("offline", "the offline extractive summariser", report))
     reports.append(("offline", report))
     print(
-        "| mode | plays | verdict | facts kept | corrections | language kept | rejected (facts / language) | "
+        f"| mode | plays | verdict | facts kept | corrections | language kept | rejected ({' / '.join(guards.GUARDS)}) | "
         "false alarms | cut off | truncated | users failed | LLM calls | latency p95 | tokens |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -84,7 +84,8 @@ def test_a_model_that_drops_facts_is_rejected_by_the_fact_guard(llm: FakeOpenAI,
     report = qualify.qualify(SETTINGS, make_openai())
 
     with_summary = [case.user_id for case in qualify.CASES if case.previous]
-    assert report["guard_rejections"] == {"facts": len(with_summary), "language": 0}
+    assert report["guard_rejections"]["facts"] == len(with_summary)
+    assert sum(report["guard_rejections"].values()) == len(with_summary), "only the fact guard rejects"
     assert sorted(report["failed_user_ids"]) == sorted(with_summary)
     assert report["fact_retention"] < 0.95 and report["false_alarms"] == 0
     assert report["verdict"] == qualify.FAIL
