@@ -292,7 +292,7 @@ def _compress_locked(
     result = UserResult(user_id, COMPRESSED, summary_version=profile.version, summary_chars=len(profile.summary))
     if not dry_run:
         profile, deleted = finish_interrupted(
-            profile, store, run_id=run_id, clock=clock, metrics=metrics, checkpoint=checkpoint
+            profile, store, lock, run_id=run_id, clock=clock, metrics=metrics, checkpoint=checkpoint
         )
         result.events_deleted += deleted
 
@@ -479,6 +479,7 @@ def _fold_list(
 def finish_interrupted(
     profile: Profile,
     store: MemoryStore,
+    lock: UserLock,
     *,
     run_id: str,
     clock: Callable[[], datetime],
@@ -493,7 +494,7 @@ def finish_interrupted(
         from butler_memory.rollback import finish_rollback  # rollback builds on this module
 
         # An interrupted rollback put events back in user_memory that the summary still covers: finish it first.
-        finish_rollback(store, profile, _no_checkpoint, clock)
+        finish_rollback(store, profile, lock, _no_checkpoint, clock)
         profile = store.load_profile(profile.user_id, create=False)
     deleted = 0
     if profile.pending is not None:

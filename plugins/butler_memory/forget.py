@@ -71,6 +71,7 @@ from butler_memory.store import (
     VERSION_FIELD,
     MemoryStore,
     Profile,
+    archived_versions,
     sanitized_errors,
 )
 from butler_memory.summarizer import Summarizer, SummaryRequest
@@ -284,7 +285,7 @@ def _forget_locked(
     _check_known(store, user_id, profile)
     # An interrupted rollback or fold left events the summary covers in user_memory: finish it first,
     # so every summarised event is in the archive (and never re-summarised).
-    profile, _ = finish_interrupted(profile, store, run_id="forget", clock=clock, metrics=engine.metrics)
+    profile, _ = finish_interrupted(profile, store, lock, run_id="forget", clock=clock, metrics=engine.metrics)
     plan = _plan(store, user_id, profile, request, secret, audit)
     if not plan.ids and plan.first_tainted is None:
         return _result(ALREADY_ERASED, plan, None, secret, user_id)
@@ -332,7 +333,7 @@ def _plan(
         query: dict[str, Any] = {"event_id": {"$in": list(request.event_ids)}}
     else:
         query = {"user_id": user_id, "created_at": {"$gte": request.since, "$lt": request.until}}
-    fields = {"_id": 1, "user_id": 1, "event_id": 1, "created_at": 1, "summary_version": 1}
+    fields = {"_id": 1, "user_id": 1, "event_id": 1, "created_at": 1, "summary_version": 1, "summary_versions": 1}
     raw = list(store.events.find(query, fields))
     archived = list(store.archive_coll.find(query, fields))
     foreign = sorted({str(d.get("event_id")) for d in raw + archived if d.get("user_id") != user_id})
@@ -354,7 +355,8 @@ def _plan(
                 "nothing was changed"
             )
     in_memory = {d["_id"] for d in raw}
-    versions = [int(d["summary_version"]) for d in archived if isinstance(d.get("summary_version"), int)]
+    # Every version that ever folded one of them: an event edited during its compression is folded twice.
+    versions = [v for d in archived for v in archived_versions(d)]
     current = profile.version
     history = store.history.versions(user_id, through=current, text=False)
     if request.since is not None and request.until is not None:
@@ -401,8 +403,7 @@ def _versions_touching(
             continue
         if _as_utc(covers.first.created_at) >= until or _as_utc(covers.last.created_at) < since:
             continue
-        archived = store.archive_coll.count_documents({"user_id": user_id, "summary_version": entry.version})
-        if archived < covers.count:
+        if store.archived_counts(user_id, [entry.version]).get(entry.version, 0) < covers.count:
             found.append(entry.version)
     return found
 
@@ -435,9 +436,7 @@ def _losses(store: MemoryStore, user_id: str, base: int, current: int, history: 
     missing = [v for v in range(base + 1, current + 1) if v not in by_version]
     unrecorded = [e.version for e in by_version.values() if e.covers is None and e.kind == "baseline"]
     expected = sum(e.covers.count for e in by_version.values() if e.covers is not None)
-    archived = store.archive_coll.count_documents(
-        {"user_id": user_id, "summary_version": {"$gt": base, "$lte": current}}
-    )
+    archived = sum(store.archived_counts(user_id, list(range(base + 1, current + 1))).values())
     lost: dict[str, Any] = {}
     if expected > archived:
         lost["events_not_in_archive"] = expected - archived
@@ -562,7 +561,7 @@ def _finish(
         # The re-folded events now belong to the new version (as a fold's events do to it), so "which
         # version saw event E" stays a lookup in the archive.
         relabel = refold_ids(store, user_id, int(intent["base_version"]), expected, set(ids))
-        store.relabel_archived(user_id, relabel, new_version)
+        store.relabel_archived(user_id, relabel, base=int(intent["base_version"]), version=new_version)
         checkpoint("committed")
         tainted = list(range(int(first_tainted), expected + 1))
         store.history.coll.delete_many({"user_id": user_id, "version": {"$in": tainted}})
@@ -670,11 +669,10 @@ def _rebuild(user_id: str, intent: dict[str, Any], engine: Engine, lock: UserLoc
     entry = store.history.version(user_id, base)
     text = entry.text if entry is not None else ""
     profile = store.load_profile(user_id, create=False)
-    wanted = set(refold_ids(store, user_id, base, current, set(intent["ids"])))
-    archived = store.iter_archived(user_id, range(base + 1, current + 1), batch_size=1000)
+    wanted = refold_ids(store, user_id, base, current, set(intent["ids"]))
+    kept = store.iter_archived(user_id, wanted, settings.max_events_per_chunk)
     rebuilt = Rebuilt(text)
     language = profile.language or settings.summary_language
-    kept = (ev for ev in archived if ev["_id"] in wanted)
     # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
     for chunk in pack_chunks(user_id, kept, settings, engine.summarizer, language, lambda: rebuilt.text):
         lock.extend()
@@ -701,10 +699,7 @@ def refold_ids(store: MemoryStore, user_id: str, base: int, current: int, forgot
     """Return the ``_id``s a rebuild on ``base`` re-folds, oldest first: the archived events of versions
     after it, minus the forgotten ones and minus any back in user_memory (a rollback put them there:
     they are not in the summary)."""
-    cursor = store.archive_coll.find(
-        {"user_id": user_id, "summary_version": {"$gt": base, "$lte": current}}, {"_id": 1}
-    ).sort([("created_at", 1), ("_id", 1)])
-    ids = [doc["_id"] for doc in cursor.batch_size(5000) if doc["_id"] not in forgotten]
+    ids = [i for i in store.archived_ids(user_id, range(base + 1, current + 1)) if i not in forgotten]
     back = {doc["_id"] for doc in store.find_by_ids(user_id, ids)} if ids else set()
     return [i for i in ids if i not in back]
 

@@ -29,7 +29,7 @@ from butler_memory.history import REFOLD, HistoryEntry, Key
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
 from butler_memory.settings import Settings
-from butler_memory.store import MemoryStore, Profile, sanitized_errors
+from butler_memory.store import MemoryStore, Profile, id_key, sanitized_errors
 from butler_memory.summarizer import Summarizer, SummaryRequest
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,13 @@ class RefoldPlan:
     start: HistoryEntry
     versions: list[int]
     """Fold versions whose archived events are folded again, newest first."""
-    events: int
+    ids: list[Any]
+    """The archived events folded again, oldest first (each once)."""
+
+    @property
+    def events(self) -> int:
+        """Return how many archived events are folded again."""
+        return len(self.ids)
 
 
 def plan_refold(store: MemoryStore, profile: Profile) -> RefoldPlan:
@@ -118,7 +124,10 @@ def plan_refold(store: MemoryStore, profile: Profile) -> RefoldPlan:
         )
     full = store.history.version(user_id, start.version)  # the lineage carries no text
     assert full is not None
-    return RefoldPlan(full, versions, sum(counts.get(v, 0) for v in versions))
+    ids = store.archived_ids(user_id, versions)
+    # An event back in user_memory (a rollback of a later version put it there) is not in the summary's keeping.
+    live = {id_key(doc["_id"]) for doc in store.find_by_ids(user_id, ids)}
+    return RefoldPlan(full, versions, [i for i in ids if id_key(i) not in live])
 
 
 def refold_user(
@@ -175,7 +184,7 @@ def _refold_locked(
             user_id=user_id,
         )
     if not dry_run:
-        profile, _ = c.finish_interrupted(profile, store, run_id=run_id, clock=clock, metrics=metrics)
+        profile, _ = c.finish_interrupted(profile, store, lock, run_id=run_id, clock=clock, metrics=metrics)
     plan = plan_refold(store, profile)
     result = RefoldResult(
         user_id,
@@ -201,7 +210,7 @@ def _refold_locked(
     )
     language = profile.language or settings.summary_language
     summary = plan.start.text
-    archived = store.iter_archived(user_id, plan.versions, batch_size=min(settings.max_events_per_chunk, 1000))
+    archived = store.iter_archived(user_id, plan.ids, settings.max_events_per_chunk)
     # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
     for chunk in c.pack_chunks(user_id, archived, settings, summarizer, language, lambda: summary):  # noqa: B023
         lock.extend()

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from butler_memory.errors import CompressionError, InvalidProfileError, RollbackRefusedError
+from butler_memory.errors import CompressionError, ConcurrentUpdateError, InvalidProfileError, RollbackRefusedError
 from butler_memory.history import BASELINE, ROLLBACK, HistoryEntry
-from butler_memory.locks import UserLocks
+from butler_memory.locks import UserLock, UserLocks
 from butler_memory.store import MemoryStore, Profile, sanitized_errors
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,10 @@ class Plan:
     restore: HistoryEntry
     undoes: list[int]
     undone_runs: list[str]
-    events_expected: int
     events_archived: int
-
-    @property
-    def events_missing(self) -> int:
-        """Events the undone versions folded that the archive no longer holds."""
-        return max(self.events_expected - self.events_archived, 0)
+    """The archived events the rollback puts back (each once, however many undone versions folded it)."""
+    events_missing: int
+    """Events the undone versions folded that the archive no longer holds."""
 
 
 def plan_rollback(
@@ -149,9 +146,12 @@ def plan_rollback(
             user_id=user_id,
         )
     versions = [e.version for e in undone]
+    counts = store.archived_counts(user_id, versions)
     expected = sum(e.covers.count for e in undone if e.covers is not None)
-    archived = sum(store.archived_counts(user_id, versions).values())
-    plan = Plan(profile.version, restore, versions, _newest_first(undone), expected, archived)
+    # Per version: an event two of them folded (edited during the first) is one record counted for both.
+    missing = sum(max(e.covers.count - counts.get(e.version, 0), 0) for e in undone if e.covers is not None)
+    archived = len(store.archived_ids(user_id, versions))
+    plan = Plan(profile.version, restore, versions, _newest_first(undone), archived, missing)
     if plan.events_missing and not allow_missing:
         raise RollbackRefusedError(
             f"user {user_id!r}: {plan.events_missing} of the {expected} events run {run_id} (and the runs "
@@ -206,7 +206,7 @@ def rollback_user(
         checkpoint("locked")
         with sanitized_errors(user_id, "rollback"):
             result = _rollback_locked(
-                user_id, run_id, store, rollback_id, cascade, allow_missing, dry_run, checkpoint, clock
+                user_id, run_id, store, lock, rollback_id, cascade, allow_missing, dry_run, checkpoint, clock
             )
     except RollbackRefusedError as exc:
         result = RollbackResult(user_id, REFUSED, run_id, message=str(exc))
@@ -220,6 +220,7 @@ def _rollback_locked(
     user_id: str,
     run_id: str,
     store: MemoryStore,
+    lock: UserLock,
     rollback_id: str,
     cascade: bool,
     allow_missing: bool,
@@ -238,9 +239,9 @@ def _rollback_locked(
         )
     if not dry_run:
         if profile.rollback is not None:  # our own interrupted run: finished with its checkpoints
-            finish_rollback(store, profile, checkpoint, clock)
+            finish_rollback(store, profile, lock, checkpoint, clock)
             profile = store.load_profile(user_id, create=False)
-        profile, _ = finish_interrupted(profile, store, run_id=rollback_id, clock=clock)
+        profile, _ = finish_interrupted(profile, store, lock, run_id=rollback_id, clock=clock)
     plan = plan_rollback(store, profile, run_id, cascade=cascade, allow_missing=allow_missing)
     if isinstance(plan, str):
         return RollbackResult(user_id, NOT_CHANGED, run_id, profile.version, profile.version, message=plan)
@@ -282,18 +283,36 @@ def _rollback_locked(
         plan.restore.version,
         plan.events_archived,
     )
-    finish_rollback(store, store.load_profile(user_id, create=False), checkpoint, clock)
+    finish_rollback(store, store.load_profile(user_id, create=False), lock, checkpoint, clock)
     result.message = f"restored v{plan.restore.version} as v{profile.version + 1}"
     return result
 
 
-def finish_rollback(store: MemoryStore, profile: Profile, checkpoint: Checkpoint, clock: Callable[[], datetime]) -> int:
-    """Carry a recorded rollback intent through to the end (also after a kill); return the new version."""
+def finish_rollback(
+    store: MemoryStore, profile: Profile, lock: UserLock, checkpoint: Checkpoint, clock: Callable[[], datetime]
+) -> int:
+    """Carry a recorded rollback intent through to the end (also after a kill); return the new version.
+
+    Every batch of events put back is fenced: right before it is written the lock is extended
+    (LockLostError when it expired and another holder may have taken the user) and the intent must
+    still be in the profile (ConcurrentUpdateError when another run finished it, or an erasure
+    removed it). A batch read before a takeover is never written after it.
+    """
     intent = profile.rollback
     assert intent is not None
     user_id = profile.user_id
     new_version, expected = int(intent["version"]), int(intent["expected_version"])
     undoes = [int(v) for v in intent["undoes"]]
+
+    def fence() -> None:
+        lock.extend()
+        if not store.rollback_pending(user_id, new_version, str(intent["rollback_id"])):
+            raise ConcurrentUpdateError(
+                f"user {user_id!r}: the rollback to v{new_version} was finished or removed by another run "
+                "(its lock had expired); this run stopped before writing more, a re-run reports the state",
+                user_id=user_id,
+            )
+
     if profile.version == expected:
         restore = store.history.version(user_id, int(intent["restore_version"]))
         if restore is None:
@@ -302,7 +321,7 @@ def finish_rollback(store: MemoryStore, profile: Profile, checkpoint: Checkpoint
                 "is no longer in the history; its events are back in user_memory, the summary is unchanged",
                 user_id=user_id,
             )
-        store.restore(user_id, undoes, unarchive=False)
+        store.restore(user_id, undoes, unarchive=False, fence=fence)
         checkpoint("restored")
         store.history.write_version(
             HistoryEntry(
@@ -323,6 +342,7 @@ def finish_rollback(store: MemoryStore, profile: Profile, checkpoint: Checkpoint
             )
         )
         checkpoint("recorded")
+        lock.extend()  # the commit itself is guarded by the version and the intent
         store.commit_rollback(
             user_id,
             expected_version=expected,
@@ -338,7 +358,7 @@ def finish_rollback(store: MemoryStore, profile: Profile, checkpoint: Checkpoint
         )
     else:
         log.info("user %s: finishing an interrupted rollback (v%d)", user_id, new_version)
-    store.restore(user_id, undoes, unarchive=True)
+    store.restore(user_id, undoes, unarchive=True, fence=fence)
     checkpoint("unarchived")
     store.clear_rollback(user_id, new_version)
     checkpoint("cleared")

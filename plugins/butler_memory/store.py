@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bson
-from pymongo import ASCENDING, DESCENDING, DeleteOne, ReplaceOne
+from pymongo import ASCENDING, DESCENDING, DeleteOne, ReplaceOne, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError, WTimeoutError
 from pymongo.read_concern import ReadConcern
@@ -59,7 +59,7 @@ OUR_PROFILE_FIELDS = (
 )
 """Every profile field this package writes besides the summary (a user erasure removes them all)."""
 
-ARCHIVE_FIELDS = frozenset({"run_id", "summary_version", "archived_at"})
+ARCHIVE_FIELDS = frozenset({"run_id", "summary_version", "summary_versions", "archived_at"})
 """Fields ``archive()`` adds to an event; a restored event is stored without them."""
 
 _INDEX_CONFLICT_CODES = {85, 86}  # IndexOptionsConflict, IndexKeySpecsConflict
@@ -397,7 +397,7 @@ class MemoryStore:
         if self.profiles.update_one(guard, update).matched_count != 1:
             raise ConcurrentUpdateError(
                 f"user {user_id!r}: profile changed during the rollback (expected summary version "
-                f"{expected_version}); nothing was written",
+                f"{expected_version}): another run finished or replaced it; this run committed no summary",
                 user_id=user_id,
             )
 
@@ -421,6 +421,17 @@ class MemoryStore:
             )
         return expected_version + 1
 
+    def rollback_pending(self, user_id: str, version: int, rollback_id: str) -> bool:
+        """Say whether this rollback's intent is still the profile's, with no erasure or forget begun."""
+        match = {
+            "user_id": user_id,
+            f"{ROLLBACK_FIELD}.version": version,
+            f"{ROLLBACK_FIELD}.rollback_id": rollback_id,
+            ERASING_FIELD: None,
+            FORGET_FIELD: None,
+        }
+        return self.profiles.count_documents(match, limit=1) == 1
+
     def clear_rollback(self, user_id: str, version: int) -> None:
         """Remove a finished rollback's intent."""
         self.profiles.update_one(
@@ -429,39 +440,81 @@ class MemoryStore:
         )
 
     def archived_counts(self, user_id: str, versions: Sequence[int]) -> dict[int, int]:
-        """Return how many archived events of the user each of ``versions`` folded."""
+        """Return how many archived events of the user each of ``versions`` folded (an event folded by
+        two versions counts for both)."""
         pipeline: list[dict[str, Any]] = [
-            {"$match": {"user_id": user_id, "summary_version": {"$in": list(versions)}}},
-            {"$group": {"_id": "$summary_version", "n": {"$sum": 1}}},
+            *_folded_by_any(user_id, versions),
+            {"$unwind": "$versions"},
+            {"$match": {"versions": {"$in": list(versions)}}},
+            {"$group": {"_id": "$versions", "n": {"$sum": 1}}},
         ]
         return {int(row["_id"]): int(row["n"]) for row in self.archive_coll.aggregate(pipeline)}
 
-    def iter_archived(self, user_id: str, versions: Sequence[int], batch_size: int) -> Iterator[dict]:
-        """Stream the archived events those versions folded, in ``(created_at, _id)`` order."""
-        query = {"user_id": user_id, "summary_version": {"$in": list(versions)}}
-        cursor = self.archive_coll.find(query).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
-        yield from cursor.batch_size(batch_size)
+    def archived_ids(self, user_id: str, versions: Sequence[int]) -> list[Any]:
+        """Return the ``_id``s of the archived events any of ``versions`` folded, in ``(created_at, _id)``
+        order, read at once (one aggregation; its cursor is exhausted before this returns)."""
+        pipeline: list[dict[str, Any]] = [
+            *_folded_by_any(user_id, versions),
+            {"$sort": {"created_at": ASCENDING, "_id": ASCENDING}},
+            {"$project": {"_id": 1}},
+        ]
+        return [row["_id"] for row in self.archive_coll.aggregate(pipeline)]
 
-    def restore(self, user_id: str, versions: Sequence[int], *, unarchive: bool) -> int:
+    def read_archived(self, user_id: str, ids: Sequence[Any]) -> list[dict]:
+        """Return those of ``ids`` still archived, in the order of ``ids``, read at once in batches.
+
+        No cursor stays open after it returns: a caller may spend minutes on an LLM call between two
+        reads, longer than the server's idle-cursor timeout (10 minutes).
+        """
+        found: dict[bytes, dict] = {}
+        for batch in _batches(ids, self.settings.delete_batch_size):
+            found.update((id_key(doc["_id"]), doc) for doc in self.archive_coll.find(_ids_of_user(batch, user_id)))
+        return [found[key] for key in map(id_key, ids) if key in found]
+
+    def iter_archived(self, user_id: str, ids: Sequence[Any], group: int) -> Iterator[dict]:
+        """Yield the archived events of ``ids`` in that order, ``group`` at a time: each group is one
+        short read (``read_archived``), so nothing is held open while the caller works on one."""
+        for batch in _batches(ids, group):
+            yield from self.read_archived(user_id, batch)
+
+    def restore(
+        self, user_id: str, versions: Sequence[int], *, unarchive: bool, fence: Callable[[], None] | None = None
+    ) -> int:
         """Put the archived events those versions folded back into user_memory, as they were
-        (upsert by _id, without our archive fields); with ``unarchive``, then drop them from the
-        archive. Repeating it adds nothing. Return how many were restored."""
+        (inserted by _id when absent, without our archive fields: an event the Butler has live is
+        newer and stays); with ``unarchive``, then take those versions off their archive records,
+        dropping a record no other version folded. Repeating it adds nothing. Return how many were
+        restored.
+
+        ``fence`` is called right before each batch is written and raises when this restore may no
+        longer write (its lock lost, its intent finished by someone else): a batch read earlier is
+        never written back after another holder moved on.
+        """
         restored = 0
-        batch: list[dict] = []
-        for doc in self.iter_archived(user_id, versions, self.settings.delete_batch_size):
-            batch.append(doc)
-            if len(batch) >= self.settings.delete_batch_size:
-                restored += self._restore_batch(user_id, batch, unarchive)
-                batch = []
-        if batch:
-            restored += self._restore_batch(user_id, batch, unarchive)
+        for batch in _batches(self.archived_ids(user_id, versions), self.settings.delete_batch_size):
+            docs = self.read_archived(user_id, batch)
+            if fence is not None:
+                fence()
+            restored += self._restore_batch(user_id, docs, versions if unarchive else None)
         return restored
 
-    def _restore_batch(self, user_id: str, docs: list[dict], unarchive: bool) -> int:
+    def _restore_batch(self, user_id: str, docs: list[dict], unarchive: Sequence[int] | None) -> int:
         events = [{k: v for k, v in doc.items() if k not in ARCHIVE_FIELDS} for doc in docs]
-        self.events.bulk_write([ReplaceOne({"_id": ev["_id"]}, ev, upsert=True) for ev in events], ordered=False)
-        if unarchive:  # only after the batch is back in user_memory
-            self.archive_coll.delete_many(_ids_of_user([ev["_id"] for ev in events], user_id))
+        if not events:
+            return 0
+        self.events.bulk_write(
+            [UpdateOne({"_id": ev["_id"]}, {"$setOnInsert": ev}, upsert=True) for ev in events], ordered=False
+        )
+        if unarchive is not None:  # only after the batch is back in user_memory
+            ops: list[Any] = []
+            for doc in docs:
+                left = [v for v in archived_versions(doc) if v not in unarchive]
+                if not left:
+                    ops.append(DeleteOne({"_id": doc["_id"], "user_id": user_id}))
+                else:  # an older version still in effect folded it too: "which versions saw E" stays known
+                    update = {"$set": {"summary_versions": left, "summary_version": max(left)}}
+                    ops.append(UpdateOne({"_id": doc["_id"], "user_id": user_id}, update))
+            self.archive_coll.bulk_write(ops, ordered=False)
         return len(events)
 
     # -- events --------------------------------------------------------------------------------
@@ -540,20 +593,27 @@ class MemoryStore:
         return found
 
     def archive(self, events: Sequence[Mapping[str, Any]], *, run_id: str, version: int, now: datetime) -> int:
-        """Copy events into the archive (upsert by _id, so repeating it adds nothing); return the count."""
+        """Copy events into the archive, one record per ``_id``; return the count.
+
+        The record holds the event as ``version`` folded it, and ``summary_versions`` lists every
+        version that ever folded it (an event the Butler edited during a compression stays, and a
+        later version folds it again): a forget must find them all. Repeating it adds nothing.
+        """
         if not self.settings.archive_enabled or not events:
             return 0
-        ops = [
-            ReplaceOne(
-                {"_id": ev["_id"]},
-                {**ev, "run_id": run_id, "summary_version": version, "archived_at": now},
-                upsert=True,
-            )
-            for ev in events
-        ]
-        for batch in _batches(ops, self.settings.delete_batch_size):
-            self.archive_coll.bulk_write(batch, ordered=False)
-        return len(ops)
+        for batch in _batches(events, self.settings.delete_batch_size):
+            ids = [ev["_id"] for ev in batch]
+            earlier = {
+                id_key(doc["_id"]): archived_versions(doc)
+                for doc in self.archive_coll.find({"_id": {"$in": ids}}, {"summary_version": 1, "summary_versions": 1})
+            }
+            ops = []
+            for ev in batch:
+                versions = sorted({*earlier.get(id_key(ev["_id"]), []), version})
+                record = {**ev, "run_id": run_id, "summary_version": max(versions), "summary_versions": versions}
+                ops.append(ReplaceOne({"_id": ev["_id"]}, {**record, "archived_at": now}, upsert=True))
+            self.archive_coll.bulk_write(ops, ordered=False)
+        return len(events)
 
     def delete_unchanged(self, user_id: str, events: Sequence[Mapping[str, Any]]) -> int:
         """Delete those of ``events`` still exactly as given (every field equal); return how many.
@@ -575,10 +635,15 @@ class MemoryStore:
             deleted += self.events.delete_many(_ids_of_user(batch, user_id)).deleted_count
         return deleted
 
-    def relabel_archived(self, user_id: str, ids: Sequence[Any], version: int) -> None:
-        """Mark archived events as folded by ``version`` (a forget re-folded them into it)."""
+    def relabel_archived(self, user_id: str, ids: Sequence[Any], *, base: int, version: int) -> None:
+        """Mark archived events as folded by ``version`` instead of the versions after ``base`` (a
+        forget re-folded them into it and drops those versions)."""
         for batch in _batches(ids, self.settings.delete_batch_size):
-            self.archive_coll.update_many(_ids_of_user(batch, user_id), {"$set": {"summary_version": version}})
+            match = _ids_of_user(batch, user_id)
+            self.archive_coll.update_many(match, {"$pull": {"summary_versions": {"$gt": base}}})
+            self.archive_coll.update_many(
+                match, {"$set": {"summary_version": version}, "$addToSet": {"summary_versions": version}}
+            )
 
     def delete_archived(self, user_id: str, ids: Sequence[Any]) -> int:
         """Delete the given archived events of one user in batches; return how many were deleted."""
@@ -679,6 +744,31 @@ def _ids_of_user(ids: list[Any], user_id: str) -> dict[str, Any]:
     docs/benchmarks.md.
     """
     return {"_id": {"$in": ids}, "user_id": user_id}
+
+
+def archived_versions(doc: Mapping[str, Any]) -> list[int]:
+    """Return every version that folded an archive record: ``summary_versions``, or for a record
+    archived before that list existed its one ``summary_version``."""
+    versions = doc.get("summary_versions")
+    if isinstance(versions, list):
+        return [int(v) for v in versions]
+    version = doc.get("summary_version")
+    return [int(version)] if isinstance(version, int) else []
+
+
+def _folded_by_any(user_id: str, versions: Sequence[int]) -> list[dict[str, Any]]:
+    """Return the aggregation stages keeping a user's archive records folded by any of ``versions``,
+    with a ``versions`` field (``archived_versions``: older records have only ``summary_version``)."""
+    return [
+        {"$match": {"user_id": user_id}},
+        {
+            "$project": {
+                "created_at": 1,
+                "versions": {"$ifNull": ["$summary_versions", ["$summary_version"]]},
+            }
+        },
+        {"$match": {"versions": {"$in": list(versions)}}},
+    ]
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from pymongo.database import Database
 
-from butler_memory.compression import COMPRESSED, failed_result
+from butler_memory.compression import COMPRESSED, Engine, failed_result
 from butler_memory.doorbell import Doorbell
 from butler_memory.errors import LLMPermanentError
+from butler_memory.offline import OfflineSummarizer
 from butler_memory.report import build_report
 from butler_memory.settings import Settings
 from butler_memory.store import MemoryStore
+from butler_memory.summarizer import Summary, SummaryRequest
 from tests.engine.helpers import insert_events, make_engine
 
 Doc = dict[str, Any]
@@ -151,3 +154,39 @@ def fact_responder(request: Doc) -> str:
     lines = [line for line in prompt_summary(request).splitlines() if line.strip()]
     lines += [f"- {ev['text']}" for ev in prompt_events(request) if ev["text"] in FACTS.values()]
     return "\n".join(dict.fromkeys(lines)) or "- Пользователь поздоровался."
+
+
+class EditingSummarizer(OfflineSummarizer):
+    """The offline summariser; on its ``on_call``-th call it first runs ``edit`` (the Butler changing
+    an event while the LLM call is in flight)."""
+
+    def __init__(self, on_call: int, edit: Callable[[], object]) -> None:
+        super().__init__()
+        self.on_call, self.edit, self.calls = on_call, edit, 0
+
+    def summarize(self, request: SummaryRequest) -> Summary:
+        self.calls += 1
+        if self.calls == self.on_call:
+            self.edit()
+        return super().summarize(request)
+
+
+def fold_an_event_twice(db: Database[Doc], client: redis.Redis, settings: Settings) -> Engine:
+    """Fold FACT_USER's event 8 (a planted fact) twice: run "r1" folds 30 events into v1..v5 while
+    the Butler re-tags event 8 during the call of its chunk (v2), so it stays in user_memory; 10 more
+    events arrive and run "r2" folds it again (v6..v7). Return the engine."""
+    from tests.engine.helpers import insert_events, make_engine
+
+    insert_events(db, FACT_USER, 30, content=fact_content)
+
+    def retag() -> None:
+        db["user_memory"].update_one({"_id": f"{FACT_USER}-e008"}, {"$set": {"tags": ["starred"]}})
+
+    first = make_engine(db, client, settings, EditingSummarizer(2, retag))
+    result = first.compress(FACT_USER, run_id="r1")
+    assert (result.status, result.summary_version, result.events_deleted) == (COMPRESSED, 5, 26), result
+    insert_events(db, FACT_USER, 10, first=30, content=fact_content)
+    engine = make_engine(db, client, settings)
+    result = engine.compress(FACT_USER, run_id="r2")
+    assert (result.status, result.summary_version, result.events_folded) == (COMPRESSED, 7, 11), result
+    return engine

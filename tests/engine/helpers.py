@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
+from pymongo import monitoring
 from pymongo.database import Database
 
 from butler_memory.compression import Engine
@@ -220,3 +221,59 @@ def chain_responder(request: Doc) -> str:
 def ledger(summary: str) -> list[str]:
     """Return the event ids in a summary written by ``chain_responder``."""
     return summary.split()
+
+
+class AfterWrite(monitoring.CommandListener):
+    """Run ``then`` once, right after a client's first write command on ``collection`` succeeded
+    (on the client's own thread, before the writer goes on): another holder taking over mid-operation."""
+
+    def __init__(self, collection: str, then: Callable[[], object]) -> None:
+        self.collection, self.then = collection, then
+        self._request: int | None = None
+        self.fired = False
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        """Note the first write on the collection."""
+        name = event.command_name
+        if not self.fired and name in ("insert", "update") and event.command.get(name) == self.collection:
+            self._request = event.request_id
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        """Run ``then`` after that write."""
+        if not self.fired and event.request_id == self._request:
+            self.fired = True
+            self.then()
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        """Nothing to do."""
+
+
+class CursorWatch(monitoring.CommandListener):
+    """Track the server cursors a client holds open: a ``find``/``aggregate`` reply with a non-zero
+    cursor id opens one, a ``getMore`` reply with id 0 or a ``killCursors`` closes it."""
+
+    def __init__(self) -> None:
+        self.open: set[int] = set()
+        self._more: dict[int, int] = {}
+        """request id of a getMore -> the cursor it reads."""
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        """Note which cursor a getMore reads; a killCursors closes its cursors."""
+        if event.command_name == "getMore":
+            self._more[event.request_id] = int(event.command["getMore"])
+        elif event.command_name == "killCursors":
+            self.open.difference_update(int(c) for c in event.command.get("cursors", []))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        """Record whether the reply left a cursor open."""
+        cursor = event.reply.get("cursor")
+        if not isinstance(cursor, dict):
+            return
+        cursor_id = int(cursor.get("id") or 0)
+        if cursor_id:
+            self.open.add(cursor_id)
+        elif event.command_name == "getMore":
+            self.open.discard(self._more.pop(event.request_id, 0))
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        """Nothing to record."""

@@ -24,6 +24,7 @@ from tests.engine.erasure_helpers import (
     fact_content,
     fact_responder,
     fact_settings,
+    fold_an_event_twice,
     mongo_mentions,
 )
 from tests.engine.helpers import START, insert_events, make_engine, profile_of, prompt_events
@@ -360,3 +361,21 @@ def test_an_llm_outage_leaves_the_forget_unfinished_and_the_re_run_finishes_it(
 
     assert result.status == forget.FORGOTTEN and result.summary_version == 6, result
     assert_forgotten(mongo_db, [FACTS[14]], [f for i, f in FACTS.items() if i != 14])
+
+
+def test_forgetting_an_event_folded_twice_drops_every_version_that_saw_it(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    # Event 8 was folded by v2 (as first written) and again by v6 (after the Butler re-tagged it):
+    # both versions, and every one built on them, hold its fact.
+    engine = fold_an_event_twice(mongo_db, redis_client, fact_settings())
+    assert FACTS[8] in history_versions(mongo_db)[2]["text"]
+
+    result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(8)])
+
+    assert result.status == forget.FORGOTTEN, result
+    assert (result.rebuilt_from_version, result.versions_dropped) == (1, [2, 3, 4, 5, 6, 7]), result
+    assert mongo_mentions(mongo_db, [FACTS[8]]) == [], "the forgotten fact is still stored"
+    assert sorted(history_versions(mongo_db)) == [1, 8]
+    summary = profile_of(mongo_db, FACT_USER)["memory_summary"]
+    assert all(fact in summary for i, fact in FACTS.items() if i != 8), summary

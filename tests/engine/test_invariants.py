@@ -18,7 +18,7 @@ from butler_memory.errors import ConcurrentUpdateError, InvalidSummaryError, Loc
 from butler_memory.locks import UserLocks
 from butler_memory.metrics import StatsdMetrics
 from butler_memory.offline import OfflineSummarizer
-from butler_memory.store import Backlog, MemoryStore
+from butler_memory.store import ARCHIVE_FIELDS, Backlog, MemoryStore
 from butler_memory.summarizer import Summary, SummaryRequest
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
@@ -42,7 +42,7 @@ from tools.fake_openai import FakeOpenAI
 from tools.services import StatsdSink
 
 Doc = dict[str, Any]
-BOOKKEEPING = {"run_id", "summary_version", "archived_at"}
+BOOKKEEPING = ARCHIVE_FIELDS  # our fields on an archived event
 
 
 COUNTED = {"summary_language": "ru", "fact_guard": "warn"}

@@ -26,7 +26,7 @@ from pymongo.database import Database
 
 from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED, STEPS
 from butler_memory.settings import Settings
-from butler_memory.store import PENDING_FIELD
+from butler_memory.store import ARCHIVE_FIELDS, PENDING_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     archive_of,
@@ -57,7 +57,7 @@ CHUNKS = (EVENTS - KEEP) // CHUNK
 SETTINGS = small_settings(
     threshold=10, keep_last_n=KEEP, max_events_per_chunk=CHUNK, lock_ttl_seconds=1, llm_timeout_seconds=0.45
 )
-BOOKKEEPING = {"run_id", "summary_version", "archived_at"}
+BOOKKEEPING = ARCHIVE_FIELDS  # our fields on an archived event
 
 Kill = tuple[str, int]
 """(step, occurrence): die the occurrence-th time the step's checkpoint is reached."""

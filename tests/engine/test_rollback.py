@@ -5,19 +5,25 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pymongo
 import pytest
 import redis
 from pymongo.database import Database
 
+from butler_memory import erasure
 from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, Engine
-from butler_memory.errors import StoreError
+from butler_memory.errors import LockLostError, StoreError
+from butler_memory.locks import UserLocks
 from butler_memory.rollback import DRY_RUN, NOT_CHANGED, REFUSED, ROLLED_BACK
-from butler_memory.store import ROLLBACK_FIELD, VERSION_FIELD
+from butler_memory.store import ROLLBACK_FIELD, VERSION_FIELD, MemoryStore
+from tests.engine.erasure_helpers import FACT_USER, SECRET, fact_settings, fold_an_event_twice
 from tests.engine.helpers import (
     START,
+    AfterWrite,
     archive_of,
     events_of,
     history_of,
@@ -27,6 +33,7 @@ from tests.engine.helpers import (
     small_settings,
     snapshot,
 )
+from tools.services import MongoService
 
 Doc = dict[str, Any]
 SETTINGS = small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5)
@@ -202,3 +209,76 @@ def test_a_database_error_quoting_a_restored_event_is_sanitised(
     assert error.user_id == "u1" and "during rollback" in str(error), str(error)
     shown = "".join(traceback.format_exception(error)) + repr(error) + caplog.text
     assert canary not in shown, "a database error carried event content into an exception or a log"
+
+
+def test_rolling_back_runs_that_folded_an_event_twice_restores_every_event(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    # Run r1 folded event 8 as first written (v2); the Butler re-tagged it meanwhile, so run r2
+    # folded it again (v6). Undoing r1 and what built on it must find every event r1 folded.
+    settings = fact_settings()
+    engine = fold_an_event_twice(mongo_db, redis_client, settings)
+
+    result = engine.rollback(FACT_USER, "r1", rollback_id="rb", cascade=True)
+
+    assert result.status == ROLLED_BACK, result
+    assert (result.events_missing, result.events_restored, result.restored_version) == (0, 37, 0), result
+    events = events_of(mongo_db, FACT_USER)
+    assert len(events) == 40 and events[f"{FACT_USER}-e008"]["tags"] == ["starred"], "the Butler's edit stays"
+    assert archive_of(mongo_db, FACT_USER) == {}
+    assert profile_of(mongo_db, FACT_USER)["memory_summary"] == ""
+
+
+def rollback_overtaken(
+    mongo_service: MongoService, db: Database[Doc], client: redis.Redis, takeover: Callable[[], object]
+) -> None:
+    """Fold 15 of 20 events (run r0), then roll r0 back on a client of its own; right after its first
+    batch of events is back in user_memory its lock expires and ``takeover`` runs (another holder)."""
+    settings = small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5, delete_batch_size=2)
+    insert_events(db, "u1", 20)
+    assert make_engine(db, client, settings).compress("u1", run_id="r0").events_folded == 15
+
+    def expire_then_takeover() -> None:
+        client.delete(settings.lock_key("u1"))  # the TTL ran out (a slow batch, a paused process)
+        takeover()
+
+    watch = AfterWrite("user_memory", expire_then_takeover)
+    own: pymongo.MongoClient[Doc] = mongo_service.client(event_listeners=[watch])
+    try:
+        with pytest.raises(LockLostError):
+            make_engine(own[db.name], client, settings).rollback("u1", "r0", rollback_id="rb")
+    finally:
+        own.close()
+    assert watch.fired
+
+
+def test_a_rollback_overtaken_after_its_lock_expired_writes_nothing_more(
+    mongo_service: MongoService, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    # The compression that takes the user finishes the rollback itself, then folds the events again.
+    engine = make_engine(mongo_db, redis_client, small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5))
+    taken: list[Any] = []
+    rollback_overtaken(mongo_service, mongo_db, redis_client, lambda: taken.append(engine.compress("u1", run_id="c2")))
+
+    assert [(r.status, r.events_folded) for r in taken] == [(COMPRESSED, 15)]
+    live, archived = events_of(mongo_db, "u1"), archive_of(mongo_db, "u1")
+    assert len(live) == 5 and set(live).isdisjoint(archived), "an event is live and in the summary at once"
+    assert len(archived) == 15 and ROLLBACK_FIELD not in profile_of(mongo_db, "u1")
+
+
+def test_a_rollback_overtaken_by_an_erasure_brings_no_erased_event_back(
+    mongo_service: MongoService, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    erased: list[Any] = []
+
+    def erase() -> None:
+        store, locks = MemoryStore(mongo_db, settings), UserLocks(redis_client, settings)
+        erased.append(
+            erasure.forget_user("u1", settings=settings, store=store, locks=locks, secret=SECRET, events=True)
+        )
+
+    rollback_overtaken(mongo_service, mongo_db, redis_client, erase)
+
+    assert [r.status for r in erased] == [erasure.ERASED]
+    assert events_of(mongo_db, "u1") == {} and archive_of(mongo_db, "u1") == {}, "an erased event came back"
