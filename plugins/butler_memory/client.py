@@ -77,6 +77,7 @@ from butler_memory.store import (
     VERSION_FIELD,
     MemoryStore,
     Profile,
+    archived_by,
     event_digest,
     id_key,
     parse_profile,
@@ -198,8 +199,8 @@ def _projection(settings: Settings) -> dict[str, int]:
 
 
 def _undone_filter(user_id: str, undone: list[int]) -> dict[str, Any]:
-    # The rollback's own restore reads the archive by this filter (MemoryStore.iter_archived).
-    return {"user_id": user_id, "summary_version": {"$in": undone}}
+    # The records the rollback's own restore puts back (MemoryStore.archived_ids).
+    return archived_by(user_id, undone)
 
 
 def _covered(view: _View, doc: Mapping[str, Any], restored: set[bytes]) -> bool:

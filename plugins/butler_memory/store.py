@@ -756,6 +756,13 @@ def archived_versions(doc: Mapping[str, Any]) -> list[int]:
     return [int(version)] if isinstance(version, int) else []
 
 
+def archived_by(user_id: str, versions: Sequence[int]) -> dict[str, Any]:
+    """Return the find filter of a user's archive records folded by any of ``versions`` (by
+    ``summary_versions``, or ``summary_version`` for a record archived before that list existed)."""
+    any_of = {"$in": list(versions)}
+    return {"user_id": user_id, "$or": [{"summary_versions": any_of}, {"summary_version": any_of}]}
+
+
 def _folded_by_any(user_id: str, versions: Sequence[int]) -> list[dict[str, Any]]:
     """Return the aggregation stages keeping a user's archive records folded by any of ``versions``,
     with a ``versions`` field (``archived_versions``: older records have only ``summary_version``)."""
