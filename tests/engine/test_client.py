@@ -348,3 +348,36 @@ def test_the_async_client_reads_as_the_sync_one(
     assert rang is True and redis_client.zscore(SETTINGS.doorbell_key, USER) is not None
     assert result.status == COMPRESSED, result
     assert_exactly_once(reader.memory(USER), ids_of(0, 35))
+
+
+def run_find(db: Database[Doc], find: butler.Find) -> Any:
+    """Run one read of a read plan on the test's database, as MemoryClient does."""
+    coll = db[{"profiles": "user_profiles", "events": "user_memory", "archive": "user_memory_archive"}[find.collection]]
+    if find.one:
+        return coll.find_one(find.filter, find.projection) or {}
+    return list(coll.find(find.filter, find.projection).sort(butler.EVENT_ORDER))
+
+
+def test_a_fold_between_the_profile_and_the_events_read_makes_the_read_start_again(
+    mongo_db: Database[Doc], engine: Engine
+) -> None:
+    insert_events(mongo_db, USER, 20)
+    plan = butler.read_plan(USER, SETTINGS)
+    find = next(plan)
+    assert find.collection == "profiles"
+    find = plan.send(run_find(mongo_db, find))
+    assert find.collection == "events"
+    # A whole fold (commit, delete, clear) between the two reads: the 15 folded events are gone from
+    # user_memory, and the profile read before it has no summary of them.
+    engine.compress(USER, run_id="r0")
+    find = plan.send(run_find(mongo_db, find))
+    assert find.collection == "profiles"
+    find = plan.send(run_find(mongo_db, find))
+    assert find.collection == "profiles", "the profile moved during the read: the read must start again"
+    try:
+        while True:
+            find = plan.send(run_find(mongo_db, find))
+    except StopIteration as done:
+        memory = done.value
+    assert memory.version == 3
+    assert_exactly_once(memory, ids_of(0, 20))
