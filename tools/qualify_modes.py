@@ -28,16 +28,23 @@ OLLAMA_WINDOW = 768
 """Context of the Ollama-like mode: the short users' prompts fit, the long history's do not (cut to
 under half, which the truncation check sees even with an unknown model's tokenizer, docs/qualify.md)."""
 
+
+def _cut_off(fake: FakeOpenAI) -> None:
+    """Faithful replies, each cut off at max_tokens."""
+    fake.set_responder("faithful")
+    fake.set_finish_reason("length")
+
+
+def _ollama_like(fake: FakeOpenAI) -> None:
+    """Faithful replies from a short context that silently truncates the prompt."""
+    fake.set_responder("faithful")
+    fake.set_context_window(OLLAMA_WINDOW)
+
+
 MODES: dict[str, tuple[str, Callable[[FakeOpenAI], None]]] = {
     "faithful": ("a good model", lambda f: f.set_responder("faithful")),
-    "length": (
-        "every reply cut off at max_tokens",
-        lambda f: (f.set_responder("faithful"), f.set_finish_reason("length")),
-    ),
-    "ollama": (
-        f"Ollama-like, {OLLAMA_WINDOW}-token context, silently truncating",
-        lambda f: (f.set_responder("faithful"), f.set_context_window(OLLAMA_WINDOW)),
-    ),
+    "length": ("every reply cut off at max_tokens", _cut_off),
+    "ollama": (f"Ollama-like, {OLLAMA_WINDOW}-token context, silently truncating", _ollama_like),
     "drop_fact": ("drops a fact of the summary", lambda f: f.set_responder("drop_fact")),
     "new_only": ("ignores the previous summary", lambda f: f.set_responder("new_only")),
     "wrong_language": ("answers in another language", lambda f: f.set_responder("wrong_language")),
