@@ -16,12 +16,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from tools.seed import SeededUser, seed  # noqa: E402
+from butler_memory.units import duration  # noqa: E402
+from tools.seed import MINUTES_APART, SeededUser, seed  # noqa: E402
 from tools.services import MongoService, RedisService, airflow_connection_env  # noqa: E402
 
 LOCAL = REPO / ".local"
@@ -74,9 +76,14 @@ def embedded_butler(data: Path, users: int) -> Iterator[tuple[MongoService, list
     with MongoService(data / "mongo") as mongo, RedisService(data / "redis") as redis_srv:
         print(f"==> MongoDB wire server on {mongo.host}:{mongo.port}, redis-server on {redis_srv.port}", flush=True)
         with mongo.client() as client:
-            planted = seed(client["butler"], users=users)
+            # Histories end now: freshness reads as the time each user's backlog has waited, not since 2026-01-01.
+            planted = seed(client["butler"], users=users, now=datetime.now(UTC))
         over = sum(1 for u in planted if u.events > 50)
-        print(f"==> Seeded {len(planted)} users, {sum(u.events for u in planted)} events; {over} over the threshold")
+        span = duration(max(u.events for u in planted) * MINUTES_APART * 60)
+        print(
+            f"==> Seeded {len(planted)} users, {sum(u.events for u in planted)} events ending now "
+            f"(one every {MINUTES_APART} min, the longest history over the last {span}); {over} over the threshold"
+        )
         base_url, model, key = llm_env()
         print("==> Summariser:", f"OpenAI-compatible {base_url} ({model})" if base_url else "offline extractive")
         connections = airflow_connection_env(

@@ -78,7 +78,7 @@ def user_events(user_id: str, n: int, rng: random.Random, start: datetime) -> tu
                 "user_id": user_id,
                 "role": role,
                 "content": content,
-                "created_at": start + timedelta(minutes=7 * i, seconds=rng.randint(0, 59)),
+                "created_at": start + timedelta(minutes=MINUTES_APART * i, seconds=rng.randint(0, 59)),
                 "tags": ["demo"] + (["fact"] if i in fact_at else []),
             }
         )
@@ -98,13 +98,30 @@ def population(users: int, rng: random.Random) -> Iterator[tuple[str, int]]:
         yield f"user-{u:05d}", n
 
 
-def seed(db: Database, *, users: int = 300, seed_value: int = 42, collection: str = "user_memory") -> list[SeededUser]:
-    """Insert a synthetic population; return what was planted per user."""
+MINUTES_APART = 7
+"""Minutes between a user's events (plus up to a minute of jitter)."""
+
+
+def seed(
+    db: Database,
+    *,
+    users: int = 300,
+    seed_value: int = 42,
+    collection: str = "user_memory",
+    now: datetime | None = None,
+) -> list[SeededUser]:
+    """Insert a synthetic population; return what was planted per user.
+
+    Without ``now`` every history starts on 2026-01-01 (fixed, for tests and benchmarks). With it,
+    every user's history ends just before ``now`` (the demo): a run's figures, freshness first, then
+    read as they would for a live Butler, where a heavy user's backlog built up over the past days.
+    """
     rng = random.Random(seed_value)
-    start = datetime(2026, 1, 1, tzinfo=UTC)
+    fixed = datetime(2026, 1, 1, tzinfo=UTC)
     planted: list[SeededUser] = []
     batch: list[dict[str, Any]] = []
     for user_id, n in population(users, rng):
+        start = fixed if now is None else now - timedelta(minutes=MINUTES_APART * n + 1)
         events, facts = user_events(user_id, n, rng, start)
         batch.extend(events)
         planted.append(SeededUser(user_id, n, facts))

@@ -18,6 +18,7 @@ from butler_memory.compression import (
     SKIPPED_LOCKED,
 )
 from butler_memory.metrics import Metrics
+from butler_memory.units import duration
 
 NO_RESULT = "no_result"
 """Error type of a user the scan listed but no compression result came back for."""
@@ -136,10 +137,10 @@ def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
         "",
         f"Events folded: **{report['events_folded']}**, deleted: **{report['events_deleted']}**; "
         f"LLM tokens: {report['prompt_tokens']} prompt + {report['completion_tokens']} completion; "
-        f"{report['seconds']:.1f} s."
+        f"{duration(report['seconds'])}."
         + (
-            f" Freshness (over the threshold -> compressed): p95 {report['freshness_seconds_p95']:.0f} s, "
-            f"max {report['freshness_seconds_max']:.0f} s."
+            f" Freshness (over the threshold -> compressed): p95 {duration(report['freshness_seconds_p95'])}, "
+            f"max {duration(report['freshness_seconds_max'])}."
             if report.get("freshness_seconds_max") is not None
             else ""
         )
@@ -167,14 +168,15 @@ def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
     if rows:
         lines += [
             "",
-            "| user | status | before | folded | deleted | after | summary chars | seconds | error |",
+            "| user | status | before | folded | deleted | after | summary chars | duration | error |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for u in rows[:max_rows]:
             lines.append(
                 f"| `{u['user_id']}` | {u['status']} | {u.get('events_before', '')} | {u.get('events_folded', '')} | "
                 f"{u.get('events_deleted', '')} | {u.get('events_after', '')} | {u.get('summary_chars', '')} | "
-                f"{u.get('seconds', '')} | {(u.get('error') or '').replace('|', '/')} |"
+                f"{'' if u.get('seconds') is None else duration(u['seconds'])} | "
+                f"{(u.get('error') or '').replace('|', '/')} |"
             )
         if len(rows) > max_rows:
             lines.append(f"| … {len(rows) - max_rows} more users | | | | | | | | |")

@@ -137,6 +137,32 @@ def test_each_test_gets_its_own_database(
 # Redis -------------------------------------------------------------------------------------------
 
 
+def test_demo_seed_ends_every_history_just_before_now(mongo_db: Database[dict[str, Any]]) -> None:
+    """The demo's data is recent (its freshness figures then mean something); without ``now`` it stays fixed."""
+    from datetime import UTC, datetime, timedelta
+
+    from tools.seed import MINUTES_APART, seed
+
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    planted = seed(mongo_db, users=20, now=now)
+    newest = {
+        row["_id"]: row["at"].replace(tzinfo=UTC)
+        for row in mongo_db["user_memory"].aggregate([{"$group": {"_id": "$user_id", "at": {"$max": "$created_at"}}}])
+    }
+    assert set(newest) == {u.user_id for u in planted}
+    assert all(now - timedelta(minutes=MINUTES_APART + 1) <= at < now for at in newest.values()), newest
+    oldest = mongo_db["user_memory"].find_one(sort=[("created_at", 1)])
+    longest = max(u.events for u in planted)
+    assert oldest is not None and oldest["created_at"].replace(tzinfo=UTC) >= now - timedelta(
+        minutes=MINUTES_APART * longest + 1
+    )
+
+    mongo_db["user_memory"].drop()
+    seed(mongo_db, users=2)
+    first = mongo_db["user_memory"].find_one(sort=[("created_at", 1)])
+    assert first is not None and first["created_at"].replace(tzinfo=UTC) < datetime(2026, 1, 1, 0, 1, tzinfo=UTC)
+
+
 def test_redis_service_is_loopback_without_persistence(redis_client: redis.Redis) -> None:
     """The server binds 127.0.0.1 and neither snapshots nor appends to disk."""
     config = redis_client.config_get("*")

@@ -77,3 +77,16 @@ def test_run_metrics_mark_success_only_when_nothing_failed() -> None:
     assert all(name != m.LAST_SUCCESS_TIMESTAMP for _, name, _ in rec_bad.calls)
     assert ("incr", m.ERRORS_TOTAL, 1) in rec_bad.calls
     assert ("gauge", m.RUN_USERS_FAILED, 1) in rec_bad.calls
+
+
+def test_markdown_reads_durations_in_human_units() -> None:
+    # The demo's first report printed "p95 29331486 s" for data planted months before the run.
+    rows = [{**_result("a", "compressed", 30), "freshness_seconds": 29_331_486.0, "seconds": 75.2}]
+    report = build_report(
+        run_id="r3", scanned=["a"], results=rows, started_at=T0, finished_at=T0 + timedelta(seconds=4000)
+    )
+    text = to_markdown(report)
+    assert "Freshness (over the threshold -> compressed): p95 339 d 11 h, max 339 d 11 h." in text, text
+    assert "completion; 1 h 06 min." in text, text
+    assert "| summary chars | duration | error |" in text and "| 1 min 15 s |" in text, text
+    assert report["freshness_seconds_p95"] == 29_331_486.0, "the document keeps plain seconds"

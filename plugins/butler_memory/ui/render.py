@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from butler_memory.ui.data import DAG_ID, DAG_IDS, MAX_USER_ID_CHARS, freshness_line, task_instance_path
+from butler_memory.units import duration
 
 CSS = """
 :root { color-scheme: light dark; --fg: #1a202c; --muted: #5f6b7a; --bg: #fff; --line: #e2e8f0;
@@ -65,14 +66,6 @@ def when(iso_text: str | None) -> str:
     if not iso_text:
         return "–"
     return iso_text[:19].replace("T", " ") + " UTC"
-
-
-def duration(seconds: float) -> str:
-    """Return seconds as ``12.3 s`` or ``4 m 05 s``."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} m {rest:02d} s"
 
 
 def num(value: int) -> str:
@@ -236,8 +229,8 @@ def freshness_html(runs: Sequence[Mapping[str, Any]], links: Links) -> str:
     return (
         '<p class="freshness">Freshness (an event taking a user over the threshold → their compression), '
         f'newest run that compressed someone (<a href="{esc(links.run(line["run_id"], line["kind"]))}">'
-        f"{esc(line['run_id'])}</a>): p95 <b>{esc(duration(line['p95'] or 0.0))}</b>, "
-        f"max <b>{esc(duration(line['max'] or 0.0))}</b>.</p>"
+        f"{esc(line['run_id'])}</a>): p95 <b>{esc(duration(line['p95']))}</b>, "
+        f"max <b>{esc(duration(line['max']))}</b>.</p>"
     )
 
 
@@ -308,7 +301,7 @@ USER_HEADERS = (
     ("after", "n"),
     ("summary chars", "n"),
     ("LLM tokens", "n"),
-    ("seconds", "n"),
+    ("duration", "n"),
     ("guards", ""),
     ("task instance", ""),
 )
@@ -411,7 +404,7 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
             num(u["events_after"]),
             num(u["summary_chars"]),
             num(u["prompt_tokens"] + u["completion_tokens"]),
-            f"{u['seconds']:.2f}",
+            duration(u["seconds"]),
             guards_text(u["guards"]),
             _ti_link(links, run_id, u["map_index"], kind),
         ]

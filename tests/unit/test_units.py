@@ -1,0 +1,32 @@
+"""Durations as a person reads them (butler_memory.units)."""
+
+from __future__ import annotations
+
+import pytest
+
+from butler_memory.units import duration
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0 ms"),
+        (0.0042, "4 ms"),
+        (0.35, "350 ms"),
+        (1.0, "1.0 s"),
+        (12.34, "12.3 s"),
+        (59.4, "59.4 s"),
+        (60, "1 min 00 s"),
+        (245, "4 min 05 s"),
+        (3599.6, "1 h 00 min"),
+        (11_520, "3 h 12 min"),
+        (86_400, "1 d 00 h"),
+        (29_331_486, "339 d 11 h"),
+        (-90, "-1 min 30 s"),
+        (None, "–"),
+        (float("nan"), "–"),
+        (float("inf"), "–"),
+    ],
+)
+def test_duration_in_human_units(seconds: float | None, text: str) -> None:
+    assert duration(seconds) == text
