@@ -51,7 +51,7 @@ from pymongo.database import Database
 from butler_memory.errors import ForgetInputError, LockBusyError
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.settings import Settings, SettingsError
-from butler_memory.store import ERASING_FIELD, OUR_PROFILE_FIELDS, MemoryStore, sanitized_errors
+from butler_memory.store import ERASING_FIELD, OUR_PROFILE_FIELDS, RUN_USERS_FIELD, MemoryStore, sanitized_errors
 
 log = logging.getLogger(__name__)
 
@@ -325,16 +325,24 @@ def _job_collections(store: MemoryStore) -> list[Collection[dict[str, Any]]]:
 def _runs_naming(store: MemoryStore, user_id: str) -> list[tuple[Collection[dict[str, Any]], Any, dict[str, Any]]]:
     """Return (collection, _id, scrubbed document) of every run or state document that names the user.
 
-    Every such document is read: there is one per DAG run that found someone due (small), and a
-    field added later by another feature (a list of due users, say) is covered without being known here.
+    Run documents list the users they name in ``user_ids`` (indexed): only those are read, plus any
+    written before that field existed (until their retention drops them), so an erasure's cost does
+    not grow with the run history. The few state documents are all read. Every document read is
+    scrubbed whole, so a field added later by another feature is covered without being known here.
     """
     pattern = _id_pattern(user_id)
+    settings = store.settings
+    runs = {settings.runs_collection, settings.catchup_runs_collection}
     found = []
     for coll in _job_collections(store):
-        for doc in coll.find({}):
-            new = scrub(doc, user_id, pattern)
-            if new is not doc and new is not _GONE:
-                found.append((coll, doc["_id"], new))
+        queries: list[dict[str, Any]] = [{}]
+        if coll.name in runs - {settings.state_collection}:
+            queries = [{RUN_USERS_FIELD: user_id}, {RUN_USERS_FIELD: None}]  # None: written before the field
+        for query in queries:
+            for doc in coll.find(query):
+                new = scrub(doc, user_id, pattern)
+                if new is not doc and new is not _GONE:
+                    found.append((coll, doc["_id"], new))
     return found
 
 

@@ -77,6 +77,7 @@ def build_report(
         "users_skipped_backoff": backed_off,
         "users_failed": len(failed),
         "failed_user_ids": failed,
+        "user_ids": sorted({u["user_id"] for u in users}),
         "backlog_events": sum((backlog or {}).values()),
         "backlog_left": backlog_left,
         **total,

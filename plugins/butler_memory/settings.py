@@ -90,6 +90,8 @@ class Settings:
     archive_enabled: bool = True
     archive_retention_days: int = 90
     history_retention_days: int = 90
+    runs_retention_days: int = 90
+    """Run documents (daily and catch-up) are dropped this many days after their run finished (TTL)."""
     """Summary versions older than this are dropped (TTL on created_at); a run can be rolled back
     only while the version before it and its archived events are kept."""
     delete_batch_size: int = 500
@@ -148,6 +150,7 @@ class Settings:
         _positive(self, "threshold", "keep_last_n", "summary_max_tokens", "prompt_budget_tokens")
         _positive(self, "max_events_per_chunk", "max_event_chars", "lock_ttl_seconds")
         _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days", "history_retention_days")
+        _positive(self, "runs_retention_days")
         _positive(self, "erasure_lock_wait_seconds")
         _positive(self, "max_fold_events", "mongo_write_timeout_ms")
         _check_durability(self)

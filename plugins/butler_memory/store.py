@@ -62,6 +62,10 @@ OUR_PROFILE_FIELDS = (
 ARCHIVE_FIELDS = frozenset({"run_id", "summary_version", "summary_versions", "archived_at"})
 """Fields ``archive()`` adds to an event; a restored event is stored without them."""
 
+RUN_USERS_FIELD = "user_ids"
+"""Every user id a run document names (its users' rows): indexed, so an erasure reads only those."""
+RUNS_TTL_INDEX = "finished_at_ttl"
+
 _INDEX_CONFLICT_CODES = {85, 86}  # IndexOptionsConflict, IndexKeySpecsConflict
 _ONE_MS = timedelta(milliseconds=1)
 """The resolution of BSON dates."""
@@ -161,27 +165,28 @@ class MemoryStore:
         """Create the indexes the scan and per-user reads rely on; safe to call on every run."""
         self._ensure(self.events, [("user_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)])
         self._ensure(self.profiles, [("user_id", ASCENDING)])
-        self._ensure(self.runs, [("run_id", ASCENDING)], unique=True)
         self.history.ensure_indexes()
-        self._ensure(self.catchup_runs, [("run_id", ASCENDING)], unique=True)
+        # Run documents: found by run id, by the users they name (an erasure reads only those), and
+        # kept runs_retention_days after the run finished.
+        for runs in (self.runs, self.catchup_runs):
+            self._ensure(runs, [("run_id", ASCENDING)], unique=True)
+            self._ensure(runs, [(RUN_USERS_FIELD, ASCENDING)])
+            self._ensure_ttl(runs, "finished_at", RUNS_TTL_INDEX, self.settings.runs_retention_days)
         # The catch-up scan's "who wrote since T": a covered index range over the new events only.
         self._ensure(self.events, [("created_at", ASCENDING), ("user_id", ASCENDING)])
         if self.settings.archive_enabled:
             self._ensure(self.archive_coll, [("user_id", ASCENDING), ("created_at", ASCENDING)])
-            ttl = self.settings.archive_retention_days * 86400
-            try:
-                self.archive_coll.create_index(
-                    [("archived_at", ASCENDING)], name="archived_at_ttl", expireAfterSeconds=ttl
-                )
-            except OperationFailure as exc:
-                if exc.code not in _INDEX_CONFLICT_CODES:
-                    raise
-                # Retention changed since the index was made: update it in place.
-                self.db.command(
-                    "collMod",
-                    self.archive_coll.name,
-                    index={"name": "archived_at_ttl", "expireAfterSeconds": ttl},
-                )
+            self._ensure_ttl(self.archive_coll, "archived_at", "archived_at_ttl", self.settings.archive_retention_days)
+
+    def _ensure_ttl(self, coll: Any, field: str, name: str, days: int) -> None:
+        """Create the TTL index ``name`` on ``field``, or update its retention in place when it changed."""
+        ttl = days * 86400
+        try:
+            coll.create_index([(field, ASCENDING)], name=name, expireAfterSeconds=ttl)
+        except OperationFailure as exc:
+            if exc.code not in _INDEX_CONFLICT_CODES:
+                raise
+            self.db.command("collMod", coll.name, index={"name": name, "expireAfterSeconds": ttl})
 
     @staticmethod
     def _ensure(coll: Any, keys: list[tuple[str, int]], unique: bool = False) -> None:

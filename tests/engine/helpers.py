@@ -277,3 +277,28 @@ class CursorWatch(monitoring.CommandListener):
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         """Nothing to record."""
+
+
+class DocumentsRead(monitoring.CommandListener):
+    """Count the documents that finds (and their getMores) return from some collections."""
+
+    def __init__(self, collections: set[str]) -> None:
+        self.collections = collections
+        self.read = 0
+        self._requests: set[int] = set()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        """Remember a find or getMore on one of the collections."""
+        key = "collection" if event.command_name == "getMore" else event.command_name
+        if event.command_name in ("find", "getMore") and event.command.get(key) in self.collections:
+            self._requests.add(event.request_id)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        """Count the documents of its batch."""
+        if event.request_id in self._requests:
+            cursor = event.reply.get("cursor") or {}
+            self.read += len(cursor.get("firstBatch") or cursor.get("nextBatch") or [])
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        """Nothing was read."""
+        self._requests.discard(event.request_id)

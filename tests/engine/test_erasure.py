@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
+import pymongo
 import pytest
 import redis
 from pymongo.database import Database
@@ -13,6 +15,7 @@ from pymongo.database import Database
 from butler_memory import erasure
 from butler_memory.errors import ErasurePendingError, ForgetInputError, LockBusyError
 from butler_memory.locks import UserLocks
+from butler_memory.report import build_report
 from butler_memory.settings import Settings
 from butler_memory.store import ERASING_FIELD, MemoryStore
 from tests.engine.erasure_helpers import (
@@ -27,7 +30,16 @@ from tests.engine.erasure_helpers import (
     redis_mentions,
     seed_everywhere,
 )
-from tests.engine.helpers import events_of, insert_events, make_engine, profile_of, set_profile, small_settings
+from tests.engine.helpers import (
+    DocumentsRead,
+    events_of,
+    insert_events,
+    make_engine,
+    profile_of,
+    set_profile,
+    small_settings,
+)
+from tools.services import MongoService
 
 Doc = dict[str, Any]
 
@@ -252,3 +264,34 @@ def test_lock_waits_do_not_block_other_threads_forever(mongo_db: Database[Doc], 
 
     assert sorted(r.status for r in results) == [erasure.ALREADY_ERASED, erasure.ERASED], results
     assert mongo_db[settings.erasures_collection].count_documents({}) == 1
+
+
+def test_an_erasure_reads_only_the_run_documents_naming_the_user(
+    mongo_service: MongoService, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """Issue 26, item 7: every run, catch-up run and state document was read three times per erasure."""
+    settings = small_settings()
+    MemoryStore(mongo_db, settings).ensure_indexes()
+    store = MemoryStore(mongo_db, settings)
+    day = datetime(2026, 6, 1, tzinfo=UTC)
+    for i in range(60):  # a run history that does not name the user
+        rows = [{"user_id": OTHER, "status": "compressed"}]
+        store.save_run(build_report(run_id=f"r{i}", scanned=[OTHER], results=rows, started_at=day, finished_at=day))
+    for i, kind in enumerate(["daily", "catchup"]):
+        rows = [{"user_id": TARGET, "status": "failed", "error": f"user {TARGET!r}: failed"}]
+        doc = build_report(
+            run_id=f"t{i}", scanned=[TARGET, OTHER], results=rows, started_at=day, finished_at=day, kind=kind
+        )
+        store.save_run(doc)
+    listener = DocumentsRead({settings.runs_collection, settings.catchup_runs_collection})
+    client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_service.uri, event_listeners=[listener])
+    try:
+        result = forget(client[mongo_db.name], redis_client, settings)
+    finally:
+        client.close()
+
+    assert result.status == erasure.ERASED and result.removed["run_documents"] == 2, result
+    # The two documents naming the user, read to count them and to scrub them; none left afterwards.
+    assert listener.read == 2 * 2, "an erasure read run documents that do not name the user"
+    assert mongo_mentions(mongo_db, [TARGET]) == []
+    assert [d.get("user_ids") for d in mongo_db[settings.runs_collection].find({"run_id": "t0"})] == [[OTHER]]

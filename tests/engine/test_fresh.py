@@ -22,7 +22,7 @@ from butler_memory import fresh
 from butler_memory.backoff import FailureBackoff
 from butler_memory.doorbell import AsyncDoorbell, Doorbell, DoorbellRecord, valid_user_id
 from butler_memory.store import Backlog, MemoryStore
-from tests.engine.helpers import insert_events, small_settings
+from tests.engine.helpers import DocumentsRead, insert_events, small_settings
 from tools.bench_engine import CommandCounter
 from tools.services import MongoService, RedisService
 
@@ -105,29 +105,6 @@ def test_catchup_scan_takes_doorbell_users_and_leaves_the_rest_past_the_limit(
     assert state["runs"] == 1
 
 
-class EventsRead(pymongo.monitoring.CommandListener):
-    """Count the user_memory documents that finds return: what a catch-up scan reads of the new events."""
-
-    def __init__(self) -> None:
-        self.read = 0
-        self._finds: set[int] = set()
-
-    def started(self, event: pymongo.monitoring.CommandStartedEvent) -> None:
-        if event.command_name in ("find", "getMore") and event.command.get(event.command_name) in (
-            "user_memory",
-            None,
-        ):
-            self._finds.add(event.request_id)
-
-    def succeeded(self, event: pymongo.monitoring.CommandSucceededEvent) -> None:
-        if event.request_id in self._finds:
-            cursor = event.reply.get("cursor") or {}
-            self.read += len(cursor.get("firstBatch") or cursor.get("nextBatch") or [])
-
-    def failed(self, event: pymongo.monitoring.CommandFailedEvent) -> None:
-        self._finds.discard(event.request_id)
-
-
 class Killed(Exception):
     """Stands for the scan task's process dying (its execution timeout) at a checkpoint."""
 
@@ -153,7 +130,7 @@ def _catchup_until_done(
     scans, every user taken, and the new events the scans read. With ``kill_at``, the first scan dies
     at its ``kill_at``-th page checkpoint (nothing after it runs: no report)."""
     settings = small_settings(catchup_margin_seconds=60, **PAGED)
-    listener = EventsRead()
+    listener = DocumentsRead({"user_memory"})
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_service.uri, event_listeners=[listener])
     store, record = MemoryStore(client[db_name], settings), DoorbellRecord(redis_client)
     pages = [0]

@@ -322,17 +322,23 @@ def test_indexes_are_created_idempotently_and_retention_is_updated(
         [("user_id", 1), ("created_at", 1), ("_id", 1)],
     ], events
     assert len(keys("user_profiles")) == 1, keys("user_profiles")
-    runs = keys("memory_compression_runs")
-    assert [(info["key"], info.get("unique")) for info in runs.values()] == [([("run_id", 1)], True)], runs
-    catchup_runs = keys("memory_compression_catchup_runs")
-    assert [(info["key"], info.get("unique")) for info in catchup_runs.values()] == [([("run_id", 1)], True)]
+    # Run documents: by run id, by the users they name (erasure), and a retention (issue 26, item 7).
+    for collection in ("memory_compression_runs", "memory_compression_catchup_runs"):
+        runs = keys(collection)
+        assert sorted((info["key"], info.get("unique"), info.get("expireAfterSeconds")) for info in runs.values()) == [
+            ([("finished_at", 1)], None, 90 * 86400),
+            ([("run_id", 1)], True, None),
+            ([("user_ids", 1)], None, None),
+        ], runs
     archive = keys("user_memory_archive")
     assert archive["archived_at_ttl"]["expireAfterSeconds"] == 90 * 86400, archive
     assert len(archive) == 2, archive
 
-    MemoryStore(mongo_db, settings.replace(archive_retention_days=30)).ensure_indexes()
+    MemoryStore(mongo_db, settings.replace(archive_retention_days=30, runs_retention_days=7)).ensure_indexes()
 
     assert keys("user_memory_archive")["archived_at_ttl"]["expireAfterSeconds"] == 30 * 86400
+    assert keys("memory_compression_runs")["finished_at_ttl"]["expireAfterSeconds"] == 7 * 86400
+    assert keys("memory_compression_catchup_runs")["finished_at_ttl"]["expireAfterSeconds"] == 7 * 86400
 
 
 def test_every_collection_of_the_store_writes_with_the_configured_write_concern(mongo_db: Database[Doc]) -> None:
