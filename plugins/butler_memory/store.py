@@ -233,7 +233,10 @@ class MemoryStore:
         order = [("created_at", ASCENDING), ("user_id", ASCENDING)]
         queries: list[dict[str, Any]] = [{"created_at": {"$gte": since}}]
         if after is not None:
-            queries = [{"created_at": after.created_at, "user_id": {"$gt": after.user_id}}]
+            # After an event without a user id, "$gt": null would match nothing: take the rest of the
+            # millisecond's users whatever they are (they all sort after null).
+            rest = {"$gt": after.user_id} if after.user_id is not None else {"$ne": None}
+            queries = [{"created_at": after.created_at, "user_id": rest}]
             queries.append({"created_at": {"$gt": after.created_at}})
         keys: list[WriterKey] = []
         read = 0

@@ -181,6 +181,21 @@ def test_catchup_scan_is_bounded_per_run_and_misses_nobody(
     assert state[fresh.SCAN_FIELD] is None
 
 
+def test_a_page_ending_on_an_event_without_a_user_id_skips_nobody(
+    mongo_db: Database[dict[str, Any]], redis_client: redis.Redis
+) -> None:
+    settings = small_settings(catchup_scan_page_events=2, catchup_scan_max_events=100)
+    store = MemoryStore(mongo_db, settings)
+    at = LAST_SCAN + timedelta(seconds=5)
+    mongo_db["user_memory"].insert_many([{"role": "user", "content": "x", "created_at": at} for _ in range(3)])
+    insert_events(mongo_db, "zed", 12, start=at, step=timedelta(0))  # the same millisecond, after null
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": LAST_SCAN})
+
+    result = fresh.catchup_scan(store, DoorbellRecord(redis_client), settings, settings.scan_limit, now=NOW)
+
+    assert result.backlog == [Backlog("zed", 12)] and result.scanned_at == NOW
+
+
 def test_a_catchup_scan_killed_mid_way_is_resumed_where_it_stopped(
     mongo_service: MongoService, mongo_db: Database[dict[str, Any]], redis_client: redis.Redis
 ) -> None:
