@@ -180,7 +180,9 @@ def _scan_pages(
         over = store.backlog_of(fresh_ids, settings.threshold)
         found.update((b.user_id, b) for b in over)
         cursor = keys[-1] if keys else cursor
-        if persist:
+        # The pass's last page needs no record: a scan killed after it reads it again (the report moves
+        # the watermark), so an idle run writes nothing.
+        if persist and not done:
             doorbell.settle([], [], quiet=[b.user_id for b in over])  # durable before the cursor passes them
             store.save_state(STATE_DOC, set_fields={SCAN_FIELD: _pass_doc(since, started_at, cursor)})
             checkpoint("page_recorded")
