@@ -33,7 +33,16 @@ from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
 from butler_memory.prompt import SYSTEM_PROMPT, build_messages, event_line
 from butler_memory.settings import Settings
-from butler_memory.store import Backlog, EventKey, MemoryStore, Profile, event_digest, id_key, sanitized_errors
+from butler_memory.store import (
+    Backlog,
+    EventKey,
+    MemoryStore,
+    Profile,
+    event_digest,
+    id_key,
+    sanitized_errors,
+    undecodable_field,
+)
 from butler_memory.summarizer import EventText, Summarizer, Summary, SummaryRequest
 from butler_memory.validation import validate_summary
 
@@ -51,6 +60,8 @@ STEPS = (
     "pending_archived",
     "pending_deleted",
     "selected",
+    "quarantined",
+    "quarantine_removed",
     "summarized",
     "recorded",
     "committed",
@@ -88,6 +99,8 @@ class UserResult:
     events_folded: int = 0
     events_deleted: int = 0
     events_after: int = 0
+    events_quarantined: int = 0
+    """Events moved to the quarantine collection: they cannot be folded (see ``quarantine_event``)."""
     chunks: int = 0
     summary_chars: int = 0
     summary_version: int = 0
@@ -296,8 +309,17 @@ def _compress_locked(
         )
         result.events_deleted += deleted
 
+    def quarantine(event_id: Any, exc: InvalidEventError) -> None:
+        result.events_quarantined += quarantine_event(
+            user_id, event_id, exc, store, lock, metrics, run_id=run_id, now=clock(), checkpoint=checkpoint
+        )
+
     result.events_before = store.count_events(user_id)
-    keys = _fold_list(user_id, profile, store, settings, result.events_before, dry_run)
+    misdated: list[Any] = []
+    keys = _fold_list(user_id, profile, store, settings, result.events_before, dry_run, misdated)
+    if not dry_run:
+        for event_id in misdated:
+            quarantine(event_id, InvalidEventError(user_id, event_id, "created_at", "is missing or not a date"))
     if keys is None:
         log.info("user %s: %d events, not over threshold %d", user_id, result.events_before, settings.threshold)
         metrics.incr(m.USERS_SKIPPED_BELOW_THRESHOLD_TOTAL)
@@ -320,8 +342,10 @@ def _compress_locked(
     log.info("user %s: folding %d of %d events", user_id, len(keys), result.events_before)
     language = profile.language or settings.summary_language
     summary, version = profile.summary, profile.version
+    target: EventKey | None = None
     # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
-    for chunk in _chunks(user_id, keys, store, settings, summarizer, language, lambda: summary):  # noqa: B023
+    chunks = _chunks(user_id, keys, store, settings, summarizer, language, lambda: summary, quarantine)
+    for chunk in chunks:
         lock.extend()
         events = [_event_text(user_id, ev) for ev in chunk]
         with lock.kept_alive():  # retries and Retry-After waits can outlast the TTL: extend meanwhile
@@ -392,6 +416,8 @@ def _compress_locked(
         checkpoint("deleted")
         store.clear_pending(user_id, version)
         checkpoint("cleared")
+    if target is not None:  # the fold list's last events were quarantined: nothing of it is left to fold
+        store.clear_fold_target(user_id, version)
 
     result.summary_version = version
     result.summary_chars = len(summary)
@@ -453,9 +479,16 @@ def record_baseline(store: MemoryStore, profile: Profile, clock: Callable[[], da
 
 
 def _fold_list(
-    user_id: str, profile: Profile, store: MemoryStore, settings: Settings, count: int, dry_run: bool
+    user_id: str,
+    profile: Profile,
+    store: MemoryStore,
+    settings: Settings,
+    count: int,
+    dry_run: bool,
+    misdated: list[Any],
 ) -> list[EventKey] | None:
     """Return the keys to fold: all but the newest ``keep_last_n``; None when the user is not due.
+    Events without a date ``created_at`` are left out and their ``_id``s put in ``misdated``.
 
     Under the threshold, a fold target left by a run killed between chunks still selects the rest
     of that run's fold list, so the re-run ends where the clean run would have.
@@ -463,7 +496,7 @@ def _fold_list(
     target = profile.fold_target
     if count <= settings.threshold and target is None:
         return None
-    keys = store.fold_keys(user_id, settings.keep_last_n, limit=settings.max_fold_events)
+    keys = store.fold_keys(user_id, settings.keep_last_n, limit=settings.max_fold_events, misdated=misdated)
     if count > settings.threshold:
         return keys
     assert target is not None
@@ -564,16 +597,18 @@ def _chunks(
     summarizer: Summarizer,
     language: str,
     summary: Callable[[], str],
+    on_invalid: Callable[[Any, InvalidEventError], None],
 ) -> Iterator[list[dict[str, Any]]]:
     """Yield the fold list's events in chunks that fit one prompt, streaming from MongoDB.
 
     Only events whose ``_id`` is in the fold list are yielded; anything else in the key range
-    (an event that arrived during compression with an old timestamp) is left alone.
+    (an event that arrived during compression with an old timestamp) is left alone. An event that
+    cannot be folded goes to ``on_invalid`` (its ``_id`` and why) instead of into a chunk.
     """
     if not keys:
         return
     events = _fold_events(user_id, keys, store, settings.max_events_per_chunk)
-    yield from pack_chunks(user_id, events, settings, summarizer, language, summary)
+    yield from pack_chunks(user_id, events, settings, summarizer, language, summary, on_invalid)
 
 
 def _fold_events(user_id: str, keys: list[EventKey], store: MemoryStore, group: int) -> Iterator[dict[str, Any]]:
@@ -590,13 +625,16 @@ def pack_chunks(
     summarizer: Summarizer,
     language: str,
     summary: Callable[[], str],
+    on_invalid: Callable[[Any, InvalidEventError], None] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Cut ``events`` (in order) into chunks that each fit one prompt with the summary they fold into.
 
     Tokens are counted by the summariser (the model's tokenizer, or an upper bound); a chunk's
     budget is ``prompt_budget_tokens``, capped by the model's context less the reply, less the
     instructions and the summary the chunk folds into (``summary()``, read as each chunk starts).
-    An event that cannot fit the model's context even alone fails the user, naming the event.
+    An event that cannot be folded (malformed, over ``max_event_chars``, not valid UTF-8, or too
+    long for the model's context even alone) raises InvalidEventError naming it, or, with
+    ``on_invalid``, is handed to it (``_id`` and the error) and left out.
     """
     reply = 2 * settings.summary_max_tokens
     limit = None if summarizer.context_tokens is None else summarizer.context_tokens - reply
@@ -610,19 +648,25 @@ def pack_chunks(
     chunk_tokens = 0
     room = budget()
     for ev in events:
-        _checked_content(user_id, ev, settings)
-        tokens = summarizer.count_tokens(event_line(_event_text(user_id, ev))) + 1  # and its newline
-        if chunk and (chunk_tokens + tokens > room or len(chunk) >= settings.max_events_per_chunk):
-            yield chunk
-            chunk, chunk_tokens, room = [], 0, budget()
-        if not chunk and limit is not None and tokens > room:
-            raise InvalidEventError(
-                user_id,
-                ev["_id"],
-                "content",
-                f"is {tokens} tokens: with the instructions and the summary it exceeds the model's context "
-                f"({summarizer.context_tokens} tokens less {reply} for the reply)",
-            )
+        try:
+            _checked_content(user_id, ev, settings)
+            tokens = summarizer.count_tokens(event_line(_event_text(user_id, ev))) + 1  # and its newline
+            if chunk and (chunk_tokens + tokens > room or len(chunk) >= settings.max_events_per_chunk):
+                yield chunk
+                chunk, chunk_tokens, room = [], 0, budget()
+            if not chunk and limit is not None and tokens > room:
+                raise InvalidEventError(
+                    user_id,
+                    ev["_id"],
+                    "content",
+                    f"is {tokens} tokens: with the instructions and the summary it exceeds the model's context "
+                    f"({summarizer.context_tokens} tokens less {reply} for the reply)",
+                )
+        except InvalidEventError as exc:
+            if on_invalid is None:
+                raise
+            on_invalid(ev["_id"], exc)
+            continue
         chunk.append(ev)
         chunk_tokens += tokens
     if chunk:
@@ -630,6 +674,9 @@ def pack_chunks(
 
 
 def _checked_content(user_id: str, ev: dict[str, Any], settings: Settings) -> str:
+    undecodable = undecodable_field(ev)
+    if undecodable is not None:
+        raise InvalidEventError(user_id, ev["_id"], undecodable, "is not valid UTF-8")
     content = ev.get("content")
     if content is None:
         raise InvalidEventError(user_id, ev["_id"], "content", "is missing")
@@ -643,6 +690,35 @@ def _checked_content(user_id: str, ev: dict[str, Any], settings: Settings) -> st
             f"is {len(content)} characters, over max_event_chars={settings.max_event_chars}",
         )
     return content
+
+
+def quarantine_event(
+    user_id: str,
+    event_id: Any,
+    exc: InvalidEventError,
+    store: MemoryStore,
+    lock: UserLock,
+    metrics: Metrics,
+    *,
+    run_id: str,
+    now: datetime,
+    checkpoint: Checkpoint = _no_checkpoint,
+) -> int:
+    """Move one event that cannot be folded to the quarantine collection; return 1 if it moved, else 0.
+
+    Copy first, then delete by explicit ``_id`` only if unchanged (as the archive): a kill between
+    the two leaves it in both places, and the re-run finds it again and finishes the move. It is in
+    no summary, so nothing is counted twice; the record says which field and why, never the content.
+    """
+    lock.extend()  # the lock must still be ours right before a write
+    raw = store.quarantine_copy(user_id, event_id, field=exc.field, problem=exc.problem, run_id=run_id, now=now)
+    checkpoint("quarantined")
+    moved = 0 if raw is None else store.quarantine_remove(user_id, raw)
+    checkpoint("quarantine_removed")
+    if moved:
+        log.warning("user %s: event %s moved to %s: %s", user_id, event_id, store.quarantine.name, exc)
+        metrics.incr(m.EVENTS_QUARANTINED_TOTAL, moved)
+    return moved
 
 
 def _event_text(user_id: str, ev: dict[str, Any]) -> EventText:

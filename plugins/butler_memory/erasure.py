@@ -360,6 +360,7 @@ def _count(store: MemoryStore, redis_client: Any, user_id: str) -> dict[str, int
     return {
         "events": store.events.count_documents({"user_id": user_id}),
         "archive": store.archive_coll.count_documents({"user_id": user_id}),
+        "quarantine": store.quarantine.count_documents({"user_id": user_id}),
         "history": _history(store).count_documents({"user_id": user_id}),
         "run_documents": len(_runs_naming(store, user_id)),
         "profile_fields": sum(1 for name in _our_fields(store.settings) if name in profile),
@@ -504,6 +505,7 @@ def _forget_user_locked(
         store.events.delete_many({"user_id": user_id})
     checkpoint("events")
     store.archive_coll.delete_many({"user_id": user_id})
+    store.quarantine.delete_many({"user_id": user_id})  # events a compression could not fold
     checkpoint("archive")
     _history(store).delete_many({"user_id": user_id})
     checkpoint("history")

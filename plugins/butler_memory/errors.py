@@ -26,6 +26,8 @@ class InvalidEventError(CompressionError):
         super().__init__(f"user {user_id!r}: event {event_id!s}: field {field!r} {problem}", user_id=user_id)
         self.event_id = event_id
         self.field = field
+        self.problem = problem
+        """What is wrong, in sizes and types only (the quarantine record keeps it)."""
 
 
 class InvalidProfileError(CompressionError):

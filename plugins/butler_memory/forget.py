@@ -336,14 +336,15 @@ def _plan(
     fields = {"_id": 1, "user_id": 1, "event_id": 1, "created_at": 1, "summary_version": 1, "summary_versions": 1}
     raw = list(store.events.find(query, fields))
     archived = list(store.archive_coll.find(query, fields))
-    foreign = sorted({str(d.get("event_id")) for d in raw + archived if d.get("user_id") != user_id})
+    quarantined = list(store.quarantine.find(query, fields))  # in no summary: only removed
+    foreign = sorted({str(d.get("event_id")) for d in raw + archived + quarantined if d.get("user_id") != user_id})
     if foreign:
         raise ForgetInputError(
             f"user {user_id!r}: event(s) {', '.join(foreign[:10])} belong to another user; nothing was changed"
         )
     already: list[str] = []
     if request.event_ids:
-        found = {d.get("event_id") for d in raw + archived}
+        found = {d.get("event_id") for d in raw + archived + quarantined}
         missing = [i for i in request.event_ids if i not in found]
         done_refs = _forgotten_refs(audit, secret, user_id) if missing else set()
         already = [i for i in missing if secret is not None and event_ref(secret, user_id, i) in done_refs]
@@ -364,6 +365,7 @@ def _plan(
     folded = [v for v in versions if 0 < v <= current]
     first_tainted = min(folded) if folded else None
     ids = [d["_id"] for d in raw] + [d["_id"] for d in archived if d["_id"] not in in_memory]
+    ids += [d["_id"] for d in quarantined if d["_id"] not in set(ids)]
     base, refold, lost = 0, list[Any](), dict[str, Any]()
     if first_tainted is not None:
         base, refold, lost = _rebuild_plan(store, user_id, current, first_tainted, set(ids), history)
@@ -501,6 +503,7 @@ def _finish(
     ids = list(intent["ids"])
     store.delete(user_id, ids)
     store.delete_archived(user_id, ids)
+    store.delete_quarantined(user_id, ids)
     checkpoint("deleted")
 
     expected = int(intent["expected_version"])

@@ -54,6 +54,8 @@ USERS_SKIPPED_BACKOFF_TOTAL = f"{PREFIX}_users_skipped_backoff_total"
 EVENTS_FOLDED_TOTAL = f"{PREFIX}_events_folded_total"
 EVENTS_ARCHIVED_TOTAL = f"{PREFIX}_events_archived_total"
 EVENTS_DELETED_TOTAL = f"{PREFIX}_events_deleted_total"
+EVENTS_QUARANTINED_TOTAL = f"{PREFIX}_events_quarantined_total"
+"""Counter: events moved to the quarantine collection because they cannot be folded."""
 USER_DURATION_SECONDS = f"{PREFIX}_user_duration_seconds"
 """Timer: wall time of one user's compression."""
 FRESHNESS_LAG_SECONDS = f"{PREFIX}_freshness_lag_seconds"
@@ -101,6 +103,7 @@ ALL_METRICS: Mapping[str, str] = {
     EVENTS_FOLDED_TOTAL: "counter",
     EVENTS_ARCHIVED_TOTAL: "counter",
     EVENTS_DELETED_TOTAL: "counter",
+    EVENTS_QUARANTINED_TOTAL: "counter",
     USER_DURATION_SECONDS: "timer",
     FRESHNESS_LAG_SECONDS: "timer",
     LLM_REQUESTS_TOTAL: "counter",

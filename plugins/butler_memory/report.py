@@ -59,7 +59,7 @@ def build_report(
     failed = sorted(u["user_id"] for u in users if u["status"] == FAILED)
     total = {
         key: sum(int(u.get(key) or 0) for u in users)
-        for key in ("events_folded", "events_deleted", "prompt_tokens", "completion_tokens")
+        for key in ("events_folded", "events_deleted", "events_quarantined", "prompt_tokens", "completion_tokens")
     }
     return {
         "run_id": run_id,
@@ -136,7 +136,8 @@ def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
         f"{report['users_skipped_locked']} | {report['users_skipped_below_threshold']} | "
         f"{report.get('users_skipped_budget', 0)} | {report['users_failed']} |",
         "",
-        f"Events folded: **{report['events_folded']}**, deleted: **{report['events_deleted']}**; "
+        f"Events folded: **{report['events_folded']}**, deleted: **{report['events_deleted']}**, "
+        f"quarantined: **{report.get('events_quarantined', 0)}**; "
         f"LLM tokens: {report['prompt_tokens']} prompt + {report['completion_tokens']} completion; "
         f"{duration(report['seconds'])}."
         + (

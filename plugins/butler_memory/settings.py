@@ -48,6 +48,9 @@ class Settings:
     events_collection: str = "user_memory"
     profiles_collection: str = "user_profiles"
     archive_collection: str = "user_memory_archive"
+    quarantine_collection: str = "user_memory_quarantine"
+    """Events a compression could not fold (malformed, oversized, undecodable), moved out whole so
+    they never block their user; an operator inspects and re-inserts them (runbook)."""
     runs_collection: str = "memory_compression_runs"
     history_collection: str = "user_memory_summaries"
     """Every committed version of every user's summary (see history.py); holds personal data."""
@@ -66,7 +69,7 @@ class Settings:
     """Events per LLM call are limited so one prompt stays within this many (estimated) tokens."""
     max_events_per_chunk: int = 1000
     max_event_chars: int = 12_000
-    """An event longer than this is refused (named in the error), never silently truncated."""
+    """An event longer than this is never folded nor truncated: it is moved to quarantine_collection."""
     llm_timeout_seconds: float = 60.0
     llm_max_retries: int = 2
     """Retries inside the openai client (429/5xx/timeouts) before the task itself fails and retries."""

@@ -15,6 +15,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bson
+from bson.codec_options import CodecOptions
+from bson.errors import BSONError
+from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, DeleteOne, ReplaceOne, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError, WTimeoutError
@@ -144,6 +147,11 @@ class MemoryStore:
             read_concern=ReadConcern(settings.mongo_read_concern),
         )
         self.archive_coll = db.get_collection(settings.archive_collection, write_concern=durable)
+        self.quarantine = db.get_collection(settings.quarantine_collection, write_concern=durable)
+        # The fold reads events so that invalid UTF-8 (which MongoDB stores unchecked) becomes lone
+        # surrogates the fold can name and quarantine, instead of an InvalidBSON failing the whole read.
+        self._events_lenient = self.events.with_options(codec_options=lenient(self.events.codec_options))
+        self._events_raw = self.events.with_options(codec_options=CodecOptions(document_class=RawBSONDocument))
         self.runs = db[settings.runs_collection]
         self.history = SummaryHistory(db, settings)
         self.state = db[settings.state_collection]
@@ -166,6 +174,7 @@ class MemoryStore:
         self._ensure(self.events, [("user_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)])
         self._ensure(self.profiles, [("user_id", ASCENDING)])
         self.history.ensure_indexes()
+        self._ensure(self.quarantine, [("user_id", ASCENDING), ("created_at", ASCENDING)])
         # Run documents: found by run id, by the users they name (an erasure reads only those), and
         # kept runs_retention_days after the run finished.
         for runs in (self.runs, self.catchup_runs):
@@ -527,7 +536,9 @@ class MemoryStore:
 
     # -- events --------------------------------------------------------------------------------
 
-    def fold_keys(self, user_id: str, keep_last_n: int, *, limit: int | None = None) -> list[EventKey]:
+    def fold_keys(
+        self, user_id: str, keep_last_n: int, *, limit: int | None = None, misdated: list[Any] | None = None
+    ) -> list[EventKey]:
         """Return the keys of all but the newest ``keep_last_n`` events, oldest first (validated).
 
         With ``limit``, a user with more than ``limit + keep_last_n`` events gets only the oldest
@@ -535,15 +546,20 @@ class MemoryStore:
         rest. The shorter list is cut from the first ``limit + keep_last_n`` keys in
         ``(created_at, _id)`` order, so at least ``keep_last_n`` events are newer than its end
         whatever their timestamps (a bulk import stamps thousands of events alike).
+
+        An event whose ``created_at`` is missing or not a date raises InvalidEventError, or, with
+        ``misdated``, has its ``_id`` appended there and is left out of the keys.
         """
         if limit is not None and self.count_events(user_id) > limit + keep_last_n:
-            keys = self._keys(user_id, limit + keep_last_n)
+            keys = self._keys(user_id, limit + keep_last_n, misdated)
             if len(keys) == limit + keep_last_n:
                 return keys[:limit]
-        keys = self._keys(user_id, None)
+            if misdated:
+                misdated.clear()  # read again below
+        keys = self._keys(user_id, None, misdated)
         return keys[: max(len(keys) - keep_last_n, 0)]
 
-    def _keys(self, user_id: str, limit: int | None) -> list[EventKey]:
+    def _keys(self, user_id: str, limit: int | None, misdated: list[Any] | None) -> list[EventKey]:
         cursor = self.events.find({"user_id": user_id}, {"_id": 1, "created_at": 1}).sort(
             [("created_at", ASCENDING), ("_id", ASCENDING)]
         )
@@ -553,6 +569,9 @@ class MemoryStore:
         for doc in cursor.batch_size(5000):
             created_at = doc.get("created_at")
             if not isinstance(created_at, datetime):
+                if misdated is not None:
+                    misdated.append(doc["_id"])
+                    continue
                 problem = "is missing" if created_at is None else f"is a {type(created_at).__name__}, not a date"
                 raise InvalidEventError(user_id, doc["_id"], "created_at", problem)
             keys.append(EventKey(created_at, doc["_id"]))
@@ -584,8 +603,13 @@ class MemoryStore:
         each chunk). One short query per call: no cursor stays open across LLM calls, which can
         outlast the server's idle-cursor timeout (10 minutes) on a huge user. An event whose
         ``created_at`` changed since the keys were taken is left out: it stays for a later fold.
+        Invalid UTF-8 is read as lone surrogates (``surrogateescape``): see ``undecodable_field``.
         """
-        found = {id_key(ev["_id"]): ev for ev in self.find_by_ids(user_id, [key.id for key in keys])}
+        found = {
+            id_key(ev["_id"]): ev
+            for batch in _batches([key.id for key in keys], self.settings.delete_batch_size)
+            for ev in self._events_lenient.find(_ids_of_user(batch, user_id))
+        }
         events = []
         for key in keys:
             ev = found.get(id_key(key.id))
@@ -638,9 +662,12 @@ class MemoryStore:
 
     def delete(self, user_id: str, ids: Sequence[Any]) -> int:
         """Delete the given events of one user in batches; return how many were deleted."""
+        return self._delete_ids(self.events, user_id, ids)
+
+    def _delete_ids(self, coll: Any, user_id: str, ids: Sequence[Any]) -> int:
         deleted = 0
         for batch in _batches(ids, self.settings.delete_batch_size):
-            deleted += self.events.delete_many(_ids_of_user(batch, user_id)).deleted_count
+            deleted += coll.delete_many(_ids_of_user(batch, user_id)).deleted_count
         return deleted
 
     def relabel_archived(self, user_id: str, ids: Sequence[Any], *, base: int, version: int) -> None:
@@ -655,9 +682,52 @@ class MemoryStore:
 
     def delete_archived(self, user_id: str, ids: Sequence[Any]) -> int:
         """Delete the given archived events of one user in batches; return how many were deleted."""
-        deleted = 0
-        for batch in _batches(ids, self.settings.delete_batch_size):
-            deleted += self.archive_coll.delete_many(_ids_of_user(batch, user_id)).deleted_count
+        return self._delete_ids(self.archive_coll, user_id, ids)
+
+    # -- quarantine --------------------------------------------------------------------------------
+
+    def quarantine_copy(
+        self, user_id: str, event_id: Any, *, field: str, problem: str, run_id: str, now: datetime
+    ) -> RawBSONDocument | None:
+        """Copy one event, byte for byte, into the quarantine collection with why it cannot be folded
+        (upsert by _id, so repeating it adds nothing); return the event as copied, None when it is gone.
+
+        The event is kept whole under ``event`` (raw BSON: even invalid UTF-8 survives), beside
+        ``user_id``, ``event_id`` and ``created_at`` for erasure and operators to find it by.
+        """
+        raw = self._events_raw.find_one(_ids_of_user([event_id], user_id))
+        if raw is None:
+            return None
+        record: dict[str, Any] = {
+            "_id": event_id,
+            "user_id": user_id,
+            "field": field,
+            "problem": problem,
+            "run_id": run_id,
+            "quarantined_at": now,
+            "event": raw,
+        }
+        for name in ("event_id", "created_at"):
+            try:
+                record[name] = raw.get(name)
+            except BSONError:  # an undecodable value: the raw copy keeps it
+                record[name] = None
+        self.quarantine.replace_one({"_id": event_id}, record, upsert=True)
+        return raw
+
+    def delete_quarantined(self, user_id: str, ids: Sequence[Any]) -> int:
+        """Delete the given quarantined events of one user in batches; return how many were deleted."""
+        return self._delete_ids(self.quarantine, user_id, ids)
+
+    def quarantine_remove(self, user_id: str, raw: RawBSONDocument) -> int:
+        """Delete the event from user_memory if it is still exactly as copied; return how many (0 or 1).
+
+        An event the Butler edited since the copy stays in user_memory and its stale copy is dropped:
+        the quarantine never holds an event that user_memory holds too (a later run looks again).
+        """
+        deleted = self.events.delete_one(raw).deleted_count
+        if not deleted:
+            self.quarantine.delete_one({"_id": raw["_id"], "user_id": user_id})
         return deleted
 
     # -- runs ----------------------------------------------------------------------------------
@@ -797,6 +867,33 @@ def write_concern(settings: Settings) -> WriteConcern:
     return WriteConcern(w=w, wtimeout=settings.mongo_write_timeout_ms)
 
 
+def lenient(options: CodecOptions[Any]) -> CodecOptions[Any]:
+    """Return ``options`` decoding invalid UTF-8 to lone surrogates (``surrogateescape``), not InvalidBSON."""
+    return options.with_options(unicode_decode_error_handler="surrogateescape")
+
+
+def undecodable_field(event: Mapping[str, Any]) -> str | None:
+    """Return the first top-level field holding text that was not valid UTF-8, or None.
+
+    Read with ``surrogateescape`` (``read_fold``), invalid bytes become lone surrogates
+    (U+DC80..U+DCFF), which valid UTF-8 never decodes to.
+    """
+    for name, value in event.items():
+        if _has_surrogates(value):
+            return str(name)
+    return None
+
+
+def _has_surrogates(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, Mapping):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_surrogates(v) for v in value)
+    return False
+
+
 def event_digest(event: Mapping[str, Any]) -> str:
     """Return a short fingerprint of an event exactly as read (its BSON bytes): equal iff unchanged."""
     return hashlib.blake2b(bson.encode(dict(event)), digest_size=12).hexdigest()
@@ -851,3 +948,10 @@ def sanitized_errors(user_id: str, step: str) -> Iterator[None]:
         yield
     except PyMongoError as exc:
         raise store_error(user_id, exc, step) from None
+    except BSONError as exc:
+        # A document the driver cannot decode or encode (InvalidBSON: invalid UTF-8 outside what the
+        # fold reads leniently; InvalidDocument): named by type only, its message may quote bytes.
+        raise StoreError(
+            f"user {user_id!r}: a MongoDB document could not be decoded during {step}: {type(exc).__name__}",
+            user_id=user_id,
+        ) from None

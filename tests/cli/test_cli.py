@@ -152,7 +152,8 @@ def test_one_bad_user_fails_the_run_but_not_the_others(
     airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
     seed(mongo_db, {"broken": 30, "fine": 20})
-    mongo_db["user_memory"].update_one({"_id": "broken-004"}, {"$set": {"content": 42}})
+    mongo_db["user_profiles"].insert_one({"user_id": "broken", "memory_summary": 42})
+    mongo_db["user_memory"].update_one({"_id": "fine-004"}, {"$set": {"content": 42}})  # a bad event: quarantined
 
     result = cli("compress", "--json", *SMALL)
 
@@ -160,8 +161,10 @@ def test_one_bad_user_fails_the_run_but_not_the_others(
     report = report_of(result)
     assert report["failed_user_ids"] == ["broken"] and report["users_compressed"] == 1, report
     (row,) = [u for u in report["users"] if u["user_id"] == "broken"]
-    assert row["error_type"] == "InvalidEventError" and "broken-004" in row["error"] and "'content'" in row["error"]
+    assert row["error_type"] == "InvalidProfileError" and "'memory_summary'" in row["error"], row
+    assert report["events_quarantined"] == 1, "the run report counts the quarantined event"
     assert counts(mongo_db) == {"broken": 30, "fine": 3}
+    assert mongo_db["user_memory_quarantine"].count_documents({"user_id": "fine"}) == 1
     assert redis_client.keys("*") == []
 
 

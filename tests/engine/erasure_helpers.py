@@ -37,6 +37,16 @@ def canary_content(user_id: str, i: int) -> str:
     return f"Turn {i} of {user_id}: my diary says {canary} number {i}."
 
 
+def quarantine_one(db: Database[Doc], settings: Settings, user_id: str) -> None:
+    """Give a user a quarantined event (an oversized one, holding their canary), moved by the store itself."""
+    store = MemoryStore(db, settings)
+    (event,) = insert_events(db, user_id, 1, first=900, content=lambda u, i: canary_content(u, i) * 1000)
+    raw = store.quarantine_copy(
+        user_id, event["_id"], field="content", problem="is too long", run_id="seed-run", now=datetime.now(UTC)
+    )
+    assert raw is not None and store.quarantine_remove(user_id, raw) == 1
+
+
 def seed_everywhere(db: Database[Doc], client: redis.Redis, settings: Settings, n: int = 25) -> None:
     """Give TARGET and OTHER data in every place this package writes.
 

@@ -1,4 +1,4 @@
-"""Malformed Butler data fails one user with an error naming the user and the field; others go on."""
+"""Malformed Butler data: a bad event is quarantined and its user folded; a bad profile fails that user only."""
 
 from __future__ import annotations
 
@@ -14,12 +14,21 @@ from pymongo.database import Database
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from butler_memory.compression import COMPRESSED, failed_result
-from butler_memory.errors import CompressionError, InvalidEventError, InvalidProfileError, LockUnavailableError
+from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, failed_result
+from butler_memory.errors import CompressionError, InvalidProfileError, LockUnavailableError
 from butler_memory.locks import UserLocks
 from butler_memory.offline import OfflineSummarizer
 from butler_memory.settings import Settings
-from tests.engine.helpers import events_of, insert_events, make_engine, set_profile, small_settings, snapshot
+from tests.engine.helpers import (
+    archive_of,
+    events_of,
+    insert_events,
+    make_engine,
+    profile_of,
+    set_profile,
+    small_settings,
+    snapshot,
+)
 from tools.services import free_port
 
 Doc = dict[str, Any]
@@ -41,35 +50,77 @@ def huge_content(db: Database[Doc], settings: Settings) -> None:
     db["user_memory"].update_one({"_id": BAD_EVENT}, {"$set": {"content": "x" * (settings.max_event_chars + 1)}})
 
 
-def numeric_summary(db: Database[Doc], settings: Settings) -> None:
-    """Store a number where the profile's summary belongs."""
-    set_profile(db, "bad", memory_summary=42)
-
-
-CORRUPTIONS: dict[str, tuple[Callable[[Database[Doc], Settings], None], type[CompressionError], str]] = {
-    "content-missing": (update_event({"$unset": {"content": ""}}), InvalidEventError, "content"),
-    "content-not-a-string": (update_event({"$set": {"content": {"text": "hi"}}}), InvalidEventError, "content"),
-    "content-too-long": (huge_content, InvalidEventError, "content"),
-    "created_at-missing": (update_event({"$unset": {"created_at": ""}}), InvalidEventError, "created_at"),
-    "created_at-a-string": (update_event({"$set": {"created_at": "2026-01-01"}}), InvalidEventError, "created_at"),
-    "role-missing": (update_event({"$unset": {"role": ""}}), InvalidEventError, "role"),
-    "summary-a-number": (numeric_summary, InvalidProfileError, "memory_summary"),
+EVENT_CORRUPTIONS: dict[str, tuple[Callable[[Database[Doc], Settings], None], str]] = {
+    "content-missing": (update_event({"$unset": {"content": ""}}), "content"),
+    "content-not-a-string": (update_event({"$set": {"content": {"text": "hi"}}}), "content"),
+    "content-too-long": (huge_content, "content"),
+    "created_at-missing": (update_event({"$unset": {"created_at": ""}}), "created_at"),
+    "created_at-a-string": (update_event({"$set": {"created_at": "2026-01-01"}}), "created_at"),
+    "role-missing": (update_event({"$unset": {"role": ""}}), "role"),
 }
 
 
-@pytest.mark.parametrize("corruption", list(CORRUPTIONS.values()), ids=list(CORRUPTIONS))
-def test_bad_input_fails_its_user_clearly_and_not_the_others(
-    corruption: tuple[Callable[[Database[Doc], Settings], None], type[CompressionError], str],
+@pytest.mark.parametrize("corruption", list(EVENT_CORRUPTIONS.values()), ids=list(EVENT_CORRUPTIONS))
+def test_a_bad_event_is_quarantined_and_the_rest_of_its_user_is_folded(
+    corruption: tuple[Callable[[Database[Doc], Settings], None], str],
     mongo_db: Database[Doc],
     redis_client: redis.Redis,
 ) -> None:
-    corrupt, expected, field = corruption
+    corrupt, field = corruption
     settings = small_settings()
     engine = make_engine(mongo_db, redis_client, settings, OfflineSummarizer())
     for user_id in ("bad", "good"):
         insert_events(mongo_db, user_id, 14)
-    set_profile(mongo_db, "bad", memory_summary="- Кошка Муся.")
     corrupt(mongo_db, settings)
+    bad = mongo_db["user_memory"].find_one({"_id": BAD_EVENT})
+    assert bad is not None
+
+    outcomes = {backlog.user_id: engine.compress(backlog.user_id, run_id="r1") for backlog in engine.scan()}
+
+    result = outcomes["bad"]
+    assert result.status == COMPRESSED and result.events_quarantined == 1, result
+    assert result.events_folded == 14 - settings.keep_last_n - 1, result
+    assert outcomes["good"].status == COMPRESSED and outcomes["good"].events_quarantined == 0
+    assert len(events_of(mongo_db, "bad")) == settings.keep_last_n, "the bad event blocked its user's fold"
+    assert BAD_EVENT not in archive_of(mongo_db, "bad"), "a quarantined event is in no summary"
+    record = mongo_db["user_memory_quarantine"].find_one({"_id": BAD_EVENT})
+    assert record is not None, "the bad event was dropped instead of quarantined"
+    assert record["event"] == bad, "the quarantine must keep the event exactly as it was"
+    assert (record["user_id"], record["field"], record["run_id"]) == ("bad", field, "r1"), record
+    assert "xxxxxxxx" not in record["problem"] and "hi" not in record["problem"], "the reason quotes content"
+    summary = (profile_of(mongo_db, "bad") or {}).get("memory_summary", "")
+    assert "bad-e002" not in summary, "the quarantined event reached the summary"
+    assert redis_client.keys("*") == [], "the lock must be released"
+
+
+def test_a_user_with_bad_events_drains_over_runs(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    """Today's bad event and tomorrow's: every run folds what it can, the backlog shrinks to keep_last_n."""
+    settings = small_settings()
+    engine = make_engine(mongo_db, redis_client, settings, OfflineSummarizer())
+    insert_events(mongo_db, "u1", 30)
+    mongo_db["user_memory"].update_one({"_id": "u1-e000"}, {"$set": {"content": ["not", "text"]}})
+    mongo_db["user_memory"].update_one({"_id": "u1-e005"}, {"$set": {"content": "x" * (settings.max_event_chars + 1)}})
+    first = engine.compress("u1")
+    assert (first.status, first.events_quarantined, first.events_after) == (COMPRESSED, 2, settings.keep_last_n)
+
+    insert_events(mongo_db, "u1", 20, first=30)
+    mongo_db["user_memory"].update_one({"_id": "u1-e031"}, {"$unset": {"role": ""}})
+    second = engine.compress("u1")
+
+    assert (second.status, second.events_quarantined, second.events_after) == (COMPRESSED, 1, settings.keep_last_n)
+    assert sorted(d["_id"] for d in mongo_db["user_memory_quarantine"].find()) == ["u1-e000", "u1-e005", "u1-e031"]
+    third = engine.compress("u1")
+    assert third.status == SKIPPED_BELOW_THRESHOLD, "the backlog must be drained, not fail again"
+
+
+def test_a_bad_profile_fails_its_user_clearly_and_not_the_others(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = small_settings()
+    engine = make_engine(mongo_db, redis_client, settings, OfflineSummarizer())
+    for user_id in ("bad", "good"):
+        insert_events(mongo_db, user_id, 14)
+    set_profile(mongo_db, "bad", memory_summary=42)
     before = snapshot(mongo_db, "bad")
 
     outcomes: dict[str, Any] = {}
@@ -80,12 +131,9 @@ def test_bad_input_fails_its_user_clearly_and_not_the_others(
             outcomes[backlog.user_id] = exc
 
     error = outcomes["bad"]
-    assert isinstance(error, expected), f"expected {expected.__name__} for the bad user, got {error!r}"
+    assert isinstance(error, InvalidProfileError), f"expected InvalidProfileError for the bad user, got {error!r}"
     message = str(error)
-    assert "'bad'" in message and f"'{field}'" in message, f"the error must name the user and {field!r}: {message}"
-    if expected is InvalidEventError:
-        assert BAD_EVENT in message, f"the error must name the event: {message}"
-    assert "xxxxxxxx" not in message, f"the error quotes content: {message}"
+    assert "'bad'" in message and "'memory_summary'" in message, f"the error must name the user and field: {message}"
     assert not error.retryable, "bad data does not heal by retrying"
     assert failed_result("bad", error).error == message
     assert outcomes["good"] == COMPRESSED, "one user's bad data stopped another user"

@@ -27,6 +27,7 @@ from tests.engine.erasure_helpers import (
     TARGET,
     TEST_KEY_PATTERN,
     mongo_mentions,
+    quarantine_one,
     redis_mentions,
     seed_everywhere,
 )
@@ -79,6 +80,8 @@ def test_forgetting_a_user_leaves_no_trace_of_them_anywhere_and_the_other_user_i
     caplog.set_level(logging.DEBUG)
     settings = small_settings()
     seed_everywhere(mongo_db, redis_client, settings)
+    for user_id in (TARGET, OTHER):
+        quarantine_one(mongo_db, settings, user_id)
     assert mongo_mentions(mongo_db, [TARGET, CANARY]), "the seed should have put the user everywhere"
     other_before = {name: list(mongo_db[name].find({"user_id": OTHER})) for name in mongo_db.list_collection_names()}
 
@@ -109,6 +112,7 @@ def test_forgetting_a_user_leaves_no_trace_of_them_anywhere_and_the_other_user_i
     assert result.removed == {
         "events": 3,
         "archive": 22,
+        "quarantine": 1,
         "history": 2,  # version 1 of the compression and the planted one
         "run_documents": 3,  # two runs and a catch-up run
         "profile_fields": result.removed["profile_fields"],

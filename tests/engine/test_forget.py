@@ -26,6 +26,7 @@ from tests.engine.erasure_helpers import (
     fact_settings,
     fold_an_event_twice,
     mongo_mentions,
+    quarantine_one,
 )
 from tests.engine.helpers import START, insert_events, make_engine, profile_of, prompt_events
 from tools.fake_openai import FakeOpenAI
@@ -379,3 +380,18 @@ def test_forgetting_an_event_folded_twice_drops_every_version_that_saw_it(
     assert sorted(history_versions(mongo_db)) == [1, 8]
     summary = profile_of(mongo_db, FACT_USER)["memory_summary"]
     assert all(fact in summary for i, fact in FACTS.items() if i != 8), summary
+
+
+def test_forgetting_a_quarantined_event_removes_it_from_the_quarantine(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = fact_settings()
+    engine = seeded(mongo_db, redis_client, settings)
+    quarantine_one(mongo_db, settings, FACT_USER)  # as a compression moves an event it cannot fold
+    summary = profile_of(mongo_db, FACT_USER)["memory_summary"]
+
+    done = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(900)])
+
+    assert done.status == forget.FORGOTTEN, done
+    assert mongo_db["user_memory_quarantine"].count_documents({}) == 0, "the forgotten event stayed in quarantine"
+    assert profile_of(mongo_db, FACT_USER)["memory_summary"] == summary

@@ -86,8 +86,16 @@ CASES: dict[str, list[Kill]] = {
 }
 
 
+QUARANTINE_CASES: dict[str, list[Kill]] = {
+    # A run moving a bad event (in the second chunk's range) to the quarantine, killed mid-move.
+    "quarantined": [("quarantined", 1)],
+    "quarantine_removed": [("quarantine_removed", 1)],
+}
+BAD = "u1-e007"
+
+
 def test_the_matrix_covers_every_step() -> None:
-    killed = {step for kills in CASES.values() for step, _ in kills}
+    killed = {step for kills in [*CASES.values(), *QUARANTINE_CASES.values()] for step, _ in kills}
     assert killed == set(STEPS), f"steps without a kill case: {set(STEPS) - killed}; unknown: {killed - set(STEPS)}"
 
 
@@ -279,3 +287,40 @@ def test_kill_then_rerun_ends_like_a_clean_run(
     assert profile["memory_summary_version"] == clean_run["version"] == CHUNKS
     assert profile["memory_summary"] == clean_run["summary"]
     check_history(mongo_db, profile, archive, clean_run["history"])
+
+
+@pytest.mark.parametrize("kills", list(QUARANTINE_CASES.values()), ids=list(QUARANTINE_CASES))
+def test_kill_while_quarantining_then_rerun_moves_the_bad_event_once_and_folds_the_rest(
+    kills: list[Kill],
+    mongo_service: MongoService,
+    mongo_db: Database[Doc],
+    redis_service: RedisService,
+    redis_client: redis.Redis,
+    llm: FakeOpenAI,
+    make_openai: OpenAIFactory,
+) -> None:
+    llm.set_responder(chain_responder)
+    original = insert_events(mongo_db, USER, EVENTS)
+    mongo_db["user_memory"].update_one({"_id": BAD}, {"$set": {"content": {"not": "text"}}})
+    bad = mongo_db["user_memory"].find_one({"_id": BAD})
+    folded = [ev for ev in original[: EVENTS - KEEP] if ev["_id"] != BAD]
+    kept = original[EVENTS - KEEP :]
+    engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai(timeout=SETTINGS.llm_timeout_seconds))
+
+    for kill in kills:
+        child = run_worker(mongo_service, mongo_db, redis_service, llm, kill)
+        assert child.returncode == -9, f"the child should have died at {kill}, exited {child.returncode}"
+        assert mongo_db["user_memory_quarantine"].count_documents({"_id": BAD}) == 1, "copied before the delete"
+        wait_for_lock_expiry(redis_client, SETTINGS.lock_key(USER), SETTINGS.lock_ttl_seconds)
+
+    result = engine.compress(USER, run_id="rerun")
+
+    assert result.status == COMPRESSED, result
+    assert sorted(events_of(mongo_db, USER)) == ids(kept), "exactly the newest events must remain"
+    (record,) = mongo_db["user_memory_quarantine"].find({"user_id": USER})
+    assert record["_id"] == BAD and record["event"] == bad and record["field"] == "content", record
+    archive = archive_of(mongo_db, USER)
+    assert sorted(archive) == ids(folded), "every other folded event is archived, the bad one is not"
+    profile = profile_of(mongo_db, USER)
+    assert profile is not None and profile[PENDING_FIELD] is None
+    assert ledger(profile["memory_summary"]) == ids(folded), "an event was lost from, or repeated in, the summary"

@@ -7,6 +7,8 @@ reports the tokens it read, as Ollama does. Nothing may be deleted on such an an
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import pytest
@@ -14,10 +16,10 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.compression import COMPRESSED
-from butler_memory.errors import InvalidEventError, LLMPromptTruncatedError
+from butler_memory.errors import LLMPromptTruncatedError
 from butler_memory.prompt import SYSTEM_PROMPT
 from tests.engine.conftest import OpenAIFactory
-from tests.engine.helpers import insert_events, make_engine, set_profile, small_settings, snapshot
+from tests.engine.helpers import events_of, insert_events, make_engine, set_profile, small_settings, snapshot
 from tools.fake_openai import FakeOpenAI, prompt_tokens_of
 
 Doc = dict[str, Any]
@@ -84,18 +86,22 @@ def test_with_the_context_on_the_connection_every_prompt_fits(
         assert prompt_tokens_of(request) + reply_room <= WINDOW, "a prompt left no room for the reply"
 
 
-def test_an_event_longer_than_the_context_fails_naming_it_before_any_call(
+def test_an_event_longer_than_the_context_is_quarantined_before_any_call(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
     settings = small_settings(summary_max_tokens=50, max_event_chars=3000)
     engine = make_engine(mongo_db, redis_client, settings, make_openai(context_tokens=WINDOW))
     set_profile(mongo_db, "u1", memory_summary="- Аллергия на орехи.", memory_summary_version=2)
     insert_events(mongo_db, "u1", 14, content=lambda u, i: russian(u, i) * (10 if i == 0 else 1))
-    before = snapshot(mongo_db, "u1")
 
-    with pytest.raises(InvalidEventError, match=r"event u1-e000: field 'content' is \d+ tokens") as info:
-        engine.compress("u1")
+    result = engine.compress("u1")
 
-    assert "Анна" not in str(info.value)
-    assert llm.chat_requests == [], "a prompt that cannot fit must not be sent"
-    assert snapshot(mongo_db, "u1") == before
+    assert result.status == COMPRESSED and result.events_quarantined == 1, result
+    record = mongo_db["user_memory_quarantine"].find_one({"_id": "u1-e000"})
+    assert record is not None and record["field"] == "content", record
+    assert re.fullmatch(r"is \d+ tokens: .*exceeds the model's context.*", record["problem"]), record["problem"]
+    assert "Анна" not in record["problem"]
+    assert all("u1-e000:" not in json.dumps(r, ensure_ascii=False) for r in llm.chat_requests), (
+        "an event that cannot fit must never be sent"
+    )
+    assert len(events_of(mongo_db, "u1")) == settings.keep_last_n
