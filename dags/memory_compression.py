@@ -8,9 +8,11 @@ events (default 20) into the user's rolling summary, and **report** stores one d
 `memory_compression_runs`, emits StatsD metrics and fails the run when any user failed.
 
 * Manual run: *Trigger DAG* shows a form: `dry_run`, `limit`, `user_ids`, `threshold`,
-  `keep_last_n` (empty = the configured setting).
-* A failed user: clear its `compress_user` instance (labelled with the user id) **with
-  downstream**, so `report` runs again; the run then ends green.
+  `keep_last_n`, `users_per_task` (empty = the configured setting).
+* `users_per_task` users share one `compress_user` instance (labelled with the user id, or the
+  first user id and how many more); each keeps its own lock, result and failure.
+* A failed user: clear its `compress_user` instance **with downstream**, so `report` runs again;
+  only the instance's users that failed or never finished are compressed again; the run then ends green.
 * Safe to re-run at any point: nothing is deleted before a summary covering it is stored.
 
 Docs: `docs/architecture.md`, `docs/configuration.md`, `docs/operations/runbook.md`.
@@ -38,6 +40,7 @@ from airflow.sdk import (
 
 from butler_memory.dag_defaults import DEFAULT_ARGS
 from butler_memory.doorbell_trigger import DoorbellTrigger
+from butler_memory.settings import MAX_USERS_PER_TASK
 
 SCHEDULE = os.environ.get("BUTLER_MEMORY_SCHEDULE", "@daily")
 """A cron expression or preset; the run time is a setting, read from the environment at parse time."""
@@ -74,11 +77,13 @@ The daily `memory_compression` full scan stays the safety net.
 """
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
 MAX_MAP_LENGTH = conf.getint("core", "max_map_length")
+RUN_MAXIMUM = MAX_MAP_LENGTH * MAX_USERS_PER_TASK
+"""Most users a run can take (at users_per_task's maximum); the scan checks limit against the run's own k."""
 
 
 @task(execution_timeout=timedelta(minutes=15))
-def scan(kind: str) -> list[str]:
-    """Return the ids of users over the threshold, largest backlog first."""
+def scan(kind: str) -> list[list[str]]:
+    """Return the ids of users over the threshold, largest backlog first, in batches of users_per_task."""
     from butler_memory import dag_tasks
 
     context = get_current_context()
@@ -88,16 +93,16 @@ def scan(kind: str) -> list[str]:
 @task(
     multiple_outputs=False,
     pool=LLM_POOL,
-    map_index_template="{{ compressed_user_id }}",
-    execution_timeout=timedelta(minutes=30),
+    map_index_template="{{ compressed_users_label }}",
+    execution_timeout=timedelta(minutes=60),
 )
-def compress_user(user_id: str) -> dict:
-    """Fold one user's older events into their summary."""
+def compress_user(user_ids: list[str]) -> list[dict]:
+    """Fold the older events of each user of one batch into their summary, one user after another."""
     from butler_memory import dag_tasks
 
     context = get_current_context()
-    context["compressed_user_id"] = user_id  # type: ignore[typeddict-unknown-key]
-    return dag_tasks.compress(user_id, context["params"], context["ti"], context["run_id"])
+    context["compressed_users_label"] = dag_tasks.batch_label(user_ids)  # type: ignore[typeddict-unknown-key]
+    return dag_tasks.compress(user_ids, context["params"], context["ti"], context["run_id"])
 
 
 @task(multiple_outputs=False, trigger_rule="all_done", retries=1, execution_timeout=timedelta(minutes=15))
@@ -116,9 +121,23 @@ PARAMS = {
         None,
         type=["null", "integer"],
         minimum=1,
-        maximum=MAX_MAP_LENGTH,
+        maximum=RUN_MAXIMUM,
         title="Limit",
-        description=f"Most users in this run, largest backlog first (1 to {MAX_MAP_LENGTH}). Empty: the scan_limit setting.",
+        description=(
+            f"Most users in this run, largest backlog first: 1 to {MAX_MAP_LENGTH} x users_per_task "
+            f"(at most {RUN_MAXIMUM:,}). Empty: the scan_limit setting."
+        ),
+    ),
+    "users_per_task": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        maximum=MAX_USERS_PER_TASK,
+        title="Users per task",
+        description=(
+            f"Users one compress_user instance compresses, one after another (1 to {MAX_USERS_PER_TASK}; "
+            "1 = an instance per user). Empty: the configured setting."
+        ),
     ),
     "user_ids": Param(
         [],
@@ -161,7 +180,7 @@ def compression_dag(dag_id: str, kind: str, schedule: Any, doc_md: str) -> DAG:
     )
     def compression() -> None:
         users = scan(kind)
-        results = compress_user.expand(user_id=users)
+        results = compress_user.expand(user_ids=users)
         results >> report()
 
     return compression()

@@ -13,7 +13,7 @@ from typing import Any
 from butler_memory import fresh
 from butler_memory import metrics as m
 from butler_memory.backoff import FailureBackoff
-from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, failed_result, utcnow
+from butler_memory.compression import COMPRESSED, FAILED, SKIPPED_BELOW_THRESHOLD, failed_result, utcnow
 from butler_memory.connections import (
     VARIABLE_NAME,
     build_engine,
@@ -44,8 +44,34 @@ def doorbell_record(settings: Settings, client: Any) -> DoorbellRecord:
     return DoorbellRecord(client, key=settings.doorbell_key, channel=settings.doorbell_channel)
 
 
-def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[str]:
-    """Return the ids of users to compress, largest backlog first; fail closed when Redis is down.
+MAP_LABEL_MAX = 250
+"""Airflow stores a mapped instance's label in a 250-character column."""
+
+
+def batches(user_ids: Sequence[str], users_per_task: int) -> list[list[str]]:
+    """Split the scan's users, in order, into the lists the mapped compress_user instances take."""
+    return [list(user_ids[i : i + users_per_task]) for i in range(0, len(user_ids), users_per_task)]
+
+
+def batch_label(user_ids: Sequence[str]) -> str:
+    """Return a mapped instance's label: the user id, or the first user id and how many more."""
+    label = user_ids[0] if len(user_ids) == 1 else f"{user_ids[0]} +{len(user_ids) - 1}"
+    return label if len(label) <= MAP_LABEL_MAX else label[: MAP_LABEL_MAX - 1] + "…"
+
+
+def run_maximum(users_per_task: int, max_map_length: int) -> int:
+    """Most users one run takes: Airflow maps at most ``max_map_length`` instances of a task."""
+    return users_per_task * max_map_length
+
+
+def _max_map_length() -> int:
+    from airflow.configuration import conf
+
+    return conf.getint("core", "max_map_length")
+
+
+def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[list[str]]:
+    """Return the users to compress, largest backlog first, in batches of users_per_task; fail closed when Redis is down.
 
     ``kind`` "daily" is the full scan; "catchup" counts only users with new events or a doorbell
     record (``butler_memory.fresh``). Given ``user_ids``, both scan just those.
@@ -54,6 +80,13 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[st
         settings = resolve_settings(params)
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
+    most = run_maximum(settings.users_per_task, _max_map_length())
+    if settings.scan_limit > most:
+        raise _fail(
+            f"limit {settings.scan_limit} is above this run's maximum of {most} users "
+            f"(max_map_length {_max_map_length()} x users_per_task {settings.users_per_task}): "
+            "raise users_per_task or lower limit"
+        )
     user_ids = params.get("user_ids") or None
     dry_run = bool(params.get("dry_run"))
     with build_engine(settings) as engine:
@@ -94,39 +127,75 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[st
         else "",
     )
     ti.xcom_push(key="backlog", value={b.user_id: b.events for b in backlog})
-    ti.xcom_push(key="scan", value={"kind": kind, **result.xcom()})
-    return [b.user_id for b in backlog]
+    ti.xcom_push(key="scan", value={"kind": kind, "users_per_task": settings.users_per_task, **result.xcom()})
+    return batches([b.user_id for b in backlog], settings.users_per_task)
 
 
-def compress(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
-    """Compress one user; transient errors raise for a retry, permanent ones fail the task at once and
-    back the user off (``butler_memory.backoff``); a compression or a user under the threshold clears it."""
-    started = utcnow()
+def compress(user_ids: Sequence[str], params: Mapping[str, Any], ti: Any, run_id: str) -> list[dict[str, Any]]:
+    """Compress a batch of users one after another; fail the task after trying all when any failed.
+
+    Each user's outcome is stored as it ends (not in a dry run), so a retry or a clear of this
+    instance skips the users an earlier attempt finished and re-runs only those that failed or
+    never ended. A transient failure of any user raises for a retry; permanent ones fail at once
+    and back the user off (``butler_memory.backoff``); a compression or a user under the threshold clears it.
+    """
     try:
         settings = resolve_settings(params)
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
+    dry_run = bool(params.get("dry_run"))
+    rows: list[dict[str, Any]] = []
+    failures: list[tuple[str, CompressionError]] = []
+    # The holder names this task instance: a retry after a kill waits out the lock its killed
+    # attempt left instead of reporting skipped_locked (a green run that folded nothing).
+    holder = f"{ti.dag_id}|{run_id}|{ti.task_id}|{ti.map_index}"
     try:
         with build_engine(settings) as engine:
-            # The holder names this task instance: a retry after a kill waits out the lock its killed
-            # attempt left instead of reporting skipped_locked (a green run that folded nothing).
-            holder = f"{ti.dag_id}|{run_id}|{ti.task_id}|{ti.map_index}"
-            dry_run = bool(params.get("dry_run"))
             backoff = FailureBackoff(engine.locks.client, settings)
-            try:
-                result = engine.compress(user_id, run_id=run_id, dry_run=dry_run, holder=holder)
-            except CompressionError as exc:
-                if not exc.retryable and not dry_run:  # the same failure again next time: do not retry soon
-                    backoff.record_failure(user_id, type(exc).__name__)
-                raise
-            if result.status in (COMPRESSED, SKIPPED_BELOW_THRESHOLD):
-                backoff.clear(user_id)
+            done = {} if dry_run else engine.store.user_outcomes(ti.dag_id, run_id, user_ids)
+            for user_id in user_ids:
+                earlier = done.get(user_id)
+                if earlier is not None and earlier.get("status") != FAILED:
+                    log.info(
+                        "user %s: %s in an earlier attempt of this run; not compressed again",
+                        user_id,
+                        earlier["status"],
+                    )
+                    rows.append(earlier)
+                    continue
+                row, error = _compress_one(engine, user_id, run_id, dry_run, holder)
+                if error is not None:
+                    failures.append((user_id, error))
+                    if not error.retryable and not dry_run:  # the same failure again next time: do not retry soon
+                        backoff.record_failure(user_id, type(error).__name__)
+                elif row["status"] in (COMPRESSED, SKIPPED_BELOW_THRESHOLD):
+                    backoff.clear(user_id)
+                if not dry_run:
+                    engine.store.save_user_outcome(ti.dag_id, run_id, row, now=utcnow())
+                rows.append(row)
+    except CompressionError as exc:  # the store itself failed (say, MongoDB down): nothing more to try
+        failures.append((user_ids[0], exc))
+    if failures:
+        ti.xcom_push(key=FAILURE_XCOM_KEY, value=rows)  # every row of the failed attempt, for a dry run's report
+        user_id, first = failures[0]
+        what = f"{len(failures)} of {len(user_ids)} user(s) failed, first {user_id}: {type(first).__name__}: {first}"
+        if any(exc.retryable for _, exc in failures):
+            raise RuntimeError(f"{what} (will retry the failed users)")
+        raise _fail(what)
+    return rows
+
+
+def _compress_one(
+    engine: Any, user_id: str, run_id: str, dry_run: bool, holder: str
+) -> tuple[dict[str, Any], CompressionError | None]:
+    """Compress one user of a batch: its result row, and its error when it failed (logged, never raised)."""
+    started = utcnow()
+    try:
+        result = engine.compress(user_id, run_id=run_id, dry_run=dry_run, holder=holder)
     except CompressionError as exc:
         seconds = (utcnow() - started).total_seconds()
-        ti.xcom_push(key=FAILURE_XCOM_KEY, value=failed_result(user_id, exc, seconds).to_dict())
-        if exc.retryable:
-            raise RuntimeError(f"{type(exc).__name__}: {exc} (will retry)") from None
-        raise _fail(f"{type(exc).__name__}: {exc}") from None
+        log.warning("user %s: failed: %s: %s", user_id, type(exc).__name__, exc)
+        return failed_result(user_id, exc, seconds).to_dict(), exc
     log.info(
         "user %s: %s; events %d -> %d, folded %d, deleted %d",
         user_id,
@@ -136,22 +205,28 @@ def compress(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
         result.events_folded,
         result.events_deleted,
     )
-    return result.to_dict()
+    return result.to_dict(), None
 
 
 def _as_list(value: Any) -> list[Any]:
+    """Flatten XCom values (one per mapped instance: a row, a list of rows, or None) into rows."""
     if value is None:
         return []
     if isinstance(value, Mapping):
         return [value]
-    return [v for v in value if v is not None]
+    rows: list[Any] = []
+    for v in value:
+        rows.extend(_as_list(v))
+    return rows
 
 
 def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetime | None) -> dict[str, Any]:
     """Store the run document, emit run metrics, log Markdown; fail when any user failed."""
-    scanned: Sequence[str] | None = ti.xcom_pull(task_ids="scan", key="return_value")
-    if scanned is None:
+    scanned_batches: Sequence[Sequence[str]] | None = ti.xcom_pull(task_ids="scan", key="return_value")
+    if scanned_batches is None:
         raise _fail("scan did not produce a user list (it failed or was skipped); nothing was compressed")
+    scanned = [user_id for batch in scanned_batches for user_id in batch]
+    map_index = {user_id: i for i, batch in enumerate(scanned_batches) for user_id in batch}
     backlog = ti.xcom_pull(task_ids="scan", key="backlog") or {}
     scan_info: dict[str, Any] = ti.xcom_pull(task_ids="scan", key="scan") or {}
     kind = scan_info.get("kind", fresh.DAILY)
@@ -160,6 +235,12 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
     done = {r["user_id"] for r in results}
     results += [f for uid, f in failures.items() if uid not in done]
     settings = resolve_settings(params)
+    if not params.get("dry_run") and scanned:
+        # The stored outcomes merge every attempt of every instance: the last attempt of each user wins.
+        with mongo_store(settings) as store:
+            stored = store.user_outcomes(ti.dag_id, run_id)
+        results = [*stored.values(), *(r for r in results if r["user_id"] not in stored)]
+    results = [{**r, "map_index": map_index.get(r["user_id"], -1)} for r in results]
     finished = utcnow()
     started = run_started or finished
     doc = build_report(

@@ -362,7 +362,7 @@ def _count(store: MemoryStore, redis_client: Any, user_id: str) -> dict[str, int
         "archive": store.archive_coll.count_documents({"user_id": user_id}),
         "quarantine": store.quarantine.count_documents({"user_id": user_id}),
         "history": _history(store).count_documents({"user_id": user_id}),
-        "run_documents": len(_runs_naming(store, user_id)),
+        "run_documents": len(_runs_naming(store, user_id)) + store.run_users.count_documents({"user_id": user_id}),
         "profile_fields": sum(1 for name in _our_fields(store.settings) if name in profile),
         "redis_keys": len(keys) + len(shared),
     }
@@ -512,6 +512,7 @@ def _forget_user_locked(
     lock.extend()
     for coll, doc_id, scrubbed in _runs_naming(store, user_id):
         coll.replace_one({"_id": doc_id}, scrubbed)
+    store.run_users.delete_many({"user_id": user_id})  # per-user outcomes of runs (batched tasks)
     checkpoint("runs")
     _erase_redis(locks.client, settings, user_id, lock_key)
     checkpoint("redis")

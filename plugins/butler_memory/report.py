@@ -20,6 +20,9 @@ from butler_memory.compression import (
 from butler_memory.metrics import Metrics
 from butler_memory.units import duration
 
+MAX_USER_ROWS = 5000
+"""Most per-user rows a run document embeds (failed users first): a 100k-user run would pass
+MongoDB's 16 MB document limit. Every user's row is in the run-users collection (settings)."""
 NO_RESULT = "no_result"
 """Error type of a user the scan listed but no compression result came back for."""
 
@@ -83,8 +86,15 @@ def build_report(
         **total,
         "user_seconds_max": max((float(u.get("seconds") or 0) for u in users), default=0.0),
         **freshness(users),
-        "users": users,
+        "users_truncated": len(users) > MAX_USER_ROWS,
+        "users": users if len(users) <= MAX_USER_ROWS else _rows_kept(users),
     }
+
+
+def _rows_kept(users: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the rows a large run's document keeps: every failed user, then the others in scan order."""
+    failed = [u for u in users if u["status"] == FAILED]
+    return (failed + [u for u in users if u["status"] != FAILED])[:MAX_USER_ROWS]
 
 
 def freshness(users: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:

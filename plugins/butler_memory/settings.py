@@ -22,6 +22,11 @@ SUMMARIZERS = ("auto", "openai", "offline")
 GUARD_MODES = ("reject", "warn", "off")
 
 
+MAX_USERS_PER_TASK = 1000
+"""Most users one compress_user task takes: a task's users run one after another within its
+execution timeout, and a cleared task re-runs at most this many."""
+
+
 class SettingsError(ValueError):
     """A setting has a value that cannot be used."""
 
@@ -100,7 +105,17 @@ class Settings:
     delete_batch_size: int = 500
     """$in lists stay this short: large $in lists are slow on some servers and hold locks longer."""
     scan_limit: int = 1000
-    """Most users one run compresses (largest backlog first)."""
+    """Most users one run compresses (largest backlog first); at most Airflow's max_map_length x
+    users_per_task (the run maximum, checked by the scan)."""
+    users_per_task: int = 1
+    """Users one mapped compress_user task compresses, one after another (1: a task per user). Each
+    user keeps its own lock, result, metrics and failure; a retry or clear re-runs only the users of
+    the task that failed or never finished (their results are kept in run_users_collection)."""
+    run_users_collection: str = "memory_compression_run_users"
+    """One small document per (DAG, run, user): the user's outcome in that run, written as each user
+    ends, so a retried or cleared batch task skips the users it already finished."""
+    run_users_retention_days: int = 30
+    """Per-user outcomes older than this are dropped (TTL); the run document keeps the counts."""
     max_fold_events: int = 100_000
     """Most events one run folds for one user (oldest first; later runs fold the rest), so a huge
     user's keys are never all held in memory."""
@@ -154,6 +169,8 @@ class Settings:
         _positive(self, "max_events_per_chunk", "max_event_chars", "lock_ttl_seconds")
         _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days", "history_retention_days")
         _positive(self, "runs_retention_days")
+        _positive(self, "users_per_task", "run_users_retention_days")
+        _at_most(self, "users_per_task", MAX_USERS_PER_TASK)
         _positive(self, "erasure_lock_wait_seconds")
         _positive(self, "max_fold_events", "mongo_write_timeout_ms")
         _check_durability(self)
@@ -284,6 +301,11 @@ def _finite(settings: Settings) -> None:
         value = getattr(settings, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise SettingsError(f"{f.name} must be a finite number, got {value!r}")
+
+
+def _at_most(settings: Settings, name: str, most: int) -> None:
+    if getattr(settings, name) > most:
+        raise SettingsError(f"{name} ({getattr(settings, name)}) must be at most {most}")
 
 
 def _positive(settings: Settings, *names: str) -> None:

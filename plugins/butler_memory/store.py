@@ -156,6 +156,7 @@ class MemoryStore:
         self.history = SummaryHistory(db, settings)
         self.state = db[settings.state_collection]
         self.catchup_runs = db[settings.catchup_runs_collection]
+        self.run_users = db.get_collection(settings.run_users_collection, write_concern=durable)
 
     def close(self) -> None:
         """Close the MongoDB client this store's database belongs to."""
@@ -181,6 +182,11 @@ class MemoryStore:
             self._ensure(runs, [("run_id", ASCENDING)], unique=True)
             self._ensure(runs, [(RUN_USERS_FIELD, ASCENDING)])
             self._ensure_ttl(runs, "finished_at", RUNS_TTL_INDEX, self.settings.runs_retention_days)
+        self._ensure(
+            self.run_users, [("dag_id", ASCENDING), ("run_id", ASCENDING), ("user_id", ASCENDING)], unique=True
+        )
+        self._ensure(self.run_users, [("user_id", ASCENDING)])  # erasure finds a user's rows without a scan
+        self._ensure_ttl(self.run_users, "written_at", "written_at_ttl", self.settings.run_users_retention_days)
         # The catch-up scan's "who wrote since T": a covered index range over the new events only.
         self._ensure(self.events, [("created_at", ASCENDING), ("user_id", ASCENDING)])
         if self.settings.archive_enabled:
@@ -740,6 +746,18 @@ class MemoryStore:
         """
         coll = self.catchup_runs if doc.get("kind") == "catchup" else self.runs
         coll.replace_one({"run_id": doc["run_id"]}, dict(doc), upsert=True)
+
+    def save_user_outcome(self, dag_id: str, run_id: str, row: Mapping[str, Any], *, now: datetime) -> None:
+        """Store one user's outcome in one DAG run (the last attempt's wins): ids, counts and statuses only."""
+        key = {"dag_id": dag_id, "run_id": run_id, "user_id": row["user_id"]}
+        self.run_users.replace_one(key, {**key, "row": dict(row), "written_at": now}, upsert=True)
+
+    def user_outcomes(self, dag_id: str, run_id: str, user_ids: Sequence[str] | None = None) -> dict[str, dict]:
+        """Return {user id: outcome row} of one DAG run, for the given users (default: all of the run's)."""
+        query: dict[str, Any] = {"dag_id": dag_id, "run_id": run_id}
+        if user_ids is not None:
+            query["user_id"] = {"$in": list(user_ids)}
+        return {doc["user_id"]: doc["row"] for doc in self.run_users.find(query, {"_id": 0, "user_id": 1, "row": 1})}
 
     def load_state(self, name: str) -> dict[str, Any]:
         """Return one state document (e.g. ``"catchup"``), empty when there is none yet."""

@@ -23,6 +23,8 @@ from airflow.sdk.definitions.mappedoperator import MappedOperator
 from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import ParamValidationError
 
+from butler_memory.settings import MAX_USERS_PER_TASK
+
 REPO = Path(__file__).resolve().parents[2]
 DAGS_DIR = REPO / "dags"
 DAG_FILES = sorted(p for p in DAGS_DIR.glob("*.py") if not p.name.startswith("_"))
@@ -95,7 +97,7 @@ def test_memory_compression_is_scan_map_report(dag: DAG) -> None:
     assert isinstance(compress, MappedOperator), f"{DAG_ID}: compress_user must be expanded per user (.expand)"
     assert compress.pool == "llm_api", f"{DAG_ID}: compress_user pool is {compress.pool!r}"
     assert compress.map_index_template, f"{DAG_ID}: compress_user has no map_index_template"
-    assert "user_id" in compress.map_index_template, f"{DAG_ID}: map index should render the user id"
+    assert "users_label" in compress.map_index_template, f"{DAG_ID}: map index should render the batch label"
     assert report.trigger_rule == "all_done", f"{DAG_ID}: report trigger_rule is {report.trigger_rule}"
     for task in (scan, compress, report):
         assert task.execution_timeout is not None, f"{DAG_ID}.{task.task_id} has no execution_timeout"
@@ -121,7 +123,14 @@ def _validated_sdk(dag: DAG, conf: dict[str, Any]) -> dict[str, Any]:
 
 def test_default_params_validate(dag: DAG) -> None:
     defaults = dag.params.validate()
-    assert defaults == {"dry_run": False, "limit": None, "user_ids": [], "threshold": None, "keep_last_n": None}
+    assert defaults == {
+        "dry_run": False,
+        "limit": None,
+        "user_ids": [],
+        "threshold": None,
+        "keep_last_n": None,
+        "users_per_task": None,
+    }
     assert _validated(dag, {}) == defaults
 
 
@@ -131,11 +140,19 @@ def test_default_params_validate(dag: DAG) -> None:
         {"dry_run": True},
         {"limit": 1},
         {"limit": "max"},
+        {"limit": 100_000, "users_per_task": 100},
         {"user_ids": ["user-00001", "user-00002"]},
         {"threshold": 80, "keep_last_n": 10},
-        {"dry_run": False, "limit": None, "user_ids": [], "threshold": None, "keep_last_n": None},
+        {
+            "dry_run": False,
+            "limit": None,
+            "user_ids": [],
+            "threshold": None,
+            "keep_last_n": None,
+            "users_per_task": None,
+        },
     ],
-    ids=["dry_run", "limit-1", "limit-max", "user_ids", "threshold-keep", "all-defaults"],
+    ids=["dry_run", "limit-1", "limit-max", "limit-100k-batched", "user_ids", "threshold-keep", "all-defaults"],
 )
 def test_good_params_pass(dag: DAG, conf: dict[str, Any]) -> None:
     from airflow.configuration import conf as airflow_conf
@@ -162,6 +179,13 @@ def test_good_params_pass(dag: DAG, conf: dict[str, Any]) -> None:
         pytest.param({"threshold": 0}, "threshold", "0 is less than the minimum of 1", id="threshold-zero"),
         pytest.param({"keep_last_n": 0}, "keep_last_n", "0 is less than the minimum of 1", id="keep_last_n-zero"),
         pytest.param({"dry_run": "yes"}, "dry_run", "'yes' is not of type 'boolean'", id="dry_run-string"),
+        pytest.param({"users_per_task": 0}, "users_per_task", "0 is less than the minimum of 1", id="users_per_task-0"),
+        pytest.param(
+            {"users_per_task": MAX_USERS_PER_TASK + 1},
+            "users_per_task",
+            f"{MAX_USERS_PER_TASK + 1} is greater than the maximum of {MAX_USERS_PER_TASK}",
+            id="users_per_task-over-max",
+        ),
     ],
 )
 def test_bad_params_are_refused_with_a_readable_message(
@@ -169,8 +193,8 @@ def test_bad_params_are_refused_with_a_readable_message(
 ) -> None:
     from airflow.configuration import conf as airflow_conf
 
-    if conf.get("limit") == "over-max":
-        conf = {"limit": airflow_conf.getint("core", "max_map_length") + 1}
+    if conf.get("limit") == "over-max":  # the run maximum: max_map_length batches of the most users a task takes
+        conf = {"limit": airflow_conf.getint("core", "max_map_length") * MAX_USERS_PER_TASK + 1}
     for validate in (_validated, _validated_sdk):
         with pytest.raises(ParamValidationError) as caught:
             validate(dag, conf)

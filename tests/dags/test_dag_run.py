@@ -120,15 +120,24 @@ def world(
 
 
 def compress_outcomes(run: Any) -> dict[str, tuple[str, str | None]]:
-    """Return {user id: (task state, status in its result or failure XCom)} per compress_user instance."""
+    """Return {user id: (state of its compress_user instance, status in its result or failure XCom)}.
+
+    An instance's XComs are lists of per-user rows (a batch of ``users_per_task`` users).
+    """
     rows = sorted(xcom_values(run), key=lambda row: row[2] == "return_value")  # a result beats a failure
-    by_index = {i: json.loads(v) for t, i, k, v in rows if t == "compress_user"}
-    outcomes = {}
-    for (task_id, _), ti in task_instances(run).items():
-        if task_id == "compress_user" and ti.map_index >= 0:
-            result = by_index.get(ti.map_index) or {}
-            outcomes[ti.rendered_map_index] = (ti.state, result.get("status"))
-    return outcomes
+    by_user: dict[str, tuple[int, str | None]] = {}
+    for t, i, _k, v in rows:
+        if t == "compress_user":
+            value = json.loads(v)
+            for row in value if isinstance(value, list) else [value]:
+                by_user[row["user_id"]] = (i, row.get("status"))
+    states = {ti.map_index: ti.state for (task_id, _), ti in task_instances(run).items() if task_id == "compress_user"}
+    return {user_id: (states[i], status) for user_id, (i, status) in by_user.items()}
+
+
+def map_labels(run: Any) -> dict[int, str]:
+    """Return {map index: rendered label} of the run's compress_user instances."""
+    return {i: ti.rendered_map_index for (t, i), ti in task_instances(run).items() if t == "compress_user" and i >= 0}
 
 
 def snapshot(db: Database[dict[str, Any]]) -> dict[str, Any]:
@@ -163,7 +172,10 @@ def test_mixed_population_compresses_skips_and_fails_each_user_for_its_own_reaso
         BIGGER: ("success", "compressed"),
         LOCKED: ("success", "skipped_locked"),
         BROKEN: ("failed", "failed"),
-    }, f"{DAG_ID}: per-user outcomes (keyed by rendered map index); task states {states}"
+    }, f"{DAG_ID}: per-user outcomes; task states {states}"
+    assert sorted(map_labels(run).values()) == sorted([BIG, BIGGER, LOCKED, BROKEN]), (
+        "one instance per user, labelled by id"
+    )
 
     assert event_counts(db) == {BELOW: 30, BIG: 20, BIGGER: 20, LOCKED: 55, BROKEN: 65}
     assert db["user_memory_archive"].count_documents({}) == (60 - 20) + (75 - 20)
@@ -205,6 +217,38 @@ def test_mixed_population_compresses_skips_and_fails_each_user_for_its_own_reaso
     assert not any(CANARY in json.dumps(row, default=str, ensure_ascii=False) for row in runs), (
         "event content reached the run document"
     )
+
+
+def test_users_per_task_batches_users_and_keeps_one_row_per_user(dag: Any, world: dict[str, Any]) -> None:
+    db, llm = world["db"], world["llm"]
+    seed_users(db, POPULATION)
+    llm.fail_when_contains(FAIL_MARKER, 400)
+
+    run = run_dag(dag, {"users_per_task": 3})  # largest backlog first: [BIGGER, BROKEN, BIG], [LOCKED]
+
+    states = {key: ti.state for key, ti in task_instances(run).items()}
+    assert run.state == "failed", f"a failed user in a batch must fail the run: {states}"
+    assert sorted(map_labels(run).values()) == [f"{BIGGER} +2", LOCKED], (
+        "the label names the batch: first user and count"
+    )
+    outcomes = compress_outcomes(run)
+    assert {u: status for u, (_, status) in outcomes.items()} == {
+        BIG: "compressed",
+        BIGGER: "compressed",
+        LOCKED: "compressed",
+        BROKEN: "failed",
+    }, outcomes
+    assert event_counts(db) == {BELOW: 30, BIG: 20, BIGGER: 20, LOCKED: 20, BROKEN: 65}, (
+        "one failed user stopped its batch"
+    )
+    doc = db["memory_compression_runs"].find_one({"run_id": run.run_id})
+    assert doc is not None
+    assert (doc["users_found"], doc["users_compressed"], doc["users_failed"]) == (4, 3, 1), doc
+    assert {u["user_id"]: u["map_index"] for u in doc["users"]} == {BIGGER: 0, BROKEN: 0, BIG: 0, LOCKED: 1}, doc[
+        "users"
+    ]
+    stored = {d["user_id"]: d["row"]["status"] for d in db["memory_compression_run_users"].find({"run_id": run.run_id})}
+    assert stored == {BIG: "compressed", BIGGER: "compressed", LOCKED: "compressed", BROKEN: "failed"}
 
 
 def test_dry_run_writes_nothing(dag: Any, world: dict[str, Any]) -> None:

@@ -639,7 +639,14 @@ def test_trigger_form_with_its_defaults_queues_a_run_with_the_params_defaults(ui
         assert len(new) == 1, f"one run triggered, got {new}"
         run = runs[new[0]]
         assert run["run_type"] == "manual" and run["state"] == "queued", run
-        assert run["conf"] == {"dry_run": False, "limit": None, "user_ids": [], "threshold": None, "keep_last_n": None}
+        assert run["conf"] == {
+            "dry_run": False,
+            "limit": None,
+            "user_ids": [],
+            "threshold": None,
+            "keep_last_n": None,
+            "users_per_task": None,
+        }
     finally:
         headers = {"Authorization": f"Bearer {ui.tokens['admin']}"}
         for run_id in new:

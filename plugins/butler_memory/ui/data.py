@@ -204,6 +204,11 @@ def user_row(row: Mapping[str, Any], map_index: int) -> dict[str, Any]:
     }
 
 
+def _map_index(row: Mapping[str, Any], position: int) -> int:
+    index = row.get("map_index")
+    return index if isinstance(index, int) and not isinstance(index, bool) and index >= 0 else position
+
+
 def list_runs(store: MemoryStore, *, limit: int, offset: int, kind: str = "daily") -> dict[str, Any]:
     """Return one page of run rows of one kind, newest first, and the total number of those runs."""
     runs = _runs_of(store, kind)
@@ -238,15 +243,17 @@ def catchup_status(store: MemoryStore) -> dict[str, Any]:
 def run_detail(store: MemoryStore, run_id: str, kind: str = "daily") -> dict[str, Any] | None:
     """Return a run's row, its failed users and every user's outcome; None when no such run was stored.
 
-    A user's position in the run document's ``users`` list is its map index: ``build_report`` lists
-    users in scan order, and the scan list is what ``compress_user`` was expanded over.
+    Each row names the map index of the ``compress_user`` instance that compressed the user (a batch
+    of ``users_per_task`` users); rows of older runs, without it, are in scan order, one per instance.
     """
     doc = _runs_of(store, kind).find_one({"run_id": run_id}, {"_id": 0})
     if doc is None:
         return None
     raw_users = doc.get("users")
     users = [
-        user_row(u, i) for i, u in enumerate(raw_users if isinstance(raw_users, list) else []) if isinstance(u, Mapping)
+        user_row(u, _map_index(u, i))
+        for i, u in enumerate(raw_users if isinstance(raw_users, list) else [])
+        if isinstance(u, Mapping)
     ]
     tally: dict[str, dict[str, int]] = {}
     for u in users:
