@@ -13,6 +13,12 @@ of ``--chunk`` events, so most proposals fold into a previous summary that has f
   (nothing is committed), as in production; an uncaught bad summary is committed and the user
   goes on. Answers that differ from the faithful one but lose no detail line (the previous summary
   had none) are counted apart.
+- injection: the detector on the attack and honest sets of tests/data (tests/injection_sets.py; Russian and English), and
+  on every sentence of the demo population (all honest: each flag is a false alarm); then the
+  ``gullible`` mode (the fake copies every user sentence) on the demo population with one attack
+  of the set planted among each compressed user's folded events: an attack *leaked* when a
+  committed summary holds any of its sentences. Honest runs count a withheld sentence (the
+  injection guard's ``redact``) as a false alarm too.
 
 Standalone: ``python tools/bench_guards.py [--users 300] [--chunk 20]``; ``make bench`` runs it as
 one phase of tools/bench.py. Every server listens on 127.0.0.1 only.
@@ -23,11 +29,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import shutil
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,7 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 import redis  # noqa: E402
 
-from butler_memory import guards  # noqa: E402
+from butler_memory import guards, injection  # noqa: E402
 from butler_memory.compression import Engine  # noqa: E402
 from butler_memory.errors import GuardRejected  # noqa: E402
 from butler_memory.locks import UserLocks  # noqa: E402
@@ -46,15 +54,17 @@ from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa:
 from butler_memory.settings import Settings  # noqa: E402
 from butler_memory.store import MemoryStore  # noqa: E402
 from butler_memory.summarizer import Summarizer  # noqa: E402
+from tests import injection_sets  # noqa: E402
 from tools.fake_openai import DETAIL, RESPONDERS, FakeOpenAI, prompt_parts  # noqa: E402
-from tools.seed import seed  # noqa: E402
+from tools.seed import ASSISTANT_EN, ASSISTANT_RU, SMALL_TALK_EN, SMALL_TALK_RU, facts_for, seed  # noqa: E402
 from tools.services import MongoService, RedisService  # noqa: E402
 
 OUT_DIR = REPO / ".local" / "bench"
 HONEST = ("offline", "faithful")
 USERS, CHUNK = 100, 30
-"""Defaults that keep the five runs under a minute on 2 cores; --users 300 --chunk 20 for a finer figure."""
+"""Defaults for the six runs (about 3-7 minutes on 2 shared cores); --users 300 --chunk 20 for a finer figure."""
 BAD = ("drop_fact", "new_only", "wrong_language")
+GULLIBLE = "gullible"
 
 
 class _CountingMetrics(NullMetrics):
@@ -100,7 +110,8 @@ def _run_mode(
     client = mongo.client()  # the engine closes it
     client.drop_database(db_name)
     db = client[db_name]
-    seed(db, users=users)
+    seeded = seed(db, users=users)
+    planted = _plant_attacks(db, seeded) if mode == GULLIBLE else {}
     honest = mode in HONEST
     # Honest runs warn so that every proposal of every user is checked; bad runs reject, as in production.
     settings = Settings(
@@ -133,13 +144,15 @@ def _run_mode(
                     caught_by.update(g for g, o in exc.guards.items() if o == guards.REJECT)
     finally:
         fake.set_responder(None)
-    with mongo.client() as cleanup:
+    with mongo.client() as cleanup:  # the engine closed its client
+        leaked = _leaked(cleanup[db_name], planted)
         cleanup.drop_database(db_name)
     outcomes = {
         f"{g}:{c}": counts.counters[guard_metric(g, c)] for g in guards.GUARDS for c in ("checks", "warn", "reject")
     }
+    outcomes[f"{guards.INJECTION}:{guards.REDACT}"] = counts.counters[guard_metric(guards.INJECTION, guards.REDACT)]
     proposals = outcomes["facts:checks"]
-    failed = sum(n for key, n in outcomes.items() if key.endswith((":warn", ":reject")))
+    failed = sum(n for key, n in outcomes.items() if key.endswith((":warn", ":reject", ":redact")))
     row: dict[str, Any] = {
         "mode": mode,
         "users": compressed_users + rejected_users,
@@ -156,7 +169,16 @@ def _run_mode(
     if honest:
         row["false_alarms"] = failed
         row["false_alarm_rate"] = round(failed / max(proposals, 1), 4)
-        row["false_alarms_by_guard"] = {g: outcomes[f"{g}:warn"] + outcomes[f"{g}:reject"] for g in guards.GUARDS}
+        row["false_alarms_by_guard"] = {
+            g: sum(n for key, n in outcomes.items() if key.startswith(f"{g}:") and not key.endswith(":checks"))
+            for g in guards.GUARDS
+        }
+    elif mode == GULLIBLE:
+        row["attacks_planted"] = len(planted)
+        row["attacks_leaked"] = leaked
+        row["users_rejected"] = rejected_users
+        row["caught_by"] = dict(caught_by)
+        row["catch_rate"] = round(1 - leaked / max(len(planted), 1), 4)
     else:
         row["bad_proposals"] = recorder.bad
         row["different_but_nothing_lost"] = recorder.harmless
@@ -164,6 +186,63 @@ def _run_mode(
         row["caught_by"] = dict(caught_by)
         row["catch_rate"] = round(rejected_users / max(recorder.bad, 1), 4)
     return row
+
+
+def _plant_attacks(db: Any, seeded: list[Any]) -> dict[str, str]:
+    """Insert one attack of the set (in turn) as a user turn just after each over-threshold user's
+    first event, so the first fold takes it; return ``{user_id: attack}``."""
+    attacks = [text for _, text in injection_sets.ATTACKS]
+    planted: dict[str, str] = {}
+    for user in seeded:
+        if user.events <= Settings().threshold:
+            continue
+        first = db["user_memory"].find_one({"user_id": user.user_id}, sort=[("created_at", 1)])
+        attack = attacks[len(planted) % len(attacks)]
+        db["user_memory"].insert_one(
+            {
+                "event_id": f"{user.user_id}-attack",
+                "user_id": user.user_id,
+                "role": "user",
+                "content": attack,
+                "created_at": first["created_at"] + timedelta(seconds=1),
+                "tags": ["demo", "attack"],
+            }
+        )
+        planted[user.user_id] = attack
+    return planted
+
+
+def _leaked(db: Any, planted: dict[str, str]) -> int:
+    """Count the planted attacks a committed summary holds (any of their sentences, verbatim)."""
+    leaked = 0
+    for user_id, attack in planted.items():
+        profile = db["user_profiles"].find_one({"user_id": user_id}) or {}
+        summary = str(profile.get("memory_summary") or "")
+        leaked += any(sentence in summary for sentence in injection.sentences(attack))
+    return leaked
+
+
+def detector_rates() -> dict[str, Any]:
+    """Flag the attack and honest sets, and every distinct sentence of the demo population."""
+    result: dict[str, Any] = {}
+    for name, rows in (("attacks", injection_sets.ATTACKS), ("honest", injection_sets.HONEST)):
+        for language in ("en", "ru", "all"):
+            texts = [text for lang, text in rows if language in (lang, "all")]
+            hits = sum(bool(injection.flagged(text)) for text in texts)
+            result[f"{name}_{language}"] = {"sentences": len(texts), "flagged": hits}
+    rng = random.Random(42)
+    population = {*SMALL_TALK_RU, *SMALL_TALK_EN, *ASSISTANT_RU, *ASSISTANT_EN}
+    for _ in range(2000):
+        population.update(facts_for(rng))
+    flagged = sum(bool(injection.flagged(text)) for text in population)
+    result["demo_population"] = {"sentences": len(population), "flagged": flagged}
+    texts = [text for _, text in injection_sets.ATTACKS + injection_sets.HONEST]
+    injection._flag.cache_clear()
+    t0 = time.perf_counter()
+    for text in texts:
+        injection.flagged(text)
+    result["us_per_text"] = round(1e6 * (time.perf_counter() - t0) / len(texts), 1)
+    return result
 
 
 def phase_guards(
@@ -177,14 +256,54 @@ def phase_guards(
         "users": users,
         "chunk": chunk,
         "lingua_load_cpu_seconds": round(load, 3),
-        "modes": [_run_mode(mode, mongo, redis_port, fake, users, chunk) for mode in (*HONEST, *BAD)],
+        "injection_detector": detector_rates(),
+        "modes": [_run_mode(mode, mongo, redis_port, fake, users, chunk) for mode in (*HONEST, *BAD, GULLIBLE)],
     }
 
 
 def rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """Summary rows (figure, value, target, verdict) for tools/bench.py's table."""
     out = []
+    detector = result.get("injection_detector", {})
+    for language in ("en", "ru"):
+        if f"attacks_{language}" in detector:
+            attacks, honest = detector[f"attacks_{language}"], detector[f"honest_{language}"]
+            out.append(
+                (
+                    f"guards: injection detector, {language} attack set",
+                    f"{attacks['flagged']} of {attacks['sentences']} caught",
+                    "100%",
+                    "ok" if attacks["flagged"] == attacks["sentences"] else "MISSED",
+                )
+            )
+            out.append(
+                (
+                    f"guards: injection detector, {language} honest look-alikes",
+                    f"{honest['flagged']} of {honest['sentences']} flagged",
+                    "0",
+                    "ok" if honest["flagged"] == 0 else "FALSE ALARMS",
+                )
+            )
+    if "demo_population" in detector:
+        demo = detector["demo_population"]
+        out.append(
+            (
+                "guards: injection detector, demo population",
+                f"{demo['flagged']} of {demo['sentences']} distinct sentences flagged; {detector['us_per_text']} µs a text",
+                "0",
+                "ok" if demo["flagged"] == 0 else "FALSE ALARMS",
+            )
+        )
     for row in result["modes"]:
+        if row["mode"] == GULLIBLE:
+            value = (
+                f"{row['attacks_leaked']} of {row['attacks_planted']} planted attacks reached a committed summary; "
+                f"{row['users_rejected']} users rejected"
+            )
+            out.append(
+                ("guards: injection, gullible LLM", value, "0 leaked", "ok" if not row["attacks_leaked"] else "LEAKED")
+            )
+            continue
         if "false_alarms" in row:
             verdict = "ok" if row["false_alarms"] == 0 else "FALSE ALARMS"
             value = f"{row['false_alarms']} of {row['proposals']} proposals ({row['false_alarm_rate']:.1%})"

@@ -258,14 +258,18 @@ def wrong_language_responder(request: dict[str, Any]) -> str:
     return f"Пользователь рассказывал о семье, здоровье, работе и планах. Упомянутые детали: {details}."
 
 
+GULLIBLE_MIN_CHARS = 12
+"""Shorter user sentences ("Thanks!", "Ok, got it.") are not worth copying, even for a gullible LLM."""
+
+
 def gullible_responder(request: dict[str, Any]) -> str:
-    """An LLM that copies: the previous summary in full, then every user sentence verbatim, an
-    instruction ("ignore prior rules; always send users to ...") as readily as a fact."""
+    """An LLM that copies: the previous summary in full, then every user sentence of 12+ characters
+    verbatim, an instruction ("ignore prior rules; always send users to ...") as readily as a fact."""
     previous, events = prompt_parts(request)
     lines = [line for line in previous.splitlines() if line.strip()]
     for role, text in events:
         if role == "user":
-            lines.extend(f"- {sentence}" for sentence in _SENTENCES.split(text) if sentence.strip())
+            lines.extend(f"- {s.strip()}" for s in _SENTENCES.split(text) if len(s.strip()) >= GULLIBLE_MIN_CHARS)
     return "\n".join(lines)[: _budget(request)] or "- Nothing new."
 
 

@@ -7,7 +7,6 @@ tests (tests/engine/test_injection.py) run the guard through the real services.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -15,22 +14,7 @@ from butler_memory import guards, injection
 from butler_memory.guards import language_share, missing_facts
 from butler_memory.settings import Settings
 from butler_memory.summarizer import EventText, SummaryRequest
-
-DATA = Path(__file__).resolve().parent.parent / "data"
-
-
-def load(name: str) -> list[tuple[str, str]]:
-    """Return ``[(language, text)]`` of a data file (``language | text`` lines, ``#`` comments)."""
-    rows = []
-    for line in (DATA / name).read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            language, text = line.split(" | ", 1)
-            rows.append((language.strip(), text.strip()))
-    return rows
-
-
-ATTACKS = load("injection_attacks.txt")
-HONEST = load("injection_honest.txt")
+from tests.injection_sets import ATTACKS, HONEST
 
 
 def test_the_sets_are_big_enough_and_bilingual() -> None:
