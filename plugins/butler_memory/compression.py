@@ -31,7 +31,7 @@ from butler_memory.history import BASELINE, FOLD, Covers, HistoryEntry, Key, pro
 from butler_memory.injection import withheld
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
-from butler_memory.prompt import SYSTEM_PROMPT, build_messages, event_line
+from butler_memory.prompt import SYSTEM_PROMPT, build_messages, event_line, known_language
 from butler_memory.settings import Settings
 from butler_memory.store import (
     Backlog,
@@ -100,6 +100,8 @@ class UserResult:
     events_deleted: int = 0
     events_after: int = 0
     events_quarantined: int = 0
+    language_unknown: bool = False
+    """The profile's language is not a known code: summarised in ``summary_language`` instead."""
     """Events moved to the quarantine collection: they cannot be folded (see ``quarantine_event``)."""
     chunks: int = 0
     summary_chars: int = 0
@@ -340,7 +342,7 @@ def _compress_locked(
         store.nth_event_time(user_id, settings.threshold) if result.events_before > settings.threshold else None
     )
     log.info("user %s: folding %d of %d events", user_id, len(keys), result.events_before)
-    language = profile.language or settings.summary_language
+    language = _summary_language(profile, settings, result)
     summary, version = profile.summary, profile.version
     target: EventKey | None = None
     # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
@@ -436,6 +438,26 @@ def _compress_locked(
         result.summary_chars,
     )
     return result
+
+
+def _summary_language(profile: Profile, settings: Settings, result: UserResult) -> str:
+    """Return the known language code to summarise in: the profile's, else ``summary_language``."""
+    user_id = profile.user_id
+    language = profile.language or settings.summary_language
+    if known_language(language) is None:  # only the configured default can be unknown here
+        raise CompressionError(
+            f"user {user_id!r}: summary_language is not a known ISO 639-1 language code; fix the setting",
+            user_id=user_id,
+        )
+    if profile.language_unknown:
+        result.language_unknown = True
+        log.warning(
+            "user %s: profile field %r is not a known ISO 639-1 language code; summarising in %r",
+            user_id,
+            settings.language_field,
+            settings.summary_language,
+        )
+    return language
 
 
 class SummarizerIdentity(TypedDict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC
+from functools import cache
 
 from butler_memory.summarizer import EventText, SummaryRequest
 
@@ -20,6 +21,38 @@ LANGUAGE_NAMES = {
     "es": "Spanish",
     "uk": "Ukrainian",
 }
+
+
+def known_language(code: object) -> str | None:
+    """Return ``code`` as a lower-case ISO 639-1 code the language guard can check, else None.
+
+    Known = one of the languages of the detector the language guard uses (Lingua, 75 languages).
+    A region or script tag is dropped ("en-US", "pt_BR" -> "en", "pt"). Anything else (a typo, a
+    sentence in the profile) is unknown: it never enters the prompt and never turns the guard off.
+    """
+    if not isinstance(code, str):
+        return None
+    base = code.strip().replace("_", "-").split("-", 1)[0].lower()
+    return base if base in _detector_codes() else None
+
+
+@cache
+def _detector_codes() -> frozenset[str]:
+    from lingua import Language
+
+    return frozenset(language.iso_code_639_1.name.lower() for language in Language.all())
+
+
+def language_name(code: str) -> str:
+    """Return the English name of a known language code, as the system prompt says it ("Italian")."""
+    known = known_language(code)
+    if known is None:
+        raise ValueError(f"not a known ISO 639-1 language code ({len(code)} characters)")
+    if known in LANGUAGE_NAMES:
+        return LANGUAGE_NAMES[known]
+    from lingua import IsoCode639_1, Language
+
+    return Language.from_iso_code_639_1(getattr(IsoCode639_1, known.upper())).name.title()
 
 
 def estimate_tokens(text: str | int) -> int:
@@ -57,7 +90,7 @@ def event_line(event: EventText) -> str:
 
 def build_messages(request: SummaryRequest) -> list[dict[str, str]]:
     """Return chat messages that fence the user's content as data."""
-    language = LANGUAGE_NAMES.get(request.language, request.language)
+    language = language_name(request.language)  # a known code's name: never the profile's raw text
     lines = [event_line(ev) for ev in request.events]
     user = (
         "Current summary (data):\n<<<SUMMARY\n"

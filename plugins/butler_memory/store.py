@@ -26,6 +26,7 @@ from pymongo.write_concern import WriteConcern
 
 from butler_memory.errors import ConcurrentUpdateError, InvalidEventError, InvalidProfileError, StoreError
 from butler_memory.history import SummaryHistory
+from butler_memory.prompt import known_language
 from butler_memory.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ class Profile:
     summary: str = ""
     version: int = 0
     language: str | None = None
+    """The profile's language as a known ISO 639-1 code (``prompt.known_language``), else None."""
+    language_unknown: bool = False
+    """The profile names a language that is not a known code: the configured default is used."""
     pending: PendingFold | None = None
     fold_target: EventKey | None = None
     through: EventKey | None = None
@@ -785,9 +789,8 @@ def parse_profile(user_id: str, doc: Mapping[str, Any], settings: Settings) -> P
     version = doc.get(VERSION_FIELD) or 0
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise InvalidProfileError(user_id, VERSION_FIELD, "is not a non-negative integer")
-    language = doc.get(settings.language_field)
-    if language is not None and not (isinstance(language, str) and 2 <= len(language) <= 16):
-        raise InvalidProfileError(user_id, settings.language_field, "is not a language code")
+    raw_language = doc.get(settings.language_field)
+    language = known_language(raw_language)  # an unknown one: the configured default, never the raw text
     pending = None
     raw = doc.get(PENDING_FIELD)
     if raw is not None:
@@ -821,6 +824,7 @@ def parse_profile(user_id: str, doc: Mapping[str, Any], settings: Settings) -> P
         summary=summary,
         version=version,
         language=language,
+        language_unknown=raw_language is not None and language is None,
         pending=pending,
         fold_target=target,
         through=through,
