@@ -163,3 +163,22 @@ def test_an_instruction_the_llm_writes_itself_is_rejected_and_nothing_changes(
     assert redis_client.keys("*") == [], "the lock must be released after a rejection"
     reject = m.guard_metric("injection", "reject")
     statsd.wait_for(lambda lines: any(line.startswith(f"{reject}:1|c") for line in lines))
+
+
+def test_a_refold_of_archived_injections_keeps_them_out_too(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    """The archive keeps the raw events, injection included; folding them again withholds it again."""
+    settings = small_settings(max_events_per_chunk=4)
+    insert_events(mongo_db, "u1", 14, content=attacked)
+    make_engine(mongo_db, redis_client, settings, OfflineSummarizer()).compress("u1")
+    version = profile_of(mongo_db, "u1")["memory_summary_version"]
+    assert mongo_db["user_memory_archive"].count_documents({"content": {"$regex": "evil"}}) == 1, "archived raw"
+    llm.set_responder("gullible")
+
+    result = make_engine(mongo_db, redis_client, settings, make_openai()).refold("u1", run_id="refold-1")
+
+    assert profile_of(mongo_db, "u1")["memory_summary_version"] == version + 1, result
+    assert_clean(mongo_db, "u1")
+    assert result.guards["injection"] == "redact", result
+    assert not [r for r in llm.chat_requests if EVIL in str(r["messages"])], "the injection was sent to the LLM"
