@@ -787,6 +787,14 @@ def alert_cases() -> list[tuple[str, list[dict[str, str]], list[dict[str, Any]]]
         ("1m", [_series(f"{p}_guard_facts_checks_total", "0+0.03x400"),
                 _series(f"{p}_guard_facts_reject_total", "0+0.03x400")],
          [_silent("MemoryWorkerGuardFailures", "5h")]),
+        # One summary rejected by the injection guard at minute 20: firing, and quiet again 6 h later.
+        ("1m", [_series(f"{p}_guard_injection_reject_total", "0x20 1x400")],
+         [_silent("MemoryWorkerInjectionRejected", "10m"), _fires("MemoryWorkerInjectionRejected", "30m"),
+          _silent("MemoryWorkerInjectionRejected", "7h")]),
+        # Sentences withheld from the summariser (redact) are attempts that failed: no alert.
+        ("1m", [_series(f"{p}_guard_injection_redact_total", "0+5x60"),
+                _series(f"{p}_guard_injection_checks_total", "0+10x60")],
+         [_silent("MemoryWorkerInjectionRejected", "50m")]),
         # The exporter cannot be scraped.
         ("1m", [_series("up", "1x10 0x30", job="statsd-exporter")],
          [_silent("MemoryWorkerMetricsDown", "15m"),
