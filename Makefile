@@ -53,6 +53,7 @@ airflow: venv
 bench: venv
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/bench_fresh.py
+	$(BIN)/python tools/bench_client.py
 
 lock: venv
 	$(BIN)/pip install --quiet uv
