@@ -17,8 +17,11 @@ Forget a user, or some of their events, everywhere butler-memory keeps them (man
 * Every erasure leaves a content-free audit record in `memory_erasures` (a keyed reference to the
   user; needs the `butler_memory_erasure` connection or `BUTLER_MEMORY_ERASURE_SECRET`).
 
-Note: this run's conf (the user id) stays in Airflow's metadata database; `docs/erasure.md` says
-how to purge it. Same engine as `python -m butler_memory forget`.
+Once the run finished, the `butler_memory_erasure_scrub` plugin replaces its user and event ids by
+`[erased]` in Airflow's metadata DB (its conf, and for a whole user every memory_* DAG's rows): a
+finished run cannot be cleared to run again, trigger a new one. The result XCom holds counts and the
+audit id, no keyed reference. Only `MemoryAdmin` is granted this DAG. What stays in Airflow (task
+log files of earlier runs): `docs/erasure.md`. Same engine as `python -m butler_memory forget`.
 """
 
 from __future__ import annotations

@@ -310,7 +310,8 @@ def scrub(value: Any, user_id: str, pattern: re.Pattern[str]) -> Any:
     return value
 
 
-def _id_pattern(user_id: str) -> re.Pattern[str]:
+def id_pattern(user_id: str) -> re.Pattern[str]:
+    """Return a pattern matching the id as a whole word inside longer strings."""
     # Whole ids only: erasing "u1" must not touch "u10".
     return re.compile(rf"(?<![\w.-]){re.escape(user_id)}(?![\w.-])")
 
@@ -330,7 +331,7 @@ def _runs_naming(store: MemoryStore, user_id: str) -> list[tuple[Collection[dict
     not grow with the run history. The few state documents are all read. Every document read is
     scrubbed whole, so a field added later by another feature is covered without being known here.
     """
-    pattern = _id_pattern(user_id)
+    pattern = id_pattern(user_id)
     settings = store.settings
     runs = {settings.runs_collection, settings.catchup_runs_collection}
     found = []

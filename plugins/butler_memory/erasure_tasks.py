@@ -1,6 +1,8 @@
 """Body of the memory_erasure DAG's task: params in, one erasure, a content-free result out.
 
-XCom carries the audit record's id, the keyed reference, counts and version numbers; never content.
+XCom carries the audit record's id, counts and version numbers: never content, never the keyed
+reference (beside the run, it would tie the audit record to the run's conf), and no error text or
+log line names the user or event ids (docs/erasure.md: what an erasure leaves in Airflow).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from butler_memory import erasure, forget
+from butler_memory import airflow_scrub, erasure, forget
 from butler_memory.connections import build_engine, erasure_secret
 from butler_memory.dag_tasks import _fail, resolve_settings
 from butler_memory.errors import CompressionError
@@ -58,8 +60,10 @@ def run(params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
                     requested_by=f"dag:{run_id}",
                 )
     except CompressionError as exc:
+        patterns = [erasure.id_pattern(value) for value in (user_id, *event_ids)]
+        message = airflow_scrub.redact(f"{type(exc).__name__}: {exc}", patterns)
         if exc.retryable:
-            raise RuntimeError(f"{type(exc).__name__}: {exc} (will retry)") from None
-        raise _fail(f"{type(exc).__name__}: {exc}") from None
+            raise RuntimeError(f"{message} (will retry)") from None
+        raise _fail(message) from None
     log.info("erasure\n%s", erasure.to_text(result))
-    return result.to_dict()
+    return {name: value for name, value in result.to_dict().items() if name != "subject"}

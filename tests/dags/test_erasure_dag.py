@@ -131,3 +131,84 @@ def test_bad_params_are_refused_at_trigger_time(dags: FreshDags, conf: Doc, para
         with pytest.raises(ParamValidationError) as caught:
             validate(dags["erase"], conf)
         assert str(caught.value).splitlines()[0].startswith(f"Invalid input for param {param}: "), caught.value
+
+
+GONE, KEPT, SOME = "u-erased-7f3a", "u-kept-7f3a", "u-some-7f3a"
+
+
+def metadata_rows_naming(needle: str) -> dict[str, int]:
+    """Return {table: rows} for every table of Airflow's metadata DB with a row whose text contains ``needle``."""
+    from airflow.utils.session import create_session
+    from sqlalchemy import inspect, text
+
+    with create_session() as session:
+        bind = session.get_bind()
+        if bind.dialect.name != "postgresql":
+            pytest.skip("reads every row as text with PostgreSQL's row-to-text cast; the session DB is SQLite")
+        found = {}
+        for table in inspect(bind).get_table_names():
+            query = f'SELECT count(*) FROM "{table}" AS t WHERE t::text LIKE :needle'  # noqa: S608  # names from the catalogue
+            n = session.execute(text(query), {"needle": f"%{needle}%"}).scalar_one()
+            if n:
+                found[table] = n
+    return found
+
+
+def conf_of(run: Any) -> Doc:
+    """Return the run's conf as the metadata DB holds it now."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        return dict(session.scalar(select(DagRun.conf).where(DagRun.id == run.id)) or {})
+
+
+def test_an_erasure_through_airflow_leaves_no_id_in_the_metadata_db_or_its_log(
+    dags: FreshDags, world: dict[str, Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    seed_users(world["db"], {GONE: 60, KEPT: 60, SOME: 60})
+    compressed = dags["compress"].test(run_conf={"user_ids": [GONE, KEPT, SOME]})
+    assert compressed.state == "success", {k: ti.state for k, ti in task_instances(compressed).items()}
+    named = metadata_rows_naming(GONE)
+    assert {"dag_run", "task_instance", "xcom", "rendered_task_instance_fields"} <= set(named), named
+    capfd.readouterr()
+
+    dry = dags["erase"].test(run_conf={"user_id": GONE})
+    assert dry.state == "success" and result_of(dry)["status"] == "dry_run"
+    assert conf_of(dry)["user_id"] == "[erased]", "a finished dry run still holds the id in its conf"
+    assert metadata_rows_naming(GONE) == named, "a dry run erased nothing, so the compression's rows stay"
+
+    real = dags["erase"].test(run_conf={"user_id": GONE, "dry_run": False, "include_events": True})
+    assert real.state == "success", {k: ti.state for k, ti in task_instances(real).items()}
+    assert result_of(real)["status"] == "erased" and "subject" not in result_of(real)
+    assert metadata_rows_naming(GONE) == {}, "a row of Airflow's metadata DB still names the erased user"
+    assert conf_of(real) == {"user_id": "[erased]", "dry_run": False, "include_events": True}
+    labels = {ti.rendered_map_index for (task, _), ti in task_instances(compressed).items() if task == "compress_user"}
+    assert labels == {"[erased]", KEPT, SOME}, "only the erased user's label changed"
+    assert conf_of(compressed) == {"user_ids": ["[erased]", KEPT, SOME]}
+
+    some = dags["erase"].test(run_conf={"user_id": SOME, "event_ids": [f"{SOME}-0003"], "dry_run": False})
+    assert some.state == "success" and result_of(some)["status"] == "forgotten", result_of(some)
+    assert metadata_rows_naming(f"{SOME}-0003") == {}
+    assert conf_of(some)["user_id"] == "[erased]" and conf_of(some)["event_ids"] == ["[erased]"]
+    assert metadata_rows_naming(KEPT), "a user nobody erased keeps their rows"
+    assert SOME in conf_of(compressed)["user_ids"], "forgetting events does not erase the user's id elsewhere"
+
+    printed = capfd.readouterr()
+    assert GONE not in printed.out + printed.err, "an erasure run's log names the user"
+    assert f"{SOME}-0003" not in printed.out + printed.err, "an erasure run's log names the event"
+
+
+def test_a_failed_erasure_leaves_no_id_in_its_conf_or_its_error(
+    dags: FreshDags, world: dict[str, Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    seed_users(world["db"], {KEPT: 60})
+    capfd.readouterr()
+    run = dags["erase"].test(run_conf={"user_id": "u-nobody-7f3a", "dry_run": False})
+    assert run.state == "failed"
+    printed = capfd.readouterr()
+    assert "ForgetInputError" in printed.out + printed.err, "the failure is logged"
+    assert "u-nobody-7f3a" not in printed.out + printed.err, "the failure's log names the user"
+    assert conf_of(run)["user_id"] == "[erased]"
+    assert metadata_rows_naming("u-nobody-7f3a") == {}
