@@ -194,7 +194,8 @@ def _state(doc: Mapping[str, Any] | None) -> list[Any]:
 
 
 def _projection(settings: Settings) -> dict[str, int]:
-    names = ["user_id", settings.summary_field, settings.language_field, *OUR_PROFILE_FIELDS, ERASING_FIELD]
+    # Not the language field: the read has no use for it, and a value of the Butler's own cannot fail it.
+    names = ["user_id", settings.summary_field, *OUR_PROFILE_FIELDS, ERASING_FIELD]
     return dict.fromkeys(names, 1)
 
 

@@ -21,7 +21,13 @@ from pymongo.database import Database
 from butler_memory import client as butler
 from butler_memory import forget
 from butler_memory.compression import COMPRESSED, SKIPPED_LOCKED, Engine
-from butler_memory.errors import InvalidEventError, InvalidProfileError, InvalidUserIdError, LockUnavailableError
+from butler_memory.errors import (
+    ConcurrentUpdateError,
+    InvalidEventError,
+    InvalidProfileError,
+    InvalidUserIdError,
+    LockUnavailableError,
+)
 from butler_memory.settings import SettingsError
 from butler_memory.store import ERASING_FIELD, FORGET_FIELD, PENDING_FIELD, ROLLBACK_FIELD, VERSION_FIELD
 from tests.engine.conftest import OpenAIFactory
@@ -381,3 +387,17 @@ def test_a_fold_between_the_profile_and_the_events_read_makes_the_read_start_aga
         memory = done.value
     assert memory.version == 3
     assert_exactly_once(memory, ids_of(0, 20))
+
+
+def test_a_profile_that_moves_during_every_read_gives_a_clear_retryable_error(
+    mongo_db: Database[Doc], engine: Engine
+) -> None:
+    insert_events(mongo_db, USER, 3)
+    plan = butler.read_plan(USER, SETTINGS)
+    find = next(plan)
+    with pytest.raises(ConcurrentUpdateError, match=f"user '{USER}': the profile changed during each of 8 reads"):
+        for version in range(1, 100):
+            if find.collection == "events":  # a writer commits between every profile read and its re-check
+                set_profile(mongo_db, USER, **{VERSION_FIELD: version})
+            find = plan.send(run_find(mongo_db, find))
+    assert version == 3 * butler.ATTEMPTS, "three reads an attempt, then it gives up"
