@@ -1,8 +1,9 @@
 """Read one user's memory in a tight loop (the consistency test's other process).
 
 Usage: ``python tests/engine/client_reader.py '<json>'`` with keys ``mongo_uri``, ``db``, ``user_id``,
-``settings`` (a Settings mapping), ``out`` (a file: one JSON line a read), ``stop`` and ``forgot``
-(marker files). Each line: ``forgot`` (the forget-returned marker existed *before* the read began),
+``settings`` (a Settings mapping), ``out`` (a file: one JSON line a read), ``stop``, ``arrived`` and
+``forgot`` (marker files). Each line: ``arrived`` and ``forgot`` (whether that marker existed *before*
+the read began),
 ``version``, ``summary`` (the summary's words: a ``chain_responder`` ledger of event ids), ``raw``
 (the raw events' ``_id``s), ``erasing``, or ``error`` (the exception type) when a read failed.
 Runs until the ``stop`` file exists. Needs ``plugins/`` on PYTHONPATH.
@@ -28,14 +29,15 @@ def main(argv: list[str]) -> int:
     reader = MemoryClient(client[config["db"]], settings=Settings.from_mapping(config["settings"]))
     with open(config["out"], "a", encoding="utf-8") as out:
         while not os.path.exists(config["stop"]):
-            forgot = os.path.exists(config["forgot"])
+            forgot, arrived = os.path.exists(config["forgot"]), os.path.exists(config["arrived"])
             try:
                 memory = reader.memory(config["user_id"])
             except CompressionError as exc:
-                line: dict[str, object] = {"forgot": forgot, "error": type(exc).__name__}
+                line: dict[str, object] = {"forgot": forgot, "arrived": arrived, "error": type(exc).__name__}
             else:
                 line = {
                     "forgot": forgot,
+                    "arrived": arrived,
                     "version": memory.version,
                     "summary": memory.summary.split(),
                     "raw": [str(ev.id) for ev in memory.events],

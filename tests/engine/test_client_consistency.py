@@ -1,6 +1,6 @@
 """Consistency, proven: another process reads ``memory(user_id)`` in a tight loop while the user is
-compressed, killed mid-way and re-run, rolled back (killed, re-run), re-folded and forgotten
-(killed, re-run). Every read must hold each live event exactly once, in the summary or in the raw
+compressed, killed mid-way and re-run (an event arriving during the re-run, timed before every
+other), rolled back (killed, re-run), re-folded and forgotten (killed, re-run). Every read must hold each live event exactly once, in the summary or in the raw
 list; a forgotten event never once the forget returned.
 
 The fake LLM answers with a ledger (``chain_responder``), so a summary's words are the ids of the
@@ -35,6 +35,8 @@ from tools.services import MongoService, RedisService
 Doc = dict[str, Any]
 READER = Path(__file__).with_name("client_reader.py")
 ALL = {f"{USER}-e{i:03d}" for i in range(36)}
+ARRIVING = f"{USER}-e036"
+"""Written during a compression, timed before everything: in every read that starts after it was written."""
 FORGOTTEN = {f"{USER}-e002", f"{USER}-e035"}
 """One folded into the summary long ago (archived), one still raw."""
 READS_PER_STATE = 15
@@ -46,7 +48,8 @@ class Reader:
     """The reading process and its output."""
 
     def __init__(self, tmp_path: Path, mongo_service: MongoService, db: Database[Doc]) -> None:
-        self.out, self.stop, self.forgot = tmp_path / "reads.jsonl", tmp_path / "stop", tmp_path / "forgot"
+        self.out, self.stop = tmp_path / "reads.jsonl", tmp_path / "stop"
+        self.arrived, self.forgot = tmp_path / "arrived", tmp_path / "forgot"
         self.out.touch()
         config = {
             "mongo_uri": mongo_service.uri,
@@ -55,6 +58,7 @@ class Reader:
             "settings": SETTINGS.as_dict(),
             "out": str(self.out),
             "stop": str(self.stop),
+            "arrived": str(self.arrived),
             "forgot": str(self.forgot),
         }
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO)])}
@@ -108,9 +112,10 @@ def check(read: Doc) -> None:
     assert not both, f"v{read['version']}: in the summary and the raw list: {sorted(both)}"
     assert len(set(summarised)) == len(summarised) and len(set(raw)) == len(raw), f"listed twice: {read}"
     seen = set(summarised) | set(raw)
-    missing = ALL - FORGOTTEN - seen
+    live = ALL | ({ARRIVING} if read["arrived"] else set())
+    missing = live - FORGOTTEN - seen
     assert not missing, f"v{read['version']}: in neither the summary nor the raw list: {sorted(missing)}"
-    assert seen <= ALL, f"unknown ids: {sorted(seen - ALL)}"
+    assert seen <= ALL | {ARRIVING}, f"unknown ids: {sorted(seen - ALL - {ARRIVING})}"
     if read["forgot"]:
         assert not seen & FORGOTTEN, f"v{read['version']}: forgotten yet returned: {sorted(seen & FORGOTTEN)}"
 
@@ -138,7 +143,14 @@ def test_every_read_sees_each_live_event_exactly_once(
         kill(mongo_service, mongo_db, redis_service, redis_client, llm, "committed", 2)
         assert profile_of(mongo_db, USER)[PENDING_FIELD]["version"] == 5
         reader.wait()
-        assert engine.compress(USER, run_id="r1", checkpoint=reader.step).summary_version == 7
+
+        def arrive(step: str) -> None:
+            reader.step(step)
+            if step == "summarized" and not reader.arrived.exists():  # mid-compression, an old timestamp
+                insert_events(mongo_db, USER, 1, first=36, start=START - timedelta(days=2))
+                reader.arrived.touch()
+
+        assert engine.compress(USER, run_id="r1", checkpoint=arrive).summary_version == 7
         reader.wait()
         # Rolled back, killed with the events back in user_memory and the summary not yet restored, re-run.
         kill(mongo_service, mongo_db, redis_service, redis_client, llm, "restored", 1, task="rollback", rollback="r1")
@@ -175,4 +187,5 @@ def test_every_read_sees_each_live_event_exactly_once(
     versions = {read["version"] for read in reads}
     assert {3, 5, 7, 8, 9, 10} <= versions, f"the reader should have read every state, read {sorted(versions)}"
     assert sum(read["forgot"] for read in reads) >= READS_PER_STATE
+    assert any(read["arrived"] and ARRIVING in read["raw"] for read in reads), "the arrival was read"
     assert any(set(FORGOTTEN) & set(read["summary"] + read["raw"]) for read in reads), "before the forget"
