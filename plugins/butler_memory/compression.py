@@ -100,6 +100,10 @@ class UserResult:
     events_deleted: int = 0
     events_after: int = 0
     events_quarantined: int = 0
+    fold_capped: bool = False
+    """The run folded ``max_fold_events`` and left older-than-kept events for the next run."""
+    events_left: int = 0
+    """Events over ``keep_last_n`` the cap left for the next run (0 when not capped)."""
     language_unknown: bool = False
     """The profile's language is not a known code: summarised in ``summary_language`` instead."""
     """Events moved to the quarantine collection: they cannot be folded (see ``quarantine_event``)."""
@@ -328,6 +332,7 @@ def _compress_locked(
         result.status = SKIPPED_BELOW_THRESHOLD
         result.events_after = result.events_before
         return result
+    _note_cap(result, keys, settings, len(misdated))
     checkpoint("selected")
     if dry_run:
         # Events of an unfinished fold are already summarised: a real run deletes them, never folds them.
@@ -427,6 +432,14 @@ def _compress_locked(
         result.freshness_seconds = round(max((now - crossed_at).total_seconds(), 0.0), 3)
         metrics.timing(m.FRESHNESS_LAG_SECONDS, result.freshness_seconds)
     result.events_after = store.count_events(user_id)
+    if result.fold_capped:
+        metrics.incr(m.USERS_FOLD_CAPPED_TOTAL)
+        log.info(
+            "user %s: max_fold_events (%d) reached; %d event(s) left for the next run",
+            user_id,
+            settings.max_fold_events,
+            result.events_left,
+        )
     log.info(
         "user %s: folded %d events in %d chunk(s), deleted %d, %d left, summary v%d %d chars",
         user_id,
@@ -438,6 +451,15 @@ def _compress_locked(
         result.summary_chars,
     )
     return result
+
+
+def _note_cap(result: UserResult, keys: list[EventKey], settings: Settings, misdated: int) -> None:
+    """Record in ``result`` whether ``max_fold_events`` cut the fold list, and how many events it left."""
+    if len(keys) < settings.max_fold_events:
+        return
+    left = result.events_before - misdated - settings.keep_last_n - len(keys)
+    if left > 0:
+        result.fold_capped, result.events_left = True, left
 
 
 def _summary_language(profile: Profile, settings: Settings, result: UserResult) -> str:

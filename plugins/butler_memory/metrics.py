@@ -47,6 +47,8 @@ LAST_SUCCESS_TIMESTAMP = f"{PREFIX}_last_success_timestamp_seconds"
 # Per user (emitted by compress_user).
 USERS_SKIPPED_LOCKED_TOTAL = f"{PREFIX}_users_skipped_locked_total"
 USERS_SKIPPED_BELOW_THRESHOLD_TOTAL = f"{PREFIX}_users_skipped_below_threshold_total"
+USERS_FOLD_CAPPED_TOTAL = f"{PREFIX}_users_fold_capped_total"
+"""Counter: users whose compression folded max_fold_events and left the rest for the next run."""
 USERS_SKIPPED_BUDGET_TOTAL = f"{PREFIX}_users_skipped_budget_total"
 """Counter: users not started because the day's LLM token budget was spent."""
 USERS_SKIPPED_BACKOFF_TOTAL = f"{PREFIX}_users_skipped_backoff_total"
@@ -98,6 +100,7 @@ ALL_METRICS: Mapping[str, str] = {
     LAST_SUCCESS_TIMESTAMP: "gauge",
     USERS_SKIPPED_LOCKED_TOTAL: "counter",
     USERS_SKIPPED_BELOW_THRESHOLD_TOTAL: "counter",
+    USERS_FOLD_CAPPED_TOTAL: "counter",
     USERS_SKIPPED_BUDGET_TOTAL: "counter",
     USERS_SKIPPED_BACKOFF_TOTAL: "counter",
     EVENTS_FOLDED_TOTAL: "counter",

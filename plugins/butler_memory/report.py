@@ -83,6 +83,8 @@ def build_report(
         "user_ids": sorted({u["user_id"] for u in users}),
         "backlog_events": sum((backlog or {}).values()),
         "backlog_left": backlog_left,
+        "users_fold_capped": sum(1 for u in users if u.get("fold_capped")),
+        "events_left": sum(int(u.get("events_left") or 0) for u in users),
         **total,
         "user_seconds_max": max((float(u.get("seconds") or 0) for u in users), default=0.0),
         **freshness(users),
@@ -162,6 +164,12 @@ def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
             else ""
         ),
     ]
+    if report.get("users_fold_capped"):
+        lines += [
+            "",
+            f"**{report['users_fold_capped']}** user(s) reached `max_fold_events`: "
+            f"**{report.get('events_left', 0)}** event(s) left for their next runs.",
+        ]
     if report.get("users_skipped_budget"):
         lines += [
             "",
