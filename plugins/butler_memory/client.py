@@ -45,7 +45,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Generator, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -106,7 +106,8 @@ class MemoryEvent:
     event_id: Any
     """The Butler's ``event_id`` (the ``_id`` when the document has none)."""
     role: str
-    content: str
+    content: str = field(repr=False)
+    """Conversation content: left out of ``repr``, so a logged event shows its ids only."""
     created_at: datetime
 
 
@@ -120,6 +121,13 @@ class Memory:
     events: tuple[MemoryEvent, ...]
     erasing: bool = False
     """An erasure of the whole user is unfinished: nothing is returned until it is done."""
+
+    def __repr__(self) -> str:
+        """Show ids, version and counts, never the summary or the events (a logged Memory leaks nothing)."""
+        return (
+            f"Memory(user_id={self.user_id!r}, version={self.version}, summary_chars={len(self.summary)}, "
+            f"events={len(self.events)}, erasing={self.erasing})"
+        )
 
     def messages(self) -> list[dict[str, str]]:
         """Return the events as chat messages (``role``, ``content``), oldest first."""

@@ -401,3 +401,14 @@ def test_a_profile_that_moves_during_every_read_gives_a_clear_retryable_error(
                 set_profile(mongo_db, USER, **{VERSION_FIELD: version})
             find = plan.send(run_find(mongo_db, find))
     assert version == 3 * butler.ATTEMPTS, "three reads an attempt, then it gives up"
+
+
+def test_a_logged_memory_shows_no_content(mongo_db: Database[Doc], engine: Engine, reader: butler.MemoryClient) -> None:
+    insert_events(mongo_db, USER, 20)
+    engine.compress(USER, run_id="r0")
+    memory = reader.memory(USER)
+    shown = f"{memory!r} {memory.events!r} {memory}"
+    assert "weather" not in shown and memory.summary not in shown, shown
+    assert (
+        repr(memory) == f"Memory(user_id='u1', version=3, summary_chars={len(memory.summary)}, events=5, erasing=False)"
+    )
