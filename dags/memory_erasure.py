@@ -41,9 +41,10 @@ ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?
 def forget() -> dict:
     """Forget the user, or the events, the params name."""
     from butler_memory import erasure_tasks
+    from butler_memory.runs import run_key
 
     context = get_current_context()
-    return erasure_tasks.run(context["params"], context["run_id"])
+    return erasure_tasks.run(context["params"], run_key(context["ti"].dag_id, context["run_id"]))
 
 
 @dag(

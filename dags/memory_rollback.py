@@ -69,7 +69,8 @@ def report() -> dict:
             minLength=1,
             maxLength=250,
             title="Run id",
-            description="The memory_compression run to undo (its run id, e.g. scheduled__2026-03-01T00:00:00+00:00).",
+            description="The run to undo: DAG_ID/RUN_ID (e.g. memory_compression/scheduled__2026-03-01T00:00:00+00:00), "
+            "or the bare run id when only one DAG ran it.",
         ),
         "user_ids": Param(
             [],

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from butler_memory.compression import FAILED, UserResult, failed_result
-from butler_memory.errors import CompressionError, ForgetInputError, LockUnavailableError
+from butler_memory.errors import CompressionError, ForgetInputError, LockUnavailableError, RollbackRefusedError
 from butler_memory.qualify import Thresholds
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
 from butler_memory.settings import SettingsError
@@ -305,6 +305,9 @@ def _each_user(
         except LockUnavailableError as exc:
             err.write(f"error: {exc}\n")
             return EXIT_UNAVAILABLE
+        except RollbackRefusedError as exc:  # e.g. a run the history does not know: nothing was changed
+            err.write(f"error: {exc}\n")
+            return EXIT_USAGE
         except Exception as exc:  # MongoDB down: say which, exit non-zero
             return _unreachable(err, exc)
         results = []
@@ -322,16 +325,25 @@ def _each_user(
 def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Roll back one run for each user it changed; print one line per user; return the exit code."""
     from butler_memory.rollback import RollbackResult, users_of_run
+    from butler_memory.runs import resolve_run, split_run_key
 
-    rollback_id = f"rollback__{args.run_id}__{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S')}"
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    target: dict[str, str] = {}
+
+    def users(engine: Any) -> Sequence[str]:
+        # The run as the history names it (DAG_ID/RUN_ID; a bare id of one DAG, or of an older version, too).
+        target["run"] = resolve_run(args.run_id, engine.store.history.run_names)
+        target["id"] = f"rollback__{split_run_key(target['run'])[1]}__{started}"
+        return users_of_run(engine.store, target["run"], args.users)
+
     results = _each_user(
         err,
         dry_run=args.dry_run,
-        users=lambda engine: users_of_run(engine.store, args.run_id, args.users),
+        users=users,
         act=lambda engine, user_id: engine.rollback(
             user_id,
-            args.run_id,
-            rollback_id=rollback_id,
+            target["run"],
+            rollback_id=target["id"],
             cascade=args.cascade,
             allow_missing=args.allow_missing_events,
             dry_run=args.dry_run,

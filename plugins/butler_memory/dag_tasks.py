@@ -25,6 +25,7 @@ from butler_memory.connections import (
 from butler_memory.doorbell import DoorbellRecord
 from butler_memory.errors import CompressionError
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
+from butler_memory.runs import run_key
 from butler_memory.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def compress(user_ids: Sequence[str], params: Mapping[str, Any], ti: Any, run_id
                     )
                     rows.append(earlier)
                     continue
-                row, error = _compress_one(engine, user_id, run_id, dry_run, holder)
+                row, error = _compress_one(engine, user_id, run_key(ti.dag_id, run_id), dry_run, holder)
                 if error is not None:
                     failures.append((user_id, error))
                     if not error.retryable and not dry_run:  # the same failure again next time: do not retry soon
@@ -255,6 +256,7 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
         backlog_left=int(scan_info.get("left") or 0),
         backed_off=len(scan_info.get("backed_off") or []),
     )
+    doc["run_key"] = run_key(ti.dag_id, run_id)  # how the summary history and the archive name this run
     idle = kind == fresh.CATCHUP and not scanned
     if not doc["dry_run"]:
         with mongo_store(settings) as store:

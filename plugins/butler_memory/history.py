@@ -234,6 +234,10 @@ class SummaryHistory:
             current = entry.base_version if entry.version > 0 and entry.base_version < entry.version else None
         return chain
 
+    def run_names(self, pattern: str) -> list[str]:
+        """Return the run names (keys, or older bare ids) of versions whose run matches a regular expression."""
+        return sorted(r for r in self.coll.distinct("run_id", {"run_id": {"$regex": pattern}}) if isinstance(r, str))
+
     def users_of_run(self, run_id: str) -> list[str]:
         """Return the users a run wrote versions for."""
         return sorted(u for u in self.coll.distinct("user_id", {"run_id": run_id}) if isinstance(u, str))

@@ -12,8 +12,9 @@ from typing import Any
 
 from butler_memory.connections import build_engine
 from butler_memory.dag_tasks import FAILURE_XCOM_KEY, _as_list, _fail, resolve_settings
-from butler_memory.errors import CompressionError
+from butler_memory.errors import CompressionError, RollbackRefusedError
 from butler_memory.rollback import FAILED, REFUSED, SKIPPED_LOCKED, RollbackResult, users_of_run
+from butler_memory.runs import resolve_run, run_key
 from butler_memory.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,22 @@ def plan(params: Mapping[str, Any]) -> list[str]:
         settings = resolve_settings({})
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
-    run_id = params["run_id"]
     with build_engine(settings) as engine:
         if not params.get("dry_run"):
             engine.locks.ping()  # no lock service, no rollback
             engine.store.ensure_indexes()
+        run_id = _target(engine, params)
         users = users_of_run(engine.store, run_id, params.get("user_ids") or None)
     log.info("rollback of run %s: %d user(s)", run_id, len(users))
     return users
+
+
+def _target(engine: Any, params: Mapping[str, Any]) -> str:
+    """Return the run key the history records for the ``run_id`` param; fail naming what was found."""
+    try:
+        return resolve_run(params["run_id"], engine.store.history.run_names)
+    except RollbackRefusedError as exc:
+        raise _fail(str(exc)) from None
 
 
 def rollback(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
@@ -43,10 +52,11 @@ def rollback(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
     target = params["run_id"]
     try:
         with build_engine(settings) as engine:
+            target = _target(engine, params)
             result = engine.rollback(
                 user_id,
                 target,
-                rollback_id=run_id,
+                rollback_id=run_key(ti.dag_id, run_id),
                 cascade=bool(params.get("cascade")),
                 allow_missing=bool(params.get("allow_missing_events")),
                 dry_run=bool(params.get("dry_run")),
@@ -98,7 +108,7 @@ def refold(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dic
     settings = resolve_settings({})
     try:
         with build_engine(settings) as engine:
-            result = engine.refold(user_id, run_id=run_id, dry_run=bool(params.get("dry_run")))
+            result = engine.refold(user_id, run_id=run_key(ti.dag_id, run_id), dry_run=bool(params.get("dry_run")))
     except CompressionError as exc:
         if exc.retryable:
             raise RuntimeError(f"{type(exc).__name__}: {exc} (will retry)") from None

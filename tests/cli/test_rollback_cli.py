@@ -111,3 +111,27 @@ def test_refold_through_the_command_line(
     kinds = [e["kind"] for e in mongo_db["user_memory_summaries"].find({"user_id": "a"}).sort("version", 1)]
     assert kinds[-1] == "refold" and kinds.count("refold") == 1
     assert CANARY not in done.stdout + done.stderr + dry.stdout + dry.stderr
+
+
+def test_a_rollback_of_an_unknown_run_or_another_dags_run_says_so(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI
+) -> None:
+    seed(mongo_db, {"a": 20})
+    assert cli("compress", "--run-id", "r1", *SMALL).returncode == 0
+    # As the DAGs name their runs (dag_id/run_id): one of memory_compression, none of memory_refold.
+    mongo_db["user_memory_summaries"].update_many({"run_id": "r1"}, {"$set": {"run_id": "memory_compression/r1"}})
+    before = state(mongo_db)
+
+    unknown = cli("rollback", "--run", "r9")
+    other = cli("rollback", "--run", "memory_refold/r1", "--user", "a")
+
+    assert unknown.returncode == 2, unknown.stdout + unknown.stderr
+    assert "error: run 'r9' is not in the summary history" in unknown.stderr, unknown.stderr
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert (
+        "error: run 'memory_refold/r1': DAG 'memory_refold' has no run 'r1' in the summary history; that run id "
+        "is one of memory_compression ('memory_compression/r1')"
+    ) in other.stderr, other.stderr
+    assert state(mongo_db) == before, "a refused rollback changed something"
+    bare = cli("rollback", "--run", "r1", "--dry-run", "--json")  # one DAG ran it: the bare id is enough
+    assert bare.returncode == 0 and [r["status"] for r in json.loads(bare.stdout)] == ["dry_run"], bare.stdout

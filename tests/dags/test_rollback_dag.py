@@ -86,7 +86,7 @@ def test_refold_dag_dry_run_then_a_new_version(dags: dict[str, Any], world: dict
     newest = db["user_memory_summaries"].find_one({"user_id": "u-a"}, sort=[("version", -1)])
     assert newest is not None and (newest["kind"], newest["run_id"], newest["refolded_from"]) == (
         "refold",
-        real.run_id,
+        f"memory_refold/{real.run_id}",  # runs are keyed by DAG in the history
         0,
     )
     assert not any(CANARY in row[3] for row in xcom_values(real)), "content in XCom"

@@ -391,7 +391,7 @@ def test_user_lookup_shows_counts_versions_and_locks_without_the_summary(ui: UI)
     assert (version["version"], version["kind"], version["run_id"], version["base_version"]) == (
         1,
         "fold",
-        ui.run_id,
+        f"memory_compression/{ui.run_id}",  # runs are keyed by DAG in the history
         0,
     )
     assert version["events"] > 0 and version["text_chars"] == len(ui.summaries[BIG])

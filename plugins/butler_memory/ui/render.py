@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from butler_memory.runs import split_run_key
 from butler_memory.ui.data import DAG_ID, DAG_IDS, MAX_USER_ID_CHARS, freshness_line, task_instance_path
 from butler_memory.units import duration
 
@@ -333,8 +334,10 @@ def versions_table(versions: Sequence[Mapping[str, Any]], links: Links) -> str:
     rows = []
     for v in versions:
         run = esc(v["run_id"] or "")
-        if v["kind"] == "fold" and v["run_id"]:
-            run = f'<a href="{esc(links.run(v["run_id"]))}">{run}</a>'
+        dag_id, run_id = split_run_key(v["run_id"] or "")
+        kind = next((k for k, d in DAG_IDS.items() if d == dag_id), "daily" if dag_id is None else None)
+        if v["kind"] == "fold" and run_id and kind is not None:  # a compression run: its run page
+            run = f'<a href="{esc(links.run(run_id, kind))}">{run}</a>'
         if v["undone_runs"]:
             run += f' <span class="muted">(undid {esc(", ".join(v["undone_runs"]))})</span>'
         span = ""
