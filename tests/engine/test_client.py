@@ -205,7 +205,7 @@ def test_an_unfinished_erasure_of_the_user_returns_nothing(
     assert reader.memory(USER) == butler.Memory(USER, "", 3, (), erasing=True)
 
 
-def test_memory_takes_three_round_trips_whatever_the_user_size_archive_and_history(
+def test_memory_takes_three_round_trips_whatever_the_user_size_archive_and_history_four_in_a_rollback(
     mongo_service: MongoService, mongo_db: Database[Doc], engine: Engine
 ) -> None:
     counter = CommandCounter()
@@ -224,6 +224,13 @@ def test_memory_takes_three_round_trips_whatever_the_user_size_archive_and_histo
         counter.reset()
         reader.memory(USER)
         assert dict(counter.counts) == {"find": 3}, dict(counter.counts)
+        insert_events(mongo_db, USER, 15, first=60, start=START + timedelta(days=1))
+        engine.compress(USER, run_id="r1")
+        with pytest.raises(Stop):  # a rollback half done: its restored events are read from the archive
+            engine.rollback(USER, "r1", rollback_id="undo-r1", checkpoint=stop_at("restored"))
+        counter.reset()
+        reader.memory(USER)
+        assert dict(counter.counts) == {"find": 4}, dict(counter.counts)
     finally:
         client.close()
 
