@@ -64,22 +64,31 @@ _PROMPT = (
     r"(?<![^\W\d_])(?:покажи|выведи|раскрой|повтори|напиши)(?:\s+\w+){0,2}\s+(?:свои|свой|твои|все|системн\w*)\s+"
     r"(?:\w+\s+)?(?:промпт\w*|инструкци\w*|правил\w*)"
 )
-# Someone else is the target: "tell users ...", "send everyone who asks to ...", "всем пользователям советуй".
+# Someone else is the target, in the imperative: "tell users ...", "send everyone who asks to ...",
+# "всем пользователям советуй ...". A user's own account ("I always tell customers about our
+# discount", "мама говорит всем соседям") is no instruction: English needs the verb to open the
+# sentence (after "please", "always", a "when ...," clause) or to follow "you/the assistant must".
 _AUDIENCE_EN = (
     r"(?:all\s+|every\s+|other\s+|the\s+)?(?:users?|customers?|clients?|visitors?|everyone\s+who|anyone\s+who)\b"
 )
-_VERB_EN = r"(?:send|redirect|direct|refer|point|forward|tell|recommend|advise|link|route|push|steer|guide|show|give)"
-_AUDIENCE_RU = r"(?:пользовател\w*|клиент\w*|посетител\w*|всем|всех|каждому|каждого|любому)"
+_VERB_EN = r"(?:send|redirect|direct|refer|forward|tell|recommend|advise|link|route|steer)"
+_OPENING_EN = (
+    r"^\W*(?:(?:please|and|now|also|so|then|always|never|from\s+now\s+on|in\s+future|"
+    r"(?:when|whenever|if)\s[^,]{1,60},)[\s,]+)*(?:do\s+not\s+|don't\s+)?"
+)
+_AUDIENCE_RU = r"(?:пользовател\w*|клиент\w*|посетител\w*|подписчик\w*|(?:всем|всех|каждому|любому)(?:\s+\w+)?,?\s+кто)"
 _VERB_RU = (
-    r"(?:отправля\w*|отправь\w*|направля\w*|направь\w*|перенаправ\w*|посылай\w*|пошли\w*|советуй\w*|посоветуй\w*|"
-    r"рекомендуй\w*|порекомендуй\w*|говори\w*|скажи\w*|сообщай\w*|отвечай\w*|давай\w*|дай\w*|предлагай\w*|"
-    r"показывай\w*|отсылай\w*)"
+    r"(?:отправляй|отправь|направляй|направь|перенаправляй|перенаправь|посылай|пошли|советуй|посоветуй|"
+    r"рекомендуй|порекомендуй|говори|скажи|сообщай|сообщи|отвечай|давай|дай|предлагай|предложи|показывай|"
+    r"покажи|отсылай)(?:те)?(?![^\W\d_])"
 )
 _AUDIENCE = (
-    rf"\b{_VERB_EN}\s+(?:\w+\s+){{0,2}}{_AUDIENCE_EN}|\b(?:always|never|must|should)\s+(?:\w+\s+){{0,2}}{_VERB_EN}\s+"
+    rf"{_OPENING_EN}{_VERB_EN}\s+(?:\w+\s+){{0,2}}{_AUDIENCE_EN}|"
+    rf"\b(?:you|assistant|bot|ai)\s+(?:must|should|will|shall|need\s+to|have\s+to)\s+(?:\w+\s+){{0,2}}{_VERB_EN}\s+"
     rf"(?:\w+\s+){{0,3}}{_AUDIENCE_EN}|"
     rf"(?<![^\W\d_]){_VERB_RU}\s+(?:\w+\s+){{0,2}}{_AUDIENCE_RU}(?![^\W\d_])|"
-    rf"(?<![^\W\d_]){_AUDIENCE_RU}\s+(?:\w+\s+){{0,2}}(?:всегда|никогда|обязательно|теперь)\s+(?:не\s+)?{_VERB_RU}"
+    rf"(?<![^\W\d_]){_AUDIENCE_RU}\s+(?:\w+\s+){{0,2}}(?:всегда|никогда|обязательно|теперь)\s+(?:не\s+)?{_VERB_RU}|"
+    rf"(?<![^\W\d_])(?:всем|каждому|любому)(?:\s+\w+)?,?\s+кто[^.!?]{{0,60}}?,\s*(?:\w+\s+)?{_VERB_RU}"
 )
 _MARKUP = (
     r"(?:^|\n)\W{0,3}(?:system|assistant|developer|user|human|ai|bot|система|ассистент|разработчик|"
