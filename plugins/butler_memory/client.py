@@ -29,6 +29,10 @@ version or an id that never repeats:
 - a whole-user erasure: the profile is marked first; while marked, the read returns nothing;
 - a re-fold changes only the summary, with a new version.
 
+The Butler's own appends are in no summary: an event written during the read is raw if (2) saw it,
+else in the next read (a linearised read, never a loss). While a rollback is half done a fourth
+read, of the archive, names the restored events (between (1) and (2)).
+
 A compression that ran wholly between (1) and (3) changed the version, so (1) and (3) differ and
 the read starts again. Two reads cannot be enough: profile then events misses events a fold
 deleted after the profile was read (in neither), events then profile returns events a fold
