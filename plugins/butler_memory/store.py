@@ -219,23 +219,44 @@ class MemoryStore:
     # -- scan ----------------------------------------------------------------------------------
 
     def scan(self, threshold: int, limit: int, user_ids: Sequence[str] | None = None) -> list[Backlog]:
-        """Return users with more than ``threshold`` events, largest backlog first, at most ``limit``."""
+        """Return users with more than ``threshold`` events, largest backlog first, at most ``limit``.
+
+        Only string user ids are users: events under another ``user_id`` type (a number, an
+        ObjectId, none at all) are left out before the ``$limit``, so they never take a place in the
+        run, and their count is logged (types and counts only) for the Butler to fix.
+        """
         pipeline: list[dict[str, Any]] = []
         if user_ids is not None:
             pipeline.append({"$match": {"user_id": {"$in": list(user_ids)}}})
         pipeline += [
             {"$group": {"_id": "$user_id", "n": {"$sum": 1}}},
             {"$match": {"n": {"$gt": threshold}}},
-            {"$sort": {"n": DESCENDING, "_id": ASCENDING}},
-            {"$limit": limit},
+            {
+                "$facet": {
+                    "users": [
+                        {"$match": {"_id": {"$type": "string"}}},
+                        {"$sort": {"n": DESCENDING, "_id": ASCENDING}},
+                        {"$limit": limit},
+                    ],
+                    "invalid": [
+                        {"$match": {"_id": {"$not": {"$type": "string"}}}},
+                        {"$group": {"_id": {"$type": "$_id"}, "ids": {"$sum": 1}, "events": {"$sum": "$n"}}},
+                    ],
+                }
+            },
         ]
-        result = []
-        for row in self.events.aggregate(pipeline, allowDiskUse=True):
-            if not isinstance(row["_id"], str):
-                log.warning("scan: skipping events whose user_id is not a string (type %s)", type(row["_id"]))
-                continue
-            result.append(Backlog(user_id=row["_id"], events=int(row["n"])))
-        return result
+        (found,) = self.events.aggregate(pipeline, allowDiskUse=True)
+        invalid = found["invalid"]
+        if invalid:
+            log.warning(
+                "scan: left out %d user id(s) that are not strings (%s), %d events over the threshold: "
+                "fix user_id in the Butler's %s",
+                sum(int(row["ids"]) for row in invalid),
+                ", ".join(sorted(str(row["_id"]) for row in invalid)),
+                sum(int(row["events"]) for row in invalid),
+                self.events.name,
+            )
+        return [Backlog(user_id=row["_id"], events=int(row["n"])) for row in found["users"]]
 
     def writers_since(self, since: datetime, after: WriterKey | None, limit: int) -> tuple[list[WriterKey], bool]:
         """Return the ``(created_at, user_id)`` keys of up to ``limit`` events created at or after

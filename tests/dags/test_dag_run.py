@@ -320,3 +320,21 @@ def test_transient_llm_failure_is_retried_and_the_run_ends_green(dag: Any, world
     assert event_counts(db) == {BIG: 20}
     doc = db["memory_compression_runs"].find_one({"run_id": run.run_id})
     assert doc is not None and (doc["users_compressed"], doc["users_failed"]) == (1, 0), doc
+
+
+def test_a_user_id_longer_than_airflows_label_column_is_compressed_with_a_cut_label(
+    dag: Any, world: dict[str, Any]
+) -> None:
+    """rendered_map_index is a 250-character column (PostgreSQL refuses a longer value): the label is cut,
+    the user id itself is not."""
+    db = world["db"]
+    long_id = "u-" + "x" * 298
+    seed_users(db, {long_id: 60})
+
+    run = run_dag(dag)
+
+    assert run.state == "success", {k: ti.state for k, ti in task_instances(run).items()}
+    assert compress_outcomes(run) == {long_id: ("success", "compressed")}
+    (label,) = map_labels(run).values()
+    assert len(label) == 250 and label == long_id[:249] + "…", label
+    assert event_counts(db) == {long_id: 20}

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import redis
+from bson import ObjectId
 from pymongo.database import Database
 
 from butler_memory import metrics as m
@@ -22,6 +24,7 @@ from butler_memory.store import ARCHIVE_FIELDS, Backlog, MemoryStore
 from butler_memory.summarizer import Summary, SummaryRequest
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
+    START,
     archive_of,
     events_of,
     insert_events,
@@ -299,6 +302,23 @@ def test_scan_orders_by_backlog_limits_and_restricts(mongo_db: Database[Doc], re
     assert engine.scan(user_ids=["a", "d", "e", "nobody"]) == [Backlog("e", 20), Backlog("a", 12)]
     assert engine.scan(user_ids=[]) == []
     assert [f.name for f in dataclasses.fields(Backlog)] == ["user_id", "events"], "the scan returns ids and counts"
+
+
+def test_non_string_user_ids_take_no_place_in_the_scan_and_are_counted(
+    mongo_db: Database[Doc], redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine(mongo_db, redis_client, small_settings())
+    insert_events(mongo_db, "a", 12)
+    insert_events(mongo_db, "b", 15)
+    for bad_id, n in ((1, 40), (ObjectId(), 35), (None, 30)):  # bigger backlogs than any real user
+        mongo_db["user_memory"].insert_many(
+            [{"user_id": bad_id, "role": "user", "content": "x", "created_at": START} for _ in range(n)]
+        )
+    caplog.set_level(logging.WARNING, logger="butler_memory.store")
+
+    assert engine.scan(limit=2) == [Backlog("b", 15), Backlog("a", 12)], "non-string ids took places in the run"
+    (warning,) = [r.getMessage() for r in caplog.records if "not strings" in r.getMessage()]
+    assert "left out 3 user id(s)" in warning and "105 events" in warning, warning
 
 
 def test_indexes_are_created_idempotently_and_retention_is_updated(
