@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 from butler_memory.client import AsyncMemoryClient, MemoryClient  # noqa: E402
-from butler_memory.compression import Engine  # noqa: E402
+from butler_memory.engine import Engine  # noqa: E402
 from butler_memory.locks import UserLocks  # noqa: E402
 from butler_memory.offline import OfflineSummarizer  # noqa: E402
 from butler_memory.settings import Settings  # noqa: E402

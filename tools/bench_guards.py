@@ -45,7 +45,7 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 import redis  # noqa: E402
 
 from butler_memory import guards, injection  # noqa: E402
-from butler_memory.compression import Engine  # noqa: E402
+from butler_memory.engine import Engine  # noqa: E402
 from butler_memory.errors import GuardRejected  # noqa: E402
 from butler_memory.locks import UserLocks  # noqa: E402
 from butler_memory.metrics import NullMetrics, guard_metric  # noqa: E402

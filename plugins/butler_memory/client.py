@@ -61,8 +61,9 @@ from pymongo.database import Database
 from pymongo.read_concern import ReadConcern
 
 from butler_memory.budget import TokenBudget
-from butler_memory.compression import Engine, UserResult
+from butler_memory.compression import UserResult
 from butler_memory.doorbell import AsyncDoorbell, Doorbell, valid_user_id
+from butler_memory.engine import Engine
 from butler_memory.errors import (
     ConcurrentUpdateError,
     InvalidEventError,

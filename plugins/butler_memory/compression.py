@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any
 
-from butler_memory import guards
 from butler_memory import metrics as m
 from butler_memory.budget import Spent, TokenBudget
-from butler_memory.errors import CompressionError, ErasurePendingError, GuardRejected, InvalidEventError, LLMError
-from butler_memory.history import BASELINE, FOLD, Covers, HistoryEntry, Key, prompt_version
-from butler_memory.injection import withheld
+from butler_memory.errors import CompressionError, ErasurePendingError, GuardRejected, InvalidEventError
+from butler_memory.history import BASELINE, FOLD, Covers, HistoryEntry, Key
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
-from butler_memory.prompt import SYSTEM_PROMPT, build_messages, event_line, known_language
+from butler_memory.prompt import build_messages, event_line, known_language
+from butler_memory.rebuild import Checkpoint, finish_interrupted, fold_chunk, no_checkpoint, summarizer_identity
 from butler_memory.settings import Settings
 from butler_memory.store import (
-    Backlog,
     EventKey,
     MemoryStore,
     Profile,
@@ -43,17 +41,9 @@ from butler_memory.store import (
     sanitized_errors,
     undecodable_field,
 )
-from butler_memory.summarizer import EventText, Summarizer, Summary, SummaryRequest
-from butler_memory.validation import validate_summary
-
-if TYPE_CHECKING:
-    from butler_memory.refold import RefoldResult
-    from butler_memory.rollback import RollbackResult
+from butler_memory.summarizer import EventText, Summarizer, SummaryRequest
 
 log = logging.getLogger(__name__)
-
-Checkpoint = Callable[[str], None]
-"""Called with a step name at every step boundary (tests kill the process there)."""
 
 STEPS = (
     "locked",
@@ -78,10 +68,6 @@ SKIPPED_BELOW_THRESHOLD = "skipped_below_threshold"
 SKIPPED_BUDGET = "skipped_budget"
 """The day's LLM token budget was spent before this user was started (butler_memory.budget)."""
 FAILED = "failed"
-
-
-def _no_checkpoint(step: str) -> None:
-    return None
 
 
 def utcnow() -> datetime:
@@ -125,110 +111,6 @@ class UserResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Engine:
-    """The parts one compression needs, built once per task (see ``connections.build_engine``)."""
-
-    settings: Settings
-    store: MemoryStore
-    locks: UserLocks
-    summarizer: Summarizer
-    metrics: Metrics = field(default_factory=NullMetrics)
-    budget: TokenBudget | None = None
-    """The daily token budget, when one is set."""
-
-    def close(self) -> None:
-        """Close every client the parts hold (MongoDB, Redis, LLM, StatsD)."""
-        for part in (self.store, self.locks, self.summarizer, self.metrics):
-            part.close()
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def scan(
-        self, *, limit: int | None = None, user_ids: Sequence[str] | None = None, dry_run: bool = False
-    ) -> list[Backlog]:
-        """Return users over the threshold, largest backlog first (a dry run creates no indexes)."""
-        if not dry_run:  # a preview writes nothing: it must run with read-only credentials
-            self.store.ensure_indexes()
-        backlog = self.store.scan(self.settings.threshold, limit or self.settings.scan_limit, user_ids)
-        self.metrics.gauge(m.BACKLOG_USERS, len(backlog))
-        return backlog
-
-    def compress(
-        self,
-        user_id: str,
-        *,
-        run_id: str = "manual",
-        dry_run: bool = False,
-        checkpoint: Checkpoint = _no_checkpoint,
-        holder: str | None = None,
-    ) -> UserResult:
-        """Compress one user (see ``compress_user``)."""
-        return compress_user(
-            user_id,
-            settings=self.settings,
-            store=self.store,
-            locks=self.locks,
-            summarizer=self.summarizer,
-            metrics=self.metrics,
-            run_id=run_id,
-            dry_run=dry_run,
-            checkpoint=checkpoint,
-            budget=self.budget,
-            holder=holder,
-        )
-
-    def rollback(
-        self,
-        user_id: str,
-        run_id: str,
-        *,
-        rollback_id: str,
-        cascade: bool = False,
-        allow_missing: bool = False,
-        dry_run: bool = False,
-        checkpoint: Checkpoint = _no_checkpoint,
-    ) -> RollbackResult:
-        """Undo one run for one user (see ``rollback.rollback_user``)."""
-        from butler_memory.rollback import rollback_user
-
-        return rollback_user(
-            user_id,
-            run_id,
-            store=self.store,
-            locks=self.locks,
-            rollback_id=rollback_id,
-            cascade=cascade,
-            allow_missing=allow_missing,
-            dry_run=dry_run,
-            checkpoint=checkpoint,
-            clock=utcnow,
-        )
-
-    def refold(
-        self, user_id: str, *, run_id: str, dry_run: bool = False, checkpoint: Checkpoint = _no_checkpoint
-    ) -> RefoldResult:
-        """Rebuild one user's summary from the archive (see ``refold.refold_user``)."""
-        from butler_memory.refold import refold_user
-
-        return refold_user(
-            user_id,
-            settings=self.settings,
-            store=self.store,
-            locks=self.locks,
-            summarizer=self.summarizer,
-            metrics=self.metrics,
-            run_id=run_id,
-            dry_run=dry_run,
-            checkpoint=checkpoint,
-            clock=utcnow,
-        )
-
-
 def compress_user(
     user_id: str,
     *,
@@ -239,7 +121,7 @@ def compress_user(
     metrics: Metrics | None = None,
     run_id: str = "manual",
     dry_run: bool = False,
-    checkpoint: Checkpoint = _no_checkpoint,
+    checkpoint: Checkpoint = no_checkpoint,
     clock: Callable[[], datetime] = utcnow,
     budget: TokenBudget | None = None,
     holder: str | None = None,
@@ -353,20 +235,18 @@ def _compress_locked(
     # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
     chunks = _chunks(user_id, keys, store, settings, summarizer, language, lambda: summary, quarantine)
     for chunk in chunks:
-        lock.extend()
-        events = [_event_text(user_id, ev) for ev in chunk]
-        with lock.kept_alive():  # retries and Retry-After waits can outlast the TTL: extend meanwhile
-            text, outcomes = propose_summary(
-                user_id,
-                summary,
-                events,
-                language,
-                settings=settings,
-                summarizer=summarizer,
-                metrics=metrics,
-                worst=result.guards,
-                spent=spent,  # counts every token, a refused reply's too
-            )
+        text, outcomes = fold_chunk(
+            lock,
+            user_id,
+            summary,
+            [_event_text(user_id, ev) for ev in chunk],
+            language,
+            settings=settings,
+            summarizer=summarizer,
+            metrics=metrics,
+            worst=result.guards,
+            spent=spent,  # counts every token, a refused reply's too
+        )
         result.prompt_tokens, result.completion_tokens = spent.prompt_tokens, spent.completion_tokens
         checkpoint("summarized")
 
@@ -482,25 +362,6 @@ def _summary_language(profile: Profile, settings: Settings, result: UserResult) 
     return language
 
 
-class SummarizerIdentity(TypedDict):
-    """What the history records of the summariser that wrote a version."""
-
-    summarizer: str
-    model: str | None
-    prompt_version: str | None
-
-
-def summarizer_identity(summarizer: Summarizer) -> SummarizerIdentity:
-    """Return what the history records of the summariser: its name, model and prompt version."""
-    model = getattr(getattr(summarizer, "config", None), "model", None)
-    uses_prompt = summarizer.name == "openai"
-    return SummarizerIdentity(
-        summarizer=summarizer.name,
-        model=model if isinstance(model, str) else None,
-        prompt_version=prompt_version(SYSTEM_PROMPT) if uses_prompt else None,
-    )
-
-
 def record_baseline(store: MemoryStore, profile: Profile, clock: Callable[[], datetime]) -> None:
     """Record the profile's current version in the history when it has none (it was committed before
     history existed, or by the Butler), so that it can be rolled back to."""
@@ -553,33 +414,6 @@ def _fold_list(
     return None
 
 
-def finish_interrupted(
-    profile: Profile,
-    store: MemoryStore,
-    lock: UserLock,
-    *,
-    run_id: str,
-    clock: Callable[[], datetime],
-    metrics: Metrics | None = None,
-    checkpoint: Checkpoint = _no_checkpoint,
-) -> tuple[Profile, int]:
-    """Finish what an interrupted run left in the profile: a rollback's intent, then a pending fold.
-
-    Return the profile as it is afterwards and how many events the pending fold deleted.
-    """
-    if profile.rollback is not None:
-        from butler_memory.rollback import finish_rollback  # rollback builds on this module
-
-        # An interrupted rollback put events back in user_memory that the summary still covers: finish it first.
-        finish_rollback(store, profile, lock, _no_checkpoint, clock)
-        profile = store.load_profile(profile.user_id, create=False)
-    deleted = 0
-    if profile.pending is not None:
-        deleted = finish_pending(profile, store, run_id=run_id, clock=clock, metrics=metrics, checkpoint=checkpoint)
-        profile = store.load_profile(profile.user_id, create=False)
-    return profile, deleted
-
-
 def _through(keys: list[EventKey], target: EventKey) -> list[EventKey]:
     """Return the keys up to and including ``target``, in the server's order.
 
@@ -592,45 +426,6 @@ def _through(keys: list[EventKey], target: EventKey) -> list[EventKey]:
         if key.created_at == target.created_at and id_key(key.id) == wanted:
             return keys[: index + 1]
     return [key for key in keys if key.created_at <= target.created_at]
-
-
-def finish_pending(
-    profile: Profile,
-    store: MemoryStore,
-    *,
-    run_id: str,
-    clock: Callable[[], datetime],
-    metrics: Metrics | None = None,
-    checkpoint: Checkpoint = _no_checkpoint,
-) -> int:
-    """Archive and delete the events an interrupted run already summarised; never re-summarise them."""
-    metrics = metrics or NullMetrics()
-    user_id = profile.user_id
-    pending = profile.pending
-    assert pending is not None
-    log.info(
-        "user %s: finishing an interrupted fold of %d events (v%d)",
-        user_id,
-        len(pending.ids),
-        pending.version,
-    )
-    remaining = store.find_by_ids(user_id, pending.ids)
-    if pending.digests is not None:
-        # Only events still as they were summarised: one the Butler edited since is a newer version
-        # the stored summary does not hold; it stays for a later fold.
-        summarised = {id_key(i): d for i, d in zip(pending.ids, pending.digests, strict=True)}
-        unchanged = [ev for ev in remaining if summarised.get(id_key(ev["_id"])) == event_digest(ev)]
-        if len(unchanged) < len(remaining):
-            log.info("user %s: %d event(s) changed since summarised; kept", user_id, len(remaining) - len(unchanged))
-        remaining = unchanged
-    archived = store.archive(remaining, run_id=run_id, version=pending.version, now=clock())
-    metrics.incr(m.EVENTS_ARCHIVED_TOTAL, archived)
-    checkpoint("pending_archived")
-    deleted = store.delete_unchanged(user_id, remaining)
-    metrics.incr(m.EVENTS_DELETED_TOTAL, deleted)
-    checkpoint("pending_deleted")
-    store.clear_pending(user_id, pending.version)
-    return deleted
 
 
 def _chunks(
@@ -746,7 +541,7 @@ def quarantine_event(
     *,
     run_id: str,
     now: datetime,
-    checkpoint: Checkpoint = _no_checkpoint,
+    checkpoint: Checkpoint = no_checkpoint,
 ) -> int:
     """Move one event that cannot be folded to the quarantine collection; return 1 if it moved, else 0.
 
@@ -770,94 +565,6 @@ def _event_text(user_id: str, ev: dict[str, Any]) -> EventText:
     if not isinstance(role, str):
         raise InvalidEventError(user_id, ev["_id"], "role", "is missing or not a string")
     return EventText(role=role, content=ev["content"], created_at=ev["created_at"])
-
-
-def propose_summary(
-    user_id: str,
-    previous: str,
-    events: Sequence[EventText],
-    language: str,
-    *,
-    settings: Settings,
-    summarizer: Summarizer,
-    metrics: Metrics,
-    worst: dict[str, str],
-    spent: Spent | None = None,
-    on_reply: Callable[[Summary], object] | None = None,
-) -> tuple[str, dict[str, str]]:
-    """Fold one chunk into ``previous`` through the real prompt, then check the reply: the summariser
-    proposes, validation and the guards accept it (return its cleaned text and the guards' outcomes)
-    or raise. ``spent`` counts the call's tokens (see ``_summarize``); ``on_reply`` sees
-    every reply before anything can refuse it. Compression and ``qualify`` both call this: one
-    summarising path.
-    """
-    request = SummaryRequest(
-        user_id=user_id,
-        previous_summary=previous,
-        events=events,
-        language=language,
-        max_tokens=settings.summary_max_tokens,
-        max_chars=settings.summary_max_chars,
-    )
-    produced = _summarize(summarizer, request, metrics, spent)
-    if on_reply is not None:
-        on_reply(produced)
-    text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
-    outcomes = guard_summary(user_id, request, text, settings, metrics, worst)
-    return text, outcomes
-
-
-def guard_summary(
-    user_id: str, request: SummaryRequest, text: str, settings: Settings, metrics: Metrics, worst: dict[str, str]
-) -> dict[str, str]:
-    """Check a proposed summary before it is committed; return ``{guard: outcome}``, or raise
-    GuardRejected when a guard rejects it. ``worst`` (a result's ``guards``) keeps each guard's
-    worst outcome over the chunks."""
-    verdict = guards.check_summary(
-        previous=request.previous_summary,
-        events=[ev.content for ev in request.events],
-        summary=text,
-        language=request.language,
-        settings=settings,
-    )
-    for check in verdict:
-        if check.outcome != guards.OFF:
-            metrics.incr(m.guard_metric(check.guard, "checks"))
-        if check.outcome in (guards.REDACT, guards.WARN, guards.REJECT):
-            metrics.incr(m.guard_metric(check.guard, check.outcome))
-        if check.outcome == guards.WARN:
-            log.warning(
-                "user %s: %s guard would reject the summary (warn mode): %s", user_id, check.guard, check.detail
-            )
-    guards.merge(worst, verdict)
-    guards.enforce(user_id, verdict)
-    return guards.outcomes(verdict)
-
-
-def _summarize(
-    summarizer: Summarizer, request: SummaryRequest, metrics: Metrics, spent: Spent | None = None
-) -> Summary:
-    """Make one LLM call; count its tokens (metrics, ``spent`` and its budget), a refused reply's too."""
-    metrics.incr(m.LLM_REQUESTS_TOTAL)
-    # The summariser never reads an instruction-like sentence, so it cannot carry one into memory.
-    request = withheld(request)
-    try:
-        produced = summarizer.summarize(request)
-    except LLMError as exc:
-        metrics.incr(m.LLM_ERRORS_TOTAL)
-        if exc.prompt_tokens or exc.completion_tokens:
-            _count(metrics, spent, exc.prompt_tokens, exc.completion_tokens)
-        raise
-    metrics.timing(m.LLM_LATENCY_SECONDS, produced.seconds)
-    _count(metrics, spent, produced.prompt_tokens, produced.completion_tokens)
-    return produced
-
-
-def _count(metrics: Metrics, spent: Spent | None, prompt_tokens: int, completion_tokens: int) -> None:
-    metrics.incr(m.LLM_PROMPT_TOKENS_TOTAL, prompt_tokens)
-    metrics.incr(m.LLM_COMPLETION_TOKENS_TOTAL, completion_tokens)
-    if spent is not None:
-        spent.add(prompt_tokens, completion_tokens)
 
 
 def failed_result(user_id: str, exc: BaseException, seconds: float = 0.0) -> UserResult:

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from butler_memory.budget import TokenBudget
-from butler_memory.compression import Engine
+from butler_memory.engine import Engine
 from butler_memory.locks import UserLocks
 from butler_memory.metrics import Metrics, NullMetrics, StatsdConfig, StatsdMetrics
 from butler_memory.offline import OfflineSummarizer

@@ -33,22 +33,15 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from pymongo.database import Database
 
-from butler_memory.compression import (
-    Engine,
-    _event_text,
-    _summarize,
-    finish_interrupted,
-    guard_summary,
-    pack_chunks,
-    summarizer_identity,
-)
+from butler_memory.budget import Spent
+from butler_memory.engine import Engine
 from butler_memory.erasure import (
     ALREADY_ERASED,
     DONE,
@@ -61,8 +54,10 @@ from butler_memory.erasure import (
     subject_ref,
 )
 from butler_memory.errors import ConcurrentUpdateError, ErasurePendingError, ForgetInputError, InvalidProfileError
-from butler_memory.history import BASELINE, FORGET, Covers, HistoryEntry, Key
+from butler_memory.history import BASELINE, FORGET, HistoryEntry, Key
 from butler_memory.locks import UserLock, UserLocks
+from butler_memory.rebuild import Checkpoint, finish_interrupted, no_checkpoint, summarizer_identity
+from butler_memory.refold import Rebuilt, refold_archived
 from butler_memory.settings import Settings, SettingsError
 from butler_memory.store import (
     ERASING_FIELD,
@@ -74,22 +69,15 @@ from butler_memory.store import (
     archived_versions,
     sanitized_errors,
 )
-from butler_memory.summarizer import Summarizer, SummaryRequest
-from butler_memory.validation import validate_summary
+from butler_memory.summarizer import Summarizer
 
 log = logging.getLogger(__name__)
-
-Checkpoint = Callable[[str], None]
 
 STEPS = ("locked", "planned", "deleted", "summarized", "recorded", "committed", "dropped", "audited", "cleared")
 
 FORGOTTEN = "forgotten"
 MAX_EVENT_IDS = 10_000
 """Most event ids one request may name (they ride in the profile's intent)."""
-
-
-def _no_checkpoint(step: str) -> None:
-    return None
 
 
 def utcnow() -> datetime:
@@ -209,7 +197,7 @@ def forget_events(
     dry_run: bool = False,
     requested_by: str = "api",
     run_id: str | None = None,
-    checkpoint: Checkpoint = _no_checkpoint,
+    checkpoint: Checkpoint = no_checkpoint,
     clock: Callable[[], datetime] = utcnow,
     sleep: Callable[[float], None] | None = None,
 ) -> ErasureResult:
@@ -647,55 +635,25 @@ def _extend(store: MemoryStore, user_id: str, intent: dict[str, Any], current: i
     return {**intent, **changes}
 
 
-@dataclass
-class Rebuilt:
-    """A rebuilt summary (not yet committed) and what it re-folded."""
-
-    text: str
-    count: int = 0
-    first: Key | None = None
-    last: Key | None = None
-    guards: dict[str, str] = field(default_factory=dict)
-    """``{guard: outcome}``, the worst over the chunks (as a compression records it)."""
-
-    @property
-    def covers(self) -> Covers | None:
-        """Return what the new version folded in (None when it re-folded nothing)."""
-        return None if self.first is None or self.last is None else Covers(self.first, self.last, self.count)
-
-
 def _rebuild(user_id: str, intent: dict[str, Any], engine: Engine, lock: UserLock) -> Rebuilt:
-    """Re-fold the kept archived events after the base version, through the summariser, the
-    validation and the guards, as a compression folds them."""
+    """Re-fold the kept archived events after the base version (``refold.refold_archived``: the
+    summariser, the validation and the guards, as a compression folds them, on the day's budget)."""
     store, settings = engine.store, engine.settings
     base, current = int(intent["base_version"]), int(intent["expected_version"])
     entry = store.history.version(user_id, base)
-    text = entry.text if entry is not None else ""
     profile = store.load_profile(user_id, create=False)
-    wanted = refold_ids(store, user_id, base, current, set(intent["ids"]))
-    kept = store.iter_archived(user_id, wanted, settings.max_events_per_chunk)
-    rebuilt = Rebuilt(text)
-    language = profile.language or settings.summary_language
-    # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
-    for chunk in pack_chunks(user_id, kept, settings, engine.summarizer, language, lambda: rebuilt.text):
-        lock.extend()
-        request = SummaryRequest(
-            user_id=user_id,
-            previous_summary=rebuilt.text,
-            events=[_event_text(user_id, ev) for ev in chunk],
-            language=language,
-            max_tokens=settings.summary_max_tokens,
-            max_chars=settings.summary_max_chars,
-        )
-        with lock.kept_alive():  # retries and Retry-After waits can outlast the lock's TTL
-            produced = _summarize(engine.summarizer, request, engine.metrics)
-        text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
-        guard_summary(user_id, request, text, settings, engine.metrics, rebuilt.guards)
-        rebuilt.text = text
-        rebuilt.count += len(chunk)
-        rebuilt.first = rebuilt.first or Key(chunk[0]["created_at"], chunk[0]["_id"])
-        rebuilt.last = Key(chunk[-1]["created_at"], chunk[-1]["_id"])
-    return rebuilt
+    return refold_archived(
+        user_id,
+        lock,
+        entry.text if entry is not None else "",
+        refold_ids(store, user_id, base, current, set(intent["ids"])),
+        profile.language or settings.summary_language,
+        settings=settings,
+        store=store,
+        summarizer=engine.summarizer,
+        metrics=engine.metrics,
+        spent=Spent(engine.budget),
+    )
 
 
 def refold_ids(store: MemoryStore, user_id: str, base: int, current: int, forgotten: set[Any]) -> list[Any]:

@@ -2,7 +2,7 @@
 
 A fixed, built-in set of synthetic users (planted facts in Russian, English, German and Spanish;
 short and long histories; corrections) goes through the real engine path, chunk by chunk:
-``compression.pack_chunks`` cuts the history as for a real user, ``compression.propose_summary``
+``compression.pack_chunks`` cuts the history as for a real user, ``rebuild.propose_summary``
 builds the real prompt, calls the configured summariser and runs validation and the guards. The
 result says what a compression would have committed, and nothing is written anywhere: no MongoDB,
 no Redis, no metrics. Only ids, counts, sizes, durations and language codes are reported.
@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from butler_memory import guards
 from butler_memory.budget import Spent
-from butler_memory.compression import pack_chunks, propose_summary, summarizer_identity
+from butler_memory.compression import pack_chunks
 from butler_memory.errors import (
     GuardRejected,
     InvalidSummaryError,
@@ -38,6 +38,7 @@ from butler_memory.errors import (
     LLMReplyCutOffError,
 )
 from butler_memory.metrics import NullMetrics
+from butler_memory.rebuild import propose_summary, summarizer_identity
 from butler_memory.settings import Settings, SettingsError
 from butler_memory.summarizer import EventText, Summarizer, Summary
 from butler_memory.units import duration

@@ -19,22 +19,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from butler_memory.budget import Spent, TokenBudget
+from butler_memory.compression import _event_text, pack_chunks
 from butler_memory.errors import RollbackRefusedError
-from butler_memory.history import REFOLD, HistoryEntry, Key
+from butler_memory.history import REFOLD, Covers, HistoryEntry, Key
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
+from butler_memory.rebuild import Checkpoint, finish_interrupted, fold_chunk, no_checkpoint, summarizer_identity
 from butler_memory.settings import Settings
 from butler_memory.store import MemoryStore, Profile, id_key, sanitized_errors
-from butler_memory.summarizer import Summarizer, SummaryRequest
+from butler_memory.summarizer import Summarizer
 
 log = logging.getLogger(__name__)
 
-Checkpoint = Callable[[str], None]
 STEPS = ("locked", "summarized", "recorded", "committed")
 
 REFOLDED = "refolded"
@@ -42,10 +44,6 @@ DRY_RUN = "dry_run"
 REFUSED = "refused"
 SKIPPED_LOCKED = "skipped_locked"
 FAILED = "failed"
-
-
-def _no_checkpoint(step: str) -> None:
-    return None
 
 
 @dataclass
@@ -138,12 +136,14 @@ def refold_user(
     locks: UserLocks,
     summarizer: Summarizer,
     metrics: Metrics | None = None,
+    budget: TokenBudget | None = None,
     run_id: str,
     dry_run: bool = False,
-    checkpoint: Checkpoint = _no_checkpoint,
+    checkpoint: Checkpoint = no_checkpoint,
     clock: Callable[[], datetime],
 ) -> RefoldResult:
-    """Rebuild one user's summary from the archive (see the module docstring)."""
+    """Rebuild one user's summary from the archive (see the module docstring); its LLM tokens count
+    on ``budget``, the day's, as a compression's do (a re-fold is started whatever is left of it)."""
     metrics = metrics or NullMetrics()
     started = time.monotonic()
     lock = locks.acquire(user_id)
@@ -153,7 +153,7 @@ def refold_user(
         checkpoint("locked")
         with sanitized_errors(user_id, "re-fold"):
             result = _refold_locked(
-                user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock
+                user_id, lock, settings, store, summarizer, metrics, budget, run_id, dry_run, checkpoint, clock
             )
     except RollbackRefusedError as exc:
         result = RefoldResult(user_id, REFUSED, message=str(exc))
@@ -170,13 +170,12 @@ def _refold_locked(
     store: MemoryStore,
     summarizer: Summarizer,
     metrics: Metrics,
+    budget: TokenBudget | None,
     run_id: str,
     dry_run: bool,
     checkpoint: Checkpoint,
     clock: Callable[[], datetime],
 ) -> RefoldResult:
-    from butler_memory import compression as c
-
     profile = store.load_profile(user_id, create=False)
     if profile.erasing:
         raise RollbackRefusedError(
@@ -184,7 +183,7 @@ def _refold_locked(
             user_id=user_id,
         )
     if not dry_run:
-        profile, _ = c.finish_interrupted(profile, store, lock, run_id=run_id, clock=clock, metrics=metrics)
+        profile, _ = finish_interrupted(profile, store, lock, run_id=run_id, clock=clock, metrics=metrics)
     plan = plan_refold(store, profile)
     result = RefoldResult(
         user_id,
@@ -208,28 +207,21 @@ def _refold_locked(
         plan.start.version,
         profile.version,
     )
-    language = profile.language or settings.summary_language
-    summary = plan.start.text
-    archived = store.iter_archived(user_id, plan.ids, settings.max_events_per_chunk)
-    # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
-    for chunk in c.pack_chunks(user_id, archived, settings, summarizer, language, lambda: summary):  # noqa: B023
-        lock.extend()
-        request = SummaryRequest(
-            user_id=user_id,
-            previous_summary=summary,
-            events=[c._event_text(user_id, ev) for ev in chunk],
-            language=language,
-            max_tokens=settings.summary_max_tokens,
-            max_chars=settings.summary_max_chars,
-        )
-        with lock.kept_alive():  # retries and Retry-After waits can outlast the lock's TTL
-            produced = c._summarize(summarizer, request, metrics)
-        text = c.validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
-        check_guards(user_id, request, text, settings, metrics, result)
-        result.prompt_tokens += produced.prompt_tokens
-        result.completion_tokens += produced.completion_tokens
-        result.chunks += 1
-        summary = text
+    rebuilt = refold_archived(
+        user_id,
+        lock,
+        plan.start.text,
+        plan.ids,
+        profile.language or settings.summary_language,
+        settings=settings,
+        store=store,
+        summarizer=summarizer,
+        metrics=metrics,
+        spent=Spent(budget),
+    )
+    summary = rebuilt.text
+    result.chunks, result.guards = rebuilt.chunks, rebuilt.guards
+    result.prompt_tokens, result.completion_tokens = rebuilt.spent.prompt_tokens, rebuilt.spent.completion_tokens
     checkpoint("summarized")
 
     lock.extend()  # the lock must still be ours right before the write
@@ -246,7 +238,7 @@ def _refold_locked(
             through=None if profile.through is None else Key(profile.through.created_at, profile.through.id),
             guards=dict(result.guards),
             refolded_from=plan.start.version,
-            **c.summarizer_identity(summarizer),
+            **summarizer_identity(summarizer),
         )
     )
     checkpoint("recorded")
@@ -257,11 +249,62 @@ def _refold_locked(
     return result
 
 
-def check_guards(
-    user_id: str, request: SummaryRequest, text: str, settings: Settings, metrics: Metrics, result: RefoldResult
-) -> None:
-    """Run the summary guards (guards.py) on a re-folded chunk, as a compression does: a rejection
-    raises GuardRejected (nothing committed); the worst outcome per guard goes into the result."""
-    from butler_memory import compression as c
+@dataclass
+class Rebuilt:
+    """A summary re-folded from the archive (not yet committed) and what it folded."""
 
-    c.guard_summary(user_id, request, text, settings, metrics, result.guards)
+    text: str
+    spent: Spent
+    count: int = 0
+    chunks: int = 0
+    first: Key | None = None
+    last: Key | None = None
+    guards: dict[str, str] = field(default_factory=dict)
+    """``{guard: outcome}``, the worst over the chunks (as a compression records it)."""
+
+    @property
+    def covers(self) -> Covers | None:
+        """Return what the new version folded in (None when it re-folded nothing)."""
+        return None if self.first is None or self.last is None else Covers(self.first, self.last, self.count)
+
+
+def refold_archived(
+    user_id: str,
+    lock: UserLock,
+    text: str,
+    ids: Sequence[Any],
+    language: str,
+    *,
+    settings: Settings,
+    store: MemoryStore,
+    summarizer: Summarizer,
+    metrics: Metrics,
+    spent: Spent,
+) -> Rebuilt:
+    """Fold the archived events ``ids`` (oldest first) onto ``text``, chunk by chunk, through the one
+    chunk step (``rebuild.fold_chunk``): a re-fold, and a forget's rebuild without the forgotten events.
+
+    Each chunk's events are read by ``_id`` right before its LLM call (``store.iter_archived``): no
+    cursor stays open across the calls. The tokens count on ``spent`` and its daily budget.
+    """
+    rebuilt = Rebuilt(text, spent)
+    archived = store.iter_archived(user_id, ids, settings.max_events_per_chunk)
+    # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
+    for chunk in pack_chunks(user_id, archived, settings, summarizer, language, lambda: rebuilt.text):
+        rebuilt.text, _ = fold_chunk(
+            lock,
+            user_id,
+            rebuilt.text,
+            [_event_text(user_id, ev) for ev in chunk],
+            language,
+            settings=settings,
+            summarizer=summarizer,
+            metrics=metrics,
+            worst=rebuilt.guards,
+            spent=spent,
+        )
+        rebuilt.chunks += 1
+        rebuilt.count += len(chunk)
+        rebuilt.first = rebuilt.first or Key(chunk[0]["created_at"], chunk[0]["_id"])
+        rebuilt.last = Key(chunk[-1]["created_at"], chunk[-1]["_id"])
+    return rebuilt

@@ -32,14 +32,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from butler_memory.errors import CompressionError, ConcurrentUpdateError, InvalidProfileError, RollbackRefusedError
+from butler_memory.errors import RollbackRefusedError
 from butler_memory.history import BASELINE, ROLLBACK, HistoryEntry
 from butler_memory.locks import UserLock, UserLocks
+from butler_memory.rebuild import Checkpoint, finish_interrupted, finish_rollback, no_checkpoint
 from butler_memory.store import MemoryStore, Profile, sanitized_errors
 
 log = logging.getLogger(__name__)
-
-Checkpoint = Callable[[str], None]
 
 STEPS = ("locked", "intent", "restored", "recorded", "committed", "unarchived", "cleared")
 
@@ -50,10 +49,6 @@ NOT_CHANGED = "not_changed"
 REFUSED = "refused"
 SKIPPED_LOCKED = "skipped_locked"
 FAILED = "failed"
-
-
-def _no_checkpoint(step: str) -> None:
-    return None
 
 
 @dataclass
@@ -193,7 +188,7 @@ def rollback_user(
     cascade: bool = False,
     allow_missing: bool = False,
     dry_run: bool = False,
-    checkpoint: Checkpoint = _no_checkpoint,
+    checkpoint: Checkpoint = no_checkpoint,
     clock: Callable[[], datetime],
 ) -> RollbackResult:
     """Undo ``run_id`` for one user (see the module docstring); ``rollback_id`` names this rollback."""
@@ -228,8 +223,6 @@ def _rollback_locked(
     checkpoint: Checkpoint,
     clock: Callable[[], datetime],
 ) -> RollbackResult:
-    from butler_memory.compression import finish_interrupted
-
     profile = store.load_profile(user_id, create=False)
     if profile.erasing:
         raise RollbackRefusedError(
@@ -286,80 +279,3 @@ def _rollback_locked(
     finish_rollback(store, store.load_profile(user_id, create=False), lock, checkpoint, clock)
     result.message = f"restored v{plan.restore.version} as v{profile.version + 1}"
     return result
-
-
-def finish_rollback(
-    store: MemoryStore, profile: Profile, lock: UserLock, checkpoint: Checkpoint, clock: Callable[[], datetime]
-) -> int:
-    """Carry a recorded rollback intent through to the end (also after a kill); return the new version.
-
-    Every batch of events put back is fenced: right before it is written the lock is extended
-    (LockLostError when it expired and another holder may have taken the user) and the intent must
-    still be in the profile (ConcurrentUpdateError when another run finished it, or an erasure
-    removed it). A batch read before a takeover is never written after it.
-    """
-    intent = profile.rollback
-    assert intent is not None
-    user_id = profile.user_id
-    new_version, expected = int(intent["version"]), int(intent["expected_version"])
-    undoes = [int(v) for v in intent["undoes"]]
-
-    def fence() -> None:
-        lock.extend()
-        if not store.rollback_pending(user_id, new_version, str(intent["rollback_id"])):
-            raise ConcurrentUpdateError(
-                f"user {user_id!r}: the rollback to v{new_version} was finished or removed by another run "
-                "(its lock had expired); this run stopped before writing more, a re-run reports the state",
-                user_id=user_id,
-            )
-
-    if profile.version == expected:
-        restore = store.history.version(user_id, int(intent["restore_version"]))
-        if restore is None:
-            raise CompressionError(
-                f"user {user_id!r}: the rollback to v{intent['restore_version']} cannot finish: that version "
-                "is no longer in the history; its events are back in user_memory, the summary is unchanged",
-                user_id=user_id,
-            )
-        store.restore(user_id, undoes, unarchive=False, fence=fence)
-        checkpoint("restored")
-        store.history.write_version(
-            HistoryEntry(
-                user_id,
-                new_version,
-                restore.text,
-                ROLLBACK,
-                str(intent["rollback_id"]),
-                restore.version,
-                clock(),
-                through=restore.through,
-                summarizer=restore.summarizer,
-                model=restore.model,
-                prompt_version=restore.prompt_version,
-                guards=restore.guards,
-                undoes=undoes,
-                undone_runs=list(intent["undone_runs"]),
-            )
-        )
-        checkpoint("recorded")
-        lock.extend()  # the commit itself is guarded by the version and the intent
-        store.commit_rollback(
-            user_id,
-            expected_version=expected,
-            new_version=new_version,
-            summary=restore.text,
-            through=None if restore.through is None else restore.through.to_doc(),
-            compressed_at=restore.committed_at,
-        )
-        checkpoint("committed")
-    elif profile.version != new_version:
-        raise InvalidProfileError(
-            user_id, "memory_rollback", f"is for v{expected} -> v{new_version} but the profile is at v{profile.version}"
-        )
-    else:
-        log.info("user %s: finishing an interrupted rollback (v%d)", user_id, new_version)
-    store.restore(user_id, undoes, unarchive=True, fence=fence)
-    checkpoint("unarchived")
-    store.clear_rollback(user_id, new_version)
-    checkpoint("cleared")
-    return new_version

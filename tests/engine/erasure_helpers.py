@@ -10,8 +10,9 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
-from butler_memory.compression import COMPRESSED, Engine, failed_result
+from butler_memory.compression import COMPRESSED, failed_result
 from butler_memory.doorbell import Doorbell
+from butler_memory.engine import Engine
 from butler_memory.errors import LLMPermanentError
 from butler_memory.offline import OfflineSummarizer
 from butler_memory.report import build_report

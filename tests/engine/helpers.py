@@ -11,7 +11,7 @@ import redis
 from pymongo import monitoring
 from pymongo.database import Database
 
-from butler_memory.compression import Engine
+from butler_memory.engine import Engine
 from butler_memory.locks import UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
 from butler_memory.offline import OfflineSummarizer

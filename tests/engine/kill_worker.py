@@ -26,7 +26,7 @@ import pymongo
 import redis
 
 from butler_memory import erasure, forget
-from butler_memory.compression import Engine
+from butler_memory.engine import Engine
 from butler_memory.locks import UserLocks
 from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer
 from butler_memory.settings import Settings

@@ -15,7 +15,8 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.budget import TokenBudget
-from butler_memory.compression import COMPRESSED, SKIPPED_BUDGET, Engine, failed_result
+from butler_memory.compression import COMPRESSED, SKIPPED_BUDGET, failed_result
+from butler_memory.engine import Engine
 from butler_memory.errors import LLMPromptTruncatedError, LLMReplyCutOffError
 from butler_memory.report import build_report, to_markdown
 from butler_memory.store import MemoryStore
@@ -115,3 +116,25 @@ def test_every_token_is_counted_refused_replies_and_failed_users_included(
     report = build_report(run_id="r1", scanned=["u-cut", "u-late"], results=rows, started_at=DAY, finished_at=DAY)
     assert (report["prompt_tokens"], report["completion_tokens"]) == (1601, 670)
     assert report["users_failed"] == 2
+
+
+def test_a_refold_and_a_forgets_rebuild_spend_the_days_budget(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    from butler_memory import forget
+    from tests.engine.erasure_helpers import SECRET
+
+    engine = _engine(mongo_db, redis_client, make_openai, budget=10**9)
+    insert_events(mongo_db, "u1", 15)
+    assert engine.compress("u1", run_id="r1").status == COMPRESSED
+    key = "butler:memory:tokens:2026-06-01"
+    before = int(redis_client.get(key) or 0)
+
+    refolded = engine.refold("u1", run_id="rf")
+    after_refold = int(redis_client.get(key) or 0)
+    forgot = forget.forget_events("u1", engine=engine, secret=SECRET, event_ids=["u1-e000"])
+    after_forget = int(redis_client.get(key) or 0)
+
+    assert refolded.chunks == 3 and after_refold - before == refolded.prompt_tokens + refolded.completion_tokens > 0
+    assert forgot.status == forget.FORGOTTEN and forgot.events_refolded == 11
+    assert after_forget > after_refold, "the forget's rebuild spent LLM tokens outside the day's budget"

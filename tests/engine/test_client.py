@@ -20,7 +20,8 @@ from pymongo.database import Database
 
 from butler_memory import client as butler
 from butler_memory import forget
-from butler_memory.compression import COMPRESSED, SKIPPED_LOCKED, Engine
+from butler_memory.compression import COMPRESSED, SKIPPED_LOCKED
+from butler_memory.engine import Engine
 from butler_memory.errors import (
     ConcurrentUpdateError,
     InvalidEventError,

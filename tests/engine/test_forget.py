@@ -10,7 +10,8 @@ import redis
 from pymongo.database import Database
 
 from butler_memory import forget
-from butler_memory.compression import COMPRESSED, Engine
+from butler_memory.compression import COMPRESSED
+from butler_memory.engine import Engine
 from butler_memory.errors import ErasurePendingError, ForgetInputError
 from butler_memory.settings import Settings
 from butler_memory.store import FORGET_FIELD

@@ -18,7 +18,8 @@ import redis
 from pymongo.database import Database
 
 from butler_memory import metrics as m
-from butler_memory.compression import Engine, failed_result
+from butler_memory.compression import failed_result
+from butler_memory.engine import Engine
 from butler_memory.errors import CompressionError
 from butler_memory.metrics import StatsdMetrics
 from butler_memory.offline import OfflineSummarizer

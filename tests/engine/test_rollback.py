@@ -15,7 +15,8 @@ import redis
 from pymongo.database import Database
 
 from butler_memory import erasure
-from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, Engine
+from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD
+from butler_memory.engine import Engine
 from butler_memory.errors import LockLostError, StoreError
 from butler_memory.locks import UserLocks
 from butler_memory.rollback import DRY_RUN, NOT_CHANGED, REFUSED, ROLLED_BACK
