@@ -12,12 +12,14 @@ import pytest
 import redis
 from pymongo.database import Database
 
+from butler_memory import forget
 from butler_memory import metrics as m
 from butler_memory.compression import COMPRESSED
 from butler_memory.errors import GuardRejected
 from butler_memory.metrics import StatsdMetrics
 from butler_memory.offline import OfflineSummarizer
 from tests.engine.conftest import OpenAIFactory
+from tests.engine.erasure_helpers import SECRET
 from tests.engine.helpers import (
     history_of,
     insert_events,
@@ -181,4 +183,22 @@ def test_a_refold_of_archived_injections_keeps_them_out_too(
     assert profile_of(mongo_db, "u1")["memory_summary_version"] == version + 1, result
     assert_clean(mongo_db, "u1")
     assert result.guards["injection"] == "redact", result
+    assert not [r for r in llm.chat_requests if EVIL in str(r["messages"])], "the injection was sent to the LLM"
+
+
+def test_a_forget_rebuild_from_the_archive_keeps_an_injection_out(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    """Forgetting one event re-folds the others from the archive, the injection among them: withheld again."""
+    settings = small_settings(max_events_per_chunk=4)
+    insert_events(mongo_db, "u1", 14, content=attacked)
+    make_engine(mongo_db, redis_client, settings, OfflineSummarizer()).compress("u1")
+    llm.set_responder("gullible")
+    engine = make_engine(mongo_db, redis_client, settings, make_openai())
+
+    result = forget.forget_events("u1", engine=engine, secret=SECRET, event_ids=["u1-e000"])
+
+    assert result.status == forget.FORGOTTEN, result
+    assert_clean(mongo_db, "u1")
+    assert llm.chat_requests, "the rebuild went through the LLM"
     assert not [r for r in llm.chat_requests if EVIL in str(r["messages"])], "the injection was sent to the LLM"
