@@ -23,13 +23,11 @@ import contextlib
 import functools
 import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,6 @@ from butler_memory.settings import Settings  # noqa: E402
 from butler_memory.store import MemoryStore  # noqa: E402
 from tools import bench_engine as eng  # noqa: E402
 from tools import bench_guards, parts  # noqa: E402
-from tools import bench_svg as svg  # noqa: E402
 from tools.bench_airflow import (  # noqa: E402
     DAG_ID,
     NOOP_DAG_ID,
@@ -57,75 +54,25 @@ from tools.bench_airflow import (  # noqa: E402
     machine_busy_seconds,
     reaped_children_cpu,
 )
+from tools.bench_harness import (  # noqa: E402
+    OUT_DIR,
+    Budget,
+    Stack,
+    airflow_on,
+    log,
+    machine,
+    run_phase,
+    shown,
+    stand_ins,
+    timed_out,
+    write_results,
+)
+from tools.bench_report import IMG_DIR, print_table, summarise, write_charts  # noqa: E402
 from tools.fake_openai import FakeOpenAI  # noqa: E402
-from tools.services import MongoService, PostgresService, RedisService, airflow_connection_env  # noqa: E402
 from tools.standalone import TUNING  # noqa: E402
 
-OUT_DIR = REPO / ".local" / "bench"
-IMG_DIR = REPO / "docs" / "img"
 CAPPED_SCAN_SIZE = 300_000
 """Largest collection the scan figure falls back to when the next size would overrun the budget."""
-TARGET_FRACTION = 0.7
-"""Throughput target: this fraction of pool_slots / latency."""
-
-
-STARTED = time.monotonic()
-
-
-def log(message: str) -> None:
-    """Print a progress line with the time since the bench started."""
-    print(f"[{time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
-
-
-class Budget:
-    """The bench's wall-clock budget: phases ask how much is left before starting expensive work."""
-
-    def __init__(self, seconds: float) -> None:
-        self.deadline = time.monotonic() + seconds
-
-    def left(self) -> float:
-        """Return the seconds left."""
-        return self.deadline - time.monotonic()
-
-
-def shown(path: Path) -> str:
-    """Return ``path`` relative to the repository when it is inside it (as the docs name it)."""
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
-def timed_out(record: object) -> bool:
-    """Whether a phase's record says it ran out of time."""
-    return isinstance(record, dict) and record.get("timed_out") is True
-
-
-def write_results(results: Mapping[str, Any], out: Path) -> None:
-    """Write the figures so far to ``out`` (atomically: a kill never leaves half a file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".partial")
-    partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    partial.replace(out)
-
-
-def run_phase(
-    results: dict[str, Any], key: str, phase: Callable[[], Any], *, save: Callable[[], None] | None = None
-) -> None:
-    """Run one phase into ``results[key]``; ``save`` the figures so far as it ends.
-
-    A phase that runs out of time (a slower machine: a run's wait guard raises TimeoutError) is
-    recorded as ``{"timed_out": true, ...}`` and the bench goes on, so the other figures are still
-    measured and reported.
-    """
-    started = time.monotonic()
-    log(f"phase {key}: started")
-    try:
-        results[key] = phase()
-    except TimeoutError as exc:
-        results[key] = {"timed_out": True, "error": str(exc), "seconds": round(time.monotonic() - started, 1)}
-        log(f"phase {key}: TIMED OUT after {time.monotonic() - started:.0f} s ({exc}); the other phases go on")
-    else:
-        log(f"phase {key}: done in {time.monotonic() - started:.0f} s")
-    if save is not None:
-        save()
 
 
 # -- phases ---------------------------------------------------------------------------------------
@@ -134,8 +81,8 @@ def run_phase(
 class LoadMeter:
     """How busy the machine was during a phase, and how much of that was not the bench's processes."""
 
-    def __init__(self, ctx: dict[str, Any]) -> None:
-        self.pids = [os.getpid(), ctx["mongo"].pid, ctx["redis"].pid]
+    def __init__(self, ctx: Stack) -> None:
+        self.pids = [os.getpid(), ctx.mongo.pid, ctx.redis.pid]
         self.before = self._sample()
 
     def _sample(self) -> tuple[float, float, float]:
@@ -156,17 +103,15 @@ class LoadMeter:
         }
 
 
-def _engine_loop(
-    ctx: dict[str, Any], args: argparse.Namespace, label: str, latency: float, workers: int
-) -> dict[str, Any]:
+def _engine_loop(ctx: Stack, args: argparse.Namespace, label: str, latency: float, workers: int) -> dict[str, Any]:
     """Seed N users in a fresh database and compress them with the engine alone (no Airflow)."""
     db_name = f"bench_loop_{label}"
-    db = ctx["client"][db_name]
+    db = ctx.client[db_name]
     MemoryStore(db, Settings()).ensure_indexes()
     eng.seed_users(db, eng.throughput_users(args.users))
-    ctx["fake"].reset()
-    ctx["fake"].set_latency(latency)
-    engine = eng.build_engine(ctx["mongo"].uri, db_name, ctx["redis"].url, ctx["fake"].base_url, Settings())
+    ctx.fake.reset()
+    ctx.fake.set_latency(latency)
+    engine = eng.build_engine(ctx.mongo.uri, db_name, ctx.redis.url, ctx.fake.base_url, Settings())
     meter = LoadMeter(ctx)
     try:
         if workers == 1:
@@ -177,16 +122,16 @@ def _engine_loop(
         engine.close()
     result.update(meter.result())
     result["latency"] = latency
-    result["llm_requests"] = ctx["fake"].request_count
-    ctx["client"].drop_database(db_name)
-    ctx["fake"].set_latency(0.0)
+    result["llm_requests"] = ctx.fake.request_count
+    ctx.client.drop_database(db_name)
+    ctx.fake.set_latency(0.0)
     log(
         f"engine loop {label}, LLM latency {latency:g}s, {workers} worker(s): {result['users']} users in {result['seconds']:.1f}s"
     )
     return result
 
 
-def phase_sequential(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def phase_sequential(ctx: Stack, args: argparse.Namespace) -> dict[str, Any]:
     """1 and 5 without Airflow: the sequential loop at the LLM latency and at 0, and (what-if) the same
     engine with as many threads as the pool has slots, as one task compressing a batch of users would."""
     return {
@@ -196,10 +141,10 @@ def phase_sequential(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str,
     }
 
 
-def phase_per_user(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def phase_per_user(ctx: Stack, args: argparse.Namespace) -> dict[str, Any]:
     """2, 3 and 4: each user size compressed in a subprocess (commands, RSS) with its prompts recorded."""
     db_name = "bench_per_user"
-    db = ctx["client"][db_name]
+    db = ctx.client[db_name]
     MemoryStore(db, Settings()).ensure_indexes()
     sizes = {f"user-{n}": n for n in args.user_sizes}
     started = time.monotonic()
@@ -208,13 +153,13 @@ def phase_per_user(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     summary = eng.steady_summary(args.summary_chars)
     eng.seed_profiles(db, sizes, summary)
     log(f"seeded {sum(sizes.values()):,} events for {len(sizes)} users in {seed_seconds:.1f}s")
-    fake: FakeOpenAI = ctx["fake"]
+    fake: FakeOpenAI = ctx.fake
     users: dict[str, Any] = {}
     for user_id, n in sizes.items():
         fake.reset()
         fake.set_responder(lambda _request: summary)
         report = eng.compress_in_child(
-            ctx["mongo"].uri, db_name, ctx["redis"].url, fake.base_url, user_id, timeout=max(args.budget_guard(), 60)
+            ctx.mongo.uri, db_name, ctx.redis.url, fake.base_url, user_id, timeout=max(args.budget_guard(), 60)
         )
         report["events"] = n
         report["prompts"] = eng.prompt_breakdown(fake.chat_requests)
@@ -224,20 +169,20 @@ def phase_per_user(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, A
             f"{report['commands']}, peak RSS +{report['peak_delta_kb'] / 1024:.1f} MiB"
         )
     fake.reset()
-    ctx["client"].drop_database(db_name)
+    ctx.client.drop_database(db_name)
     return {"seed_seconds": round(seed_seconds, 2), "previous_summary_chars": len(summary), "users": users}
 
 
-def phase_filter_order(ctx: dict[str, Any], events: int) -> dict[str, Any]:
+def phase_filter_order(ctx: Stack, events: int) -> dict[str, Any]:
     """Before/after of the store fix: the same ``_id``-list read, ``user_id`` first versus ``_id`` first."""
     db_name = "bench_filter_order"
-    db = ctx["client"][db_name]
+    db = ctx.client[db_name]
     MemoryStore(db, Settings()).ensure_indexes()
     eng.seed_users(db, {"probe": events})
     ids = [d["_id"] for d in db["user_memory"].find({"user_id": "probe"}, {"_id": 1}).limit(160)]
     user_first, _ = eng.timed(lambda: list(db["user_memory"].find({"user_id": "probe", "_id": {"$in": ids}})), 1)
     id_first, _ = eng.timed(lambda: list(db["user_memory"].find({"_id": {"$in": ids}, "user_id": "probe"})), 3)
-    ctx["client"].drop_database(db_name)
+    ctx.client.drop_database(db_name)
     out = {
         "user_events": events,
         "batch_ids": len(ids),
@@ -317,9 +262,9 @@ def _without_trigger(cpu: dict[str, float], trigger_cpu: float) -> dict[str, flo
     return cpu
 
 
-def _stand_in_pids(ctx: dict[str, Any], airflow: AirflowServices) -> dict[str, int | None]:
+def _stand_in_pids(ctx: Stack, airflow: AirflowServices) -> dict[str, int | None]:
     """The stand-ins' processes, for cpu_snapshot (the fake LLM runs in the bench process)."""
-    pids = {STAND_INS["mongo"]: ctx["mongo"].pid, STAND_INS["llm"]: os.getpid(), STAND_INS["redis"]: ctx["redis"].pid}
+    pids = {STAND_INS["mongo"]: ctx.mongo.pid, STAND_INS["llm"]: os.getpid(), STAND_INS["redis"]: ctx.redis.pid}
     # The bench process's own figure includes its reaped children; _without_trigger takes the CLI out.
     if airflow.postgres is not None:
         pids[STAND_INS["postgres"]] = airflow.postgres.pid
@@ -327,15 +272,15 @@ def _stand_in_pids(ctx: dict[str, Any], airflow: AirflowServices) -> dict[str, i
 
 
 def _airflow_run(
-    ctx: dict[str, Any], airflow: AirflowServices, args: argparse.Namespace, label: str, latency: float, users: int
+    ctx: Stack, airflow: AirflowServices, args: argparse.Namespace, label: str, latency: float, users: int
 ) -> dict[str, Any]:
     """Seed ``users`` users, trigger one DAG run at the given LLM latency, wait, and analyse it."""
-    db = ctx["client"][args.airflow_db]
-    ctx["client"].drop_database(args.airflow_db)
+    db = ctx.client[args.airflow_db]
+    ctx.client.drop_database(args.airflow_db)
     MemoryStore(db, Settings()).ensure_indexes()
     eng.seed_users(db, eng.throughput_users(users))
-    ctx["fake"].reset()
-    ctx["fake"].set_latency(latency)
+    ctx.fake.reset()
+    ctx.fake.set_latency(latency)
     run_id = f"bench-{label}-{int(time.time())}"
     others = _stand_in_pids(ctx, airflow)
     before = cpu_snapshot(airflow, others)
@@ -353,7 +298,7 @@ def _airflow_run(
             "latency": latency,
             "state": state,
             "wait_seconds": round(wall, 2),
-            "llm_requests": ctx["fake"].request_count,
+            "llm_requests": ctx.fake.request_count,
             "users_compressed": doc.get("users_compressed"),
             "cpu_seconds": _without_trigger(cpu_delta(before, after), trigger_cpu),
         }
@@ -376,7 +321,7 @@ BASELINE_ENV = {
 
 
 def _noop_run(
-    ctx: dict[str, Any], airflow: AirflowServices, args: argparse.Namespace, latency: float, users: int
+    ctx: Stack, airflow: AirflowServices, args: argparse.Namespace, latency: float, users: int
 ) -> dict[str, Any]:
     """Run the no-op mapped DAG (each task sleeps ``latency``): Airflow's own floor per mapped task."""
     run_id = f"bench-noop-{int(time.time())}"
@@ -396,30 +341,33 @@ def _noop_run(
 
 
 def airflow_services(
-    ctx: dict[str, Any],
+    ctx: Stack,
     args: argparse.Namespace,
     home: Path,
     parallelism: int,
-    extra_env: dict[str, str] | None,
+    extra_env: dict[str, str] | None = None,
     *,
     sqlite: bool = False,
 ) -> AirflowServices:
-    """Airflow services in ``home`` on the bench's MongoDB, Redis and fake LLM (not started yet), on a
-    fresh database of the bench's PostgreSQL (as a deployment runs it), or on SQLite when asked."""
-    conn_env = airflow_connection_env(
-        mongo=ctx["mongo"], db=args.airflow_db, redis=ctx["redis"], statsd=None, llm_base_url=ctx["fake"].base_url
-    )
-    return AirflowServices(
+    """Airflow services in ``home`` on the stand-ins with the bench's pool (tools/bench_harness.py)."""
+    return airflow_on(
+        ctx,
         home,
-        conn_env=conn_env,
+        args.airflow_db,
         pool_slots=args.pool_slots,
         parallelism=parallelism,
         extra_env=extra_env,
-        postgres=None if sqlite else ctx.get("postgres"),
+        sqlite=sqlite,
     )
 
 
-def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def phase_airflow(
+    ctx: Stack,
+    args: argparse.Namespace,
+    *,
+    results: dict[str, Any] | None = None,
+    save: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """1 and 5, Airflow side, with the settings ``make airflow`` uses (``TUNING``): a run at the
     LLM latency, one with an instant LLM, one user alone, and the no-op DAG (Airflow's floor); then,
     unless ``--skip-baseline``, the run at the LLM latency with Airflow's defaults and no preload; then,
@@ -431,11 +379,10 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         "metadata_db": "PostgreSQL",
         "tuning": dict(TUNING),
     }
-    if "results" in ctx:  # each run's figures reach results.json as the run ends, not with the phase
-        ctx["results"]["airflow"] = out
-    save = ctx.get("save")
+    if results is not None:  # each run's figures reach results.json as the run ends, not with the phase
+        results["airflow"] = out
     started = time.monotonic()
-    with airflow_services(ctx, args, args.work_dir / "airflow", args.parallelism, None) as airflow:
+    with airflow_services(ctx, args, args.work_dir / "airflow", args.parallelism) as airflow:
         log(f"airflow up in {time.monotonic() - started:.1f}s (migrate {airflow.prepare_seconds:.1f}s)")
         out["startup_seconds"] = round(time.monotonic() - started, 1)
         run_phase(
@@ -468,9 +415,7 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
             )
     if not args.skip_sqlite:
         # The same DAG and settings on SQLite (Airflow's embedded default, what `make demo` uses).
-        with airflow_services(
-            ctx, args, args.work_dir / "airflow-sqlite", args.parallelism, None, sqlite=True
-        ) as airflow:
+        with airflow_services(ctx, args, args.work_dir / "airflow-sqlite", args.parallelism, sqlite=True) as airflow:
             out["sqlite"] = {}
             run_phase(
                 out["sqlite"],
@@ -478,8 +423,8 @@ def phase_airflow(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
                 lambda: _airflow_run(ctx, airflow, args, "sqlite", args.latency, args.users),
                 save=save,
             )
-    ctx["client"].drop_database(args.airflow_db)
-    ctx["fake"].set_latency(0.0)
+    ctx.client.drop_database(args.airflow_db)
+    ctx.fake.set_latency(0.0)
     return out
 
 
@@ -509,11 +454,11 @@ print(json.dumps({k: round(v, 3) for k, v in steps.items()}))
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def phase_scan(ctx: dict[str, Any], args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
+def phase_scan(ctx: Stack, args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     """6: grow the collection to each size, timing the scan and one user's reads at every size."""
     db_name = "bench_scan"
-    ctx["client"].drop_database(db_name)
-    db = ctx["client"][db_name]
+    ctx.client.drop_database(db_name)
+    db = ctx.client[db_name]
     store = MemoryStore(db, Settings())
     store.ensure_indexes()
     points: list[dict[str, Any]] = []
@@ -556,386 +501,8 @@ def phase_scan(ctx: dict[str, Any], args: argparse.Namespace, budget: Budget) ->
     if points:
         out["explain"] = eng.explain_scan(store, db, probe_user="scan-0000002")
         log(f"explain: {out['explain']}")
-    ctx["client"].drop_database(db_name)
+    ctx.client.drop_database(db_name)
     return out
-
-
-# -- report ---------------------------------------------------------------------------------------
-
-
-Row = tuple[str, str, str, str]
-
-
-def _rows_throughput(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
-    """Rows of figure 1: both times, the speed-up and the fraction of pool_slots / latency."""
-    rows: list[Row] = []
-    limit = args.pool_slots / args.latency if args.latency else float("inf")
-    seq = results.get("sequential", {}).get("llm_latency")
-    a = results.get("airflow", {}).get("llm_latency")
-    seq = None if timed_out(seq) else seq
-    a = None if timed_out(a) else a
-    if seq:
-        rows.append(
-            (
-                f"sequential loop, {args.users} users, LLM {args.latency:g} s",
-                f"{seq['seconds']:.1f} s ({seq['users_per_second']:.2f} users/s)",
-                "",
-                "",
-            )
-        )
-    if not a:
-        return rows
-    rows.append(
-        (
-            f"Airflow DAG run, {args.users} users, LLM {args.latency:g} s",
-            f"{a['run_seconds']:.1f} s ({a['users_per_second']:.2f} users/s)",
-            "",
-            "",
-        )
-    )
-    if seq:
-        results["speedup"] = round(seq["seconds"] / a["run_seconds"], 2)
-        rows.append(
-            ("speed-up (sequential time / Airflow time)", f"{results['speedup']:.2f}x", f"up to {args.pool_slots}x", "")
-        )
-    frac = a["users_per_second"] / limit
-    results["fraction_of_limit"] = round(frac, 3)
-    verdict = "met" if frac >= TARGET_FRACTION else "MISSED"
-    rows.append((f"Airflow throughput / limit {limit:g} users/s", f"{frac:.1%}", f">= {TARGET_FRACTION:.0%}", verdict))
-    base = results.get("airflow", {}).get("baseline", {}).get("llm_latency")
-    if base:
-        results["improvement_over_baseline"] = round(a["users_per_second"] / base["users_per_second"], 2)
-        rows.append(
-            (
-                "  before: Airflow defaults, parallelism = pool, no preload",
-                f"{base['run_seconds']:.1f} s ({base['users_per_second']:.2f} users/s, "
-                f"{base['users_per_second'] / limit:.1%})",
-                "",
-                f"now {results['improvement_over_baseline']:.2f}x",
-            )
-        )
-    noop = results.get("airflow", {}).get("noop_llm_latency")
-    if noop:
-        results["fraction_of_floor"] = round(a["users_per_second"] / noop["users_per_second"], 3)
-        rows.append(
-            (
-                f"  Airflow floor: no-op mapped task sleeping {args.latency:g} s",
-                f"{noop['run_seconds']:.1f} s ({noop['users_per_second']:.2f} users/s, "
-                f"{noop['users_per_second'] / limit:.1%})",
-                "",
-                f"ours {results['fraction_of_floor']:.0%} of it",
-            )
-        )
-    for run in results.get("airflow", {}).get("latency_sweep", []):
-        sweep_limit = args.pool_slots / run["latency"]
-        rows.append(
-            (
-                f"  LLM {run['latency']:g} s: Airflow / limit {sweep_limit:g} users/s",
-                f"{run['users_per_second']:.2f} users/s, {run['users_per_second'] / sweep_limit:.1%}",
-                f">= {TARGET_FRACTION:.0%}",
-                "met" if run["users_per_second"] >= TARGET_FRACTION * sweep_limit else "missed",
-            )
-        )
-    rows.append(
-        ("  compress phase only (first start..last end)", f"{a['compress_users_per_second']:.2f} users/s", "", "")
-    )
-    rows.append(
-        (
-            "  task duration / engine time (medians)",
-            f"{a['task_duration_median']:.2f} s / {a['engine_seconds_median']:.2f} s",
-            "",
-            "",
-        )
-    )
-    rows.append(
-        (
-            "  average running tasks (sum of durations / span)",
-            f"{a['average_concurrency']:.1f}",
-            f"{args.pool_slots}",
-            "",
-        )
-    )
-    rows.append(
-        ("  CPU busy / of it not the bench's", f"{a['cpu_busy_fraction']:.0%} / {a['other_load_fraction']:.0%}", "", "")
-    )
-    rows.extend(_rows_cpu(results, args))
-    return rows
-
-
-def _rows_cpu(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
-    """CPU seconds per compressed user by component, the headline (what a deployment pays) against
-    Airflow's floor, and the same run on SQLite."""
-    af = results.get("airflow", {})
-    a, noop = af.get("llm_latency"), af.get("noop_llm_latency")
-    if not a:
-        return []
-    rows: list[Row] = []
-    if noop:
-        ratio = a["deployment_cpu_seconds_per_user"] / noop["deployment_cpu_seconds_per_user"]
-        results["deployment_cpu_ratio_to_floor"] = round(ratio, 2)
-        rows.append(
-            (
-                "CPU s per user a deployment pays (Airflow + tasks) / Airflow's floor (no-op DAG)",
-                f"{a['deployment_cpu_seconds_per_user']:.2f} / {noop['deployment_cpu_seconds_per_user']:.2f}",
-                "",
-                f"{ratio:.2f}x the floor",
-            )
-        )
-    engine = results.get("sequential", {}).get("llm_latency", {}).get("engine_cpu_seconds_per_user")
-    floor = noop["cpu_seconds_per_user_by_component"] if noop else {}
-    for name, value in a["cpu_seconds_per_user_by_component"].items():
-        rows.append((f"  {name}", f"{value:.3f}", "", f"floor {floor[name]:.3f}" if name in floor else ""))
-        if name == TASKS_CPU and engine is not None:
-            rows.append(("    of it our engine (its CPU alone in the sequential loop)", f"{engine:.3f}", "", ""))
-    rows.append(("  stand-ins and the bench's trigger together", f"{a['stand_in_cpu_seconds_per_user']:.3f}", "", ""))
-    lite = af.get("sqlite", {}).get("llm_latency")
-    if lite:
-        rows.append(
-            (
-                f"metadata DB: PostgreSQL / SQLite, {args.users} users, LLM {args.latency:g} s",
-                f"{a['run_seconds']:.1f} s / {lite['run_seconds']:.1f} s "
-                f"({a['users_per_second']:.2f} / {lite['users_per_second']:.2f} users/s)",
-                "",
-                f"SQLite {lite['run_seconds'] / a['run_seconds']:.2f}x the time",
-            )
-        )
-        rows.append(
-            (
-                "  CPU s per user a deployment pays: PostgreSQL / SQLite",
-                f"{a['deployment_cpu_seconds_per_user']:.2f} / {lite['deployment_cpu_seconds_per_user']:.2f}",
-                "",
-                "",
-            )
-        )
-    return rows
-
-
-def _rows_overhead(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
-    """Rows of figure 5: Airflow's cost per mapped task with an instant LLM."""
-    rows: list[Row] = []
-    af, seq = results.get("airflow", {}), results.get("sequential", {})
-    if "instant_llm" in af:
-        a = af["instant_llm"]
-        rows.append(
-            (
-                f"Airflow, instant LLM: run seconds per user ({args.users} users)",
-                f"{a['run_seconds'] / a['users']:.3f} s",
-                "",
-                "",
-            )
-        )
-        rows.append(
-            (
-                "  task duration - engine time (medians, 8 tasks on 2 cores)",
-                f"{a['airflow_overhead_per_task_median']:.2f} s",
-                "",
-                "",
-            )
-        )
-    if "single_user" in af:
-        a = af["single_user"]
-        rows.append(
-            ("  one task alone: duration - engine time", f"{a['airflow_overhead_per_task_median']:.2f} s", "", "")
-        )
-        rows.append(("  one task alone: queued -> running", f"{a['queue_wait_median']:.2f} s", "", ""))
-    if "threaded_llm_latency" in seq:
-        t = seq["threaded_llm_latency"]
-        limit = args.pool_slots / args.latency
-        rows.append(
-            (
-                f"what-if: engine in {t['workers']} threads, one process, LLM {args.latency:g} s",
-                f"{t['seconds']:.1f} s ({t['users_per_second']:.2f} users/s, {t['users_per_second'] / limit:.0%} of limit)",
-                "",
-                "",
-            )
-        )
-    if "instant_llm" in seq:
-        s = seq["instant_llm"]
-        rows.append(
-            ("sequential loop, instant LLM: seconds per user", f"{s['seconds'] / max(s['users'], 1):.3f} s", "", "")
-        )
-    return rows
-
-
-def _rows_per_user(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
-    """Rows of figures 2, 3 and 4, and the store fix's before/after."""
-    rows: list[Row] = []
-    users = results.get("per_user", {}).get("users", {})
-    for n, u in users.items():
-        commands = ", ".join(f"{k} {v}" for k, v in sorted(u["commands"].items()))
-        rows.append(
-            (
-                f"MongoDB commands, {int(n):,}-event user",
-                f"{u['round_trips']} ({commands})",
-                "const + O(chunks)",
-                f"{u['result']['chunks']} chunk(s)",
-            )
-        )
-    for n, u in users.items():
-        pr = u["prompts"]
-        rows.append(
-            (
-                f"prompt chars / event chars, {int(n):,}-event user",
-                f"{pr['prompt_to_event_chars']:.2f} ({pr['prompt_chars_per_event']:.0f} chars, ~{pr['prompt_tokens_per_event']:.0f} tokens per event)",
-                "",
-                "",
-            )
-        )
-    for n, u in users.items():
-        rows.append(
-            (
-                f"peak RSS over baseline, {int(n):,}-event user",
-                f"{u['peak_delta_kb'] / 1024:.1f} MiB (compress {u['seconds']:.1f} s)",
-                "",
-                "",
-            )
-        )
-    fo = results.get("filter_order")
-    if fo:
-        rows.append(
-            (
-                f"store fix, 160 _ids of a {fo['user_events']:,}-event user",
-                f"{fo['user_id_first_seconds']:.2f} s -> {fo['id_first_seconds']:.3f} s",
-                "",
-                "",
-            )
-        )
-    return rows
-
-
-def _rows_scan(results: dict[str, Any]) -> list[Row]:
-    """Rows of figure 6."""
-    rows: list[Row] = []
-    for pt in results.get("scan", {}).get("points", []):
-        rows.append(
-            (
-                f"scan at {pt['events']:,} events",
-                f"{pt['scan_seconds']:.2f} s; one user: keys {pt['user_fold_keys_seconds'] * 1000:.0f} ms, "
-                f"events {pt['user_iter_events_seconds'] * 1000:.0f} ms (before the fix "
-                f"{pt['user_iter_events_before_fix_seconds'] * 1000:.0f} ms)",
-                "",
-                "",
-            )
-        )
-    rows.extend(("  note", note, "", "") for note in results.get("scan", {}).get("notes", []))
-    return rows
-
-
-def summarise(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
-    """Return the summary rows: (figure, value, target, verdict); a phase that timed out gets a row
-    saying so, and the figures that needed it are left out instead of failing the report."""
-    rows: list[Row] = [
-        (f"phase {name}", f"timed out after {info['seconds']:.0f} s", "", "NOT MEASURED")
-        for name, info in _timed_out_phases(results)
-    ]
-    for part in (
-        lambda: _rows_throughput(results, args),
-        lambda: _rows_overhead(results, args),
-        lambda: _rows_per_user(results, args),
-        lambda: _rows_scan(results),
-        lambda: (
-            bench_guards.rows(results["guards"]) if "guards" in results and not timed_out(results["guards"]) else []
-        ),
-    ):
-        try:
-            rows += part()
-        except (KeyError, TypeError, ZeroDivisionError):
-            continue  # its phase timed out (listed above)
-    return rows
-
-
-def _timed_out_phases(results: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (dotted name, record) of every phase that timed out, nested ones included."""
-    for key, value in results.items():
-        if isinstance(value, dict):
-            if timed_out(value):
-                yield f"{prefix}{key}", value
-            else:
-                yield from _timed_out_phases(value, f"{prefix}{key}.")
-
-
-def print_table(rows: list[Row]) -> None:
-    """Print the summary rows as an aligned table."""
-    widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
-    print()
-    print("=" * (sum(widths) + 9))
-    for row in rows:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-    print("=" * (sum(widths) + 9))
-
-
-def write_charts(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    """Write the SVG charts into ``--img-dir`` (docs/img) and return their paths."""
-    args.img_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    seq, af = results.get("sequential", {}), results.get("airflow", {})
-    limit = args.pool_slots / args.latency
-    if "llm_latency" in seq and "llm_latency" in af:
-        bars = [
-            svg.Bar(f"sequential loop, LLM {args.latency:g} s", seq["llm_latency"]["users_per_second"], svg.GREY),
-            svg.Bar(f"Airflow run, LLM {args.latency:g} s", af["llm_latency"]["users_per_second"], svg.BLUE),
-            svg.Bar("Airflow compress phase only", af["llm_latency"]["compress_users_per_second"], svg.BLUE),
-        ]
-        if "baseline" in af:
-            bars.append(
-                svg.Bar(
-                    "before: Airflow defaults, no preload",
-                    af["baseline"]["llm_latency"]["users_per_second"],
-                    svg.GREY,
-                )
-            )
-        if "noop_llm_latency" in af:
-            bars.append(
-                svg.Bar(
-                    f"Airflow floor: no-op task, sleep {args.latency:g} s",
-                    af["noop_llm_latency"]["users_per_second"],
-                    svg.PURPLE,
-                )
-            )
-        bars += [
-            svg.Bar("Airflow run, instant LLM", af["instant_llm"]["users_per_second"], svg.ORANGE),
-            svg.Bar("sequential loop, instant LLM", seq["instant_llm"]["users_per_second"], svg.GREY),
-            svg.Bar(
-                f"what-if: engine, {args.pool_slots} threads, LLM {args.latency:g} s",
-                seq["threaded_llm_latency"]["users_per_second"],
-                svg.PURPLE,
-            ),
-            svg.Bar(f"limit: {args.pool_slots} slots / {args.latency:g} s", limit, svg.GREEN),
-        ]
-        chart = svg.bar_chart(
-            f"Throughput, {args.users} users over the threshold (one LLM call each)",
-            f"users per second; 2 cores, LocalExecutor, pool llm_api = {args.pool_slots} slots; {results['date'][:10]}",
-            bars,
-            "users per second",
-            [svg.RefLine(limit * TARGET_FRACTION, f"target {TARGET_FRACTION:.0%} of limit")],
-        )
-        path = args.img_dir / "bench-throughput.svg"
-        path.write_text(chart)
-        written.append(shown(path))
-    points = results.get("scan", {}).get("points", [])
-    if points:
-        chart = svg.line_chart(
-            "Scan time as the event collection grows (embedded SecantusDB)",
-            f"scan: $group over every event (COLLSCAN); one user: 100 events via the index; {results['date'][:10]}, 2 cores",
-            [
-                svg.Series("scan ($group)", [(p["events"], p["scan_seconds"]) for p in points], svg.BLUE),
-                svg.Series(
-                    "one user's events, before the store fix",
-                    [(p["events"], p["user_iter_events_before_fix_seconds"]) for p in points],
-                    svg.RED,
-                ),
-                svg.Series("one user's keys", [(p["events"], p["user_fold_keys_seconds"]) for p in points], svg.ORANGE),
-                svg.Series(
-                    "one user's events", [(p["events"], p["user_iter_events_seconds"]) for p in points], svg.GREEN
-                ),
-            ],
-            "events in user_memory (log scale)",
-            "seconds (log scale)",
-        )
-        path = args.img_dir / "bench-scan.svg"
-        path.write_text(chart)
-        written.append(shown(path))
-    return written
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -1011,19 +578,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def machine() -> dict[str, Any]:
-    """Describe the machine the figures come from."""
-    import pymongo
-
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "pymongo": pymongo.version,
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run every phase, print the table, write results.json and the charts."""
     args = parse_args(argv)
@@ -1036,60 +590,39 @@ def main(argv: list[str] | None = None) -> int:
     results["settings"] = {
         k: v for k, v in vars(args).items() if k not in ("budget_guard", "out", "img_dir", "work_dir")
     }
-    data = args.work_dir / "services"
-    shutil.rmtree(data, ignore_errors=True)
     pg_bindir = parts.POSTGRESQL.find()
     if pg_bindir is None and not args.skip_airflow:
         print(f"!! {parts.POSTGRESQL.missing_reason()}: Airflow runs on PostgreSQL in the bench", file=sys.stderr)
         return 2
-    with (
-        MongoService(data / "mongo") as mongo,
-        RedisService(data / "redis") as redis_srv,
-        contextlib.ExitStack() as stack,
-        FakeOpenAI() as fake,
-        mongo.client() as client,
-    ):
-        # PostgreSQL's defaults (fsync on), as a deployment runs it.
-        postgres = (
-            stack.enter_context(PostgresService(data / "postgres", pg_bindir, durable=True)) if pg_bindir else None
-        )
 
-        def save() -> None:
-            write_results(results, args.out)
+    def save() -> None:
+        write_results(results, args.out)
 
-        ctx: dict[str, Any] = {
-            "mongo": mongo,
-            "redis": redis_srv,
-            "fake": fake,
-            "client": client,
-            "postgres": postgres,
-            "results": results,
-            "save": save,
-        }
+    with stand_ins(args.work_dir / "services", pg_bindir=pg_bindir) as ctx:
         log(
-            f"services up: MongoDB wire server :{mongo.port}, redis :{redis_srv.port}, fake LLM {fake.base_url}, "
-            f"PostgreSQL :{postgres.port if postgres else '-'}"
+            f"services up: MongoDB wire server :{ctx.mongo.port}, redis :{ctx.redis.port}, fake LLM "
+            f"{ctx.fake.base_url}, PostgreSQL :{ctx.postgres.port if ctx.postgres else '-'}"
         )
         run_phase(results, "sequential", lambda: phase_sequential(ctx, args), save=save)
         if not args.only_throughput:
             run_phase(results, "filter_order", lambda: phase_filter_order(ctx, args.filter_probe_events), save=save)
             run_phase(results, "per_user", lambda: phase_per_user(ctx, args), save=save)
         if not args.skip_guards and not args.only_throughput:
-            ctx["fake"].set_latency(0.0)
+            ctx.fake.set_latency(0.0)
             run_phase(
                 results,
                 "guards",
                 lambda: bench_guards.phase_guards(
-                    ctx["mongo"], ctx["redis"].port, ctx["fake"], users=args.guard_users, chunk=args.guard_chunk
+                    ctx.mongo, ctx.redis.port, ctx.fake, users=args.guard_users, chunk=args.guard_chunk
                 ),
                 save=save,
             )
         run_phase(results, "task_imports_cpu_seconds", phase_task_imports, save=save)
         if not args.skip_airflow:
-            run_phase(results, "airflow", lambda: phase_airflow(ctx, args), save=save)
+            run_phase(results, "airflow", lambda: phase_airflow(ctx, args, results=results, save=save), save=save)
         if not args.skip_scan and not args.only_throughput:
             run_phase(results, "scan", lambda: phase_scan(ctx, args, budget), save=save)
-    results["elapsed_seconds"] = round(time.monotonic() - STARTED, 1)
+    results["elapsed_seconds"] = round(log.elapsed(), 1)
     rows = summarise(results, args)
     results["summary"] = [list(r) for r in rows]
     if not args.no_charts:

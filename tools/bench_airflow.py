@@ -364,7 +364,7 @@ def _fernet_key() -> str:
 # -- where the CPU goes during a run -------------------------------------------------------------
 
 
-def _proc_cpu(proc: psutil.Process, *, children: bool = True) -> float:
+def proc_cpu(proc: psutil.Process, *, children: bool = True) -> float:
     """Return a process's CPU seconds, plus those of its reaped children when asked."""
     try:
         times = proc.cpu_times()
@@ -395,9 +395,9 @@ def cpu_snapshot(services: AirflowServices, others: Mapping[str, int | None]) ->
     snap: dict[str, float] = {}
     for name, tree in services.service_processes().items():
         root, *rest = tree
-        snap[f"airflow {name} (main process)"] = _proc_cpu(root, children=False)
+        snap[f"airflow {name} (main process)"] = proc_cpu(root, children=False)
         # Reaped children's time is in the parent's children_* fields, so count it once per level.
-        below = sum(_proc_cpu(p) for p in rest) + (_proc_cpu(root) - _proc_cpu(root, children=False))
+        below = sum(proc_cpu(p) for p in rest) + (proc_cpu(root) - proc_cpu(root, children=False))
         key = (
             "task processes (LocalExecutor workers, supervisors, tasks)"
             if name == "scheduler"
@@ -408,11 +408,11 @@ def cpu_snapshot(services: AirflowServices, others: Mapping[str, int | None]) ->
         if pid is not None:
             with contextlib.suppress(psutil.Error):
                 root = psutil.Process(pid)
-                snap[name] = _proc_cpu(root)
+                snap[name] = proc_cpu(root)
                 if name in TREE_STAND_INS:
                     # postgres serves each connection from a child process: live ones are counted here,
                     # ended ones are in the root's children_* fields.
-                    snap[name] += sum(_proc_cpu(p, children=False) for p in root.children(recursive=True))
+                    snap[name] += sum(proc_cpu(p, children=False) for p in root.children(recursive=True))
     snap["machine busy"], snap["machine total"] = machine_busy_seconds()
     return snap
 

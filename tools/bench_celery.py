@@ -6,7 +6,7 @@ default Celery config, one with ``butler_memory.celery_config``, in the same inv
 Runs the API server, scheduler and DAG processor of ``tools/bench_airflow.py`` with the
 CeleryExecutor, a redis-server as the broker, a SQLite result backend, and an
 ``airflow celery worker`` (concurrency = 2 x pool slots); prints users/s and the worker process
-tree's CPU seconds per user for both runs. Not part of ``make bench`` (about 3 minutes more).
+tree's CPU seconds per user for both runs (and writes them to ``.local/bench-celery/results.json``). Not part of ``make bench`` (about 3 minutes more).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 from tools import bench  # noqa: E402
-from tools.bench_airflow import _proc_cpu  # noqa: E402
-from tools.fake_openai import FakeOpenAI  # noqa: E402
-from tools.services import MongoService, RedisService  # noqa: E402
+from tools.bench_airflow import proc_cpu  # noqa: E402
+from tools.bench_harness import Stack, stand_ins, write_results  # noqa: E402
+from tools.services import RedisService  # noqa: E402
 from tools.standalone import celery_pool, celery_worker  # noqa: E402
 
 OUT_DIR = REPO / ".local" / "bench-celery"
@@ -34,10 +34,10 @@ CONFIG = "butler_memory.celery_config.CELERY_CONFIG"
 
 
 def _tree_cpu(root: psutil.Process) -> float:
-    return sum(_proc_cpu(p) for p in [root, *root.children(recursive=True)])
+    return sum(proc_cpu(p) for p in [root, *root.children(recursive=True)])
 
 
-def _one(ctx: dict[str, Any], args: argparse.Namespace, broker: RedisService, configured: bool) -> dict[str, Any]:
+def _one(ctx: Stack, args: argparse.Namespace, broker: RedisService, configured: bool) -> dict[str, Any]:
     label = "celery_config" if configured else "airflow_default"
     home = OUT_DIR / label
     extra = {
@@ -74,19 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     args.airflow_db = "bench_celery"
     args.budget_guard = lambda: 900.0
     shutil.rmtree(OUT_DIR, ignore_errors=True)
-    OUT_DIR.mkdir(parents=True)
-    with (
-        MongoService(OUT_DIR / "mongo") as mongo,
-        RedisService(OUT_DIR / "redis") as redis_srv,
-        RedisService(OUT_DIR / "broker") as broker,
-        FakeOpenAI() as fake,
-        mongo.client() as client,
-    ):
-        ctx = {"mongo": mongo, "redis": redis_srv, "fake": fake, "client": client}
+    with stand_ins(OUT_DIR / "services") as ctx, RedisService(OUT_DIR / "broker") as broker:
         results = {
             "airflow_default": _one(ctx, args, broker, configured=False),
             "celery_config": _one(ctx, args, broker, configured=True),
         }
+    write_results(results, OUT_DIR / "results.json")
     print(json.dumps(results, indent=2))
     return 0
 

@@ -43,26 +43,19 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pymongo
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 from butler_memory.doorbell import Doorbell  # noqa: E402
-from tools.bench_airflow import AirflowServices  # noqa: E402
-from tools.fake_openai import FakeOpenAI  # noqa: E402
-from tools.services import MongoService, RedisService, airflow_connection_env  # noqa: E402
+from tools.bench_airflow import AirflowServices, proc_cpu  # noqa: E402
+from tools.bench_harness import OUT_DIR, Stack, airflow_on, log, run_phase, stand_ins, write_results  # noqa: E402
 
-OUT_DIR = REPO / ".local" / "bench"
 CATCHUP_ID = "memory_compression_catchup"
 DB = "bench_fresh"
 THRESHOLD = 50
 KEEP = 20
 DEFAULT_CADENCE_MINUTES = 5
-
-
-def log(message: str) -> None:
-    print(f"[bench_fresh {datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
 
 
 # -- traffic ---------------------------------------------------------------------------------------
@@ -175,14 +168,8 @@ def daily_only(rates: dict[str, float], counts: dict[str, int]) -> dict[str, Any
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            continue
-    return total
+    """CPU seconds of these processes and of the children each has reaped."""
+    return sum(proc_cpu(proc) for proc in procs)
 
 
 def airflow_cpu(airflow: AirflowServices) -> float:
@@ -245,27 +232,25 @@ def reset(db: Any, redis_client: Any) -> None:
 
 
 @contextmanager
-def services(args: argparse.Namespace) -> Iterator[tuple[MongoService, RedisService, FakeOpenAI, AirflowServices]]:
-    data = args.work_dir / "fresh-services"
-    with MongoService(data / "mongo") as mongo, RedisService(data / "redis") as redis_srv, FakeOpenAI() as fake:
-        fake.set_latency(args.llm_latency)
-        conn_env = airflow_connection_env(mongo=mongo, db=DB, redis=redis_srv, statsd=None, llm_base_url=fake.base_url)
+def services(args: argparse.Namespace) -> Iterator[tuple[Stack, AirflowServices]]:
+    """The stand-ins and Airflow on SQLite (as ``make airflow``), the catch-up DAG on its cron."""
+    with stand_ins(args.work_dir / "fresh-services") as stack:
+        stack.fake.set_latency(args.llm_latency)
         extra = {
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True",
             "BUTLER_MEMORY_CATCHUP_SCHEDULE": f"*/{args.cadence} * * * *",
             "BUTLER_MEMORY_SCHEDULE": "0 0 31 12 *",  # the daily DAG stays out of the window
         }
-        with AirflowServices(args.work_dir / "fresh-airflow", conn_env=conn_env, extra_env=extra) as airflow:
-            yield mongo, redis_srv, fake, airflow
+        with airflow_on(stack, args.work_dir / "fresh-airflow", DB, extra_env=extra) as airflow:
+            yield stack, airflow
 
 
 def run_mode(
-    name: str, ring: bool, args: argparse.Namespace, ctx: tuple[Any, ...], rates: dict[str, float]
+    name: str, ring: bool, args: argparse.Namespace, stack: Stack, airflow: AirflowServices, rates: dict[str, float]
 ) -> dict[str, Any]:
-    mongo, redis_srv, fake, airflow = ctx
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo.uri)
-    redis_client = redis_srv.client()
-    db = client[DB]
+    fake = stack.fake
+    redis_client = stack.redis.client()
+    db = stack.client[DB]
     try:
         wait_idle(airflow)
         reset(db, redis_client)
@@ -315,12 +300,10 @@ def run_mode(
         }
     finally:
         redis_client.close()
-        client.close()
 
 
-def idle_cost(args: argparse.Namespace, ctx: tuple[Any, ...]) -> dict[str, Any]:
-    mongo, redis_srv, _fake, airflow = ctx
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo.uri)
+def idle_cost(args: argparse.Namespace, stack: Stack, airflow: AirflowServices) -> dict[str, Any]:
+    mongo, redis_srv, client = stack.mongo, stack.redis, stack.client
     redis_client = redis_srv.client()
     try:
         wait_idle(airflow)
@@ -360,7 +343,6 @@ def idle_cost(args: argparse.Namespace, ctx: tuple[Any, ...]) -> dict[str, Any]:
         }
     finally:
         redis_client.close()
-        client.close()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -400,16 +382,26 @@ def main(argv: list[str] | None = None) -> int:
     }
     results["daily_only"] = daily_only(rates, start_counts(rates, args.seed))
     started = time.monotonic()
-    with services(args) as ctx:
+
+    def save() -> None:
+        write_results(results, args.out)
+
+    with services(args) as (stack, airflow):
         log(f"airflow up in {time.monotonic() - started:.0f}s")
-        pause(ctx[3], False)
-        results["watcher_registered_after_s"] = round(wait_watcher(ctx[3]), 1)
-        results["cadence_only"] = run_mode("cadence only", False, args, ctx, rates)
-        results["doorbell_cadence"] = run_mode("doorbell + cadence", True, args, ctx, rates)
-        results["idle"] = idle_cost(args, ctx)
+        pause(airflow, False)
+        results["watcher_registered_after_s"] = round(wait_watcher(airflow), 1)
+        run_phase(
+            results, "cadence_only", lambda: run_mode("cadence only", False, args, stack, airflow, rates), save=save
+        )
+        run_phase(
+            results,
+            "doorbell_cadence",
+            lambda: run_mode("doorbell + cadence", True, args, stack, airflow, rates),
+            save=save,
+        )
+        run_phase(results, "idle", lambda: idle_cost(args, stack, airflow), save=save)
     results["elapsed_seconds"] = round(time.monotonic() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    save()
     print(json.dumps(results, indent=2, default=str))
     return 0
 

@@ -27,14 +27,10 @@ one phase of tools/bench.py. Every server listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import random
-import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -55,11 +51,11 @@ from butler_memory.settings import Settings  # noqa: E402
 from butler_memory.store import MemoryStore  # noqa: E402
 from butler_memory.summarizer import Summarizer  # noqa: E402
 from tests import injection_sets  # noqa: E402
+from tools.bench_harness import OUT_DIR, stand_ins, write_results  # noqa: E402
 from tools.fake_openai import DETAIL, RESPONDERS, FakeOpenAI, prompt_parts  # noqa: E402
 from tools.seed import ASSISTANT_EN, ASSISTANT_RU, SMALL_TALK_EN, SMALL_TALK_RU, facts_for, seed  # noqa: E402
-from tools.services import MongoService, RedisService  # noqa: E402
+from tools.services import MongoService  # noqa: E402
 
-OUT_DIR = REPO / ".local" / "bench"
 HONEST = ("offline", "faithful")
 USERS, CHUNK = 100, 30
 """Defaults for the six runs (about 3-7 minutes on 2 shared cores); --users 300 --chunk 20 for a finer figure."""
@@ -320,13 +316,6 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return out
 
 
-@contextlib.contextmanager
-def _services(data: Path) -> Iterator[tuple[MongoService, int, FakeOpenAI]]:
-    shutil.rmtree(data, ignore_errors=True)
-    with MongoService(data / "mongo") as mongo, RedisService(data / "redis") as redis_srv, FakeOpenAI() as fake:
-        yield mongo, redis_srv.port, fake
-
-
 def main(argv: list[str] | None = None) -> int:
     """Start the services, run the guard benchmark, print its rows and write its JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -335,11 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT_DIR / "guards.json")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    with _services(OUT_DIR / "guard-services") as (mongo, redis_port, fake):
-        result = phase_guards(mongo, redis_port, fake, users=args.users, chunk=args.chunk)
+    with stand_ins(OUT_DIR / "guard-services") as stack:
+        result = phase_guards(stack.mongo, stack.redis.port, stack.fake, users=args.users, chunk=args.chunk)
     result["elapsed_seconds"] = round(time.monotonic() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, args.out)
     for figure, value, target, verdict in rows(result):
         print(f"{figure:48} {value}  {target} {verdict}".rstrip())
     print(f"elapsed {result['elapsed_seconds']} s; results in {args.out}")

@@ -15,7 +15,6 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,10 +33,8 @@ from butler_memory.offline import OfflineSummarizer  # noqa: E402
 from butler_memory.settings import Settings  # noqa: E402
 from butler_memory.store import VERSION_FIELD, MemoryStore  # noqa: E402
 from tools.bench_engine import START, CommandCounter, insert_events  # noqa: E402
+from tools.bench_harness import OUT_DIR, Doc, stand_ins, write_results  # noqa: E402
 from tools.seed import user_events  # noqa: E402
-from tools.services import MongoService, RedisService  # noqa: E402
-
-Doc = dict[str, Any]
 
 
 def state(db: Any) -> Doc:
@@ -68,50 +65,55 @@ def phase(users: list[str], counter: CommandCounter, act: Callable[[str], Any]) 
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=50)
     parser.add_argument("--events", type=int, default=300)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--work-dir", type=Path, default=OUT_DIR, help="the services' data (.local/bench/history-services)"
+    )
+    parser.add_argument("--out", type=Path, default=OUT_DIR / "history.json")
+    args = parser.parse_args(argv)
     settings = Settings()
-    with tempfile.TemporaryDirectory() as tmp, MongoService(Path(tmp) / "mongo") as mongo:
-        with RedisService(Path(tmp) / "redis") as redis_service:
-            counter = CommandCounter()
-            client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo.uri, event_listeners=[counter])
-            db = client["bench_history"]
-            rng = random.Random(7)
-            users = [f"user-{i:04d}" for i in range(args.users)]
-            events: list[Doc] = []
-            for user_id in users:
-                events.extend(user_events(user_id, args.events, rng, START)[0])
-            insert_events(db, events)
-            later: list[Doc] = []
-            for user_id in users:
-                for ev in user_events(user_id, args.events, rng, START + timedelta(days=365))[0]:
-                    later.append({**ev, "event_id": "later-" + ev["event_id"]})
-            engine = Engine(
-                settings,
-                MemoryStore(db, settings),
-                UserLocks(redis.Redis.from_url(redis_service.url), settings),
-                OfflineSummarizer(),
-            )
-            engine.store.ensure_indexes()
-            figures: dict[str, Any] = {"users": args.users, "events_per_user": args.events}
-            figures["compress_first"] = phase(users, counter, lambda u: engine.compress(u, run_id="r0"))
-            insert_events(db, later)
-            before = state(db)
-            figures["compress"] = phase(users, counter, lambda u: engine.compress(u, run_id="r1"))
-            figures["rollback_dry_run"] = phase(
-                users, counter, lambda u: engine.rollback(u, "r1", rollback_id="rb", dry_run=True)
-            )
-            figures["rollback"] = phase(users, counter, lambda u: engine.rollback(u, "r1", rollback_id="rb"))
-            figures["drill_equal"] = state(db) == before
-            figures["rollback_again"] = phase(users, counter, lambda u: engine.rollback(u, "r1", rollback_id="rb2"))
-            figures["compress_again"] = phase(users, counter, lambda u: engine.compress(u, run_id="r2"))
-            figures["refold"] = phase(users, counter, lambda u: engine.refold(u, run_id="refold"))
-            figures["history_entries"] = db["user_memory_summaries"].count_documents({})
-            engine.close()
+    with stand_ins(args.work_dir / "history-services") as stack:
+        counter = CommandCounter()
+        client: pymongo.MongoClient[Doc] = pymongo.MongoClient(stack.mongo.uri, event_listeners=[counter])
+        db = client["bench_history"]
+        rng = random.Random(7)
+        users = [f"user-{i:04d}" for i in range(args.users)]
+        events: list[Doc] = []
+        for user_id in users:
+            events.extend(user_events(user_id, args.events, rng, START)[0])
+        insert_events(db, events)
+        later: list[Doc] = []
+        for user_id in users:
+            for ev in user_events(user_id, args.events, rng, START + timedelta(days=365))[0]:
+                later.append({**ev, "event_id": "later-" + ev["event_id"]})
+        engine = Engine(
+            settings,
+            MemoryStore(db, settings),
+            UserLocks(redis.Redis.from_url(stack.redis.url), settings),
+            OfflineSummarizer(),
+        )
+        engine.store.ensure_indexes()
+        figures: dict[str, Any] = {"users": args.users, "events_per_user": args.events}
+        figures["compress_first"] = phase(users, counter, lambda u: engine.compress(u, run_id="r0"))
+        insert_events(db, later)
+        before = state(db)
+        figures["compress"] = phase(users, counter, lambda u: engine.compress(u, run_id="r1"))
+        figures["rollback_dry_run"] = phase(
+            users, counter, lambda u: engine.rollback(u, "r1", rollback_id="rb", dry_run=True)
+        )
+        figures["rollback"] = phase(users, counter, lambda u: engine.rollback(u, "r1", rollback_id="rb"))
+        figures["drill_equal"] = state(db) == before
+        figures["rollback_again"] = phase(users, counter, lambda u: engine.rollback(u, "r1", rollback_id="rb2"))
+        figures["compress_again"] = phase(users, counter, lambda u: engine.compress(u, run_id="r2"))
+        figures["refold"] = phase(users, counter, lambda u: engine.refold(u, run_id="refold"))
+        figures["history_entries"] = db["user_memory_summaries"].count_documents({})
+        engine.close()
+        client.close()
+    write_results(figures, args.out)
     print(json.dumps(figures, indent=2))
     return 0 if figures["drill_equal"] else 1
 

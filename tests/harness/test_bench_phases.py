@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools import bench
+from tools import bench_harness, bench_report
 
 
 def test_a_timed_out_phase_is_recorded_and_the_others_still_run_and_are_written(tmp_path: Path) -> None:
@@ -18,7 +18,7 @@ def test_a_timed_out_phase_is_recorded_and_the_others_still_run_and_are_written(
     results: dict[str, Any] = {"date": "today"}
 
     def save() -> None:
-        bench.write_results(results, out)
+        bench_harness.write_results(results, out)
 
     def slow_phase() -> dict[str, Any]:
         time.sleep(0.05)
@@ -30,8 +30,8 @@ def test_a_timed_out_phase_is_recorded_and_the_others_still_run_and_are_written(
         seen_on_disk.append(json.loads(out.read_text()))  # what a kill at this moment would leave
         return {"seconds": 1.0, "users_per_second": 2.0}
 
-    bench.run_phase(results, "airflow", slow_phase, save=save)
-    bench.run_phase(results, "scan", next_phase, save=save)
+    bench_harness.run_phase(results, "airflow", slow_phase, save=save)
+    bench_harness.run_phase(results, "scan", next_phase, save=save)
 
     assert results["airflow"]["timed_out"] is True and results["airflow"]["seconds"] >= 0.05, results
     assert "not finished within 120s" in results["airflow"]["error"]
@@ -49,7 +49,7 @@ def test_the_report_names_a_timed_out_phase_and_keeps_the_other_figures() -> Non
         "airflow": {"llm_latency": {"timed_out": True, "error": "not finished", "seconds": 120.0}},
     }
 
-    rows = bench.summarise(results, args)
+    rows = bench_report.summarise(results, args)
 
     assert ("phase airflow.llm_latency", "timed out after 120 s", "", "NOT MEASURED") in rows, rows
     assert any(row[0].startswith("sequential loop") for row in rows), "the figures measured must still be reported"
