@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args.airflow_db = "bench_celery"
     args.budget_guard = lambda: 900.0
     shutil.rmtree(OUT_DIR, ignore_errors=True)
+    OUT_DIR.mkdir(parents=True)
     with stand_ins(OUT_DIR / "services") as ctx, RedisService(OUT_DIR / "broker") as broker:
         results = {
             "airflow_default": _one(ctx, args, broker, configured=False),
