@@ -3,9 +3,9 @@
 A task cannot do it: the Task SDK offers no way to change a run's conf and blocks the ORM in task
 processes. So the ``butler_memory_erasure_scrub`` plugin registers :func:`on_dag_run_success` and
 :func:`on_dag_run_failed` as listeners: Airflow calls them where a run's state changes (the
-scheduler, ``dag.test()``, the API server when someone marks a run), inside that session, which
-reaches the metadata DB. Their writes go in a savepoint, so a failure here rolls back only them and
-never the scheduler's own transaction (Airflow logs the exception and carries on).
+scheduler, ``dag.test()``, the API server when someone marks a run), which reaches the metadata DB.
+They scrub the run's conf on the run object at once, and the rest once that session has committed,
+in a session of their own (see :func:`scrub_finished_erasure`); a failure is logged, never raised.
 
 * Every finished ``memory_erasure`` run: the user id and event ids of its conf become ``[erased]``
   there, in the XComs, rendered fields and task labels of every finished ``memory_erasure`` run
@@ -25,8 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.listeners import hookimpl
@@ -58,62 +57,78 @@ def on_dag_run_failed(dag_run: DagRun, msg: str) -> None:
     scrub_finished_erasure(dag_run)
 
 
-def scrub_finished_erasure(dag_run: DagRun) -> dict[str, int]:
-    """Take the ids a finished ``memory_erasure`` run named out of the metadata DB; return rows changed per table."""
+def scrub_finished_erasure(dag_run: DagRun) -> None:
+    """Scrub a finished ``memory_erasure`` run's ids once the session that finished it has committed.
+
+    The scheduler forbids commits inside its loop (they would break its HA row locks) and holds the
+    run's row locked until it commits, so the work waits for that commit (``after_commit`` of the
+    session the state change happens in: the run's own, else the thread's scoped session, which is
+    the caller's) and then runs in a session of its own. Meanwhile the run object itself gets the
+    scrubbed conf, so whatever writes it back (the scheduler's commit, ``dag.test()``) writes that.
+    A scrub that fails is logged (no id) and never reaches the caller; it is retried by the next
+    erasure run naming the same user.
+    """
+    from airflow import settings
+    from sqlalchemy import event
+    from sqlalchemy.orm import object_session
+
     if dag_run.dag_id != ERASURE_DAG_ID:
-        return {}
-    with _session_of(dag_run) as (session, run):
-        user_id = (run.conf or {}).get("user_id")
-        if not isinstance(user_id, str) or not user_id or user_id == MARK:
-            return {}
-        event_ids = [e for e in (run.conf or {}).get("event_ids") or [] if isinstance(e, str) and e]
-        whole_user = _erased_whole_user(session, run)
-        with session.begin_nested():
-            changed = _scrub(session, [user_id, *event_ids], dag_ids=[ERASURE_DAG_ID], run=run)
+        return
+    conf = dict(dag_run.conf or {})
+    user_id = conf.get("user_id")
+    if not isinstance(user_id, str) or not user_id or user_id == MARK:
+        return
+    event_ids = [e for e in conf.get("event_ids") or [] if isinstance(e, str) and e]
+    dag_run.conf = redact(conf, [id_pattern(form) for form in _stored_forms([user_id, *event_ids])])
+    scoped = settings.Session
+    session = object_session(dag_run) or (scoped() if scoped is not None else None)
+    if session is None:  # no ORM in this process: nothing can have changed the run here
+        return
+    run_id, run_pk = dag_run.run_id, dag_run.id
+    event.listen(session, "after_commit", lambda _: _scrub_after_commit(run_pk, run_id, user_id, event_ids), once=True)
+
+
+def _scrub_after_commit(run_pk: int, run_id: str, user_id: str, event_ids: list[str]) -> None:
+    """Scrub in a session of its own; log the outcome by counts, never by id."""
+    from airflow import settings
+
+    factory = settings.NonScopedSession
+    if factory is None:
+        return
+    try:
+        session = factory()
+        try:
+            whole_user = _erased_whole_user(session, run_pk)
+            changed = _scrub(session, [user_id, *event_ids], dag_ids=[ERASURE_DAG_ID], run_pk=run_pk)
             if whole_user:
-                for table, n in _scrub(session, [user_id], dag_ids=None, run=run).items():
+                for table, n in _scrub(session, [user_id], dag_ids=None, run_pk=run_pk).items():
                     changed[table] = changed.get(table, 0) + n
-        if run is not dag_run:
-            # A detached run (dag.test() closes its session under it) may be written back later,
-            # conf included: it must carry the scrubbed conf too.
-            dag_run.conf = run.conf
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+    except Exception as exc:  # the caller's run is finished and committed: never fail it for this
+        log.error("memory_erasure run %s: scrubbing the metadata DB failed (%s)", run_id, type(exc).__name__)
+        return
     log.info(
         "memory_erasure run %s: %d id(s) taken out of the metadata DB%s; rows changed: %s",
-        run.run_id,
+        run_id,
         1 + len(event_ids),
         " (whole user: from every memory_* DAG)" if whole_user else "",
         changed or "none",
     )
-    return changed
 
 
-@contextmanager
-def _session_of(dag_run: DagRun) -> Iterator[tuple[Session, DagRun]]:
-    """Yield the session the run is attached to (and the run), or a new one (and the run read in it)."""
-    from sqlalchemy.orm import object_session
-
-    session = object_session(dag_run)
-    if session is not None:
-        yield session, dag_run
-        return
-    from airflow.models.dagrun import DagRun as DagRunModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as own:
-        run = own.scalar(select(DagRunModel).where(DagRunModel.id == dag_run.id))
-        if run is not None:
-            yield own, run
-
-
-def _erased_whole_user(session: Session, run: DagRun) -> bool:
+def _erased_whole_user(session: Session, run_pk: int) -> bool:
     """Return whether the run's result says a whole user was erased (now or before)."""
     from airflow.models.xcom import XComModel
     from sqlalchemy import select
 
     value = session.scalar(
         select(XComModel.value).where(
-            XComModel.dag_run_id == run.id, XComModel.task_id == ERASURE_TASK_ID, XComModel.key == "return_value"
+            XComModel.dag_run_id == run_pk, XComModel.task_id == ERASURE_TASK_ID, XComModel.key == "return_value"
         )
     )
     if isinstance(value, str):
@@ -124,8 +139,8 @@ def _erased_whole_user(session: Session, run: DagRun) -> bool:
     return isinstance(value, dict) and value.get("kind") == "user" and value.get("status") in (ERASED, ALREADY_ERASED)
 
 
-def _scrub(session: Session, ids: Sequence[str], *, dag_ids: Sequence[str] | None, run: DagRun) -> dict[str, int]:
-    """Replace ``ids`` by ``[erased]`` in finished runs of ``dag_ids`` (None: every memory_* DAG) and in ``run``."""
+def _scrub(session: Session, ids: Sequence[str], *, dag_ids: Sequence[str] | None, run_pk: int) -> dict[str, int]:
+    """Replace ``ids`` by ``[erased]`` in finished runs of ``dag_ids`` (None: every memory_* DAG) and in run ``run_pk``."""
     from airflow.models.dagrun import DagRun
     from airflow.models.log import Log
     from airflow.models.renderedtifields import RenderedTaskInstanceFields
@@ -144,9 +159,9 @@ def _scrub(session: Session, ids: Sequence[str], *, dag_ids: Sequence[str] | Non
     def ours(column: Any) -> Any:
         return column.in_(dag_ids) if dag_ids is not None else column.startswith(OUR_DAGS, autoescape=True)
 
-    # The run itself by id: its new state may not be flushed yet where the listener is called.
+    # The run itself by id: dag.test() never writes a run's final state to the DB.
     finished = select(DagRun.dag_id, DagRun.run_id).where(
-        ours(DagRun.dag_id), or_(DagRun.state.in_([DagRunState.SUCCESS, DagRunState.FAILED]), DagRun.id == run.id)
+        ours(DagRun.dag_id), or_(DagRun.state.in_([DagRunState.SUCCESS, DagRunState.FAILED]), DagRun.id == run_pk)
     )
     finished_ids = finished.with_only_columns(DagRun.id)
     changed: dict[str, int] = {}

@@ -137,15 +137,21 @@ GONE, KEPT, SOME = "u-erased-7f3a", "u-kept-7f3a", "u-some-7f3a"
 
 
 def metadata_rows_naming(needle: str) -> dict[str, int]:
-    """Return {table: rows} for every table of Airflow's metadata DB with a row whose text contains ``needle``."""
+    """Return {table: rows} for every table of the session's metadata DB with a row whose text contains ``needle``."""
     from airflow.utils.session import create_session
-    from sqlalchemy import inspect, text
 
     with create_session() as session:
-        bind = session.get_bind()
-        if bind.dialect.name != "postgresql":
-            pytest.skip("reads every row as text with PostgreSQL's row-to-text cast; the session DB is SQLite")
-        found = {}
+        return rows_naming(session.get_bind(), needle)
+
+
+def rows_naming(bind: Any, needle: str) -> dict[str, int]:
+    """Return {table: rows} for every table of the PostgreSQL database ``bind`` with a row whose text contains ``needle``."""
+    from sqlalchemy import inspect, text
+
+    if bind.dialect.name != "postgresql":
+        pytest.skip("reads every row as text with PostgreSQL's row-to-text cast; the session DB is SQLite")
+    found = {}
+    with bind.connect() as session:
         for table in inspect(bind).get_table_names():
             query = f'SELECT count(*) FROM "{table}" AS t WHERE t::text LIKE :needle'  # noqa: S608  # names from the catalogue
             n = session.execute(text(query), {"needle": f"%{needle}%"}).scalar_one()

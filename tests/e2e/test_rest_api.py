@@ -59,6 +59,8 @@ FINISHED = {"success", "failed"}
 # One run of this DAG takes 15-30 s on 2 cores (a task process parses the DAG and imports Airflow).
 RUN_TIMEOUT = 120.0
 DAG_PARSE_TIMEOUT = 90.0
+AIRFLOW_EXTRA_ENV = {"BUTLER_MEMORY_ERASURE_SECRET": "e2e-erasure-secret-4b7d1c9e"}
+"""The erasure DAG refuses to run without a secret keying its audit references."""
 
 
 @dataclass
@@ -176,14 +178,14 @@ def wait_for(what: str, probe: Any, timeout: float, interval: float = 1.0) -> An
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value {last!r}")
 
 
-def finished_run(api: httpx.Client, run_id: str, timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
+def finished_run(api: httpx.Client, run_id: str, timeout: float = RUN_TIMEOUT, dag_id: str = DAG_ID) -> dict[str, Any]:
     """Wait until the DAG run reaches success or failed and return it."""
 
     def probe() -> dict[str, Any] | None:
-        run = _ok(api.get(f"/dags/{DAG_ID}/dagRuns/{run_id}"))
+        run = _ok(api.get(f"/dags/{dag_id}/dagRuns/{run_id}"))
         return run if run["state"] in FINISHED else None
 
-    return dict(wait_for(f"DAG run {run_id} to finish", probe, timeout))
+    return dict(wait_for(f"{dag_id} run {run_id} to finish", probe, timeout))
 
 
 def task_instances(api: httpx.Client, run_id: str) -> dict[tuple[str, int], dict[str, Any]]:
@@ -406,3 +408,50 @@ def test_cli_clear_of_failed_users_in_a_logical_date_range_ends_the_run_green(
     assert profile is not None and profile.get("memory_summary"), profile
     doc = db["memory_compression_runs"].find_one({"run_id": run_id})
     assert doc is not None and (doc["users_compressed"], doc["users_failed"]) == (3, 0), doc
+
+
+@pytest.mark.timeout(420)
+def test_an_erasure_triggered_through_the_api_leaves_no_id_in_the_metadata_db(
+    airflow: Airflow, mongo_db: Database[dict[str, Any]]
+) -> None:
+    """The scheduler's own session (not dag.test()'s) runs the scrub; the trigger's event-log row is scrubbed too."""
+    from sqlalchemy import create_engine
+
+    from tests.dags.test_erasure_dag import rows_naming
+
+    api, gone, kept = airflow.api, "u-e2e-erased-51c0", "u-e2e-kept-51c0"
+    for dag_id in (DAG_ID, "memory_erasure"):
+        wait_for(f"{dag_id} parsed", lambda d=dag_id: api.get(f"/dags/{d}").status_code == 200, DAG_PARSE_TIMEOUT)
+        _ok(api.patch(f"/dags/{dag_id}", json={"is_paused": False}))
+    wait_for(  # unpausing the daily DAG schedules a run at once: let it finish before seeding
+        "no queued or running compression run",
+        lambda: _ok(api.get(f"/dags/{DAG_ID}/dagRuns", params={"state": ["queued", "running"]}))["total_entries"] == 0,
+        RUN_TIMEOUT,
+    )
+    seed_users(mongo_db, {gone: 60, kept: 60})
+    run = _ok(api.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": {"user_ids": [gone, kept]}}))
+    assert finished_run(api, run["dag_run_id"])["state"] == "success"
+    engine = create_engine(airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    try:
+        named = rows_naming(engine, gone)
+        assert {"dag_run", "task_instance", "xcom", "log"} <= set(named), named
+
+        conf = {"user_id": gone, "dry_run": False, "include_events": True}
+        erasure = _ok(api.post("/dags/memory_erasure/dagRuns", json={"logical_date": None, "conf": conf}))
+        done = finished_run(api, erasure["dag_run_id"], dag_id="memory_erasure")
+        assert done["state"] == "success", done
+        for _ in range(30):  # the scheduler scrubs in the loop that marks the run finished
+            if not (left := rows_naming(engine, gone)):
+                break
+            time.sleep(1)
+        assert left == {}, f"rows still naming the erased user: {left}"
+        assert rows_naming(engine, kept), "a user nobody erased keeps their rows"
+    finally:
+        engine.dispose()
+    assert _ok(api.get(f"/dags/memory_erasure/dagRuns/{erasure['dag_run_id']}"))["conf"]["user_id"] == "[erased]"
+    logs = Path(airflow.env["AIRFLOW_HOME"]) / "logs"
+    erasure_logs = [p for p in logs.rglob("*") if p.is_file() and "dag_id=memory_erasure" in str(p)]
+    assert erasure_logs, f"no task log of the erasure run under {logs}"
+    assert not [p for p in erasure_logs if gone in p.read_text(errors="replace")], (
+        "the erasure's task log names the user"
+    )
