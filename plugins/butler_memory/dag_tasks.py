@@ -17,12 +17,14 @@ from butler_memory.compression import COMPRESSED, FAILED, SKIPPED_BELOW_THRESHOL
 from butler_memory.connections import (
     VARIABLE_NAME,
     build_engine,
+    erasure_secret,
     mongo_store,
     resolve_settings,
     statsd_metrics,
     user_locks,
 )
 from butler_memory.doorbell import DoorbellRecord
+from butler_memory.erasure import AuditLog
 from butler_memory.errors import CompressionError
 from butler_memory.report import build_report, emit_run_metrics, to_markdown
 from butler_memory.runs import run_key
@@ -153,6 +155,7 @@ def compress(user_ids: Sequence[str], params: Mapping[str, Any], ti: Any, run_id
     try:
         with build_engine(settings) as engine:
             backoff = FailureBackoff(engine.locks.client, settings)
+            audit, secret, attempt_started = AuditLog(engine.store), erasure_secret(settings, required=False), utcnow()
             done = {} if dry_run else engine.store.user_outcomes(ti.dag_id, run_id, user_ids)
             for user_id in user_ids:
                 earlier = done.get(user_id)
@@ -173,6 +176,11 @@ def compress(user_ids: Sequence[str], params: Mapping[str, Any], ti: Any, run_id
                     backoff.clear(user_id)
                 if not dry_run:
                     engine.store.save_user_outcome(ti.dag_id, run_id, row, now=utcnow())
+                    if secret is not None and audit.erased_since(secret, [user_id], attempt_started):
+                        # Erased while (or since) it was compressed: erasure wins, no row names the user.
+                        engine.store.run_users.delete_one({"dag_id": ti.dag_id, "run_id": run_id, "user_id": user_id})
+                        failures = [(u, e) for u, e in failures if u != user_id]
+                        continue
                 rows.append(row)
     except CompressionError as exc:  # the store itself failed (say, MongoDB down): nothing more to try
         failures.append((user_ids[0], exc))
@@ -244,24 +252,44 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
     results = [{**r, "map_index": map_index.get(r["user_id"], -1)} for r in results]
     finished = utcnow()
     started = run_started or finished
-    doc = build_report(
-        run_id=run_id,
-        scanned=list(scanned),
-        results=results,
-        started_at=started,
-        finished_at=finished,
-        dry_run=bool(params.get("dry_run")),
-        backlog=backlog,
-        kind=kind,
-        backlog_left=int(scan_info.get("left") or 0),
-        backed_off=len(scan_info.get("backed_off") or []),
-    )
-    doc["run_key"] = run_key(ti.dag_id, run_id)  # how the summary history and the archive name this run
+
+    def document(erased: set[str]) -> dict[str, Any]:
+        doc = build_report(
+            run_id=run_id,
+            scanned=[u for u in scanned if u not in erased],
+            results=[r for r in results if r["user_id"] not in erased],
+            started_at=started,
+            finished_at=finished,
+            dry_run=bool(params.get("dry_run")),
+            backlog={u: n for u, n in backlog.items() if u not in erased},
+            kind=kind,
+            backlog_left=int(scan_info.get("left") or 0),
+            backed_off=len(scan_info.get("backed_off") or []),
+        )
+        doc["run_key"] = run_key(ti.dag_id, run_id)  # how the summary history and the archive name this run
+        if erased:
+            doc["users_erased"] = len(erased)  # a count: erasure wins, the run names none of them
+        return doc
+
+    doc = document(set())
     idle = kind == fresh.CATCHUP and not scanned
     if not doc["dry_run"]:
         with mongo_store(settings) as store:
+            audit, secret = AuditLog(store), erasure_secret(settings, required=False)
+            erased = set() if secret is None else audit.erased_since(secret, scanned, started)
+            if erased:
+                doc = document(erased)
             if not idle:  # an idle catch-up run leaves no run document, only a counter in the state
                 store.save_run(doc)
+                # An erasure that began while this ran may have scrubbed the run documents before this
+                # one was written: look again now that it is stored, and write it again without them.
+                late = set() if secret is None else audit.erased_since(secret, scanned, started) - erased
+                if late:
+                    erased |= late
+                    doc = document(erased)
+                    store.save_run(doc)
+            if erased:
+                store.run_users.delete_many({"dag_id": ti.dag_id, "run_id": run_id, "user_id": {"$in": sorted(erased)}})
             if kind == fresh.CATCHUP and (scan_info.get("settle") or scan_info.get("scanned_at")):
                 locks = user_locks(settings)
                 try:

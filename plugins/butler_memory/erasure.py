@@ -38,7 +38,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -185,6 +185,18 @@ class AuditLog:
     def finish(self, erasure_id: str, changes: Mapping[str, Any]) -> None:
         """Mark the erasure done."""
         self.coll.update_one({"_id": erasure_id}, {"$set": {"state": DONE, **changes}})
+
+    def erased_since(self, secret: bytes, user_ids: Iterable[str], since: datetime) -> set[str]:
+        """Return those of ``user_ids`` whose erasure (started or done) was requested at or after ``since``.
+
+        For writers that finish after a user's data was read (a run's report): erasure wins, so what
+        they write must not name such a user. Looked up by reference; nothing here names anyone.
+        """
+        refs = {subject_ref(secret, user_id): user_id for user_id in user_ids}
+        if not refs:
+            return set()
+        query = {"subject": {"$in": list(refs)}, "kind": "user", "requested_at": {"$gte": since}}
+        return {refs[doc["subject"]] for doc in self.coll.find(query, {"subject": 1})}
 
     def by_subject(self, subject: str) -> list[dict[str, Any]]:
         """Return every record naming this reference, oldest first (for proving an erasure)."""
