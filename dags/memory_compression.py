@@ -2,13 +2,15 @@
 # memory_compression
 
 Keeps every Butler user's memory small: once a day, **scan** finds users with more than
-`threshold` events (default 50), **compress_user** runs once per user (dynamically mapped, each
+`threshold` events (default 50): those who wrote since its last scan or that an earlier run left
+over, and every user on its full-reconciliation days (`daily_full_scan_every_days`); **compress_user** runs once per user (dynamically mapped, each
 instance labelled with the user id, in pool `llm_api`) and folds all but the newest `keep_last_n`
 events (default 20) into the user's rolling summary, and **report** stores one document per run in
 `memory_compression_runs`, emits StatsD metrics and fails the run when any user failed.
 
 * Manual run: *Trigger DAG* shows a form: `dry_run`, `limit`, `user_ids`, `threshold`,
-  `keep_last_n`, `users_per_task` (empty = the configured setting).
+  `keep_last_n`, `users_per_task` (empty = the configured setting), `full_scan` (count every user:
+  after restoring a backup).
 * `users_per_task` users share one `compress_user` instance (labelled with the user id, or the
   first user id and how many more); each keeps its own lock, result and failure.
 * A failed user: clear its `compress_user` instance **with downstream**, so `report` runs again;
@@ -73,7 +75,7 @@ Butler rings the doorbell (`butler_memory.doorbell`; asset `butler_memory_doorbe
 triggerer). Its scan counts only users with events since its last scan (minus a margin for late
 writes) and the users the doorbell recorded, not the whole collection. A run with nobody due
 stores no run document (it bumps an idle counter). Same lock, same report, same clear-and-rerun.
-The daily `memory_compression` full scan stays the safety net.
+The daily `memory_compression` run (and its periodic full scan) stays the safety net.
 """
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
 MAX_MAP_LENGTH = conf.getint("core", "max_map_length")
@@ -162,9 +164,21 @@ PARAMS = {
         description="Newest events kept raw. Empty: the configured setting (20). Must not exceed threshold.",
     ),
 }
+DAILY_PARAMS = {
+    **PARAMS,
+    "full_scan": Param(
+        False,
+        type="boolean",
+        title="Full scan",
+        description=(
+            "Count every user's events (the periodic reconciliation, due every daily_full_scan_every_days) "
+            "instead of only the users who wrote since the last daily scan. Use after restoring a backup."
+        ),
+    ),
+}
 
 
-def compression_dag(dag_id: str, kind: str, schedule: Any, doc_md: str) -> DAG:
+def compression_dag(dag_id: str, kind: str, schedule: Any, doc_md: str, params: dict[str, Param]) -> DAG:
     """Build one compression DAG: scan, compress each user in a mapped task, report (one shape for both)."""
 
     @dag(
@@ -176,7 +190,7 @@ def compression_dag(dag_id: str, kind: str, schedule: Any, doc_md: str) -> DAG:
         default_args=DEFAULT_ARGS,
         tags=["butler", "memory", "llm"],
         doc_md=doc_md,
-        params=PARAMS,
+        params=params,
     )
     def compression() -> None:
         users = scan(kind)
@@ -186,12 +200,13 @@ def compression_dag(dag_id: str, kind: str, schedule: Any, doc_md: str) -> DAG:
     return compression()
 
 
-memory_compression_dag = compression_dag("memory_compression", "daily", SCHEDULE, __doc__ or "")
+memory_compression_dag = compression_dag("memory_compression", "daily", SCHEDULE, __doc__ or "", DAILY_PARAMS)
 memory_compression_catchup_dag = compression_dag(
     "memory_compression_catchup",
     "catchup",
     AssetOrTimeSchedule(timetable=CronTriggerTimetable(CATCHUP_SCHEDULE, timezone="UTC"), assets=[DOORBELL_ASSET]),
     CATCHUP_DOC,
+    PARAMS,
 )
 
 if __name__ == "__main__":

@@ -47,6 +47,11 @@ def doorbell_record(settings: Settings, client: Any) -> DoorbellRecord:
     return DoorbellRecord(client, key=settings.doorbell_key, channel=settings.doorbell_channel)
 
 
+def owed_record(settings: Settings, client: Any) -> DoorbellRecord:
+    """The daily scan's record of the users it owes a run, on the lock Redis (never rung: no channel)."""
+    return DoorbellRecord(client, key=settings.daily_owed_key, channel="")
+
+
 MAP_LABEL_MAX = 250
 """Airflow stores a mapped instance's label in a 250-character column."""
 
@@ -76,8 +81,9 @@ def _max_map_length() -> int:
 def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[list[str]]:
     """Return the users to compress, largest backlog first, in batches of users_per_task; fail closed when Redis is down.
 
-    ``kind`` "daily" is the full scan; "catchup" counts only users with new events or a doorbell
-    record (``butler_memory.fresh``). Given ``user_ids``, both scan just those.
+    ``kind`` "daily" counts the users who wrote since its last scan or that it owes a run, and every
+    user on its full reconciliation days (or ``full_scan``); "catchup" counts only users with new
+    events or a doorbell record (``butler_memory.fresh``). Given ``user_ids``, both scan just those.
     """
     try:
         settings = resolve_settings(params)
@@ -109,7 +115,16 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[li
                 persist=not dry_run,
             )
         else:
-            result = fresh.daily_scan(engine.store, settings, settings.scan_limit, user_ids)
+            result = fresh.daily_scan(
+                engine.store,
+                settings,
+                settings.scan_limit,
+                user_ids,
+                owed=owed_record(settings, engine.locks.client),
+                doorbell=doorbell_record(settings, engine.locks.client),
+                full=bool(params.get("full_scan")),
+                persist=not dry_run,
+            )
         if not dry_run:
             engine.metrics.gauge(m.BACKLOG_USERS, len(result.backlog) + result.left)
             engine.metrics.gauge(m.BACKLOG_LEFT_USERS, result.left)
@@ -127,6 +142,12 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[li
         f"; counted {result.candidates} user(s) with new events or a doorbell record, "
         f"{len(result.backed_off)} backed off after failing"
         if kind == fresh.CATCHUP
+        else (
+            "; full reconciliation" + ("" if result.reconciled else " (more users than it records: next one full too)")
+            if result.full
+            else f"; counted {result.candidates} user(s) who wrote since the last daily scan or are owed a run"
+        )
+        if result.settle
         else "",
     )
     ti.xcom_push(key="backlog", value={b.user_id: b.events for b in backlog})
@@ -217,6 +238,17 @@ def _compress_one(
     return result.to_dict(), None
 
 
+def _settle_daily(
+    settings: Settings, store: Any, scan_info: dict[str, Any], results: Sequence[Mapping[str, Any]], finished: datetime
+) -> None:
+    """Settle the daily scan (``fresh.settle_daily``) on the lock Redis."""
+    locks = user_locks(settings)
+    try:
+        fresh.settle_daily(store, owed_record(settings, locks.client), scan_info, results, finished_at=finished)
+    finally:
+        locks.close()
+
+
 def _as_list(value: Any) -> list[Any]:
     """Flatten XCom values (one per mapped instance: a row, a list of rows, or None) into rows."""
     if value is None:
@@ -290,6 +322,8 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
                     store.save_run(doc)
             if erased:
                 store.run_users.delete_many({"dag_id": ti.dag_id, "run_id": run_id, "user_id": {"$in": sorted(erased)}})
+            if kind == fresh.DAILY and scan_info.get("settle"):
+                _settle_daily(settings, store, scan_info, results, finished)
             if kind == fresh.CATCHUP and (scan_info.get("settle") or scan_info.get("scanned_at")):
                 locks = user_locks(settings)
                 try:

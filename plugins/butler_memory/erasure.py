@@ -77,10 +77,10 @@ USER_KEY_PATTERNS: list[Callable[[Settings], str]] = [lambda s: s.lock_key_patte
 """Per-user Redis key patterns (each with ``{user_id}``) a user erasure deletes. A module that
 keeps another per-user key (say a doorbell) appends its pattern here, next to where it writes it."""
 
-SHARED_REDIS_MEMBERS: list[Callable[[Settings], str]] = [lambda s: s.doorbell_key]
+SHARED_REDIS_MEMBERS: list[Callable[[Settings], str]] = [lambda s: s.doorbell_key, lambda s: s.daily_owed_key]
 """Shared Redis keys (sets, sorted sets, hashes, lists) whose members or fields may be user ids; a
-user erasure removes the user's id from each: the doorbell's record (a sorted set of user ids), and
-whatever another module registers here."""
+user erasure removes the user's id from each: the doorbell's record and the daily scan's owed record
+(sorted sets of user ids), and whatever another module registers here."""
 
 
 def _no_checkpoint(step: str) -> None:

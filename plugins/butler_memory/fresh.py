@@ -21,18 +21,30 @@ newest event and the run's report has run. Users over the threshold beyond ``sca
 (or are written back into) the doorbell's record, so the next run takes them even when they write
 nothing more.
 
-The first catch-up scan ever (no watermark yet) is a full scan, like the daily one.
+The first catch-up scan ever (no watermark yet) is a full scan.
+
+The daily scan (``daily_scan``) pages the same way, with its own state document (``"daily"``), its
+own bound (``daily_scan_max_events``) and its own record of users it owes a compression (the Redis
+sorted set ``daily_owed_key``): users with events since *its* watermark minus the margin, the users
+it owes (found over the threshold by a pass killed mid-way, left past the limit, failed, locked,
+capped or not finished by an earlier run: dropped only once the report saw them compressed or
+under the threshold) and, read-only, the catch-up's doorbell record (a ring for a late write, or a
+user the catch-up backed off, which the daily run still tries; the catch-up alone drops records).
+Every ``daily_full_scan_every_days`` days (and the first daily scan, and on the ``full_scan``
+Param) it is instead the full ``$group`` over every event, the reconciliation that catches what no
+watermark can see: a late write older than the margin, a restored backup, a lost Redis record.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from butler_memory.backoff import FailureBackoff
+from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD
 from butler_memory.doorbell import DoorbellRecord
 from butler_memory.settings import Settings
 from butler_memory.store import Backlog, MemoryStore, WriterKey
@@ -40,6 +52,9 @@ from butler_memory.store import Backlog, MemoryStore, WriterKey
 log = logging.getLogger(__name__)
 
 STATE_DOC = "catchup"
+DAILY_STATE_DOC = "daily"
+"""The daily scan's state: its watermark, its unfinished pass, when its last full reconciliation ran."""
+FULL_FIELD = "last_full_at"
 DAILY = "daily"
 CATCHUP = "catchup"
 KINDS = (DAILY, CATCHUP)
@@ -71,7 +86,13 @@ class ScanResult:
     backed_off: list[str] = field(default_factory=list)
     """Users over the threshold the catch-up scan skipped: backed off after failing (butler_memory.backoff)."""
     settle: bool = False
-    """Whether the report settles this scan (the catch-up scan's; None ``scanned_at``: its pass goes on)."""
+    """Whether the report settles this scan (None ``scanned_at``: its pass goes on)."""
+    full: bool = False
+    """The daily scan was a full reconciliation."""
+    reconciled: bool = False
+    """That full scan saw every user over the threshold (else the next daily scan is a full one again)."""
+    cleared: list[str] = field(default_factory=list)
+    """Users the daily scan owed that are under the threshold now (the report drops them from the record)."""
 
     def xcom(self) -> dict[str, Any]:
         """Return what the report needs, JSON-safe (ids and counts only)."""
@@ -84,16 +105,93 @@ class ScanResult:
             "backed_off": self.backed_off,
             "taken": [b.user_id for b in self.backlog],
             "settle": self.settle,
+            "full": self.full,
+            "reconciled": self.reconciled,
+            "cleared": self.cleared,
         }
 
 
-def daily_scan(store: MemoryStore, settings: Settings, limit: int, user_ids: list[str] | None) -> ScanResult:
-    """The full scan; when it hits ``limit``, one more ``$group`` counts who is left."""
-    backlog = store.scan(settings.threshold, limit, user_ids)
-    left = 0
-    if len(backlog) >= limit and user_ids is None:
-        left = max(store.count_over_threshold(settings.threshold) - len(backlog), 0)
-    return ScanResult(backlog=backlog, left=left)
+def daily_scan(
+    store: MemoryStore,
+    settings: Settings,
+    limit: int,
+    user_ids: list[str] | None,
+    *,
+    owed: DoorbellRecord | None = None,
+    doorbell: DoorbellRecord | None = None,
+    full: bool = False,
+    now: datetime | None = None,
+    persist: bool = True,
+    checkpoint: Callable[[str], None] = _no_checkpoint,
+) -> ScanResult:
+    """Return who the daily run takes: given ``user_ids`` (or no ``owed`` record), a full count of
+    them (nothing stored); otherwise the incremental scan, or the full reconciliation when it is due
+    or ``full``; see the module docstring. Every user over the threshold it finds is recorded as
+    owed (not in a dry run: ``persist`` False writes nothing) before the run takes them."""
+    if user_ids is not None or owed is None:
+        backlog = store.scan(settings.threshold, limit, user_ids)
+        left = 0
+        if len(backlog) >= limit and user_ids is None:
+            left = max(store.count_over_threshold(settings.threshold) - len(backlog), 0)
+        return ScanResult(backlog=backlog, left=left)
+    now = now or datetime.now(UTC)
+    state = store.load_state(DAILY_STATE_DOC)
+    watermark = state.get("scanned_through")
+    owed_ids = list(owed.oldest(settings.doorbell_drain_max))
+    rung = [u for u in (doorbell.oldest(settings.doorbell_drain_max) if doorbell else ()) if u not in set(owed_ids)]
+    why = _full_scan_reason(full, watermark, state.get(FULL_FIELD), now, settings.daily_full_scan_every_days)
+    reconciled = False
+    scanned_at: datetime | None = now
+    if why is None and isinstance(watermark, datetime):
+        backlog, candidates, scanned_at = _scan_pages(
+            store,
+            owed,
+            settings,
+            [*owed_ids, *rung],
+            _aware(watermark),
+            state.get(SCAN_FIELD),
+            now,
+            persist,
+            checkpoint,
+            state_doc=DAILY_STATE_DOC,
+            max_events=settings.daily_scan_max_events,
+        )
+        over = len(backlog)
+    else:
+        log.info("daily scan: full reconciliation (%s)", why)
+        wanted = limit + settings.doorbell_drain_max  # what this run takes and what it can carry over
+        backlog = store.scan(settings.threshold, wanted, None)
+        reconciled = len(backlog) < wanted
+        if not reconciled:  # more over the threshold than it can record: the next daily scan is full again
+            over = store.count_over_threshold(settings.threshold)
+            log.info("daily scan: %d user(s) over the threshold, more than %d; next scan is full too", over, wanted)
+        else:
+            over = len(backlog)
+        candidates = over
+    if persist:
+        owed.settle([], [], quiet=[b.user_id for b in backlog])  # owed until the report sees them done
+    found = {b.user_id for b in backlog}
+    taken = backlog[:limit]
+    return ScanResult(
+        backlog=taken,
+        left=max(over - len(taken), 0),
+        scanned_at=scanned_at,
+        candidates=candidates,
+        settle=True,
+        full=why is not None,
+        reconciled=reconciled,
+        cleared=[u for u in owed_ids if u not in found] if why is None or reconciled else [],
+    )
+
+
+def _full_scan_reason(forced: bool, watermark: Any, last_full: Any, now: datetime, every_days: int) -> str | None:
+    """Why the daily scan must be the full ``$group`` today, or None for the incremental scan."""
+    if forced:
+        return "full_scan requested"
+    if not isinstance(watermark, datetime) or not isinstance(last_full, datetime):
+        return "first daily scan"
+    days = (now.date() - _aware(last_full).date()).days
+    return f"last one {days} day(s) ago, daily_full_scan_every_days {every_days}" if days >= every_days else None
 
 
 def catchup_scan(
@@ -124,7 +222,17 @@ def catchup_scan(
     else:
         progress = state.get(SCAN_FIELD)
         backlog, candidates, scanned_at = _scan_pages(
-            store, doorbell, settings, list(rung), _aware(watermark), progress, now, persist, checkpoint
+            store,
+            doorbell,
+            settings,
+            list(rung),
+            _aware(watermark),
+            progress,
+            now,
+            persist,
+            checkpoint,
+            state_doc=STATE_DOC,
+            max_events=settings.catchup_scan_max_events,
         )
     held = backoff.backed_off([b.user_id for b in backlog]) if backoff is not None else set()
     backlog = [b for b in backlog if b.user_id not in held]
@@ -143,7 +251,7 @@ def catchup_scan(
 
 def _scan_pages(
     store: MemoryStore,
-    doorbell: DoorbellRecord,
+    record: DoorbellRecord,
     settings: Settings,
     rung: list[str],
     watermark: datetime,
@@ -151,28 +259,32 @@ def _scan_pages(
     now: datetime,
     persist: bool,
     checkpoint: Callable[[str], None],
+    *,
+    state_doc: str,
+    max_events: int,
 ) -> tuple[list[Backlog], int, datetime | None]:
-    """Page through the users who wrote since the watermark, from where the last scan stopped, for at
-    most ``catchup_scan_max_events`` events; return who is over the threshold, how many users were
-    counted, and the pass's start once the pass reached the newest event (None: it continues later).
+    """Page through the users who wrote since the watermark, from where the last scan stopped (the
+    pass stored in ``state_doc``), for at most ``max_events`` events; return who is over the threshold
+    (with the ``rung`` users, counted first), how many users were counted, and the pass's start once
+    the pass reached the newest event (None: it continues later).
 
-    Each page's users over the threshold go into the doorbell's record (quietly) before the cursor is
-    stored past them: a scan killed or timed out between pages loses nobody, and the next one goes on
-    from its last stored page instead of starting over.
+    Each page's users over the threshold go into ``record`` (quietly) before the cursor is stored
+    past them: a scan killed or timed out between pages loses nobody, and the next one goes on from
+    its last stored page instead of starting over.
     """
     cursor: WriterKey | None = None
     if _valid_pass(progress):
         since, started_at = _aware(progress["since"]), _aware(progress["started_at"])
         raw = progress.get("cursor")
         cursor = None if raw is None else WriterKey(raw["created_at"], raw["user_id"])
-        log.info("catch-up scan: resuming the pass begun at %s", started_at.isoformat())
+        log.info("%s scan: resuming the pass begun at %s", state_doc, started_at.isoformat())
     else:
         since, started_at = watermark - timedelta(seconds=settings.catchup_margin_seconds), now
     found = {b.user_id: b for b in store.backlog_of(rung, settings.threshold)}
     counted = set(rung)
     read, done = 0, False
-    while not done and read < settings.catchup_scan_max_events:
-        page = min(settings.catchup_scan_page_events, settings.catchup_scan_max_events - read)
+    while not done and read < max_events:
+        page = min(settings.catchup_scan_page_events, max_events - read)
         keys, done = store.writers_since(since, cursor, page)
         read += page
         fresh_ids = [k.user_id for k in keys if isinstance(k.user_id, str) and k.user_id not in counted]
@@ -183,11 +295,11 @@ def _scan_pages(
         # The pass's last page needs no record: a scan killed after it reads it again (the report moves
         # the watermark), so an idle run writes nothing.
         if persist and not done:
-            doorbell.settle([], [], quiet=[b.user_id for b in over])  # durable before the cursor passes them
-            store.save_state(STATE_DOC, set_fields={SCAN_FIELD: _pass_doc(since, started_at, cursor)})
+            record.settle([], [], quiet=[b.user_id for b in over])  # durable before the cursor passes them
+            store.save_state(state_doc, set_fields={SCAN_FIELD: _pass_doc(since, started_at, cursor)})
             checkpoint("page_recorded")
     if not done:
-        log.info("catch-up scan: stopped after %d events (catchup_scan_max_events); the next run goes on", read)
+        log.info("%s scan: stopped after %d events (its max_events); the next run goes on", state_doc, read)
     return _merge(list(found.values()), []), len(counted), started_at if done else None
 
 
@@ -233,3 +345,31 @@ def settle_catchup(
     kept = set(left) | set(held)
     handled = [u for u in dict.fromkeys([*(scan.get("rung") or []), *(scan.get("taken") or [])]) if u not in kept]
     doorbell.settle(handled, left, quiet=held, wake=not scanned_at)
+
+
+def settle_daily(
+    store: MemoryStore,
+    owed: DoorbellRecord,
+    scan: dict[str, Any],
+    results: Sequence[Mapping[str, Any]],
+    *,
+    finished_at: datetime,
+) -> None:
+    """After a daily run's report: move the watermark on when the scan's pass is complete (and record
+    a complete full reconciliation), drop from the owed record the users the run finished (compressed
+    and not capped by ``max_fold_events``, or under the threshold) and those the scan found under the
+    threshold; every other user it owes (failed, locked, over budget, capped, no result) stays."""
+    done = [
+        r["user_id"]
+        for r in results
+        if r.get("status") == SKIPPED_BELOW_THRESHOLD or (r.get("status") == COMPRESSED and not r.get("fold_capped"))
+    ]
+    scanned_at = scan.get("scanned_at")
+    fields: dict[str, Any] = {"last_run_at": finished_at}
+    if scanned_at:
+        fields["scanned_through"] = datetime.fromisoformat(scanned_at)
+        fields[SCAN_FIELD] = None
+        if scan.get("reconciled"):
+            fields[FULL_FIELD] = datetime.fromisoformat(scanned_at)
+    store.save_state(DAILY_STATE_DOC, set_fields=fields, inc={"runs": 1})
+    owed.settle(list(dict.fromkeys([*(scan.get("cleared") or []), *done])), [])

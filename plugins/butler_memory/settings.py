@@ -155,6 +155,14 @@ class Settings:
     """Events one page of the catch-up scan reads (on the (created_at, user_id) index); one count per page."""
     catchup_scan_max_events: int = 200_000
     """Most events one catch-up scan reads; past it the scan stops, and the next run goes on from there."""
+    daily_full_scan_every_days: int = 7
+    """The daily scan is the full $group over every event (the reconciliation) once this many days after
+    the last complete one, and the first time; in between it counts only the users who wrote since its
+    last scan or that it still owes a run (fresh.daily_scan). 1 = the full scan every day."""
+    daily_scan_max_events: int = 5_000_000
+    """Most events one incremental daily scan reads; past it the next daily run goes on from there."""
+    daily_owed_key: str = "butler:memory:daily:owed"
+    """Redis sorted set of the users the daily run found over the threshold and has not finished yet."""
     backoff_base_seconds: int = 900
     """After a user's n-th deterministic failure in a row, catch-up runs skip it for this times 2**(n-1)
     seconds (butler_memory.backoff); 0 = no back-off. The daily run and explicit user_ids still try it."""
@@ -175,11 +183,13 @@ class Settings:
         _positive(self, "max_fold_events", "mongo_write_timeout_ms")
         _check_durability(self)
         _positive(self, "catchup_margin_seconds", "doorbell_drain_max", "catchup_scan_page_events")
-        if self.catchup_scan_max_events < self.catchup_scan_page_events:
-            raise SettingsError(
-                f"catchup_scan_max_events ({self.catchup_scan_max_events}) must be at least "
-                f"catchup_scan_page_events ({self.catchup_scan_page_events})"
-            )
+        _positive(self, "daily_full_scan_every_days")
+        for name in ("catchup_scan_max_events", "daily_scan_max_events"):
+            if getattr(self, name) < self.catchup_scan_page_events:
+                raise SettingsError(
+                    f"{name} ({getattr(self, name)}) must be at least "
+                    f"catchup_scan_page_events ({self.catchup_scan_page_events})"
+                )
         if self.daily_token_budget < 0:
             raise SettingsError(f"daily_token_budget must be >= 0 (0 = no budget), got {self.daily_token_budget}")
         _check_redis_keys(self)

@@ -83,12 +83,17 @@ def test_daily_catchup_and_an_inline_holder_compress_a_user_once(dags: dict[str,
     assert event_counts(db) == {"u-held": 70, "u-free": 20}
     assert locks.get(key) == b"the-bot's-inline-compression"
     assert locks.zcard("butler:memory:doorbell") == 0, "the catch-up run's report drains the doorbell record"
+    # The daily run's first scan is its full one; it owes the locked user a run (issue 20.3).
+    daily_state = db["memory_compression_state"].find_one({"_id": fresh.DAILY_STATE_DOC})
+    assert daily_state is not None and daily_state[fresh.FULL_FIELD] == daily_state["scanned_through"]
+    assert locks.zrange("butler:memory:daily:owed", 0, -1) == [b"u-held"]
 
     # The holder lets go (it wrote nothing here); the next run compresses the user, once.
     locks.delete(key)
     again = dags[DAILY_ID].test(run_conf={})
     assert again.state == "success"
     assert _statuses(_runs(db)[-1]) == {"u-held": "compressed"}
+    assert locks.zcard("butler:memory:daily:owed") == 0, "the daily report drops the user it compressed"
     versions = {p["user_id"]: p.get("memory_summary_version") for p in db["user_profiles"].find()}
     assert versions == {"u-held": 1, "u-free": 1}, versions
 

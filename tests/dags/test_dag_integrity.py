@@ -130,6 +130,7 @@ def test_default_params_validate(dag: DAG) -> None:
         "threshold": None,
         "keep_last_n": None,
         "users_per_task": None,
+        "full_scan": False,
     }
     assert _validated(dag, {}) == defaults
 

@@ -1,0 +1,306 @@
+"""Issue 20, item 3: the daily scan counts the users who wrote, not the collection, and misses nobody.
+
+Each test runs the daily scan as the DAG's scan task does, compresses what it takes with the real
+engine and settles it as the report does (``fresh.settle_daily``), on real MongoDB and Redis. The
+paths that could lose a user over the threshold: events without a doorbell ring, late writes (within
+and beyond the margin), a restored backup, a scan killed mid-way, users a run leaves over its limit,
+failed users.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pymongo
+import pytest
+import redis
+from pymongo.database import Database
+
+from butler_memory import fresh
+from butler_memory.doorbell import Doorbell, DoorbellRecord
+from butler_memory.settings import Settings
+from butler_memory.store import Backlog, MemoryStore
+from tests.engine.helpers import DocumentsRead, insert_events, make_engine, small_settings
+from tools.bench_engine import CommandCounter
+from tools.services import MongoService
+
+Doc = dict[str, Any]
+DAY0 = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
+MARGIN = 300
+
+
+def _settings(**changes: Any) -> Settings:
+    return small_settings(**{"catchup_margin_seconds": MARGIN, "daily_full_scan_every_days": 7, **changes})
+
+
+def _owed(redis_client: redis.Redis, settings: Settings) -> DoorbellRecord:
+    return DoorbellRecord(redis_client, key=settings.daily_owed_key, channel="")
+
+
+def _scan(
+    store: MemoryStore,
+    redis_client: redis.Redis,
+    settings: Settings,
+    now: datetime,
+    *,
+    full: bool = False,
+    checkpoint: Callable[[str], None] | None = None,
+) -> fresh.ScanResult:
+    extra: dict[str, Any] = {} if checkpoint is None else {"checkpoint": checkpoint}
+    return fresh.daily_scan(
+        store,
+        settings,
+        settings.scan_limit,
+        None,
+        owed=_owed(redis_client, settings),
+        doorbell=DoorbellRecord(redis_client),
+        full=full,
+        now=now,
+        **extra,
+    )
+
+
+def _run(
+    db: Database[Doc],
+    redis_client: redis.Redis,
+    settings: Settings,
+    now: datetime,
+    *,
+    full: bool = False,
+    fail: frozenset[str] = frozenset(),
+    scan_db: Database[Doc] | None = None,
+) -> fresh.ScanResult:
+    """One daily run: scan (through ``scan_db`` when given), compress each user taken (those in ``fail``
+    fail), settle as the report does."""
+    store = MemoryStore(db, settings)
+    result = _scan(
+        MemoryStore(scan_db if scan_db is not None else db, settings), redis_client, settings, now, full=full
+    )
+    engine = make_engine(db, redis_client, settings)
+    rows = [
+        {"user_id": b.user_id, "status": "failed"} if b.user_id in fail else engine.compress(b.user_id).to_dict()
+        for b in result.backlog
+    ]
+    fresh.settle_daily(store, _owed(redis_client, settings), result.xcom(), rows, finished_at=now)
+    return result
+
+
+def _taken(result: fresh.ScanResult) -> set[str]:
+    return {b.user_id for b in result.backlog}
+
+
+def _first_run(db: Database[Doc], redis_client: redis.Redis, settings: Settings) -> None:
+    """The first daily scan ever is the full one; it compresses the users seeded so far."""
+    first = _run(db, redis_client, settings, DAY0)
+    assert first.full and first.reconciled
+
+
+@pytest.mark.parametrize("quiet_users", [20, 200])
+def test_daily_scan_reads_only_the_users_who_wrote_without_any_doorbell_ring(
+    mongo_service: MongoService, mongo_db: Database[Doc], redis_client: redis.Redis, quiet_users: int
+) -> None:
+    settings = _settings()
+    store = MemoryStore(mongo_db, settings)
+    store.ensure_indexes()
+    for i in range(quiet_users):  # under the threshold, written before the first scan: never counted again
+        insert_events(mongo_db, f"quiet-{i:04d}", 8, start=DAY0 - timedelta(days=3))
+    _first_run(mongo_db, redis_client, settings)
+    day1 = DAY0 + timedelta(days=1)
+    # The Butler rang for nobody: the events alone make these users due.
+    insert_events(mongo_db, "chatty", 14, start=day1 - timedelta(hours=5))
+    insert_events(mongo_db, "quiet-0001", 6, start=day1 - timedelta(hours=2), first=8)
+    insert_events(mongo_db, "light", 2, start=day1 - timedelta(hours=1))
+    counter, listener = CommandCounter(), DocumentsRead({"user_memory"})
+    client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_service.uri, event_listeners=[counter, listener])
+    try:
+        result = _scan(MemoryStore(client[mongo_db.name], settings), redis_client, settings, day1)
+        commands = Counter(counter.counts)
+    finally:
+        client.close()
+
+    assert not result.full
+    assert result.backlog == [Backlog("chatty", 14), Backlog("quiet-0001", 14)]
+    assert result.candidates == 3  # chatty, light, quiet-0001: none of the other quiet users
+    assert listener.read == 14 + 6 + 2, "the scan read an event not written since its last scan"
+    # One state read, one page of writers, one count of the page's users: the same for 20 and 200 quiet users.
+    assert commands == Counter({"find": 2, "aggregate": 1}), commands
+
+
+def test_late_writes_within_the_margin_are_caught_and_older_ones_by_the_reconciliation(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = _settings()
+    store = MemoryStore(mongo_db, settings)
+    store.ensure_indexes()
+    insert_events(mongo_db, "within", 8, start=DAY0 - timedelta(days=2))
+    insert_events(mongo_db, "beyond", 8, start=DAY0 - timedelta(days=2))
+    _first_run(mongo_db, redis_client, settings)
+    # Written after the first scan, stamped before it: one within the margin, one a day older.
+    insert_events(mongo_db, "within", 5, start=DAY0 - timedelta(seconds=MARGIN - 60), step=timedelta(0), first=8)
+    insert_events(mongo_db, "beyond", 5, start=DAY0 - timedelta(days=1), step=timedelta(0), first=8)
+
+    day1 = _run(mongo_db, redis_client, settings, DAY0 + timedelta(days=1))
+    assert _taken(day1) == {"within"}, "a late write within the margin was missed"
+    later = [_run(mongo_db, redis_client, settings, DAY0 + timedelta(days=d)) for d in range(2, 8)]
+    assert [r.full for r in later] == [False] * 5 + [True], "the reconciliation runs every 7 days"
+    assert _taken(later[-1]) == {"beyond"}, "the reconciliation missed a late write beyond the margin"
+    assert all(not _taken(r) for r in later[:-1])
+
+
+def test_a_restored_backup_is_caught_by_a_forced_full_scan(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    settings = _settings()
+    MemoryStore(mongo_db, settings).ensure_indexes()
+    _first_run(mongo_db, redis_client, settings)
+    # A backup restored after the first scan: old events, no ring, nothing since the watermark.
+    insert_events(mongo_db, "restored", 30, start=DAY0 - timedelta(days=30))
+    day1 = DAY0 + timedelta(days=1)
+    assert not _taken(_run(mongo_db, redis_client, settings, day1))
+    forced = _run(mongo_db, redis_client, settings, day1 + timedelta(hours=1), full=True)
+    assert forced.full and _taken(forced) == {"restored"}
+
+
+def test_full_scan_every_day_when_the_cadence_is_one(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    settings = _settings(daily_full_scan_every_days=1)
+    _first_run(mongo_db, redis_client, settings)
+    insert_events(mongo_db, "restored", 30, start=DAY0 - timedelta(days=30))
+    day1 = _run(mongo_db, redis_client, settings, DAY0 + timedelta(days=1))
+    assert day1.full and _taken(day1) == {"restored"}
+
+
+def test_users_left_over_the_limit_or_failed_are_taken_by_the_next_runs(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = _settings(scan_limit=2)
+    MemoryStore(mongo_db, settings).ensure_indexes()
+    _first_run(mongo_db, redis_client, settings)
+    day1 = DAY0 + timedelta(days=1)
+    due = {f"u-{i}" for i in range(5)}
+    for i in range(5):
+        insert_events(mongo_db, f"u-{i}", 20 - i, start=day1 - timedelta(hours=3))
+
+    first = _run(mongo_db, redis_client, settings, day1, fail=frozenset({"u-0"}))
+    assert _taken(first) == {"u-0", "u-1"} and first.left == 3
+    # Nobody writes again: what the first run left over or failed is owed, and taken all the same.
+    taken: set[str] = set()
+    for hours in range(1, 5):
+        taken |= _taken(_run(mongo_db, redis_client, settings, day1 + timedelta(hours=hours)))
+    assert taken == due - {"u-1"}, "a user left over the limit or failed was missed"
+    assert _owed(redis_client, settings).oldest(10) == {}, "every owed user was settled"
+
+
+def test_a_user_capped_by_max_fold_events_stays_owed(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    settings = _settings(max_fold_events=20, max_events_per_chunk=10)
+    MemoryStore(mongo_db, settings).ensure_indexes()
+    _first_run(mongo_db, redis_client, settings)
+    day1 = DAY0 + timedelta(days=1)
+    insert_events(mongo_db, "huge", 51, start=day1 - timedelta(hours=3), step=timedelta(seconds=1))
+    runs = [_run(mongo_db, redis_client, settings, day1 + timedelta(hours=h)) for h in range(3)]
+    assert [_taken(r) for r in runs] == [{"huge"}] * 3, "the capped user's rest waited for new events"
+
+
+def test_the_daily_scan_reads_the_doorbell_but_leaves_it_to_the_catchup(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = _settings()
+    MemoryStore(mongo_db, settings).ensure_indexes()
+    _first_run(mongo_db, redis_client, settings)
+    # A late write far beyond the margin the Butler rang for (the catch-up may have backed the user off).
+    insert_events(mongo_db, "rang", 15, start=DAY0 - timedelta(days=3))
+    assert Doorbell(redis_client, threshold=settings.threshold).ring("rang")
+    day1 = _run(mongo_db, redis_client, settings, DAY0 + timedelta(days=1))
+    assert _taken(day1) == {"rang"}
+    assert set(DoorbellRecord(redis_client).oldest(10)) == {"rang"}, "the daily run dropped the catch-up's record"
+
+
+class Killed(Exception):
+    """Stands for the scan task's process dying at a checkpoint."""
+
+
+def test_a_daily_scan_killed_mid_way_resumes_and_misses_nobody(
+    mongo_service: MongoService, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = _settings(catchup_scan_page_events=20, daily_scan_max_events=60)
+    MemoryStore(mongo_db, settings).ensure_indexes()
+    _first_run(mongo_db, redis_client, settings)
+    day1 = DAY0 + timedelta(days=1)
+    for i in range(30):  # interleaved in time: each page holds some of them
+        insert_events(
+            mongo_db, f"w-{i:02d}", 12, start=day1 - timedelta(hours=5, seconds=-i), step=timedelta(minutes=1)
+        )
+    due = {f"w-{i:02d}" for i in range(30)}
+    listener = DocumentsRead({"user_memory"})
+    client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_service.uri, event_listeners=[listener])
+    pages = [0]
+
+    def kill_at_second_page(step: str) -> None:
+        assert step in fresh.SCAN_STEPS
+        pages[0] += 1
+        if pages[0] == 2:
+            raise Killed(step)
+
+    try:
+        scan_db = client[mongo_db.name]
+        with pytest.raises(Killed):
+            _scan(MemoryStore(scan_db, settings), redis_client, settings, day1, checkpoint=kill_at_second_page)
+        killed_read = listener.read
+        # The runs that follow scan and settle without compressing: every event stays, so each is read once.
+        taken, runs = set(), 0
+        owed = _owed(redis_client, settings)
+        while runs < 20:
+            runs += 1
+            now = day1 + timedelta(minutes=runs)
+            result = _scan(MemoryStore(scan_db, settings), redis_client, settings, now)
+            fresh.settle_daily(MemoryStore(mongo_db, settings), owed, result.xcom(), [], finished_at=now)
+            taken |= _taken(result)
+            if result.scanned_at is not None:
+                break
+    finally:
+        client.close()
+    assert taken == due, "users of the killed scan's pages were lost"
+    assert runs > 2, "the pass was spread over several runs (daily_scan_max_events)"
+    assert killed_read == 40, killed_read
+    assert listener.read == 360, "the resumed scans read the killed scan's pages again (or skipped some)"
+    state = MemoryStore(mongo_db, settings).load_state(fresh.DAILY_STATE_DOC)
+    assert state[fresh.SCAN_FIELD] is None
+    assert state["scanned_through"].replace(tzinfo=UTC) == day1, "the watermark is the start of the killed pass"
+
+
+def test_a_full_scan_finding_more_than_it_can_record_is_followed_by_another(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    settings = _settings(scan_limit=1, doorbell_drain_max=1)  # a full scan records 1 + 1 users
+    for i in range(4):
+        insert_events(mongo_db, f"old-{i}", 20 - i, start=DAY0 - timedelta(days=9))
+    runs = [_run(mongo_db, redis_client, settings, DAY0 + timedelta(hours=h)) for h in range(5)]
+    assert [r.full for r in runs] == [True] * 4 + [False], "an incomplete full scan is followed by another"
+    assert [r.reconciled for r in runs[:4]] == [False] * 3 + [True]
+    assert set().union(*(_taken(r) for r in runs)) == {f"old-{i}" for i in range(4)}, "a user was missed"
+    assert runs[0].left == 3, "the full scan counts everyone over the threshold"
+
+
+def test_an_erasure_removes_the_user_from_the_daily_runs_owed_record(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    from butler_memory import erasure
+    from butler_memory.locks import UserLocks
+    from tests.engine.erasure_helpers import SECRET
+
+    settings = _settings(scan_limit=1)
+    insert_events(mongo_db, "kept", 20, start=DAY0 - timedelta(days=2))
+    insert_events(mongo_db, "erased", 15, start=DAY0 - timedelta(days=2))
+    _run(mongo_db, redis_client, settings, DAY0)
+    assert set(_owed(redis_client, settings).oldest(10)) == {"erased"}, "left over the limit: owed"
+    result = erasure.forget_user(
+        "erased",
+        settings=settings,
+        store=MemoryStore(mongo_db, settings),
+        locks=UserLocks(redis_client, settings),
+        secret=SECRET,
+        events=True,
+        requested_by="test",
+    )
+    assert result.status == erasure.ERASED
+    assert _owed(redis_client, settings).oldest(10) == {}, "the owed record still names the erased user"
