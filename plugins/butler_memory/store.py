@@ -306,10 +306,11 @@ class MemoryStore:
         return found
 
     def count_over_threshold(self, threshold: int) -> int:
-        """Count the users over ``threshold`` (a full ``$group``: the daily run's figure of who is left)."""
+        """Count the users over ``threshold`` (a full ``$group``: the daily run's figure of who is left);
+        string user ids only, as the scan."""
         pipeline: list[dict[str, Any]] = [
             {"$group": {"_id": "$user_id", "n": {"$sum": 1}}},
-            {"$match": {"n": {"$gt": threshold}}},
+            {"$match": {"n": {"$gt": threshold}, "_id": {"$type": "string"}}},
             {"$count": "users"},
         ]
         rows = list(self.events.aggregate(pipeline, allowDiskUse=True))

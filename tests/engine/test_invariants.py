@@ -319,6 +319,7 @@ def test_non_string_user_ids_take_no_place_in_the_scan_and_are_counted(
     assert engine.scan(limit=2) == [Backlog("b", 15), Backlog("a", 12)], "non-string ids took places in the run"
     (warning,) = [r.getMessage() for r in caplog.records if "not strings" in r.getMessage()]
     assert "left out 3 user id(s)" in warning and "105 events" in warning, warning
+    assert engine.store.count_over_threshold(10) == 2, "the users left over count non-string ids too"
 
 
 def test_indexes_are_created_idempotently_and_retention_is_updated(
