@@ -297,6 +297,7 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
             kind=kind,
             backlog_left=int(scan_info.get("left") or 0),
             backed_off=len(scan_info.get("backed_off") or []),
+            full_scan=bool(scan_info.get("full")),
         )
         doc["run_key"] = run_key(ti.dag_id, run_id)  # how the summary history and the archive name this run
         if erased:

@@ -39,12 +39,14 @@ def build_report(
     kind: str = "daily",
     backlog_left: int = 0,
     backed_off: int = 0,
+    full_scan: bool = False,
 ) -> dict[str, Any]:
     """Return the run document: counts by status, totals, failed user ids, per-user rows.
 
     ``results`` holds one entry per scanned user in the same order, ``None`` (or a missing entry)
     where the task produced no result: those users are counted as failed. ``backed_off`` counts the
     users the catch-up scan left out after earlier failures (``butler_memory.backoff``): not scanned.
+    ``full_scan`` says the daily scan was the full reconciliation (``butler_memory.fresh``).
     """
     users: list[dict[str, Any]] = []
     by_id = {r["user_id"]: r for r in results if r}
@@ -83,6 +85,7 @@ def build_report(
         "user_ids": sorted({u["user_id"] for u in users}),
         "backlog_events": sum((backlog or {}).values()),
         "backlog_left": backlog_left,
+        "full_scan": full_scan,
         "users_fold_capped": sum(1 for u in users if u.get("fold_capped")),
         "events_left": sum(int(u.get("events_left") or 0) for u in users),
         **total,
@@ -140,6 +143,7 @@ def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
     lines = [
         f"## Memory compression run `{report['run_id']}`"
         + (" (catch-up)" if report.get("kind") == "catchup" else "")
+        + (" (full scan)" if report.get("full_scan") else "")
         + (" (dry run)" if report["dry_run"] else ""),
         "",
         "| users found | compressed | dry run | skipped (locked) | skipped (below threshold) | skipped (budget) | failed |",

@@ -94,6 +94,7 @@ def test_daily_catchup_and_an_inline_holder_compress_a_user_once(dags: dict[str,
     assert again.state == "success"
     assert _statuses(_runs(db)[-1]) == {"u-held": "compressed"}
     assert locks.zcard("butler:memory:daily:owed") == 0, "the daily report drops the user it compressed"
+    assert (daily_doc["full_scan"], _runs(db)[-1]["full_scan"]) == (True, False), "first full, then incremental"
     versions = {p["user_id"]: p.get("memory_summary_version") for p in db["user_profiles"].find()}
     assert versions == {"u-held": 1, "u-free": 1}, versions
 
