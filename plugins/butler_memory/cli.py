@@ -252,6 +252,7 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 store=engine.store,
                 locks=engine.locks,
                 secret=secret,
+                metrics=engine.metrics,
                 events=args.include_events,
                 dry_run=args.dry_run,
                 requested_by="cli",

@@ -15,8 +15,8 @@ from butler_memory.compression import UserResult, compress_user, utcnow
 from butler_memory.locks import UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
 from butler_memory.rebuild import Checkpoint, no_checkpoint
-from butler_memory.refold import RefoldResult, refold_user
-from butler_memory.rollback import RollbackResult, rollback_user
+from butler_memory.refold import REFOLDED, RefoldResult, refold_user
+from butler_memory.rollback import ROLLED_BACK, RollbackResult, rollback_user
 from butler_memory.settings import Settings
 from butler_memory.store import Backlog, MemoryStore
 from butler_memory.summarizer import Summarizer
@@ -90,34 +90,42 @@ class Engine:
         dry_run: bool = False,
         checkpoint: Checkpoint = no_checkpoint,
     ) -> RollbackResult:
-        """Undo one run for one user (see ``rollback.rollback_user``)."""
-        return rollback_user(
-            user_id,
-            run_id,
-            store=self.store,
-            locks=self.locks,
-            rollback_id=rollback_id,
-            cascade=cascade,
-            allow_missing=allow_missing,
-            dry_run=dry_run,
-            checkpoint=checkpoint,
-            clock=utcnow,
-        )
+        """Undo one run for one user (see ``rollback.rollback_user``); emits the rollback metrics."""
+        with m.observe_operation(self.metrics, m.ROLLBACK, dry_run=dry_run) as touched:
+            result = rollback_user(
+                user_id,
+                run_id,
+                store=self.store,
+                locks=self.locks,
+                rollback_id=rollback_id,
+                cascade=cascade,
+                allow_missing=allow_missing,
+                dry_run=dry_run,
+                checkpoint=checkpoint,
+                clock=utcnow,
+            )
+            touched.changed = result.status == ROLLED_BACK
+            touched.events = result.events_restored if touched.changed else 0
+        return result
 
     def refold(
         self, user_id: str, *, run_id: str, dry_run: bool = False, checkpoint: Checkpoint = no_checkpoint
     ) -> RefoldResult:
-        """Rebuild one user's summary from the archive (see ``refold.refold_user``)."""
-        return refold_user(
-            user_id,
-            settings=self.settings,
-            store=self.store,
-            locks=self.locks,
-            summarizer=self.summarizer,
-            metrics=self.metrics,
-            budget=self.budget,
-            run_id=run_id,
-            dry_run=dry_run,
-            checkpoint=checkpoint,
-            clock=utcnow,
-        )
+        """Rebuild one user's summary from the archive (see ``refold.refold_user``); emits the re-fold metrics."""
+        with m.observe_operation(self.metrics, m.REFOLD, dry_run=dry_run) as touched:
+            result = refold_user(
+                user_id,
+                settings=self.settings,
+                store=self.store,
+                locks=self.locks,
+                summarizer=self.summarizer,
+                metrics=self.metrics,
+                budget=self.budget,
+                run_id=run_id,
+                dry_run=dry_run,
+                checkpoint=checkpoint,
+                clock=utcnow,
+            )
+            touched.changed = result.status == REFOLDED
+            touched.events = result.events if touched.changed else 0
+        return result

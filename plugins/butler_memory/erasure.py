@@ -48,6 +48,7 @@ from pymongo import ASCENDING
 from pymongo.collection import Collection
 from pymongo.database import Database
 
+from butler_memory import metrics as m
 from butler_memory.errors import ForgetInputError, LockBusyError
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.settings import Settings, SettingsError
@@ -67,6 +68,8 @@ USER_STEPS = ("locked", "intent", "marked", "events", "archive", "history", "run
 # Statuses of an erasure's result.
 ERASED = "erased"
 ALREADY_ERASED = "already_erased"
+ERASED_EVENTS = ("events", "archive", "quarantine")
+"""The places of ``ErasureResult.removed`` that count events (the erasure metrics' events)."""
 DRY_RUN = "dry_run"
 
 # Audit record states.
@@ -398,6 +401,7 @@ def forget_user(
     checkpoint: Checkpoint = _no_checkpoint,
     clock: Callable[[], datetime] = utcnow,
     sleep: Callable[[float], None] | None = None,
+    metrics: m.Metrics | None = None,
 ) -> ErasureResult:
     """Erase one user everywhere this package keeps their data; return what was removed (counts only).
 
@@ -411,10 +415,17 @@ def forget_user(
     started = time.monotonic()
     if not isinstance(user_id, str) or not user_id.strip():
         raise ForgetInputError(f"user id must be a non-empty string, got {user_id!r}")
-    with sanitized_errors(user_id, "erasure"):
+    with (
+        m.observe_operation(
+            metrics or m.NullMetrics(), m.ERASURE, dry_run=dry_run, input_errors=(ForgetInputError,)
+        ) as touched,
+        sanitized_errors(user_id, "erasure"),
+    ):
         result = _forget_user(
             user_id, settings, store, locks, secret, events, dry_run, requested_by, checkpoint, clock, sleep
         )
+        touched.changed = result.status == ERASED
+        touched.events = sum(result.removed.get(place, 0) for place in ERASED_EVENTS) if touched.changed else 0
     result.seconds = round(time.monotonic() - started, 3)
     return result
 

@@ -55,6 +55,7 @@ def run(params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
                     store=engine.store,
                     locks=engine.locks,
                     secret=secret,
+                    metrics=engine.metrics,
                     events=bool(params.get("include_events")),
                     dry_run=dry_run,
                     requested_by=f"dag:{run_id}",

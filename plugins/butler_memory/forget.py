@@ -40,6 +40,7 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
+from butler_memory import metrics as m
 from butler_memory.budget import Spent
 from butler_memory.engine import Engine
 from butler_memory.erasure import (
@@ -211,6 +212,26 @@ def forget_events(
     if not isinstance(user_id, str) or not user_id.strip():
         raise ForgetInputError(f"user id must be a non-empty string, got {user_id!r}")
     request = build_request(event_ids, since, until)
+    with m.observe_operation(engine.metrics, m.FORGET, dry_run=dry_run, input_errors=(ForgetInputError,)) as touched:
+        result = _forget(user_id, request, engine, secret, dry_run, requested_by, run_id, checkpoint, clock, sleep)
+        touched.changed = result.status == FORGOTTEN
+        touched.events = sum(result.removed.values()) if touched.changed else 0
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _forget(
+    user_id: str,
+    request: Request,
+    engine: Engine,
+    secret: bytes | None,
+    dry_run: bool,
+    requested_by: str,
+    run_id: str | None,
+    checkpoint: Checkpoint,
+    clock: Callable[[], datetime],
+    sleep: Callable[[float], None] | None,
+) -> ErasureResult:
     store, settings = engine.store, engine.settings
     audit = AuditLog(store)
     if dry_run:
@@ -231,7 +252,6 @@ def forget_events(
                 )
         finally:
             lock.release()
-    result.seconds = round(time.monotonic() - started, 3)
     return result
 
 

@@ -8,7 +8,9 @@ sends are fire-and-forget and every send is guarded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +87,66 @@ GUARD_METRICS = {
     guard_metric(INJECTION, REDACT): "counter",
 }
 
+# Operations on users' memory other than compression (emitted once per user by the shared entry the
+# CLI and the DAG tasks both call: Engine.rollback / Engine.refold, forget.forget_events,
+# erasure.forget_user). Dry runs send nothing.
+ROLLBACK, REFOLD, FORGET, ERASURE = "rollback", "refold", "forget", "erasure"
+OPERATIONS = (ROLLBACK, REFOLD, FORGET, ERASURE)
+OPERATION_METRICS = {
+    "users": "counter",
+    "failures": "counter",
+    "users_changed": "counter",
+    "events": "counter",
+    "duration": "timer",
+}
+"""Per operation: users it finished with (any outcome), users it failed on (an exception), users
+whose memory it changed, events it restored / re-folded / forgot / erased, and its wall time."""
+
+
+def operation_metric(operation: str, what: str) -> str:
+    """Return an operation's metric, e.g. ``personalized_memory_worker_rollback_failures_total``."""
+    suffix = "seconds" if OPERATION_METRICS[what] == "timer" else "total"
+    return f"{PREFIX}_{operation}_{what}_{suffix}"
+
+
+@dataclass
+class Touched:
+    """What one operation on one user did, filled in by the operation for ``observe_operation``."""
+
+    changed: bool = False
+    events: int = 0
+
+
+@contextmanager
+def observe_operation(
+    metrics: Metrics,
+    operation: str,
+    *,
+    dry_run: bool = False,
+    input_errors: tuple[type[Exception], ...] = (),
+) -> Iterator[Touched]:
+    """Emit one operation's metrics for one user: its failure when the block raises, else its counts.
+
+    ``input_errors`` (bad input, refused having changed nothing) are the caller's mistake: not counted.
+    """
+    touched = Touched()
+    started = time.monotonic()
+    try:
+        yield touched
+    except input_errors:
+        raise
+    except Exception:
+        if not dry_run:
+            metrics.incr(operation_metric(operation, "failures"))
+        raise
+    if dry_run:
+        return
+    metrics.incr(operation_metric(operation, "users"))
+    metrics.incr(operation_metric(operation, "users_changed"), int(touched.changed))
+    metrics.incr(operation_metric(operation, "events"), touched.events)
+    metrics.timing(operation_metric(operation, "duration"), time.monotonic() - started)
+
+
 ALL_METRICS: Mapping[str, str] = {
     RUNS_TOTAL: "counter",
     ERRORS_TOTAL: "counter",
@@ -115,6 +177,7 @@ ALL_METRICS: Mapping[str, str] = {
     LLM_COMPLETION_TOKENS_TOTAL: "counter",
     LLM_LATENCY_SECONDS: "timer",
     **GUARD_METRICS,
+    **{operation_metric(op, what): kind for op in OPERATIONS for what, kind in OPERATION_METRICS.items()},
 }
 """Every metric this package emits, with its StatsD type. Docs and alert rules are checked against it."""
 

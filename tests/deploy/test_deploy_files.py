@@ -45,6 +45,7 @@ METRICS_DOC = REPO / "docs" / "metrics.md"
 
 AIRFLOW_IMAGE_REPO = "butler-memory/airflow"
 REQUIRED_ALERTS = {
+    "MemoryOperationFailed",
     "MemoryWorkerHighErrors",
     "MemoryWorkerLongRunning",
     "MemoryWorkerNotRunning",
@@ -795,6 +796,18 @@ def alert_cases() -> list[tuple[str, list[dict[str, str]], list[dict[str, Any]]]
         ("1m", [_series(f"{p}_guard_injection_redact_total", "0+5x60"),
                 _series(f"{p}_guard_injection_checks_total", "0+10x60")],
          [_silent("MemoryWorkerInjectionRejected", "50m")]),
+        # A forget failed at minute 20: firing for that operation, quiet 2 hours later; users done are no failure.
+        ("1m", [_series(f"{p}_forget_failures_total", "0x20 1x200"), _series(f"{p}_forget_users_total", "0+1x200")],
+         [_silent("MemoryOperationFailed", "10m"), _fires("MemoryOperationFailed", "30m", operation="forget"),
+          _silent("MemoryOperationFailed", "3h")]),
+        # A re-fold and an erasure failed: one alert for each.
+        ("1m", [_series(f"{p}_refold_failures_total", "0x10 2x60"), _series(f"{p}_erasure_failures_total", "0x10 1x60")],
+         [{"eval_time": "20m", "alertname": "MemoryOperationFailed", "exp_alerts": [
+             {"exp_labels": {"job": "butler_memory", **alert_rules()["MemoryOperationFailed"]["labels"], "operation": op}}
+             for op in ("refold", "erasure")]}]),
+        # Rollbacks done, none failed: quiet.
+        ("1m", [_series(f"{p}_rollback_users_total", "0+3x60"), _series(f"{p}_rollback_failures_total", "0x60")],
+         [_silent("MemoryOperationFailed", "50m")]),
         # The exporter cannot be scraped.
         ("1m", [_series("up", "1x10 0x30", job="statsd-exporter")],
          [_silent("MemoryWorkerMetricsDown", "15m"),
@@ -869,6 +882,8 @@ def test_dashboard_has_the_required_panels() -> None:
         "backlog users",
         "skipped users",
         "guard",
+        "operation users changed and failed",
+        "operation events",
     ]
     for word in required:
         assert any(word in title for title in titles), f"no panel about {word!r}; panels: {titles}"
