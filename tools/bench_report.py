@@ -25,6 +25,11 @@ Row = tuple[str, str, str, str]
 """(figure, value, target, verdict)"""
 
 
+def measured(record: Any) -> Any:
+    """Return a run's record, or None when it is missing or timed out (its row is left out)."""
+    return None if record is None or timed_out(record) else record
+
+
 def row(figure: str, value: str, target: str = "", verdict: str = "") -> Row:
     """Return one summary row; most figures have no target."""
     return (figure, value, target, verdict)
@@ -62,7 +67,7 @@ def _rows_throughput(results: dict[str, Any], args: argparse.Namespace) -> list[
     results["fraction_of_limit"] = round(frac, 3)
     verdict = "met" if frac >= TARGET_FRACTION else "MISSED"
     rows.append((f"Airflow throughput / limit {limit:g} users/s", f"{frac:.1%}", f">= {TARGET_FRACTION:.0%}", verdict))
-    base = results.get("airflow", {}).get("baseline", {}).get("llm_latency")
+    base = measured(results.get("airflow", {}).get("baseline", {}).get("llm_latency"))
     if base:
         results["improvement_over_baseline"] = round(a["users_per_second"] / base["users_per_second"], 2)
         rows.append(
@@ -74,7 +79,7 @@ def _rows_throughput(results: dict[str, Any], args: argparse.Namespace) -> list[
                 f"now {results['improvement_over_baseline']:.2f}x",
             )
         )
-    noop = results.get("airflow", {}).get("noop_llm_latency")
+    noop = measured(results.get("airflow", {}).get("noop_llm_latency"))
     if noop:
         results["fraction_of_floor"] = round(a["users_per_second"] / noop["users_per_second"], 3)
         rows.append(
@@ -122,7 +127,7 @@ def _rows_cpu(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
     """CPU seconds per compressed user by component, the headline (what a deployment pays) against
     Airflow's floor, and the same run on SQLite."""
     af = results.get("airflow", {})
-    a, noop = af.get("llm_latency"), af.get("noop_llm_latency")
+    a, noop = measured(af.get("llm_latency")), measured(af.get("noop_llm_latency"))
     if not a:
         return []
     rows: list[Row] = []
@@ -144,7 +149,7 @@ def _rows_cpu(results: dict[str, Any], args: argparse.Namespace) -> list[Row]:
         if name == TASKS_CPU and engine is not None:
             rows.append(row("    of it our engine (its CPU alone in the sequential loop)", f"{engine:.3f}"))
     rows.append(row("  stand-ins and the bench's trigger together", f"{a['stand_in_cpu_seconds_per_user']:.3f}"))
-    lite = af.get("sqlite", {}).get("llm_latency")
+    lite = measured(af.get("sqlite", {}).get("llm_latency"))
     if lite:
         rows.append(
             (
@@ -304,7 +309,7 @@ def write_charts(results: dict[str, Any], args: argparse.Namespace) -> list[str]
             svg.Bar(f"Airflow run, LLM {args.latency:g} s", af["llm_latency"]["users_per_second"], svg.BLUE),
             svg.Bar("Airflow compress phase only", af["llm_latency"]["compress_users_per_second"], svg.BLUE),
         ]
-        if "baseline" in af:
+        if measured(af.get("baseline", {}).get("llm_latency")):
             bars.append(
                 svg.Bar(
                     "before: Airflow defaults, no preload",
@@ -312,7 +317,7 @@ def write_charts(results: dict[str, Any], args: argparse.Namespace) -> list[str]
                     svg.GREY,
                 )
             )
-        if "noop_llm_latency" in af:
+        if measured(af.get("noop_llm_latency")):
             bars.append(
                 svg.Bar(
                     f"Airflow floor: no-op task, sleep {args.latency:g} s",

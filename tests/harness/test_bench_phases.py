@@ -53,3 +53,37 @@ def test_the_report_names_a_timed_out_phase_and_keeps_the_other_figures() -> Non
 
     assert ("phase airflow.llm_latency", "timed out after 120 s", "", "NOT MEASURED") in rows, rows
     assert any(row[0].startswith("sequential loop") for row in rows), "the figures measured must still be reported"
+
+
+class _Run(dict[str, Any]):
+    """A measured run's record: every figure the report reads is there (1.0)."""
+
+    def __init__(self) -> None:
+        super().__init__(state="success")
+
+    def __missing__(self, key: str) -> Any:
+        return {"task processes": 1.0} if key == "cpu_seconds_per_user_by_component" else 1.0
+
+
+def test_a_timed_out_baseline_or_sqlite_run_leaves_the_throughput_rows_and_charts(tmp_path: Path) -> None:
+    args = argparse.Namespace(users=200, latency=0.5, pool_slots=8, target=0.7, img_dir=tmp_path)
+    out_of_time = {"timed_out": True, "error": "not finished", "seconds": 150.0}
+    results: dict[str, Any] = {
+        "date": "2026-12-06T20:47:50+00:00",
+        "sequential": {"llm_latency": _Run(), "instant_llm": _Run(), "threaded_llm_latency": _Run()},
+        "airflow": {
+            "llm_latency": _Run(),
+            "noop_llm_latency": _Run(),
+            "instant_llm": _Run(),
+            "baseline": {"llm_latency": out_of_time},
+            "sqlite": {"llm_latency": out_of_time},
+        },
+    }
+
+    figures = [row[0] for row in bench_report.summarise(results, args)]
+
+    assert "phase airflow.baseline.llm_latency" in figures and "phase airflow.sqlite.llm_latency" in figures
+    assert any(f.startswith("Airflow DAG run, 200 users") for f in figures), figures
+    assert any(f.startswith("  Airflow floor: no-op mapped task") for f in figures), figures
+    assert any(f.startswith("CPU s per user a deployment pays") for f in figures), figures
+    assert [Path(c).name for c in bench_report.write_charts(results, args)] == ["bench-throughput.svg"]
