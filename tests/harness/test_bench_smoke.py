@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,20 +24,29 @@ GUARD_MODES = {"offline", "faithful", "drop_fact", "new_only", "wrong_language"}
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-def _run(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run a bench script as ``make bench`` does, without the suite's Airflow environment."""
+def _run(script: str, *args: str, timeout: float) -> str:
+    """Run a bench script as ``make bench`` does, without the suite's Airflow environment; return its output.
+
+    Past ``timeout`` it gets SIGINT, as Ctrl-C would, so that its context managers stop the services
+    it started (a SIGKILL would leave them running), and the test fails with its output.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(HERMETIC_PREFIXES)}
-    proc = subprocess.run(
+    with subprocess.Popen(
         [sys.executable, str(REPO / "tools" / script), *args],
         cwd=REPO,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+    ) as proc:
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            output, _ = proc.communicate(timeout=120)
+            pytest.fail(f"{script} did not finish within {timeout:.0f} s:\n{output[-6000:]}")
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{output[-8000:]}"
+    return output
 
 
 def _numbers(record: dict[str, Any], *keys: str) -> None:
