@@ -123,7 +123,11 @@ def plan_rollback(
             user_id=user_id,
         )
     undone = chain[: positions[-1] + 1]
-    later = [run for run in _newest_first(undone) if run != run_id]
+    # A rollback that restored one of these versions (undoing a later run) built nothing on them: it
+    # folded no event, so undoing it too is no cascade (undo, then undo again, needs no flag).
+    in_undone = {e.version for e in undone}
+    built_on = [e for e in undone if not (e.kind == ROLLBACK and e.base_version in in_undone)]
+    later = [run for run in _newest_first(built_on) if run != run_id]
     if later and not cascade:
         named = ", ".join(
             f"{run} (v{', v'.join(str(e.version) for e in undone if _run_of(e) == run)})" for run in later
@@ -146,7 +150,7 @@ def plan_rollback(
     # Per version: an event two of them folded (edited during the first) is one record counted for both.
     missing = sum(max(e.covers.count - counts.get(e.version, 0), 0) for e in undone if e.covers is not None)
     archived = len(store.archived_ids(user_id, versions))
-    plan = Plan(profile.version, restore, versions, _newest_first(undone), archived, missing)
+    plan = Plan(profile.version, restore, versions, _newest_first(built_on), archived, missing)
     if plan.events_missing and not allow_missing:
         raise RollbackRefusedError(
             f"user {user_id!r}: {plan.events_missing} of the {expected} events run {run_id} (and the runs "

@@ -283,3 +283,26 @@ def test_a_rollback_overtaken_by_an_erasure_brings_no_erased_event_back(
 
     assert [r.status for r in erased] == [erasure.ERASED]
     assert events_of(mongo_db, "u1") == {} and archive_of(mongo_db, "u1") == {}, "an erased event came back"
+
+
+def test_undo_then_undo_again_ends_before_the_first_run(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    # Roll back the newest run, then the one before: the first rollback only restored r0's own last
+    # version, it built nothing on r0, so the second undo needs no --cascade (issue 23.1).
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    first = insert_events(mongo_db, "u1", 20)
+    before_r0 = snapshot(mongo_db, "u1")
+    engine.compress("u1", run_id="r0")
+    later = insert_events(mongo_db, "u1", 15, first=20, start=LATER)
+    assert engine.compress("u1", run_id="r1").summary_version == 6
+    assert engine.rollback("u1", "r1", rollback_id="rb1").status == ROLLED_BACK
+
+    dry = engine.rollback("u1", "r0", rollback_id="rb0", dry_run=True)
+    result = engine.rollback("u1", "r0", rollback_id="rb0")
+
+    assert dry.status == DRY_RUN and dry.events_missing == 0, dry
+    assert result.status == ROLLED_BACK and result.restored_version == 0, result
+    assert result.undone_runs == ["r0"], "the rollback of r1 is not a run built on r0"
+    assert events_of(mongo_db, "u1") == {ev["_id"]: ev for ev in first + later}, "every event is back, once"
+    assert archive_of(mongo_db, "u1") == {} == before_r0["archive"]
+    profile = profile_of(mongo_db, "u1")
+    assert profile["memory_summary"] == "" and profile[VERSION_FIELD] == 8 and ROLLBACK_FIELD not in profile
