@@ -390,7 +390,7 @@ def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 f"| {r.user_id} | {r.status} | {version} | {start} | {r.events} | {r.chunks} | {guards} | {r.message} |"
             )
         out.write("\n".join(lines) + "\n")
-    return EXIT_OK if all(r.status in ("refolded", "dry_run") for r in results) else EXIT_FAILED_USERS
+    return EXIT_OK if all(r.status in ("refolded", "dry_run", "not_changed") for r in results) else EXIT_FAILED_USERS
 
 
 def run_qualify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

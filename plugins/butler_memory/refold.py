@@ -30,7 +30,14 @@ from butler_memory.errors import RollbackRefusedError
 from butler_memory.history import REFOLD, Covers, HistoryEntry, Key
 from butler_memory.locks import UserLock, UserLocks
 from butler_memory.metrics import Metrics, NullMetrics
-from butler_memory.rebuild import Checkpoint, finish_interrupted, fold_chunk, no_checkpoint, summarizer_identity
+from butler_memory.rebuild import (
+    Checkpoint,
+    SummarizerIdentity,
+    finish_interrupted,
+    fold_chunk,
+    no_checkpoint,
+    summarizer_identity,
+)
 from butler_memory.settings import Settings
 from butler_memory.store import MemoryStore, Profile, id_key, sanitized_errors
 from butler_memory.summarizer import Summarizer
@@ -40,6 +47,9 @@ log = logging.getLogger(__name__)
 STEPS = ("locked", "summarized", "recorded", "committed")
 
 REFOLDED = "refolded"
+NOT_CHANGED = "not_changed"
+"""The current version is already this re-fold: from the same start, by the same summariser, model
+and prompt (a re-run adds no identical version)."""
 DRY_RUN = "dry_run"
 REFUSED = "refused"
 SKIPPED_LOCKED = "skipped_locked"
@@ -185,6 +195,21 @@ def _refold_locked(
     if not dry_run:
         profile, _ = finish_interrupted(profile, store, lock, run_id=run_id, clock=clock, metrics=metrics)
     plan = plan_refold(store, profile)
+    current = store.history.version(user_id, profile.version)
+    if (
+        current is not None
+        and current.kind == REFOLD
+        and current.refolded_from == plan.start.version
+        and summarizer_identity(summarizer) == _identity_of(current)
+    ):
+        return RefoldResult(
+            user_id,
+            NOT_CHANGED,
+            from_version=profile.version,
+            to_version=profile.version,
+            refolded_from=plan.start.version,
+            message=f"v{profile.version} is already a re-fold from v{plan.start.version} by this summariser",
+        )
     result = RefoldResult(
         user_id,
         DRY_RUN if dry_run else REFOLDED,
@@ -247,6 +272,10 @@ def _refold_locked(
     result.summary_chars = len(summary)
     result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
     return result
+
+
+def _identity_of(entry: HistoryEntry) -> SummarizerIdentity:
+    return SummarizerIdentity(summarizer=entry.summarizer or "", model=entry.model, prompt_version=entry.prompt_version)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.refold import DRY_RUN, REFOLDED, REFUSED
+from butler_memory.refold import DRY_RUN, NOT_CHANGED, REFOLDED, REFUSED
 from butler_memory.rollback import ROLLED_BACK
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
@@ -123,3 +123,22 @@ def test_a_refold_killed_before_its_commit_leaves_the_summary_and_reruns_cleanly
     assert profile_of(mongo_db, "u1") == profile
     assert engine.refold("u1", run_id="refold").status == REFOLDED
     assert [e["version"] for e in history_of(mongo_db, "u1")] == list(range(1, 8))
+
+
+def test_a_refold_rerun_adds_no_identical_version(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    # Issue 23.3: the same re-fold again (a retried task, an operator's second try) changes nothing.
+    two_runs(mongo_db, redis_client)
+    llm.set_responder(chain_responder)
+    engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai())
+    assert engine.refold("u1", run_id="refold-1").status == REFOLDED
+    done, calls = snapshot(mongo_db, "u1"), llm.request_count
+
+    again = engine.refold("u1", run_id="refold-2")
+
+    assert again.status == NOT_CHANGED and (again.from_version, again.to_version) == (7, 7), again
+    assert snapshot(mongo_db, "u1") == done and llm.request_count == calls, "a re-run wrote or called the LLM"
+    # Another summariser (a model upgrade) is a re-fold again.
+    other = make_engine(mongo_db, redis_client, SETTINGS)
+    assert other.refold("u1", run_id="refold-3").status == REFOLDED
