@@ -361,32 +361,18 @@ class MemoryStore:
 
         ``digests`` (one per id, :func:`event_digest` of the event as summarised) let a re-run that
         finishes this fold delete only events still as they were summarised."""
-        new_version = expected_version + 1
-        guard: dict[str, Any] = {"user_id": user_id, PENDING_FIELD: None, ROLLBACK_FIELD: None}
-        guard[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
-        update = {
-            "$set": {
-                self.settings.summary_field: summary,
-                VERSION_FIELD: new_version,
-                THROUGH_FIELD: {"created_at": through.created_at, "event_id": through.id},
-                COMPRESSED_AT_FIELD: now,
-                PENDING_FIELD: {
-                    "version": new_version,
-                    "ids": ids,
-                    "run_id": run_id,
-                    **({} if digests is None else {"digests": digests}),
-                },
-                TARGET_FIELD: None if target is None else {"created_at": target.created_at, "event_id": target.id},
-            }
+        fields = {
+            THROUGH_FIELD: {"created_at": through.created_at, "event_id": through.id},
+            COMPRESSED_AT_FIELD: now,
+            PENDING_FIELD: {
+                "version": expected_version + 1,
+                "ids": ids,
+                "run_id": run_id,
+                **({} if digests is None else {"digests": digests}),
+            },
+            TARGET_FIELD: None if target is None else {"created_at": target.created_at, "event_id": target.id},
         }
-        res = self.profiles.update_one(guard, update)
-        if res.matched_count != 1:
-            raise ConcurrentUpdateError(
-                f"user {user_id!r}: profile changed during compression (expected summary version "
-                f"{expected_version}); nothing was written, a re-run starts from the new state",
-                user_id=user_id,
-            )
-        return new_version
+        return self._commit(user_id, expected_version, summary, fields, during="compression")
 
     def clear_pending(self, user_id: str, version: int) -> None:
         """Mark the fold of ``version`` finished, whatever the summary version is now.
@@ -431,41 +417,46 @@ class MemoryStore:
     ) -> None:
         """Store the restored summary and bookkeeping as ``new_version``, guarded by the old version
         and the rollback's intent."""
-        guard: dict[str, Any] = {"user_id": user_id, f"{ROLLBACK_FIELD}.version": new_version}
-        guard[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
-        update = {
-            "$set": {
-                self.settings.summary_field: summary,
-                VERSION_FIELD: new_version,
-                THROUGH_FIELD: None if through is None else dict(through),
-                COMPRESSED_AT_FIELD: compressed_at,
-                PENDING_FIELD: None,
-                TARGET_FIELD: None,
-            }
+        if new_version != expected_version + 1:
+            raise ValueError(f"a rollback commits the next version, v{expected_version + 1}, not v{new_version}")
+        fields = {
+            THROUGH_FIELD: None if through is None else dict(through),
+            COMPRESSED_AT_FIELD: compressed_at,
+            PENDING_FIELD: None,
+            TARGET_FIELD: None,
         }
-        if self.profiles.update_one(guard, update).matched_count != 1:
-            raise ConcurrentUpdateError(
-                f"user {user_id!r}: profile changed during the rollback (expected summary version "
-                f"{expected_version}): another run finished or replaced it; this run committed no summary",
-                user_id=user_id,
-            )
+        intent = {f"{ROLLBACK_FIELD}.version": new_version}
+        self._commit(user_id, expected_version, summary, fields, during="the rollback", guard=intent)
 
     def commit_refold(self, user_id: str, *, expected_version: int, summary: str, now: datetime) -> int:
         """Store a re-folded summary as the next version (the watermark stays: it covers the same
         events), guarded by the old version and nothing in progress; return the new version."""
-        guard: dict[str, Any] = {"user_id": user_id, PENDING_FIELD: None, ROLLBACK_FIELD: None}
-        guard[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
-        update = {
-            "$set": {
-                self.settings.summary_field: summary,
-                VERSION_FIELD: expected_version + 1,
-                COMPRESSED_AT_FIELD: now,
-            }
-        }
-        if self.profiles.update_one(guard, update).matched_count != 1:
+        return self._commit(user_id, expected_version, summary, {COMPRESSED_AT_FIELD: now}, during="the re-fold")
+
+    def _commit(
+        self,
+        user_id: str,
+        expected_version: int,
+        summary: str,
+        fields: Mapping[str, Any],
+        *,
+        during: str,
+        guard: Mapping[str, Any] | None = None,
+    ) -> int:
+        """The one guarded commit of a new summary version, for every operation: store ``summary``
+        and ``fields`` as version ``expected_version + 1`` in one ``update_one`` matched on the old
+        version and ``guard`` (by default: no pending fold, no rollback in progress); return it.
+
+        Raises ConcurrentUpdateError when the profile moved on: another writer committed first (the
+        version fences it, whoever holds the Redis lock), nothing of the summary was changed.
+        """
+        match: dict[str, Any] = {"user_id": user_id, **(guard or {PENDING_FIELD: None, ROLLBACK_FIELD: None})}
+        match[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
+        update = {"$set": {self.settings.summary_field: summary, VERSION_FIELD: expected_version + 1, **fields}}
+        if self.profiles.update_one(match, update).matched_count != 1:
             raise ConcurrentUpdateError(
-                f"user {user_id!r}: profile changed during the re-fold (expected summary version "
-                f"{expected_version}); nothing was written, a re-run starts from the new state",
+                f"user {user_id!r}: profile changed during {during} (expected summary version "
+                f"{expected_version}); this run committed no summary, a re-run starts from the new state",
                 user_id=user_id,
             )
         return expected_version + 1
