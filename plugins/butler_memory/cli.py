@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="roll back even where some of the run's events are no longer archived (they stay lost)",
     )
+    rollback.add_argument(
+        "--partial",
+        action="store_true",
+        help="apply to the users it can be applied to even when others are refused (default: all or none)",
+    )
     rollback.add_argument("--json", action="store_true", help="print the results as JSON")
     rollback.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     refold = sub.add_parser(
@@ -337,26 +342,41 @@ def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         target["id"] = f"rollback__{split_run_key(target['run'])[1]}__{started}"
         return users_of_run(engine.store, target["run"], args.users)
 
-    results = _each_user(
-        err,
-        dry_run=args.dry_run,
-        users=users,
-        act=lambda engine, user_id: engine.rollback(
-            user_id,
-            target["run"],
-            rollback_id=target["id"],
-            cascade=args.cascade,
-            allow_missing=args.allow_missing_events,
-            dry_run=args.dry_run,
-        ),
-        failed=lambda user_id, exc: RollbackResult(user_id, FAILED, args.run_id, message=str(exc)),
-    )
+    def each_user(dry_run: bool) -> list[Any] | int:
+        return _each_user(
+            err,
+            dry_run=dry_run,
+            users=users,
+            act=lambda engine, user_id: engine.rollback(
+                user_id,
+                target["run"],
+                rollback_id=target["id"],
+                cascade=args.cascade,
+                allow_missing=args.allow_missing_events,
+                dry_run=dry_run,
+            ),
+            failed=lambda user_id, exc: RollbackResult(user_id, FAILED, args.run_id, message=str(exc)),
+        )
+
+    # One decision for the run: all users or none, unless --partial (a dry pass finds the refusals first).
+    results = each_user(dry_run=args.dry_run or not args.partial)
     if isinstance(results, int):
         return results
+    refused = [r for r in results if r.status == "refused"]
+    if refused and not args.partial:
+        err.write(
+            f"{len(refused)} of {len(results)} user(s) would be refused (see the table): the rollback applies to "
+            "none of them; fix that, or pass --partial to roll back the others\n"
+        )
+    elif not args.dry_run and not args.partial:
+        results = each_user(dry_run=False)
+        if isinstance(results, int):
+            return results
+    applied = not (args.dry_run or (refused and not args.partial))
     if args.json:
         out.write(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     else:
-        out.write(rollback_markdown(args.run_id, results, dry_run=args.dry_run))
+        out.write(rollback_markdown(args.run_id, results, dry_run=not applied))
     return EXIT_OK if all(r.status in ROLLBACK_OK for r in results) else EXIT_FAILED_USERS
 
 

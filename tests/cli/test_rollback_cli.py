@@ -90,6 +90,28 @@ def test_rollback_refuses_a_run_a_later_one_built_on_unless_cascade(
     assert now["profiles"]["a"]["memory_summary"] == ""
 
 
+def test_a_run_rollback_that_some_users_refuse_applies_to_none_unless_partial(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI
+) -> None:
+    # Issue 23.1: one decision for the run, said up front, not a mix discovered afterwards.
+    seed(mongo_db, {"a": 20, "b": 20})
+    assert cli("compress", "--run-id", "r0", "--threshold", "10", "--keep-last-n", "8").returncode == 0
+    assert cli("compress", "--run-id", "r1", "--user", "a", "--threshold", "5", "--keep-last-n", "3").returncode == 0
+    after = state(mongo_db)
+
+    dry = cli("rollback", "--run", "r0", "--dry-run")
+    none = cli("rollback", "--run", "r0", "--json")
+
+    assert "1 of 2 user(s) would be refused" in dry.stderr, dry.stderr
+    assert none.returncode == 1 and "applies to none of them" in none.stderr, none.stderr
+    assert {r["user_id"]: r["status"] for r in json.loads(none.stdout)} == {"a": "refused", "b": "dry_run"}
+    assert state(mongo_db) == after, "a refused run rollback changed a user"
+
+    partial = cli("rollback", "--run", "r0", "--partial", "--json")
+    assert partial.returncode == 1, "a refused user still fails the command"
+    assert {r["user_id"]: r["status"] for r in json.loads(partial.stdout)} == {"a": "refused", "b": "rolled_back"}
+
+
 def test_refold_through_the_command_line(
     airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI
 ) -> None:
