@@ -36,7 +36,7 @@ def test_rollback_dag_dry_run_then_drill(dags: dict[str, Any], world: dict[str, 
     more = {"u-a": 45, "u-b": 45}
     seed_users(db, more)  # new _ids (ObjectIds), timestamps among the archived ones
     before = state(db)
-    second = dags["compress"].test(run_conf={})
+    second = dags["compress"].test(run_conf={"full_scan": True})  # backdated events: only a full scan sees them
     assert second.state == "success"
     after_run = state(db)
     assert after_run != before
@@ -57,8 +57,8 @@ def test_rollback_dag_refuses_a_run_a_later_one_built_on(dags: dict[str, Any], w
     db = world["db"]
     seed_users(db, {"u-a": 60})
     first = dags["compress"].test(run_conf={})
-    seed_users(db, {"u-a": 45})
-    assert dags["compress"].test(run_conf={}).state == "success"
+    seed_users(db, {"u-a": 45})  # backdated events: only a full scan sees them
+    assert dags["compress"].test(run_conf={"full_scan": True}).state == "success"
     held = state(db)
 
     refused = dags["rollback"].test(run_conf={"run_id": first.run_id, "dry_run": False})
