@@ -265,11 +265,16 @@ def test_failed_user_is_cleared_with_downstream_and_the_run_ends_green(
     llm.fail_when_contains(FAIL_MARKER, 400)
 
     triggered = _ok(
-        api.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": {"threshold": 50, "limit": 10}}),
+        # full_scan: the events are backdated (2026-01-01), before the daily scan's watermark that the empty
+        # scheduled run above set; only the reconciliation sees such late writes.
+        api.post(
+            f"/dags/{DAG_ID}/dagRuns",
+            json={"logical_date": None, "conf": {"threshold": 50, "limit": 10, "full_scan": True}},
+        ),
         200,
     )
     run_id = triggered["dag_run_id"]
-    assert triggered["conf"] == {"threshold": 50, "limit": 10}
+    assert triggered["conf"] == {"threshold": 50, "limit": 10, "full_scan": True}
     run = finished_run(api, run_id)
     tis = task_instances(api, run_id)
     states = {f"{t}[{ti['rendered_map_index'] or i}]": (ti["state"], ti["try_number"]) for (t, i), ti in tis.items()}
