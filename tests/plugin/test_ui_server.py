@@ -136,7 +136,9 @@ def _run_dag() -> str:
 def _older_runs(store: MemoryStore) -> list[str]:
     """Store run documents older than the DAG run, every seventh with a failed user (and one hostile id)."""
     run_ids = []
-    start = datetime(2025, 1, 1, tzinfo=UTC)
+    # Recent days: run documents expire runs_retention_days (90) after finished_at (a TTL index), and the
+    # server's TTL monitor would otherwise delete older ones in the middle of these tests.
+    start = (datetime.now(UTC) - timedelta(days=OLDER_RUNS + 1)).replace(hour=0, minute=0, second=0, microsecond=0)
     for day in range(OLDER_RUNS):
         started = start + timedelta(days=day)
         scanned = ["o-1", "o-2", HOSTILE_USER] if day == 0 else ["o-1", "o-2"]
