@@ -5,13 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test lint parts airflow bench lock clean
+.PHONY: help venv demo test lint parts airflow bench bench-scale lock clean
 
 help:
 	@echo "make demo     run the memory_compression DAG end to end on embedded MongoDB/Redis"
 	@echo "make test     lint + the whole test suite (real services started by the suite)"
 	@echo "make airflow  Airflow API server + scheduler + DAG processor on the embedded services (UI on 127.0.0.1:8080)"
 	@echo "make bench    benchmarks; prints figures (takes up to 35 minutes)"
+	@echo "make bench-scale  1,000 users at users_per_task 1, 10,000 at 20/50/200, 2,000 on Celery (about an hour)"
 	@echo "make lock     regenerate requirements*.txt from requirements*.in"
 
 venv: $(STAMP)
@@ -54,6 +55,10 @@ bench: venv
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/bench_fresh.py
 	$(BIN)/python tools/bench_client.py
+
+# Issue 20 item 6: users per task against Airflow's price per task, on PostgreSQL (docs/benchmarks.md §12).
+bench-scale: venv
+	$(BIN)/python tools/bench_scale.py --celery-users 2000
 
 lock: venv
 	$(BIN)/pip install --quiet uv

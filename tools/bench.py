@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -193,7 +193,7 @@ def phase_filter_order(ctx: Stack, events: int) -> dict[str, Any]:
     return out
 
 
-def _analyse_run(timing: RunTiming, engine_seconds: list[float], users: int) -> dict[str, Any]:
+def analyse_run(timing: RunTiming, engine_seconds: list[float], users: int) -> dict[str, Any]:
     """Reduce a run's task instances to throughput and overhead figures."""
     compress = [t for t in timing.tasks if t.task_id == "compress_user"]
     by_task = {t.task_id: t for t in timing.tasks if t.map_index < 0}
@@ -228,7 +228,7 @@ def _analyse_run(timing: RunTiming, engine_seconds: list[float], users: int) -> 
     return out
 
 
-def _cpu_figures(cpu: dict[str, float], users: int) -> dict[str, Any]:
+def cpu_figures(cpu: dict[str, float], users: int) -> dict[str, Any]:
     """Reduce a run's CPU seconds per component to busy fraction, per-user costs and other load.
 
     ``deployment_cpu_seconds_per_user`` is what a real deployment pays for the run: Airflow's processes
@@ -247,7 +247,9 @@ def _cpu_figures(cpu: dict[str, float], users: int) -> dict[str, Any]:
     }
 
 
-def _trigger(airflow: AirflowServices, run_id: str, conf: dict[str, Any] | None = None, dag_id: str = DAG_ID) -> float:
+def trigger_run(
+    airflow: AirflowServices, run_id: str, conf: Mapping[str, Any] | None = None, dag_id: str = DAG_ID
+) -> float:
     """Trigger a run with the CLI (after the "before" snapshot: a short run may be half done when the
     CLI returns) and return the CLI's CPU seconds, which the bench process's figure must not include."""
     started = reaped_children_cpu()
@@ -255,55 +257,68 @@ def _trigger(airflow: AirflowServices, run_id: str, conf: dict[str, Any] | None 
     return reaped_children_cpu() - started
 
 
-def _without_trigger(cpu: dict[str, float], trigger_cpu: float) -> dict[str, float]:
+def without_trigger(cpu: dict[str, float], trigger_cpu: float) -> dict[str, float]:
     """Move the trigger CLI's CPU from the bench process's figure to a component of its own."""
     cpu[STAND_INS["llm"]] = round(max(cpu.get(STAND_INS["llm"], 0.0) - trigger_cpu, 0.0), 2)
     cpu[STAND_INS["trigger"]] = round(trigger_cpu, 2)
     return cpu
 
 
-def _stand_in_pids(ctx: Stack, airflow: AirflowServices) -> dict[str, int | None]:
+def stand_in_pids(ctx: Stack, airflow: AirflowServices) -> dict[str, int | None]:
     """The stand-ins' processes, for cpu_snapshot (the fake LLM runs in the bench process)."""
     pids = {STAND_INS["mongo"]: ctx.mongo.pid, STAND_INS["llm"]: os.getpid(), STAND_INS["redis"]: ctx.redis.pid}
-    # The bench process's own figure includes its reaped children; _without_trigger takes the CLI out.
+    # The bench process's own figure includes its reaped children; without_trigger takes the CLI out.
     if airflow.postgres is not None:
         pids[STAND_INS["postgres"]] = airflow.postgres.pid
     return pids
 
 
-def _airflow_run(
-    ctx: Stack, airflow: AirflowServices, args: argparse.Namespace, label: str, latency: float, users: int
+def airflow_run(
+    ctx: Stack,
+    airflow: AirflowServices,
+    args: argparse.Namespace,
+    label: str,
+    latency: float,
+    users: int,
+    *,
+    conf: Mapping[str, Any] | None = None,
+    events: int = 60,
+    workers: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
-    """Seed ``users`` users, trigger one DAG run at the given LLM latency, wait, and analyse it."""
+    """Seed ``users`` users of ``events`` events, trigger one DAG run (with ``conf``) at the given LLM
+    latency, wait, and analyse it. The run has an instance per user (``users_per_task`` 1, what §1 and
+    §5 measure) unless ``conf`` says otherwise. ``workers``: further deployment processes whose trees'
+    CPU counts (Celery workers, named ``CELERY_CPU ...``)."""
     db = ctx.client[args.airflow_db]
     ctx.client.drop_database(args.airflow_db)
     MemoryStore(db, Settings()).ensure_indexes()
-    eng.seed_users(db, eng.throughput_users(users))
+    eng.seed_users(db, eng.throughput_users(users, events))
     ctx.fake.reset()
     ctx.fake.set_latency(latency)
     run_id = f"bench-{label}-{int(time.time())}"
-    others = _stand_in_pids(ctx, airflow)
+    others = {**stand_in_pids(ctx, airflow), **(workers or {})}
     before = cpu_snapshot(airflow, others)
     wall = time.monotonic()
-    trigger_cpu = _trigger(airflow, run_id)
+    trigger_cpu = trigger_run(airflow, run_id, {"users_per_task": 1, **(conf or {})})
     state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120), progress=log)
     wall = time.monotonic() - wall
     after = cpu_snapshot(airflow, others)
     timing = airflow.run_timing(run_id)
     doc = db["memory_compression_runs"].find_one({"run_id": run_id}) or {}
     engine_seconds = [float(u.get("seconds") or 0) for u in doc.get("users", [])]
-    out = _analyse_run(timing, engine_seconds, users)
+    out = analyse_run(timing, engine_seconds, users)
     out.update(
         {
+            "run_id": run_id,
             "latency": latency,
             "state": state,
             "wait_seconds": round(wall, 2),
             "llm_requests": ctx.fake.request_count,
             "users_compressed": doc.get("users_compressed"),
-            "cpu_seconds": _without_trigger(cpu_delta(before, after), trigger_cpu),
+            "cpu_seconds": without_trigger(cpu_delta(before, after), trigger_cpu),
         }
     )
-    out.update(_cpu_figures(out["cpu_seconds"], users))
+    out.update(cpu_figures(out["cpu_seconds"], users))
     log(
         f"airflow, LLM latency {latency}s: {state}, {users} users in {out['run_seconds']:.1f}s "
         f"({out['users_per_second']:.2f} users/s), task median {out['task_duration_median']:.2f}s, "
@@ -325,14 +340,14 @@ def _noop_run(
 ) -> dict[str, Any]:
     """Run the no-op mapped DAG (each task sleeps ``latency``): Airflow's own floor per mapped task."""
     run_id = f"bench-noop-{int(time.time())}"
-    others = _stand_in_pids(ctx, airflow)
+    others = stand_in_pids(ctx, airflow)
     before = cpu_snapshot(airflow, others)
-    trigger_cpu = _trigger(airflow, run_id, {"users": users, "sleep": latency}, dag_id=NOOP_DAG_ID)
+    trigger_cpu = trigger_run(airflow, run_id, {"users": users, "sleep": latency}, dag_id=NOOP_DAG_ID)
     state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120), dag_id=NOOP_DAG_ID, progress=log)
     after = cpu_snapshot(airflow, others)
-    out = _analyse_run(airflow.run_timing(run_id, dag_id=NOOP_DAG_ID), [], users)
-    cpu = _without_trigger(cpu_delta(before, after), trigger_cpu)
-    out.update({"latency": latency, "state": state, "cpu_seconds": cpu, **_cpu_figures(cpu, users)})
+    out = analyse_run(airflow.run_timing(run_id, dag_id=NOOP_DAG_ID), [], users)
+    cpu = without_trigger(cpu_delta(before, after), trigger_cpu)
+    out.update({"latency": latency, "state": state, "cpu_seconds": cpu, **cpu_figures(cpu, users)})
     log(
         f"airflow, no-op mapped task sleeping {latency}s: {state}, {users} users in {out['run_seconds']:.1f}s "
         f"({out['users_per_second']:.2f} users/s)"
@@ -386,12 +401,12 @@ def phase_airflow(
         log(f"airflow up in {time.monotonic() - started:.1f}s (migrate {airflow.prepare_seconds:.1f}s)")
         out["startup_seconds"] = round(time.monotonic() - started, 1)
         run_phase(
-            out, "llm_latency", lambda: _airflow_run(ctx, airflow, args, "latency", args.latency, args.users), save=save
+            out, "llm_latency", lambda: airflow_run(ctx, airflow, args, "latency", args.latency, args.users), save=save
         )
         run_phase(out, "noop_llm_latency", lambda: _noop_run(ctx, airflow, args, args.latency, args.users), save=save)
-        run_phase(out, "instant_llm", lambda: _airflow_run(ctx, airflow, args, "instant", 0.0, args.users), save=save)
+        run_phase(out, "instant_llm", lambda: airflow_run(ctx, airflow, args, "instant", 0.0, args.users), save=save)
         # One mapped task alone on the machine: the per-task overhead without 8 tasks sharing 2 cores.
-        run_phase(out, "single_user", lambda: _airflow_run(ctx, airflow, args, "single", 0.0, 1), save=save)
+        run_phase(out, "single_user", lambda: airflow_run(ctx, airflow, args, "single", 0.0, 1), save=save)
         # Slower LLMs: the fraction of pool_slots / latency as the LLM's share of a task grows.
         sweep: dict[str, Any] = {}
         for latency in args.sweep_latencies:
@@ -399,7 +414,7 @@ def phase_airflow(
                 run_phase(
                     sweep,
                     f"{latency:g}",
-                    functools.partial(_airflow_run, ctx, airflow, args, f"sweep{latency:g}", latency, args.users),
+                    functools.partial(airflow_run, ctx, airflow, args, f"sweep{latency:g}", latency, args.users),
                     save=save,
                 )
         out["latency_sweep"] = [run for run in sweep.values() if not timed_out(run)]
@@ -410,7 +425,7 @@ def phase_airflow(
             run_phase(
                 out["baseline"],
                 "llm_latency",
-                lambda: _airflow_run(ctx, airflow, args, "baseline", args.latency, args.users),
+                lambda: airflow_run(ctx, airflow, args, "baseline", args.latency, args.users),
                 save=save,
             )
     if not args.skip_sqlite:
@@ -420,7 +435,7 @@ def phase_airflow(
             run_phase(
                 out["sqlite"],
                 "llm_latency",
-                lambda: _airflow_run(ctx, airflow, args, "sqlite", args.latency, args.users),
+                lambda: airflow_run(ctx, airflow, args, "sqlite", args.latency, args.users),
                 save=save,
             )
     ctx.client.drop_database(args.airflow_db)

@@ -60,6 +60,8 @@ STAND_INS = {
 and the bench's own ``airflow dags trigger`` calls."""
 TREE_STAND_INS = {STAND_INS["postgres"]}
 """Stand-ins counted with their child processes (the others' children are measured apart or not at all)."""
+CELERY_CPU = "Celery worker (pool processes, supervisors, tasks)"
+"""The prefix of a Celery worker's component: counted with its process tree, paid by a deployment."""
 
 
 def _airflow_bin() -> str:
@@ -325,6 +327,39 @@ class AirflowServices:
         assert start is not None and end is not None, f"run {run_id} has no start/end date"
         return RunTiming(run_id=run_id, state=run[0], start=start, end=end, tasks=tasks)
 
+    def run_footprint(self, run_id: str, dag_id: str = DAG_ID) -> dict[str, Any]:
+        """Return what one run left in the metadata DB: rows and bytes (PostgreSQL's ``pg_column_size``
+        of each row; rows only on SQLite) of every table with ``dag_id`` and ``run_id`` columns, and
+        the bytes of its task log files."""
+        if self.postgres is not None:
+            names = self._query(
+                "SELECT table_name FROM information_schema.columns WHERE table_schema = 'public' "
+                "AND column_name IN ('dag_id', 'run_id') GROUP BY table_name HAVING COUNT(*) = 2 ORDER BY 1"
+            )
+            size = "coalesce(sum(pg_column_size(t.*)), 0)"
+        else:
+            names = self._query(
+                "SELECT m.name FROM sqlite_master m, pragma_table_info(m.name) c WHERE m.type = 'table' "
+                "AND c.name IN ('dag_id', 'run_id') GROUP BY m.name HAVING COUNT(*) = 2 ORDER BY 1"
+            )
+            size = "0"
+        tables: dict[str, dict[str, int]] = {}
+        for (table,) in names:
+            rows, nbytes = self._query(
+                f"SELECT count(*), {size} FROM {table} t WHERE dag_id = ? AND run_id = ?",  # noqa: S608 - catalogue names
+                (dag_id, run_id),
+            )[0]
+            if rows:
+                tables[table] = {"rows": int(rows), "bytes": int(nbytes)}
+        logs = [f for d in self.home.rglob(f"run_id={run_id}") for f in d.rglob("*") if f.is_file()]
+        return {
+            "tables": tables,
+            "rows": sum(t["rows"] for t in tables.values()),
+            "bytes": sum(t["bytes"] for t in tables.values()),
+            "log_files": len(logs),
+            "log_bytes": sum(f.stat().st_size for f in logs),
+        }
+
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query (``?`` placeholders) on the metadata DB; [] before its tables exist."""
         if self.postgres is not None:
@@ -409,7 +444,7 @@ def cpu_snapshot(services: AirflowServices, others: Mapping[str, int | None]) ->
             with contextlib.suppress(psutil.Error):
                 root = psutil.Process(pid)
                 snap[name] = proc_cpu(root)
-                if name in TREE_STAND_INS:
+                if name in TREE_STAND_INS or name.startswith(CELERY_CPU):
                     # postgres serves each connection from a child process: live ones are counted here,
                     # ended ones are in the root's children_* fields.
                     snap[name] += sum(proc_cpu(p, children=False) for p in root.children(recursive=True))

@@ -54,7 +54,7 @@ def _one(ctx: Stack, args: argparse.Namespace, broker: RedisService, configured:
         celery_pool(worker, 2 * args.pool_slots, log_path)
         root = psutil.Process(worker.pid)
         before = _tree_cpu(root)
-        run = bench._airflow_run(ctx, services, args, label, args.latency, args.users)
+        run = bench.airflow_run(ctx, services, args, label, args.latency, args.users)
         worker_cpu = _tree_cpu(root) - before
     return {
         "state": run["state"],

@@ -180,12 +180,14 @@ def airflow_processes(env: Mapping[str, str], log_dir: Path) -> list[AirflowProc
 
 
 @contextlib.contextmanager
-def celery_worker(env: Mapping[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``airflow celery worker`` (own process group, no log server) for the ``with`` block; its
-    output goes to ``log_path``. On exit, SIGTERM to the group, SIGKILL after ``STOP_TIMEOUT``."""
+def celery_worker(
+    env: Mapping[str, str], log_path: Path, args: Iterable[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``airflow celery worker [args]`` (own process group, no log server) for the ``with`` block;
+    its output goes to ``log_path``. On exit, SIGTERM to the group, SIGKILL after ``STOP_TIMEOUT``."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "airflow"), "celery", "worker", "--skip-serve-logs"],
+            [str(Path(sys.executable).parent / "airflow"), "celery", "worker", "--skip-serve-logs", *args],
             env=dict(env),
             stdout=log,
             stderr=subprocess.STDOUT,
