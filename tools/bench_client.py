@@ -20,10 +20,9 @@ import json
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from butler_memory.offline import OfflineSummarizer  # noqa: E402
 from butler_memory.settings import Settings  # noqa: E402
 from butler_memory.store import MemoryStore  # noqa: E402
 from tools.bench_engine import START, CommandCounter, insert_events, seed_users  # noqa: E402
+from tools.bench_harness import OUT_DIR, log, machine, shown, stand_ins, write_results  # noqa: E402
 from tools.seed import user_events  # noqa: E402
 from tools.services import MongoService, RedisService  # noqa: E402
 
@@ -182,22 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reads", type=int, default=200, help="memory() calls timed per user and client")
     parser.add_argument("--history", type=int, default=3000, help="events folded before, for the folded users")
     parser.add_argument("--rings", type=int, default=500)
+    parser.add_argument("--work-dir", type=Path, default=OUT_DIR / "client", help="the services' data")
+    parser.add_argument("--out", type=Path, default=OUT_DIR / "client.json")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-client-") as tmp:
-        with MongoService(Path(tmp) / "mongo") as mongo, RedisService(Path(tmp) / "redis") as redis_service:
-            client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo.uri)
-            db = client["bench_client"]
-            lock_redis = redis_service.client()
-            MemoryStore(db, SETTINGS).ensure_indexes()  # the job creates them on every run
-            started = time.monotonic()
-            users = seed(db, lock_redis, 20, args.history) | seed(db, lock_redis, 2000, args.history)
-            seeded = round(time.monotonic() - started, 1)
-            rows = bench_memory(mongo, db.name, users, args.reads)
-            ring = bench_ring(redis_service, db, args.rings)
-            lock_redis.close()
-            client.close()
-    print(json.dumps({"seed_seconds": seeded, "memory": rows, "ring": ring}, indent=2))
+    with stand_ins(args.work_dir) as ctx:
+        db = ctx.client["bench_client"]
+        lock_redis = ctx.redis.client()
+        MemoryStore(db, SETTINGS).ensure_indexes()  # the job creates them on every run
+        started = time.monotonic()
+        users = seed(db, lock_redis, 20, args.history) | seed(db, lock_redis, 2000, args.history)
+        seeded = round(time.monotonic() - started, 1)
+        rows = bench_memory(ctx.mongo, db.name, users, args.reads)
+        ring = bench_ring(ctx.redis, db, args.rings)
+        lock_redis.close()
+    figures = {"seed_seconds": seeded, "memory": rows, "ring": ring}
+    write_results({"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), **figures}, args.out)
+    print(json.dumps(figures, indent=2))
     print(table(rows))
+    log(f"results in {shown(args.out)}")
     return 0
 
 

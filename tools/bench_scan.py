@@ -1,6 +1,7 @@
 """Daily scan cost: the full $group over every event against the incremental scan (issue 20.3).
 
-Standalone: ``python tools/bench_scan.py [--sizes 100000 1000000] [--active 0.01]``. On the embedded
+Standalone: ``python tools/bench_scan.py [--sizes 100000 1000000] [--active 0.01]``, on the bench harness
+(tools/bench_harness.py: its stand-ins, phases and results writer; figures in ``.local/bench/scan.json``). On the embedded
 MongoDB wire server (SecantusDB's secantusd-py, not MongoDB), a collection of N events (users of 20
 to 50 events, all at or under the threshold of 50: yesterday's run compressed everyone) gets a first
 daily scan (the full one, which sets the watermark); then ``--active`` of the users write 35 events
@@ -13,10 +14,10 @@ documents the aggregates cover (a ``$group`` without ``$match`` covers the colle
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -34,7 +35,8 @@ from butler_memory.doorbell import DoorbellRecord  # noqa: E402
 from butler_memory.settings import Settings  # noqa: E402
 from butler_memory.store import MemoryStore  # noqa: E402
 from tools.bench_engine import insert_events  # noqa: E402
-from tools.services import MongoService, RedisService  # noqa: E402
+from tools.bench_harness import OUT_DIR, log, machine, run_phase, shown, stand_ins, write_results  # noqa: E402
+from tools.services import MongoService  # noqa: E402
 
 Doc = dict[str, Any]
 DAY0 = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
@@ -196,16 +198,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--active", type=float, default=0.01, help="share of the users who write since the last scan")
+    parser.add_argument("--work-dir", type=Path, default=OUT_DIR / "scan", help="the services' data")
+    parser.add_argument("--out", type=Path, default=OUT_DIR / "scan.json")
     args = parser.parse_args(argv)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-scan-") as tmp:
-        with MongoService(Path(tmp) / "mongo") as mongo, RedisService(Path(tmp) / "redis") as redis_service:
-            redis_client = redis_service.client()
-            for n in args.sizes:
-                rows.append(bench_size(mongo, redis_client, n, args.active))
-                print(json.dumps(rows[-1]), flush=True)
-            redis_client.close()
-    print(table(rows))
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {"sizes": args.sizes, "active": args.active},
+        "sizes": {},
+    }
+    with stand_ins(args.work_dir) as ctx:
+        redis_client = ctx.redis.client()
+        for n in args.sizes:
+            run_phase(
+                results["sizes"],
+                str(n),
+                functools.partial(bench_size, ctx.mongo, redis_client, n, args.active),
+                save=lambda: write_results(results, args.out),
+            )
+            print(json.dumps(results["sizes"][str(n)]), flush=True)
+        redis_client.close()
+    print(table([row for row in results["sizes"].values() if "full" in row]))
+    log(f"results in {shown(args.out)}")
     return 0
 
 
