@@ -27,11 +27,24 @@ Reported ``usage.prompt_tokens`` is the real ``o200k_base`` count of the message
 ``set_context_window(n)`` makes the server behave like Ollama with a context of ``n`` tokens: a
 longer prompt loses its head without an error (the responder sees only the tail) and the reply
 reports the ``n`` tokens read.
+
+The Batch API: ``/v1/files`` (multipart upload, list, retrieve, ``/content``, delete) and
+``/v1/batches`` (create, retrieve, list, cancel). A batch is ``in_progress`` for
+``set_batch(delay=...)`` seconds after its creation, then ends in ``set_batch(final=...)``
+("completed", "failed", "expired" or "cancelled"); a completed batch answers each input line as a
+chat request is answered (responder, rules, queue), into an output file and, for the lines that
+failed, an error file. ``batch_line_fault(marker, kind)`` spoils the lines whose body holds
+``marker``: "error" (an error line), "missing" (no output line at all), "length" (finish_reason
+length), "truncated" (``usage.prompt_tokens`` of 1: a truncated prompt). ``set_batch(garbage=True)``
+writes an output file that does not parse; ``set_batch(enabled=False)`` is a server without the
+Batch API (404 on ``/v1/files`` and ``/v1/batches``). The same through ``/_control {"batch": {...}}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import email.parser
+import email.policy
 import json
 import logging
 import re
@@ -43,7 +56,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
@@ -55,6 +68,12 @@ Responder = Callable[[dict[str, Any]], str]
 
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
+FILES_PATH = "/v1/files"
+BATCHES_PATH = "/v1/batches"
+BATCH_FINALS = ("completed", "failed", "expired", "cancelled")
+LINE_FAULTS = ("error", "missing", "length", "truncated")
+COMPLETION_WINDOWS = ("24h",)
+"""The completion windows the server accepts (OpenAI's: 24h only)."""
 # OpenAI's error "type" per status, so the client maps each one to the right exception class.
 ERROR_TYPES = {
     400: ("invalid_request_error", None),
@@ -385,20 +404,40 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server.fake
         path = self.path.split("?", 1)[0]
         if path == "/_stats":
-            self._send_json(200, {"requests": fake.request_count})
+            self._send_json(200, {"requests": fake.request_count, "batch": fake.batch_stats()})
             return
         fake._record(path, self._headers(), None)
-        if path == MODELS_PATH:
+        if path.startswith((FILES_PATH, BATCHES_PATH)):
+            self._send_batch_api(*fake._batch_api("GET", path, _query(self.path), None, ""))
+        elif path == MODELS_PATH:
             model = {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake-openai"}
             self._send_json(200, {"object": "list", "data": [model]})
         else:
             self._send_json(404, error_body(404, f"Unknown path {path}"))
 
+    def do_DELETE(self) -> None:
+        """Serve DELETE /v1/files/{id}."""
+        fake = self.server.fake
+        path = self.path.split("?", 1)[0]
+        fake._record(path, self._headers(), None)
+        self._send_batch_api(*fake._batch_api("DELETE", path, {}, None, ""))
+
+    def _send_batch_api(self, code: int, document: object) -> None:
+        if isinstance(document, bytes):
+            self._send_bytes(code, document, "application/octet-stream")
+        else:
+            self._send_json(code, document)
+
     def do_POST(self) -> None:
-        """Serve /v1/chat/completions and /_control."""
+        """Serve /v1/chat/completions, the Batch API and /_control."""
         fake = self.server.fake
         path = self.path.split("?", 1)[0]
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path.startswith((FILES_PATH, BATCHES_PATH)):
+            fake._record(path, self._headers(), None)  # never the uploaded content
+            ctype = self.headers.get("Content-Type") or ""
+            self._send_batch_api(*fake._batch_api("POST", path, _query(self.path), raw, ctype))
+            return
         try:
             payload = json.loads(raw or b"null")
         except ValueError:
@@ -485,6 +524,10 @@ class FakeOpenAI:
         self._default_status: int | None = None
         self._context_window: int | None = None
         self._finish_reason = "stop"
+        self._batch = _BatchConfig()
+        self._files: dict[str, dict[str, Any]] = {}
+        self._file_data: dict[str, bytes] = {}
+        self._batches: dict[str, dict[str, Any]] = {}
         self._server = _Server((host, port), self)
         self.host: str = str(self._server.server_address[0])
         self.port: int = int(self._server.server_address[1])
@@ -618,6 +661,61 @@ class FakeOpenAI:
             self._default_status = None
             self._context_window = None
             self._finish_reason = "stop"
+            self._batch = _BatchConfig()
+            self._files.clear()
+            self._file_data.clear()
+            self._batches.clear()
+
+    def set_batch(
+        self,
+        *,
+        delay: float | None = None,
+        final: str | None = None,
+        enabled: bool | None = None,
+        garbage: bool | None = None,
+    ) -> None:
+        """Configure the Batch API: seconds a batch stays in progress, its final state, whether the
+        server has the Batch API at all, and whether its output file is garbage."""
+        if final is not None and final not in BATCH_FINALS:
+            raise ValueError(f"final must be one of {', '.join(BATCH_FINALS)}, got {final!r}")
+        with self._lock:
+            if delay is not None:
+                self._batch.delay = float(delay)
+            if final is not None:
+                self._batch.final = final
+            if enabled is not None:
+                self._batch.enabled = bool(enabled)
+            if garbage is not None:
+                self._batch.garbage = bool(garbage)
+
+    def batch_line_fault(self, marker: str, kind: str) -> None:
+        """Spoil every batch line whose request body contains ``marker`` (one of ``LINE_FAULTS``)."""
+        if kind not in LINE_FAULTS:
+            raise ValueError(f"kind must be one of {', '.join(LINE_FAULTS)}, got {kind!r}")
+        with self._lock:
+            self._batch.faults.append((marker, kind))
+
+    @property
+    def batches(self) -> list[dict[str, Any]]:
+        """Return a copy of every batch object created so far, oldest first."""
+        with self._lock:
+            return [dict(b) for b in self._batches.values()]
+
+    @property
+    def files(self) -> list[dict[str, Any]]:
+        """Return a copy of every file object not deleted, oldest first."""
+        with self._lock:
+            return [dict(f) for f in self._files.values()]
+
+    def file_content(self, file_id: str) -> bytes:
+        """Return a stored file's bytes."""
+        with self._lock:
+            return self._file_data[file_id]
+
+    def batch_stats(self) -> dict[str, int]:
+        """Return how many batches were created and how many files are stored."""
+        with self._lock:
+            return {"batches": len(self._batches), "files": len(self._files)}
 
     def apply_control(self, command: object) -> None:
         """Apply a /_control document such as {"latency": 0.5} or {"default_status": null}."""
@@ -632,6 +730,8 @@ class FakeOpenAI:
             "responder",
             "context_window",
             "finish_reason",
+            "batch",
+            "batch_line_fault",
         }
         if unknown:
             raise ValueError(f"unknown control keys {sorted(unknown)}")
@@ -655,6 +755,11 @@ class FakeOpenAI:
         if "fail_when_contains" in command:
             rule = command["fail_when_contains"]
             self.fail_when_contains(str(rule["marker"]), int(rule["status"]))
+        if "batch" in command:
+            self.set_batch(**dict(command["batch"]))
+        if "batch_line_fault" in command:
+            fault = command["batch_line_fault"]
+            self.batch_line_fault(str(fault["marker"]), str(fault["kind"]))
 
     # Inspection ------------------------------------------------------------------------------
 
@@ -735,6 +840,232 @@ class FakeOpenAI:
             },
             "system_fingerprint": "fake-openai",
         }
+
+    # The Batch API --------------------------------------------------------------------------
+
+    def _batch_api(
+        self, method: str, path: str, query: dict[str, str], raw: bytes | None, ctype: str
+    ) -> tuple[int, object]:
+        """Answer one Batch API request: (status, JSON document or file bytes)."""
+        with self._lock:
+            enabled = self._batch.enabled
+        if not enabled:
+            return 404, error_body(404, f"Unknown path {path}")
+        parts = path.rstrip("/").split("/")[2:]  # ["files", id?, "content"?] or ["batches", id?, "cancel"?]
+        try:
+            if parts[0] == "files":
+                return self._files_api(method, parts[1:], query, raw or b"", ctype)
+            return self._batches_api(method, parts[1:], query, raw or b"")
+        except KeyError:
+            return 404, error_body(404, f"No such object: {path}")
+
+    def _files_api(
+        self, method: str, rest: list[str], query: dict[str, str], raw: bytes, ctype: str
+    ) -> tuple[int, object]:
+        if method == "POST" and not rest:
+            fields = _multipart(raw, ctype)
+            if fields.get("purpose", (None, b""))[1] != b"batch" or "file" not in fields:
+                return 400, error_body(400, "purpose 'batch' and a file are required")
+            filename, data = fields["file"]
+            return 200, self._store_file(filename or "upload.jsonl", data, "batch")
+        with self._lock:
+            if method == "GET" and not rest:
+                listed = [f for f in self._files.values() if f["purpose"] == query.get("purpose", f["purpose"])]
+                return 200, _page(list(reversed(listed)), query)
+            file = self._files[rest[0]]
+            if method == "DELETE":
+                del self._files[rest[0]]
+                del self._file_data[rest[0]]
+                return 200, {"id": file["id"], "object": "file", "deleted": True}
+            if rest[1:] == ["content"]:
+                return 200, self._file_data[rest[0]]
+            return 200, dict(file)
+
+    def _store_file(self, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        file: dict[str, Any] = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
+        with self._lock:
+            self._files[file_id] = file
+            self._file_data[file_id] = data
+        return dict(file)
+
+    def _batches_api(self, method: str, rest: list[str], query: dict[str, str], raw: bytes) -> tuple[int, object]:
+        if method == "POST" and not rest:
+            request = json.loads(raw or b"{}")
+            if request.get("completion_window") not in COMPLETION_WINDOWS:
+                return 400, error_body(400, f"completion_window must be one of {', '.join(COMPLETION_WINDOWS)}")
+            if request.get("endpoint") != CHAT_PATH:
+                return 400, error_body(400, f"endpoint must be {CHAT_PATH}")
+            with self._lock:
+                if request.get("input_file_id") not in self._files:
+                    return 400, error_body(400, "input_file_id is not a file")
+                now = time.time()
+                batch: dict[str, Any] = {
+                    "id": f"batch_{uuid.uuid4().hex[:24]}",
+                    "object": "batch",
+                    "endpoint": CHAT_PATH,
+                    "errors": None,
+                    "input_file_id": request["input_file_id"],
+                    "completion_window": request["completion_window"],
+                    "status": "in_progress",
+                    "output_file_id": None,
+                    "error_file_id": None,
+                    "created_at": int(now),
+                    "in_progress_at": int(now),
+                    "expires_at": int(now) + 86400,
+                    "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                    "metadata": request.get("metadata"),
+                    "_ends": now + self._batch.delay,
+                    "_final": self._batch.final,
+                }
+                self._batches[batch["id"]] = batch
+            return 200, _public(batch)
+        if method == "GET" and not rest:
+            with self._lock:
+                ids = list(reversed(self._batches))
+            return 200, _page([self._advance(i) for i in ids], query)
+        if method == "POST" and rest[1:] == ["cancel"]:
+            with self._lock:
+                batch = self._batches[rest[0]]
+                if batch["status"] in ("validating", "in_progress"):
+                    batch["_final"], batch["_ends"] = "cancelled", time.time()
+                    batch["status"] = "cancelling"
+            return 200, self._advance(rest[0])
+        return 200, self._advance(rest[0])
+
+    def _advance(self, batch_id: str) -> dict[str, Any]:
+        """Return a batch as it is now: ended once its delay has passed (its output written then)."""
+        with self._lock:
+            batch = self._batches[batch_id]
+            due = batch["status"] in ("in_progress", "cancelling") and time.time() >= batch["_ends"]
+            garbage, faults = self._batch.garbage, list(self._batch.faults)
+            lines = self._file_data.get(batch["input_file_id"], b"").decode("utf-8").splitlines() if due else []
+        if due:
+            self._end(batch, batch["_final"], [json.loads(line) for line in lines if line.strip()], garbage, faults)
+        with self._lock:
+            return _public(batch)
+
+    def _end(
+        self,
+        batch: dict[str, Any],
+        final: str,
+        lines: list[dict[str, Any]],
+        garbage: bool,
+        faults: list[tuple[str, str]],
+    ) -> None:
+        now = int(time.time())
+        counts = {"total": len(lines), "completed": 0, "failed": 0}
+        if final == "failed":
+            errors = [{"code": "invalid_request", "message": "The batch failed validation.", "param": None, "line": 1}]
+            update: dict[str, Any] = {
+                "status": "failed",
+                "failed_at": now,
+                "errors": {"object": "list", "data": errors},
+            }
+        elif final in ("expired", "cancelled"):
+            counts["failed"] = len(lines)
+            update = {"status": final, f"{final}_at": now}
+        else:
+            out: list[dict[str, Any]] = []
+            err: list[dict[str, Any]] = []
+            for line in lines:
+                kind = next((k for marker, k in faults if marker in json.dumps(line["body"], ensure_ascii=False)), None)
+                if kind == "missing":
+                    continue
+                answered = self._answer_line(line, kind)
+                (out if answered["response"]["status_code"] == 200 else err).append(answered)
+            counts["completed"], counts["failed"] = len(out), len(err)
+            update = {"status": "completed", "finalizing_at": now, "completed_at": now}
+            data = b"this is not JSON lines\n{" if garbage else _jsonl(out)
+            if out or garbage:
+                update["output_file_id"] = self._store_file(f"{batch['id']}_output.jsonl", data, "batch_output")["id"]
+            if err:
+                update["error_file_id"] = self._store_file(f"{batch['id']}_error.jsonl", _jsonl(err), "batch_output")[
+                    "id"
+                ]
+        with self._lock:
+            batch.update(update, request_counts=counts)
+
+    def _answer_line(self, line: dict[str, Any], fault: str | None) -> dict[str, Any]:
+        """Answer one batch input line as its chat request would be answered, spoilt by ``fault``."""
+        body = dict(line["body"])
+        answered: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex[:16]}", "custom_id": line["custom_id"]}
+        behaviour, _ = self._next_behaviour(body, json.dumps(body, ensure_ascii=False))
+        if fault == "error" or not isinstance(behaviour, _Reply):
+            status = behaviour.code if isinstance(behaviour, _Status) else 500
+            if fault == "error":
+                status = 400
+            response = {"status_code": status, "request_id": f"req_{uuid.uuid4().hex[:16]}", "body": error_body(status)}
+            return {**answered, "response": response, "error": None}
+        if fault == "length":
+            behaviour = _Reply(behaviour.text, finish_reason="length")
+        elif fault == "truncated":
+            behaviour = _Reply(behaviour.text, prompt_tokens=1, finish_reason=behaviour.finish_reason)
+        response = {
+            "status_code": 200,
+            "request_id": f"req_{uuid.uuid4().hex[:16]}",
+            "body": self._completion(body, behaviour),
+        }
+        return {**answered, "response": response, "error": None}
+
+
+@dataclass
+class _BatchConfig:
+    delay: float = 0.0
+    final: str = "completed"
+    enabled: bool = True
+    garbage: bool = False
+    faults: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _query(path: str) -> dict[str, str]:
+    from urllib.parse import parse_qsl, urlsplit
+
+    return dict(parse_qsl(urlsplit(path).query))
+
+
+def _multipart(raw: bytes, ctype: str) -> dict[str, tuple[str | None, bytes]]:
+    """Return the fields of a multipart/form-data body: {name: (filename, bytes)}."""
+    head = f"Content-Type: {ctype}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if name:
+            fields[str(name)] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+    return fields
+
+
+def _page(data: list[dict[str, Any]], query: dict[str, str]) -> dict[str, Any]:
+    """Return one cursor page of ``data`` (newest first) after ``query["after"]``, ``limit`` long."""
+    ids = [d["id"] for d in data]
+    start = ids.index(query["after"]) + 1 if query.get("after") in ids else 0
+    limit = int(query.get("limit") or 20)
+    page = data[start : start + limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": start + limit < len(data),
+    }
+
+
+def _public(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

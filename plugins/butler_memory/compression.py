@@ -67,7 +67,21 @@ SKIPPED_LOCKED = "skipped_locked"
 SKIPPED_BELOW_THRESHOLD = "skipped_below_threshold"
 SKIPPED_BUDGET = "skipped_budget"
 """The day's LLM token budget was spent before this user was started (butler_memory.budget)."""
+SKIPPED_STALE = "skipped_stale"
+"""Batch mode: the user's summary or frozen events changed between prepare and commit; the batch's
+reply was dropped, nothing was deleted, the next run folds the user again (butler_memory.batch)."""
 FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class FrozenFold:
+    """A fold frozen at a batch run's prepare: the events (``_id`` and digest) and the version it
+    builds on, and the hash of the prompt sent. Committed only if all are unchanged (optimistic)."""
+
+    version: int
+    ids: list[Any]
+    digests: list[str]
+    prompt_hash: str
 
 
 def utcnow() -> datetime:
@@ -125,8 +139,13 @@ def compress_user(
     clock: Callable[[], datetime] = utcnow,
     budget: TokenBudget | None = None,
     holder: str | None = None,
+    frozen: FrozenFold | None = None,
 ) -> UserResult:
     """Fold all but the newest ``keep_last_n`` events of one user into their summary.
+
+    With ``frozen`` (a batch run's commit), fold exactly the frozen events instead, and only when
+    the summary version and every one of those events are as they were frozen; else the result is
+    ``skipped_stale`` and nothing is written.
 
     ``holder`` names who takes the lock (the DAG: dag, run, task and map index): a lock left by an
     earlier, killed attempt of the same holder is waited out instead of read as someone else's.
@@ -156,7 +175,7 @@ def compress_user(
         checkpoint("locked")
         with sanitized_errors(user_id, "compression"):
             result = _compress_locked(
-                user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock, spent
+                user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock, spent, frozen
             )
     except CompressionError as exc:  # the failed user's result reports every token its attempt spent
         exc.prompt_tokens, exc.completion_tokens = spent.prompt_tokens, spent.completion_tokens
@@ -180,6 +199,7 @@ def _compress_locked(
     checkpoint: Checkpoint,
     clock: Callable[[], datetime],
     spent: Spent,
+    frozen: FrozenFold | None = None,
 ) -> UserResult:
     profile = store.load_profile(user_id, create=not dry_run)
     if profile.erasing:
@@ -204,16 +224,16 @@ def _compress_locked(
 
     result.events_before = store.count_events(user_id)
     misdated: list[Any] = []
-    keys = _fold_list(user_id, profile, store, settings, result.events_before, dry_run, misdated)
+    keys = (  # a batch run's commit folds exactly the frozen events, or nothing
+        _fold_list(user_id, profile, store, settings, result.events_before, dry_run, misdated)
+        if frozen is None
+        else _frozen_keys(profile, store, frozen, run_id, metrics, result)
+    )
     if not dry_run:
         for event_id in misdated:
             quarantine(event_id, InvalidEventError(user_id, event_id, "created_at", "is missing or not a date"))
     if keys is None:
-        log.info("user %s: %d events, not over threshold %d", user_id, result.events_before, settings.threshold)
-        metrics.incr(m.USERS_SKIPPED_BELOW_THRESHOLD_TOTAL)
-        result.status = SKIPPED_BELOW_THRESHOLD
-        result.events_after = result.events_before
-        return result
+        return _not_folded(result, store, settings, metrics, frozen is not None)
     _note_cap(result, keys, settings, len(misdated))
     checkpoint("selected")
     if dry_run:
@@ -331,6 +351,56 @@ def _compress_locked(
         result.summary_chars,
     )
     return result
+
+
+def _not_folded(
+    result: UserResult, store: MemoryStore, settings: Settings, metrics: Metrics, frozen: bool
+) -> UserResult:
+    """Finish the result of a user with nothing to fold: under the threshold, or (``frozen``) a
+    batch commit found stale or already done (``_frozen_keys`` set its status)."""
+    if frozen:
+        result.events_after = store.count_events(result.user_id)
+        return result
+    log.info("user %s: %d events, not over threshold %d", result.user_id, result.events_before, settings.threshold)
+    metrics.incr(m.USERS_SKIPPED_BELOW_THRESHOLD_TOTAL)
+    result.status = SKIPPED_BELOW_THRESHOLD
+    result.events_after = result.events_before
+    return result
+
+
+def _frozen_keys(
+    profile: Profile, store: MemoryStore, frozen: FrozenFold, run_id: str, metrics: Metrics, result: UserResult
+) -> list[EventKey] | None:
+    """Return the keys of a frozen fold's events, in its order, when the profile is still at its
+    version and every event is still there unchanged; else None, with ``result``'s status set.
+
+    A profile one version on, by this run, was committed by an earlier attempt of this commit (the
+    re-run after a kill finished its archive and delete above): compressed, not stale.
+    """
+    user_id = profile.user_id
+    if profile.version != frozen.version or profile.fold_target is not None:
+        mine = store.history.version(user_id, frozen.version + 1)
+        if profile.version == frozen.version + 1 and mine is not None and mine.run_id == run_id:
+            log.info("user %s: the batch reply was committed by an earlier attempt of this run", user_id)
+            result.status, result.summary_version, result.chunks = COMPRESSED, profile.version, 1
+            result.events_folded = len(frozen.ids)
+            return None
+        reason = f"summary v{frozen.version} -> v{profile.version}"
+    else:
+        by_id = {id_key(ev["_id"]): ev for ev in store.find_by_ids(user_id, frozen.ids)}
+        keys: list[EventKey] = []
+        for event_id, digest in zip(frozen.ids, frozen.digests, strict=True):
+            ev = by_id.get(id_key(event_id))
+            if ev is None or event_digest(ev) != digest or not isinstance(ev.get("created_at"), datetime):
+                break
+            keys.append(EventKey(ev["created_at"], ev["_id"]))
+        else:
+            return keys
+        reason = f"{len(frozen.ids) - len(keys)} or more frozen event(s) changed or gone"
+    log.info("user %s: stale since the batch was prepared (%s); reply dropped, nothing deleted", user_id, reason)
+    metrics.incr(m.USERS_SKIPPED_STALE_TOTAL)
+    result.status = SKIPPED_STALE
+    return None
 
 
 def _note_cap(result: UserResult, keys: list[EventKey], settings: Settings, misdated: int) -> None:

@@ -137,3 +137,14 @@ class GuardRejected(CompressionError):
 
 class InvalidUserIdError(CompressionError, ValueError):
     """A user id that is not one (not a string, empty, too long, spaces or control characters); nothing was read."""
+
+
+class LLMBatchError(LLMPermanentError):
+    """A Batch API request gave no usable reply: the batch failed, expired or was cancelled, its line
+    failed or is missing, or the output file does not parse. Nothing was written; clearing the user's
+    task compresses the user online (docs/operations/runbook.md#a-batch-run-failed-users)."""
+
+
+class StaleFoldError(CompressionError):
+    """Batch mode: what was frozen at prepare no longer matches the user's summary or events; the
+    batch's reply is dropped and nothing is written (reported as ``skipped_stale``)."""

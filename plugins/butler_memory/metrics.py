@@ -52,6 +52,8 @@ USERS_SKIPPED_BELOW_THRESHOLD_TOTAL = f"{PREFIX}_users_skipped_below_threshold_t
 USERS_FOLD_CAPPED_TOTAL = f"{PREFIX}_users_fold_capped_total"
 """Counter: users whose compression folded max_fold_events and left the rest for the next run."""
 USERS_SKIPPED_BUDGET_TOTAL = f"{PREFIX}_users_skipped_budget_total"
+USERS_SKIPPED_STALE_TOTAL = f"{PREFIX}_users_skipped_stale_total"
+"""Batch mode: users whose summary or frozen events changed while the batch ran (reply dropped)."""
 """Counter: users not started because the day's LLM token budget was spent."""
 USERS_SKIPPED_BACKOFF_TOTAL = f"{PREFIX}_users_skipped_backoff_total"
 """Counter: users a catch-up scan left out, backed off after failing (emitted by the scan)."""
@@ -164,6 +166,7 @@ ALL_METRICS: Mapping[str, str] = {
     USERS_SKIPPED_BELOW_THRESHOLD_TOTAL: "counter",
     USERS_FOLD_CAPPED_TOTAL: "counter",
     USERS_SKIPPED_BUDGET_TOTAL: "counter",
+    USERS_SKIPPED_STALE_TOTAL: "counter",
     USERS_SKIPPED_BACKOFF_TOTAL: "counter",
     EVENTS_FOLDED_TOTAL: "counter",
     EVENTS_ARCHIVED_TOTAL: "counter",

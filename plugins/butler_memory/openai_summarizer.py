@@ -128,22 +128,14 @@ class OpenAISummarizer:
         import openai
 
         messages = build_messages(request)
-        reply_tokens = request.max_tokens * 2
-        if self.context_tokens is not None and self.tokens.exact:
-            sent = sum(self.tokens.count(m["content"]) for m in messages)
-            if sent + reply_tokens > self.context_tokens:
-                raise LLMPromptTooLongError(
-                    f"user {request.user_id!r}: prompt is {sent} tokens + {reply_tokens} for the reply, over the "
-                    f"model's context of {self.context_tokens}; not sent",
-                    user_id=request.user_id,
-                )
+        self.check_context(request.user_id, messages, request.max_tokens * 2)
         started = time.monotonic()
         try:
             response = self._client.chat.completions.create(
                 model=self.config.model,
                 messages=messages,  # type: ignore[arg-type]  # plain dicts are valid params
                 temperature=0,
-                max_tokens=reply_tokens,
+                max_tokens=request.max_tokens * 2,
                 extra_body=self.config.extra_body or None,
             )
         except (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError) as exc:
@@ -164,7 +156,40 @@ class OpenAISummarizer:
                 f"user {request.user_id!r}: LLM returned a malformed response ({type(exc).__name__})",
                 user_id=request.user_id,
             ) from None
-        seconds = time.monotonic() - started
+        return self.check_reply(request.user_id, messages, response, request.max_tokens * 2, time.monotonic() - started)
+
+    def chat_body(self, request: SummaryRequest) -> dict[str, Any]:
+        """Return the chat completions request body ``summarize`` sends for ``request`` (a Batch API
+        line's ``body``): the same model, prompt, temperature, reply limit and extra body."""
+        messages = build_messages(request)
+        self.check_context(request.user_id, messages, request.max_tokens * 2)
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": request.max_tokens * 2,
+        }
+        return {**body, **(self.config.extra_body or {})}
+
+    def check_context(self, user_id: str, messages: list[dict[str, str]], reply_tokens: int) -> None:
+        """Raise LLMPromptTooLongError when the prompt and the reply would not fit ``context_tokens``."""
+        if self.context_tokens is not None and self.tokens.exact:
+            sent = sum(self.tokens.count(m["content"]) for m in messages)
+            if sent + reply_tokens > self.context_tokens:
+                raise LLMPromptTooLongError(
+                    f"user {user_id!r}: prompt is {sent} tokens + {reply_tokens} for the reply, over the "
+                    f"model's context of {self.context_tokens}; not sent",
+                    user_id=user_id,
+                )
+
+    def check_reply(
+        self, user_id: str, messages: list[dict[str, str]], response: Any, reply_tokens: int, seconds: float = 0.0
+    ) -> Summary:
+        """Return the summary of a chat completion (online, or a Batch API output line's body), or raise.
+
+        A reply is accepted only when it is complete (not cut off at ``reply_tokens``) and the server
+        reports having read the whole prompt (``usage.prompt_tokens`` against our own count).
+        """
         # Read first: a reply refused below was paid for all the same, so its error carries the usage.
         usage = getattr(response, "usage", None)
         spent = {
@@ -174,25 +199,23 @@ class OpenAISummarizer:
         prompt_tokens, completion_tokens = spent["prompt_tokens"], spent["completion_tokens"]
         choices = getattr(response, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
-            raise LLMTransientError(
-                f"user {request.user_id!r}: LLM response has no choices", user_id=request.user_id, **spent
-            )
+            raise LLMTransientError(f"user {user_id!r}: LLM response has no choices", user_id=user_id, **spent)
         choice = choices[0]
         if getattr(choice, "finish_reason", None) == "content_filter":
             raise LLMPermanentError(
-                f"user {request.user_id!r}: LLM rejected the content (content_filter)", user_id=request.user_id, **spent
+                f"user {user_id!r}: LLM rejected the content (content_filter)", user_id=user_id, **spent
             )
         finish_reason = getattr(choice, "finish_reason", None)
         if finish_reason not in _COMPLETE:
             shown = finish_reason if isinstance(finish_reason, str) and finish_reason.isidentifier() else "unexpected"
             raise LLMReplyCutOffError(
-                f"user {request.user_id!r}: LLM reply is incomplete (finish_reason={shown[:32]!r}, "
+                f"user {user_id!r}: LLM reply is incomplete (finish_reason={shown[:32]!r}, "
                 f"max_tokens={reply_tokens}); nothing was written",
-                user_id=request.user_id,
+                user_id=user_id,
                 **spent,
             )
         try:
-            self._check_read(request.user_id, messages, prompt_tokens)
+            self._check_read(user_id, messages, prompt_tokens)
         except LLMPromptTruncatedError as exc:
             exc.prompt_tokens, exc.completion_tokens = prompt_tokens, completion_tokens
             raise

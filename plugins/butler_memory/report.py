@@ -16,6 +16,7 @@ from butler_memory.compression import (
     SKIPPED_BELOW_THRESHOLD,
     SKIPPED_BUDGET,
     SKIPPED_LOCKED,
+    SKIPPED_STALE,
 )
 from butler_memory.metrics import Metrics
 from butler_memory.units import duration
@@ -79,6 +80,7 @@ def build_report(
         "users_skipped_locked": statuses.get(SKIPPED_LOCKED, 0),
         "users_skipped_below_threshold": statuses.get(SKIPPED_BELOW_THRESHOLD, 0),
         "users_skipped_budget": statuses.get(SKIPPED_BUDGET, 0),
+        "users_skipped_stale": statuses.get(SKIPPED_STALE, 0),
         "users_skipped_backoff": backed_off,
         "users_failed": len(failed),
         "failed_user_ids": failed,

@@ -19,6 +19,8 @@ from typing import Any
 ENV_PREFIX = "BUTLER_MEMORY_"
 
 SUMMARIZERS = ("auto", "openai", "offline")
+LLM_MODES = ("online", "batch")
+BATCH_COMPLETION_WINDOWS = ("24h",)
 GUARD_MODES = ("reject", "warn", "off")
 
 
@@ -78,6 +80,23 @@ class Settings:
     llm_timeout_seconds: float = 60.0
     llm_max_retries: int = 2
     """Retries inside the openai client (429/5xx/timeouts) before the task itself fails and retries."""
+
+    llm_mode: str = "online"
+    """How the daily run calls the LLM: "online" (one chat call per chunk, in the compress_user
+    tasks) or "batch" (one OpenAI Batch API job for the run, waited for in the triggerer: about half
+    the price; butler_memory.batch). The catch-up DAG is always online: it exists for freshness."""
+    batch_collection: str = "memory_batch_folds"
+    """The batch mode's frozen folds and submitted batches (ids, versions, hashes; the replies until
+    committed), dropped batch_retention_days after they were written (TTL)."""
+    batch_retention_days: int = 7
+    batch_completion_window: str = "24h"
+    """The Batch API's completion_window (OpenAI accepts "24h" only)."""
+    batch_max_lines: int = 50_000
+    """Most requests in one batch (OpenAI: 50,000); a run with more is split into several batches."""
+    batch_max_bytes: int = 200_000_000
+    """Largest input file of one batch in bytes (OpenAI: 200 MB); a larger run is split."""
+    batch_poll_seconds: float = 60.0
+    """How often the triggerer asks the server for the batches' state while the run waits."""
 
     # Guards between the summariser and the commit (guards.py): "reject", "warn" or "off".
     fact_guard: str = "reject"
@@ -198,6 +217,7 @@ class Settings:
                 f"keep_last_n ({self.keep_last_n}) must not exceed threshold ({self.threshold}): "
                 "a compressed user would be over the threshold again at once"
             )
+        _check_batch(self)
         if self.summarizer not in SUMMARIZERS:
             raise SettingsError(f"summarizer {self.summarizer!r} is not one of {', '.join(SUMMARIZERS)}")
         for name in ("fact_guard", "language_guard", "injection_guard"):
@@ -288,6 +308,17 @@ def _check_redis_keys(settings: Settings) -> None:
         raise SettingsError(
             f"backoff_base_seconds ({settings.backoff_base_seconds}) must be >= 0 (0 = off) and at most "
             f"backoff_max_seconds ({settings.backoff_max_seconds})"
+        )
+
+
+def _check_batch(settings: Settings) -> None:
+    if settings.llm_mode not in LLM_MODES:
+        raise SettingsError(f"llm_mode {settings.llm_mode!r} is not one of {', '.join(LLM_MODES)}")
+    _positive(settings, "batch_retention_days", "batch_max_lines", "batch_max_bytes", "batch_poll_seconds")
+    if settings.batch_completion_window not in BATCH_COMPLETION_WINDOWS:
+        raise SettingsError(
+            f"batch_completion_window {settings.batch_completion_window!r} is not one the Batch API accepts "
+            f"({', '.join(BATCH_COMPLETION_WINDOWS)}: OpenAI's and Azure OpenAI's only window)"
         )
 
 
