@@ -11,6 +11,10 @@ events (default 20) into the user's rolling summary, and **report** stores one d
 * Manual run: *Trigger DAG* shows a form: `dry_run`, `limit`, `user_ids`, `threshold`,
   `keep_last_n`, `users_per_task` (empty = the configured setting), `full_scan` (count every user:
   after restoring a backup).
+* `llm_mode` `batch` (setting or param): **prepare_batch** freezes each user's fold, **submit_batch**
+  sends them as one OpenAI Batch API job, **wait_for_batches** waits in the triggerer (no worker slot),
+  and `compress_user` commits each user's reply (a user changed meanwhile: `skipped_stale`). In
+  `online` mode (the default) those three tasks return at once.
 * `users_per_task` users share one `compress_user` instance (labelled with the user id, or the
   first user id and how many more); each keeps its own lock, result and failure.
 * A failed user: clear its `compress_user` instance **with downstream**, so `report` runs again;
@@ -40,6 +44,7 @@ from airflow.sdk import (
     task,
 )
 
+from butler_memory.batch_trigger import WaitForBatches
 from butler_memory.dag_defaults import DEFAULT_ARGS
 from butler_memory.doorbell_trigger import DoorbellTrigger
 from butler_memory.settings import MAX_USERS_PER_TASK
@@ -98,13 +103,32 @@ def scan(kind: str) -> list[list[str]]:
     map_index_template="{{ compressed_users_label }}",
     execution_timeout=timedelta(minutes=60),
 )
-def compress_user(user_ids: list[str]) -> list[dict]:
-    """Fold the older events of each user of one batch into their summary, one user after another."""
+def compress_user(user_ids: list[str], kind: str) -> list[dict]:
+    """Fold the older events of each user of one batch into their summary, one user after another
+    (in batch mode: commit each user's batch reply)."""
     from butler_memory import dag_tasks
 
     context = get_current_context()
     context["compressed_users_label"] = dag_tasks.batch_label(user_ids)  # type: ignore[typeddict-unknown-key]
-    return dag_tasks.compress(user_ids, context["params"], context["ti"], context["run_id"])
+    return dag_tasks.compress(user_ids, context["params"], context["ti"], context["run_id"], kind=kind)
+
+
+@task(multiple_outputs=False, execution_timeout=timedelta(minutes=30))
+def prepare_batch() -> dict:
+    """Batch mode: freeze each scanned user's fold (ids, version, prompt hash); nothing in online mode."""
+    from butler_memory import dag_tasks
+
+    context = get_current_context()
+    return dag_tasks.batch_prepare(context["params"], context["ti"], context["run_id"])
+
+
+@task(execution_timeout=timedelta(minutes=60))
+def submit_batch() -> list[str]:
+    """Batch mode: upload the JSONL and create the batches (idempotent); nothing in online mode."""
+    from butler_memory import dag_tasks
+
+    context = get_current_context()
+    return dag_tasks.batch_submit(context["params"], context["ti"], context["run_id"])
 
 
 @task(multiple_outputs=False, trigger_rule="all_done", retries=1, execution_timeout=timedelta(minutes=15))
@@ -166,6 +190,16 @@ PARAMS = {
 }
 DAILY_PARAMS = {
     **PARAMS,
+    "llm_mode": Param(
+        None,
+        type=["null", "string"],
+        enum=[None, "online", "batch"],
+        title="LLM mode",
+        description=(
+            "online: a chat call per user in compress_user. batch: one Batch API job for the run, "
+            "waited for in the triggerer (about half the price, done within 24 h). Empty: the llm_mode setting."
+        ),
+    ),
     "full_scan": Param(
         False,
         type="boolean",
@@ -194,7 +228,10 @@ def compression_dag(dag_id: str, kind: str, schedule: Any, doc_md: str, params: 
     )
     def compression() -> None:
         users = scan(kind)
-        results = compress_user.expand(user_ids=users)
+        results = compress_user.partial(kind=kind).expand(user_ids=users)
+        if kind == "daily":  # batch mode's steps; each returns at once in online mode
+            wait = WaitForBatches(task_id="wait_for_batches", execution_timeout=None)
+            users >> prepare_batch() >> submit_batch() >> wait >> results
         results >> report()
 
     return compression()

@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
+from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 log = logging.getLogger(__name__)
@@ -90,3 +92,34 @@ class BatchTrigger(BaseTrigger):
                 await asyncio.sleep(self.poll_seconds)
         finally:
             await client.close()
+
+
+class WaitForBatches(BaseOperator):
+    """Wait for the run's batches in the triggerer (deferred: no worker slot held), then collect them.
+
+    Nothing to wait for (online mode, or no user in a batch): returns at once. The deferral's timeout
+    is past the completion window: by then the provider has ended every batch ("expired") itself.
+    """
+
+    def __init__(self, *, defer_timeout: timedelta = timedelta(hours=25), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.defer_timeout = defer_timeout
+
+    def execute(self, context: Any) -> dict[str, Any] | None:
+        from butler_memory import dag_tasks
+
+        ids, settings = dag_tasks.batch_wait(context["params"], context["ti"])
+        if not ids:
+            return None
+        log.info("waiting in the triggerer for %d batch(es): %s", len(ids), ", ".join(ids))
+        self.defer(
+            trigger=BatchTrigger(batch_ids=ids, settings=settings, poll_seconds=float(settings["poll_seconds"])),
+            method_name="execute_complete",
+            timeout=self.defer_timeout,
+        )
+        return None  # not reached: defer() raises
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        from butler_memory import dag_tasks
+
+        return dag_tasks.batch_collect(context["params"], context["ti"], context["run_id"], event or {})

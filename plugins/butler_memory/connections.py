@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 VARIABLE_NAME = "butler_memory"
 """Airflow Variable holding a JSON object of settings (optional)."""
-PARAM_SETTINGS = ("threshold", "keep_last_n", "users_per_task")
+PARAM_SETTINGS = ("threshold", "keep_last_n", "users_per_task", "llm_mode")
 """Params that override settings of the same name when not null."""
 
 

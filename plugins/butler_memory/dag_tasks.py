@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from butler_memory import fresh
+from butler_memory import batch, fresh
 from butler_memory import metrics as m
 from butler_memory.backoff import FailureBackoff
 from butler_memory.compression import COMPRESSED, FAILED, SKIPPED_BELOW_THRESHOLD, failed_result, utcnow
@@ -105,6 +105,8 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[li
                 engine.metrics.gauge(m.RUN_STARTED_TIMESTAMP, datetime.now(UTC).timestamp())
             engine.locks.ping()  # no lock service, no compression: fail the run before mapping anything
             engine.store.ensure_indexes()
+            if batch_mode(settings, params, kind):
+                _check_batch_endpoint(engine)
         if kind == fresh.CATCHUP and user_ids is None:
             result = fresh.catchup_scan(
                 engine.store,
@@ -155,8 +157,13 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[li
     return batches([b.user_id for b in backlog], settings.users_per_task)
 
 
-def compress(user_ids: Sequence[str], params: Mapping[str, Any], ti: Any, run_id: str) -> list[dict[str, Any]]:
+def compress(
+    user_ids: Sequence[str], params: Mapping[str, Any], ti: Any, run_id: str, kind: str = fresh.DAILY
+) -> list[dict[str, Any]]:
     """Compress a batch of users one after another; fail the task after trying all when any failed.
+
+    In batch mode (``llm_mode`` "batch", the daily DAG) each user's batch reply is committed
+    (``batch.commit_user``); a user that failed in an earlier attempt is compressed online.
 
     Each user's outcome is stored as it ends (not in a dry run), so a retry or a clear of this
     instance skips the users an earlier attempt finished and re-runs only those that failed or
@@ -168,6 +175,7 @@ def compress(user_ids: Sequence[str], params: Mapping[str, Any], ti: Any, run_id
     except SettingsError as exc:
         raise _fail(f"invalid settings: {exc}") from None
     dry_run = bool(params.get("dry_run"))
+    batched = batch_mode(settings, params, kind)
     rows: list[dict[str, Any]] = []
     failures: list[tuple[str, CompressionError]] = []
     # The holder names this task instance: a retry after a kill waits out the lock its killed
@@ -188,7 +196,9 @@ def compress(user_ids: Sequence[str], params: Mapping[str, Any], ti: Any, run_id
                     )
                     rows.append(earlier)
                     continue
-                row, error = _compress_one(engine, user_id, run_key(ti.dag_id, run_id), dry_run, holder)
+                again = earlier is not None  # it failed: clear-and-rerun compresses it online
+                mode = None if not batched else ("online" if again else "batch")
+                row, error = _compress_one(engine, user_id, run_key(ti.dag_id, run_id), dry_run, holder, mode)
                 if error is not None:
                     failures.append((user_id, error))
                     if not error.retryable and not dry_run:  # the same failure again next time: do not retry soon
@@ -216,12 +226,17 @@ def compress(user_ids: Sequence[str], params: Mapping[str, Any], ti: Any, run_id
 
 
 def _compress_one(
-    engine: Any, user_id: str, run_id: str, dry_run: bool, holder: str
+    engine: Any, user_id: str, run_id: str, dry_run: bool, holder: str, mode: str | None = None
 ) -> tuple[dict[str, Any], CompressionError | None]:
-    """Compress one user of a batch: its result row, and its error when it failed (logged, never raised)."""
+    """Compress one user of a batch: its result row, and its error when it failed (logged, never raised).
+
+    ``mode`` "batch" commits the user's batch reply, "online" compresses it online in a batch run."""
     started = utcnow()
     try:
-        result = engine.compress(user_id, run_id=run_id, dry_run=dry_run, holder=holder)
+        if mode is None:
+            result = engine.compress(user_id, run_id=run_id, dry_run=dry_run, holder=holder)
+        else:
+            result = batch.commit_user(engine, user_id, run_key=run_id, holder=holder, online=mode == "online")
     except CompressionError as exc:
         seconds = (utcnow() - started).total_seconds()
         log.warning("user %s: failed: %s: %s", user_id, type(exc).__name__, exc)
@@ -236,6 +251,69 @@ def _compress_one(
         result.events_deleted,
     )
     return result.to_dict(), None
+
+
+def batch_mode(settings: Settings, params: Mapping[str, Any], kind: str) -> bool:
+    """Say whether this run goes through the Batch API: ``llm_mode`` "batch", the daily DAG, not a dry run."""
+    return settings.llm_mode == "batch" and kind == fresh.DAILY and not params.get("dry_run")
+
+
+def _check_batch_endpoint(engine: Any) -> None:
+    """Fail the scan, naming llm_mode, when batch mode cannot work with the LLM server; nothing uploaded."""
+    try:
+        with batch.batch_client(batch.openai_of(engine)) as client:
+            batch.check_endpoint(client, engine.settings)
+    except SettingsError as exc:
+        raise _fail(f"invalid settings: {exc}") from None
+
+
+def _scanned_users(ti: Any) -> list[str]:
+    scanned: Sequence[Sequence[str]] = ti.xcom_pull(task_ids="scan", key="return_value") or []
+    return [user_id for users in scanned for user_id in users]
+
+
+def batch_prepare(params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
+    """Freeze the scanned users' folds for the batch (``batch.prepare``); nothing in online mode."""
+    settings = resolve_settings(params)
+    if not batch_mode(settings, params, fresh.DAILY):
+        return {"llm_mode": "online"}
+    with build_engine(settings) as engine:
+        try:
+            prepared = batch.prepare(engine, run_key(ti.dag_id, run_id), _scanned_users(ti))
+        except SettingsError as exc:
+            raise _fail(f"invalid settings: {exc}") from None
+    return {"llm_mode": "batch", **prepared.to_dict()}
+
+
+def batch_submit(params: Mapping[str, Any], ti: Any, run_id: str) -> list[str]:
+    """Submit the frozen folds as batches (``batch.submit``); return the batch ids ([] in online mode)."""
+    settings = resolve_settings(params)
+    if not batch_mode(settings, params, fresh.DAILY):
+        return []
+    with build_engine(settings) as engine:
+        try:
+            with batch.batch_client(batch.openai_of(engine)) as client:
+                return batch.submit(engine, run_key(ti.dag_id, run_id), client)
+        except SettingsError as exc:
+            raise _fail(f"invalid settings: {exc}") from None
+
+
+def batch_wait(params: Mapping[str, Any], ti: Any) -> tuple[list[str], dict[str, Any]]:
+    """Return what the wait's trigger needs: the submitted batch ids and the settings it reads."""
+    settings = resolve_settings(params)
+    ids = ti.xcom_pull(task_ids="submit_batch", key="return_value") or []
+    return list(ids), {**settings.as_dict(), "poll_seconds": settings.batch_poll_seconds}
+
+
+def batch_collect(params: Mapping[str, Any], ti: Any, run_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
+    """Read the ended batches' replies into MongoDB and delete the provider's files (``batch.collect``)."""
+    settings = resolve_settings(params)
+    if event.get("error"):
+        raise RuntimeError(f"waiting for the batches failed: {event['error']} (will retry)")
+    with build_engine(settings) as engine:
+        with batch.batch_client(batch.openai_of(engine)) as client:
+            states = batch.collect(engine, run_key(ti.dag_id, run_id), client)
+    return {"llm_mode": "batch", "batches": states}
 
 
 def _settle_daily(

@@ -378,7 +378,9 @@ def _count(store: MemoryStore, redis_client: Any, user_id: str) -> dict[str, int
         "archive": store.archive_coll.count_documents({"user_id": user_id}),
         "quarantine": store.quarantine.count_documents({"user_id": user_id}),
         "history": _history(store).count_documents({"user_id": user_id}),
-        "run_documents": len(_runs_naming(store, user_id)) + store.run_users.count_documents({"user_id": user_id}),
+        "run_documents": len(_runs_naming(store, user_id))
+        + store.run_users.count_documents({"user_id": user_id})
+        + store.db[store.settings.batch_collection].count_documents({"user_id": user_id}),
         "profile_fields": sum(1 for name in _our_fields(store.settings) if name in profile),
         "redis_keys": len(keys) + len(shared),
     }
@@ -537,6 +539,7 @@ def _forget_user_locked(
     for coll, doc_id, scrubbed in _runs_naming(store, user_id):
         coll.replace_one({"_id": doc_id}, scrubbed)
     store.run_users.delete_many({"user_id": user_id})  # per-user outcomes of runs (batched tasks)
+    store.db[settings.batch_collection].delete_many({"user_id": user_id})  # batch mode's folds and replies
     checkpoint("runs")
     _erase_redis(locks.client, settings, user_id, lock_key)
     checkpoint("redis")

@@ -89,10 +89,21 @@ def dag(dagbag: DagBag) -> DAG:
     return dagbag.dags[DAG_ID]
 
 
-def test_memory_compression_is_scan_map_report(dag: DAG) -> None:
-    assert set(dag.task_ids) == {"scan", "compress_user", "report"}, f"{DAG_ID}: unexpected tasks {dag.task_ids}"
+def test_memory_compression_is_scan_batch_steps_map_report(dag: DAG) -> None:
+    batch_steps = ("prepare_batch", "submit_batch", "wait_for_batches")
+    assert set(dag.task_ids) == {"scan", *batch_steps, "compress_user", "report"}, (
+        f"{DAG_ID}: unexpected tasks {dag.task_ids}"
+    )
     scan, compress, report = (dag.get_task(t) for t in ("scan", "compress_user", "report"))
-    assert compress.upstream_task_ids == {"scan"}, f"{DAG_ID}: compress_user must be fed by scan"
+    assert compress.upstream_task_ids == {"scan", "wait_for_batches"}, (
+        f"{DAG_ID}: compress_user must be fed by scan, after the batch steps"
+    )
+    prepare, submit, wait = (dag.get_task(t) for t in batch_steps)
+    assert (prepare.upstream_task_ids, submit.upstream_task_ids, wait.upstream_task_ids) == (
+        {"scan"},
+        {"prepare_batch"},
+        {"submit_batch"},
+    ), f"{DAG_ID}: the batch steps run scan -> prepare -> submit -> wait"
     assert report.upstream_task_ids == {"compress_user"}, f"{DAG_ID}: report must follow compress_user"
     assert isinstance(compress, MappedOperator), f"{DAG_ID}: compress_user must be expanded per user (.expand)"
     assert compress.pool == "llm_api", f"{DAG_ID}: compress_user pool is {compress.pool!r}"
@@ -131,6 +142,7 @@ def test_default_params_validate(dag: DAG) -> None:
         "keep_last_n": None,
         "users_per_task": None,
         "full_scan": False,
+        "llm_mode": None,
     }
     assert _validated(dag, {}) == defaults
 

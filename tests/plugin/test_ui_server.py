@@ -649,6 +649,7 @@ def test_trigger_form_with_its_defaults_queues_a_run_with_the_params_defaults(ui
             "keep_last_n": None,
             "users_per_task": None,
             "full_scan": False,
+            "llm_mode": None,
         }
     finally:
         headers = {"Authorization": f"Bearer {ui.tokens['admin']}"}
