@@ -59,7 +59,10 @@ FINISHED = {"success", "failed"}
 # One run of this DAG takes 15-30 s on 2 cores (a task process parses the DAG and imports Airflow).
 RUN_TIMEOUT = 120.0
 DAG_PARSE_TIMEOUT = 90.0
-AIRFLOW_EXTRA_ENV = {"BUTLER_MEMORY_ERASURE_SECRET": "e2e-erasure-secret-4b7d1c9e"}
+AIRFLOW_EXTRA_ENV = {
+    "BUTLER_MEMORY_ERASURE_SECRET": "e2e-erasure-secret-4b7d1c9e",
+    "BUTLER_MEMORY_BATCH_POLL_SECONDS": "1",  # the batch test's triggerer polls every second, not every minute
+}
 """The erasure DAG refuses to run without a secret keying its audit references."""
 
 
@@ -460,3 +463,51 @@ def test_an_erasure_triggered_through_the_api_leaves_no_id_in_the_metadata_db(
     assert not [p for p in erasure_logs if gone in p.read_text(errors="replace")], (
         "the erasure's task log names the user"
     )
+
+
+LINE_FAILS = "u-line-fails"
+
+
+@pytest.mark.timeout(600)
+def test_a_batch_run_waits_in_the_triggerer_and_a_failed_user_is_rerun_online(
+    airflow: Airflow, mongo_db: Database[dict[str, Any]], llm: FakeOpenAI
+) -> None:
+    """llm_mode batch through the scheduler and the triggerer: the wait is deferred (the triggerer's
+    async client polls the batch), each user's reply is committed; a user whose batch line failed
+    fails the run, and clearing its instance with downstream compresses it online: the run ends green."""
+    api, db = airflow.api, mongo_db
+    dag_ready_and_idle(api)
+    seed_population(db, {BIG: 60, BIGGER: 75, LINE_FAILS: 55}, canary=CANARY, broken="", fail_marker="")
+    llm.set_batch(delay=3.0)  # still in progress at the first polls: the wait really defers
+    llm.batch_line_fault(f"of {LINE_FAILS}:", "error")
+    conf = {"llm_mode": "batch", "full_scan": True, "user_ids": [BIG, BIGGER, LINE_FAILS]}
+    run_id = _ok(api.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf}))["dag_run_id"]
+
+    run = finished_run(api, run_id, timeout=RUN_TIMEOUT * 3)
+    tis = task_instances(api, run_id)
+    states = {f"{t}[{ti['rendered_map_index'] or i}]": (ti["state"], ti["try_number"]) for (t, i), ti in tis.items()}
+    assert run["state"] == "failed", states
+    assert tis[("wait_for_batches", -1)]["state"] == "success", states
+    polls = [r for r in llm.requests if r["path"].startswith("/v1/batches/") and r["json"] is None]
+    agents = {r["headers"].get("user-agent", "").split("/")[0] for r in polls}
+    assert "AsyncOpenAI" in agents, f"the triggerer's async client never polled the batch: {agents}"
+    assert len(llm.batches) == 1 and llm.chat_requests == [], "every summary must come from the one batch"
+    assert event_counts(db) == {BIG: 20, BIGGER: 20, LINE_FAILS: 55}
+    assert llm.files == [], "input, output and error files must be deleted from the provider"
+    mapped = {ti["rendered_map_index"]: ti for (t, _), ti in tis.items() if t == "compress_user"}
+    assert mapped[LINE_FAILS]["state"] == "failed" and mapped[BIG]["state"] == "success", states
+
+    body = {
+        "dry_run": False,
+        "only_failed": False,
+        "task_ids": [["compress_user", mapped[LINE_FAILS]["map_index"]]],
+        "include_downstream": True,
+        "dag_run_id": run_id,
+    }
+    _ok(api.post(f"/dags/{DAG_ID}/clearTaskInstances", json=body))
+    rerun = finished_run(api, run_id, timeout=RUN_TIMEOUT * 2)
+    assert rerun["state"] == "success", task_instances(api, run_id)
+    assert len(llm.chat_requests) == 1 and len(llm.batches) == 1, "the failed user is compressed online, no new batch"
+    assert event_counts(db) == {BIG: 20, BIGGER: 20, LINE_FAILS: 20}
+    doc = db["memory_compression_runs"].find_one({"run_id": run_id}) or {}
+    assert (doc["users_compressed"], doc["users_failed"]) == (3, 0), {k: v for k, v in doc.items() if k != "users"}

@@ -6,7 +6,9 @@ Usage: ``python tests/engine/kill_worker.py '<json>'`` with keys ``mongo_uri``, 
 ``compress`` (the default), ``rollback``, ``forget_user`` (then ``secret``, ``events``,
 ``key_patterns`` and ``shared_keys`` to register, see tests/engine/test_erasure_kill_matrix.py) or
 ``forget_events`` (then ``secret`` and ``event_ids`` or ``since``/``until``, see
-tests/engine/test_forget_kill_matrix.py). Needs ``plugins/`` on PYTHONPATH. ``task`` ``rollback``
+tests/engine/test_forget_kill_matrix.py) or ``batch`` (then ``user_ids``: a batch run's prepare,
+submit, collect and commit of those users, ``run_id`` being its run key, see
+tests/engine/test_batch_kill_matrix.py). Needs ``plugins/`` on PYTHONPATH. ``task`` ``rollback``
 rolls back the run ``rollback`` names instead (``run_id`` names the rollback; ``cascade``
 optional). Exits 0 when the step was never reached, so the parent can tell a missed kill from a
 real one (a SIGKILL shows as return code -9).
@@ -92,6 +94,9 @@ def main(argv: list[str]) -> int:
             )
             print(json.dumps(forgotten.to_dict()), flush=True)
             return 0
+        if config.get("task") == "batch":
+            print(json.dumps(_batch_run(engine, config, checkpoint)), flush=True)
+            return 0
         if config.get("task") == "refold":
             result: Any = engine.refold(config["user_id"], run_id=config["run_id"], checkpoint=checkpoint)
         elif config.get("task") == "rollback":
@@ -106,6 +111,20 @@ def main(argv: list[str]) -> int:
             result = engine.compress(config["user_id"], run_id=config["run_id"], checkpoint=checkpoint)
     print(json.dumps(result.to_dict()), flush=True)
     return 0
+
+
+def _batch_run(engine: Engine, config: dict[str, Any], checkpoint: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run a batch run's steps for ``user_ids`` (the wait is the fake's: its batches end at once)."""
+    import openai
+
+    from butler_memory import batch
+
+    run_key, users = config["run_id"], config["user_ids"]
+    with openai.OpenAI(base_url=config["llm_base_url"], api_key="test-key", max_retries=0) as client:
+        batch.prepare(engine, run_key, users, checkpoint=checkpoint)
+        batch.submit(engine, run_key, client, checkpoint=checkpoint)
+        batch.collect(engine, run_key, client, checkpoint=checkpoint)
+        return [batch.commit_user(engine, u, run_key=run_key, checkpoint=checkpoint).to_dict() for u in users]
 
 
 if __name__ == "__main__":
