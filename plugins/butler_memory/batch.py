@@ -253,6 +253,8 @@ def freeze(engine: Engine, summarizer: OpenAISummarizer, run_key: str, user_id: 
         log.info("user %s: batch prepare: %s; the commit step compresses the user online", user_id, reason)
         return {"mode": ONLINE, "reason": reason}
 
+    if engine.budget is not None and engine.budget.exhausted():
+        return online("today's LLM token budget is spent")
     profile = store.load_profile(user_id, create=False)
     if profile.erasing or profile.pending is not None or profile.fold_target is not None or profile.rollback:
         return online("an earlier operation on the user is unfinished")
@@ -634,6 +636,7 @@ def commit_user(
             user_id=user_id,
         )
     frozen = FrozenFold(int(fold["version"]), list(fold["ids"]), list(fold["digests"]), str(fold["prompt_hash"]))
+    # The reply is paid for: it is committed whatever the budget, and its tokens count on it (Spent below).
     try:
         result = compress_user(
             user_id,
@@ -647,6 +650,8 @@ def commit_user(
             holder=holder,
             frozen=frozen,
         )
+        if engine.budget is not None:
+            engine.budget.spend(result.prompt_tokens + result.completion_tokens)
     except StaleFoldError as exc:
         log.info("user %s: %s; reply dropped, nothing deleted", user_id, exc)
         engine.metrics.incr(m.USERS_SKIPPED_STALE_TOTAL)

@@ -316,6 +316,25 @@ def batch_collect(params: Mapping[str, Any], ti: Any, run_id: str, event: Mappin
     return {"llm_mode": "batch", "batches": states}
 
 
+def _llm_mode_fields(settings: Settings, params: Mapping[str, Any], ti: Any, kind: str) -> dict[str, Any]:
+    """Return the daily run document's ``llm_mode`` and, in batch mode, its ``batch`` counts (users
+    frozen, users left online, the batches' end states); nothing for a catch-up run."""
+    if kind != fresh.DAILY:
+        return {}
+    if not batch_mode(settings, params, fresh.DAILY):
+        return {"llm_mode": "online"}
+    prepared = ti.xcom_pull(task_ids="prepare_batch", key="return_value") or {}
+    collected = ti.xcom_pull(task_ids="wait_for_batches", key="return_value") or {}
+    return {
+        "llm_mode": "batch",
+        "batch": {
+            "users_batched": int(prepared.get("batched") or 0),
+            "users_online": int(prepared.get("online") or 0),
+            "batches": dict(collected.get("batches") or {}),
+        },
+    }
+
+
 def _settle_daily(
     settings: Settings, store: Any, scan_info: dict[str, Any], results: Sequence[Mapping[str, Any]], finished: datetime
 ) -> None:
@@ -378,6 +397,7 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
             full_scan=bool(scan_info.get("full")),
         )
         doc["run_key"] = run_key(ti.dag_id, run_id)  # how the summary history and the archive name this run
+        doc.update(_llm_mode_fields(settings, params, ti, kind))
         if erased:
             doc["users_erased"] = len(erased)  # a count: erasure wins, the run names none of them
         return doc

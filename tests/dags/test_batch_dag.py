@@ -49,6 +49,11 @@ def test_a_batch_run_commits_each_user_from_the_batch_and_fails_a_user_whose_lin
 
     doc = db["memory_compression_runs"].find_one({"run_id": run.run_id}) or {}
     assert doc["users_compressed"] == 2 and doc["failed_user_ids"] == [LINE_FAILS]
+    assert doc["llm_mode"] == "batch" and doc["batch"] == {
+        "users_batched": 3,
+        "users_online": 0,
+        "batches": {"completed": 1},
+    }, doc.get("batch")
     row = next(u for u in doc["users"] if u["user_id"] == LINE_FAILS)
     assert row["error_type"] == "LLMBatchError", row
     xcoms = xcom_values(run)

@@ -7,6 +7,7 @@ batches end at once (the fake's delay is 0), so collect follows submit directly.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,11 +80,20 @@ def commit_all(engine: Engine, users: tuple[str, ...], *, online: bool = False) 
 
 
 def test_batch_run_folds_each_user_once_through_one_batch(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory, client: Any
+    mongo_db: Database[Doc],
+    redis_client: redis.Redis,
+    llm: FakeOpenAI,
+    make_openai: OpenAIFactory,
+    client: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     seed(mongo_db)
     engine = engine_of(mongo_db, redis_client, make_openai)
-    outcomes = run_batch(engine, client)
+    with caplog.at_level(logging.DEBUG):
+        outcomes = run_batch(engine, client)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "batch submit: 1 batch(es)" in logged
+    assert not any(content_of(u, i) in logged for u in USERS for i in range(15)), "event content reached a log"
 
     for user_id in USERS:
         result = outcomes[user_id]
