@@ -44,6 +44,7 @@ from butler_memory.batch_trigger import BatchTrigger  # noqa: E402
 from butler_memory.compression import UserResult, failed_result  # noqa: E402
 from butler_memory.errors import CompressionError  # noqa: E402
 from butler_memory.settings import Settings  # noqa: E402
+from butler_memory.store import MemoryStore  # noqa: E402
 from tools.bench_engine import CommandCounter, build_engine, seed_users, throughput_users  # noqa: E402
 from tools.bench_harness import OUT_DIR, Stack, log, machine, shown, stand_ins, write_results  # noqa: E402
 
@@ -98,7 +99,6 @@ def online(stack: Stack, db: str, users: list[str], workers: int, latency: float
     engine = build_engine(
         stack.mongo.uri, db, stack.redis.url, stack.fake.base_url, SETTINGS.replace(llm_mode="online")
     )
-    engine.store.ensure_indexes()  # as the scan does on every run
     started = time.monotonic()
     with engine, ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda u: guarded(u, lambda: engine.compress(u, run_id="bench/online")), users))
@@ -115,7 +115,6 @@ def batched(stack: Stack, db: str, users: list[str], workers: int, delay: float,
     counter = CommandCounter()
     engine = build_engine(stack.mongo.uri, db, stack.redis.url, stack.fake.base_url, SETTINGS, listeners=[counter])
     run = "bench/batch"
-    engine.store.ensure_indexes()
     figures: dict[str, Any] = {}
     with engine, openai.OpenAI(base_url=stack.fake.base_url, api_key="bench", max_retries=0) as client:
         started = time.monotonic()
@@ -196,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     users = throughput_users(args.users)
     with stand_ins(args.work_dir) as stack:
         for name in ("bench_online", "bench_batch"):
+            MemoryStore(stack.client[name], SETTINGS).ensure_indexes()  # before the data, as bench_client does
             seed_users(stack.client[name], users)
         log(f"seeded {args.users} users twice")
         figures: dict[str, Any] = {

@@ -294,6 +294,7 @@ def test_runs_json_has_the_dag_runs_figures(ui: UI) -> None:
         "users_skipped_locked": 1,
         "users_skipped_below_threshold": 0,
         "users_skipped_budget": 0,
+        "users_skipped_stale": 0,
         "users_skipped": 1,
         "users_failed": 1,
         "backlog_events": 60 + 75 + 55 + 65,

@@ -43,6 +43,7 @@ RUN_COUNT_FIELDS = (
     "users_skipped_locked",
     "users_skipped_below_threshold",
     "users_skipped_budget",
+    "users_skipped_stale",
     "users_failed",
     "backlog_events",
     "backlog_left",
@@ -153,7 +154,8 @@ def run_summary(doc: Mapping[str, Any]) -> dict[str, Any]:
         **counts,
         "users_skipped": counts["users_skipped_locked"]
         + counts["users_skipped_below_threshold"]
-        + counts["users_skipped_budget"],
+        + counts["users_skipped_budget"]
+        + counts["users_skipped_stale"],
         "llm_tokens": counts["prompt_tokens"] + counts["completion_tokens"],
         "seconds": _seconds(doc.get("seconds")),
         "freshness_seconds_p95": _lag(doc.get("freshness_seconds_p95")),

@@ -374,6 +374,7 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
         ("skipped (locked)", num(detail["users_skipped_locked"])),
         ("skipped (below threshold)", num(detail["users_skipped_below_threshold"])),
         ("skipped (token budget)", num(detail["users_skipped_budget"])),
+        ("skipped (stale batch reply)", num(detail["users_skipped_stale"])),
         ("failed", num(detail["users_failed"])),
         ("events folded", num(detail["events_folded"])),
         ("events deleted", num(detail["events_deleted"])),
