@@ -44,10 +44,10 @@ from airflow.sdk import (
     task,
 )
 
-from butler_memory.batch_trigger import WaitForBatches
-from butler_memory.dag_defaults import DEFAULT_ARGS
-from butler_memory.doorbell_trigger import DoorbellTrigger
-from butler_memory.settings import MAX_USERS_PER_TASK
+from butler_memory.core.settings import MAX_USERS_PER_TASK
+from butler_memory.freshness.doorbell_trigger import DoorbellTrigger
+from butler_memory.orchestration.batch_trigger import WaitForBatches
+from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS
 
 SCHEDULE = os.environ.get("BUTLER_MEMORY_SCHEDULE", "@daily")
 """A cron expression or preset; the run time is a setting, read from the environment at parse time."""
@@ -69,14 +69,14 @@ DOORBELL_ASSET = Asset(
         )
     ],
 )
-"""Rung by the Butler (butler_memory.doorbell); its watcher runs in the triggerer."""
+"""Rung by the Butler (butler_memory.freshness.doorbell); its watcher runs in the triggerer."""
 
 CATCHUP_DOC = """
 # memory_compression_catchup
 
 Fresh memory all day: the same **scan -> compress_user (mapped) -> report** as `memory_compression`,
 every few minutes (`BUTLER_MEMORY_CATCHUP_SCHEDULE`, default every 5 minutes) and at once when the
-Butler rings the doorbell (`butler_memory.doorbell`; asset `butler_memory_doorbell`, watched in the
+Butler rings the doorbell (`butler_memory.freshness.doorbell`; asset `butler_memory_doorbell`, watched in the
 triggerer). Its scan counts only users with events since its last scan (minus a margin for late
 writes) and the users the doorbell recorded, not the whole collection. A run with nobody due
 stores no run document (it bumps an idle counter). Same lock, same report, same clear-and-rerun.
@@ -91,7 +91,7 @@ RUN_MAXIMUM = MAX_MAP_LENGTH * MAX_USERS_PER_TASK
 @task(execution_timeout=timedelta(minutes=15))
 def scan(kind: str) -> list[list[str]]:
     """Return the ids of users over the threshold, largest backlog first, in batches of users_per_task."""
-    from butler_memory import dag_tasks
+    from butler_memory.orchestration import dag_tasks
 
     context = get_current_context()
     return dag_tasks.scan(context["params"], context["ti"], kind=kind)
@@ -106,7 +106,7 @@ def scan(kind: str) -> list[list[str]]:
 def compress_user(user_ids: list[str], kind: str) -> list[dict]:
     """Fold the older events of each user of one batch into their summary, one user after another
     (in batch mode: commit each user's batch reply)."""
-    from butler_memory import dag_tasks
+    from butler_memory.orchestration import dag_tasks
 
     context = get_current_context()
     context["compressed_users_label"] = dag_tasks.batch_label(user_ids)  # type: ignore[typeddict-unknown-key]
@@ -116,7 +116,7 @@ def compress_user(user_ids: list[str], kind: str) -> list[dict]:
 @task(multiple_outputs=False, execution_timeout=timedelta(minutes=30))
 def prepare_batch() -> dict:
     """Batch mode: freeze each scanned user's fold (ids, version, prompt hash); nothing in online mode."""
-    from butler_memory import dag_tasks
+    from butler_memory.orchestration import dag_tasks
 
     context = get_current_context()
     return dag_tasks.batch_prepare(context["params"], context["ti"], context["run_id"])
@@ -125,7 +125,7 @@ def prepare_batch() -> dict:
 @task(execution_timeout=timedelta(minutes=60))
 def submit_batch() -> list[str]:
     """Batch mode: upload the JSONL and create the batches (idempotent); nothing in online mode."""
-    from butler_memory import dag_tasks
+    from butler_memory.orchestration import dag_tasks
 
     context = get_current_context()
     return dag_tasks.batch_submit(context["params"], context["ti"], context["run_id"])
@@ -134,7 +134,7 @@ def submit_batch() -> list[str]:
 @task(multiple_outputs=False, trigger_rule="all_done", retries=1, execution_timeout=timedelta(minutes=15))
 def report() -> dict:
     """Store and log the run report; fail when any user failed."""
-    from butler_memory import dag_tasks
+    from butler_memory.orchestration import dag_tasks
 
     context = get_current_context()
     dag_run = context["dag_run"]

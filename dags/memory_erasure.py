@@ -31,7 +31,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from butler_memory.dag_defaults import DEFAULT_ARGS, admin_access_control
+from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS, admin_access_control
 
 ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$"
 """What the form accepts as since/until (ISO 8601); the engine parses and checks it again."""
@@ -40,8 +40,8 @@ ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?
 @task(multiple_outputs=False, execution_timeout=timedelta(minutes=30))
 def forget() -> dict:
     """Forget the user, or the events, the params name."""
-    from butler_memory import erasure_tasks
-    from butler_memory.runs import run_key
+    from butler_memory.core.runs import run_key
+    from butler_memory.orchestration import erasure_tasks
 
     context = get_current_context()
     return erasure_tasks.run(context["params"], run_key(context["ti"].dag_id, context["run_id"]))

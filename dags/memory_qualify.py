@@ -22,7 +22,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from butler_memory.dag_defaults import DEFAULT_ARGS
+from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS
 
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
 
@@ -30,7 +30,7 @@ LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
 @task(multiple_outputs=False, pool=LLM_POOL, execution_timeout=timedelta(minutes=30))
 def qualify() -> dict:
     """Run the synthetic users through the summariser and judge it."""
-    from butler_memory import qualify_tasks
+    from butler_memory.orchestration import qualify_tasks
 
     return qualify_tasks.run(get_current_context()["params"])
 

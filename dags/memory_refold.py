@@ -22,7 +22,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from butler_memory.dag_defaults import DEFAULT_ARGS, admin_access_control
+from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS, admin_access_control
 
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
 
@@ -41,7 +41,7 @@ def users() -> list[str]:
 )
 def refold_user(user_id: str) -> dict:
     """Re-fold one user's summary from the archive."""
-    from butler_memory import rollback_tasks
+    from butler_memory.orchestration import rollback_tasks
 
     context = get_current_context()
     context["refolded_user_id"] = user_id  # type: ignore[typeddict-unknown-key]

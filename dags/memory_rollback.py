@@ -23,13 +23,13 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from butler_memory.dag_defaults import DEFAULT_ARGS, admin_access_control
+from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS, admin_access_control
 
 
 @task(execution_timeout=timedelta(minutes=15))
 def plan() -> list[str]:
     """Return the ids of the users to roll back."""
-    from butler_memory import rollback_tasks
+    from butler_memory.orchestration import rollback_tasks
 
     return rollback_tasks.plan(get_current_context()["params"])
 
@@ -37,7 +37,7 @@ def plan() -> list[str]:
 @task(multiple_outputs=False, map_index_template="{{ rolled_back_user_id }}", execution_timeout=timedelta(minutes=30))
 def rollback_user(user_id: str) -> dict:
     """Roll one user back to the version before the run."""
-    from butler_memory import rollback_tasks
+    from butler_memory.orchestration import rollback_tasks
 
     context = get_current_context()
     context["rolled_back_user_id"] = user_id  # type: ignore[typeddict-unknown-key]
@@ -47,7 +47,7 @@ def rollback_user(user_id: str) -> dict:
 @task(multiple_outputs=False, trigger_rule="all_done", retries=1, execution_timeout=timedelta(minutes=15))
 def report() -> dict:
     """Log the rollback report; fail when any user was not rolled back."""
-    from butler_memory import rollback_tasks
+    from butler_memory.orchestration import rollback_tasks
 
     context = get_current_context()
     return rollback_tasks.report(context["params"], context["ti"])

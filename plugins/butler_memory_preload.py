@@ -7,7 +7,7 @@ were 90 % of a task's own CPU (py-spy, ``docs/benchmarks.md``). Airflow imports
 plugin modules in each component before it forks (the scheduler does it when its job starts, before
 the LocalExecutor's workers exist), so importing the libraries here makes every forked task process
 inherit them, already loaded, through copy-on-write memory. A Celery worker loads no plugins
-before it forks its pool: ``butler_memory.celery_config`` makes it import this module first.
+before it forks its pool: ``butler_memory.orchestration.celery_config`` makes it import this module first.
 
 The plugin registers nothing. Set ``BUTLER_MEMORY_PRELOAD=false`` to turn it off (e.g. to keep the
 API server's memory smaller); the DAG then works as before, each task importing what it uses.
@@ -25,7 +25,7 @@ from airflow.plugins_manager import AirflowPlugin
 
 PRELOAD_ENV = "BUTLER_MEMORY_PRELOAD"
 PRELOADED_MODULES = (
-    "butler_memory.dag_tasks",  # engine, store, locks, settings, report, metrics, connections
+    "butler_memory.orchestration.dag_tasks",  # engine, store, locks, settings, report, metrics, connections
     "airflow.providers.mongo.hooks.mongo",  # pymongo
     "airflow.providers.redis.hooks.redis",  # redis-py
     "statsd",
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 def preload_enabled(env: Mapping[str, str] | None = None) -> bool:
     """Return False when ``BUTLER_MEMORY_PRELOAD`` is false (0, false, no, off). Any other value that
     is not true (1, true, yes, on) is logged and treated as true: a plugin must not stop Airflow."""
-    from butler_memory.settings import FALSE_VALUES, TRUE_VALUES
+    from butler_memory.core.settings import FALSE_VALUES, TRUE_VALUES
 
     raw = (os.environ if env is None else env).get(PRELOAD_ENV)
     value = "true" if raw is None else raw.strip().lower()
@@ -69,8 +69,8 @@ def preload(modules: tuple[str, ...] = PRELOADED_MODULES) -> dict[str, float]:
 
 def warm_up(what: str, module: str) -> float | None:
     """Call ``module.warm_up()`` (no I/O): the LLM client's lazy imports and TLS context
-    (``butler_memory.openai_summarizer``), the guards' stemmers and language detector
-    (``butler_memory.guards``). Return the seconds it took, None when it failed (logged; the task
+    (``butler_memory.llm.openai_summarizer``), the guards' stemmers and language detector
+    (``butler_memory.safety.guards``). Return the seconds it took, None when it failed (logged; the task
     then does it itself and reports any error)."""
     started = time.perf_counter()
     try:
@@ -83,8 +83,8 @@ def warm_up(what: str, module: str) -> float | None:
 
 if preload_enabled():
     PRELOAD_SECONDS = preload()
-    PRELOAD_SECONDS["openai (client warm-up)"] = warm_up("LLM client", "butler_memory.openai_summarizer") or 0.0
-    PRELOAD_SECONDS["guards (Lingua, Snowball)"] = warm_up("guards", "butler_memory.guards") or 0.0
+    PRELOAD_SECONDS["openai (client warm-up)"] = warm_up("LLM client", "butler_memory.llm.openai_summarizer") or 0.0
+    PRELOAD_SECONDS["guards (Lingua, Snowball)"] = warm_up("guards", "butler_memory.safety.guards") or 0.0
 
 
 class ButlerMemoryPreloadPlugin(AirflowPlugin):

@@ -37,8 +37,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from butler_memory.settings import Settings  # noqa: E402
-from butler_memory.store import MemoryStore  # noqa: E402
+from butler_memory.core.settings import Settings  # noqa: E402
+from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools import bench_engine as eng  # noqa: E402
 from tools import bench_guards, parts  # noqa: E402
 from tools.bench_airflow import (  # noqa: E402
@@ -455,7 +455,7 @@ import importlib.util
 spec = importlib.util.spec_from_file_location("memory_compression", sys.argv[1] + "/dags/memory_compression.py")
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 steps["parse dags/memory_compression.py"] = time.process_time() - t
-t = time.process_time(); import butler_memory.dag_tasks; steps["import butler_memory.dag_tasks"] = time.process_time() - t
+t = time.process_time(); import butler_memory.orchestration.dag_tasks; steps["import butler_memory.orchestration.dag_tasks"] = time.process_time() - t
 t = time.process_time(); import airflow.providers.mongo.hooks.mongo; steps["import MongoHook (pymongo)"] = time.process_time() - t
 t = time.process_time(); import airflow.providers.redis.hooks.redis; steps["import RedisHook"] = time.process_time() - t
 t = time.process_time(); import openai; steps["import openai"] = time.process_time() - t

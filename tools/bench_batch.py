@@ -39,12 +39,12 @@ import openai
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from butler_memory import batch  # noqa: E402
-from butler_memory.batch_trigger import BatchTrigger  # noqa: E402
-from butler_memory.compression import UserResult, failed_result  # noqa: E402
-from butler_memory.errors import CompressionError  # noqa: E402
-from butler_memory.settings import Settings  # noqa: E402
-from butler_memory.store import MemoryStore  # noqa: E402
+from butler_memory.core.errors import CompressionError  # noqa: E402
+from butler_memory.core.settings import Settings  # noqa: E402
+from butler_memory.fold.compression import UserResult, failed_result  # noqa: E402
+from butler_memory.operations import batch  # noqa: E402
+from butler_memory.orchestration.batch_trigger import BatchTrigger  # noqa: E402
+from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools.bench_engine import CommandCounter, build_engine, seed_users, throughput_users  # noqa: E402
 from tools.bench_harness import OUT_DIR, Stack, log, machine, shown, stand_ins, write_results  # noqa: E402
 

@@ -1,5 +1,5 @@
 """The preload under the CeleryExecutor (the compose stack's executor): one DAG run with Airflow's
-default Celery config, one with ``butler_memory.celery_config``, in the same invocation.
+default Celery config, one with ``butler_memory.orchestration.celery_config``, in the same invocation.
 
     .venv/bin/python tools/bench_celery.py [--users 100] [--latency 0.5]
 
@@ -30,7 +30,7 @@ from tools.services import RedisService  # noqa: E402
 from tools.standalone import celery_pool, celery_worker  # noqa: E402
 
 OUT_DIR = REPO / ".local" / "bench-celery"
-CONFIG = "butler_memory.celery_config.CELERY_CONFIG"
+CONFIG = "butler_memory.orchestration.celery_config.CELERY_CONFIG"
 
 
 def _tree_cpu(root: psutil.Process) -> float:

@@ -31,11 +31,11 @@ from pymongo.database import Database
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from butler_memory.engine import Engine  # noqa: E402
-from butler_memory.locks import UserLocks  # noqa: E402
-from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
-from butler_memory.settings import Settings  # noqa: E402
-from butler_memory.store import VERSION_FIELD, EventKey, MemoryStore  # noqa: E402
+from butler_memory.core.settings import Settings  # noqa: E402
+from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
+from butler_memory.operations.engine import Engine  # noqa: E402
+from butler_memory.storage.locks import UserLocks  # noqa: E402
+from butler_memory.storage.store import VERSION_FIELD, EventKey, MemoryStore  # noqa: E402
 from tools.seed import user_events  # noqa: E402
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

@@ -47,7 +47,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from butler_memory.doorbell import Doorbell  # noqa: E402
+from butler_memory.freshness.doorbell import Doorbell  # noqa: E402
 from tools.bench_airflow import AirflowServices, proc_cpu  # noqa: E402
 from tools.bench_harness import OUT_DIR, Stack, airflow_on, log, run_phase, stand_ins, write_results  # noqa: E402
 

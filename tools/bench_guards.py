@@ -40,16 +40,16 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 import redis  # noqa: E402
 
-from butler_memory import guards, injection  # noqa: E402
-from butler_memory.engine import Engine  # noqa: E402
-from butler_memory.errors import GuardRejected  # noqa: E402
-from butler_memory.locks import UserLocks  # noqa: E402
-from butler_memory.metrics import NullMetrics, guard_metric  # noqa: E402
-from butler_memory.offline import OfflineSummarizer  # noqa: E402
-from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
-from butler_memory.settings import Settings  # noqa: E402
-from butler_memory.store import MemoryStore  # noqa: E402
-from butler_memory.summarizer import Summarizer  # noqa: E402
+from butler_memory.core.errors import GuardRejected  # noqa: E402
+from butler_memory.core.settings import Settings  # noqa: E402
+from butler_memory.fold.metrics import NullMetrics, guard_metric  # noqa: E402
+from butler_memory.llm.offline import OfflineSummarizer  # noqa: E402
+from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
+from butler_memory.llm.summarizer import Summarizer  # noqa: E402
+from butler_memory.operations.engine import Engine  # noqa: E402
+from butler_memory.safety import guards, injection  # noqa: E402
+from butler_memory.storage.locks import UserLocks  # noqa: E402
+from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tests import injection_sets  # noqa: E402
 from tools.bench_harness import OUT_DIR, stand_ins, write_results  # noqa: E402
 from tools.fake_openai import DETAIL, RESPONDERS, FakeOpenAI, prompt_parts  # noqa: E402

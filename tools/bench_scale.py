@@ -46,8 +46,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from butler_memory.settings import Settings  # noqa: E402
-from butler_memory.store import MemoryStore  # noqa: E402
+from butler_memory.core.settings import Settings  # noqa: E402
+from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools import bench, parts  # noqa: E402
 from tools import bench_engine as eng  # noqa: E402
 from tools.bench_airflow import CELERY_CPU, STAND_INS, AirflowServices  # noqa: E402
@@ -221,7 +221,7 @@ def celery_workers(
         "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{broker.port}/0",
         "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + ctx.postgres.create_database("celery_results"),
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
-        "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "butler_memory.celery_config.CELERY_CONFIG",
+        "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "butler_memory.orchestration.celery_config.CELERY_CONFIG",
     }
     home = args.work_dir / "airflow-celery"
     with (

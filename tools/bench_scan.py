@@ -30,10 +30,10 @@ from pymongo import monitoring
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from butler_memory import fresh  # noqa: E402
-from butler_memory.doorbell import DoorbellRecord  # noqa: E402
-from butler_memory.settings import Settings  # noqa: E402
-from butler_memory.store import MemoryStore  # noqa: E402
+from butler_memory.core.settings import Settings  # noqa: E402
+from butler_memory.freshness import fresh  # noqa: E402
+from butler_memory.freshness.doorbell import DoorbellRecord  # noqa: E402
+from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools.bench_engine import insert_events  # noqa: E402
 from tools.bench_harness import OUT_DIR, log, machine, run_phase, shown, stand_ins, write_results  # noqa: E402
 from tools.services import MongoService  # noqa: E402

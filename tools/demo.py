@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from butler_memory.units import duration  # noqa: E402
+from butler_memory.core.units import duration  # noqa: E402
 from tools.seed import MINUTES_APART, SeededUser, seed  # noqa: E402
 from tools.services import MongoService, RedisService, airflow_connection_env  # noqa: E402
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_report(mongo: MongoService, planted: list[SeededUser]) -> None:
     """Print the stored run report and one user's before/after, as an example."""
-    from butler_memory.report import to_markdown
+    from butler_memory.fold.report import to_markdown
 
     with mongo.client() as client:
         db = client["butler"]

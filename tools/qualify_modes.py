@@ -16,12 +16,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from butler_memory import guards, qualify  # noqa: E402
-from butler_memory.offline import OfflineSummarizer  # noqa: E402
-from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
-from butler_memory.settings import Settings  # noqa: E402
-from butler_memory.summarizer import Summarizer  # noqa: E402
-from butler_memory.units import duration  # noqa: E402
+from butler_memory.core.settings import Settings  # noqa: E402
+from butler_memory.core.units import duration  # noqa: E402
+from butler_memory.llm.offline import OfflineSummarizer  # noqa: E402
+from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
+from butler_memory.llm.summarizer import Summarizer  # noqa: E402
+from butler_memory.operations import qualify  # noqa: E402
+from butler_memory.safety import guards  # noqa: E402
 from tools.fake_openai import FakeOpenAI  # noqa: E402
 
 OLLAMA_WINDOW = 768

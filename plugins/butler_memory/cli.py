@@ -22,12 +22,12 @@ from typing import Any, TextIO
 
 from pymongo.errors import ConnectionFailure, PyMongoError
 
-from butler_memory.compression import FAILED, UserResult, failed_result
-from butler_memory.errors import CompressionError, ForgetInputError, LockUnavailableError, RollbackRefusedError
-from butler_memory.qualify import Thresholds
-from butler_memory.report import build_report, emit_run_metrics, to_markdown
-from butler_memory.settings import SettingsError
-from butler_memory.store import describe_mongo_error
+from butler_memory.core.errors import CompressionError, ForgetInputError, LockUnavailableError, RollbackRefusedError
+from butler_memory.core.settings import SettingsError
+from butler_memory.fold.compression import FAILED, UserResult, failed_result
+from butler_memory.fold.report import build_report, emit_run_metrics, to_markdown
+from butler_memory.operations.qualify import Thresholds
+from butler_memory.storage.store import describe_mongo_error
 
 log = logging.getLogger("butler_memory.cli")
 
@@ -164,7 +164,7 @@ def _progress(out: TextIO, done: int, total: int, result: UserResult) -> None:
 
 def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Scan, compress each user in turn, print the report; return the exit code."""
-    from butler_memory.connections import build_engine, resolve_settings
+    from butler_memory.orchestration.connections import build_engine, resolve_settings
 
     # The options are the DAG's params: settings resolve exactly as in the DAG (env, Variable, params).
     params = {"threshold": args.threshold, "keep_last_n": args.keep_last_n, "limit": args.limit}
@@ -222,8 +222,8 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Forget a user or some of their events; print the result; return the exit code."""
-    from butler_memory import erasure, forget
-    from butler_memory.connections import build_engine, erasure_secret, resolve_settings
+    from butler_memory.operations import erasure, forget
+    from butler_memory.orchestration.connections import build_engine, erasure_secret, resolve_settings
 
     by_events = bool(args.events) or args.since is not None or args.until is not None
     if by_events and args.include_events:
@@ -293,7 +293,7 @@ def _each_user(
 ) -> list[Any] | int:
     """Open the engine (a real run first pings the lock service and ensures the indexes), act on each
     user in turn, close it; return the results, or an exit code when a service or setting is bad."""
-    from butler_memory.connections import build_engine, resolve_settings
+    from butler_memory.orchestration.connections import build_engine, resolve_settings
 
     try:
         engine = build_engine(resolve_settings({}))  # the DAG's settings: the same lock keys and collections
@@ -330,8 +330,8 @@ def _each_user(
 
 def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Roll back one run for each user it changed; print one line per user; return the exit code."""
-    from butler_memory.rollback import RollbackResult, users_of_run
-    from butler_memory.runs import resolve_run, split_run_key
+    from butler_memory.core.runs import resolve_run, split_run_key
+    from butler_memory.operations.rollback import RollbackResult, rollback_markdown, users_of_run
 
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
     target: dict[str, str] = {}
@@ -382,7 +382,7 @@ def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Re-fold each given user from the archive; print one line per user; return the exit code."""
-    from butler_memory.refold import RefoldResult
+    from butler_memory.operations.refold import RefoldResult
 
     run_id = f"refold__{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S')}"
     results = _each_user(
@@ -415,8 +415,8 @@ def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def run_qualify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Qualify the configured summariser on the built-in synthetic users; print the report."""
-    from butler_memory import qualify
-    from butler_memory.connections import build_summarizer, resolve_settings
+    from butler_memory.operations import qualify
+    from butler_memory.orchestration.connections import build_summarizer, resolve_settings
 
     try:
         thresholds = Thresholds(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Thresholds)})
@@ -437,29 +437,6 @@ def run_qualify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         out.write(qualify.to_markdown(report))
     return EXIT_OK if report["verdict"] == qualify.PASS else EXIT_FAILED_USERS
-
-
-def rollback_markdown(run_id: str, results: Sequence[Any], *, dry_run: bool) -> str:
-    """Return a rollback's results as Markdown: one row per user, no content."""
-    lines = [
-        f"# Rollback of run {run_id}{' (dry run: nothing written)' if dry_run else ''}",
-        "",
-        f"{len(results)} user(s).",
-        "",
-    ]
-    if results:
-        lines += [
-            "| user | status | version | restores | undoes | runs undone | events back | events missing | note |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-    for r in results:
-        version = f"v{r.from_version} → v{r.to_version}" if r.to_version != r.from_version else f"v{r.from_version}"
-        restores = "" if r.restored_version is None else f"v{r.restored_version}"
-        lines.append(
-            f"| {r.user_id} | {r.status} | {version} | {restores} | {', '.join(f'v{v}' for v in r.undoes)} | "
-            f"{', '.join(r.undone_runs)} | {r.events_restored} | {r.events_missing} | {r.message} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def _configure_logging(verbose: bool, err: TextIO) -> None:

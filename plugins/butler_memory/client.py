@@ -60,20 +60,21 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.database import Database
 from pymongo.read_concern import ReadConcern
 
-from butler_memory.budget import TokenBudget
-from butler_memory.compression import UserResult
-from butler_memory.doorbell import AsyncDoorbell, Doorbell, valid_user_id
-from butler_memory.engine import Engine
-from butler_memory.errors import (
+from butler_memory.core.errors import (
     ConcurrentUpdateError,
     InvalidEventError,
     InvalidProfileError,
     InvalidUserIdError,
 )
-from butler_memory.locks import UserLocks
-from butler_memory.metrics import Metrics, NullMetrics
-from butler_memory.settings import Settings, SettingsError
-from butler_memory.store import (
+from butler_memory.core.settings import Settings, SettingsError
+from butler_memory.fold.compression import UserResult
+from butler_memory.fold.metrics import Metrics, NullMetrics
+from butler_memory.freshness.doorbell import AsyncDoorbell, Doorbell, valid_user_id
+from butler_memory.llm.budget import TokenBudget
+from butler_memory.llm.summarizer import Summarizer
+from butler_memory.operations.engine import Engine
+from butler_memory.storage.locks import UserLocks
+from butler_memory.storage.store import (
     ERASING_FIELD,
     FORGET_FIELD,
     OUR_PROFILE_FIELDS,
@@ -88,7 +89,6 @@ from butler_memory.store import (
     parse_profile,
     sanitized_errors,
 )
-from butler_memory.summarizer import Summarizer
 
 log = logging.getLogger(__name__)
 

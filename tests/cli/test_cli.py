@@ -135,7 +135,7 @@ def test_user_restricts_the_run(airflow_conns: AirflowConns, mongo_db: Database[
 
     assert result.returncode == 0, result.stderr
     assert [u["user_id"] for u in report_of(result)["users"]] == ["big", "other"], "stdout must be only the report"
-    assert "INFO butler_memory.compression: user big: folding 27 of 30 events" in result.stderr, result.stderr
+    assert "INFO butler_memory.fold.compression: user big: folding 27 of 30 events" in result.stderr, result.stderr
     assert counts(mongo_db) == {"big": 3, "bigger": 40, "other": 3}, "--user must leave other users alone"
 
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from butler_memory.connections import build_summarizer, llm_config
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.openai_summarizer import OpenAISummarizer
-from butler_memory.settings import Settings, SettingsError
-from butler_memory.summarizer import EventText, SummaryRequest
+from butler_memory.core.settings import Settings, SettingsError
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.llm.openai_summarizer import OpenAISummarizer
+from butler_memory.llm.summarizer import EventText, SummaryRequest
+from butler_memory.orchestration.connections import build_summarizer, llm_config
 from tools.fake_openai import FakeOpenAI
 
 CONN = "AIRFLOW_CONN_OPENAI_DEFAULT"
@@ -153,7 +153,7 @@ def test_the_environment_key_goes_to_the_endpoint_it_came_with(
 
 
 def test_the_public_endpoint_gets_the_environment_key() -> None:
-    from butler_memory.connections import _environment_key
+    from butler_memory.orchestration.connections import _environment_key
 
     env = {"OPENAI_API_KEY": "sk-x"}
     assert _environment_key(Settings(), "https://api.openai.com/v1", env) == "sk-x"

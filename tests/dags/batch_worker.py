@@ -14,8 +14,8 @@ import signal
 import sys
 from typing import Any
 
-from butler_memory import dag_tasks
-from butler_memory.store import MemoryStore
+from butler_memory.orchestration import dag_tasks
+from butler_memory.storage.store import MemoryStore
 
 
 class TaskInstance:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from pymongo.database import Database
 
-from butler_memory import fresh
-from butler_memory.doorbell import Doorbell
-from butler_memory.settings import Settings
+from butler_memory.core.settings import Settings
+from butler_memory.freshness import fresh
+from butler_memory.freshness.doorbell import Doorbell
 from tests.dags.test_dag_run import (
     BROKEN,
     FAIL_MARKER,

@@ -1,4 +1,4 @@
-"""A real ``airflow celery worker`` started with ``butler_memory.celery_config`` has the task's
+"""A real ``airflow celery worker`` started with ``butler_memory.orchestration.celery_config`` has the task's
 libraries loaded in its pool processes before any task arrives; without it, it has not.
 
 The observable is the shared objects a process has mapped (``/proc/PID/maps``): pymongo's
@@ -43,7 +43,7 @@ def _worker_env(tmp_path: Path, redis_service: RedisService, configured: bool) -
         }
     )
     if configured:
-        env["AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS"] = "butler_memory.celery_config.CELERY_CONFIG"
+        env["AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS"] = "butler_memory.orchestration.celery_config.CELERY_CONFIG"
     return env
 
 

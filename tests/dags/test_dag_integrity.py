@@ -23,7 +23,7 @@ from airflow.sdk.definitions.mappedoperator import MappedOperator
 from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import ParamValidationError
 
-from butler_memory.settings import MAX_USERS_PER_TASK
+from butler_memory.core.settings import MAX_USERS_PER_TASK
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS_DIR = REPO / "dags"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from butler_memory import erasure
-from butler_memory.settings import Settings
+from butler_memory.core.settings import Settings
+from butler_memory.operations import erasure
 from tests.dags.test_dag_run import dag, llm_pool, seed_users, world
 
 __all__ = ["dag", "llm_pool", "world"]  # fixtures used by this module's tests

@@ -25,7 +25,7 @@ HEAVY = (
     "httpcore2",  # imported lazily, when the first client is built
     "pymongo",
     "redis",
-    "butler_memory.dag_tasks",
+    "butler_memory.orchestration.dag_tasks",
     "statsd",
     "airflow.providers.standard.decorators.python",
     "lingua",  # the language guard's detector, built with its models
@@ -46,9 +46,9 @@ PROBE = textwrap.dedent(
     pid = os.fork()
     if pid == 0:
         loaded = {m: m in sys.modules for m in HEAVY}
-        summarizer = sys.modules.get("butler_memory.openai_summarizer")
+        summarizer = sys.modules.get("butler_memory.llm.openai_summarizer")
         loaded["tls context"] = summarizer is not None and summarizer._TLS_CONTEXT is not None
-        guards = sys.modules.get("butler_memory.guards")
+        guards = sys.modules.get("butler_memory.safety.guards")
         loaded["language detector"] = guards is not None and guards._build_detector.cache_info().currsize > 0
         os.write(write, json.dumps(loaded).encode())
         os._exit(0)
@@ -92,7 +92,7 @@ def test_preload_can_be_turned_off(tmp_path: Path, value: str) -> None:
     seen = _probe(tmp_path, BUTLER_MEMORY_PRELOAD=value)
     assert "butler_memory_preload" in seen["plugins"]  # still a plugin, it just imports nothing
     assert not seen["after"]["openai"]
-    assert not seen["after"]["butler_memory.dag_tasks"]
+    assert not seen["after"]["butler_memory.orchestration.dag_tasks"]
 
 
 class _Records(logging.Handler):

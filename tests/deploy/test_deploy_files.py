@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from butler_memory.cli import build_parser
-from butler_memory.metrics import ALL_METRICS
-from butler_memory.settings import Settings
+from butler_memory.core.settings import Settings
+from butler_memory.fold.metrics import ALL_METRICS
 from tools import parts
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 The catch-up DAG's cron is set to once a year here, so the only thing that can start a catch-up run
 is the doorbell's asset watcher. Nobody triggers a run: the Butler's side rings (plain redis-py, as
-``butler_memory.doorbell`` documents), and the test waits for the user's events to be folded.
+``butler_memory.freshness.doorbell`` documents), and the test waits for the user's events to be folded.
 The second test rings while the scheduler and the triggerer are down; once they are back, the
 watcher sees the waiting record and the user is compressed.
 """
@@ -16,7 +16,7 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.doorbell import Doorbell
+from butler_memory.freshness.doorbell import Doorbell
 from tests.e2e.test_rest_api import (
     DAG_PARSE_TIMEOUT,
     RUN_TIMEOUT,

@@ -33,7 +33,7 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.settings import Settings
+from butler_memory.core.settings import Settings
 from tests.population import seed_population
 from tools.demo import prepare_airflow
 from tools.fake_openai import FakeOpenAI

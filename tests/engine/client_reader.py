@@ -18,8 +18,8 @@ import sys
 import pymongo
 
 from butler_memory.client import MemoryClient
-from butler_memory.errors import CompressionError
-from butler_memory.settings import Settings
+from butler_memory.core.errors import CompressionError
+from butler_memory.core.settings import Settings
 
 
 def main(argv: list[str]) -> int:

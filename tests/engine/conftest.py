@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from butler_memory.metrics import StatsdConfig, StatsdMetrics
-from butler_memory.openai_summarizer import OpenAISummarizer
+from butler_memory.fold.metrics import StatsdConfig, StatsdMetrics
+from butler_memory.llm.openai_summarizer import OpenAISummarizer
 from tests.engine.helpers import openai_summarizer
 from tools.fake_openai import FakeOpenAI
 from tools.services import StatsdSink

@@ -10,15 +10,15 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
-from butler_memory.compression import COMPRESSED, failed_result
-from butler_memory.doorbell import Doorbell
-from butler_memory.engine import Engine
-from butler_memory.errors import LLMPermanentError
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.report import build_report
-from butler_memory.settings import Settings
-from butler_memory.store import MemoryStore
-from butler_memory.summarizer import Summary, SummaryRequest
+from butler_memory.core.errors import LLMPermanentError
+from butler_memory.core.settings import Settings
+from butler_memory.fold.compression import COMPRESSED, failed_result
+from butler_memory.fold.report import build_report
+from butler_memory.freshness.doorbell import Doorbell
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.llm.summarizer import Summary, SummaryRequest
+from butler_memory.operations.engine import Engine
+from butler_memory.storage.store import MemoryStore
 from tests.engine.helpers import insert_events, make_engine
 
 Doc = dict[str, Any]

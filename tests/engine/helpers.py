@@ -11,14 +11,14 @@ import redis
 from pymongo import monitoring
 from pymongo.database import Database
 
-from butler_memory.engine import Engine
-from butler_memory.locks import UserLocks
-from butler_memory.metrics import Metrics, NullMetrics
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer
-from butler_memory.settings import Settings
-from butler_memory.store import THROUGH_FIELD, VERSION_FIELD, MemoryStore
-from butler_memory.summarizer import Summarizer
+from butler_memory.core.settings import Settings
+from butler_memory.fold.metrics import Metrics, NullMetrics
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer
+from butler_memory.llm.summarizer import Summarizer
+from butler_memory.operations.engine import Engine
+from butler_memory.storage.locks import UserLocks
+from butler_memory.storage.store import THROUGH_FIELD, VERSION_FIELD, MemoryStore
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 """Timestamp of every test user's first event."""

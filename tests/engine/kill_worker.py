@@ -27,12 +27,12 @@ from typing import Any
 import pymongo
 import redis
 
-from butler_memory import erasure, forget
-from butler_memory.engine import Engine
-from butler_memory.locks import UserLocks
-from butler_memory.openai_summarizer import LLMConfig, OpenAISummarizer
-from butler_memory.settings import Settings
-from butler_memory.store import MemoryStore
+from butler_memory.core.settings import Settings
+from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer
+from butler_memory.operations import erasure, forget
+from butler_memory.operations.engine import Engine
+from butler_memory.storage.locks import UserLocks
+from butler_memory.storage.store import MemoryStore
 
 
 def _constant(value: str) -> Callable[[Settings], str]:
@@ -117,7 +117,7 @@ def _batch_run(engine: Engine, config: dict[str, Any], checkpoint: Callable[[str
     """Run a batch run's steps for ``user_ids`` (the wait is the fake's: its batches end at once)."""
     import openai
 
-    from butler_memory import batch
+    from butler_memory.operations import batch
 
     run_key, users = config["run_id"], config["user_ids"]
     with openai.OpenAI(base_url=config["llm_base_url"], api_key="test-key", max_retries=0) as client:

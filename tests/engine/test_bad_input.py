@@ -14,11 +14,11 @@ from pymongo.database import Database
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, failed_result
-from butler_memory.errors import CompressionError, InvalidProfileError, LockUnavailableError
-from butler_memory.locks import UserLocks
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.settings import Settings
+from butler_memory.core.errors import CompressionError, InvalidProfileError, LockUnavailableError
+from butler_memory.core.settings import Settings
+from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, failed_result
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.storage.locks import UserLocks
 from tests.engine.helpers import (
     archive_of,
     events_of,
@@ -167,7 +167,7 @@ def test_silent_redis_times_out_through_the_connection_instead_of_hanging(
     monkeypatch: pytest.MonkeyPatch, airflow_conns: object
 ) -> None:
     """A Redis host that accepts and never answers fails closed within the configured timeout."""
-    from butler_memory.connections import user_locks
+    from butler_memory.orchestration.connections import user_locks
 
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""The daily run's batch mode at engine level (butler_memory.batch) against real parts: the fake
+"""The daily run's batch mode at engine level (butler_memory.operations.batch) against real parts: the fake
 OpenAI server's /v1/files and /v1/batches through the real ``openai`` client, MongoDB and Redis.
 
 The wait is the triggerer's (tests/dags/test_batch_dag.py runs it through Airflow); here the
@@ -16,11 +16,11 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import batch
-from butler_memory.compression import COMPRESSED, SKIPPED_STALE, UserResult
-from butler_memory.engine import Engine
-from butler_memory.errors import CompressionError, LLMBatchError, LLMPromptTruncatedError, LLMReplyCutOffError
-from butler_memory.settings import Settings, SettingsError
+from butler_memory.core.errors import CompressionError, LLMBatchError, LLMPromptTruncatedError, LLMReplyCutOffError
+from butler_memory.core.settings import Settings, SettingsError
+from butler_memory.fold.compression import COMPRESSED, SKIPPED_STALE, UserResult
+from butler_memory.operations import batch
+from butler_memory.operations.engine import Engine
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     content_of,
@@ -267,7 +267,7 @@ def test_the_trigger_fires_once_every_batch_ended(
     """The wait's trigger, run on an event loop as the triggerer runs it, against the fake's batches."""
     import asyncio
 
-    from butler_memory.batch_trigger import BatchTrigger
+    from butler_memory.orchestration.batch_trigger import BatchTrigger
 
     seed(mongo_db)
     llm.set_batch(delay=1.0, final="expired")
@@ -277,7 +277,7 @@ def test_the_trigger_fires_once_every_batch_ended(
     monkeypatch.setenv("OPENAI_BASE_URL", llm.base_url)  # no connection: the environment's endpoint
     trigger = BatchTrigger(batch_ids=ids, settings={"llm_conn_id": ""}, poll_seconds=0.2)
     classpath, kwargs = trigger.serialize()
-    assert classpath == "butler_memory.batch_trigger.BatchTrigger" and "api_key" not in repr(kwargs)
+    assert classpath == "butler_memory.orchestration.batch_trigger.BatchTrigger" and "api_key" not in repr(kwargs)
 
     async def first_event() -> Any:
         async for event in BatchTrigger(**kwargs).run():

@@ -17,8 +17,8 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import batch
-from butler_memory.compression import COMPRESSED, STEPS
+from butler_memory.fold.compression import COMPRESSED, STEPS
+from butler_memory.operations import batch
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     archive_of,

@@ -14,12 +14,12 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.budget import TokenBudget
-from butler_memory.compression import COMPRESSED, SKIPPED_BUDGET, failed_result
-from butler_memory.engine import Engine
-from butler_memory.errors import LLMPromptTruncatedError, LLMReplyCutOffError
-from butler_memory.report import build_report, to_markdown
-from butler_memory.store import MemoryStore
+from butler_memory.core.errors import LLMPromptTruncatedError, LLMReplyCutOffError
+from butler_memory.fold.compression import COMPRESSED, SKIPPED_BUDGET, failed_result
+from butler_memory.fold.report import build_report, to_markdown
+from butler_memory.llm.budget import TokenBudget
+from butler_memory.operations.engine import Engine
+from butler_memory.storage.store import MemoryStore
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import insert_events, small_settings, snapshot
 from tools.fake_openai import FakeOpenAI
@@ -29,7 +29,7 @@ DAY = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
 
 
 def _engine(db: Database[Doc], client: redis.Redis, make_openai: OpenAIFactory, budget: int) -> Engine:
-    from butler_memory.locks import UserLocks
+    from butler_memory.storage.locks import UserLocks
 
     settings = small_settings(daily_token_budget=budget, max_events_per_chunk=4)
     return Engine(
@@ -121,7 +121,7 @@ def test_every_token_is_counted_refused_replies_and_failed_users_included(
 def test_a_refold_and_a_forgets_rebuild_spend_the_days_budget(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
-    from butler_memory import forget
+    from butler_memory.operations import forget
     from tests.engine.erasure_helpers import SECRET
 
     engine = _engine(mongo_db, redis_client, make_openai, budget=10**9)

@@ -10,8 +10,8 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.compression import COMPRESSED
-from butler_memory.settings import ENV_PREFIX, Settings
+from butler_memory.core.settings import ENV_PREFIX, Settings
+from butler_memory.fold.compression import COMPRESSED
 from tests.engine.helpers import insert_events, profile_of
 from tools.fake_openai import FakeOpenAI
 from tools.services import MongoService, RedisService

@@ -19,18 +19,18 @@ import redis.asyncio
 from pymongo.database import Database
 
 from butler_memory import client as butler
-from butler_memory import forget
-from butler_memory.compression import COMPRESSED, SKIPPED_LOCKED
-from butler_memory.engine import Engine
-from butler_memory.errors import (
+from butler_memory.core.errors import (
     ConcurrentUpdateError,
     InvalidEventError,
     InvalidProfileError,
     InvalidUserIdError,
     LockUnavailableError,
 )
-from butler_memory.settings import SettingsError
-from butler_memory.store import ERASING_FIELD, FORGET_FIELD, PENDING_FIELD, ROLLBACK_FIELD, VERSION_FIELD
+from butler_memory.core.settings import SettingsError
+from butler_memory.fold.compression import COMPRESSED, SKIPPED_LOCKED
+from butler_memory.operations import forget
+from butler_memory.operations.engine import Engine
+from butler_memory.storage.store import ERASING_FIELD, FORGET_FIELD, PENDING_FIELD, ROLLBACK_FIELD, VERSION_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.erasure_helpers import SECRET
 from tests.engine.helpers import (

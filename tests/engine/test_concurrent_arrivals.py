@@ -8,9 +8,9 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
-from butler_memory.compression import COMPRESSED
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.summarizer import Summary, SummaryRequest
+from butler_memory.fold.compression import COMPRESSED
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.llm.summarizer import Summary, SummaryRequest
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     START,

@@ -19,10 +19,10 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import fresh
-from butler_memory.doorbell import Doorbell, DoorbellRecord
-from butler_memory.settings import Settings
-from butler_memory.store import Backlog, MemoryStore
+from butler_memory.core.settings import Settings
+from butler_memory.freshness import fresh
+from butler_memory.freshness.doorbell import Doorbell, DoorbellRecord
+from butler_memory.storage.store import Backlog, MemoryStore
 from tests.engine.helpers import DocumentsRead, insert_events, make_engine, small_settings
 from tools.bench_engine import CommandCounter
 from tools.services import MongoService
@@ -284,8 +284,8 @@ def test_a_full_scan_finding_more_than_it_can_record_is_followed_by_another(
 def test_an_erasure_removes_the_user_from_the_daily_runs_owed_record(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    from butler_memory import erasure
-    from butler_memory.locks import UserLocks
+    from butler_memory.operations import erasure
+    from butler_memory.storage.locks import UserLocks
     from tests.engine.erasure_helpers import SECRET
 
     settings = _settings(scan_limit=1)

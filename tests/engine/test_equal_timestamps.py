@@ -12,7 +12,7 @@ import redis
 from pymongo import monitoring
 from pymongo.database import Database
 
-from butler_memory.compression import COMPRESSED
+from butler_memory.fold.compression import COMPRESSED
 from tests.engine.helpers import events_of, insert_events, make_engine, small_settings
 from tools.services import MongoService
 

@@ -12,12 +12,12 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import erasure
-from butler_memory.errors import ErasurePendingError, ForgetInputError, LockBusyError
-from butler_memory.locks import UserLocks
-from butler_memory.report import build_report
-from butler_memory.settings import Settings
-from butler_memory.store import ERASING_FIELD, MemoryStore
+from butler_memory.core.errors import ErasurePendingError, ForgetInputError, LockBusyError
+from butler_memory.core.settings import Settings
+from butler_memory.fold.report import build_report
+from butler_memory.operations import erasure
+from butler_memory.storage.locks import UserLocks
+from butler_memory.storage.store import ERASING_FIELD, MemoryStore
 from tests.engine.erasure_helpers import (
     CANARY,
     OTHER,
@@ -243,7 +243,7 @@ def test_the_butlers_call_erases_with_plain_clients(mongo_db: Database[Doc], red
 
 
 def test_a_short_secret_is_refused() -> None:
-    from butler_memory.settings import SettingsError
+    from butler_memory.core.settings import SettingsError
 
     with pytest.raises(SettingsError, match="BUTLER_MEMORY_ERASURE_SECRET"):
         erasure.erasure_secret({erasure.SECRET_ENV: "short"})

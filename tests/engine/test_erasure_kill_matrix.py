@@ -19,9 +19,9 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import erasure
-from butler_memory.locks import UserLocks
-from butler_memory.store import MemoryStore
+from butler_memory.operations import erasure
+from butler_memory.storage.locks import UserLocks
+from butler_memory.storage.store import MemoryStore
 from tests.engine.erasure_helpers import (
     CANARY,
     OTHER,

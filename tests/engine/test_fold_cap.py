@@ -8,8 +8,8 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
-from butler_memory.compression import COMPRESSED
-from butler_memory.report import build_report, to_markdown
+from butler_memory.fold.compression import COMPRESSED
+from butler_memory.fold.report import build_report, to_markdown
 from tests.engine.helpers import insert_events, make_engine, small_settings
 
 Doc = dict[str, Any]

@@ -9,12 +9,12 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import forget
-from butler_memory.compression import COMPRESSED
-from butler_memory.engine import Engine
-from butler_memory.errors import ErasurePendingError, ForgetInputError
-from butler_memory.settings import Settings
-from butler_memory.store import FORGET_FIELD
+from butler_memory.core.errors import ErasurePendingError, ForgetInputError
+from butler_memory.core.settings import Settings
+from butler_memory.fold.compression import COMPRESSED
+from butler_memory.operations import forget
+from butler_memory.operations.engine import Engine
+from butler_memory.storage.store import FORGET_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.erasure_helpers import (
     FACT_USER,
@@ -274,7 +274,7 @@ def test_the_butlers_call_forgets_events_and_logs_no_content(
     import json
     import logging
 
-    from butler_memory.offline import OfflineSummarizer
+    from butler_memory.llm.offline import OfflineSummarizer
 
     settings = fact_settings()
     seeded(mongo_db, redis_client, settings)
@@ -299,7 +299,7 @@ def test_the_butlers_call_forgets_events_and_logs_no_content(
 def test_forgetting_events_waits_for_an_unfinished_user_erasure(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    from butler_memory.store import ERASING_FIELD
+    from butler_memory.storage.store import ERASING_FIELD
 
     engine = seeded(mongo_db, redis_client, fact_settings())
     mongo_db["user_profiles"].update_one({"user_id": FACT_USER}, {"$set": {ERASING_FIELD: "an-erasure"}})
@@ -344,7 +344,7 @@ def test_a_version_committed_on_top_of_an_interrupted_forget_is_rebuilt_too(
 def test_an_llm_outage_leaves_the_forget_unfinished_and_the_re_run_finishes_it(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
-    from butler_memory.errors import LLMError
+    from butler_memory.core.errors import LLMError
 
     settings = fact_settings()
     llm.set_responder(fact_responder)

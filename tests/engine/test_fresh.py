@@ -18,10 +18,10 @@ import redis
 import redis.asyncio
 from pymongo.database import Database
 
-from butler_memory import fresh
-from butler_memory.backoff import FailureBackoff
-from butler_memory.doorbell import AsyncDoorbell, Doorbell, DoorbellRecord, valid_user_id
-from butler_memory.store import Backlog, MemoryStore
+from butler_memory.freshness import fresh
+from butler_memory.freshness.backoff import FailureBackoff
+from butler_memory.freshness.doorbell import AsyncDoorbell, Doorbell, DoorbellRecord, valid_user_id
+from butler_memory.storage.store import Backlog, MemoryStore
 from tests.engine.helpers import DocumentsRead, insert_events, small_settings
 from tools.bench_engine import CommandCounter
 from tools.services import MongoService, RedisService
@@ -290,9 +290,9 @@ def test_idle_settle_counts_without_a_run(mongo_db: Database[dict[str, Any]], re
 def test_freshness_is_the_lag_from_crossing_the_threshold_to_the_commit(
     mongo_db: Database[dict[str, Any]], redis_client: redis.Redis, statsd_metrics: Any, statsd: Any
 ) -> None:
-    from butler_memory.compression import compress_user
-    from butler_memory.locks import UserLocks
-    from butler_memory.offline import OfflineSummarizer
+    from butler_memory.fold.compression import compress_user
+    from butler_memory.llm.offline import OfflineSummarizer
+    from butler_memory.storage.locks import UserLocks
 
     settings = small_settings()  # threshold 10: the 11th event (index 10) takes the user over it
     start = NOW - timedelta(minutes=30)

@@ -11,11 +11,11 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import metrics as m
-from butler_memory.compression import COMPRESSED, failed_result
-from butler_memory.errors import GuardRejected
-from butler_memory.metrics import StatsdMetrics
-from butler_memory.offline import OfflineSummarizer
+from butler_memory.core.errors import GuardRejected
+from butler_memory.fold import metrics as m
+from butler_memory.fold.compression import COMPRESSED, failed_result
+from butler_memory.fold.metrics import StatsdMetrics
+from butler_memory.llm.offline import OfflineSummarizer
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     archive_of,

@@ -7,8 +7,8 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
-from butler_memory.history import BASELINE, FOLD
-from butler_memory.store import MemoryStore
+from butler_memory.storage.history import BASELINE, FOLD
+from butler_memory.storage.store import MemoryStore
 from tests.engine.helpers import history_of, insert_events, make_engine, profile_of, set_profile, small_settings
 
 Doc = dict[str, Any]

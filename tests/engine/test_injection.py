@@ -12,12 +12,12 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import forget
-from butler_memory import metrics as m
-from butler_memory.compression import COMPRESSED
-from butler_memory.errors import GuardRejected
-from butler_memory.metrics import StatsdMetrics
-from butler_memory.offline import OfflineSummarizer
+from butler_memory.core.errors import GuardRejected
+from butler_memory.fold import metrics as m
+from butler_memory.fold.compression import COMPRESSED
+from butler_memory.fold.metrics import StatsdMetrics
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.operations import forget
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.erasure_helpers import SECRET
 from tests.engine.helpers import (

@@ -14,14 +14,14 @@ import redis
 from bson import ObjectId
 from pymongo.database import Database
 
-from butler_memory import metrics as m
-from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED
-from butler_memory.errors import ConcurrentUpdateError, InvalidSummaryError, LockLostError
-from butler_memory.locks import UserLocks
-from butler_memory.metrics import StatsdMetrics
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.store import ARCHIVE_FIELDS, Backlog, MemoryStore
-from butler_memory.summarizer import Summary, SummaryRequest
+from butler_memory.core.errors import ConcurrentUpdateError, InvalidSummaryError, LockLostError
+from butler_memory.fold import metrics as m
+from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED
+from butler_memory.fold.metrics import StatsdMetrics
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.llm.summarizer import Summary, SummaryRequest
+from butler_memory.storage.locks import UserLocks
+from butler_memory.storage.store import ARCHIVE_FIELDS, Backlog, MemoryStore
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     START,
@@ -314,7 +314,7 @@ def test_non_string_user_ids_take_no_place_in_the_scan_and_are_counted(
         mongo_db["user_memory"].insert_many(
             [{"user_id": bad_id, "role": "user", "content": "x", "created_at": START} for _ in range(n)]
         )
-    caplog.set_level(logging.WARNING, logger="butler_memory.store")
+    caplog.set_level(logging.WARNING, logger="butler_memory.storage.store")
 
     assert engine.scan(limit=2) == [Backlog("b", 15), Backlog("a", 12)], "non-string ids took places in the run"
     (warning,) = [r.getMessage() for r in caplog.records if "not strings" in r.getMessage()]
@@ -364,7 +364,7 @@ def test_indexes_are_created_idempotently_and_retention_is_updated(
 
 def test_every_collection_of_the_store_writes_with_the_configured_write_concern(mongo_db: Database[Doc]) -> None:
     """History and the erasure audit log used the server's default write concern (issue 26, item 8)."""
-    from butler_memory.erasure import AuditLog, _job_collections
+    from butler_memory.operations.erasure import AuditLog, _job_collections
 
     settings = small_settings(mongo_write_concern="2", mongo_write_timeout_ms=1234)
     store = MemoryStore(mongo_db, settings)

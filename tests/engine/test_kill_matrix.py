@@ -24,9 +24,9 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED, STEPS
-from butler_memory.settings import Settings
-from butler_memory.store import ARCHIVE_FIELDS, PENDING_FIELD
+from butler_memory.core.settings import Settings
+from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED, STEPS
+from butler_memory.storage.store import ARCHIVE_FIELDS, PENDING_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     archive_of,

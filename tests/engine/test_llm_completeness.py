@@ -15,9 +15,9 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.compression import COMPRESSED
-from butler_memory.errors import LLMPromptTruncatedError
-from butler_memory.prompt import SYSTEM_PROMPT
+from butler_memory.core.errors import LLMPromptTruncatedError
+from butler_memory.fold.compression import COMPRESSED
+from butler_memory.llm.prompt import SYSTEM_PROMPT
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import events_of, insert_events, make_engine, set_profile, small_settings, snapshot
 from tools.fake_openai import FakeOpenAI, prompt_tokens_of

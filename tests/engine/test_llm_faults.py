@@ -10,9 +10,7 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import metrics as m
-from butler_memory.compression import COMPRESSED
-from butler_memory.errors import (
+from butler_memory.core.errors import (
     CompressionError,
     InvalidSummaryError,
     LLMPermanentError,
@@ -20,7 +18,9 @@ from butler_memory.errors import (
     LLMReplyCutOffError,
     LLMTransientError,
 )
-from butler_memory.metrics import StatsdMetrics
+from butler_memory.fold import metrics as m
+from butler_memory.fold.compression import COMPRESSED
+from butler_memory.fold.metrics import StatsdMetrics
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import insert_events, make_engine, openai_summarizer, set_profile, small_settings, snapshot
 from tools.fake_openai import FakeOpenAI

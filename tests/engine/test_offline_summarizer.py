@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from butler_memory.guards import missing_facts
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.summarizer import EventText, SummaryRequest
-from butler_memory.validation import validate_summary
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.llm.summarizer import EventText, SummaryRequest
+from butler_memory.safety.guards import missing_facts
+from butler_memory.safety.validation import validate_summary
 from tools.seed import SMALL_TALK_EN, SMALL_TALK_RU, user_events
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

@@ -14,11 +14,11 @@ import pymongo
 import redis
 from pymongo.database import Database
 
-from butler_memory import forget
-from butler_memory.compression import COMPRESSED
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.refold import REFOLDED
-from butler_memory.summarizer import Summary, SummaryRequest
+from butler_memory.fold.compression import COMPRESSED
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.llm.summarizer import Summary, SummaryRequest
+from butler_memory.operations import forget
+from butler_memory.operations.refold import REFOLDED
 from tests.engine.erasure_helpers import SECRET
 from tests.engine.helpers import CursorWatch, insert_events, make_engine, small_settings
 from tools.services import MongoService

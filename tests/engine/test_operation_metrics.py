@@ -15,15 +15,15 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import erasure, forget
-from butler_memory import metrics as m
-from butler_memory.engine import Engine
-from butler_memory.errors import ForgetInputError
-from butler_memory.locks import UserLocks
-from butler_memory.metrics import StatsdMetrics
-from butler_memory.refold import REFOLDED
-from butler_memory.rollback import ROLLED_BACK
-from butler_memory.store import MemoryStore
+from butler_memory.core.errors import ForgetInputError
+from butler_memory.fold import metrics as m
+from butler_memory.fold.metrics import StatsdMetrics
+from butler_memory.operations import erasure, forget
+from butler_memory.operations.engine import Engine
+from butler_memory.operations.refold import REFOLDED
+from butler_memory.operations.rollback import ROLLED_BACK
+from butler_memory.storage.locks import UserLocks
+from butler_memory.storage.store import MemoryStore
 from tests.engine.erasure_helpers import FACT_USER, SECRET, TARGET, fact_settings, seed_everywhere
 from tests.engine.helpers import START, make_engine, small_settings
 from tests.engine.test_forget import seeded

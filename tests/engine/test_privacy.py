@@ -17,13 +17,13 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import metrics as m
-from butler_memory.compression import failed_result
-from butler_memory.engine import Engine
-from butler_memory.errors import CompressionError
-from butler_memory.metrics import StatsdMetrics
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.report import build_report, emit_run_metrics, to_markdown
+from butler_memory.core.errors import CompressionError
+from butler_memory.fold import metrics as m
+from butler_memory.fold.compression import failed_result
+from butler_memory.fold.metrics import StatsdMetrics
+from butler_memory.fold.report import build_report, emit_run_metrics, to_markdown
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.operations.engine import Engine
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import insert_events, make_engine, profile_of, small_settings
 from tools.fake_openai import FakeOpenAI, error_body

@@ -8,8 +8,8 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
-from butler_memory.injection import strip_instructions
-from butler_memory.prompt import SYSTEM_PROMPT
+from butler_memory.llm.prompt import SYSTEM_PROMPT
+from butler_memory.safety.injection import strip_instructions
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     content_of,

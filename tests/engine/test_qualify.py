@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from butler_memory import qualify
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.prompt import LANGUAGE_NAMES, SYSTEM_PROMPT
-from butler_memory.settings import Settings
+from butler_memory.core.settings import Settings
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.llm.prompt import LANGUAGE_NAMES, SYSTEM_PROMPT
+from butler_memory.operations import qualify
 from tests.engine.conftest import OpenAIFactory
 from tools.fake_openai import FakeOpenAI, faithful_responder
 

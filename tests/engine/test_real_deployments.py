@@ -16,10 +16,10 @@ from bson import ObjectId
 from pymongo import monitoring
 from pymongo.database import Database
 
-from butler_memory.compression import COMPRESSED
-from butler_memory.errors import CompressionError, StaleOwnLockError, StoreError
-from butler_memory.locks import UserLocks
-from butler_memory.store import PENDING_FIELD
+from butler_memory.core.errors import CompressionError, StaleOwnLockError, StoreError
+from butler_memory.fold.compression import COMPRESSED
+from butler_memory.storage.locks import UserLocks
+from butler_memory.storage.store import PENDING_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     archive_of,

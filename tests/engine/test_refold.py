@@ -9,8 +9,8 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.refold import DRY_RUN, NOT_CHANGED, REFOLDED, REFUSED
-from butler_memory.rollback import ROLLED_BACK
+from butler_memory.operations.refold import DRY_RUN, NOT_CHANGED, REFOLDED, REFUSED
+from butler_memory.operations.rollback import ROLLED_BACK
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     START,

@@ -14,13 +14,13 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory import erasure
-from butler_memory.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD
-from butler_memory.engine import Engine
-from butler_memory.errors import LockLostError, StoreError
-from butler_memory.locks import UserLocks
-from butler_memory.rollback import DRY_RUN, NOT_CHANGED, REFUSED, ROLLED_BACK
-from butler_memory.store import ROLLBACK_FIELD, VERSION_FIELD, MemoryStore
+from butler_memory.core.errors import LockLostError, StoreError
+from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD
+from butler_memory.operations import erasure
+from butler_memory.operations.engine import Engine
+from butler_memory.operations.rollback import DRY_RUN, NOT_CHANGED, REFUSED, ROLLED_BACK
+from butler_memory.storage.locks import UserLocks
+from butler_memory.storage.store import ROLLBACK_FIELD, VERSION_FIELD, MemoryStore
 from tests.engine.erasure_helpers import FACT_USER, SECRET, fact_settings, fold_an_event_twice
 from tests.engine.helpers import (
     START,

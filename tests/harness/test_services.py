@@ -610,8 +610,8 @@ def test_named_responders_read_the_butler_prompt(client: openai.OpenAI, llm: Fak
     """The guard modes: each answers the engine's own prompt, chosen over /_control by name."""
     from datetime import UTC, datetime
 
-    from butler_memory.prompt import build_messages
-    from butler_memory.summarizer import EventText, SummaryRequest
+    from butler_memory.llm.prompt import build_messages
+    from butler_memory.llm.summarizer import EventText, SummaryRequest
 
     events = [EventText("user", "Мою дочь зовут Ольга, ей 7 лет.", datetime(2026, 1, 1, tzinfo=UTC))]
     request = SummaryRequest("u1", "- Меня зовут Анна.\n- Живу в Казани.", events, "ru", 300, 1800)
@@ -648,8 +648,8 @@ def test_faithful_responder_writes_the_asked_language() -> None:
     """Its own words are in the language the prompt asks for (German here), around the kept sentences."""
     from datetime import UTC, datetime
 
-    from butler_memory.prompt import build_messages
-    from butler_memory.summarizer import EventText, SummaryRequest
+    from butler_memory.llm.prompt import build_messages
+    from butler_memory.llm.summarizer import EventText, SummaryRequest
     from tools.fake_openai import faithful_responder
 
     events = [EventText("user", "Ich wohne jetzt in München.", datetime(2026, 1, 1, tzinfo=UTC))]

@@ -34,9 +34,9 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 from pymongo.database import Database
 
-from butler_memory.report import build_report
-from butler_memory.settings import Settings
-from butler_memory.store import MemoryStore
+from butler_memory.core.settings import Settings
+from butler_memory.fold.report import build_report
+from butler_memory.storage.store import MemoryStore
 from tests.plugin.browser import chromium, page_with_token
 from tests.population import seed_population
 from tools.fake_openai import FakeOpenAI

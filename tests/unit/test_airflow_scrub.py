@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from butler_memory.airflow_scrub import MARK, _like, _stored_forms, redact
-from butler_memory.erasure import id_pattern
+from butler_memory.operations.erasure import id_pattern
+from butler_memory.orchestration.airflow_scrub import MARK, _like, _stored_forms, redact
 
 
 def patterns(*ids: str) -> list[re.Pattern[str]]:

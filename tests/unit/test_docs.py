@@ -6,8 +6,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from butler_memory.metrics import ALL_METRICS
-from butler_memory.settings import Settings
+from butler_memory.core.settings import Settings
+from butler_memory.fold.metrics import ALL_METRICS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

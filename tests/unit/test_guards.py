@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from butler_memory import guards
-from butler_memory.errors import GuardRejected
-from butler_memory.guards import durable_facts, language_share, missing_facts
-from butler_memory.settings import Settings, SettingsError
+from butler_memory.core.errors import GuardRejected
+from butler_memory.core.settings import Settings, SettingsError
+from butler_memory.safety import guards
+from butler_memory.safety.guards import durable_facts, language_share, missing_facts
 
 PREVIOUS_RU = """- Меня зовут Анна.
 - У меня аллергия на пенициллин, телефон +7 (916) 123-45-67, почта anna@example.com.

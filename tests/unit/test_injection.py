@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from butler_memory import guards, injection
-from butler_memory.guards import language_share, missing_facts
-from butler_memory.settings import Settings
-from butler_memory.summarizer import EventText, SummaryRequest
+from butler_memory.core.settings import Settings
+from butler_memory.llm.summarizer import EventText, SummaryRequest
+from butler_memory.safety import guards, injection
+from butler_memory.safety.guards import language_share, missing_facts
 from tests.injection_sets import ATTACKS, HONEST
 
 

@@ -15,11 +15,11 @@ import bson
 import pytest
 from bson.codec_options import CodecOptions
 
-from butler_memory.compression import pack_chunks
-from butler_memory.errors import InvalidEventError, StoreError
-from butler_memory.offline import OfflineSummarizer
-from butler_memory.settings import Settings
-from butler_memory.store import lenient, sanitized_errors, undecodable_field
+from butler_memory.core.errors import InvalidEventError, StoreError
+from butler_memory.core.settings import Settings
+from butler_memory.fold.compression import pack_chunks
+from butler_memory.llm.offline import OfflineSummarizer
+from butler_memory.storage.store import lenient, sanitized_errors, undecodable_field
 
 SECRET = "Anna-secret"
 

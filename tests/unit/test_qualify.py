@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from butler_memory import qualify
-from butler_memory.guards import LANGUAGES
-from butler_memory.settings import SettingsError
+from butler_memory.core.settings import SettingsError
+from butler_memory.operations import qualify
+from butler_memory.safety.guards import LANGUAGES
 
 
 @pytest.mark.parametrize("case", qualify.CASES, ids=lambda c: c.user_id)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from butler_memory import metrics as m
-from butler_memory.report import NO_RESULT, build_report, emit_run_metrics, to_markdown
+from butler_memory.fold import metrics as m
+from butler_memory.fold.report import NO_RESULT, build_report, emit_run_metrics, to_markdown
 
 T0 = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""Run keys (butler_memory.runs): naming a run by DAG, and resolving what an operator typed."""
+"""Run keys (butler_memory.core.runs): naming a run by DAG, and resolving what an operator typed."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from butler_memory.errors import RollbackRefusedError
-from butler_memory.runs import matching, resolve_run, run_key, split_run_key
+from butler_memory.core.errors import RollbackRefusedError
+from butler_memory.core.runs import matching, resolve_run, run_key, split_run_key
 
 RID = "scheduled__2026-03-01T00:00:00+00:00"
 

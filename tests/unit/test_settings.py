@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from butler_memory.settings import Settings, SettingsError
+from butler_memory.core.settings import Settings, SettingsError
 
 
 def test_defaults_match_the_documented_product_defaults() -> None:

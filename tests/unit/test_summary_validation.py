@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from butler_memory.errors import InvalidSummaryError
-from butler_memory.prompt import build_messages
-from butler_memory.summarizer import EventText, SummaryRequest
-from butler_memory.validation import validate_summary
+from butler_memory.core.errors import InvalidSummaryError
+from butler_memory.llm.prompt import build_messages
+from butler_memory.llm.summarizer import EventText, SummaryRequest
+from butler_memory.safety.validation import validate_summary
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import ssl
 import certifi
 import pytest
 
-from butler_memory import openai_summarizer as summarizer
+from butler_memory.llm import openai_summarizer as summarizer
 
 
 def test_built_once_and_shared(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from butler_memory.tokens import ENCODINGS, UTF8_BYTES, TokenCounter, encoding_for_model
+from butler_memory.llm.tokens import ENCODINGS, UTF8_BYTES, TokenCounter, encoding_for_model
 
 TEXTS = [
     "Меня зовут Анна, у меня аллергия на арахис.",

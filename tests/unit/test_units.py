@@ -1,10 +1,10 @@
-"""Durations as a person reads them (butler_memory.units)."""
+"""Durations as a person reads them (butler_memory.core.units)."""
 
 from __future__ import annotations
 
 import pytest
 
-from butler_memory.units import duration
+from butler_memory.core.units import duration
 
 
 @pytest.mark.parametrize(

@@ -34,10 +34,10 @@ from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from butler_memory import connections
-from butler_memory.dag_tasks import resolve_settings
-from butler_memory.settings import Settings, SettingsError
-from butler_memory.store import MemoryStore
+from butler_memory.core.settings import Settings, SettingsError
+from butler_memory.orchestration import connections
+from butler_memory.orchestration.dag_tasks import resolve_settings
+from butler_memory.storage.store import MemoryStore
 from butler_memory.ui import data, render
 
 log = logging.getLogger(__name__)

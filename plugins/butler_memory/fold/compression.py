@@ -1,0 +1,652 @@
+"""compress_user(): fold a user's older events into their rolling summary, crash-safely.
+
+No Airflow imports here: the DAG, the CLI and the tests all call the same function.
+
+Invariants (see docs/architecture.md):
+1. Nothing happens without the user's Redis lock; a lock held by anyone else skips the user.
+2. The events to fold are an explicit list of ``_id``s taken once, under the lock: all but the
+   newest ``keep_last_n``. Events that arrive later are never in it, whatever their timestamps.
+3. Each chunk's summary, watermark, new version and the chunk's ``_id`` list ("pending fold") are
+   written in one ``update_one`` guarded by the old version. Only then are those events archived
+   and deleted, by ``_id``; then the pending fold is cleared.
+4. A pending fold found at start was summarised by an interrupted run: it is finished (archive,
+   delete, clear) and never summarised again. So a kill between any two steps, followed by a
+   re-run, ends as one clean run would, with each event summarised exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from butler_memory.core.errors import CompressionError, ErasurePendingError, GuardRejected, InvalidEventError
+from butler_memory.core.settings import Settings
+from butler_memory.fold import metrics as m
+from butler_memory.fold.metrics import Metrics, NullMetrics
+from butler_memory.fold.rebuild import Checkpoint, finish_interrupted, fold_chunk, no_checkpoint, summarizer_identity
+from butler_memory.llm.budget import Spent, TokenBudget
+from butler_memory.llm.prompt import build_messages, event_line, known_language
+from butler_memory.llm.summarizer import EventText, Summarizer, SummaryRequest
+from butler_memory.storage.history import BASELINE, FOLD, Covers, HistoryEntry, Key
+from butler_memory.storage.locks import UserLock, UserLocks
+from butler_memory.storage.store import (
+    EventKey,
+    MemoryStore,
+    Profile,
+    event_digest,
+    id_key,
+    sanitized_errors,
+    undecodable_field,
+)
+
+log = logging.getLogger(__name__)
+
+STEPS = (
+    "locked",
+    "pending_archived",
+    "pending_deleted",
+    "selected",
+    "quarantined",
+    "quarantine_removed",
+    "summarized",
+    "recorded",
+    "committed",
+    "archived",
+    "deleted",
+    "cleared",
+)
+
+# Statuses of a user's result.
+COMPRESSED = "compressed"
+DRY_RUN = "dry_run"
+SKIPPED_LOCKED = "skipped_locked"
+SKIPPED_BELOW_THRESHOLD = "skipped_below_threshold"
+SKIPPED_BUDGET = "skipped_budget"
+"""The day's LLM token budget was spent before this user was started (butler_memory.llm.budget)."""
+SKIPPED_STALE = "skipped_stale"
+"""Batch mode: the user's summary or frozen events changed between prepare and commit; the batch's
+reply was dropped, nothing was deleted, the next run folds the user again (butler_memory.operations.batch)."""
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class FrozenFold:
+    """A fold frozen at a batch run's prepare: the events (``_id`` and digest) and the version it
+    builds on, and the hash of the prompt sent. Committed only if all are unchanged (optimistic)."""
+
+    version: int
+    ids: list[Any]
+    digests: list[str]
+    prompt_hash: str
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass
+class UserResult:
+    """What happened to one user: ids, counts and sizes only, never content."""
+
+    user_id: str
+    status: str
+    events_before: int = 0
+    events_folded: int = 0
+    events_deleted: int = 0
+    events_after: int = 0
+    events_quarantined: int = 0
+    fold_capped: bool = False
+    """The run folded ``max_fold_events`` and left older-than-kept events for the next run."""
+    events_left: int = 0
+    """Events over ``keep_last_n`` the cap left for the next run (0 when not capped)."""
+    language_unknown: bool = False
+    """The profile's language is not a known code: summarised in ``summary_language`` instead."""
+    """Events moved to the quarantine collection: they cannot be folded (see ``quarantine_event``)."""
+    chunks: int = 0
+    summary_chars: int = 0
+    summary_version: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    freshness_seconds: float | None = None
+    """From the event that took the user over the threshold to the commit that folded it."""
+    seconds: float = 0.0
+    error: str | None = None
+    error_type: str | None = None
+    guards: dict[str, str] = field(default_factory=dict)
+    """``{guard: outcome}``, the worst over the user's chunks ("pass", "warn", "reject", "off")."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-safe dict (fit for XCom)."""
+        return asdict(self)
+
+
+def compress_user(
+    user_id: str,
+    *,
+    settings: Settings,
+    store: MemoryStore,
+    locks: UserLocks,
+    summarizer: Summarizer,
+    metrics: Metrics | None = None,
+    run_id: str = "manual",
+    dry_run: bool = False,
+    checkpoint: Checkpoint = no_checkpoint,
+    clock: Callable[[], datetime] = utcnow,
+    budget: TokenBudget | None = None,
+    holder: str | None = None,
+    frozen: FrozenFold | None = None,
+) -> UserResult:
+    """Fold all but the newest ``keep_last_n`` events of one user into their summary.
+
+    With ``frozen`` (a batch run's commit), fold exactly the frozen events instead, and only when
+    the summary version and every one of those events are as they were frozen; else the result is
+    ``skipped_stale`` and nothing is written.
+
+    ``holder`` names who takes the lock (the DAG: dag, run, task and map index): a lock left by an
+    earlier, killed attempt of the same holder is waited out instead of read as someone else's.
+
+    Raises a ``CompressionError`` subclass when the user could not be compressed; its
+    ``retryable`` says whether a later attempt can succeed unchanged. Nothing is ever deleted
+    before a summary covering it is stored. With a token ``budget`` spent, the user is not started
+    (``skipped_budget``); once started, a user is finished whatever the budget.
+    """
+    metrics = metrics or NullMetrics()
+    started = time.monotonic()
+    if not isinstance(user_id, str) or not user_id:
+        raise CompressionError(f"user_id must be a non-empty string, got {user_id!r}")
+    if budget is not None and not dry_run and budget.exhausted():
+        log.info(
+            "user %s: today's LLM token budget (%d) is spent, leaving the user for tomorrow", user_id, budget.limit
+        )
+        metrics.incr(m.USERS_SKIPPED_BUDGET_TOTAL)
+        return UserResult(user_id, SKIPPED_BUDGET, seconds=time.monotonic() - started)
+    lock = locks.acquire(user_id, holder=holder)
+    if lock is None:
+        log.info("user %s: lock held by another compression, skipping", user_id)
+        metrics.incr(m.USERS_SKIPPED_LOCKED_TOTAL)
+        return UserResult(user_id, SKIPPED_LOCKED, seconds=time.monotonic() - started)
+    spent = Spent(budget)
+    try:
+        checkpoint("locked")
+        with sanitized_errors(user_id, "compression"):
+            result = _compress_locked(
+                user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock, spent, frozen
+            )
+    except CompressionError as exc:  # the failed user's result reports every token its attempt spent
+        exc.prompt_tokens, exc.completion_tokens = spent.prompt_tokens, spent.completion_tokens
+        raise
+    finally:
+        lock.release()
+    result.seconds = round(time.monotonic() - started, 3)
+    metrics.timing(m.USER_DURATION_SECONDS, result.seconds)
+    return result
+
+
+def _compress_locked(
+    user_id: str,
+    lock: UserLock,
+    settings: Settings,
+    store: MemoryStore,
+    summarizer: Summarizer,
+    metrics: Metrics,
+    run_id: str,
+    dry_run: bool,
+    checkpoint: Checkpoint,
+    clock: Callable[[], datetime],
+    spent: Spent,
+    frozen: FrozenFold | None = None,
+) -> UserResult:
+    profile = store.load_profile(user_id, create=not dry_run)
+    if profile.erasing:
+        # Forgetting wins: folding more into a summary an erasure is about to rebuild or remove would
+        # either undo the erasure or be lost by it.
+        raise ErasurePendingError(
+            f"user {user_id!r}: an erasure of this user (or of some of their events) is unfinished; "
+            "re-run it (python -m butler_memory forget --user ...) and compress afterwards",
+            user_id=user_id,
+        )
+    result = UserResult(user_id, COMPRESSED, summary_version=profile.version, summary_chars=len(profile.summary))
+    if not dry_run:
+        profile, deleted = finish_interrupted(
+            profile, store, lock, run_id=run_id, clock=clock, metrics=metrics, checkpoint=checkpoint
+        )
+        result.events_deleted += deleted
+
+    def quarantine(event_id: Any, exc: InvalidEventError) -> None:
+        result.events_quarantined += quarantine_event(
+            user_id, event_id, exc, store, lock, metrics, run_id=run_id, now=clock(), checkpoint=checkpoint
+        )
+
+    result.events_before = store.count_events(user_id)
+    misdated: list[Any] = []
+    keys = (  # a batch run's commit folds exactly the frozen events, or nothing
+        _fold_list(user_id, profile, store, settings, result.events_before, dry_run, misdated)
+        if frozen is None
+        else _frozen_keys(profile, store, frozen, run_id, metrics, result)
+    )
+    if not dry_run:
+        for event_id in misdated:
+            quarantine(event_id, InvalidEventError(user_id, event_id, "created_at", "is missing or not a date"))
+    if keys is None:
+        return _not_folded(result, store, settings, metrics, frozen is not None)
+    _note_cap(result, keys, settings, len(misdated))
+    checkpoint("selected")
+    if dry_run:
+        # Events of an unfinished fold are already summarised: a real run deletes them, never folds them.
+        pending = {id_key(i) for i in profile.pending.ids} if profile.pending is not None else set()
+        result.status = DRY_RUN
+        result.events_folded = sum(1 for key in keys if id_key(key.id) not in pending)
+        result.events_after = result.events_before - len(keys)
+        return result
+
+    # Read before anything is deleted: the event that took the user over the threshold (freshness).
+    crossed_at = (
+        store.nth_event_time(user_id, settings.threshold) if result.events_before > settings.threshold else None
+    )
+    log.info("user %s: folding %d of %d events", user_id, len(keys), result.events_before)
+    language = _summary_language(profile, settings, result)
+    summary, version = profile.summary, profile.version
+    target: EventKey | None = None
+    # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
+    chunks = _chunks(user_id, keys, store, settings, summarizer, language, lambda: summary, quarantine)
+    for chunk in chunks:
+        text, outcomes = fold_chunk(
+            lock,
+            user_id,
+            summary,
+            [_event_text(user_id, ev) for ev in chunk],
+            language,
+            settings=settings,
+            summarizer=summarizer,
+            metrics=metrics,
+            worst=result.guards,
+            spent=spent,  # counts every token, a refused reply's too
+        )
+        result.prompt_tokens, result.completion_tokens = spent.prompt_tokens, spent.completion_tokens
+        checkpoint("summarized")
+
+        lock.extend()  # the lock must still be ours right before the write
+        ids = [ev["_id"] for ev in chunk]
+        last = EventKey(chunk[-1]["created_at"], chunk[-1]["_id"])
+        # Until the last chunk, the commit records where this fold ends, so a re-run after a kill finishes it.
+        target = None if last.id == keys[-1].id else keys[-1]
+        now = clock()
+        # History first: an entry the profile never reaches (a kill before the commit) is overwritten by the re-run.
+        if version == profile.version:
+            record_baseline(store, profile, clock)
+        store.history.write_version(
+            HistoryEntry(
+                user_id,
+                version + 1,
+                text,
+                FOLD,
+                run_id,
+                version,
+                now,
+                through=Key(last.created_at, last.id),
+                covers=Covers(Key(chunk[0]["created_at"], chunk[0]["_id"]), Key(last.created_at, last.id), len(chunk)),
+                guards=outcomes,
+                **summarizer_identity(summarizer),
+            )
+        )
+        checkpoint("recorded")
+        version = store.commit_summary(
+            user_id,
+            expected_version=version,
+            summary=text,
+            through=last,
+            ids=ids,
+            run_id=run_id,
+            now=now,
+            target=target,
+            digests=[event_digest(ev) for ev in chunk],
+        )
+        summary = text
+        result.chunks += 1
+        result.events_folded += len(chunk)
+        metrics.incr(m.EVENTS_FOLDED_TOTAL, len(chunk))
+        checkpoint("committed")
+
+        archived = store.archive(chunk, run_id=run_id, version=version, now=now)
+        metrics.incr(m.EVENTS_ARCHIVED_TOTAL, archived)
+        checkpoint("archived")
+        deleted = store.delete_unchanged(user_id, chunk)  # an event edited meanwhile stays
+        if deleted < len(chunk):
+            log.info("user %s: %d event(s) changed during compression; kept", user_id, len(chunk) - deleted)
+        result.events_deleted += deleted
+        metrics.incr(m.EVENTS_DELETED_TOTAL, deleted)
+        checkpoint("deleted")
+        store.clear_pending(user_id, version)
+        checkpoint("cleared")
+    if target is not None:  # the fold list's last events were quarantined: nothing of it is left to fold
+        store.clear_fold_target(user_id, version)
+
+    result.summary_version = version
+    result.summary_chars = len(summary)
+    if crossed_at is not None and result.chunks:
+        result.freshness_seconds = round(max((now - crossed_at).total_seconds(), 0.0), 3)
+        metrics.timing(m.FRESHNESS_LAG_SECONDS, result.freshness_seconds)
+    result.events_after = store.count_events(user_id)
+    if result.fold_capped:
+        metrics.incr(m.USERS_FOLD_CAPPED_TOTAL)
+        log.info(
+            "user %s: max_fold_events (%d) reached; %d event(s) left for the next run",
+            user_id,
+            settings.max_fold_events,
+            result.events_left,
+        )
+    log.info(
+        "user %s: folded %d events in %d chunk(s), deleted %d, %d left, summary v%d %d chars",
+        user_id,
+        result.events_folded,
+        result.chunks,
+        result.events_deleted,
+        result.events_after,
+        version,
+        result.summary_chars,
+    )
+    return result
+
+
+def _not_folded(
+    result: UserResult, store: MemoryStore, settings: Settings, metrics: Metrics, frozen: bool
+) -> UserResult:
+    """Finish the result of a user with nothing to fold: under the threshold, or (``frozen``) a
+    batch commit found stale or already done (``_frozen_keys`` set its status)."""
+    if frozen:
+        result.events_after = store.count_events(result.user_id)
+        return result
+    log.info("user %s: %d events, not over threshold %d", result.user_id, result.events_before, settings.threshold)
+    metrics.incr(m.USERS_SKIPPED_BELOW_THRESHOLD_TOTAL)
+    result.status = SKIPPED_BELOW_THRESHOLD
+    result.events_after = result.events_before
+    return result
+
+
+def _frozen_keys(
+    profile: Profile, store: MemoryStore, frozen: FrozenFold, run_id: str, metrics: Metrics, result: UserResult
+) -> list[EventKey] | None:
+    """Return the keys of a frozen fold's events, in its order, when the profile is still at its
+    version and every event is still there unchanged; else None, with ``result``'s status set.
+
+    A profile one version on, by this run, was committed by an earlier attempt of this commit (the
+    re-run after a kill finished its archive and delete above): compressed, not stale.
+    """
+    user_id = profile.user_id
+    if profile.version != frozen.version or profile.fold_target is not None:
+        mine = store.history.version(user_id, frozen.version + 1)
+        if profile.version == frozen.version + 1 and mine is not None and mine.run_id == run_id:
+            log.info("user %s: the batch reply was committed by an earlier attempt of this run", user_id)
+            result.status, result.summary_version, result.chunks = COMPRESSED, profile.version, 1
+            result.events_folded = len(frozen.ids)
+            return None
+        reason = f"summary v{frozen.version} -> v{profile.version}"
+    else:
+        by_id = {id_key(ev["_id"]): ev for ev in store.find_by_ids(user_id, frozen.ids)}
+        keys: list[EventKey] = []
+        for event_id, digest in zip(frozen.ids, frozen.digests, strict=True):
+            ev = by_id.get(id_key(event_id))
+            if ev is None or event_digest(ev) != digest or not isinstance(ev.get("created_at"), datetime):
+                break
+            keys.append(EventKey(ev["created_at"], ev["_id"]))
+        else:
+            return keys
+        reason = f"{len(frozen.ids) - len(keys)} or more frozen event(s) changed or gone"
+    log.info("user %s: stale since the batch was prepared (%s); reply dropped, nothing deleted", user_id, reason)
+    metrics.incr(m.USERS_SKIPPED_STALE_TOTAL)
+    result.status = SKIPPED_STALE
+    return None
+
+
+def _note_cap(result: UserResult, keys: list[EventKey], settings: Settings, misdated: int) -> None:
+    """Record in ``result`` whether ``max_fold_events`` cut the fold list, and how many events it left."""
+    if len(keys) < settings.max_fold_events:
+        return
+    left = result.events_before - misdated - settings.keep_last_n - len(keys)
+    if left > 0:
+        result.fold_capped, result.events_left = True, left
+
+
+def _summary_language(profile: Profile, settings: Settings, result: UserResult) -> str:
+    """Return the known language code to summarise in: the profile's, else ``summary_language``."""
+    user_id = profile.user_id
+    language = profile.language or settings.summary_language
+    if known_language(language) is None:  # only the configured default can be unknown here
+        raise CompressionError(
+            f"user {user_id!r}: summary_language is not a known ISO 639-1 language code; fix the setting",
+            user_id=user_id,
+        )
+    if profile.language_unknown:
+        result.language_unknown = True
+        log.warning(
+            "user %s: profile field %r is not a known ISO 639-1 language code; summarising in %r",
+            user_id,
+            settings.language_field,
+            settings.summary_language,
+        )
+    return language
+
+
+def record_baseline(store: MemoryStore, profile: Profile, clock: Callable[[], datetime]) -> None:
+    """Record the profile's current version in the history when it has none (it was committed before
+    history existed, or by the Butler), so that it can be rolled back to."""
+    if (profile.version == 0 and not profile.summary) or store.history.exists(profile.user_id, profile.version):
+        return
+    through = None if profile.through is None else Key(profile.through.created_at, profile.through.id)
+    store.history.write_version(
+        HistoryEntry(
+            profile.user_id,
+            profile.version,
+            profile.summary,
+            BASELINE,
+            None,
+            profile.version,  # what it built on is unknown: the lineage stops here
+            clock(),  # retention counts from when it was recorded
+            through=through,
+            compressed_at=profile.compressed_at,
+        )
+    )
+
+
+def _fold_list(
+    user_id: str,
+    profile: Profile,
+    store: MemoryStore,
+    settings: Settings,
+    count: int,
+    dry_run: bool,
+    misdated: list[Any],
+) -> list[EventKey] | None:
+    """Return the keys to fold: all but the newest ``keep_last_n``; None when the user is not due.
+    Events without a date ``created_at`` are left out and their ``_id``s put in ``misdated``.
+
+    Under the threshold, a fold target left by a run killed between chunks still selects the rest
+    of that run's fold list, so the re-run ends where the clean run would have.
+    """
+    target = profile.fold_target
+    if count <= settings.threshold and target is None:
+        return None
+    keys = store.fold_keys(user_id, settings.keep_last_n, limit=settings.max_fold_events, misdated=misdated)
+    if count > settings.threshold:
+        return keys
+    assert target is not None
+    keys = _through(keys, target)
+    if keys:
+        log.info("user %s: finishing an interrupted run's fold list", user_id)
+        return keys
+    if not dry_run:
+        store.clear_fold_target(user_id, profile.version)
+    return None
+
+
+def _through(keys: list[EventKey], target: EventKey) -> list[EventKey]:
+    """Return the keys up to and including ``target``, in the server's order.
+
+    ``_id``s are compared by their BSON form, never by Python's ordering: compound or mixed-type
+    ids (a document, an ObjectId beside a string) are valid MongoDB ids. A target no longer present
+    (the Butler deleted that event) ends the list at its timestamp.
+    """
+    wanted = id_key(target.id)
+    for index, key in enumerate(keys):
+        if key.created_at == target.created_at and id_key(key.id) == wanted:
+            return keys[: index + 1]
+    return [key for key in keys if key.created_at <= target.created_at]
+
+
+def _chunks(
+    user_id: str,
+    keys: list[EventKey],
+    store: MemoryStore,
+    settings: Settings,
+    summarizer: Summarizer,
+    language: str,
+    summary: Callable[[], str],
+    on_invalid: Callable[[Any, InvalidEventError], None],
+) -> Iterator[list[dict[str, Any]]]:
+    """Yield the fold list's events in chunks that fit one prompt, streaming from MongoDB.
+
+    Only events whose ``_id`` is in the fold list are yielded; anything else in the key range
+    (an event that arrived during compression with an old timestamp) is left alone. An event that
+    cannot be folded goes to ``on_invalid`` (its ``_id`` and why) instead of into a chunk.
+    """
+    if not keys:
+        return
+    events = _fold_events(user_id, keys, store, settings.max_events_per_chunk)
+    yield from pack_chunks(user_id, events, settings, summarizer, language, summary, on_invalid)
+
+
+def _fold_events(user_id: str, keys: list[EventKey], store: MemoryStore, group: int) -> Iterator[dict[str, Any]]:
+    """Yield the fold list's events in order, one short query by ``_id`` per ``group`` keys (no cursor
+    stays open across LLM calls); only the list's events, whatever else shares their timestamps."""
+    for start in range(0, len(keys), group):
+        yield from store.read_fold(user_id, keys[start : start + group])
+
+
+def pack_chunks(
+    user_id: str,
+    events: Iterable[dict[str, Any]],
+    settings: Settings,
+    summarizer: Summarizer,
+    language: str,
+    summary: Callable[[], str],
+    on_invalid: Callable[[Any, InvalidEventError], None] | None = None,
+) -> Iterator[list[dict[str, Any]]]:
+    """Cut ``events`` (in order) into chunks that each fit one prompt with the summary they fold into.
+
+    Tokens are counted by the summariser (the model's tokenizer, or an upper bound); a chunk's
+    budget is ``prompt_budget_tokens``, capped by the model's context less the reply, less the
+    instructions and the summary the chunk folds into (``summary()``, read as each chunk starts).
+    An event that cannot be folded (malformed, over ``max_event_chars``, not valid UTF-8, or too
+    long for the model's context even alone) raises InvalidEventError naming it, or, with
+    ``on_invalid``, is handed to it (``_id`` and the error) and left out.
+    """
+    reply = 2 * settings.summary_max_tokens
+    limit = None if summarizer.context_tokens is None else summarizer.context_tokens - reply
+    ceiling = settings.prompt_budget_tokens if limit is None else min(settings.prompt_budget_tokens, limit)
+
+    def budget() -> int:
+        frame = build_messages(SummaryRequest(user_id, summary(), [], language, settings.summary_max_tokens, 0))
+        return ceiling - sum(summarizer.count_tokens(message["content"]) for message in frame)
+
+    chunk: list[dict[str, Any]] = []
+    chunk_tokens = 0
+    room = budget()
+    for ev in events:
+        try:
+            _checked_content(user_id, ev, settings)
+            tokens = summarizer.count_tokens(event_line(_event_text(user_id, ev))) + 1  # and its newline
+            if chunk and (chunk_tokens + tokens > room or len(chunk) >= settings.max_events_per_chunk):
+                yield chunk
+                chunk, chunk_tokens, room = [], 0, budget()
+            if not chunk and limit is not None and tokens > room:
+                raise InvalidEventError(
+                    user_id,
+                    ev["_id"],
+                    "content",
+                    f"is {tokens} tokens: with the instructions and the summary it exceeds the model's context "
+                    f"({summarizer.context_tokens} tokens less {reply} for the reply)",
+                )
+        except InvalidEventError as exc:
+            if on_invalid is None:
+                raise
+            on_invalid(ev["_id"], exc)
+            continue
+        chunk.append(ev)
+        chunk_tokens += tokens
+    if chunk:
+        yield chunk
+
+
+def _checked_content(user_id: str, ev: dict[str, Any], settings: Settings) -> str:
+    undecodable = undecodable_field(ev)
+    if undecodable is not None:
+        raise InvalidEventError(user_id, ev["_id"], undecodable, "is not valid UTF-8")
+    content = ev.get("content")
+    if content is None:
+        raise InvalidEventError(user_id, ev["_id"], "content", "is missing")
+    if not isinstance(content, str):
+        raise InvalidEventError(user_id, ev["_id"], "content", f"is a {type(content).__name__}, not a string")
+    if len(content) > settings.max_event_chars:
+        raise InvalidEventError(
+            user_id,
+            ev["_id"],
+            "content",
+            f"is {len(content)} characters, over max_event_chars={settings.max_event_chars}",
+        )
+    return content
+
+
+def quarantine_event(
+    user_id: str,
+    event_id: Any,
+    exc: InvalidEventError,
+    store: MemoryStore,
+    lock: UserLock,
+    metrics: Metrics,
+    *,
+    run_id: str,
+    now: datetime,
+    checkpoint: Checkpoint = no_checkpoint,
+) -> int:
+    """Move one event that cannot be folded to the quarantine collection; return 1 if it moved, else 0.
+
+    Copy first, then delete by explicit ``_id`` only if unchanged (as the archive): a kill between
+    the two leaves it in both places, and the re-run finds it again and finishes the move. It is in
+    no summary, so nothing is counted twice; the record says which field and why, never the content.
+    """
+    lock.extend()  # the lock must still be ours right before a write
+    raw = store.quarantine_copy(user_id, event_id, field=exc.field, problem=exc.problem, run_id=run_id, now=now)
+    checkpoint("quarantined")
+    moved = 0 if raw is None else store.quarantine_remove(user_id, raw)
+    checkpoint("quarantine_removed")
+    if moved:
+        log.warning("user %s: event %s moved to %s: %s", user_id, event_id, store.quarantine.name, exc)
+        metrics.incr(m.EVENTS_QUARANTINED_TOTAL, moved)
+    return moved
+
+
+def _event_text(user_id: str, ev: dict[str, Any]) -> EventText:
+    role = ev.get("role")
+    if not isinstance(role, str):
+        raise InvalidEventError(user_id, ev["_id"], "role", "is missing or not a string")
+    return EventText(role=role, content=ev["content"], created_at=ev["created_at"])
+
+
+def failed_result(user_id: str, exc: BaseException, seconds: float = 0.0) -> UserResult:
+    """Describe a failure without content: the error type and its (content-free) message."""
+    message = str(exc) if isinstance(exc, CompressionError) else f"unexpected {type(exc).__name__}"
+    return UserResult(
+        user_id,
+        FAILED,
+        error=message,
+        error_type=type(exc).__name__,
+        seconds=round(seconds, 3),
+        prompt_tokens=exc.prompt_tokens if isinstance(exc, CompressionError) else 0,
+        completion_tokens=exc.completion_tokens if isinstance(exc, CompressionError) else 0,
+        guards=dict(exc.guards) if isinstance(exc, GuardRejected) else {},
+    )

@@ -1,0 +1,329 @@
+"""What every operation that writes a summary shares: the one chunk step, and finishing what an
+interrupted operation left in the profile.
+
+Compression, re-fold, forget and rollback are built on this module and it imports none of them,
+so the engine has no import circle (docs/architecture.md, "Layers"):
+
+* :func:`fold_chunk`, the one chunk step of every fold: extend the lock, then, while the lock is
+  kept alive, :func:`propose_summary` (summarise one chunk through the real prompt, count every
+  token on the metrics, the user's ``Spent`` tally and through it the day's budget, a refused
+  reply's too; validate; guards). A compression, a re-fold and a forget's rebuild all fold through
+  it, so all of them spend ``daily_token_budget``.
+* :func:`finish_interrupted`: a rollback's intent (:func:`finish_rollback`), then a pending fold
+  (:func:`finish_pending`), left by a killed run are finished under the lock before anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TypedDict
+
+from butler_memory.core.errors import CompressionError, ConcurrentUpdateError, InvalidProfileError, LLMError
+from butler_memory.core.settings import Settings
+from butler_memory.fold import metrics as m
+from butler_memory.fold.metrics import Metrics, NullMetrics
+from butler_memory.llm.budget import Spent
+from butler_memory.llm.prompt import SYSTEM_PROMPT
+from butler_memory.llm.summarizer import EventText, Summarizer, Summary, SummaryRequest
+from butler_memory.safety import guards
+from butler_memory.safety.injection import withheld
+from butler_memory.safety.validation import validate_summary
+from butler_memory.storage.history import ROLLBACK, HistoryEntry, prompt_version
+from butler_memory.storage.locks import UserLock
+from butler_memory.storage.store import MemoryStore, Profile, event_digest, id_key
+
+log = logging.getLogger(__name__)
+
+Checkpoint = Callable[[str], None]
+"""Called with a step name at every step boundary (tests kill the process there)."""
+
+
+def no_checkpoint(step: str) -> None:
+    """The checkpoint of a run nobody kills."""
+    return None
+
+
+# -- the one chunk step ----------------------------------------------------------------------------
+
+
+def fold_chunk(
+    lock: UserLock,
+    user_id: str,
+    previous: str,
+    events: Sequence[EventText],
+    language: str,
+    *,
+    settings: Settings,
+    summarizer: Summarizer,
+    metrics: Metrics,
+    worst: dict[str, str],
+    spent: Spent,
+) -> tuple[str, dict[str, str]]:
+    """Fold one chunk into ``previous`` under the lock: return the accepted text and the guards'
+    outcomes (see ``propose_summary``), or raise; the tokens are counted on ``spent`` either way."""
+    lock.extend()
+    with lock.kept_alive():  # retries and Retry-After waits can outlast the TTL: extend meanwhile
+        return propose_summary(
+            user_id,
+            previous,
+            events,
+            language,
+            settings=settings,
+            summarizer=summarizer,
+            metrics=metrics,
+            worst=worst,
+            spent=spent,
+        )
+
+
+def propose_summary(
+    user_id: str,
+    previous: str,
+    events: Sequence[EventText],
+    language: str,
+    *,
+    settings: Settings,
+    summarizer: Summarizer,
+    metrics: Metrics,
+    worst: dict[str, str],
+    spent: Spent | None = None,
+    on_reply: Callable[[Summary], object] | None = None,
+) -> tuple[str, dict[str, str]]:
+    """Fold one chunk into ``previous`` through the real prompt, then check the reply: the summariser
+    proposes, validation and the guards accept it (return its cleaned text and the guards' outcomes)
+    or raise. ``spent`` counts the call's tokens (see ``_summarize``); ``on_reply`` sees
+    every reply before anything can refuse it. Compression and ``qualify`` both call this: one
+    summarising path.
+    """
+    request = SummaryRequest(
+        user_id=user_id,
+        previous_summary=previous,
+        events=events,
+        language=language,
+        max_tokens=settings.summary_max_tokens,
+        max_chars=settings.summary_max_chars,
+    )
+    produced = _summarize(summarizer, request, metrics, spent)
+    if on_reply is not None:
+        on_reply(produced)
+    text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
+    outcomes = guard_summary(user_id, request, text, settings, metrics, worst)
+    return text, outcomes
+
+
+def guard_summary(
+    user_id: str, request: SummaryRequest, text: str, settings: Settings, metrics: Metrics, worst: dict[str, str]
+) -> dict[str, str]:
+    """Check a proposed summary before it is committed; return ``{guard: outcome}``, or raise
+    GuardRejected when a guard rejects it. ``worst`` (a result's ``guards``) keeps each guard's
+    worst outcome over the chunks."""
+    verdict = guards.check_summary(
+        previous=request.previous_summary,
+        events=[ev.content for ev in request.events],
+        summary=text,
+        language=request.language,
+        settings=settings,
+    )
+    for check in verdict:
+        if check.outcome != guards.OFF:
+            metrics.incr(m.guard_metric(check.guard, "checks"))
+        if check.outcome in (guards.REDACT, guards.WARN, guards.REJECT):
+            metrics.incr(m.guard_metric(check.guard, check.outcome))
+        if check.outcome == guards.WARN:
+            log.warning(
+                "user %s: %s guard would reject the summary (warn mode): %s", user_id, check.guard, check.detail
+            )
+    guards.merge(worst, verdict)
+    guards.enforce(user_id, verdict)
+    return guards.outcomes(verdict)
+
+
+def _summarize(
+    summarizer: Summarizer, request: SummaryRequest, metrics: Metrics, spent: Spent | None = None
+) -> Summary:
+    """Make one LLM call; count its tokens (metrics, ``spent`` and its budget), a refused reply's too."""
+    metrics.incr(m.LLM_REQUESTS_TOTAL)
+    # The summariser never reads an instruction-like sentence, so it cannot carry one into memory.
+    request = withheld(request)
+    try:
+        produced = summarizer.summarize(request)
+    except LLMError as exc:
+        metrics.incr(m.LLM_ERRORS_TOTAL)
+        if exc.prompt_tokens or exc.completion_tokens:
+            _count(metrics, spent, exc.prompt_tokens, exc.completion_tokens)
+        raise
+    metrics.timing(m.LLM_LATENCY_SECONDS, produced.seconds)
+    _count(metrics, spent, produced.prompt_tokens, produced.completion_tokens)
+    return produced
+
+
+def _count(metrics: Metrics, spent: Spent | None, prompt_tokens: int, completion_tokens: int) -> None:
+    metrics.incr(m.LLM_PROMPT_TOKENS_TOTAL, prompt_tokens)
+    metrics.incr(m.LLM_COMPLETION_TOKENS_TOTAL, completion_tokens)
+    if spent is not None:
+        spent.add(prompt_tokens, completion_tokens)
+
+
+class SummarizerIdentity(TypedDict):
+    """What the history records of the summariser that wrote a version."""
+
+    summarizer: str
+    model: str | None
+    prompt_version: str | None
+
+
+def summarizer_identity(summarizer: Summarizer) -> SummarizerIdentity:
+    """Return what the history records of the summariser: its name, model and prompt version."""
+    model = getattr(getattr(summarizer, "config", None), "model", None)
+    uses_prompt = summarizer.name == "openai"
+    return SummarizerIdentity(
+        summarizer=summarizer.name,
+        model=model if isinstance(model, str) else None,
+        prompt_version=prompt_version(SYSTEM_PROMPT) if uses_prompt else None,
+    )
+
+
+# -- finishing what an interrupted run left ----------------------------------------------------
+
+
+def finish_interrupted(
+    profile: Profile,
+    store: MemoryStore,
+    lock: UserLock,
+    *,
+    run_id: str,
+    clock: Callable[[], datetime],
+    metrics: Metrics | None = None,
+    checkpoint: Checkpoint = no_checkpoint,
+) -> tuple[Profile, int]:
+    """Finish what an interrupted run left in the profile: a rollback's intent, then a pending fold.
+
+    Return the profile as it is afterwards and how many events the pending fold deleted.
+    """
+    if profile.rollback is not None:
+        # An interrupted rollback put events back in user_memory that the summary still covers: finish it first.
+        finish_rollback(store, profile, lock, no_checkpoint, clock)
+        profile = store.load_profile(profile.user_id, create=False)
+    deleted = 0
+    if profile.pending is not None:
+        deleted = finish_pending(profile, store, run_id=run_id, clock=clock, metrics=metrics, checkpoint=checkpoint)
+        profile = store.load_profile(profile.user_id, create=False)
+    return profile, deleted
+
+
+def finish_pending(
+    profile: Profile,
+    store: MemoryStore,
+    *,
+    run_id: str,
+    clock: Callable[[], datetime],
+    metrics: Metrics | None = None,
+    checkpoint: Checkpoint = no_checkpoint,
+) -> int:
+    """Archive and delete the events an interrupted run already summarised; never re-summarise them."""
+    metrics = metrics or NullMetrics()
+    user_id = profile.user_id
+    pending = profile.pending
+    assert pending is not None
+    log.info(
+        "user %s: finishing an interrupted fold of %d events (v%d)",
+        user_id,
+        len(pending.ids),
+        pending.version,
+    )
+    remaining = store.find_by_ids(user_id, pending.ids)
+    if pending.digests is not None:
+        # Only events still as they were summarised: one the Butler edited since is a newer version
+        # the stored summary does not hold; it stays for a later fold.
+        summarised = {id_key(i): d for i, d in zip(pending.ids, pending.digests, strict=True)}
+        unchanged = [ev for ev in remaining if summarised.get(id_key(ev["_id"])) == event_digest(ev)]
+        if len(unchanged) < len(remaining):
+            log.info("user %s: %d event(s) changed since summarised; kept", user_id, len(remaining) - len(unchanged))
+        remaining = unchanged
+    archived = store.archive(remaining, run_id=run_id, version=pending.version, now=clock())
+    metrics.incr(m.EVENTS_ARCHIVED_TOTAL, archived)
+    checkpoint("pending_archived")
+    deleted = store.delete_unchanged(user_id, remaining)
+    metrics.incr(m.EVENTS_DELETED_TOTAL, deleted)
+    checkpoint("pending_deleted")
+    store.clear_pending(user_id, pending.version)
+    return deleted
+
+
+def finish_rollback(
+    store: MemoryStore, profile: Profile, lock: UserLock, checkpoint: Checkpoint, clock: Callable[[], datetime]
+) -> int:
+    """Carry a recorded rollback intent through to the end (also after a kill); return the new version.
+
+    Every batch of events put back is fenced: right before it is written the lock is extended
+    (LockLostError when it expired and another holder may have taken the user) and the intent must
+    still be in the profile (ConcurrentUpdateError when another run finished it, or an erasure
+    removed it). A batch read before a takeover is never written after it.
+    """
+    intent = profile.rollback
+    assert intent is not None
+    user_id = profile.user_id
+    new_version, expected = int(intent["version"]), int(intent["expected_version"])
+    undoes = [int(v) for v in intent["undoes"]]
+
+    def fence() -> None:
+        lock.extend()
+        if not store.rollback_pending(user_id, new_version, str(intent["rollback_id"])):
+            raise ConcurrentUpdateError(
+                f"user {user_id!r}: the rollback to v{new_version} was finished or removed by another run "
+                "(its lock had expired); this run stopped before writing more, a re-run reports the state",
+                user_id=user_id,
+            )
+
+    if profile.version == expected:
+        restore = store.history.version(user_id, int(intent["restore_version"]))
+        if restore is None:
+            raise CompressionError(
+                f"user {user_id!r}: the rollback to v{intent['restore_version']} cannot finish: that version "
+                "is no longer in the history; its events are back in user_memory, the summary is unchanged",
+                user_id=user_id,
+            )
+        store.restore(user_id, undoes, unarchive=False, fence=fence)
+        checkpoint("restored")
+        store.history.write_version(
+            HistoryEntry(
+                user_id,
+                new_version,
+                restore.text,
+                ROLLBACK,
+                str(intent["rollback_id"]),
+                restore.version,
+                clock(),
+                through=restore.through,
+                summarizer=restore.summarizer,
+                model=restore.model,
+                prompt_version=restore.prompt_version,
+                guards=restore.guards,
+                undoes=undoes,
+                undone_runs=list(intent["undone_runs"]),
+            )
+        )
+        checkpoint("recorded")
+        lock.extend()  # the commit itself is guarded by the version and the intent
+        store.commit_rollback(
+            user_id,
+            expected_version=expected,
+            new_version=new_version,
+            summary=restore.text,
+            through=None if restore.through is None else restore.through.to_doc(),
+            compressed_at=restore.committed_at,
+        )
+        checkpoint("committed")
+    elif profile.version != new_version:
+        raise InvalidProfileError(
+            user_id, "memory_rollback", f"is for v{expected} -> v{new_version} but the profile is at v{profile.version}"
+        )
+    else:
+        log.info("user %s: finishing an interrupted rollback (v%d)", user_id, new_version)
+    store.restore(user_id, undoes, unarchive=True, fence=fence)
+    checkpoint("unarchived")
+    store.clear_rollback(user_id, new_version)
+    checkpoint("cleared")
+    return new_version

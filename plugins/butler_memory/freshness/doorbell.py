@@ -1,0 +1,193 @@
+"""The doorbell: the Butler says "this user may be due" after appending an event.
+
+Plain Python on redis-py (no Airflow import), a synchronous ``Doorbell`` and an asyncio
+``AsyncDoorbell`` (``redis.asyncio``) with the same behaviour::
+
+    from butler_memory.freshness.doorbell import AsyncDoorbell
+
+    bell = AsyncDoorbell.from_url("redis://redis:6379/0")
+    await bell.ring(user_id, events=n)  # after appending the user's event; n = their event count, if known
+
+A ring does two things in one Redis script, so neither happens without the other:
+
+1. **records** the user in a sorted set (``doorbell_key``, member = user id, score = unix time of the
+   first ring not yet drained). The record lives in Redis, not Airflow: it survives Airflow being
+   down, and the next catch-up run (scheduled or woken) drains it;
+2. **wakes** the catch-up DAG by publishing on ``doorbell_channel``; the DAG's asset watcher
+   (``butler_memory.freshness.doorbell_trigger``) turns that into an asset event at once.
+
+The doorbell only shortens the wait: a lost wake-up (Airflow down, triggerer restarting) leaves
+the record, and the catch-up cadence plus the daily run find the user anyway.
+
+What a ring costs: a user id that is not a sensible id (not a string, empty, over 200 characters,
+control characters or whitespace) is refused before Redis (``ring`` returns False). With
+``events`` given and not over the threshold, nothing is sent at all. A user that turns out to be
+under the threshold, or unknown, costs the catch-up scan one ``count_documents``. A Redis error is
+logged (no content, no id) and returned as False: a doorbell never fails the Butler's request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY = "butler:memory:doorbell"
+DEFAULT_CHANNEL = "butler:memory:doorbell:ring"
+DEFAULT_THRESHOLD = 50
+MAX_USER_ID_CHARS = 200
+WAKE_MESSAGE = "ring"
+"""What is published: a fixed word (no user id, no content)."""
+
+# ZADD NX keeps the first ring's time (the oldest wait); PUBLISH wakes the watcher.
+RING_SCRIPT = """
+redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[2])
+return redis.call('PUBLISH', ARGV[3], ARGV[4])
+"""
+
+
+def valid_user_id(user_id: object) -> bool:
+    """Return whether ``user_id`` is a string the job would accept as a user id."""
+    return (
+        isinstance(user_id, str)
+        and 0 < len(user_id) <= MAX_USER_ID_CHARS
+        and user_id.isprintable()
+        and not any(ch.isspace() for ch in user_id)
+    )
+
+
+def _worth_ringing(user_id: object, events: int | None, threshold: int | None) -> bool:
+    if not valid_user_id(user_id):
+        log.warning("doorbell: refused a malformed user id (type %s)", type(user_id).__name__)
+        return False
+    return events is None or threshold is None or events > threshold
+
+
+class Doorbell:
+    """Ring for users from synchronous code (one Redis round trip a ring)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        key: str = DEFAULT_KEY,
+        channel: str = DEFAULT_CHANNEL,
+        threshold: int | None = DEFAULT_THRESHOLD,
+    ) -> None:
+        self._client = client
+        self.key = key
+        self.channel = channel
+        self.threshold = threshold
+        self._script = client.register_script(RING_SCRIPT)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> Doorbell:
+        """Connect to Redis at ``url`` (``redis://host:port/db``) with short timeouts."""
+        return cls(redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0), **kwargs)
+
+    def ring(self, user_id: str, *, events: int | None = None) -> bool:
+        """Record that ``user_id`` may be due and wake the catch-up DAG; return whether it was recorded.
+
+        ``events``: the user's event count when the caller knows it; at or under the threshold the
+        ring is a no-op (returns False without touching Redis).
+        """
+        if not _worth_ringing(user_id, events, self.threshold):
+            return False
+        try:
+            self._script(keys=[self.key], args=[time.time(), user_id, self.channel, WAKE_MESSAGE])
+        except RedisError as exc:
+            log.warning("doorbell: Redis unreachable (%s); the catch-up cadence finds the user", type(exc).__name__)
+            return False
+        return True
+
+    def pending(self) -> int:
+        """Return how many users wait in the doorbell's record."""
+        return int(self._client.zcard(self.key))  # type: ignore[arg-type]  # a sync client's reply
+
+    def close(self) -> None:
+        """Close the Redis connection pool."""
+        self._client.close()
+
+
+class AsyncDoorbell:
+    """Ring for users from asyncio code (the Butler); same behaviour as ``Doorbell``."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        key: str = DEFAULT_KEY,
+        channel: str = DEFAULT_CHANNEL,
+        threshold: int | None = DEFAULT_THRESHOLD,
+    ) -> None:
+        self._client = client
+        self.key = key
+        self.channel = channel
+        self.threshold = threshold
+        self._script = client.register_script(RING_SCRIPT)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> AsyncDoorbell:
+        """Connect to Redis at ``url`` (``redis://host:port/db``) with short timeouts."""
+        return cls(redis.asyncio.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0), **kwargs)
+
+    async def ring(self, user_id: str, *, events: int | None = None) -> bool:
+        """Record that ``user_id`` may be due and wake the catch-up DAG; return whether it was recorded."""
+        if not _worth_ringing(user_id, events, self.threshold):
+            return False
+        try:
+            await self._script(keys=[self.key], args=[time.time(), user_id, self.channel, WAKE_MESSAGE])
+        except RedisError as exc:
+            log.warning("doorbell: Redis unreachable (%s); the catch-up cadence finds the user", type(exc).__name__)
+            return False
+        return True
+
+    async def pending(self) -> int:
+        """Return how many users wait in the doorbell's record."""
+        return int(await self._client.zcard(self.key))
+
+    async def close(self) -> None:
+        """Close the Redis connection pool."""
+        await self._client.aclose()
+
+
+class DoorbellRecord:
+    """The job's side of the record: read the oldest entries, drop the handled ones, put users back."""
+
+    def __init__(self, client: redis.Redis, *, key: str = DEFAULT_KEY, channel: str = DEFAULT_CHANNEL) -> None:
+        self._client = client
+        self.key = key
+        self.channel = channel
+
+    def oldest(self, limit: int) -> dict[str, float]:
+        """Return up to ``limit`` recorded users, oldest ring first: {user_id: first ring time}."""
+        rows: Any = self._client.zrange(self.key, 0, limit - 1, withscores=True)
+        out: dict[str, float] = {}
+        for member, score in rows:
+            user_id = member.decode("utf-8", "replace") if isinstance(member, bytes) else str(member)
+            out[user_id] = float(score)
+        return out
+
+    def settle(
+        self, handled: list[str], again: list[str], quiet: list[str] | None = None, *, wake: bool = False
+    ) -> None:
+        """Drop the handled users' records; record ``again`` (left over for the next run) and wake it;
+        record ``quiet`` without waking anyone (users a later run should take, not the next one); with
+        ``wake``, wake the next run anyway."""
+        pipe = self._client.pipeline(transaction=True)
+        if handled:
+            pipe.zrem(self.key, *handled)
+        if quiet:
+            pipe.zadd(self.key, dict.fromkeys(quiet, time.time()), nx=True)
+        if again:
+            pipe.zadd(self.key, dict.fromkeys(again, time.time()), nx=True)
+        if again or wake:
+            pipe.publish(self.channel, WAKE_MESSAGE)
+        if handled or again or quiet or wake:
+            pipe.execute()

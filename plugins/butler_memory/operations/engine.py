@@ -1,0 +1,131 @@
+"""The engine's front: the parts one task needs, and the per-user operations on them.
+
+Built once per task (``connections.build_engine``), by the CLI, the Butler's client and tests. It
+sits above the operations it offers (compression, rollback, re-fold), which never import it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from butler_memory.core.settings import Settings
+from butler_memory.fold import metrics as m
+from butler_memory.fold.compression import UserResult, compress_user, utcnow
+from butler_memory.fold.metrics import Metrics, NullMetrics
+from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
+from butler_memory.llm.budget import TokenBudget
+from butler_memory.llm.summarizer import Summarizer
+from butler_memory.operations.refold import REFOLDED, RefoldResult, refold_user
+from butler_memory.operations.rollback import ROLLED_BACK, RollbackResult, rollback_user
+from butler_memory.storage.locks import UserLocks
+from butler_memory.storage.store import Backlog, MemoryStore
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The parts one compression needs, built once per task (see ``connections.build_engine``)."""
+
+    settings: Settings
+    store: MemoryStore
+    locks: UserLocks
+    summarizer: Summarizer
+    metrics: Metrics = field(default_factory=NullMetrics)
+    budget: TokenBudget | None = None
+    """The daily token budget, when one is set."""
+
+    def close(self) -> None:
+        """Close every client the parts hold (MongoDB, Redis, LLM, StatsD)."""
+        for part in (self.store, self.locks, self.summarizer, self.metrics):
+            part.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def scan(
+        self, *, limit: int | None = None, user_ids: Sequence[str] | None = None, dry_run: bool = False
+    ) -> list[Backlog]:
+        """Return users over the threshold, largest backlog first (a dry run creates no indexes)."""
+        if not dry_run:  # a preview writes nothing: it must run with read-only credentials
+            self.store.ensure_indexes()
+        backlog = self.store.scan(self.settings.threshold, limit or self.settings.scan_limit, user_ids)
+        self.metrics.gauge(m.BACKLOG_USERS, len(backlog))
+        return backlog
+
+    def compress(
+        self,
+        user_id: str,
+        *,
+        run_id: str = "manual",
+        dry_run: bool = False,
+        checkpoint: Checkpoint = no_checkpoint,
+        holder: str | None = None,
+    ) -> UserResult:
+        """Compress one user (see ``compress_user``)."""
+        return compress_user(
+            user_id,
+            settings=self.settings,
+            store=self.store,
+            locks=self.locks,
+            summarizer=self.summarizer,
+            metrics=self.metrics,
+            run_id=run_id,
+            dry_run=dry_run,
+            checkpoint=checkpoint,
+            budget=self.budget,
+            holder=holder,
+        )
+
+    def rollback(
+        self,
+        user_id: str,
+        run_id: str,
+        *,
+        rollback_id: str,
+        cascade: bool = False,
+        allow_missing: bool = False,
+        dry_run: bool = False,
+        checkpoint: Checkpoint = no_checkpoint,
+    ) -> RollbackResult:
+        """Undo one run for one user (see ``rollback.rollback_user``); emits the rollback metrics."""
+        with m.observe_operation(self.metrics, m.ROLLBACK, dry_run=dry_run) as touched:
+            result = rollback_user(
+                user_id,
+                run_id,
+                store=self.store,
+                locks=self.locks,
+                rollback_id=rollback_id,
+                cascade=cascade,
+                allow_missing=allow_missing,
+                dry_run=dry_run,
+                checkpoint=checkpoint,
+                clock=utcnow,
+            )
+            touched.changed = result.status == ROLLED_BACK
+            touched.events = result.events_restored if touched.changed else 0
+        return result
+
+    def refold(
+        self, user_id: str, *, run_id: str, dry_run: bool = False, checkpoint: Checkpoint = no_checkpoint
+    ) -> RefoldResult:
+        """Rebuild one user's summary from the archive (see ``refold.refold_user``); emits the re-fold metrics."""
+        with m.observe_operation(self.metrics, m.REFOLD, dry_run=dry_run) as touched:
+            result = refold_user(
+                user_id,
+                settings=self.settings,
+                store=self.store,
+                locks=self.locks,
+                summarizer=self.summarizer,
+                metrics=self.metrics,
+                budget=self.budget,
+                run_id=run_id,
+                dry_run=dry_run,
+                checkpoint=checkpoint,
+                clock=utcnow,
+            )
+            touched.changed = result.status == REFOLDED
+            touched.events = result.events if touched.changed else 0
+        return result

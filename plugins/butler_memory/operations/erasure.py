@@ -1,0 +1,634 @@
+"""Forget a user everywhere this package keeps their data, and leave a content-free audit record.
+
+No Airflow imports here: the CLI, the ``memory_erasure`` DAG and the Butler's own deletion flow
+(:func:`forget_user`) all call the same code.
+
+What a user erasure removes (docs/erasure.md):
+
+* their events in ``user_memory`` (only when asked: the Butler may delete those itself),
+* their archived events, every version of their summary in the history collection,
+* the summary and every bookkeeping field of ours in their profile (the profile document itself
+  only when nothing of the Butler's is left in it),
+* their rows and ids in the run documents,
+* their Redis keys (lock and any other per-user key in :data:`USER_KEY_PATTERNS`).
+
+Invariants:
+
+1. Everything happens under the user's compression lock. A compression holding it makes the
+   erasure wait (``erasure_lock_wait_seconds``), never interleave; at the bound it fails, retryable.
+2. The intent is recorded first, in the audit collection (the profile is among the things removed):
+   ``{kind: "user", subject: <keyed reference>, state: "started", removed: <counts found>}``. Then a
+   marker in the profile makes every compression refuse the user until the erasure is done.
+3. Every step deletes by ``user_id`` and is safe to repeat, so a kill at any step followed by a
+   re-run (which finds the started intent and resumes it) ends as one clean erasure: one audit
+   record, state ``done``, the counts found when it started, and a re-count showing nothing left.
+
+The audit record holds no user id and no content: the user is named by an HMAC-SHA256 of their id
+keyed with a secret kept outside the database (:func:`subject_ref`), so the record cannot be turned
+back into the id, yet an operator who is given the id can recompute the reference and prove the
+erasure happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from pymongo import ASCENDING
+from pymongo.collection import Collection
+from pymongo.database import Database
+
+from butler_memory.core.errors import ForgetInputError, LockBusyError
+from butler_memory.core.settings import Settings, SettingsError
+from butler_memory.fold import metrics as m
+from butler_memory.storage.locks import UserLock, UserLocks
+from butler_memory.storage.store import (
+    ERASING_FIELD,
+    OUR_PROFILE_FIELDS,
+    RUN_USERS_FIELD,
+    MemoryStore,
+    sanitized_errors,
+)
+
+log = logging.getLogger(__name__)
+
+Checkpoint = Callable[[str], None]
+"""Called with a step name at every step boundary (tests kill the process there)."""
+
+SECRET_ENV = "BUTLER_MEMORY_ERASURE_SECRET"  # noqa: S105 - the name of a variable, not a secret
+"""Environment variable holding the key of the audit references (else the connection's password)."""
+MIN_SECRET_CHARS = 16
+
+USER_STEPS = ("locked", "intent", "marked", "events", "archive", "history", "runs", "redis", "profile", "done")
+
+# Statuses of an erasure's result.
+ERASED = "erased"
+ALREADY_ERASED = "already_erased"
+ERASED_EVENTS = ("events", "archive", "quarantine")
+"""The places of ``ErasureResult.removed`` that count events (the erasure metrics' events)."""
+DRY_RUN = "dry_run"
+
+# Audit record states.
+STARTED = "started"
+DONE = "done"
+
+USER_KEY_PATTERNS: list[Callable[[Settings], str]] = [lambda s: s.lock_key_pattern]
+"""Per-user Redis key patterns (each with ``{user_id}``) a user erasure deletes. A module that
+keeps another per-user key (say a doorbell) appends its pattern here, next to where it writes it."""
+
+SHARED_REDIS_MEMBERS: list[Callable[[Settings], str]] = [lambda s: s.doorbell_key, lambda s: s.daily_owed_key]
+"""Shared Redis keys (sets, sorted sets, hashes, lists) whose members or fields may be user ids; a
+user erasure removes the user's id from each: the doorbell's record and the daily scan's owed record
+(sorted sets of user ids), and whatever another module registers here."""
+
+
+def _no_checkpoint(step: str) -> None:
+    return None
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+# -- the audit reference ------------------------------------------------------------------------
+
+
+def erasure_secret(env: Mapping[str, str] | None = None, *, connection_password: str | None = None) -> bytes:
+    """Return the key of the audit references: ``BUTLER_MEMORY_ERASURE_SECRET``, else the password of
+    the ``erasure_secret_conn_id`` connection (read by the caller). Refuse a missing or short one."""
+    env = os.environ if env is None else env
+    secret = env.get(SECRET_ENV) or connection_password or ""
+    if len(secret) < MIN_SECRET_CHARS:
+        raise SettingsError(
+            f"erasure needs a secret of at least {MIN_SECRET_CHARS} characters to name users in its audit "
+            f"record: set {SECRET_ENV} or the password of the erasure_secret_conn_id connection "
+            "(keep it: the same secret proves old erasures)"
+        )
+    return secret.encode("utf-8")
+
+
+def subject_ref(secret: bytes, user_id: str) -> str:
+    """Return the non-reversible reference of a user: HMAC-SHA256 of the id, keyed with ``secret``."""
+    digest = hmac.new(secret, b"user:" + user_id.encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"hmac-sha256:{digest}"
+
+
+def event_ref(secret: bytes, user_id: str, event_id: object) -> str:
+    """Return the non-reversible reference of one of a user's events (for audit records)."""
+    message = f"event:{user_id}\x00{event_id!s}".encode()
+    return "hmac-sha256:" + hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ErasureResult:
+    """What an erasure did: ids of the audit record, counts and version numbers; never content."""
+
+    status: str
+    kind: str
+    erasure_id: str | None = None
+    subject: str | None = None
+    """The audit reference of the user (None in a dry run without a secret)."""
+    removed: dict[str, int] = field(default_factory=dict)
+    """Counts per place, as found when the erasure started (a dry run: what it would remove)."""
+    left: dict[str, int] = field(default_factory=dict)
+    """Re-count at the end: what is still there (only user_memory, when events were not asked for)."""
+    notes: list[str] = field(default_factory=list)
+    """Plain sentences for the operator (no content)."""
+    summary_version: int | None = None
+    rebuilt_from_version: int | None = None
+    versions_dropped: list[int] = field(default_factory=list)
+    events_refolded: int = 0
+    lost: dict[str, Any] = field(default_factory=dict)
+    """Forgetting events: what older facts could not be kept (counts and version ranges)."""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-safe dict (fit for XCom)."""
+        return asdict(self)
+
+
+# -- the audit collection -----------------------------------------------------------------------
+
+
+class AuditLog:
+    """The erasure audit collection (``erasures_collection``): one content-free record per erasure."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.coll: Collection[dict[str, Any]] = store.db[store.settings.erasures_collection]
+
+    def ensure_indexes(self) -> None:
+        """Create the index the lookups by reference use; safe to repeat."""
+        self.coll.create_index([("subject", ASCENDING), ("kind", ASCENDING), ("state", ASCENDING)])
+
+    def started(self, subject: str, kind: str) -> dict[str, Any] | None:
+        """Return the unfinished erasure of this kind for this subject, if any."""
+        return self.coll.find_one({"subject": subject, "kind": kind, "state": STARTED})
+
+    def last_done(self, subject: str, kind: str) -> dict[str, Any] | None:
+        """Return the newest finished erasure of this kind for this subject, if any."""
+        docs = self.coll.find({"subject": subject, "kind": kind, "state": DONE}).sort([("finished_at", -1)]).limit(1)
+        return next(iter(docs), None)
+
+    def start(self, doc: dict[str, Any]) -> None:
+        """Record an intent (insert; its ``_id`` is fresh)."""
+        self.coll.insert_one(doc)
+
+    def step(self, erasure_id: str, step: str) -> None:
+        """Note a finished step (repeating it adds nothing)."""
+        self.coll.update_one({"_id": erasure_id}, {"$addToSet": {"steps_done": step}})
+
+    def finish(self, erasure_id: str, changes: Mapping[str, Any]) -> None:
+        """Mark the erasure done."""
+        self.coll.update_one({"_id": erasure_id}, {"$set": {"state": DONE, **changes}})
+
+    def erased_since(self, secret: bytes, user_ids: Iterable[str], since: datetime) -> set[str]:
+        """Return those of ``user_ids`` whose erasure (started or done) was requested at or after ``since``.
+
+        For writers that finish after a user's data was read (a run's report): erasure wins, so what
+        they write must not name such a user. Looked up by reference; nothing here names anyone.
+        """
+        refs = {subject_ref(secret, user_id): user_id for user_id in user_ids}
+        if not refs:
+            return set()
+        query = {"subject": {"$in": list(refs)}, "kind": "user", "requested_at": {"$gte": since}}
+        return {refs[doc["subject"]] for doc in self.coll.find(query, {"subject": 1})}
+
+    def by_subject(self, subject: str) -> list[dict[str, Any]]:
+        """Return every record naming this reference, oldest first (for proving an erasure)."""
+        return list(self.coll.find({"subject": subject}).sort([("requested_at", ASCENDING)]))
+
+
+# -- the lock -----------------------------------------------------------------------------------
+
+
+def acquire_waiting(
+    locks: UserLocks,
+    user_id: str,
+    wait_seconds: float,
+    *,
+    sleep: Callable[[float], None] | None = None,
+    clock: Callable[[], float] | None = None,
+) -> UserLock:
+    """Take the user's lock, waiting up to ``wait_seconds`` for its holder; raise LockBusyError then."""
+    import time
+
+    sleep = sleep or time.sleep
+    clock = clock or time.monotonic
+    deadline = clock() + wait_seconds
+    delay = 0.05
+    while True:
+        lock = locks.acquire(user_id)
+        if lock is not None:
+            return lock
+        if clock() >= deadline:
+            raise LockBusyError(
+                f"user {user_id!r}: the compression lock stayed held for {wait_seconds:g} s; nothing was "
+                "erased, run it again (a compression in progress holds it for its length)",
+                user_id=user_id,
+            )
+        log.info("user %s: lock held (a compression is running), waiting", user_id)
+        sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+
+def redis_user_keys(settings: Settings, user_id: str) -> list[str]:
+    """Return the per-user Redis keys a user erasure deletes (see USER_KEY_PATTERNS)."""
+    return sorted({pattern(settings).format(user_id=user_id) for pattern in USER_KEY_PATTERNS})
+
+
+def _redis_traces(client: Any, settings: Settings, user_id: str, lock_key: str) -> tuple[list[str], list[str]]:
+    """Return (per-user keys that exist, other than the lock we hold; shared keys holding the id)."""
+    keys = [k for k in redis_user_keys(settings, user_id) if k != lock_key and client.exists(k)]
+    shared = []
+    for make_key in SHARED_REDIS_MEMBERS:
+        key = make_key(settings)
+        kind = _type(client, key)
+        present = (
+            (kind == "set" and client.sismember(key, user_id))
+            or (kind == "zset" and client.zscore(key, user_id) is not None)
+            or (kind == "hash" and client.hexists(key, user_id))
+            or (kind == "list" and client.lpos(key, user_id) is not None)
+        )
+        if present:
+            shared.append(key)
+    return keys, shared
+
+
+def _type(client: Any, key: str) -> str:
+    kind = client.type(key)
+    return kind.decode() if isinstance(kind, bytes) else str(kind)
+
+
+def _erase_redis(client: Any, settings: Settings, user_id: str, lock_key: str) -> int:
+    keys, shared = _redis_traces(client, settings, user_id, lock_key)
+    if keys:
+        client.delete(*keys)
+    for key in shared:
+        kind = _type(client, key)
+        if kind == "set":
+            client.srem(key, user_id)
+        elif kind == "zset":
+            client.zrem(key, user_id)
+        elif kind == "hash":
+            client.hdel(key, user_id)
+        elif kind == "list":
+            client.lrem(key, 0, user_id)
+    return len(keys) + len(shared)
+
+
+# -- run documents ------------------------------------------------------------------------------
+
+_GONE = object()
+
+
+def scrub(value: Any, user_id: str, pattern: re.Pattern[str]) -> Any:
+    """Return ``value`` without the user: rows whose ``user_id`` is theirs, list items and dict keys
+    equal to their id are dropped, and their id inside a longer string is replaced by ``[erased]``.
+    Returns the value itself (the same object) when nothing in it names the user."""
+    if isinstance(value, Mapping):
+        if value.get("user_id") == user_id:
+            return _GONE
+        out: dict[Any, Any] = {}
+        changed = False
+        for key, item in value.items():
+            if key == user_id:
+                changed = True
+                continue
+            new = scrub(item, user_id, pattern)
+            if new is _GONE:
+                changed = True
+                continue
+            changed = changed or new is not item
+            out[key] = new
+        return out if changed else value
+    if isinstance(value, list):
+        items = [scrub(item, user_id, pattern) for item in value]
+        if all(new is old for new, old in zip(items, value, strict=True)):
+            return value
+        return [item for item in items if item is not _GONE]
+    if isinstance(value, str):
+        if value == user_id:
+            return _GONE
+        if user_id in value:
+            return pattern.sub("[erased]", value)
+    return value
+
+
+def id_pattern(user_id: str) -> re.Pattern[str]:
+    """Return a pattern matching the id as a whole word inside longer strings."""
+    # Whole ids only: erasing "u1" must not touch "u10".
+    return re.compile(rf"(?<![\w.-]){re.escape(user_id)}(?![\w.-])")
+
+
+def _job_collections(store: MemoryStore) -> list[Collection[dict[str, Any]]]:
+    """Return the collections of the job's own documents: runs, catch-up runs, state."""
+    settings = store.settings
+    names = dict.fromkeys([settings.runs_collection, settings.catchup_runs_collection, settings.state_collection])
+    return [store.db[name] for name in names]
+
+
+def _runs_naming(store: MemoryStore, user_id: str) -> list[tuple[Collection[dict[str, Any]], Any, dict[str, Any]]]:
+    """Return (collection, _id, scrubbed document) of every run or state document that names the user.
+
+    Run documents list the users they name in ``user_ids`` (indexed): only those are read, plus any
+    written before that field existed (until their retention drops them), so an erasure's cost does
+    not grow with the run history. The few state documents are all read. Every document read is
+    scrubbed whole, so a field added later by another feature is covered without being known here.
+    """
+    pattern = id_pattern(user_id)
+    settings = store.settings
+    runs = {settings.runs_collection, settings.catchup_runs_collection}
+    found = []
+    for coll in _job_collections(store):
+        queries: list[dict[str, Any]] = [{}]
+        if coll.name in runs - {settings.state_collection}:
+            queries = [{RUN_USERS_FIELD: user_id}, {RUN_USERS_FIELD: None}]  # None: written before the field
+        for query in queries:
+            for doc in coll.find(query):
+                new = scrub(doc, user_id, pattern)
+                if new is not doc and new is not _GONE:
+                    found.append((coll, doc["_id"], new))
+    return found
+
+
+# -- forget_user --------------------------------------------------------------------------------
+
+
+def _history(store: MemoryStore) -> Collection[dict[str, Any]]:
+    return store.history.coll
+
+
+def _count(store: MemoryStore, redis_client: Any, user_id: str) -> dict[str, int]:
+    """Count what a user erasure removes, per place (the user's lock, held by the erasure, aside)."""
+    profile = store.profiles.find_one({"user_id": user_id}) or {}
+    keys, shared = _redis_traces(redis_client, store.settings, user_id, store.settings.lock_key(user_id))
+    return {
+        "events": store.events.count_documents({"user_id": user_id}),
+        "archive": store.archive_coll.count_documents({"user_id": user_id}),
+        "quarantine": store.quarantine.count_documents({"user_id": user_id}),
+        "history": _history(store).count_documents({"user_id": user_id}),
+        "run_documents": len(_runs_naming(store, user_id))
+        + store.run_users.count_documents({"user_id": user_id})
+        + store.db[store.settings.batch_collection].count_documents({"user_id": user_id}),
+        "profile_fields": sum(1 for name in _our_fields(store.settings) if name in profile),
+        "redis_keys": len(keys) + len(shared),
+    }
+
+
+def _our_fields(settings: Settings) -> list[str]:
+    return [settings.summary_field, *OUR_PROFILE_FIELDS]
+
+
+def forget_user(
+    user_id: str,
+    *,
+    settings: Settings,
+    store: MemoryStore,
+    locks: UserLocks,
+    secret: bytes | None,
+    events: bool = False,
+    dry_run: bool = False,
+    requested_by: str = "api",
+    checkpoint: Checkpoint = _no_checkpoint,
+    clock: Callable[[], datetime] = utcnow,
+    sleep: Callable[[float], None] | None = None,
+    metrics: m.Metrics | None = None,
+) -> ErasureResult:
+    """Erase one user everywhere this package keeps their data; return what was removed (counts only).
+
+    ``events=True`` also deletes their events in ``user_memory`` (leave it False when the Butler
+    deletes those itself, before or after this call). ``dry_run`` counts and changes nothing.
+    Raises ForgetInputError for a bad or unknown user id (nothing changed), LockBusyError when a
+    compression kept the lock past ``erasure_lock_wait_seconds`` (retryable, nothing changed).
+    """
+    import time
+
+    started = time.monotonic()
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise ForgetInputError(f"user id must be a non-empty string, got {user_id!r}")
+    with (
+        m.observe_operation(
+            metrics or m.NullMetrics(), m.ERASURE, dry_run=dry_run, input_errors=(ForgetInputError,)
+        ) as touched,
+        sanitized_errors(user_id, "erasure"),
+    ):
+        result = _forget_user(
+            user_id, settings, store, locks, secret, events, dry_run, requested_by, checkpoint, clock, sleep
+        )
+        touched.changed = result.status == ERASED
+        touched.events = sum(result.removed.get(place, 0) for place in ERASED_EVENTS) if touched.changed else 0
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _forget_user(
+    user_id: str,
+    settings: Settings,
+    store: MemoryStore,
+    locks: UserLocks,
+    secret: bytes | None,
+    events: bool,
+    dry_run: bool,
+    requested_by: str,
+    checkpoint: Checkpoint,
+    clock: Callable[[], datetime],
+    sleep: Callable[[float], None] | None,
+) -> ErasureResult:
+    audit = AuditLog(store)
+    subject = None if secret is None else subject_ref(secret, user_id)
+    if dry_run:
+        counts = _count(store, locks.client, user_id)
+        if not events:
+            counts["events"] = 0
+        pending = audit.started(subject, "user") if subject else None
+        if not any(counts.values()) and pending is None:
+            if subject and audit.last_done(subject, "user"):
+                return ErasureResult(ALREADY_ERASED, "user", subject=subject, notes=["already erased"])
+            raise ForgetInputError(f"user {user_id!r}: unknown here (no events, profile, archive or history)")
+        return ErasureResult(DRY_RUN, "user", subject=subject, removed=counts)
+    if secret is None:
+        raise SettingsError("an erasure needs the secret of its audit references (see erasure_secret)")
+    assert subject is not None
+
+    lock = acquire_waiting(locks, user_id, settings.erasure_lock_wait_seconds, sleep=sleep)
+    try:
+        checkpoint("locked")
+        return _forget_user_locked(
+            user_id, subject, lock, settings, store, locks, audit, events, requested_by, checkpoint, clock
+        )
+    finally:
+        lock.release()
+
+
+def _forget_user_locked(
+    user_id: str,
+    subject: str,
+    lock: UserLock,
+    settings: Settings,
+    store: MemoryStore,
+    locks: UserLocks,
+    audit: AuditLog,
+    events: bool,
+    requested_by: str,
+    checkpoint: Checkpoint,
+    clock: Callable[[], datetime],
+) -> ErasureResult:
+    lock_key = settings.lock_key(user_id)
+    intent = audit.started(subject, "user")
+    if intent is None:
+        counts = _count(store, locks.client, user_id)
+        if not events:
+            counts["events"] = 0
+        if not any(counts.values()):
+            done = audit.last_done(subject, "user")
+            if done is not None:
+                log.info("erasure %s: this user was already erased", done["_id"])
+                return ErasureResult(ALREADY_ERASED, "user", erasure_id=done["_id"], subject=subject)
+            raise ForgetInputError(f"user {user_id!r}: unknown here (no events, profile, archive or history)")
+        intent = {
+            "_id": uuid.uuid4().hex,
+            "kind": "user",
+            "subject": subject,
+            "state": STARTED,
+            "requested_at": clock(),
+            "requested_by": requested_by,
+            "options": {"events": events},
+            "removed": counts,
+            "steps_done": [],
+        }
+        audit.ensure_indexes()
+        audit.start(intent)
+        log.info("erasure %s: intent recorded (%s)", intent["_id"], _counts_text(counts))
+    else:
+        log.info("erasure %s: resuming an unfinished erasure", intent["_id"])
+        if events and not intent["options"].get("events"):
+            # A re-run asking for more than the interrupted one: the audit record says so.
+            counts = {**intent["removed"], "events": store.events.count_documents({"user_id": user_id})}
+            audit.coll.update_one({"_id": intent["_id"]}, {"$set": {"options.events": True, "removed": counts}})
+            intent["options"]["events"], intent["removed"] = True, counts
+    erasure_id: str = intent["_id"]
+    events = bool(intent["options"].get("events"))
+    checkpoint("intent")
+
+    # From here on every compression refuses this user (see compression.py), until the profile step.
+    # Upserted: a compression would otherwise create the profile and go ahead. Removed at the profile step.
+    store.profiles.update_one({"user_id": user_id}, {"$set": {ERASING_FIELD: erasure_id}}, upsert=True)
+    checkpoint("marked")
+
+    lock.extend()
+    if events:
+        store.events.delete_many({"user_id": user_id})
+    checkpoint("events")
+    store.archive_coll.delete_many({"user_id": user_id})
+    store.quarantine.delete_many({"user_id": user_id})  # events a compression could not fold
+    checkpoint("archive")
+    _history(store).delete_many({"user_id": user_id})
+    checkpoint("history")
+    lock.extend()
+    for coll, doc_id, scrubbed in _runs_naming(store, user_id):
+        coll.replace_one({"_id": doc_id}, scrubbed)
+    store.run_users.delete_many({"user_id": user_id})  # per-user outcomes of runs (batched tasks)
+    store.db[settings.batch_collection].delete_many({"user_id": user_id})  # batch mode's folds and replies
+    checkpoint("runs")
+    _erase_redis(locks.client, settings, user_id, lock_key)
+    checkpoint("redis")
+    _erase_profile(store, user_id)
+    checkpoint("profile")
+
+    left = {name: n for name, n in _count(store, locks.client, user_id).items() if n}
+    notes = []
+    if left.get("events") and not events:
+        notes.append(
+            f"{left['events']} event(s) are still in {settings.events_collection} (not asked to delete them): "
+            "delete them, or the next compression folds them into a new summary"
+        )
+    audit.finish(erasure_id, {"finished_at": clock(), "left": left, "steps_done": list(USER_STEPS[1:-1])})
+    checkpoint("done")
+    log.info("erasure %s: done (%s)", erasure_id, _counts_text(intent["removed"]))
+    return ErasureResult(
+        ERASED, "user", erasure_id=erasure_id, subject=subject, removed=dict(intent["removed"]), left=left, notes=notes
+    )
+
+
+def _erase_profile(store: MemoryStore, user_id: str) -> None:
+    """Remove our fields from the profile; remove the document when nothing of the Butler's is left."""
+    fields = [*_our_fields(store.settings), ERASING_FIELD]
+    store.profiles.update_many({"user_id": user_id}, {"$unset": dict.fromkeys(fields, "")})
+    for doc in store.profiles.find({"user_id": user_id}):
+        if set(doc) <= {"_id", "user_id"}:  # a profile our compression created: all of it was ours
+            store.profiles.delete_one({"_id": doc["_id"], "user_id": user_id})
+
+
+def to_text(result: ErasureResult) -> str:
+    """Render a result for a terminal: status, audit id, counts, notes (no content)."""
+    lines = [
+        f"{result.kind} erasure: {result.status}"
+        + (f" (audit record {result.erasure_id})" if result.erasure_id else "")
+    ]
+    if result.removed:
+        lines.append(("would remove: " if result.status == DRY_RUN else "removed: ") + _counts_text(result.removed))
+    if result.left:
+        lines.append("left: " + _counts_text(result.left))
+    if result.summary_version is not None:
+        lines.append(
+            f"summary: v{result.summary_version}, rebuilt from v{result.rebuilt_from_version}, "
+            f"{result.events_refolded} event(s) re-folded; history versions dropped: {result.versions_dropped or 'none'}"
+        )
+    if result.lost:
+        lines.append("could not be kept: " + json.dumps(result.lost, default=str))
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _counts_text(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.items())
+
+
+def erase_user(
+    user_id: str,
+    *,
+    db: Database[Any],
+    redis_client: redis.Redis,
+    secret: str | bytes,
+    events: bool = False,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Erase a user: the call for the Butler's own deletion flow (pymongo and redis-py, no Airflow).
+
+    ``db`` is the Butler's database, ``redis_client`` the Redis of the compression locks, ``secret``
+    the key of the audit references (the same one the CLI and the DAG use). Returns the result as a
+    dict (counts, the audit record's id; no content). Safe to call again after a failure or a crash.
+    """
+    settings = settings or Settings.from_env()
+    key = secret.encode("utf-8") if isinstance(secret, str) else secret
+    if len(key) < MIN_SECRET_CHARS:
+        raise SettingsError(f"the erasure secret must be at least {MIN_SECRET_CHARS} characters")
+    store = MemoryStore(db, settings)
+    locks = UserLocks(redis_client, settings)
+    result = forget_user(
+        user_id, settings=settings, store=store, locks=locks, secret=key, events=events, requested_by="butler"
+    )
+    return result.to_dict()
+
+
+def audit_records(store: MemoryStore, secret: bytes, user_id: str) -> list[dict[str, Any]]:
+    """Return every erasure record of a user (found by recomputing their reference; nothing else
+    links a record to a person)."""
+    return AuditLog(store).by_subject(subject_ref(secret, user_id))

@@ -1,0 +1,339 @@
+"""Re-fold a user's summary from the archive with today's summariser (after a model upgrade or a
+prompt fix).
+
+Under the user's lock, starting from the **oldest kept version whose covered events are all still
+archived** (walking the current version's lineage down while every fold's events are in the
+archive; often the empty summary at version 0), the archived events those versions folded are
+summarised again, oldest first, chunk by chunk, on top of that version's text. Events still raw in
+user_memory stay raw (a later compression folds them as usual). Every chunk goes through the same
+validation and guards as a compression. The result is one **new** version (kind "refold",
+``base_version`` = the version it replaces, ``refolded_from`` = the version it started from), written
+to the history and then committed with a guarded update; the history is never rewritten.
+
+Nothing moves but the summary: a kill before the commit leaves the profile as it was (the history
+entry the profile never reached is overwritten by the re-run), a kill after it leaves the new version.
+A dry run reads only and says where it would start and how many events it would fold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from butler_memory.core.errors import RollbackRefusedError
+from butler_memory.core.settings import Settings
+from butler_memory.fold.compression import _event_text, pack_chunks
+from butler_memory.fold.metrics import Metrics, NullMetrics
+from butler_memory.fold.rebuild import (
+    Checkpoint,
+    SummarizerIdentity,
+    finish_interrupted,
+    fold_chunk,
+    no_checkpoint,
+    summarizer_identity,
+)
+from butler_memory.llm.budget import Spent, TokenBudget
+from butler_memory.llm.summarizer import Summarizer
+from butler_memory.storage.history import REFOLD, Covers, HistoryEntry, Key
+from butler_memory.storage.locks import UserLock, UserLocks
+from butler_memory.storage.store import MemoryStore, Profile, id_key, sanitized_errors
+
+log = logging.getLogger(__name__)
+
+STEPS = ("locked", "summarized", "recorded", "committed")
+
+REFOLDED = "refolded"
+NOT_CHANGED = "not_changed"
+"""The current version is already this re-fold: from the same start, by the same summariser, model
+and prompt (a re-run adds no identical version)."""
+DRY_RUN = "dry_run"
+REFUSED = "refused"
+SKIPPED_LOCKED = "skipped_locked"
+FAILED = "failed"
+
+
+@dataclass
+class RefoldResult:
+    """What a re-fold did (or would do) to one user: ids, versions and counts, never content."""
+
+    user_id: str
+    status: str
+    from_version: int = 0
+    to_version: int = 0
+    refolded_from: int | None = None
+    events: int = 0
+    chunks: int = 0
+    summary_chars: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    guards: dict[str, str] = field(default_factory=dict)
+    message: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-safe dict (fit for XCom)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RefoldPlan:
+    """Where a re-fold starts and which versions' archived events it folds again."""
+
+    start: HistoryEntry
+    versions: list[int]
+    """Fold versions whose archived events are folded again, newest first."""
+    ids: list[Any]
+    """The archived events folded again, oldest first (each once)."""
+
+    @property
+    def events(self) -> int:
+        """Return how many archived events are folded again."""
+        return len(self.ids)
+
+
+def plan_refold(store: MemoryStore, profile: Profile) -> RefoldPlan:
+    """Return the oldest kept version whose covered events are all archived, and what to fold on it.
+
+    Raises ``RollbackRefusedError`` when there is none (the current version's own events are no
+    longer all archived, or the history does not reach the current version).
+    """
+    user_id = profile.user_id
+    chain = store.history.lineage(user_id, through=profile.version)
+    if not chain or chain[0].version != profile.version:
+        raise RollbackRefusedError(
+            f"user {user_id!r}: the history has no entry for the current version {profile.version}; "
+            "nothing to re-fold from",
+            user_id=user_id,
+        )
+    counts = store.archived_counts(user_id, [e.version for e in chain if e.covers is not None])
+    start: HistoryEntry | None = None
+    versions: list[int] = []
+    for i, entry in enumerate(chain):
+        if entry.covers is not None:
+            if counts.get(entry.version, 0) != entry.covers.count:
+                break  # some of this version's events are no longer archived: start no lower than it
+            versions.append(entry.version)
+        # Everything from here up can be folded again: the version this one built on is a start.
+        below = chain[i + 1] if i + 1 < len(chain) else None
+        if below is None and entry.base_version < entry.version:
+            below = store.history.version(user_id, entry.base_version)  # version 0: the empty summary
+        if below is None:
+            break  # the history ends here (retention, or a baseline of unknown origin)
+        start = below
+    if start is None or not versions:
+        raise RollbackRefusedError(
+            f"user {user_id!r}: no kept version whose covered events are all still archived "
+            "(archive_retention_days, or the archive is off); nothing to re-fold",
+            user_id=user_id,
+        )
+    full = store.history.version(user_id, start.version)  # the lineage carries no text
+    assert full is not None
+    ids = store.archived_ids(user_id, versions)
+    # An event back in user_memory (a rollback of a later version put it there) is not in the summary's keeping.
+    live = {id_key(doc["_id"]) for doc in store.find_by_ids(user_id, ids)}
+    return RefoldPlan(full, versions, [i for i in ids if id_key(i) not in live])
+
+
+def refold_user(
+    user_id: str,
+    *,
+    settings: Settings,
+    store: MemoryStore,
+    locks: UserLocks,
+    summarizer: Summarizer,
+    metrics: Metrics | None = None,
+    budget: TokenBudget | None = None,
+    run_id: str,
+    dry_run: bool = False,
+    checkpoint: Checkpoint = no_checkpoint,
+    clock: Callable[[], datetime],
+) -> RefoldResult:
+    """Rebuild one user's summary from the archive (see the module docstring); its LLM tokens count
+    on ``budget``, the day's, as a compression's do (a re-fold is started whatever is left of it)."""
+    metrics = metrics or NullMetrics()
+    started = time.monotonic()
+    lock = locks.acquire(user_id)
+    if lock is None:
+        return RefoldResult(user_id, SKIPPED_LOCKED, message="the user's lock is held; try again")
+    try:
+        checkpoint("locked")
+        with sanitized_errors(user_id, "re-fold"):
+            result = _refold_locked(
+                user_id, lock, settings, store, summarizer, metrics, budget, run_id, dry_run, checkpoint, clock
+            )
+    except RollbackRefusedError as exc:
+        result = RefoldResult(user_id, REFUSED, message=str(exc))
+    finally:
+        lock.release()
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _refold_locked(
+    user_id: str,
+    lock: UserLock,
+    settings: Settings,
+    store: MemoryStore,
+    summarizer: Summarizer,
+    metrics: Metrics,
+    budget: TokenBudget | None,
+    run_id: str,
+    dry_run: bool,
+    checkpoint: Checkpoint,
+    clock: Callable[[], datetime],
+) -> RefoldResult:
+    profile = store.load_profile(user_id, create=False)
+    if profile.erasing:
+        raise RollbackRefusedError(
+            f"user {user_id!r}: an erasure of this user is unfinished; finish it first; nothing was changed",
+            user_id=user_id,
+        )
+    if not dry_run:
+        profile, _ = finish_interrupted(profile, store, lock, run_id=run_id, clock=clock, metrics=metrics)
+    plan = plan_refold(store, profile)
+    current = store.history.version(user_id, profile.version)
+    if (
+        current is not None
+        and current.kind == REFOLD
+        and current.refolded_from == plan.start.version
+        and summarizer_identity(summarizer) == _identity_of(current)
+    ):
+        return RefoldResult(
+            user_id,
+            NOT_CHANGED,
+            from_version=profile.version,
+            to_version=profile.version,
+            refolded_from=plan.start.version,
+            message=f"v{profile.version} is already a re-fold from v{plan.start.version} by this summariser",
+        )
+    result = RefoldResult(
+        user_id,
+        DRY_RUN if dry_run else REFOLDED,
+        from_version=profile.version,
+        to_version=profile.version if dry_run else profile.version + 1,
+        refolded_from=plan.start.version,
+        events=plan.events,
+    )
+    if dry_run:
+        result.message = (
+            f"would fold {plan.events} archived event(s) of v{', v'.join(map(str, sorted(plan.versions)))} "
+            f"again on top of v{plan.start.version}, as v{profile.version + 1}"
+        )
+        return result
+
+    log.info(
+        "user %s: re-folding %d archived event(s) from v%d (current v%d)",
+        user_id,
+        plan.events,
+        plan.start.version,
+        profile.version,
+    )
+    rebuilt = refold_archived(
+        user_id,
+        lock,
+        plan.start.text,
+        plan.ids,
+        profile.language or settings.summary_language,
+        settings=settings,
+        store=store,
+        summarizer=summarizer,
+        metrics=metrics,
+        spent=Spent(budget),
+    )
+    summary = rebuilt.text
+    result.chunks, result.guards = rebuilt.chunks, rebuilt.guards
+    result.prompt_tokens, result.completion_tokens = rebuilt.spent.prompt_tokens, rebuilt.spent.completion_tokens
+    checkpoint("summarized")
+
+    lock.extend()  # the lock must still be ours right before the write
+    now = clock()
+    store.history.write_version(
+        HistoryEntry(
+            user_id,
+            profile.version + 1,
+            summary,
+            REFOLD,
+            run_id,
+            profile.version,  # it covers what the version it replaces covered
+            now,
+            through=None if profile.through is None else Key(profile.through.created_at, profile.through.id),
+            guards=dict(result.guards),
+            refolded_from=plan.start.version,
+            **summarizer_identity(summarizer),
+        )
+    )
+    checkpoint("recorded")
+    store.commit_refold(user_id, expected_version=profile.version, summary=summary, now=now)
+    checkpoint("committed")
+    result.summary_chars = len(summary)
+    result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
+    return result
+
+
+def _identity_of(entry: HistoryEntry) -> SummarizerIdentity:
+    return SummarizerIdentity(summarizer=entry.summarizer or "", model=entry.model, prompt_version=entry.prompt_version)
+
+
+@dataclass
+class Rebuilt:
+    """A summary re-folded from the archive (not yet committed) and what it folded."""
+
+    text: str
+    spent: Spent
+    count: int = 0
+    chunks: int = 0
+    first: Key | None = None
+    last: Key | None = None
+    guards: dict[str, str] = field(default_factory=dict)
+    """``{guard: outcome}``, the worst over the chunks (as a compression records it)."""
+
+    @property
+    def covers(self) -> Covers | None:
+        """Return what the new version folded in (None when it re-folded nothing)."""
+        return None if self.first is None or self.last is None else Covers(self.first, self.last, self.count)
+
+
+def refold_archived(
+    user_id: str,
+    lock: UserLock,
+    text: str,
+    ids: Sequence[Any],
+    language: str,
+    *,
+    settings: Settings,
+    store: MemoryStore,
+    summarizer: Summarizer,
+    metrics: Metrics,
+    spent: Spent,
+) -> Rebuilt:
+    """Fold the archived events ``ids`` (oldest first) onto ``text``, chunk by chunk, through the one
+    chunk step (``rebuild.fold_chunk``): a re-fold, and a forget's rebuild without the forgotten events.
+
+    Each chunk's events are read by ``_id`` right before its LLM call (``store.iter_archived``): no
+    cursor stays open across the calls. The tokens count on ``spent`` and its daily budget.
+    """
+    rebuilt = Rebuilt(text, spent)
+    archived = store.iter_archived(user_id, ids, settings.max_events_per_chunk)
+    # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
+    for chunk in pack_chunks(user_id, archived, settings, summarizer, language, lambda: rebuilt.text):
+        rebuilt.text, _ = fold_chunk(
+            lock,
+            user_id,
+            rebuilt.text,
+            [_event_text(user_id, ev) for ev in chunk],
+            language,
+            settings=settings,
+            summarizer=summarizer,
+            metrics=metrics,
+            worst=rebuilt.guards,
+            spent=spent,
+        )
+        rebuilt.chunks += 1
+        rebuilt.count += len(chunk)
+        rebuilt.first = rebuilt.first or Key(chunk[0]["created_at"], chunk[0]["_id"])
+        rebuilt.last = Key(chunk[-1]["created_at"], chunk[-1]["_id"])
+    return rebuilt

@@ -1,0 +1,308 @@
+"""Roll back a run: a user's summary returns to the version before the run, its events to user_memory.
+
+Undo is a fold too: the result is a *new* version (kind "rollback") carrying the text and
+bookkeeping of the version before the run; version numbers only go up and the history is never
+rewritten. Per user, under the user's lock:
+
+1. ``plan``: the versions to undo are the run's versions in the current version's lineage and every
+   version built on them. Versions of other runs among them: refused with a message naming those
+   runs, unless ``cascade`` (then they are undone too, in the same new version). Events those
+   versions folded that are no longer archived (retention): refused unless ``allow_missing``.
+2. ``intent``: the plan is written into the profile (``memory_rollback``), guarded by the current
+   version; from here on a re-run of the rollback, or any compression of the user, finishes it.
+3. ``restored``: the archived events of the undone versions go back into user_memory, as they
+   were (upsert by ``_id``, without the archive's ``run_id``/``summary_version``/``archived_at``).
+4. ``recorded``: the new version goes into the summary history (upsert).
+5. ``committed``: the profile gets the restored text, watermark and time as the new version, in
+   one ``update_one`` guarded by the old version and the intent.
+6. ``unarchived``: the restored events leave the archive (each batch is upserted into user_memory
+   again first, so a kill never leaves an event in neither).
+7. ``cleared``: the intent is removed.
+
+A kill between any two steps followed by a re-run ends as one clean rollback would. A dry run
+writes nothing and returns the plan. Results carry ids, versions and counts, never content.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from butler_memory.core.errors import RollbackRefusedError
+from butler_memory.fold.rebuild import Checkpoint, finish_interrupted, finish_rollback, no_checkpoint
+from butler_memory.storage.history import BASELINE, ROLLBACK, HistoryEntry
+from butler_memory.storage.locks import UserLock, UserLocks
+from butler_memory.storage.store import MemoryStore, Profile, sanitized_errors
+
+log = logging.getLogger(__name__)
+
+STEPS = ("locked", "intent", "restored", "recorded", "committed", "unarchived", "cleared")
+
+ROLLED_BACK = "rolled_back"
+DRY_RUN = "dry_run"
+NOT_CHANGED = "not_changed"
+"""The run wrote no version of this user that is still in effect (never changed, or already rolled back)."""
+REFUSED = "refused"
+SKIPPED_LOCKED = "skipped_locked"
+FAILED = "failed"
+
+
+@dataclass
+class RollbackResult:
+    """What a rollback did (or would do) to one user: ids, versions and counts, never content."""
+
+    user_id: str
+    status: str
+    run_id: str
+    from_version: int = 0
+    to_version: int = 0
+    """The new version (the current one for a dry run or no change)."""
+    restored_version: int | None = None
+    """The version whose text and bookkeeping the new version carries."""
+    undoes: list[int] = field(default_factory=list)
+    undone_runs: list[str] = field(default_factory=list)
+    events_restored: int = 0
+    events_missing: int = 0
+    message: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-safe dict (fit for XCom)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The versions one rollback undoes and what it restores."""
+
+    current_version: int
+    restore: HistoryEntry
+    undoes: list[int]
+    undone_runs: list[str]
+    events_archived: int
+    """The archived events the rollback puts back (each once, however many undone versions folded it)."""
+    events_missing: int
+    """Events the undone versions folded that the archive no longer holds."""
+
+
+def plan_rollback(
+    store: MemoryStore, profile: Profile, run_id: str, *, cascade: bool = False, allow_missing: bool = False
+) -> Plan | str:
+    """Return the plan to undo ``run_id`` for one user, or a message why there is nothing to undo.
+
+    Raises ``RollbackRefusedError`` when it cannot be done as asked (a later run built on it without
+    ``cascade``, the version before it no longer kept, events no longer archived).
+    """
+    user_id = profile.user_id
+    chain = store.history.lineage(user_id, through=profile.version)
+    if not chain or chain[0].version != profile.version:
+        if not store.history.users_of_run(run_id) or user_id not in store.history.users_of_run(run_id):
+            return f"run {run_id} wrote no summary version of user {user_id}"
+        raise RollbackRefusedError(
+            f"user {user_id!r}: the history has no entry for the current version {profile.version} "
+            "(written before history existed or dropped by retention); nothing was changed",
+            user_id=user_id,
+        )
+    positions = [i for i, e in enumerate(chain) if e.run_id == run_id and e.kind != BASELINE]
+    if not positions:
+        wrote = user_id in store.history.users_of_run(run_id)
+        return (
+            f"run {run_id}'s versions of user {user_id} are no longer in effect (already rolled back)"
+            if wrote
+            else f"run {run_id} wrote no summary version of user {user_id}"
+        )
+    oldest = chain[positions[-1]]
+    if oldest.kind == ROLLBACK:
+        raise RollbackRefusedError(
+            f"user {user_id!r}: run {run_id} is a rollback; roll back the run it undid with a new run "
+            "instead (a compression folds the restored events again)",
+            user_id=user_id,
+        )
+    undone = chain[: positions[-1] + 1]
+    # A rollback that restored one of these versions (undoing a later run) built nothing on them: it
+    # folded no event, so undoing it too is no cascade (undo, then undo again, needs no flag).
+    in_undone = {e.version for e in undone}
+    built_on = [e for e in undone if not (e.kind == ROLLBACK and e.base_version in in_undone)]
+    later = [run for run in _newest_first(built_on) if run != run_id]
+    if later and not cascade:
+        named = ", ".join(
+            f"{run} (v{', v'.join(str(e.version) for e in undone if _run_of(e) == run)})" for run in later
+        )
+        raise RollbackRefusedError(
+            f"user {user_id!r}: later run(s) built on run {run_id}: {named}; roll those back first or "
+            "pass --cascade (cascade=true) to roll them back too; nothing was changed",
+            user_id=user_id,
+        )
+    restore = store.history.version(user_id, oldest.base_version)
+    if restore is None:
+        raise RollbackRefusedError(
+            f"user {user_id!r}: version {oldest.base_version}, the one before run {run_id}, is no longer "
+            "kept (history_retention_days); nothing was changed",
+            user_id=user_id,
+        )
+    versions = [e.version for e in undone]
+    counts = store.archived_counts(user_id, versions)
+    expected = sum(e.covers.count for e in undone if e.covers is not None)
+    # Per version: an event two of them folded (edited during the first) is one record counted for both.
+    missing = sum(max(e.covers.count - counts.get(e.version, 0), 0) for e in undone if e.covers is not None)
+    archived = len(store.archived_ids(user_id, versions))
+    plan = Plan(profile.version, restore, versions, _newest_first(built_on), archived, missing)
+    if plan.events_missing and not allow_missing:
+        raise RollbackRefusedError(
+            f"user {user_id!r}: {plan.events_missing} of the {expected} events run {run_id} (and the runs "
+            "built on it) folded are no longer in the archive (archive_retention_days, or the archive is "
+            "off); nothing was changed. Pass --allow-missing-events to roll the summary back anyway "
+            "(those events stay lost)",
+            user_id=user_id,
+        )
+    return plan
+
+
+def _run_of(entry: HistoryEntry) -> str:
+    return entry.run_id or f"v{entry.version}"
+
+
+def _newest_first(undone: Sequence[HistoryEntry]) -> list[str]:
+    """Return the runs that wrote these versions (a lineage, newest first), newest first."""
+    runs: list[str] = []
+    for entry in undone:
+        if _run_of(entry) not in runs:
+            runs.append(_run_of(entry))
+    return runs
+
+
+def users_of_run(store: MemoryStore, run_id: str, user_ids: Sequence[str] | None = None) -> list[str]:
+    """Return the users to roll back: those the run wrote versions for, or the given ones."""
+    if user_ids:
+        return list(dict.fromkeys(user_ids))
+    return store.history.users_of_run(run_id)
+
+
+def rollback_user(
+    user_id: str,
+    run_id: str,
+    *,
+    store: MemoryStore,
+    locks: UserLocks,
+    rollback_id: str,
+    cascade: bool = False,
+    allow_missing: bool = False,
+    dry_run: bool = False,
+    checkpoint: Checkpoint = no_checkpoint,
+    clock: Callable[[], datetime],
+) -> RollbackResult:
+    """Undo ``run_id`` for one user (see the module docstring); ``rollback_id`` names this rollback."""
+    started = time.monotonic()
+    lock = locks.acquire(user_id)
+    if lock is None:
+        log.info("user %s: lock held by another compression, rollback skipped", user_id)
+        return RollbackResult(user_id, SKIPPED_LOCKED, run_id, message="the user's lock is held; try again")
+    try:
+        checkpoint("locked")
+        with sanitized_errors(user_id, "rollback"):
+            result = _rollback_locked(
+                user_id, run_id, store, lock, rollback_id, cascade, allow_missing, dry_run, checkpoint, clock
+            )
+    except RollbackRefusedError as exc:
+        result = RollbackResult(user_id, REFUSED, run_id, message=str(exc))
+    finally:
+        lock.release()
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _rollback_locked(
+    user_id: str,
+    run_id: str,
+    store: MemoryStore,
+    lock: UserLock,
+    rollback_id: str,
+    cascade: bool,
+    allow_missing: bool,
+    dry_run: bool,
+    checkpoint: Checkpoint,
+    clock: Callable[[], datetime],
+) -> RollbackResult:
+    profile = store.load_profile(user_id, create=False)
+    if profile.erasing:
+        raise RollbackRefusedError(
+            f"user {user_id!r}: an erasure of this user (or of some of their events) is unfinished; finish it "
+            "first (python -m butler_memory forget --user ...); nothing was changed",
+            user_id=user_id,
+        )
+    if not dry_run:
+        if profile.rollback is not None:  # our own interrupted run: finished with its checkpoints
+            finish_rollback(store, profile, lock, checkpoint, clock)
+            profile = store.load_profile(user_id, create=False)
+        profile, _ = finish_interrupted(profile, store, lock, run_id=rollback_id, clock=clock)
+    plan = plan_rollback(store, profile, run_id, cascade=cascade, allow_missing=allow_missing)
+    if isinstance(plan, str):
+        return RollbackResult(user_id, NOT_CHANGED, run_id, profile.version, profile.version, message=plan)
+    result = RollbackResult(
+        user_id,
+        DRY_RUN if dry_run else ROLLED_BACK,
+        run_id,
+        from_version=profile.version,
+        to_version=profile.version if dry_run else profile.version + 1,
+        restored_version=plan.restore.version,
+        undoes=plan.undoes,
+        undone_runs=plan.undone_runs,
+        events_restored=plan.events_archived,
+        events_missing=plan.events_missing,
+    )
+    if dry_run:
+        result.message = (
+            f"would restore v{plan.restore.version} as v{profile.version + 1}, undoing "
+            f"v{', v'.join(map(str, plan.undoes))} and returning {plan.events_archived} event(s) to user_memory"
+        )
+        return result
+    intent = {
+        "version": profile.version + 1,
+        "expected_version": profile.version,
+        "restore_version": plan.restore.version,
+        "undoes": plan.undoes,
+        "undone_runs": plan.undone_runs,
+        "rollback_id": rollback_id,
+        "target_run": run_id,
+    }
+    store.begin_rollback(user_id, expected_version=profile.version, intent=intent)
+    checkpoint("intent")
+    log.info(
+        "user %s: rolling back run %s: v%d -> v%d (restores v%d), %d event(s) back to user_memory",
+        user_id,
+        run_id,
+        profile.version,
+        profile.version + 1,
+        plan.restore.version,
+        plan.events_archived,
+    )
+    finish_rollback(store, store.load_profile(user_id, create=False), lock, checkpoint, clock)
+    result.message = f"restored v{plan.restore.version} as v{profile.version + 1}"
+    return result
+
+
+def rollback_markdown(run_id: str, results: Sequence[Any], *, dry_run: bool) -> str:
+    """Return a rollback's results as Markdown: one row per user, no content."""
+    lines = [
+        f"# Rollback of run {run_id}{' (dry run: nothing written)' if dry_run else ''}",
+        "",
+        f"{len(results)} user(s).",
+        "",
+    ]
+    if results:
+        lines += [
+            "| user | status | version | restores | undoes | runs undone | events back | events missing | note |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+    for r in results:
+        version = f"v{r.from_version} → v{r.to_version}" if r.to_version != r.from_version else f"v{r.from_version}"
+        restores = "" if r.restored_version is None else f"v{r.restored_version}"
+        lines.append(
+            f"| {r.user_id} | {r.status} | {version} | {restores} | {', '.join(f'v{v}' for v in r.undoes)} | "
+            f"{', '.join(r.undone_runs)} | {r.events_restored} | {r.events_missing} | {r.message} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,5 @@
+"""The Airflow glue: the batch wait's trigger, the task callables the DAG files wire (compression, erasure, rollback/re-fold,
+qualify), Airflow connections and hooks turned into an ``Engine``, the Celery config, the scheduler-side erasure scrub.
+
+May import every layer below. The DAG files, the UI plugin and the CLI import it; nothing below does.
+"""

@@ -1,0 +1,121 @@
+"""Bodies of the memory_rollback and memory_refold DAGs' tasks: Airflow context in, engine calls,
+small XComs out.
+
+XCom carries user ids, versions, counts and statuses, never content.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from butler_memory.core.errors import CompressionError, RollbackRefusedError
+from butler_memory.core.runs import resolve_run, run_key
+from butler_memory.core.settings import SettingsError
+from butler_memory.operations.rollback import FAILED, REFUSED, SKIPPED_LOCKED, RollbackResult, users_of_run
+from butler_memory.orchestration.connections import build_engine
+from butler_memory.orchestration.dag_tasks import FAILURE_XCOM_KEY, _as_list, _fail, resolve_settings
+
+log = logging.getLogger(__name__)
+
+FINE = ("rolled_back", "dry_run", "not_changed")
+
+
+def plan(params: Mapping[str, Any]) -> list[str]:
+    """Return the users to roll back: the given ones, else every user the run wrote versions for."""
+    try:
+        settings = resolve_settings({})
+    except SettingsError as exc:
+        raise _fail(f"invalid settings: {exc}") from None
+    with build_engine(settings) as engine:
+        if not params.get("dry_run"):
+            engine.locks.ping()  # no lock service, no rollback
+            engine.store.ensure_indexes()
+        run_id = _target(engine, params)
+        users = users_of_run(engine.store, run_id, params.get("user_ids") or None)
+    log.info("rollback of run %s: %d user(s)", run_id, len(users))
+    return users
+
+
+def _target(engine: Any, params: Mapping[str, Any]) -> str:
+    """Return the run key the history records for the ``run_id`` param; fail naming what was found."""
+    try:
+        return resolve_run(params["run_id"], engine.store.history.run_names)
+    except RollbackRefusedError as exc:
+        raise _fail(str(exc)) from None
+
+
+def rollback(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
+    """Roll back one user; a held lock or a transient error retries, a refusal fails at once."""
+    settings = resolve_settings({})
+    target = params["run_id"]
+    try:
+        with build_engine(settings) as engine:
+            target = _target(engine, params)
+            result = engine.rollback(
+                user_id,
+                target,
+                rollback_id=run_key(ti.dag_id, run_id),
+                cascade=bool(params.get("cascade")),
+                allow_missing=bool(params.get("allow_missing_events")),
+                dry_run=bool(params.get("dry_run")),
+            )
+    except CompressionError as exc:
+        ti.xcom_push(key=FAILURE_XCOM_KEY, value=RollbackResult(user_id, FAILED, target, message=str(exc)).to_dict())
+        if exc.retryable:
+            raise RuntimeError(f"{type(exc).__name__}: {exc} (will retry)") from None
+        raise _fail(f"{type(exc).__name__}: {exc}") from None
+    log.info("user %s: %s (%s)", user_id, result.status, result.message)
+    if result.status == SKIPPED_LOCKED:
+        raise RuntimeError(f"user {user_id!r}: the lock is held (a compression is running); will retry")
+    if result.status == REFUSED:
+        ti.xcom_push(key=FAILURE_XCOM_KEY, value=result.to_dict())
+        raise _fail(result.message)
+    return result.to_dict()
+
+
+def report(params: Mapping[str, Any], ti: Any) -> dict[str, Any]:
+    """Log every user's outcome as Markdown; fail when any user was refused or failed."""
+    from butler_memory.operations.rollback import rollback_markdown
+
+    users = ti.xcom_pull(task_ids="plan", key="return_value")
+    if users is None:
+        raise _fail("plan did not produce a user list (it failed); nothing was rolled back")
+    done = {r["user_id"]: r for r in _as_list(ti.xcom_pull(task_ids="rollback_user", key="return_value"))}
+    failures = {f["user_id"]: f for f in _as_list(ti.xcom_pull(task_ids="rollback_user", key=FAILURE_XCOM_KEY))}
+    results = []
+    for user_id in users:
+        raw = done.get(user_id) or failures.get(user_id)
+        results.append(
+            RollbackResult(**raw) if raw else RollbackResult(user_id, FAILED, params["run_id"], message="no result")
+        )
+    log.info("rollback report\n%s", rollback_markdown(params["run_id"], results, dry_run=bool(params.get("dry_run"))))
+    bad = [r.user_id for r in results if r.status not in FINE]
+    if bad:
+        raise _fail(f"{len(bad)} of {len(results)} user(s) not rolled back: {', '.join(bad[:20])}")
+    by_status: dict[str, int] = {}
+    for r in results:
+        by_status[r.status] = by_status.get(r.status, 0) + 1
+    return {"run_id": params["run_id"], "users": len(results), "by_status": by_status}
+
+
+def refold(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
+    """Re-fold one user from the archive; a held lock or a transient error retries, a refusal fails at once."""
+    from butler_memory.operations.refold import REFUSED as REFOLD_REFUSED
+    from butler_memory.operations.refold import SKIPPED_LOCKED as REFOLD_LOCKED
+
+    settings = resolve_settings({})
+    try:
+        with build_engine(settings) as engine:
+            result = engine.refold(user_id, run_id=run_key(ti.dag_id, run_id), dry_run=bool(params.get("dry_run")))
+    except CompressionError as exc:
+        if exc.retryable:
+            raise RuntimeError(f"{type(exc).__name__}: {exc} (will retry)") from None
+        raise _fail(f"{type(exc).__name__}: {exc}") from None
+    log.info("user %s: %s (%s)", user_id, result.status, result.message)
+    if result.status == REFOLD_LOCKED:
+        raise RuntimeError(f"user {user_id!r}: the lock is held (a compression is running); will retry")
+    if result.status == REFOLD_REFUSED:
+        raise _fail(result.message)
+    return result.to_dict()

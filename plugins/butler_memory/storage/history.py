@@ -1,0 +1,243 @@
+"""Summary history: every committed version of a user's summary, append-only, in its own collection.
+
+One document per ``(user_id, version)`` (unique index), written by an idempotent upsert *before*
+the guarded profile commit of that version. The profile stays the source of truth: an entry whose
+version the profile never reached (a kill between the two writes) is ignored by every reader here
+(they take the profile's version as a bound) and overwritten by the re-run. Versions only go up
+and entries are never rewritten once the profile has reached them: a rollback, a re-fold or a
+forget is a *new* version.
+
+The entries hold personal data (the summary text): nothing here logs, and nothing a caller puts in
+logs, XCom or metrics may carry ``text``. ``HistoryEntry.metadata()`` is the content-free view.
+
+API (used by compression, rollback, refold and the forget helper)::
+
+    history = store.history                      # a SummaryHistory on the same database
+    history.write_version(entry)                 # upsert by (user_id, version)
+    history.versions(user_id, through=v)         # entries 1..v, oldest first (text included)
+    history.version(user_id, v)                  # one entry, None when missing (v0 is synthesised)
+    history.lineage(user_id, through=v)          # the chain of versions v's text descends from
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.database import Database
+from pymongo.errors import OperationFailure
+
+from butler_memory.core.settings import Settings
+
+FOLD = "fold"
+ROLLBACK = "rollback"
+REFOLD = "refold"
+FORGET = "forget"
+BASELINE = "baseline"
+"""A version committed before history existed (or by the Butler itself): recorded from the profile
+at our first commit on top of it, so it can be rolled back to."""
+KINDS = (FOLD, ROLLBACK, REFOLD, FORGET, BASELINE)
+
+_INDEX_CONFLICT_CODES = {85, 86}  # IndexOptionsConflict, IndexKeySpecsConflict
+TTL_INDEX = "created_at_ttl"
+
+
+def prompt_version(system_prompt: str) -> str:
+    """Return a short, stable id of a prompt template (changes whenever the template does)."""
+    return "sha256:" + hashlib.sha256(system_prompt.encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Key:
+    """An event's (created_at, _id) key as stored in history entries and the profile watermark."""
+
+    created_at: datetime
+    event_id: Any
+
+    def to_doc(self) -> dict[str, Any]:
+        """Return the stored form ``{created_at, event_id}``."""
+        return {"created_at": self.created_at, "event_id": self.event_id}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any] | None) -> Key | None:
+        """Read the stored form (None stays None)."""
+        if not doc:
+            return None
+        return cls(doc["created_at"], doc["event_id"])
+
+
+@dataclass(frozen=True)
+class Covers:
+    """The events a version folded in for the first time: first and last key and how many."""
+
+    first: Key
+    last: Key
+    count: int
+
+    def to_doc(self) -> dict[str, Any]:
+        """Return the stored form."""
+        return {"first": self.first.to_doc(), "last": self.last.to_doc(), "count": self.count}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any] | None) -> Covers | None:
+        """Read the stored form (None stays None)."""
+        if not doc:
+            return None
+        first, last = Key.from_doc(doc["first"]), Key.from_doc(doc["last"])
+        assert first is not None and last is not None
+        return cls(first, last, int(doc["count"]))
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One committed (or about to be committed) version of a user's summary."""
+
+    user_id: str
+    version: int
+    text: str
+    kind: str
+    run_id: str | None
+    base_version: int
+    """The version this one built on: ``version - 1`` for a fold and a re-fold; for a forget, the
+    newest clean version its rebuild started from; for a rollback, the version whose text (and
+    bookkeeping) it restored."""
+    created_at: datetime | None
+    """Also the profile's ``memory_compressed_at`` for this version."""
+    through: Key | None = None
+    """The profile's watermark at this version."""
+    covers: Covers | None = None
+    """Events folded in by this version (None when it folded no new events, e.g. a rollback)."""
+    summarizer: str | None = None
+    model: str | None = None
+    prompt_version: str | None = None
+    guards: dict[str, str] = field(default_factory=dict)
+    """Guard outcomes of this version: ``{guard_name: "pass" | "warn" | ...}``."""
+    undoes: list[int] = field(default_factory=list)
+    """For a rollback: the versions it undid (their events went back to user_memory)."""
+    undone_runs: list[str] = field(default_factory=list)
+    """For a rollback: the runs it undid, newest first."""
+    refolded_from: int | None = None
+    """For a re-fold: the kept version whose text it started from."""
+    compressed_at: datetime | None = None
+    """The profile's ``memory_compressed_at`` at this version when it differs from ``created_at``
+    (a baseline entry); see ``committed_at``."""
+
+    @property
+    def committed_at(self) -> datetime | None:
+        """Return the profile's ``memory_compressed_at`` at this version."""
+        return self.compressed_at if self.kind == BASELINE else self.created_at
+
+    def to_doc(self) -> dict[str, Any]:
+        """Return the stored document."""
+        doc = asdict(self)
+        doc["through"] = None if self.through is None else self.through.to_doc()
+        doc["covers"] = None if self.covers is None else self.covers.to_doc()
+        return doc
+
+    def metadata(self) -> dict[str, Any]:
+        """Return the entry without its text: fit for logs, XCom, reports and the UI."""
+        doc = self.to_doc()
+        doc["text_chars"] = len(doc.pop("text"))
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> HistoryEntry:
+        """Read a stored document."""
+        return cls(
+            user_id=doc["user_id"],
+            version=int(doc["version"]),
+            text=doc.get("text") or "",
+            kind=doc.get("kind") or FOLD,
+            run_id=doc.get("run_id"),
+            base_version=int(doc.get("base_version") or 0),
+            created_at=doc.get("created_at"),
+            through=Key.from_doc(doc.get("through")),
+            covers=Covers.from_doc(doc.get("covers")),
+            summarizer=doc.get("summarizer"),
+            model=doc.get("model"),
+            prompt_version=doc.get("prompt_version"),
+            guards=dict(doc.get("guards") or {}),
+            undoes=list(doc.get("undoes") or []),
+            undone_runs=list(doc.get("undone_runs") or []),
+            refolded_from=doc.get("refolded_from"),
+            compressed_at=doc.get("compressed_at"),
+        )
+
+
+def empty_version(user_id: str) -> HistoryEntry:
+    """Return version 0: the empty summary every user starts from."""
+    return HistoryEntry(user_id, 0, "", BASELINE, None, 0, None)
+
+
+class SummaryHistory:
+    """Read and write the summary history collection (``history_collection``)."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.coll = db[settings.history_collection]
+
+    def ensure_indexes(self) -> None:
+        """Create the unique (user_id, version) index and the retention TTL index; safe to repeat."""
+        self.coll.create_index([("user_id", ASCENDING), ("version", ASCENDING)], unique=True)
+        self.coll.create_index([("run_id", ASCENDING), ("user_id", ASCENDING)])
+        ttl = self.settings.history_retention_days * 86400
+        try:
+            self.coll.create_index([("created_at", ASCENDING)], name=TTL_INDEX, expireAfterSeconds=ttl)
+        except OperationFailure as exc:
+            if exc.code not in _INDEX_CONFLICT_CODES:
+                raise
+            # Retention changed since the index was made: update it in place.
+            self.db.command("collMod", self.coll.name, index={"name": TTL_INDEX, "expireAfterSeconds": ttl})
+
+    def write_version(self, entry: HistoryEntry) -> None:
+        """Store one version (upsert by user and version: repeating it, or re-running a killed
+        commit whose profile write never happened, leaves one entry)."""
+        if entry.kind not in KINDS:
+            raise ValueError(f"history entry kind {entry.kind!r} is not one of {', '.join(KINDS)}")
+        self.coll.replace_one({"user_id": entry.user_id, "version": entry.version}, entry.to_doc(), upsert=True)
+
+    def version(self, user_id: str, version: int) -> HistoryEntry | None:
+        """Return one version (text included); version 0 without an entry is the empty summary."""
+        doc = self.coll.find_one({"user_id": user_id, "version": version}, {"_id": 0})
+        if doc is not None:
+            return HistoryEntry.from_doc(doc)
+        return empty_version(user_id) if version == 0 else None
+
+    def exists(self, user_id: str, version: int) -> bool:
+        """Say whether a version has a stored entry (version 0 only when one was recorded)."""
+        return self.coll.count_documents({"user_id": user_id, "version": version}, limit=1) > 0
+
+    def versions(self, user_id: str, *, through: int, text: bool = True) -> list[HistoryEntry]:
+        """Return a user's versions up to ``through`` (the profile's version), oldest first."""
+        projection: dict[str, int] = {"_id": 0} if text else {"_id": 0, "text": 0}
+        cursor = self.coll.find({"user_id": user_id, "version": {"$lte": through}}, projection)
+        return [HistoryEntry.from_doc(doc) for doc in cursor.sort([("version", ASCENDING)])]
+
+    def lineage(self, user_id: str, *, through: int) -> list[HistoryEntry]:
+        """Return the chain of versions ``through``'s text descends from, newest first, without text.
+
+        A fold, re-fold or forget builds on the version before it; a rollback on the version it
+        restored, so versions a rollback undid are not in the chain. Stops at version 0 or at the
+        first entry missing (retention).
+        """
+        by_version = {e.version: e for e in self.versions(user_id, through=through, text=False)}
+        chain: list[HistoryEntry] = []
+        current: int | None = through
+        while current is not None and current in by_version:
+            entry = by_version[current]
+            chain.append(entry)
+            current = entry.base_version if entry.version > 0 and entry.base_version < entry.version else None
+        return chain
+
+    def run_names(self, pattern: str) -> list[str]:
+        """Return the run names (keys, or older bare ids) of versions whose run matches a regular expression."""
+        return sorted(r for r in self.coll.distinct("run_id", {"run_id": {"$regex": pattern}}) if isinstance(r, str))
+
+    def users_of_run(self, run_id: str) -> list[str]:
+        """Return the users a run wrote versions for."""
+        return sorted(u for u in self.coll.distinct("user_id", {"run_id": run_id}) if isinstance(u, str))
