@@ -163,3 +163,35 @@ def test_bench_history_and_the_guard_bench_alone_produce_their_figures(tmp_path:
     guards = json.loads((tmp_path / "guards.json").read_text())
     assert GUARD_MODES <= {m["mode"] for m in guards["modes"]}, guards["modes"]
     _numbers(guards, "lingua_load_cpu_seconds", "elapsed_seconds")
+
+
+def test_bench_scale_runs_every_configuration_and_the_celery_one(tmp_path: Path, pg_bindir: Path) -> None:
+    """``make bench-scale`` at a toy size: k = 1, a batched k, and the batched shape on two Celery workers."""
+    out = tmp_path / "scale.json"
+    _run(
+        "bench_scale.py",
+        *("--small-users", "3", "--users", "6", "--ks", "3", "--engine-users", "3"),
+        *("--celery-users", "4", "--celery-k", "2", "--pool-slots", "2", "--parallelism", "2"),
+        *("--work-dir", str(tmp_path / "work"), "--out", str(out)),
+        timeout=600,
+    )
+    results = json.loads(out.read_text())
+
+    assert list(timed_out_phases(results)) == [], "no run may run out of time at a toy size"
+    _numbers(results["engine"], "engine_cpu_seconds_per_user")
+    runs = results["runs"]
+    assert sorted(runs) == ["celery_k2", "k1", "k3"], sorted(runs)
+    for name, (users, k, tasks) in {"k1": (3, 1, 3), "k3": (6, 3, 2), "celery_k2": (4, 2, 2)}.items():
+        run = runs[name]
+        assert (run["state"], run["users_failed"], run["users_compressed"]) == ("success", 0, users), (name, run)
+        assert (run["users_per_task"], run["compress_tasks"]) == (k, tasks), (name, run)
+        _numbers(run, "run_seconds", "users_per_second", "deployment_cpu_seconds_per_user")
+        _numbers(run, "deployment_with_db_cpu_seconds_per_user", "ratio_to_engine", "users_per_day_per_core")
+        _numbers(run, "metadata_rows_per_1000_users", "metadata_bytes_per_1000_users", "log_bytes_per_1000_users")
+        assert {"dag_run", "task_instance", "xcom"} <= set(run["metadata"]["tables"]), (name, run["metadata"])
+    assert runs["celery_k2"]["executor"] == "CeleryExecutor"
+    workers = [c for c in runs["celery_k2"]["cpu_seconds_per_user_by_component"] if c.startswith("Celery worker")]
+    assert len(workers) == 2, runs["celery_k2"]["cpu_seconds_per_user_by_component"]
+    # A task process lives about a second; the sampler looks every 0.25 s: it sees some of them.
+    assert sum(run["task_processes_sampled"] for run in runs.values()) > 0, runs
+    assert [row[0] for row in results["summary"][1:]] == ["k1", "k3", "celery_k2"], results["summary"]
