@@ -34,8 +34,10 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 from butler_memory.core.settings import Settings  # noqa: E402
 from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer  # noqa: E402
 from butler_memory.operations.engine import Engine  # noqa: E402
+from butler_memory.storage.events import EventKey  # noqa: E402
 from butler_memory.storage.locks import UserLocks  # noqa: E402
-from butler_memory.storage.store import VERSION_FIELD, EventKey, MemoryStore  # noqa: E402
+from butler_memory.storage.profiles import VERSION_FIELD  # noqa: E402
+from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools.seed import user_events  # noqa: E402
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

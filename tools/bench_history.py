@@ -31,7 +31,8 @@ from butler_memory.core.settings import Settings  # noqa: E402
 from butler_memory.llm.offline import OfflineSummarizer  # noqa: E402
 from butler_memory.operations.engine import Engine  # noqa: E402
 from butler_memory.storage.locks import UserLocks  # noqa: E402
-from butler_memory.storage.store import VERSION_FIELD, MemoryStore  # noqa: E402
+from butler_memory.storage.profiles import VERSION_FIELD  # noqa: E402
+from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools.bench_engine import START, CommandCounter, insert_events  # noqa: E402
 from tools.bench_harness import OUT_DIR, Doc, stand_ins, write_results  # noqa: E402
 from tools.seed import user_events  # noqa: E402

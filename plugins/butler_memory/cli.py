@@ -27,7 +27,7 @@ from butler_memory.core.settings import SettingsError
 from butler_memory.fold.compression import FAILED, UserResult, failed_result
 from butler_memory.fold.report import build_report, emit_run_metrics, to_markdown
 from butler_memory.operations.qualify import Thresholds
-from butler_memory.storage.store import describe_mongo_error
+from butler_memory.storage.mongo import describe_mongo_error
 
 log = logging.getLogger("butler_memory.cli")
 

@@ -73,22 +73,20 @@ from butler_memory.freshness.doorbell import AsyncDoorbell, Doorbell, valid_user
 from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.engine import Engine
+from butler_memory.storage.archive import archived_by
 from butler_memory.storage.locks import UserLocks
-from butler_memory.storage.store import (
+from butler_memory.storage.mongo import event_digest, id_key, sanitized_errors
+from butler_memory.storage.profiles import (
     ERASING_FIELD,
     FORGET_FIELD,
     OUR_PROFILE_FIELDS,
     PENDING_FIELD,
     ROLLBACK_FIELD,
     VERSION_FIELD,
-    MemoryStore,
     Profile,
-    archived_by,
-    event_digest,
-    id_key,
     parse_profile,
-    sanitized_errors,
 )
+from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.engine import Engine
 from butler_memory.storage.locks import UserLocks
-from butler_memory.storage.store import THROUGH_FIELD, VERSION_FIELD, MemoryStore
+from butler_memory.storage.profiles import THROUGH_FIELD, VERSION_FIELD
+from butler_memory.storage.store import MemoryStore
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 """Timestamp of every test user's first event."""

@@ -30,7 +30,7 @@ from butler_memory.core.settings import SettingsError
 from butler_memory.fold.compression import COMPRESSED, SKIPPED_LOCKED
 from butler_memory.operations import forget
 from butler_memory.operations.engine import Engine
-from butler_memory.storage.store import ERASING_FIELD, FORGET_FIELD, PENDING_FIELD, ROLLBACK_FIELD, VERSION_FIELD
+from butler_memory.storage.profiles import ERASING_FIELD, FORGET_FIELD, PENDING_FIELD, ROLLBACK_FIELD, VERSION_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.erasure_helpers import SECRET
 from tests.engine.helpers import (

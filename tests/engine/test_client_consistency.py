@@ -24,7 +24,7 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.operations import forget
-from butler_memory.storage.store import FORGET_FIELD, PENDING_FIELD, ROLLBACK_FIELD
+from butler_memory.storage.profiles import FORGET_FIELD, PENDING_FIELD, ROLLBACK_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.erasure_helpers import SECRET
 from tests.engine.helpers import START, chain_responder, insert_events, make_engine, profile_of

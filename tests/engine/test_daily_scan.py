@@ -22,7 +22,8 @@ from pymongo.database import Database
 from butler_memory.core.settings import Settings
 from butler_memory.freshness import fresh
 from butler_memory.freshness.doorbell import Doorbell, DoorbellRecord
-from butler_memory.storage.store import Backlog, MemoryStore
+from butler_memory.storage.events import Backlog
+from butler_memory.storage.store import MemoryStore
 from tests.engine.helpers import DocumentsRead, insert_events, make_engine, small_settings
 from tools.bench_engine import CommandCounter
 from tools.services import MongoService

@@ -17,7 +17,8 @@ from butler_memory.core.settings import Settings
 from butler_memory.fold.report import build_report
 from butler_memory.operations import erasure
 from butler_memory.storage.locks import UserLocks
-from butler_memory.storage.store import ERASING_FIELD, MemoryStore
+from butler_memory.storage.profiles import ERASING_FIELD
+from butler_memory.storage.store import MemoryStore
 from tests.engine.erasure_helpers import (
     CANARY,
     OTHER,

@@ -14,7 +14,7 @@ from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED
 from butler_memory.operations import forget
 from butler_memory.operations.engine import Engine
-from butler_memory.storage.store import FORGET_FIELD
+from butler_memory.storage.profiles import FORGET_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.erasure_helpers import (
     FACT_USER,
@@ -299,7 +299,7 @@ def test_the_butlers_call_forgets_events_and_logs_no_content(
 def test_forgetting_events_waits_for_an_unfinished_user_erasure(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    from butler_memory.storage.store import ERASING_FIELD
+    from butler_memory.storage.profiles import ERASING_FIELD
 
     engine = seeded(mongo_db, redis_client, fact_settings())
     mongo_db["user_profiles"].update_one({"user_id": FACT_USER}, {"$set": {ERASING_FIELD: "an-erasure"}})

@@ -21,7 +21,7 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.operations import forget
-from butler_memory.storage.store import FORGET_FIELD
+from butler_memory.storage.profiles import FORGET_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.erasure_helpers import FACT_USER, FACTS, SECRET, fact_content, fact_responder, fact_settings
 from tests.engine.helpers import insert_events, make_engine, profile_of

@@ -21,7 +21,8 @@ from pymongo.database import Database
 from butler_memory.freshness import fresh
 from butler_memory.freshness.backoff import FailureBackoff
 from butler_memory.freshness.doorbell import AsyncDoorbell, Doorbell, DoorbellRecord, valid_user_id
-from butler_memory.storage.store import Backlog, MemoryStore
+from butler_memory.storage.events import Backlog
+from butler_memory.storage.store import MemoryStore
 from tests.engine.helpers import DocumentsRead, insert_events, small_settings
 from tools.bench_engine import CommandCounter
 from tools.services import MongoService, RedisService

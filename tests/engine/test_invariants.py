@@ -20,8 +20,10 @@ from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, 
 from butler_memory.fold.metrics import StatsdMetrics
 from butler_memory.llm.offline import OfflineSummarizer
 from butler_memory.llm.summarizer import Summary, SummaryRequest
+from butler_memory.storage.archive import ARCHIVE_FIELDS
+from butler_memory.storage.events import Backlog
 from butler_memory.storage.locks import UserLocks
-from butler_memory.storage.store import ARCHIVE_FIELDS, Backlog, MemoryStore
+from butler_memory.storage.store import MemoryStore
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     START,
@@ -314,7 +316,7 @@ def test_non_string_user_ids_take_no_place_in_the_scan_and_are_counted(
         mongo_db["user_memory"].insert_many(
             [{"user_id": bad_id, "role": "user", "content": "x", "created_at": START} for _ in range(n)]
         )
-    caplog.set_level(logging.WARNING, logger="butler_memory.storage.store")
+    caplog.set_level(logging.WARNING, logger="butler_memory.storage.events")
 
     assert engine.scan(limit=2) == [Backlog("b", 15), Backlog("a", 12)], "non-string ids took places in the run"
     (warning,) = [r.getMessage() for r in caplog.records if "not strings" in r.getMessage()]

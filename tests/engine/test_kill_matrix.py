@@ -26,7 +26,8 @@ from pymongo.database import Database
 
 from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED, STEPS
-from butler_memory.storage.store import ARCHIVE_FIELDS, PENDING_FIELD
+from butler_memory.storage.archive import ARCHIVE_FIELDS
+from butler_memory.storage.profiles import PENDING_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     archive_of,

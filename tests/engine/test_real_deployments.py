@@ -19,7 +19,7 @@ from pymongo.database import Database
 from butler_memory.core.errors import CompressionError, StaleOwnLockError, StoreError
 from butler_memory.fold.compression import COMPRESSED
 from butler_memory.storage.locks import UserLocks
-from butler_memory.storage.store import PENDING_FIELD
+from butler_memory.storage.profiles import PENDING_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     archive_of,

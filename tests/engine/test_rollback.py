@@ -20,7 +20,8 @@ from butler_memory.operations import erasure
 from butler_memory.operations.engine import Engine
 from butler_memory.operations.rollback import DRY_RUN, NOT_CHANGED, REFUSED, ROLLED_BACK
 from butler_memory.storage.locks import UserLocks
-from butler_memory.storage.store import ROLLBACK_FIELD, VERSION_FIELD, MemoryStore
+from butler_memory.storage.profiles import ROLLBACK_FIELD, VERSION_FIELD
+from butler_memory.storage.store import MemoryStore
 from tests.engine.erasure_helpers import FACT_USER, SECRET, fact_settings, fold_an_event_twice
 from tests.engine.helpers import (
     START,

@@ -18,7 +18,7 @@ from pymongo.database import Database
 
 from butler_memory.operations import refold
 from butler_memory.operations.rollback import NOT_CHANGED, ROLLED_BACK, SKIPPED_LOCKED, STEPS
-from butler_memory.storage.store import ROLLBACK_FIELD, VERSION_FIELD
+from butler_memory.storage.profiles import ROLLBACK_FIELD, VERSION_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import (
     START,

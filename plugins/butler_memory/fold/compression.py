@@ -31,17 +31,12 @@ from butler_memory.fold.rebuild import Checkpoint, finish_interrupted, fold_chun
 from butler_memory.llm.budget import Spent, TokenBudget
 from butler_memory.llm.prompt import build_messages, event_line, known_language
 from butler_memory.llm.summarizer import EventText, Summarizer, SummaryRequest
+from butler_memory.storage.events import EventKey, undecodable_field
 from butler_memory.storage.history import BASELINE, FOLD, Covers, HistoryEntry, Key
 from butler_memory.storage.locks import UserLock, UserLocks
-from butler_memory.storage.store import (
-    EventKey,
-    MemoryStore,
-    Profile,
-    event_digest,
-    id_key,
-    sanitized_errors,
-    undecodable_field,
-)
+from butler_memory.storage.mongo import event_digest, id_key, sanitized_errors
+from butler_memory.storage.profiles import Profile
+from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,9 @@ from butler_memory.safety.injection import withheld
 from butler_memory.safety.validation import validate_summary
 from butler_memory.storage.history import ROLLBACK, HistoryEntry, prompt_version
 from butler_memory.storage.locks import UserLock
-from butler_memory.storage.store import MemoryStore, Profile, event_digest, id_key
+from butler_memory.storage.mongo import event_digest, id_key
+from butler_memory.storage.profiles import Profile
+from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,8 @@ from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD
 from butler_memory.freshness.backoff import FailureBackoff
 from butler_memory.freshness.doorbell import DoorbellRecord
-from butler_memory.storage.store import Backlog, MemoryStore, WriterKey
+from butler_memory.storage.events import Backlog, WriterKey
+from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 

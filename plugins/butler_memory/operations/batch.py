@@ -51,7 +51,8 @@ from butler_memory.llm.prompt import known_language
 from butler_memory.llm.summarizer import Summary, SummaryRequest
 from butler_memory.operations.engine import Engine
 from butler_memory.safety.injection import withheld
-from butler_memory.storage.store import MemoryStore, event_digest
+from butler_memory.storage.mongo import event_digest
+from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.refold import REFOLDED, RefoldResult, refold_user
 from butler_memory.operations.rollback import ROLLED_BACK, RollbackResult, rollback_user
+from butler_memory.storage.events import Backlog
 from butler_memory.storage.locks import UserLocks
-from butler_memory.storage.store import Backlog, MemoryStore
+from butler_memory.storage.store import MemoryStore
 
 
 @dataclass(frozen=True)

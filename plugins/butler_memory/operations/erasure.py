@@ -52,13 +52,10 @@ from butler_memory.core.errors import ForgetInputError, LockBusyError
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.fold import metrics as m
 from butler_memory.storage.locks import UserLock, UserLocks
-from butler_memory.storage.store import (
-    ERASING_FIELD,
-    OUR_PROFILE_FIELDS,
-    RUN_USERS_FIELD,
-    MemoryStore,
-    sanitized_errors,
-)
+from butler_memory.storage.mongo import sanitized_errors
+from butler_memory.storage.profiles import ERASING_FIELD, OUR_PROFILE_FIELDS
+from butler_memory.storage.run_docs import RUN_USERS_FIELD
+from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 

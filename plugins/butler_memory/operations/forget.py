@@ -59,18 +59,12 @@ from butler_memory.operations.erasure import (
     subject_ref,
 )
 from butler_memory.operations.refold import Rebuilt, refold_archived
+from butler_memory.storage.archive import archived_versions
 from butler_memory.storage.history import BASELINE, FORGET, HistoryEntry, Key
 from butler_memory.storage.locks import UserLock, UserLocks
-from butler_memory.storage.store import (
-    ERASING_FIELD,
-    FORGET_FIELD,
-    THROUGH_FIELD,
-    VERSION_FIELD,
-    MemoryStore,
-    Profile,
-    archived_versions,
-    sanitized_errors,
-)
+from butler_memory.storage.mongo import sanitized_errors
+from butler_memory.storage.profiles import ERASING_FIELD, FORGET_FIELD, THROUGH_FIELD, VERSION_FIELD, Profile
+from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 

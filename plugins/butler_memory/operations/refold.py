@@ -40,7 +40,9 @@ from butler_memory.llm.budget import Spent, TokenBudget
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.storage.history import REFOLD, Covers, HistoryEntry, Key
 from butler_memory.storage.locks import UserLock, UserLocks
-from butler_memory.storage.store import MemoryStore, Profile, id_key, sanitized_errors
+from butler_memory.storage.mongo import id_key, sanitized_errors
+from butler_memory.storage.profiles import Profile
+from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 

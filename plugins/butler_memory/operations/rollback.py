@@ -36,7 +36,9 @@ from butler_memory.core.errors import RollbackRefusedError
 from butler_memory.fold.rebuild import Checkpoint, finish_interrupted, finish_rollback, no_checkpoint
 from butler_memory.storage.history import BASELINE, ROLLBACK, HistoryEntry
 from butler_memory.storage.locks import UserLock, UserLocks
-from butler_memory.storage.store import MemoryStore, Profile, sanitized_errors
+from butler_memory.storage.mongo import sanitized_errors
+from butler_memory.storage.profiles import Profile
+from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.database import Database
-from pymongo.errors import OperationFailure
 
 from butler_memory.core.settings import Settings
+from butler_memory.storage.mongo import ensure_ttl
 
 FOLD = "fold"
 ROLLBACK = "rollback"
@@ -42,7 +42,6 @@ BASELINE = "baseline"
 at our first commit on top of it, so it can be rolled back to."""
 KINDS = (FOLD, ROLLBACK, REFOLD, FORGET, BASELINE)
 
-_INDEX_CONFLICT_CODES = {85, 86}  # IndexOptionsConflict, IndexKeySpecsConflict
 TTL_INDEX = "created_at_ttl"
 
 
@@ -185,14 +184,7 @@ class SummaryHistory:
         """Create the unique (user_id, version) index and the retention TTL index; safe to repeat."""
         self.coll.create_index([("user_id", ASCENDING), ("version", ASCENDING)], unique=True)
         self.coll.create_index([("run_id", ASCENDING), ("user_id", ASCENDING)])
-        ttl = self.settings.history_retention_days * 86400
-        try:
-            self.coll.create_index([("created_at", ASCENDING)], name=TTL_INDEX, expireAfterSeconds=ttl)
-        except OperationFailure as exc:
-            if exc.code not in _INDEX_CONFLICT_CODES:
-                raise
-            # Retention changed since the index was made: update it in place.
-            self.db.command("collMod", self.coll.name, index={"name": TTL_INDEX, "expireAfterSeconds": ttl})
+        ensure_ttl(self.db, self.coll, "created_at", TTL_INDEX, self.settings.history_retention_days)
 
     def write_version(self, entry: HistoryEntry) -> None:
         """Store one version (upsert by user and version: repeating it, or re-running a killed

@@ -19,7 +19,8 @@ from redis.exceptions import RedisError
 
 from butler_memory.fold.compression import FAILED
 from butler_memory.storage.locks import UserLocks
-from butler_memory.storage.store import COMPRESSED_AT_FIELD, PENDING_FIELD, VERSION_FIELD, MemoryStore
+from butler_memory.storage.profiles import COMPRESSED_AT_FIELD, PENDING_FIELD, VERSION_FIELD
+from butler_memory.storage.store import MemoryStore
 
 DAG_ID = "memory_compression"
 DAG_IDS = {"daily": DAG_ID, "catchup": "memory_compression_catchup"}
