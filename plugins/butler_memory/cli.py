@@ -222,7 +222,7 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Forget a user or some of their events; print the result; return the exit code."""
-    from butler_memory.operations import erasure, forget
+    from butler_memory.operations import audit, erasure, forget
     from butler_memory.orchestration.connections import build_engine, erasure_secret, resolve_settings
 
     by_events = bool(args.events) or args.since is not None or args.until is not None
@@ -276,7 +276,7 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.json:
         out.write(json.dumps(result.to_dict(), default=str, indent=2) + "\n")
     else:
-        out.write(erasure.to_text(result))
+        out.write(audit.to_text(result))
     return EXIT_OK
 
 

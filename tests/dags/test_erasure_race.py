@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from butler_memory.core.settings import Settings
-from butler_memory.operations import erasure
+from butler_memory.operations import audit, erasure
 from tests.dags.test_dag_run import dag, llm_pool, seed_users, world
 
 __all__ = ["dag", "llm_pool", "world"]  # fixtures used by this module's tests
@@ -34,7 +34,7 @@ def test_an_erasure_while_the_user_is_compressed_leaves_nothing_naming_them(
     dag: Any, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db, redis, llm = world["db"], world["redis"], world["llm"]
-    monkeypatch.setenv(erasure.SECRET_ENV, SECRET)
+    monkeypatch.setenv(audit.SECRET_ENV, SECRET)
     seed_users(db, {GONE: 60, STAYS: 60})
     llm.set_latency(1.5)  # every reply is slow: the erasure asks while the compression holds the lock
     lock_key = Settings().lock_key(GONE)

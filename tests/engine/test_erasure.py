@@ -15,7 +15,7 @@ from pymongo.database import Database
 from butler_memory.core.errors import ErasurePendingError, ForgetInputError, LockBusyError
 from butler_memory.core.settings import Settings
 from butler_memory.fold.report import build_report
-from butler_memory.operations import erasure
+from butler_memory.operations import audit, erasure
 from butler_memory.storage.locks import UserLocks
 from butler_memory.storage.profiles import ERASING_FIELD
 from butler_memory.storage.store import MemoryStore
@@ -107,7 +107,7 @@ def test_forgetting_a_user_leaves_no_trace_of_them_anywhere_and_the_other_user_i
     records = list(mongo_db[settings.erasures_collection].find())
     assert len(records) == 1, records
     record = records[0]
-    assert record["subject"] == erasure.subject_ref(SECRET, TARGET) == result.subject
+    assert record["subject"] == audit.subject_ref(SECRET, TARGET) == result.subject
     assert record["state"] == "done" and record["_id"] == result.erasure_id
     assert record["removed"] == result.removed
     assert result.removed == {
@@ -121,7 +121,7 @@ def test_forgetting_a_user_leaves_no_trace_of_them_anywhere_and_the_other_user_i
     }, result.removed
     assert result.removed["profile_fields"] >= 4
     assert record["left"] == {} == result.left
-    assert erasure.audit_records(MemoryStore(mongo_db, settings), SECRET, TARGET) == records
+    assert audit.audit_records(MemoryStore(mongo_db, settings), SECRET, TARGET) == records
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert CANARY not in logged and CANARY not in json.dumps(result.to_dict()), "content in the logs or the result"
 
@@ -136,7 +136,7 @@ def test_forgetting_again_finds_the_erasure_done_and_writes_nothing(
 
     again = forget(mongo_db, redis_client, settings, events=True)
 
-    assert again.status == erasure.ALREADY_ERASED and again.erasure_id == first.erasure_id, again
+    assert again.status == audit.ALREADY_ERASED and again.erasure_id == first.erasure_id, again
     assert everything(mongo_db, redis_client) == before
 
 
@@ -173,7 +173,7 @@ def test_dry_run_counts_and_changes_nothing(mongo_db: Database[Doc], redis_clien
 
     result = forget(mongo_db, redis_client, settings, events=True, dry_run=True)
 
-    assert result.status == erasure.DRY_RUN
+    assert result.status == audit.DRY_RUN
     assert result.removed["events"] == 3 and result.removed["archive"] == 22, result.removed
     assert everything(mongo_db, redis_client) == before
 
@@ -247,8 +247,8 @@ def test_a_short_secret_is_refused() -> None:
     from butler_memory.core.settings import SettingsError
 
     with pytest.raises(SettingsError, match="BUTLER_MEMORY_ERASURE_SECRET"):
-        erasure.erasure_secret({erasure.SECRET_ENV: "short"})
-    assert erasure.erasure_secret({erasure.SECRET_ENV: "x" * 16}) == b"x" * 16
+        audit.erasure_secret({audit.SECRET_ENV: "short"})
+    assert audit.erasure_secret({audit.SECRET_ENV: "x" * 16}) == b"x" * 16
 
 
 def test_lock_waits_do_not_block_other_threads_forever(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
@@ -267,7 +267,7 @@ def test_lock_waits_do_not_block_other_threads_forever(mongo_db: Database[Doc], 
     for thread in threads:
         thread.join(timeout=60)
 
-    assert sorted(r.status for r in results) == [erasure.ALREADY_ERASED, erasure.ERASED], results
+    assert sorted(r.status for r in results) == [audit.ALREADY_ERASED, erasure.ERASED], results
     assert mongo_db[settings.erasures_collection].count_documents({}) == 1
 
 

@@ -19,7 +19,7 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.operations import erasure
+from butler_memory.operations import audit, erasure
 from butler_memory.storage.locks import UserLocks
 from butler_memory.storage.store import MemoryStore
 from tests.engine.erasure_helpers import (
@@ -127,7 +127,7 @@ def test_kill_then_rerun_ends_as_one_clean_erasure(
     result = erasure.forget_user(TARGET, settings=SETTINGS, store=store, locks=locks, secret=SECRET, events=True)
 
     finished = kills[-1][0] == "done"
-    assert result.status == (erasure.ALREADY_ERASED if finished else erasure.ERASED), result
+    assert result.status == (audit.ALREADY_ERASED if finished else erasure.ERASED), result
     records = list(mongo_db[SETTINGS.erasures_collection].find())
     assert len(records) == 1, f"one erasure, one audit record: {records}"
     assert records[0]["state"] == "done" and records[0]["_id"] == result.erasure_id

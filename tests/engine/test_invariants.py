@@ -366,7 +366,8 @@ def test_indexes_are_created_idempotently_and_retention_is_updated(
 
 def test_every_collection_of_the_store_writes_with_the_configured_write_concern(mongo_db: Database[Doc]) -> None:
     """History and the erasure audit log used the server's default write concern (issue 26, item 8)."""
-    from butler_memory.operations.erasure import AuditLog, _job_collections
+    from butler_memory.operations.audit import AuditLog
+    from butler_memory.operations.erasure import _job_collections
 
     settings = small_settings(mongo_write_concern="2", mongo_write_timeout_ms=1234)
     store = MemoryStore(mongo_db, settings)

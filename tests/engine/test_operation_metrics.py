@@ -18,7 +18,7 @@ from pymongo.database import Database
 from butler_memory.core.errors import ForgetInputError
 from butler_memory.fold import metrics as m
 from butler_memory.fold.metrics import StatsdMetrics
-from butler_memory.operations import erasure, forget
+from butler_memory.operations import audit, erasure, forget
 from butler_memory.operations.engine import Engine
 from butler_memory.operations.refold import REFOLDED
 from butler_memory.operations.rollback import ROLLED_BACK
@@ -144,7 +144,7 @@ def test_an_erasure_sends_the_events_it_erased_and_its_failure(
     seed_everywhere(mongo_db, redis_client, settings)
     store, locks = MemoryStore(mongo_db, settings), UserLocks(redis_client, settings)
 
-    def erase(**kwargs: Any) -> erasure.ErasureResult:
+    def erase(**kwargs: Any) -> audit.ErasureResult:
         return erasure.forget_user(
             TARGET, settings=settings, store=store, locks=locks, secret=SECRET, metrics=statsd_metrics, **kwargs
         )

@@ -23,34 +23,37 @@ Invariants:
    re-run (which finds the started intent and resumes it) ends as one clean erasure: one audit
    record, state ``done``, the counts found when it started, and a re-count showing nothing left.
 
-The audit record holds no user id and no content: the user is named by an HMAC-SHA256 of their id
-keyed with a secret kept outside the database (:func:`subject_ref`), so the record cannot be turned
-back into the id, yet an operator who is given the id can recompute the reference and prove the
-erasure happened.
+The audit record names the user by a keyed reference, never their id (``audit.py``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import logging
-import os
 import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from pymongo import ASCENDING
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from butler_memory.core.errors import ForgetInputError, LockBusyError
+from butler_memory.core.errors import ForgetInputError
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.fold import metrics as m
+from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
+from butler_memory.operations.audit import (
+    ALREADY_ERASED,
+    DRY_RUN,
+    STARTED,
+    AuditLog,
+    ErasureResult,
+    audit_key,
+    counts_text,
+    subject_ref,
+)
+from butler_memory.operations.intent import locked
 from butler_memory.storage.locks import UserLock, UserLocks
 from butler_memory.storage.mongo import sanitized_errors
 from butler_memory.storage.profiles import ERASING_FIELD, OUR_PROFILE_FIELDS
@@ -59,25 +62,12 @@ from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 
-Checkpoint = Callable[[str], None]
-"""Called with a step name at every step boundary (tests kill the process there)."""
-
-SECRET_ENV = "BUTLER_MEMORY_ERASURE_SECRET"  # noqa: S105 - the name of a variable, not a secret
-"""Environment variable holding the key of the audit references (else the connection's password)."""
-MIN_SECRET_CHARS = 16
-
 USER_STEPS = ("locked", "intent", "marked", "events", "archive", "history", "runs", "redis", "profile", "done")
 
 # Statuses of an erasure's result.
 ERASED = "erased"
-ALREADY_ERASED = "already_erased"
 ERASED_EVENTS = ("events", "archive", "quarantine")
 """The places of ``ErasureResult.removed`` that count events (the erasure metrics' events)."""
-DRY_RUN = "dry_run"
-
-# Audit record states.
-STARTED = "started"
-DONE = "done"
 
 USER_KEY_PATTERNS: list[Callable[[Settings], str]] = [lambda s: s.lock_key_pattern]
 """Per-user Redis key patterns (each with ``{user_id}``) a user erasure deletes. A module that
@@ -89,157 +79,9 @@ user erasure removes the user's id from each: the doorbell's record and the dail
 (sorted sets of user ids), and whatever another module registers here."""
 
 
-def _no_checkpoint(step: str) -> None:
-    return None
-
-
 def utcnow() -> datetime:
     """Return the current time, timezone-aware UTC."""
     return datetime.now(UTC)
-
-
-# -- the audit reference ------------------------------------------------------------------------
-
-
-def erasure_secret(env: Mapping[str, str] | None = None, *, connection_password: str | None = None) -> bytes:
-    """Return the key of the audit references: ``BUTLER_MEMORY_ERASURE_SECRET``, else the password of
-    the ``erasure_secret_conn_id`` connection (read by the caller). Refuse a missing or short one."""
-    env = os.environ if env is None else env
-    secret = env.get(SECRET_ENV) or connection_password or ""
-    if len(secret) < MIN_SECRET_CHARS:
-        raise SettingsError(
-            f"erasure needs a secret of at least {MIN_SECRET_CHARS} characters to name users in its audit "
-            f"record: set {SECRET_ENV} or the password of the erasure_secret_conn_id connection "
-            "(keep it: the same secret proves old erasures)"
-        )
-    return secret.encode("utf-8")
-
-
-def subject_ref(secret: bytes, user_id: str) -> str:
-    """Return the non-reversible reference of a user: HMAC-SHA256 of the id, keyed with ``secret``."""
-    digest = hmac.new(secret, b"user:" + user_id.encode("utf-8"), hashlib.sha256).hexdigest()
-    return f"hmac-sha256:{digest}"
-
-
-def event_ref(secret: bytes, user_id: str, event_id: object) -> str:
-    """Return the non-reversible reference of one of a user's events (for audit records)."""
-    message = f"event:{user_id}\x00{event_id!s}".encode()
-    return "hmac-sha256:" + hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-# -- results ------------------------------------------------------------------------------------
-
-
-@dataclass
-class ErasureResult:
-    """What an erasure did: ids of the audit record, counts and version numbers; never content."""
-
-    status: str
-    kind: str
-    erasure_id: str | None = None
-    subject: str | None = None
-    """The audit reference of the user (None in a dry run without a secret)."""
-    removed: dict[str, int] = field(default_factory=dict)
-    """Counts per place, as found when the erasure started (a dry run: what it would remove)."""
-    left: dict[str, int] = field(default_factory=dict)
-    """Re-count at the end: what is still there (only user_memory, when events were not asked for)."""
-    notes: list[str] = field(default_factory=list)
-    """Plain sentences for the operator (no content)."""
-    summary_version: int | None = None
-    rebuilt_from_version: int | None = None
-    versions_dropped: list[int] = field(default_factory=list)
-    events_refolded: int = 0
-    lost: dict[str, Any] = field(default_factory=dict)
-    """Forgetting events: what older facts could not be kept (counts and version ranges)."""
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-safe dict (fit for XCom)."""
-        return asdict(self)
-
-
-# -- the audit collection -----------------------------------------------------------------------
-
-
-class AuditLog:
-    """The erasure audit collection (``erasures_collection``): one content-free record per erasure."""
-
-    def __init__(self, store: MemoryStore) -> None:
-        self.coll: Collection[dict[str, Any]] = store.db[store.settings.erasures_collection]
-
-    def ensure_indexes(self) -> None:
-        """Create the index the lookups by reference use; safe to repeat."""
-        self.coll.create_index([("subject", ASCENDING), ("kind", ASCENDING), ("state", ASCENDING)])
-
-    def started(self, subject: str, kind: str) -> dict[str, Any] | None:
-        """Return the unfinished erasure of this kind for this subject, if any."""
-        return self.coll.find_one({"subject": subject, "kind": kind, "state": STARTED})
-
-    def last_done(self, subject: str, kind: str) -> dict[str, Any] | None:
-        """Return the newest finished erasure of this kind for this subject, if any."""
-        docs = self.coll.find({"subject": subject, "kind": kind, "state": DONE}).sort([("finished_at", -1)]).limit(1)
-        return next(iter(docs), None)
-
-    def start(self, doc: dict[str, Any]) -> None:
-        """Record an intent (insert; its ``_id`` is fresh)."""
-        self.coll.insert_one(doc)
-
-    def step(self, erasure_id: str, step: str) -> None:
-        """Note a finished step (repeating it adds nothing)."""
-        self.coll.update_one({"_id": erasure_id}, {"$addToSet": {"steps_done": step}})
-
-    def finish(self, erasure_id: str, changes: Mapping[str, Any]) -> None:
-        """Mark the erasure done."""
-        self.coll.update_one({"_id": erasure_id}, {"$set": {"state": DONE, **changes}})
-
-    def erased_since(self, secret: bytes, user_ids: Iterable[str], since: datetime) -> set[str]:
-        """Return those of ``user_ids`` whose erasure (started or done) was requested at or after ``since``.
-
-        For writers that finish after a user's data was read (a run's report): erasure wins, so what
-        they write must not name such a user. Looked up by reference; nothing here names anyone.
-        """
-        refs = {subject_ref(secret, user_id): user_id for user_id in user_ids}
-        if not refs:
-            return set()
-        query = {"subject": {"$in": list(refs)}, "kind": "user", "requested_at": {"$gte": since}}
-        return {refs[doc["subject"]] for doc in self.coll.find(query, {"subject": 1})}
-
-    def by_subject(self, subject: str) -> list[dict[str, Any]]:
-        """Return every record naming this reference, oldest first (for proving an erasure)."""
-        return list(self.coll.find({"subject": subject}).sort([("requested_at", ASCENDING)]))
-
-
-# -- the lock -----------------------------------------------------------------------------------
-
-
-def acquire_waiting(
-    locks: UserLocks,
-    user_id: str,
-    wait_seconds: float,
-    *,
-    sleep: Callable[[float], None] | None = None,
-    clock: Callable[[], float] | None = None,
-) -> UserLock:
-    """Take the user's lock, waiting up to ``wait_seconds`` for its holder; raise LockBusyError then."""
-    import time
-
-    sleep = sleep or time.sleep
-    clock = clock or time.monotonic
-    deadline = clock() + wait_seconds
-    delay = 0.05
-    while True:
-        lock = locks.acquire(user_id)
-        if lock is not None:
-            return lock
-        if clock() >= deadline:
-            raise LockBusyError(
-                f"user {user_id!r}: the compression lock stayed held for {wait_seconds:g} s; nothing was "
-                "erased, run it again (a compression in progress holds it for its length)",
-                user_id=user_id,
-            )
-        log.info("user %s: lock held (a compression is running), waiting", user_id)
-        sleep(delay)
-        delay = min(delay * 2, 1.0)
 
 
 # -- Redis --------------------------------------------------------------------------------------
@@ -403,7 +245,7 @@ def forget_user(
     events: bool = False,
     dry_run: bool = False,
     requested_by: str = "api",
-    checkpoint: Checkpoint = _no_checkpoint,
+    checkpoint: Checkpoint = no_checkpoint,
     clock: Callable[[], datetime] = utcnow,
     sleep: Callable[[float], None] | None = None,
     metrics: m.Metrics | None = None,
@@ -464,14 +306,11 @@ def _forget_user(
         raise SettingsError("an erasure needs the secret of its audit references (see erasure_secret)")
     assert subject is not None
 
-    lock = acquire_waiting(locks, user_id, settings.erasure_lock_wait_seconds, sleep=sleep)
-    try:
-        checkpoint("locked")
+    wait = settings.erasure_lock_wait_seconds
+    with locked(locks, user_id, "erasure", checkpoint=checkpoint, wait_seconds=wait, sleep=sleep) as lock:
         return _forget_user_locked(
             user_id, subject, lock, settings, store, locks, audit, events, requested_by, checkpoint, clock
         )
-    finally:
-        lock.release()
 
 
 def _forget_user_locked(
@@ -512,7 +351,7 @@ def _forget_user_locked(
         }
         audit.ensure_indexes()
         audit.start(intent)
-        log.info("erasure %s: intent recorded (%s)", intent["_id"], _counts_text(counts))
+        log.info("erasure %s: intent recorded (%s)", intent["_id"], counts_text(counts))
     else:
         log.info("erasure %s: resuming an unfinished erasure", intent["_id"])
         if events and not intent["options"].get("events"):
@@ -558,7 +397,7 @@ def _forget_user_locked(
         )
     audit.finish(erasure_id, {"finished_at": clock(), "left": left, "steps_done": list(USER_STEPS[1:-1])})
     checkpoint("done")
-    log.info("erasure %s: done (%s)", erasure_id, _counts_text(intent["removed"]))
+    log.info("erasure %s: done (%s)", erasure_id, counts_text(intent["removed"]))
     return ErasureResult(
         ERASED, "user", erasure_id=erasure_id, subject=subject, removed=dict(intent["removed"]), left=left, notes=notes
     )
@@ -571,31 +410,6 @@ def _erase_profile(store: MemoryStore, user_id: str) -> None:
     for doc in store.profiles.find({"user_id": user_id}):
         if set(doc) <= {"_id", "user_id"}:  # a profile our compression created: all of it was ours
             store.profiles.delete_one({"_id": doc["_id"], "user_id": user_id})
-
-
-def to_text(result: ErasureResult) -> str:
-    """Render a result for a terminal: status, audit id, counts, notes (no content)."""
-    lines = [
-        f"{result.kind} erasure: {result.status}"
-        + (f" (audit record {result.erasure_id})" if result.erasure_id else "")
-    ]
-    if result.removed:
-        lines.append(("would remove: " if result.status == DRY_RUN else "removed: ") + _counts_text(result.removed))
-    if result.left:
-        lines.append("left: " + _counts_text(result.left))
-    if result.summary_version is not None:
-        lines.append(
-            f"summary: v{result.summary_version}, rebuilt from v{result.rebuilt_from_version}, "
-            f"{result.events_refolded} event(s) re-folded; history versions dropped: {result.versions_dropped or 'none'}"
-        )
-    if result.lost:
-        lines.append("could not be kept: " + json.dumps(result.lost, default=str))
-    lines += [f"note: {note}" for note in result.notes]
-    return "\n".join(lines) + "\n"
-
-
-def _counts_text(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{name} {n}" for name, n in counts.items())
 
 
 def erase_user(
@@ -614,18 +428,10 @@ def erase_user(
     dict (counts, the audit record's id; no content). Safe to call again after a failure or a crash.
     """
     settings = settings or Settings.from_env()
-    key = secret.encode("utf-8") if isinstance(secret, str) else secret
-    if len(key) < MIN_SECRET_CHARS:
-        raise SettingsError(f"the erasure secret must be at least {MIN_SECRET_CHARS} characters")
+    key = audit_key(secret)
     store = MemoryStore(db, settings)
     locks = UserLocks(redis_client, settings)
     result = forget_user(
         user_id, settings=settings, store=store, locks=locks, secret=key, events=events, requested_by="butler"
     )
     return result.to_dict()
-
-
-def audit_records(store: MemoryStore, secret: bytes, user_id: str) -> list[dict[str, Any]]:
-    """Return every erasure record of a user (found by recomputing their reference; nothing else
-    links a record to a person)."""
-    return AuditLog(store).by_subject(subject_ref(secret, user_id))

@@ -24,23 +24,23 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from butler_memory.core.errors import RollbackRefusedError
+from butler_memory.core.errors import LockBusyError, RollbackRefusedError
 from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import _event_text, pack_chunks
 from butler_memory.fold.metrics import Metrics, NullMetrics
 from butler_memory.fold.rebuild import (
     Checkpoint,
     SummarizerIdentity,
-    finish_interrupted,
     fold_chunk,
     no_checkpoint,
     summarizer_identity,
 )
 from butler_memory.llm.budget import Spent, TokenBudget
 from butler_memory.llm.summarizer import Summarizer
+from butler_memory.operations.intent import LOCK_HELD, locked, settled_profile
 from butler_memory.storage.history import REFOLD, Covers, HistoryEntry, Key
 from butler_memory.storage.locks import UserLock, UserLocks
-from butler_memory.storage.mongo import id_key, sanitized_errors
+from butler_memory.storage.mongo import id_key
 from butler_memory.storage.profiles import Profile
 from butler_memory.storage.store import MemoryStore
 
@@ -158,19 +158,15 @@ def refold_user(
     on ``budget``, the day's, as a compression's do (a re-fold is started whatever is left of it)."""
     metrics = metrics or NullMetrics()
     started = time.monotonic()
-    lock = locks.acquire(user_id)
-    if lock is None:
-        return RefoldResult(user_id, SKIPPED_LOCKED, message="the user's lock is held; try again")
     try:
-        checkpoint("locked")
-        with sanitized_errors(user_id, "re-fold"):
+        with locked(locks, user_id, "re-fold", checkpoint=checkpoint) as lock:
             result = _refold_locked(
                 user_id, lock, settings, store, summarizer, metrics, budget, run_id, dry_run, checkpoint, clock
             )
+    except LockBusyError:
+        return RefoldResult(user_id, SKIPPED_LOCKED, message=LOCK_HELD)
     except RollbackRefusedError as exc:
         result = RefoldResult(user_id, REFUSED, message=str(exc))
-    finally:
-        lock.release()
     result.seconds = round(time.monotonic() - started, 3)
     return result
 
@@ -188,14 +184,7 @@ def _refold_locked(
     checkpoint: Checkpoint,
     clock: Callable[[], datetime],
 ) -> RefoldResult:
-    profile = store.load_profile(user_id, create=False)
-    if profile.erasing:
-        raise RollbackRefusedError(
-            f"user {user_id!r}: an erasure of this user is unfinished; finish it first; nothing was changed",
-            user_id=user_id,
-        )
-    if not dry_run:
-        profile, _ = finish_interrupted(profile, store, lock, run_id=run_id, clock=clock, metrics=metrics)
+    profile = settled_profile(store, lock, user_id, dry_run=dry_run, run_id=run_id, clock=clock, metrics=metrics)
     plan = plan_refold(store, profile)
     current = store.history.version(user_id, profile.version)
     if (
@@ -251,25 +240,17 @@ def _refold_locked(
     result.prompt_tokens, result.completion_tokens = rebuilt.spent.prompt_tokens, rebuilt.spent.completion_tokens
     checkpoint("summarized")
 
-    lock.extend()  # the lock must still be ours right before the write
     now = clock()
-    store.history.write_version(
-        HistoryEntry(
-            user_id,
-            profile.version + 1,
-            summary,
-            REFOLD,
-            run_id,
-            profile.version,  # it covers what the version it replaces covered
-            now,
-            through=None if profile.through is None else Key(profile.through.created_at, profile.through.id),
-            guards=dict(result.guards),
-            refolded_from=plan.start.version,
-            **summarizer_identity(summarizer),
-        )
+    # Based on the version it replaces: it covers what that version covered.
+    entry = rebuilt.version(profile, REFOLD, run_id, profile.version, plan.start.version, summarizer, now, covers=False)
+    commit = store.commit_refold
+    commit_rebuilt(
+        store,
+        lock,
+        entry,
+        checkpoint,
+        lambda: commit(user_id, expected_version=profile.version, summary=summary, now=now),
     )
-    checkpoint("recorded")
-    store.commit_refold(user_id, expected_version=profile.version, summary=summary, now=now)
     checkpoint("committed")
     result.summary_chars = len(summary)
     result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
@@ -297,6 +278,47 @@ class Rebuilt:
     def covers(self) -> Covers | None:
         """Return what the new version folded in (None when it re-folded nothing)."""
         return None if self.first is None or self.last is None else Covers(self.first, self.last, self.count)
+
+    def version(
+        self,
+        profile: Profile,
+        kind: str,
+        run_id: str | None,
+        base_version: int,
+        refolded_from: int,
+        summarizer: Summarizer,
+        now: datetime,
+        *,
+        covers: bool = True,
+    ) -> HistoryEntry:
+        """Return the history entry of this text as the version after ``profile``'s, at its watermark."""
+        through = profile.through
+        return HistoryEntry(
+            profile.user_id,
+            profile.version + 1,
+            self.text,
+            kind,
+            run_id,
+            base_version,
+            now,
+            through=None if through is None else Key(through.created_at, through.id),
+            covers=self.covers if covers else None,
+            guards=dict(self.guards),
+            refolded_from=refolded_from,
+            **summarizer_identity(summarizer),
+        )
+
+
+def commit_rebuilt(
+    store: MemoryStore, lock: UserLock, entry: HistoryEntry, checkpoint: Checkpoint, commit: Callable[[], object]
+) -> None:
+    """Make a rebuilt version the profile's: its history entry first (checkpoint "recorded"), then
+    ``commit``, the guarded profile commit, with the lock extended right before it. A kill between
+    the two leaves an entry the profile never reached, which the re-run overwrites."""
+    store.history.write_version(entry)
+    checkpoint("recorded")
+    lock.extend()  # the lock must still be ours right before the write
+    commit()
 
 
 def refold_archived(

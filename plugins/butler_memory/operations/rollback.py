@@ -32,12 +32,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from butler_memory.core.errors import RollbackRefusedError
-from butler_memory.fold.rebuild import Checkpoint, finish_interrupted, finish_rollback, no_checkpoint
+from butler_memory.core.errors import LockBusyError, RollbackRefusedError
+from butler_memory.fold.rebuild import Checkpoint, finish_rollback, no_checkpoint
+from butler_memory.operations.intent import LOCK_HELD, locked, settled_profile
 from butler_memory.storage.history import BASELINE, ROLLBACK, HistoryEntry
 from butler_memory.storage.locks import UserLock, UserLocks
-from butler_memory.storage.mongo import sanitized_errors
-from butler_memory.storage.profiles import Profile
+from butler_memory.storage.profiles import ROLLBACK_FIELD, Profile
 from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -199,20 +199,16 @@ def rollback_user(
 ) -> RollbackResult:
     """Undo ``run_id`` for one user (see the module docstring); ``rollback_id`` names this rollback."""
     started = time.monotonic()
-    lock = locks.acquire(user_id)
-    if lock is None:
-        log.info("user %s: lock held by another compression, rollback skipped", user_id)
-        return RollbackResult(user_id, SKIPPED_LOCKED, run_id, message="the user's lock is held; try again")
     try:
-        checkpoint("locked")
-        with sanitized_errors(user_id, "rollback"):
+        with locked(locks, user_id, "rollback", checkpoint=checkpoint) as lock:
             result = _rollback_locked(
                 user_id, run_id, store, lock, rollback_id, cascade, allow_missing, dry_run, checkpoint, clock
             )
+    except LockBusyError:
+        log.info("user %s: lock held by another compression, rollback skipped", user_id)
+        return RollbackResult(user_id, SKIPPED_LOCKED, run_id, message=LOCK_HELD)
     except RollbackRefusedError as exc:
         result = RollbackResult(user_id, REFUSED, run_id, message=str(exc))
-    finally:
-        lock.release()
     result.seconds = round(time.monotonic() - started, 3)
     return result
 
@@ -229,18 +225,10 @@ def _rollback_locked(
     checkpoint: Checkpoint,
     clock: Callable[[], datetime],
 ) -> RollbackResult:
-    profile = store.load_profile(user_id, create=False)
-    if profile.erasing:
-        raise RollbackRefusedError(
-            f"user {user_id!r}: an erasure of this user (or of some of their events) is unfinished; finish it "
-            "first (python -m butler_memory forget --user ...); nothing was changed",
-            user_id=user_id,
-        )
-    if not dry_run:
-        if profile.rollback is not None:  # our own interrupted run: finished with its checkpoints
-            finish_rollback(store, profile, lock, checkpoint, clock)
-            profile = store.load_profile(user_id, create=False)
-        profile, _ = finish_interrupted(profile, store, lock, run_id=rollback_id, clock=clock)
+    # An interrupted rollback's intent is finished with this run's checkpoints.
+    profile = settled_profile(
+        store, lock, user_id, dry_run=dry_run, run_id=rollback_id, clock=clock, own_rollback=checkpoint
+    )
     plan = plan_rollback(store, profile, run_id, cascade=cascade, allow_missing=allow_missing)
     if isinstance(plan, str):
         return RollbackResult(user_id, NOT_CHANGED, run_id, profile.version, profile.version, message=plan)
@@ -271,7 +259,7 @@ def _rollback_locked(
         "rollback_id": rollback_id,
         "target_run": run_id,
     }
-    store.begin_rollback(user_id, expected_version=profile.version, intent=intent)
+    store.begin_intent(user_id, ROLLBACK_FIELD, intent, expected_version=profile.version, during="the rollback")
     checkpoint("intent")
     log.info(
         "user %s: rolling back run %s: v%d -> v%d (restores v%d), %d event(s) back to user_memory",

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.listeners import hookimpl
 
-from butler_memory.operations.erasure import ALREADY_ERASED, ERASED, id_pattern
+from butler_memory.operations.audit import ALREADY_ERASED
+from butler_memory.operations.erasure import ERASED, id_pattern
 
 if TYPE_CHECKING:
     from airflow.models.dagrun import DagRun

@@ -293,12 +293,12 @@ def erasure_secret(settings: Settings, env: Mapping[str, str] | None = None, *, 
     """Return the key of erasure audit references: BUTLER_MEMORY_ERASURE_SECRET, else the password of
     the ``erasure_secret_conn_id`` connection; a SettingsError when neither is set (None when not
     ``required``: a dry run names nobody, it only uses the secret to recognise earlier erasures)."""
-    from butler_memory.operations import erasure
+    from butler_memory.operations import audit
 
     env = os.environ if env is None else env
-    conn = None if env.get(erasure.SECRET_ENV) else _connection(settings.erasure_secret_conn_id)
+    conn = None if env.get(audit.SECRET_ENV) else _connection(settings.erasure_secret_conn_id)
     try:
-        return erasure.erasure_secret(env, connection_password=conn.password if conn is not None else None)
+        return audit.erasure_secret(env, connection_password=conn.password if conn is not None else None)
     except SettingsError:
         if required:
             raise

@@ -20,7 +20,7 @@ from butler_memory.freshness import fresh
 from butler_memory.freshness.backoff import FailureBackoff
 from butler_memory.freshness.doorbell import DoorbellRecord
 from butler_memory.operations import batch
-from butler_memory.operations.erasure import AuditLog
+from butler_memory.operations.audit import AuditLog
 from butler_memory.orchestration.connections import (
     VARIABLE_NAME,
     build_engine,

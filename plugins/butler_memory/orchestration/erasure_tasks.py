@@ -13,7 +13,7 @@ from typing import Any
 
 from butler_memory.core.errors import CompressionError
 from butler_memory.core.settings import SettingsError
-from butler_memory.operations import erasure, forget
+from butler_memory.operations import audit, erasure, forget
 from butler_memory.orchestration import airflow_scrub
 from butler_memory.orchestration.connections import build_engine, erasure_secret
 from butler_memory.orchestration.dag_tasks import _fail, resolve_settings
@@ -67,5 +67,5 @@ def run(params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
         if exc.retryable:
             raise RuntimeError(f"{message} (will retry)") from None
         raise _fail(message) from None
-    log.info("erasure\n%s", erasure.to_text(result))
+    log.info("erasure\n%s", audit.to_text(result))
     return {name: value for name, value in result.to_dict().items() if name != "subject"}

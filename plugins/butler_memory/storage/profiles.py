@@ -133,18 +133,35 @@ class ProfilesMixin(Collections):
         """Forget an unfinished run's fold target (nothing of it is left to fold)."""
         self.profiles.update_one({"user_id": user_id, VERSION_FIELD: version}, {"$set": {TARGET_FIELD: None}})
 
-    def begin_rollback(self, user_id: str, *, expected_version: int, intent: Mapping[str, Any]) -> None:
-        """Record a rollback's intent, guarded by the version it starts from (nothing else pending)."""
-        guard = {"user_id": user_id, VERSION_FIELD: expected_version, PENDING_FIELD: None, ROLLBACK_FIELD: None}
-        if not expected_version:
-            guard[VERSION_FIELD] = {"$in": [0, None]}
-        res = self.profiles.update_one(guard, {"$set": {ROLLBACK_FIELD: dict(intent)}})
-        if res.matched_count != 1:
+    def begin_intent(
+        self, user_id: str, name: str, intent: Mapping[str, Any], *, expected_version: int, during: str
+    ) -> None:
+        """Record an operation's intent in the profile field ``name`` (``ROLLBACK_FIELD``,
+        ``FORGET_FIELD``), guarded by the version it starts from and no such intent set; a rollback's
+        also by no pending fold."""
+        guard = {"user_id": user_id, name: None, VERSION_FIELD: expected_version or {"$in": [0, None]}}
+        if name == ROLLBACK_FIELD:
+            guard[PENDING_FIELD] = None
+        if self.profiles.update_one(guard, {"$set": {name: dict(intent)}}).matched_count != 1:
             raise ConcurrentUpdateError(
-                f"user {user_id!r}: profile changed before the rollback started (expected summary version "
+                f"user {user_id!r}: profile changed before {during} started (expected summary version "
                 f"{expected_version}); nothing was written, a re-run starts from the new state",
                 user_id=user_id,
             )
+
+    def intent_of(self, user_id: str, name: str) -> dict[str, Any] | None:
+        """Return the intent in the profile field ``name``, None when there is none."""
+        intent = (self.profiles.find_one({"user_id": user_id}, {name: 1}) or {}).get(name)
+        return intent if isinstance(intent, dict) else None
+
+    def update_forget(self, user_id: str, intent_id: str, changes: Mapping[str, Any]) -> None:
+        """Change fields of this forget's intent (still the profile's)."""
+        match = {"user_id": user_id, f"{FORGET_FIELD}.id": intent_id}
+        self.profiles.update_one(match, {"$set": {f"{FORGET_FIELD}.{k}": v for k, v in changes.items()}})
+
+    def clear_forget(self, user_id: str, intent_id: str) -> None:
+        """Remove a finished forget's intent."""
+        self.profiles.update_one({"user_id": user_id, f"{FORGET_FIELD}.id": intent_id}, {"$set": {FORGET_FIELD: None}})
 
     def commit_rollback(
         self,
