@@ -48,6 +48,8 @@ from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer  # n
 from butler_memory.llm.summarizer import Summarizer  # noqa: E402
 from butler_memory.operations.engine import Engine  # noqa: E402
 from butler_memory.safety import guards, injection  # noqa: E402
+from butler_memory.safety.facts import durable_facts  # noqa: E402
+from butler_memory.safety.language import language_share  # noqa: E402
 from butler_memory.storage.locks import UserLocks  # noqa: E402
 from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tests import injection_sets  # noqa: E402
@@ -157,7 +159,7 @@ def _run_mode(
         "outcomes": outcomes,
     }
     if recorder.prompts:
-        row["with_facts_at_stake"] = sum(bool(guards.durable_facts(previous)) for previous, _, _ in recorder.prompts)
+        row["with_facts_at_stake"] = sum(bool(durable_facts(previous)) for previous, _, _ in recorder.prompts)
         t0 = time.perf_counter()
         for previous, texts, answer in recorder.prompts:
             guards.check_summary(previous=previous, events=texts, summary=answer, language="ru", settings=settings)
@@ -246,7 +248,7 @@ def phase_guards(
 ) -> dict[str, Any]:
     """Run every mode on the demo population; return one row per mode."""
     t0 = time.process_time()
-    guards.language_share("Пользователь живёт в Казани и работает врачом.", "ru")  # Lingua's one-off model load
+    language_share("Пользователь живёт в Казани и работает врачом.", "ru")  # Lingua's one-off model load
     load = time.process_time() - t0
     return {
         "users": users,

@@ -48,8 +48,8 @@ PROBE = textwrap.dedent(
         loaded = {m: m in sys.modules for m in HEAVY}
         summarizer = sys.modules.get("butler_memory.llm.openai_summarizer")
         loaded["tls context"] = summarizer is not None and summarizer._TLS_CONTEXT is not None
-        guards = sys.modules.get("butler_memory.safety.guards")
-        loaded["language detector"] = guards is not None and guards._build_detector.cache_info().currsize > 0
+        language = sys.modules.get("butler_memory.safety.language")
+        loaded["language detector"] = language is not None and language._build_detector.cache_info().currsize > 0
         os.write(write, json.dumps(loaded).encode())
         os._exit(0)
     os.waitpid(pid, 0)

@@ -146,6 +146,26 @@ def test_forgetting_a_time_range(mongo_db: Database[Doc], redis_client: redis.Re
     assert again.status == "already_erased", again
 
 
+@pytest.mark.parametrize("by", ["event_ids", "range"])
+def test_forgetting_again_changes_nothing_in_history_or_data(
+    by: str, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    # Issue 23.3: the same forget again (a retried task, the Butler calling twice) adds no version,
+    # drops none, writes no second audit record and moves no event.
+    from datetime import timedelta
+
+    engine = seeded(mongo_db, redis_client, fact_settings())
+    since, until = START + timedelta(minutes=13), START + timedelta(minutes=15)  # events 13 and 14
+    ask: dict[str, Any] = {"event_ids": [eid(13), eid(14)]} if by == "event_ids" else {"since": since, "until": until}
+    assert forget.forget_events(FACT_USER, engine=engine, secret=SECRET, **ask).status == forget.FORGOTTEN
+    done = whole_db(mongo_db)
+
+    again = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, run_id="forget-again", **ask)
+
+    assert again.status == "already_erased" and again.summary_version is None, again
+    assert whole_db(mongo_db) == done, "a second forget of the same events wrote something"
+
+
 def test_forgetting_a_raw_event_leaves_the_summary_alone(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
     settings = fact_settings()
     engine = seeded(mongo_db, redis_client, settings)

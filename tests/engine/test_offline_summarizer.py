@@ -10,7 +10,7 @@ import pytest
 
 from butler_memory.llm.offline import OfflineSummarizer
 from butler_memory.llm.summarizer import EventText, SummaryRequest
-from butler_memory.safety.guards import missing_facts
+from butler_memory.safety.facts import missing_facts
 from butler_memory.safety.validation import validate_summary
 from tools.seed import SMALL_TALK_EN, SMALL_TALK_RU, user_events
 

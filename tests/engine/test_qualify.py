@@ -16,12 +16,12 @@ import pytest
 from butler_memory.core.settings import Settings
 from butler_memory.llm.offline import OfflineSummarizer
 from butler_memory.llm.prompt import LANGUAGE_NAMES, SYSTEM_PROMPT
-from butler_memory.operations import qualify
+from butler_memory.operations import qualify, qualify_cases
 from tests.engine.conftest import OpenAIFactory
 from tools.fake_openai import FakeOpenAI, faithful_responder
 
 SETTINGS = Settings()
-FACTS = sum(len(case.facts) for case in qualify.CASES)
+FACTS = sum(len(case.facts) for case in qualify_cases.CASES)
 
 
 def by_user(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -38,12 +38,12 @@ def test_a_faithful_model_passes_through_the_real_prompt_chunk_by_chunk(
     assert report["verdict"] == qualify.PASS and report["reasons"] == [], report["reasons"]
     assert (report["facts_kept"], report["facts"]) == (FACTS, FACTS)
     assert report["users_failed"] == report["false_alarms"] == report["cut_off"] == report["truncated"] == 0
-    assert report["language_kept"] == len(qualify.CASES)
+    assert report["language_kept"] == len(qualify_cases.CASES)
     rows = by_user(report)
     assert rows["qualify-en-long"]["llm_calls"] > 1, "the long history must take several prompts"
     assert report["llm_calls"] == len(llm.chat_requests)
     asked = {json.dumps(r["messages"][0]["content"]) for r in llm.chat_requests}
-    languages = {case.language for case in qualify.CASES}
+    languages = {case.language for case in qualify_cases.CASES}
     assert asked == {
         json.dumps(SYSTEM_PROMPT.format(language=LANGUAGE_NAMES[code], max_tokens=SETTINGS.summary_max_tokens))
         for code in languages
@@ -59,7 +59,7 @@ def test_replies_cut_off_at_max_tokens_fail_every_user(llm: FakeOpenAI, make_ope
     report = qualify.qualify(SETTINGS, make_openai())
 
     assert report["verdict"] == qualify.FAIL
-    assert report["cut_off"] == report["users_failed"] == len(qualify.CASES)
+    assert report["cut_off"] == report["users_failed"] == len(qualify_cases.CASES)
     assert report["facts_kept"] == 0, "a cut-off reply is never read as a summary"
     assert any("would fail" in reason for reason in report["reasons"]), report["reasons"]
 
@@ -83,7 +83,7 @@ def test_a_model_that_drops_facts_is_rejected_by_the_fact_guard(llm: FakeOpenAI,
 
     report = qualify.qualify(SETTINGS, make_openai())
 
-    with_summary = [case.user_id for case in qualify.CASES if case.previous]
+    with_summary = [case.user_id for case in qualify_cases.CASES if case.previous]
     assert report["guard_rejections"]["facts"] == len(with_summary)
     assert sum(report["guard_rejections"].values()) == len(with_summary), "only the fact guard rejects"
     assert sorted(report["failed_user_ids"]) == sorted(with_summary)
@@ -98,7 +98,7 @@ def test_a_model_writing_another_language_is_rejected_by_the_language_guard(
 
     report = qualify.qualify(SETTINGS, make_openai())
 
-    assert report["guard_rejections"]["language"] == len(qualify.CASES)
+    assert report["guard_rejections"]["language"] == len(qualify_cases.CASES)
     assert report["language_kept"] == 0 and report["verdict"] == qualify.FAIL
 
 

@@ -7,7 +7,8 @@ import pytest
 from butler_memory.core.errors import GuardRejected
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.safety import guards
-from butler_memory.safety.guards import durable_facts, language_share, missing_facts
+from butler_memory.safety.facts import durable_facts, missing_facts
+from butler_memory.safety.language import language_share
 
 PREVIOUS_RU = """- Меня зовут Анна.
 - У меня аллергия на пенициллин, телефон +7 (916) 123-45-67, почта anna@example.com.

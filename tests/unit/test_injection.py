@@ -13,7 +13,8 @@ import pytest
 from butler_memory.core.settings import Settings
 from butler_memory.llm.summarizer import EventText, SummaryRequest
 from butler_memory.safety import guards, injection
-from butler_memory.safety.guards import language_share, missing_facts
+from butler_memory.safety.facts import missing_facts
+from butler_memory.safety.language import language_share
 from tests.injection_sets import ATTACKS, HONEST
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from butler_memory.core.settings import SettingsError
-from butler_memory.operations import qualify
-from butler_memory.safety.guards import LANGUAGES
+from butler_memory.operations import qualify, qualify_cases
+from butler_memory.safety.language import LANGUAGES
 
 
-@pytest.mark.parametrize("case", qualify.CASES, ids=lambda c: c.user_id)
-def test_every_planted_fact_is_stated_to_the_model(case: qualify.Case) -> None:
+@pytest.mark.parametrize("case", qualify_cases.CASES, ids=lambda c: c.user_id)
+def test_every_planted_fact_is_stated_to_the_model(case: qualify_cases.Case) -> None:
     said = "\n".join([case.previous, *(text for _, text in case.turns)])
     assert [fact for fact in case.facts if not qualify.kept(fact, said)] == []
     assert all(qualify.kept(fact, case.previous) for fact in case.stale), "a correction corrects the summary"
@@ -18,11 +18,13 @@ def test_every_planted_fact_is_stated_to_the_model(case: qualify.Case) -> None:
 
 
 def test_the_cases_cover_languages_lengths_and_corrections() -> None:
-    assert {"ru", "en"} < {case.language for case in qualify.CASES} and len({c.language for c in qualify.CASES}) >= 3
-    lengths = sorted(len(case.turns) for case in qualify.CASES)
+    assert {"ru", "en"} < {case.language for case in qualify_cases.CASES} and len(
+        {c.language for c in qualify_cases.CASES}
+    ) >= 3
+    lengths = sorted(len(case.turns) for case in qualify_cases.CASES)
     assert lengths[0] <= 10 and lengths[-1] >= 400, lengths
-    assert sum(1 for case in qualify.CASES if case.stale) >= 2
-    assert len({case.user_id for case in qualify.CASES}) == len(qualify.CASES)
+    assert sum(1 for case in qualify_cases.CASES if case.stale) >= 2
+    assert len({case.user_id for case in qualify_cases.CASES}) == len(qualify_cases.CASES)
 
 
 @pytest.mark.parametrize(
