@@ -51,7 +51,7 @@ from butler_memory.llm.prompt import known_language
 from butler_memory.llm.summarizer import Summary, SummaryRequest
 from butler_memory.operations.engine import Engine
 from butler_memory.safety.injection import withheld
-from butler_memory.storage.mongo import event_digest
+from butler_memory.storage.mongo import ensure_index, ensure_ttl, event_digest
 from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,8 @@ class BatchFolds:
 
     def ensure_indexes(self) -> None:
         """Create the lookup index and the retention TTL; safe on every run."""
-        MemoryStore._ensure(self.coll, [("run_key", 1), ("kind", 1), ("user_id", 1)])
-        self.coll.create_index(
-            [("written_at", 1)], name="written_at_ttl", expireAfterSeconds=self.settings.batch_retention_days * 86400
-        )
+        ensure_index(self.coll, [("run_key", 1), ("kind", 1), ("user_id", 1)])
+        ensure_ttl(self.coll.database, self.coll, "written_at", "written_at_ttl", self.settings.batch_retention_days)
 
     def fold(self, run_key: str, user_id: str) -> dict[str, Any] | None:
         """Return one user's fold of a run, or None."""
