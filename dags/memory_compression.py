@@ -38,7 +38,6 @@ from airflow.sdk import (
     AssetOrTimeSchedule,
     AssetWatcher,
     CronTriggerTimetable,
-    Param,
     dag,
     get_current_context,
     task,
@@ -48,6 +47,7 @@ from butler_memory.core.settings import MAX_USERS_PER_TASK
 from butler_memory.freshness.doorbell_trigger import DoorbellTrigger
 from butler_memory.orchestration.batch_trigger import WaitForBatches
 from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS
+from butler_memory.orchestration.params import COMPRESS, DAILY_COMPRESS, form
 
 SCHEDULE = os.environ.get("BUTLER_MEMORY_SCHEDULE", "@daily")
 """A cron expression or preset; the run time is a setting, read from the environment at parse time."""
@@ -141,78 +141,15 @@ def report() -> dict:
     return dag_tasks.report(context["params"], context["ti"], context["run_id"], dag_run.start_date)
 
 
-PARAMS = {
-    "dry_run": Param(False, type="boolean", title="Dry run", description="Scan and report only; write nothing."),
-    "limit": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        maximum=RUN_MAXIMUM,
-        title="Limit",
-        description=(
-            f"Most users in this run, largest backlog first: 1 to {MAX_MAP_LENGTH} x users_per_task "
-            f"(at most {RUN_MAXIMUM:,}). Empty: the scan_limit setting."
-        ),
-    ),
-    "users_per_task": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        maximum=MAX_USERS_PER_TASK,
-        title="Users per task",
-        description=(
-            f"Users one compress_user instance compresses, one after another (1 to {MAX_USERS_PER_TASK}; "
-            "1 = an instance per user). Empty: the configured setting."
-        ),
-    ),
-    "user_ids": Param(
-        [],
-        type="array",
-        items={"type": "string", "minLength": 1, "maxLength": 200},
-        uniqueItems=True,
-        title="User ids",
-        description="Only these users (one per line). Empty: every user over the threshold.",
-    ),
-    "threshold": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        title="Threshold",
-        description="Compress users with more than this many events. Empty: the configured setting (50).",
-    ),
-    "keep_last_n": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        title="Keep last N",
-        description="Newest events kept raw. Empty: the configured setting (20). Must not exceed threshold.",
-    ),
+LIMIT = {
+    "maximum": RUN_MAXIMUM,
+    "description": f"Most users in this run, largest backlog first: 1 to {MAX_MAP_LENGTH} x users_per_task "
+    f"(at most {RUN_MAXIMUM:,}). Empty: the scan_limit setting.",
 }
-DAILY_PARAMS = {
-    **PARAMS,
-    "llm_mode": Param(
-        None,
-        type=["null", "string"],
-        enum=[None, "online", "batch"],
-        title="LLM mode",
-        description=(
-            "online: a chat call per user in compress_user. batch: one Batch API job for the run, "
-            "waited for in the triggerer (about half the price, done within 24 h). Empty: the llm_mode setting."
-        ),
-    ),
-    "full_scan": Param(
-        False,
-        type="boolean",
-        title="Full scan",
-        description=(
-            "Count every user's events (the periodic reconciliation, due every daily_full_scan_every_days) "
-            "instead of only the users who wrote since the last daily scan. Use after restoring a backup."
-        ),
-    ),
-}
+"""The run's bound on limit: Airflow's max_map_length batches of the most users a task takes."""
 
 
-def compression_dag(dag_id: str, kind: str, schedule: Any, doc_md: str, params: dict[str, Param]) -> DAG:
+def compression_dag(dag_id: str, kind: str, schedule: Any, doc_md: str, params: dict[str, Any]) -> DAG:
     """Build one compression DAG: scan, compress each user in a mapped task, report (one shape for both)."""
 
     @dag(
@@ -237,13 +174,15 @@ def compression_dag(dag_id: str, kind: str, schedule: Any, doc_md: str, params: 
     return compression()
 
 
-memory_compression_dag = compression_dag("memory_compression", "daily", SCHEDULE, __doc__ or "", DAILY_PARAMS)
+memory_compression_dag = compression_dag(
+    "memory_compression", "daily", SCHEDULE, __doc__ or "", form(DAILY_COMPRESS, limit=LIMIT)
+)
 memory_compression_catchup_dag = compression_dag(
     "memory_compression_catchup",
     "catchup",
     AssetOrTimeSchedule(timetable=CronTriggerTimetable(CATCHUP_SCHEDULE, timezone="UTC"), assets=[DOORBELL_ASSET]),
     CATCHUP_DOC,
-    PARAMS,
+    form(COMPRESS, limit=LIMIT),
 )
 
 if __name__ == "__main__":

@@ -29,12 +29,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS, admin_access_control
-
-ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$"
-"""What the form accepts as since/until (ISO 8601); the engine parses and checks it again."""
+from butler_memory.orchestration.params import ERASURE, form
 
 
 @task(multiple_outputs=False, execution_timeout=timedelta(minutes=30))
@@ -57,40 +55,7 @@ def forget() -> dict:
     access_control=admin_access_control(),
     tags=["butler", "memory", "erasure"],
     doc_md=__doc__,
-    params={
-        "user_id": Param(type="string", minLength=1, maxLength=200, title="User id", description="The user to forget."),
-        "event_ids": Param(
-            [],
-            type="array",
-            items={"type": "string", "minLength": 1, "maxLength": 200},
-            uniqueItems=True,
-            title="Event ids",
-            description="Only these events (the Butler's event_id, one per line). Empty (and no range): the whole user.",
-        ),
-        "since": Param(
-            None,
-            type=["null", "string"],
-            pattern=ISO_TIME,
-            title="Since",
-            description="Forget the user's events from this time (ISO 8601, e.g. 2026-03-01T00:00:00Z).",
-        ),
-        "until": Param(
-            None,
-            type=["null", "string"],
-            pattern=ISO_TIME,
-            title="Until",
-            description="... up to this time, excluded (ISO 8601). Both ends or neither.",
-        ),
-        "include_events": Param(
-            False,
-            type="boolean",
-            title="Include user_memory events",
-            description="Whole user: also delete their events in user_memory (leave off when the Butler deletes them).",
-        ),
-        "dry_run": Param(
-            True, type="boolean", title="Dry run", description="List what would be removed; change nothing."
-        ),
-    },
+    params=form(ERASURE),
 )
 def memory_erasure() -> None:
     """One task: the erasure."""

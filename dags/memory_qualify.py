@@ -20,9 +20,10 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS
+from butler_memory.orchestration.params import QUALIFY, form
 
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
 
@@ -44,46 +45,7 @@ def qualify() -> dict:
     default_args=DEFAULT_ARGS,
     tags=["butler", "memory", "llm"],
     doc_md=__doc__,
-    params={
-        "min_fact_retention": Param(
-            None,
-            type=["null", "number"],
-            minimum=0,
-            maximum=1,
-            title="Least fact retention",
-            description="Share of the planted facts the summaries must keep. Empty: the default (docs/qualify.md).",
-        ),
-        "min_language_kept": Param(
-            None,
-            type=["null", "number"],
-            minimum=0,
-            maximum=1,
-            title="Least language kept",
-            description="Share of the users whose summary must be in their language. Empty: the default.",
-        ),
-        "max_failed_users": Param(
-            None,
-            type=["null", "integer"],
-            minimum=0,
-            title="Most failed users",
-            description="Users a compression would fail (guard rejection, cut-off, truncated or invalid reply). "
-            "Empty: the default.",
-        ),
-        "max_false_alarms": Param(
-            None,
-            type=["null", "integer"],
-            minimum=0,
-            title="Most false alarms",
-            description="Guard alarms on replies that kept every fact and the language. Empty: the default.",
-        ),
-        "max_latency_seconds": Param(
-            None,
-            type=["null", "number"],
-            exclusiveMinimum=0,
-            title="Most latency (p95, s)",
-            description="95th percentile of one LLM call's latency, in seconds. Empty: the default.",
-        ),
-    },
+    params=form(QUALIFY),
 )
 def memory_qualify() -> None:
     """One task: qualify the summariser."""

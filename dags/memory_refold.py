@@ -20,9 +20,10 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS, admin_access_control
+from butler_memory.orchestration.params import REFOLD, form
 
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
 
@@ -58,17 +59,7 @@ def refold_user(user_id: str) -> dict:
     access_control=admin_access_control(),
     tags=["butler", "memory", "llm"],
     doc_md=__doc__,
-    params={
-        "user_ids": Param(
-            type="array",
-            items={"type": "string", "minLength": 1, "maxLength": 200},
-            minItems=1,
-            uniqueItems=True,
-            title="User ids",
-            description="The users to re-fold (one per line).",
-        ),
-        "dry_run": Param(True, type="boolean", title="Dry run", description="Say what would happen; write nothing."),
-    },
+    params=form(REFOLD),
 )
 def memory_refold() -> None:
     """Re-fold each given user in a mapped task."""

@@ -21,9 +21,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS, admin_access_control
+from butler_memory.orchestration.params import ROLLBACK, form
 
 
 @task(execution_timeout=timedelta(minutes=15))
@@ -63,34 +64,7 @@ def report() -> dict:
     access_control=admin_access_control(),
     tags=["butler", "memory", "rollback"],
     doc_md=__doc__,
-    params={
-        "run_id": Param(
-            type="string",
-            minLength=1,
-            maxLength=250,
-            title="Run id",
-            description="The run to undo: DAG_ID/RUN_ID (e.g. memory_compression/scheduled__2026-03-01T00:00:00+00:00), "
-            "or the bare run id when only one DAG ran it.",
-        ),
-        "user_ids": Param(
-            [],
-            type="array",
-            items={"type": "string", "minLength": 1, "maxLength": 200},
-            uniqueItems=True,
-            title="User ids",
-            description="Only these users (one per line). Empty: every user the run changed.",
-        ),
-        "dry_run": Param(True, type="boolean", title="Dry run", description="List what would change; write nothing."),
-        "cascade": Param(
-            False, type="boolean", title="Cascade", description="Also undo later runs that built on this one."
-        ),
-        "allow_missing_events": Param(
-            False,
-            type="boolean",
-            title="Allow missing events",
-            description="Roll back even where some of the run's events are no longer archived (they stay lost).",
-        ),
-    },
+    params=form(ROLLBACK),
 )
 def memory_rollback() -> None:
     """Plan, roll back each user in a mapped task, report."""

@@ -27,6 +27,8 @@ from butler_memory.core.settings import SettingsError
 from butler_memory.fold.compression import FAILED, UserResult, failed_result
 from butler_memory.fold.report import build_report, emit_run_metrics, to_markdown
 from butler_memory.operations.qualify import Thresholds
+from butler_memory.orchestration import params
+from butler_memory.orchestration.params import add_options
 from butler_memory.storage.mongo import describe_mongo_error
 
 log = logging.getLogger("butler_memory.cli")
@@ -34,30 +36,13 @@ log = logging.getLogger("butler_memory.cli")
 EXIT_OK, EXIT_FAILED_USERS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser."""
+    """Return the argument parser: each command's options are its DAG's params (orchestration/params.py)."""
     parser = argparse.ArgumentParser(prog="python -m butler_memory", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     compress = sub.add_parser("compress", help="scan users over the threshold and compress them")
-    compress.add_argument("--dry-run", action="store_true", help="scan and print the plan; write nothing")
-    compress.add_argument("--limit", type=_positive_int, help="most users to compress (largest backlog first)")
-    compress.add_argument("--user", action="append", dest="users", metavar="ID", help="only this user (repeatable)")
-    compress.add_argument("--threshold", type=_positive_int, help="compress users with more events than this")
-    compress.add_argument("--keep-last-n", type=_positive_int, help="newest events kept raw")
-    compress.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_options(compress, params.COMPRESS)
     compress.add_argument("--run-id", default=None, help="id of this run in memory_compression_runs")
-    compress.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
-
     forget = sub.add_parser(
         "forget",
         allow_abbrev=False,
@@ -66,18 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "our profile fields, run documents, Redis keys; their user_memory events only with --include-events). "
         "With them: those events, and the summary is rebuilt without them.",
     )
-    forget.add_argument("--user", required=True, metavar="ID", help="the user id")
-    forget.add_argument(
-        "--include-events", action="store_true", help="whole user: also delete their events in user_memory"
-    )
-    forget.add_argument(
-        "--event", action="append", dest="events", metavar="EVENT_ID", help="a Butler event_id to forget (repeatable)"
-    )
-    forget.add_argument("--since", metavar="ISO", help="forget the user's events from this time (ISO 8601)")
-    forget.add_argument("--until", metavar="ISO", help="... up to this time, excluded (ISO 8601)")
-    forget.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
-    forget.add_argument("--json", action="store_true", help="print the result as JSON")
-    forget.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    add_options(forget, params.ERASURE)
     rollback = sub.add_parser(
         "rollback",
         help="undo a run: summaries back to the version before it, its events back to user_memory",
@@ -85,36 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
         "bookkeeping return to the version before the run, as a new version; the events it folded go "
         "back from the archive into user_memory.",
     )
-    rollback.add_argument("--run", required=True, dest="run_id", metavar="RUN_ID", help="the run to undo")
-    rollback.add_argument("--user", action="append", dest="users", metavar="ID", help="only this user (repeatable)")
-    rollback.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
-    rollback.add_argument("--cascade", action="store_true", help="also undo later runs that built on it")
-    rollback.add_argument(
-        "--allow-missing-events",
-        action="store_true",
-        help="roll back even where some of the run's events are no longer archived (they stay lost)",
-    )
+    add_options(rollback, params.ROLLBACK)
     rollback.add_argument(
         "--partial",
         action="store_true",
         help="apply to the users it can be applied to even when others are refused (default: all or none)",
     )
-    rollback.add_argument("--json", action="store_true", help="print the results as JSON")
-    rollback.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     refold = sub.add_parser(
         "refold",
         help="rebuild a user's summary from the archive with today's summariser (a new version)",
         description="Re-fold the archived events on top of the oldest kept version whose covered events are "
         "all still archived (after a model upgrade or a prompt fix). Raw events in user_memory stay raw.",
     )
-    refold.add_argument(
-        "--user", action="append", dest="users", required=True, metavar="ID", help="the user (repeatable)"
-    )
-    refold.add_argument(
-        "--dry-run", action="store_true", help="print where it would start and how many events; write nothing"
-    )
-    refold.add_argument("--json", action="store_true", help="print the results as JSON")
-    refold.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    add_options(refold, params.REFOLD)
     qualify = sub.add_parser(
         "qualify",
         help="try the configured summariser on built-in synthetic users; write nothing (docs/qualify.md)",
@@ -123,24 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         "rejections and false alarms, language kept, cut-off and truncated replies, latency and tokens, with a "
         "verdict. Nothing is written to the Butler's data. Exit 0 pass, 1 fail, 2 bad settings, 3 endpoint unusable.",
     )
-    defaults = Thresholds()
-    for name, kind, meaning in (
-        ("min_fact_retention", float, "least share (0-1) of the planted facts kept"),
-        ("min_language_kept", float, "least share (0-1) of the users summarised in their language"),
-        ("max_failed_users", int, "most users a compression would fail"),
-        ("max_false_alarms", int, "most guard alarms on good replies"),
-        ("max_latency_seconds", float, "most p95 latency of one LLM call, in seconds"),
-    ):
-        default = getattr(defaults, name)
-        qualify.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=default,
-            metavar="N",
-            help=f"{meaning} (default {default})",
-        )
-    qualify.add_argument("--json", action="store_true", help="print the report as JSON")
-    qualify.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    add_options(qualify, params.QUALIFY, **dataclasses.asdict(Thresholds()))
+    for command in (compress, forget, rollback, refold, qualify):
+        command.add_argument("--json", action="store_true", help="print the result as JSON")
+        command.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     return parser
 
 
@@ -179,7 +122,7 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         engine = build_engine(settings)
         if not args.dry_run:
             engine.locks.ping()
-        backlog = engine.scan(limit=settings.scan_limit, user_ids=args.users, dry_run=args.dry_run)
+        backlog = engine.scan(limit=settings.scan_limit, user_ids=args.user_ids, dry_run=args.dry_run)
     except LockUnavailableError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_UNAVAILABLE
@@ -225,7 +168,7 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from butler_memory.operations import audit, erasure, forget
     from butler_memory.orchestration.connections import build_engine, erasure_secret, resolve_settings
 
-    by_events = bool(args.events) or args.since is not None or args.until is not None
+    by_events = bool(args.event_ids) or args.since is not None or args.until is not None
     if by_events and args.include_events:
         err.write("error: --include-events is for forgetting the whole user; --event/--since/--until forget events\n")
         return EXIT_USAGE
@@ -241,10 +184,10 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         if by_events:
             result = forget.forget_events(
-                args.user,
+                args.user_id,
                 engine=engine,
                 secret=secret,
-                event_ids=args.events,
+                event_ids=args.event_ids,
                 since=args.since,
                 until=args.until,
                 dry_run=args.dry_run,
@@ -252,7 +195,7 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             )
         else:
             result = erasure.forget_user(
-                args.user,
+                args.user_id,
                 settings=settings,
                 store=engine.store,
                 locks=engine.locks,
@@ -340,7 +283,7 @@ def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         # The run as the history names it (DAG_ID/RUN_ID; a bare id of one DAG, or of an older version, too).
         target["run"] = resolve_run(args.run_id, engine.store.history.run_names)
         target["id"] = f"rollback__{split_run_key(target['run'])[1]}__{started}"
-        return users_of_run(engine.store, target["run"], args.users)
+        return users_of_run(engine.store, target["run"], args.user_ids)
 
     def each_user(dry_run: bool) -> list[Any] | int:
         return _each_user(
@@ -388,7 +331,7 @@ def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     results = _each_user(
         err,
         dry_run=args.dry_run,
-        users=lambda engine: args.users,
+        users=lambda engine: args.user_ids,
         act=lambda engine, user_id: engine.refold(user_id, run_id=run_id, dry_run=args.dry_run),
         failed=lambda user_id, exc: RefoldResult(user_id, FAILED, message=f"{type(exc).__name__}: {exc}"),
     )

@@ -18,6 +18,7 @@ from pymongo import DESCENDING
 from redis.exceptions import RedisError
 
 from butler_memory.fold.compression import FAILED
+from butler_memory.orchestration.params import MAX_RUN_ID_CHARS, MAX_USER_ID_CHARS
 from butler_memory.storage.locks import UserLocks
 from butler_memory.storage.profiles import COMPRESSED_AT_FIELD, PENDING_FIELD, VERSION_FIELD
 from butler_memory.storage.store import MemoryStore
@@ -29,10 +30,6 @@ CATCHUP_STATE = "catchup"
 MAPPED_TASK_ID = "compress_user"
 CHART_RUNS = 30
 """The chart shows the newest this many runs, whatever page of the table is open."""
-MAX_USER_ID_CHARS = 200
-"""Same bound as the DAG's ``user_ids`` param."""
-MAX_RUN_ID_CHARS = 250
-"""Airflow's ``dag_run.run_id`` column width."""
 MAX_ERROR_CHARS = 500
 """Error messages are content-free by design; the cap keeps one odd message from filling a page."""
 

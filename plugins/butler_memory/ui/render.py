@@ -13,7 +13,8 @@ from urllib.parse import quote, urlencode
 
 from butler_memory.core.runs import split_run_key
 from butler_memory.core.units import duration
-from butler_memory.ui.data import DAG_ID, DAG_IDS, MAX_USER_ID_CHARS, freshness_line, task_instance_path
+from butler_memory.orchestration.params import MAX_USER_ID_CHARS
+from butler_memory.ui.data import DAG_ID, DAG_IDS, freshness_line, task_instance_path
 
 CSS = """
 :root { color-scheme: light dark; --fg: #1a202c; --muted: #5f6b7a; --bg: #fff; --line: #e2e8f0;
