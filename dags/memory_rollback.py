@@ -11,6 +11,9 @@ user was refused or failed.
 * Start with `dry_run` on: the report lists users, versions and event counts; nothing is written.
 * A later run that built on this one makes the user *refused* (the message names it) unless
   `cascade` is on; events no longer archived make it *refused* unless `allow_missing_events`.
+* All users or none: **plan** dry-runs every user first; when any would be refused it rolls back
+  none of them (no `rollback_user` runs) and the report says so and fails, in a dry run too. With
+  `partial` on, the others are rolled back and the refused ones fail the run.
 * Safe to re-run: a finished rollback reports `not_changed`; an interrupted one is finished.
 
 Same engine as `python -m butler_memory rollback`. Docs: `docs/operations/runbook.md` (a bad run).
@@ -32,7 +35,8 @@ def plan() -> list[str]:
     """Return the ids of the users to roll back."""
     from butler_memory.orchestration import rollback_tasks
 
-    return rollback_tasks.plan(get_current_context()["params"])
+    context = get_current_context()
+    return rollback_tasks.plan(context["params"], context["ti"], context["run_id"])
 
 
 @task(multiple_outputs=False, map_index_template="{{ rolled_back_user_id }}", execution_timeout=timedelta(minutes=30))

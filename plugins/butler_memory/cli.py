@@ -60,11 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
         "back from the archive into user_memory.",
     )
     add_options(rollback, params.ROLLBACK)
-    rollback.add_argument(
-        "--partial",
-        action="store_true",
-        help="apply to the users it can be applied to even when others are refused (default: all or none)",
-    )
     refold = sub.add_parser(
         "refold",
         help="rebuild a user's summary from the archive with today's summariser (a new version)",
@@ -274,7 +269,7 @@ def _each_user(
 def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Roll back one run for each user it changed; print one line per user; return the exit code."""
     from butler_memory.core.runs import resolve_run, split_run_key
-    from butler_memory.operations.rollback import RollbackResult, rollback_markdown, users_of_run
+    from butler_memory.operations.rollback import RollbackResult, RunDecision, rollback_markdown, users_of_run
 
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
     target: dict[str, str] = {}
@@ -305,21 +300,18 @@ def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     results = each_user(dry_run=args.dry_run or not args.partial)
     if isinstance(results, int):
         return results
-    refused = [r for r in results if r.status == "refused"]
-    if refused and not args.partial:
-        err.write(
-            f"{len(refused)} of {len(results)} user(s) would be refused (see the table): the rollback applies to "
-            "none of them; fix that, or pass --partial to roll back the others\n"
-        )
+    decision = RunDecision(results, partial=args.partial)
+    refusal = decision.refusal("pass --partial")
+    if refusal:
+        err.write(refusal + "\n")
     elif not args.dry_run and not args.partial:
         results = each_user(dry_run=False)
         if isinstance(results, int):
             return results
-    applied = not (args.dry_run or (refused and not args.partial))
     if args.json:
         out.write(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     else:
-        out.write(rollback_markdown(args.run_id, results, dry_run=not applied))
+        out.write(rollback_markdown(args.run_id, results, dry_run=args.dry_run or bool(refusal), refusal=refusal))
     return EXIT_OK if all(r.status in ROLLBACK_OK for r in results) else EXIT_FAILED_USERS
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -67,6 +68,39 @@ def test_rollback_dag_refuses_a_run_a_later_one_built_on(dags: dict[str, Any], w
     cascade = dags["rollback"].test(run_conf={"run_id": first.run_id, "dry_run": False, "cascade": True})
     assert cascade.state == "success"
     assert db["user_memory"].count_documents({"user_id": "u-a"}) == 105
+
+
+def test_a_run_rollback_that_some_users_refuse_applies_to_none_unless_partial(
+    dags: dict[str, Any], world: dict[str, Any]
+) -> None:
+    # Issue 23.1: one decision for the run, said up front by the plan, as the CLI decides it.
+    db = world["db"]
+    seed_users(db, {"u-a": 60, "u-b": 60})
+    first = dags["compress"].test(run_conf={})
+    seed_users(db, {"u-a": 45})  # backdated events: only a full scan sees them
+    assert dags["compress"].test(run_conf={"user_ids": ["u-a"], "full_scan": True}).state == "success"
+    held = state(db)
+
+    def outcome(run: Any) -> tuple[list[Any], dict[str, str]]:
+        rows = xcom_values(run)
+        dry_pass = [json.loads(row[3]) for row in rows if row[:3] == ("plan", -1, "refused_run")]
+        done = [json.loads(row[3]) for row in rows if row[0] == "rollback_user" and row[2] == "return_value"]
+        return dry_pass, {r["user_id"]: r["status"] for r in done}
+
+    for dry_run in (True, False):
+        none = dags["rollback"].test(run_conf={"run_id": first.run_id, "dry_run": dry_run})
+        assert none.state == "failed", dry_run
+        dry_pass, done = outcome(none)
+        assert [{r["user_id"]: r["status"] for r in rows} for rows in dry_pass] == [
+            {"u-a": "refused", "u-b": "dry_run"}
+        ]
+        assert done == {}, f"the plan refused the run, yet users were rolled back: {done}"
+        assert state(db) == held, "a run rollback that one user refuses changed another"
+
+    partial = dags["rollback"].test(run_conf={"run_id": first.run_id, "dry_run": False, "partial": True})
+    assert partial.state == "failed", "a refused user still fails the run"
+    assert outcome(partial) == ([], {"u-b": "rolled_back"})
+    assert db["user_profiles"].find_one({"user_id": "u-b"})["memory_summary"] == ""
 
 
 def test_refold_dag_dry_run_then_a_new_version(dags: dict[str, Any], world: dict[str, Any]) -> None:

@@ -184,6 +184,36 @@ def users_of_run(store: MemoryStore, run_id: str, user_ids: Sequence[str] | None
     return store.history.users_of_run(run_id)
 
 
+@dataclass(frozen=True)
+class RunDecision:
+    """A run's rollback decided as one (issue 23.1): all its users or none, unless ``partial``.
+
+    ``results`` is the dry pass over every user (``partial``: the rollback itself, decided per user).
+    """
+
+    results: list[RollbackResult]
+    partial: bool = False
+
+    @property
+    def refused(self) -> list[RollbackResult]:
+        """The users that would be (or were) refused."""
+        return [r for r in self.results if r.status == REFUSED]
+
+    @property
+    def applies(self) -> bool:
+        """Whether the rollback goes ahead: no user is refused, or ``partial`` rolls back the others."""
+        return self.partial or not self.refused
+
+    def refusal(self, how_partial: str) -> str:
+        """Say why the rollback applies to none of the users ('' when it applies); ``how_partial`` names the flag."""
+        if self.applies:
+            return ""
+        return (
+            f"{len(self.refused)} of {len(self.results)} user(s) would be refused (see the table): the rollback "
+            f"applies to none of them; fix that, or {how_partial} to roll back the others"
+        )
+
+
 def rollback_user(
     user_id: str,
     run_id: str,
@@ -275,14 +305,16 @@ def _rollback_locked(
     return result
 
 
-def rollback_markdown(run_id: str, results: Sequence[Any], *, dry_run: bool) -> str:
-    """Return a rollback's results as Markdown: one row per user, no content."""
+def rollback_markdown(run_id: str, results: Sequence[Any], *, dry_run: bool, refusal: str = "") -> str:
+    """Return a rollback's results as Markdown: the run's decision (``refusal``), one row per user, no content."""
     lines = [
         f"# Rollback of run {run_id}{' (dry run: nothing written)' if dry_run else ''}",
         "",
         f"{len(results)} user(s).",
         "",
     ]
+    if refusal:
+        lines[2:2] = [f"**Rolled back: none.** {refusal}.", ""]
     if results:
         lines += [
             "| user | status | version | restores | undoes | runs undone | events back | events missing | note |",

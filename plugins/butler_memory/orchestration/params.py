@@ -315,6 +315,13 @@ ROLLBACK = (
         "Roll back even where some of the run's events are no longer archived (they stay lost).",
         "roll back even where some of the run's events are no longer archived (they stay lost)",
     ),
+    switch(
+        "partial",
+        False,
+        "Partial",
+        "Roll back the users it can be applied to even when others are refused. Off: all users or none.",
+        "apply to the users it can be applied to even when others are refused (default: all or none)",
+    ),
 )
 """memory_rollback, and ``rollback``."""
 

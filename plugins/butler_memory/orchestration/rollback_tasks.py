@@ -13,17 +13,32 @@ from typing import Any
 from butler_memory.core.errors import CompressionError, RollbackRefusedError
 from butler_memory.core.runs import resolve_run, run_key
 from butler_memory.core.settings import SettingsError
-from butler_memory.operations.rollback import FAILED, REFUSED, SKIPPED_LOCKED, RollbackResult, users_of_run
+from butler_memory.operations.rollback import (
+    FAILED,
+    REFUSED,
+    SKIPPED_LOCKED,
+    RollbackResult,
+    RunDecision,
+    rollback_markdown,
+    users_of_run,
+)
 from butler_memory.orchestration.connections import build_engine
 from butler_memory.orchestration.dag_tasks import FAILURE_XCOM_KEY, _as_list, _fail, resolve_settings
 
 log = logging.getLogger(__name__)
 
 FINE = ("rolled_back", "dry_run", "not_changed")
+DECISION_XCOM_KEY = "refused_run"
+"""The plan's dry pass over every user, pushed when it refused the run as one (no user is rolled back)."""
+HOW_PARTIAL = "trigger it again with partial on"
 
 
-def plan(params: Mapping[str, Any]) -> list[str]:
-    """Return the users to roll back: the given ones, else every user the run wrote versions for."""
+def plan(params: Mapping[str, Any], ti: Any, run_id: str) -> list[str]:
+    """Return the users to roll back: the given ones, else every user the run wrote versions for.
+
+    All of them or none (issue 23.1): unless ``partial``, every user is dry-run first, and when any
+    would be refused the plan returns none, pushes that dry pass for the report and says so.
+    """
     try:
         settings = resolve_settings({})
     except SettingsError as exc:
@@ -32,9 +47,18 @@ def plan(params: Mapping[str, Any]) -> list[str]:
         if not params.get("dry_run"):
             engine.locks.ping()  # no lock service, no rollback
             engine.store.ensure_indexes()
-        run_id = _target(engine, params)
-        users = users_of_run(engine.store, run_id, params.get("user_ids") or None)
-    log.info("rollback of run %s: %d user(s)", run_id, len(users))
+        target = _target(engine, params)
+        users = users_of_run(engine.store, target, params.get("user_ids") or None)
+        if not params.get("partial"):
+            try:
+                decision = RunDecision([_rollback(engine, user, target, params, ti, run_id, True) for user in users])
+            except CompressionError as exc:
+                raise _raised(exc) from None
+            if not decision.applies:
+                log.warning("rollback of run %s: %s", target, decision.refusal(HOW_PARTIAL))
+                ti.xcom_push(key=DECISION_XCOM_KEY, value=[r.to_dict() for r in decision.results])
+                return []
+    log.info("rollback of run %s: %d user(s)", target, len(users))
     return users
 
 
@@ -46,6 +70,27 @@ def _target(engine: Any, params: Mapping[str, Any]) -> str:
         raise _fail(str(exc)) from None
 
 
+def _raised(exc: CompressionError) -> Exception:
+    """Return what the task raises for an engine error: a retry when it is transient, else a failure at once."""
+    if exc.retryable:
+        return RuntimeError(f"{type(exc).__name__}: {exc} (will retry)")
+    return _fail(f"{type(exc).__name__}: {exc}")
+
+
+def _rollback(
+    engine: Any, user_id: str, target: str, params: Mapping[str, Any], ti: Any, run_id: str, dry_run: bool
+) -> RollbackResult:
+    """Roll back (or dry-run) one user as the params ask."""
+    return engine.rollback(
+        user_id,
+        target,
+        rollback_id=run_key(ti.dag_id, run_id),
+        cascade=bool(params.get("cascade")),
+        allow_missing=bool(params.get("allow_missing_events")),
+        dry_run=dry_run,
+    )
+
+
 def rollback(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
     """Roll back one user; a held lock or a transient error retries, a refusal fails at once."""
     settings = resolve_settings({})
@@ -53,19 +98,10 @@ def rollback(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
     try:
         with build_engine(settings) as engine:
             target = _target(engine, params)
-            result = engine.rollback(
-                user_id,
-                target,
-                rollback_id=run_key(ti.dag_id, run_id),
-                cascade=bool(params.get("cascade")),
-                allow_missing=bool(params.get("allow_missing_events")),
-                dry_run=bool(params.get("dry_run")),
-            )
+            result = _rollback(engine, user_id, target, params, ti, run_id, bool(params.get("dry_run")))
     except CompressionError as exc:
         ti.xcom_push(key=FAILURE_XCOM_KEY, value=RollbackResult(user_id, FAILED, target, message=str(exc)).to_dict())
-        if exc.retryable:
-            raise RuntimeError(f"{type(exc).__name__}: {exc} (will retry)") from None
-        raise _fail(f"{type(exc).__name__}: {exc}") from None
+        raise _raised(exc) from None
     log.info("user %s: %s (%s)", user_id, result.status, result.message)
     if result.status == SKIPPED_LOCKED:
         raise RuntimeError(f"user {user_id!r}: the lock is held (a compression is running); will retry")
@@ -77,11 +113,17 @@ def rollback(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
 
 def report(params: Mapping[str, Any], ti: Any) -> dict[str, Any]:
     """Log every user's outcome as Markdown; fail when any user was refused or failed."""
-    from butler_memory.operations.rollback import rollback_markdown
-
     users = ti.xcom_pull(task_ids="plan", key="return_value")
     if users is None:
         raise _fail("plan did not produce a user list (it failed); nothing was rolled back")
+    dry_pass = ti.xcom_pull(task_ids="plan", key=DECISION_XCOM_KEY)
+    if dry_pass:  # the plan refused the run as one: nobody was rolled back
+        decision = RunDecision([RollbackResult(**raw) for raw in dry_pass])
+        refusal = decision.refusal(HOW_PARTIAL)
+        log.info(
+            "rollback report\n%s", rollback_markdown(params["run_id"], decision.results, dry_run=True, refusal=refusal)
+        )
+        raise _fail(refusal)
     done = {r["user_id"]: r for r in _as_list(ti.xcom_pull(task_ids="rollback_user", key="return_value"))}
     failures = {f["user_id"]: f for f in _as_list(ti.xcom_pull(task_ids="rollback_user", key=FAILURE_XCOM_KEY))}
     results = []
@@ -110,9 +152,7 @@ def refold(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dic
         with build_engine(settings) as engine:
             result = engine.refold(user_id, run_id=run_key(ti.dag_id, run_id), dry_run=bool(params.get("dry_run")))
     except CompressionError as exc:
-        if exc.retryable:
-            raise RuntimeError(f"{type(exc).__name__}: {exc} (will retry)") from None
-        raise _fail(f"{type(exc).__name__}: {exc}") from None
+        raise _raised(exc) from None
     log.info("user %s: %s (%s)", user_id, result.status, result.message)
     if result.status == REFOLD_LOCKED:
         raise RuntimeError(f"user {user_id!r}: the lock is held (a compression is running); will retry")
