@@ -36,47 +36,49 @@ log = logging.getLogger("butler_memory.cli")
 EXIT_OK, EXIT_FAILED_USERS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
+COMMANDS: dict[str, tuple[tuple[params.Option, ...], str, str | None]] = {
+    "compress": (params.COMPRESS, "scan users over the threshold and compress them", None),
+    "forget": (
+        params.ERASURE,
+        "forget a user, or some of their events, everywhere we keep them (docs/erasure.md)",
+        "Without --event/--since/--until: the whole user (archive, summary and its history, our profile fields, "
+        "run documents, Redis keys; their user_memory events only with --include-events). With them: those "
+        "events, and the summary is rebuilt without them.",
+    ),
+    "rollback": (
+        params.ROLLBACK,
+        "undo a run: summaries back to the version before it, its events back to user_memory",
+        "Undo a run for each user it changed (or the given users): the summary and its bookkeeping return to "
+        "the version before the run, as a new version; the events it folded go back from the archive into "
+        "user_memory.",
+    ),
+    "refold": (
+        params.REFOLD,
+        "rebuild a user's summary from the archive with today's summariser (a new version)",
+        "Re-fold the archived events on top of the oldest kept version whose covered events are all still "
+        "archived (after a model upgrade or a prompt fix). Raw events in user_memory stay raw.",
+    ),
+    "qualify": (
+        params.QUALIFY,
+        "try the configured summariser on built-in synthetic users; write nothing (docs/qualify.md)",
+        "Fold a fixed set of synthetic users (planted facts in several languages, short and long histories, "
+        "corrections) through the real prompt, validation and guards, and print fact retention, guard rejections "
+        "and false alarms, language kept, cut-off and truncated replies, latency and tokens, with a verdict. "
+        "Nothing is written to the Butler's data. Exit 0 pass, 1 fail, 2 bad settings, 3 endpoint unusable.",
+    ),
+}
+"""Each command: its DAG's params (orchestration/params.py), its help, its description."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser: each command's options are its DAG's params (orchestration/params.py)."""
+    """Return the argument parser: each command's options are its DAG's params, plus --json and -v."""
     parser = argparse.ArgumentParser(prog="python -m butler_memory", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    compress = sub.add_parser("compress", help="scan users over the threshold and compress them")
-    add_options(compress, params.COMPRESS)
-    compress.add_argument("--run-id", default=None, help="id of this run in memory_compression_runs")
-    forget = sub.add_parser(
-        "forget",
-        allow_abbrev=False,
-        help="forget a user, or some of their events, everywhere we keep them (docs/erasure.md)",
-        description="Without --event/--since/--until: the whole user (archive, summary and its history, "
-        "our profile fields, run documents, Redis keys; their user_memory events only with --include-events). "
-        "With them: those events, and the summary is rebuilt without them.",
-    )
-    add_options(forget, params.ERASURE)
-    rollback = sub.add_parser(
-        "rollback",
-        help="undo a run: summaries back to the version before it, its events back to user_memory",
-        description="Undo a run for each user it changed (or the given users): the summary and its "
-        "bookkeeping return to the version before the run, as a new version; the events it folded go "
-        "back from the archive into user_memory.",
-    )
-    add_options(rollback, params.ROLLBACK)
-    refold = sub.add_parser(
-        "refold",
-        help="rebuild a user's summary from the archive with today's summariser (a new version)",
-        description="Re-fold the archived events on top of the oldest kept version whose covered events are "
-        "all still archived (after a model upgrade or a prompt fix). Raw events in user_memory stay raw.",
-    )
-    add_options(refold, params.REFOLD)
-    qualify = sub.add_parser(
-        "qualify",
-        help="try the configured summariser on built-in synthetic users; write nothing (docs/qualify.md)",
-        description="Fold a fixed set of synthetic users (planted facts in several languages, short and long "
-        "histories, corrections) through the real prompt, validation and guards, and print fact retention, guard "
-        "rejections and false alarms, language kept, cut-off and truncated replies, latency and tokens, with a "
-        "verdict. Nothing is written to the Butler's data. Exit 0 pass, 1 fail, 2 bad settings, 3 endpoint unusable.",
-    )
-    add_options(qualify, params.QUALIFY, **dataclasses.asdict(Thresholds()))
-    for command in (compress, forget, rollback, refold, qualify):
+    for name, (options, help_text, description) in COMMANDS.items():
+        command = sub.add_parser(name, allow_abbrev=name != "forget", help=help_text, description=description)
+        add_options(command, options, **(dataclasses.asdict(Thresholds()) if name == "qualify" else {}))
+        if name == "compress":
+            command.add_argument("--run-id", default=None, help="id of this run in memory_compression_runs")
         command.add_argument("--json", action="store_true", help="print the result as JSON")
         command.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     return parser
@@ -104,10 +106,8 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Scan, compress each user in turn, print the report; return the exit code."""
     from butler_memory.orchestration.connections import build_engine, resolve_settings
 
-    # The options are the DAG's params: settings resolve exactly as in the DAG (env, Variable, params).
-    params = {"threshold": args.threshold, "keep_last_n": args.keep_last_n, "limit": args.limit}
-    try:
-        settings = resolve_settings(params)
+    try:  # the options are the DAG's params: settings resolve exactly as in the DAG (env, Variable, params)
+        settings = resolve_settings(params.values(args, params.COMPRESS))
     except SettingsError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_USAGE
@@ -160,13 +160,10 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Forget a user or some of their events; print the result; return the exit code."""
-    from butler_memory.operations import audit, erasure, forget
+    from butler_memory.operations import audit
     from butler_memory.orchestration.connections import build_engine, erasure_secret, resolve_settings
+    from butler_memory.orchestration.erasure_tasks import forget
 
-    by_events = bool(args.event_ids) or args.since is not None or args.until is not None
-    if by_events and args.include_events:
-        err.write("error: --include-events is for forgetting the whole user; --event/--since/--until forget events\n")
-        return EXIT_USAGE
     try:
         settings = resolve_settings({})  # the DAG's settings: the same lock keys and collections
         secret = erasure_secret(settings, required=not args.dry_run)
@@ -177,29 +174,9 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
         return _unreachable(err, exc)
     try:
-        if by_events:
-            result = forget.forget_events(
-                args.user_id,
-                engine=engine,
-                secret=secret,
-                event_ids=args.event_ids,
-                since=args.since,
-                until=args.until,
-                dry_run=args.dry_run,
-                requested_by="cli",
-            )
-        else:
-            result = erasure.forget_user(
-                args.user_id,
-                settings=settings,
-                store=engine.store,
-                locks=engine.locks,
-                secret=secret,
-                metrics=engine.metrics,
-                events=args.include_events,
-                dry_run=args.dry_run,
-                requested_by="cli",
-            )
+        result = forget(
+            params.values(args, params.ERASURE), engine=engine, settings=settings, secret=secret, requested_by="cli"
+        )
     except ForgetInputError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_USAGE
@@ -390,20 +367,19 @@ def _configure_logging(verbose: bool, err: TextIO) -> None:
     )
 
 
+RUNS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
+    "compress": run_compress,
+    "forget": run_forget,
+    "rollback": run_rollback,
+    "refold": run_refold,
+    "qualify": run_qualify,
+}
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command line; return the exit code."""
     out = out or sys.stdout
     err = err or sys.stderr
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, err)
-    if args.command == "compress":
-        return run_compress(args, out, err)
-    if args.command == "forget":
-        return run_forget(args, out, err)
-    if args.command == "rollback":
-        return run_rollback(args, out, err)
-    if args.command == "refold":
-        return run_refold(args, out, err)
-    if args.command == "qualify":
-        return run_qualify(args, out, err)
-    return EXIT_USAGE  # pragma: no cover - argparse enforces the subcommand
+    return RUNS[args.command](args, out, err)  # argparse enforces one of COMMANDS
