@@ -28,10 +28,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
 from airflow.sdk import dag, get_current_context, task
 
-from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS, admin_access_control
+from butler_memory.orchestration.dag_defaults import manual_dag
 from butler_memory.orchestration.params import ERASURE, form
 
 
@@ -46,16 +45,10 @@ def forget() -> dict:
 
 
 @dag(
-    dag_id="memory_erasure",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    access_control=admin_access_control(),
-    tags=["butler", "memory", "erasure"],
-    doc_md=__doc__,
-    params=form(ERASURE),
+    **manual_dag(
+        "memory_erasure", tags=["butler", "memory", "erasure"], doc_md=__doc__, params=form(ERASURE), admin=True
+    ),
 )
 def memory_erasure() -> None:
     """One task: the erasure."""

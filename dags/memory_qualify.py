@@ -19,10 +19,9 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-import pendulum
 from airflow.sdk import dag, get_current_context, task
 
-from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS
+from butler_memory.orchestration.dag_defaults import manual_dag
 from butler_memory.orchestration.params import QUALIFY, form
 
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
@@ -37,15 +36,8 @@ def qualify() -> dict:
 
 
 @dag(
-    dag_id="memory_qualify",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    tags=["butler", "memory", "llm"],
-    doc_md=__doc__,
-    params=form(QUALIFY),
+    **manual_dag("memory_qualify", tags=["butler", "memory", "llm"], doc_md=__doc__, params=form(QUALIFY), admin=False),
 )
 def memory_qualify() -> None:
     """One task: qualify the summariser."""

@@ -19,10 +19,9 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-import pendulum
 from airflow.sdk import dag, get_current_context, task
 
-from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS, admin_access_control
+from butler_memory.orchestration.dag_defaults import manual_dag
 from butler_memory.orchestration.params import REFOLD, form
 
 LLM_POOL = os.environ.get("BUTLER_MEMORY_LLM_POOL", "llm_api")
@@ -50,16 +49,8 @@ def refold_user(user_id: str) -> dict:
 
 
 @dag(
-    dag_id="memory_refold",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    access_control=admin_access_control(),
-    tags=["butler", "memory", "llm"],
-    doc_md=__doc__,
-    params=form(REFOLD),
+    **manual_dag("memory_refold", tags=["butler", "memory", "llm"], doc_md=__doc__, params=form(REFOLD), admin=True),
 )
 def memory_refold() -> None:
     """Re-fold each given user in a mapped task."""

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
 from airflow.sdk import dag, get_current_context, task
 
-from butler_memory.orchestration.dag_defaults import DEFAULT_ARGS, admin_access_control
+from butler_memory.orchestration.dag_defaults import manual_dag
 from butler_memory.orchestration.params import ROLLBACK, form
 
 
@@ -59,16 +58,10 @@ def report() -> dict:
 
 
 @dag(
-    dag_id="memory_rollback",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    access_control=admin_access_control(),
-    tags=["butler", "memory", "rollback"],
-    doc_md=__doc__,
-    params=form(ROLLBACK),
+    **manual_dag(
+        "memory_rollback", tags=["butler", "memory", "rollback"], doc_md=__doc__, params=form(ROLLBACK), admin=True
+    ),
 )
 def memory_rollback() -> None:
     """Plan, roll back each user in a mapped task, report."""

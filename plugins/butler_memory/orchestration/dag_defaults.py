@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 DEFAULT_ARGS: dict[str, Any] = {
@@ -38,3 +38,24 @@ def admin_access_control() -> dict[str, dict[str, Collection[str]]] | None:
     if not role:
         return None
     return {role: {resource: set(actions) for resource, actions in ADMIN_PERMISSIONS.items()}}
+
+
+START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def manual_dag(
+    dag_id: str, *, tags: list[str], doc_md: str | None, params: dict[str, Any], admin: bool
+) -> dict[str, Any]:
+    """Return the ``@dag`` arguments every manually triggered DAG shares but its ``schedule=None``, which the DAG
+    file states (``admin``: only the admin role is granted it)."""
+    return {
+        "dag_id": dag_id,
+        "start_date": START_DATE,
+        "catchup": False,
+        "max_active_runs": 1,
+        "default_args": DEFAULT_ARGS,
+        "access_control": admin_access_control() if admin else None,
+        "tags": tags,
+        "doc_md": doc_md,
+        "params": params,
+    }
