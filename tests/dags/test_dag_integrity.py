@@ -23,7 +23,7 @@ from airflow.sdk.definitions.mappedoperator import MappedOperator
 from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import ParamValidationError
 
-from butler_memory.core.settings import MAX_USERS_PER_TASK
+from butler_memory.core.settings import MAX_USERS_PER_TASK, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS_DIR = REPO / "dags"
@@ -130,6 +130,13 @@ def _validated_sdk(dag: DAG, conf: dict[str, Any]) -> dict[str, Any]:
     params = ParamsDict(dict(dag.params.items()))
     params.update(conf)
     return params.validate()
+
+
+def test_the_form_names_the_default_users_per_task_the_setting_has(dag: DAG) -> None:
+    """Empty means the setting: the form says which (50, docs/benchmarks.md §12), so docs and code cannot drift."""
+    assert Settings().users_per_task == 50
+    description = dag.params.get_param("users_per_task").description or ""
+    assert f"the configured setting ({Settings().users_per_task})" in description, description
 
 
 def test_default_params_validate(dag: DAG) -> None:

@@ -160,7 +160,7 @@ def test_mixed_population_compresses_skips_and_fails_each_user_for_its_own_reaso
     locks.set(lock_key, "the-bot's-inline-compression", px=600_000)
     llm.fail_when_contains(FAIL_MARKER, 400)
 
-    run = run_dag(dag)
+    run = run_dag(dag, {"users_per_task": 1})  # the design card's shape: an instance per user
 
     tis = task_instances(run)
     states = {key: ti.state for key, ti in tis.items()}

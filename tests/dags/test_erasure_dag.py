@@ -174,7 +174,7 @@ def test_an_erasure_through_airflow_leaves_no_id_in_the_metadata_db_or_its_log(
     dags: FreshDags, world: dict[str, Any], capfd: pytest.CaptureFixture[str]
 ) -> None:
     seed_users(world["db"], {GONE: 60, KEPT: 60, SOME: 60})
-    compressed = dags["compress"].test(run_conf={"user_ids": [GONE, KEPT, SOME]})
+    compressed = dags["compress"].test(run_conf={"user_ids": [GONE, KEPT, SOME], "users_per_task": 1})
     assert compressed.state == "success", {k: ti.state for k, ti in task_instances(compressed).items()}
     named = metadata_rows_naming(GONE)
     assert {"dag_run", "task_instance", "xcom", "rendered_task_instance_fields"} <= set(named), named
@@ -192,7 +192,7 @@ def test_an_erasure_through_airflow_leaves_no_id_in_the_metadata_db_or_its_log(
     assert conf_of(real) == {"user_id": "[erased]", "dry_run": False, "include_events": True}
     labels = {ti.rendered_map_index for (task, _), ti in task_instances(compressed).items() if task == "compress_user"}
     assert labels == {"[erased]", KEPT, SOME}, "only the erased user's label changed"
-    assert conf_of(compressed) == {"user_ids": ["[erased]", KEPT, SOME]}
+    assert conf_of(compressed) == {"user_ids": ["[erased]", KEPT, SOME], "users_per_task": 1}
 
     some = dags["erase"].test(run_conf={"user_id": SOME, "event_ids": [f"{SOME}-0003"], "dry_run": False})
     assert some.state == "success" and result_of(some)["status"] == "forgotten", result_of(some)

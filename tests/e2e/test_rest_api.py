@@ -229,6 +229,7 @@ def test_failed_user_is_cleared_with_downstream_and_the_run_ends_green(
     redis_client: redis.Redis,
     llm: FakeOpenAI,
 ) -> None:
+    """The per-user shape (``users_per_task`` 1): the operator finds the failed user's own instance by its label."""
     api, db = airflow.api, mongo_db
 
     # The DAG is parsed, paused at creation, and the pool the mapped task needs exists.
@@ -267,17 +268,13 @@ def test_failed_user_is_cleared_with_downstream_and_the_run_ends_green(
     redis_client.set(lock_key, "the-bot's-inline-compression", px=600_000)
     llm.fail_when_contains(FAIL_MARKER, 400)
 
-    triggered = _ok(
-        # full_scan: the events are backdated (2026-01-01), before the daily scan's watermark that the empty
-        # scheduled run above set; only the reconciliation sees such late writes.
-        api.post(
-            f"/dags/{DAG_ID}/dagRuns",
-            json={"logical_date": None, "conf": {"threshold": 50, "limit": 10, "full_scan": True}},
-        ),
-        200,
-    )
+    # full_scan: the events are backdated (2026-01-01), before the daily scan's watermark that the empty
+    # scheduled run above set; only the reconciliation sees such late writes. users_per_task 1: an
+    # instance per user, labelled with the user id.
+    conf = {"threshold": 50, "limit": 10, "full_scan": True, "users_per_task": 1}
+    triggered = _ok(api.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf}), 200)
     run_id = triggered["dag_run_id"]
-    assert triggered["conf"] == {"threshold": 50, "limit": 10, "full_scan": True}
+    assert triggered["conf"] == conf
     run = finished_run(api, run_id)
     tis = task_instances(api, run_id)
     states = {f"{t}[{ti['rendered_map_index'] or i}]": (ti["state"], ti["try_number"]) for (t, i), ti in tis.items()}
@@ -369,14 +366,16 @@ def test_cli_clear_of_failed_users_in_a_logical_date_range_ends_the_run_green(
     redis_client: redis.Redis,
     llm: FakeOpenAI,
 ) -> None:
-    """The CLI recipe of the README and runbook, on a run triggered with a logical date."""
+    """The CLI recipe of the README and runbook, on a run triggered with a logical date, at the default
+    ``users_per_task``: the three users share one instance; clearing it compresses only the failed one again."""
     api, db = airflow.api, mongo_db
     dag_ready_and_idle(api)
     seed_users(db, {BIG: 60, BIGGER: 75, BROKEN: 65})
     llm.fail_when_contains(FAIL_MARKER, 400)
 
     # `airflow dags trigger memory_compression -l 2026-06-15T12:00:00+00:00 --conf ...`, through REST.
-    body = {"logical_date": CLI_LOGICAL_DATE.isoformat(), "conf": {"threshold": 50}}
+    # full_scan: the events are backdated, before the watermark of the scheduled run unpausing started.
+    body = {"logical_date": CLI_LOGICAL_DATE.isoformat(), "conf": {"threshold": 50, "full_scan": True}}
     triggered = _ok(api.post(f"/dags/{DAG_ID}/dagRuns", json=body), 200)
     run_id = triggered["dag_run_id"]
     assert datetime.fromisoformat(triggered["logical_date"]) == CLI_LOGICAL_DATE, triggered
@@ -384,11 +383,14 @@ def test_cli_clear_of_failed_users_in_a_logical_date_range_ends_the_run_green(
     tis = task_instances(api, run_id)
     states = {f"{t}[{ti['rendered_map_index'] or i}]": (ti["state"], ti["try_number"]) for (t, i), ti in tis.items()}
     assert run["state"] == "failed", f"a failed user must fail the run: {states}"
-    by_user = {ti["rendered_map_index"]: ti for (t, _), ti in tis.items() if t == "compress_user"}
-    assert {u: ti["state"] for u, ti in by_user.items()} == {BIG: "success", BIGGER: "success", BROKEN: "failed"}
+    by_label = {ti["rendered_map_index"]: ti for (t, _), ti in tis.items() if t == "compress_user"}
+    # One instance, largest backlog first (BIGGER 75, BROKEN 65, BIG 60), labelled by its first user and count.
+    assert {label: ti["state"] for label, ti in by_label.items()} == {f"{BIGGER} +2": "failed"}, states
     assert tis[("report", -1)]["state"] == "failed", states
-    broken_index = by_user[BROKEN]["map_index"]
+    assert event_counts(db) == {BIG: 20, BIGGER: 20, BROKEN: 65}, "the instance tried each of its users"
+    broken_index = by_label[f"{BIGGER} +2"]["map_index"]
     tries_before = {key: ti["try_number"] for key, ti in tis.items()}
+    requests_before = llm.request_count
     llm.clear_rules()
     start, end = CLI_RANGE
 
@@ -411,6 +413,7 @@ def test_cli_clear_of_failed_users_in_a_logical_date_range_ends_the_run_green(
         *("--only-failed", "--downstream", "-y"),
     )
     assert_green_after_rerun_of(api, run_id, broken_index, tries_before, "after the CLI clear")
+    assert llm.request_count == requests_before + 1, "the cleared instance compressed only its failed user again"
     assert event_counts(db) == {BIG: 20, BIGGER: 20, BROKEN: 20}
     profile = db["user_profiles"].find_one({"user_id": BROKEN})
     assert profile is not None and profile.get("memory_summary"), profile
@@ -480,7 +483,8 @@ def test_a_batch_run_waits_in_the_triggerer_and_a_failed_user_is_rerun_online(
     seed_population(db, {BIG: 60, BIGGER: 75, LINE_FAILS: 55}, canary=CANARY, broken="", fail_marker="")
     llm.set_batch(delay=3.0)  # still in progress at the first polls: the wait really defers
     llm.batch_line_fault(f"of {LINE_FAILS}:", "error")
-    conf = {"llm_mode": "batch", "full_scan": True, "user_ids": [BIG, BIGGER, LINE_FAILS]}
+    # users_per_task 1: the failed user's own instance is cleared (its label is the user id).
+    conf = {"llm_mode": "batch", "full_scan": True, "user_ids": [BIG, BIGGER, LINE_FAILS], "users_per_task": 1}
     run_id = _ok(api.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf}))["dag_run_id"]
 
     run = finished_run(api, run_id, timeout=RUN_TIMEOUT * 3)

@@ -128,7 +128,7 @@ def _run_dag() -> str:
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert not bag.import_errors, bag.import_errors
-    run = bag.dags[DAG_ID].test(run_conf={})
+    run = bag.dags[DAG_ID].test(run_conf={"users_per_task": 1})  # an instance per user: each row links its own
     assert run.state == "failed", f"the broken user should fail the run, got {run.state}"
     return str(run.run_id)
 
