@@ -34,7 +34,7 @@ def test_a_batch_run_commits_each_user_from_the_batch_and_fails_a_user_whose_lin
     seed_users(db, {BIG: 60, BIGGER: 75, LINE_FAILS: 55})
     llm.batch_line_fault(f"of {LINE_FAILS}:", "error")  # its events name the user
 
-    run = run_dag(dag, {"llm_mode": "batch"})
+    run = run_dag(dag, {"llm_mode": "batch", "users_per_task": 1})  # an instance per user: its own state
 
     states = {key: ti.state for key, ti in task_instances(run).items()}
     for task_id in ("scan", "prepare_batch", "submit_batch", "wait_for_batches"):
