@@ -600,7 +600,7 @@ def test_control_endpoint_steers_the_server(client: openai.OpenAI, llm: FakeOpen
     post_json(f"{root}/_control", {"clear_rules": True, "latency": 0.0})
     assert ask(client, "u_bad").choices[0].message.content
 
-    assert get_json(f"{root}/_stats") == {"requests": 3}
+    assert get_json(f"{root}/_stats") == {"requests": 3, "batch": {"batches": 0, "files": 0}}
     status, reply = post_json(f"{root}/_control", {"no_such_knob": 1})
     assert status == 400
     assert "no_such_knob" in reply["error"]
@@ -695,7 +695,7 @@ def test_standalone_cli(tmp_path: Path) -> None:
                     ask(api)
                 post_json(f"{root}/_control", {"default_status": None})
                 ask(api)
-            assert get_json(f"{root}/_stats") == {"requests": 3}
+            assert get_json(f"{root}/_stats") == {"requests": 3, "batch": {"batches": 0, "files": 0}}
         finally:
             proc.send_signal(signal.SIGTERM)
             _, stderr = proc.communicate(timeout=10)
