@@ -6,7 +6,8 @@ The DAG file only wires these together. XCom carries user ids, counts and status
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +42,15 @@ def _fail(message: str) -> Exception:
     from airflow.sdk.exceptions import AirflowFailException
 
     return AirflowFailException(message)
+
+
+@contextmanager
+def settings_checked() -> Iterator[None]:
+    """Fail the task for good (no retry helps) when a setting inside is invalid, naming it."""
+    try:
+        yield
+    except SettingsError as exc:
+        raise _fail(f"invalid settings: {exc}") from None
 
 
 def doorbell_record(settings: Settings, client: Any) -> DoorbellRecord:
@@ -86,10 +96,8 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[li
     user on its full reconciliation days (or ``full_scan``); "catchup" counts only users with new
     events or a doorbell record (``butler_memory.freshness.fresh``). Given ``user_ids``, both scan just those.
     """
-    try:
+    with settings_checked():
         settings = resolve_settings(params)
-    except SettingsError as exc:
-        raise _fail(f"invalid settings: {exc}") from None
     most = run_maximum(settings.users_per_task, _max_map_length())
     if settings.scan_limit > most:
         raise _fail(
@@ -171,10 +179,8 @@ def compress(
     never ended. A transient failure of any user raises for a retry; permanent ones fail at once
     and back the user off (``butler_memory.freshness.backoff``); a compression or a user under the threshold clears it.
     """
-    try:
+    with settings_checked():
         settings = resolve_settings(params)
-    except SettingsError as exc:
-        raise _fail(f"invalid settings: {exc}") from None
     dry_run = bool(params.get("dry_run"))
     batched = batch_mode(settings, params, kind)
     rows: list[dict[str, Any]] = []
@@ -261,11 +267,9 @@ def batch_mode(settings: Settings, params: Mapping[str, Any], kind: str) -> bool
 
 def _check_batch_endpoint(engine: Any) -> None:
     """Fail the scan, naming llm_mode, when batch mode cannot work with the LLM server; nothing uploaded."""
-    try:
+    with settings_checked():
         with batch.batch_client(batch.openai_of(engine)) as client:
             batch.check_endpoint(client, engine.settings)
-    except SettingsError as exc:
-        raise _fail(f"invalid settings: {exc}") from None
 
 
 def _scanned_users(ti: Any) -> list[str]:
@@ -279,10 +283,8 @@ def batch_prepare(params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, 
     if not batch_mode(settings, params, fresh.DAILY):
         return {"llm_mode": "online"}
     with build_engine(settings) as engine:
-        try:
+        with settings_checked():
             prepared = batch.prepare(engine, run_key(ti.dag_id, run_id), _scanned_users(ti))
-        except SettingsError as exc:
-            raise _fail(f"invalid settings: {exc}") from None
     return {"llm_mode": "batch", **prepared.to_dict()}
 
 
@@ -292,11 +294,9 @@ def batch_submit(params: Mapping[str, Any], ti: Any, run_id: str) -> list[str]:
     if not batch_mode(settings, params, fresh.DAILY):
         return []
     with build_engine(settings) as engine:
-        try:
+        with settings_checked():
             with batch.batch_client(batch.openai_of(engine)) as client:
                 return batch.submit(engine, run_key(ti.dag_id, run_id), client)
-        except SettingsError as exc:
-            raise _fail(f"invalid settings: {exc}") from None
 
 
 def batch_wait(params: Mapping[str, Any], ti: Any) -> tuple[list[str], dict[str, Any]]:

@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from butler_memory.core.errors import CompressionError, ForgetInputError
-from butler_memory.core.settings import Settings, SettingsError
+from butler_memory.core.settings import Settings
 from butler_memory.operations import audit, erasure
 from butler_memory.operations import forget as forgetting
 from butler_memory.operations.engine import Engine
 from butler_memory.orchestration import airflow_scrub
 from butler_memory.orchestration.connections import build_engine, erasure_secret
-from butler_memory.orchestration.dag_tasks import _fail, resolve_settings
+from butler_memory.orchestration.dag_tasks import _fail, resolve_settings, settings_checked
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,9 @@ def forget(
 
 def run(params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
     """Forget the user (or their events) the params name; bad input fails at once, a busy lock retries."""
-    try:
+    with settings_checked():
         settings = resolve_settings({})
         secret = erasure_secret(settings, required=not params.get("dry_run"))
-    except SettingsError as exc:
-        raise _fail(f"invalid settings: {exc}") from None
     try:
         with build_engine(settings) as engine:
             result = forget(

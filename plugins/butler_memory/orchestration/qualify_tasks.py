@@ -6,22 +6,19 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from butler_memory.core.settings import SettingsError
 from butler_memory.operations import qualify
 from butler_memory.orchestration.connections import build_summarizer, resolve_settings
-from butler_memory.orchestration.dag_tasks import _fail
+from butler_memory.orchestration.dag_tasks import _fail, settings_checked
 
 log = logging.getLogger(__name__)
 
 
 def run(params: Mapping[str, Any]) -> dict[str, Any]:
     """Qualify the configured summariser; fail the task (no retry) when it fails or cannot be reached."""
-    try:
+    with settings_checked():
         thresholds = qualify.Thresholds.from_mapping(params)
         settings = resolve_settings({})
         summarizer = build_summarizer(settings)
-    except SettingsError as exc:
-        raise _fail(f"invalid settings: {exc}") from None
     try:
         report = qualify.qualify(settings, summarizer, thresholds, endpoint=qualify.endpoint_name(settings, summarizer))
     except qualify.EndpointError as exc:

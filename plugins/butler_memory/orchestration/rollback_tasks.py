@@ -12,7 +12,6 @@ from typing import Any
 
 from butler_memory.core.errors import CompressionError, RollbackRefusedError
 from butler_memory.core.runs import resolve_run, run_key
-from butler_memory.core.settings import SettingsError
 from butler_memory.operations.rollback import (
     FAILED,
     REFUSED,
@@ -23,7 +22,7 @@ from butler_memory.operations.rollback import (
     users_of_run,
 )
 from butler_memory.orchestration.connections import build_engine
-from butler_memory.orchestration.dag_tasks import FAILURE_XCOM_KEY, _as_list, _fail, resolve_settings
+from butler_memory.orchestration.dag_tasks import FAILURE_XCOM_KEY, _as_list, _fail, resolve_settings, settings_checked
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +38,8 @@ def plan(params: Mapping[str, Any], ti: Any, run_id: str) -> list[str]:
     All of them or none (issue 23.1): unless ``partial``, every user is dry-run first, and when any
     would be refused the plan returns none, pushes that dry pass for the report and says so.
     """
-    try:
+    with settings_checked():
         settings = resolve_settings({})
-    except SettingsError as exc:
-        raise _fail(f"invalid settings: {exc}") from None
     with build_engine(settings) as engine:
         if not params.get("dry_run"):
             engine.locks.ping()  # no lock service, no rollback
