@@ -5,32 +5,24 @@ Real parts: the fake OpenAI server on a socket (its named responders), MongoDB, 
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-import redis
 from pymongo.database import Database
 
 from butler_memory.core.errors import GuardRejected
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import COMPRESSED, failed_result
-from butler_memory.fold.metrics import StatsdMetrics
 from butler_memory.llm.offline import OfflineSummarizer
-from tests.engine.conftest import OpenAIFactory
+from tests.engine.conftest import Rig
 from tests.engine.helpers import (
+    Doc,
     archive_of,
     events_of,
     insert_events,
-    make_engine,
     profile_of,
     set_profile,
     small_settings,
     snapshot,
 )
-from tools.fake_openai import FakeOpenAI
-from tools.services import StatsdSink
-
-Doc = dict[str, Any]
 
 PREVIOUS = """- Меня зовут Анна.
 - У меня аллергия на пенициллин.
@@ -62,26 +54,17 @@ def russian_user(db: Database[Doc], user_id: str = "u1", n: int = 14) -> list[Do
     ("responder", "guard"),
     [("drop_fact", "facts"), ("new_only", "facts"), ("wrong_language", "language")],
 )
-def test_each_bad_llm_mode_is_rejected_and_nothing_changes(
-    responder: str,
-    guard: str,
-    mongo_db: Database[Doc],
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-    statsd: StatsdSink,
-    statsd_metrics: StatsdMetrics,
-) -> None:
-    engine = make_engine(mongo_db, redis_client, small_settings(), make_openai(), statsd_metrics)
-    russian_user(mongo_db)
-    before = snapshot(mongo_db, "u1")
-    llm.set_responder(responder)
+def test_each_bad_llm_mode_is_rejected_and_nothing_changes(responder: str, guard: str, rig: Rig) -> None:
+    engine = rig.engine(small_settings())
+    russian_user(rig.db)
+    before = snapshot(rig.db, "u1")
+    rig.llm.set_responder(responder)
 
     with pytest.raises(GuardRejected) as info:
         engine.compress("u1")
 
     error = info.value
-    assert snapshot(mongo_db, "u1") == before, f"{responder}: a rejected summary changed the database"
+    assert snapshot(rig.db, "u1") == before, f"{responder}: a rejected summary changed the database"
     assert error.guards[guard] == "reject", error.guards
     assert "'u1'" in str(error) and f"{guard} guard" in str(error), str(error)
     assert not error.retryable, "a guard rejection must not be retried in a loop"
@@ -89,40 +72,31 @@ def test_each_bad_llm_mode_is_rejected_and_nothing_changes(
         assert word not in str(error), f"the error quotes the content: {error}"
     row = failed_result("u1", error).to_dict()
     assert row["guards"] == error.guards and row["error_type"] == "GuardRejected", row
-    assert redis_client.keys("*") == [], "the lock must be released after a rejection"
+    assert rig.redis.keys("*") == [], "the lock must be released after a rejection"
     reject = m.guard_metric(guard, "reject")
-    statsd.wait_for(lambda lines: any(line.startswith(f"{reject}:1|c") for line in lines))
+    rig.statsd.wait_for(lambda lines: any(line.startswith(f"{reject}:1|c") for line in lines))
 
 
-def test_a_faithful_llm_passes_both_guards(
-    mongo_db: Database[Doc],
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-    statsd: StatsdSink,
-    statsd_metrics: StatsdMetrics,
-) -> None:
-    engine = make_engine(mongo_db, redis_client, small_settings(max_events_per_chunk=4), make_openai(), statsd_metrics)
-    events = russian_user(mongo_db)
-    llm.set_responder("faithful")
+def test_a_faithful_llm_passes_both_guards(rig: Rig) -> None:
+    engine = rig.engine(small_settings(max_events_per_chunk=4))
+    events = russian_user(rig.db)
+    rig.llm.set_responder("faithful")
 
     result = engine.compress("u1")
 
     assert result.status == COMPRESSED and result.chunks == 3, result
     assert result.guards == {"facts": "pass", "language": "pass", "injection": "pass"}, result
-    summary = profile_of(mongo_db, "u1")["memory_summary"]
+    summary = profile_of(rig.db, "u1")["memory_summary"]
     assert summary.startswith(PREVIOUS) and "Ольга" in summary, "the faithful mode keeps and adds facts"
-    assert sorted(archive_of(mongo_db, "u1")) == [ev["_id"] for ev in events[:-3]]
+    assert sorted(archive_of(rig.db, "u1")) == [ev["_id"] for ev in events[:-3]]
     checks = m.guard_metric("facts", "checks")
-    lines = statsd.wait_for(lambda ls: sum(line.startswith(f"{checks}:") for line in ls) == 3)
+    lines = rig.statsd.wait_for(lambda ls: sum(line.startswith(f"{checks}:") for line in ls) == 3)
     assert not [line for line in lines if "_reject_total" in line or "_warn_total" in line], lines
 
 
-def test_a_rejection_in_a_later_chunk_keeps_the_earlier_chunks_and_deletes_nothing_of_its_own(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
-    engine = make_engine(mongo_db, redis_client, small_settings(max_events_per_chunk=5), make_openai())
-    events = russian_user(mongo_db, n=13)
+def test_a_rejection_in_a_later_chunk_keeps_the_earlier_chunks_and_deletes_nothing_of_its_own(rig: Rig) -> None:
+    engine = rig.engine(small_settings(max_events_per_chunk=5))
+    events = russian_user(rig.db, n=13)
     responses = iter(["faithful", "drop_fact"])
 
     def first_honest_then_forgetful(request: Doc) -> str:
@@ -130,44 +104,36 @@ def test_a_rejection_in_a_later_chunk_keeps_the_earlier_chunks_and_deletes_nothi
 
         return RESPONDERS[next(responses)](request)
 
-    llm.set_responder(first_honest_then_forgetful)
+    rig.llm.set_responder(first_honest_then_forgetful)
 
     with pytest.raises(GuardRejected, match="facts guard"):
         engine.compress("u1")
 
-    assert sorted(archive_of(mongo_db, "u1")) == [ev["_id"] for ev in events[:5]], "chunk 1 was committed"
-    assert sorted(events_of(mongo_db, "u1")) == [ev["_id"] for ev in events[5:]], "chunk 2 must stay"
-    profile = profile_of(mongo_db, "u1")
+    assert sorted(archive_of(rig.db, "u1")) == [ev["_id"] for ev in events[:5]], "chunk 1 was committed"
+    assert sorted(events_of(rig.db, "u1")) == [ev["_id"] for ev in events[5:]], "chunk 2 must stay"
+    profile = profile_of(rig.db, "u1")
     assert profile["memory_summary_version"] == 4 and profile["memory_summary"].startswith(PREVIOUS)
     assert profile["memory_pending_fold"] is None
 
 
-def test_warn_mode_commits_and_counts(
-    mongo_db: Database[Doc],
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-    statsd: StatsdSink,
-    statsd_metrics: StatsdMetrics,
-) -> None:
-    settings = small_settings(fact_guard="warn", language_guard="off")
-    engine = make_engine(mongo_db, redis_client, settings, make_openai(), statsd_metrics)
-    russian_user(mongo_db)
-    llm.set_responder("new_only")
+def test_warn_mode_commits_and_counts(rig: Rig) -> None:
+    engine = rig.engine(small_settings(fact_guard="warn", language_guard="off"))
+    russian_user(rig.db)
+    rig.llm.set_responder("new_only")
 
     result = engine.compress("u1")
 
     assert result.status == COMPRESSED and result.events_folded == 11, result
     assert result.guards == {"facts": "warn", "language": "off", "injection": "pass"}, result
-    assert "Анна" not in profile_of(mongo_db, "u1")["memory_summary"], "warn mode commits the forgetful summary"
+    assert "Анна" not in profile_of(rig.db, "u1")["memory_summary"], "warn mode commits the forgetful summary"
     warn = m.guard_metric("facts", "warn")
-    lines = statsd.wait_for(lambda ls: any(line.startswith(f"{warn}:1|c") for line in ls))
+    lines = rig.statsd.wait_for(lambda ls: any(line.startswith(f"{warn}:1|c") for line in ls))
     assert not [line for line in lines if line.startswith(f"{m.PREFIX}_guard_language")], "an off guard sends nothing"
 
 
-def test_the_offline_summariser_keeps_the_previous_facts(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
-    engine = make_engine(mongo_db, redis_client, small_settings(max_events_per_chunk=4), OfflineSummarizer())
-    russian_user(mongo_db, n=30)
+def test_the_offline_summariser_keeps_the_previous_facts(rig: Rig) -> None:
+    engine = rig.engine(small_settings(max_events_per_chunk=4), OfflineSummarizer())
+    russian_user(rig.db, n=30)
 
     result = engine.compress("u1")
 
@@ -178,21 +144,19 @@ def test_the_offline_summariser_keeps_the_previous_facts(mongo_db: Database[Doc]
     }, result
 
 
-def test_a_refold_is_guarded_like_a_compression(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
+def test_a_refold_is_guarded_like_a_compression(rig: Rig) -> None:
     settings = small_settings(max_events_per_chunk=4)
-    russian_user(mongo_db)
-    make_engine(mongo_db, redis_client, settings, OfflineSummarizer()).compress("u1")  # v4..v6, events archived
-    before = snapshot(mongo_db, "u1")
-    engine = make_engine(mongo_db, redis_client, settings, make_openai())
+    russian_user(rig.db)
+    rig.engine(settings, OfflineSummarizer()).compress("u1")  # v4..v6, events archived
+    before = snapshot(rig.db, "u1")
+    engine = rig.engine(settings)
 
-    llm.set_responder("wrong_language")
+    rig.llm.set_responder("wrong_language")
     with pytest.raises(GuardRejected, match="language guard"):
         engine.refold("u1", run_id="refold-bad")
-    assert snapshot(mongo_db, "u1") == before, "a rejected re-fold changed something"
+    assert snapshot(rig.db, "u1") == before, "a rejected re-fold changed something"
 
-    llm.set_responder("faithful")
+    rig.llm.set_responder("faithful")
     result = engine.refold("u1", run_id="refold-good")
     assert result.guards == {"facts": "pass", "language": "pass", "injection": "pass"}, result
-    assert profile_of(mongo_db, "u1")["memory_summary_version"] == before["profile"]["memory_summary_version"] + 1
+    assert profile_of(rig.db, "u1")["memory_summary_version"] == before["profile"]["memory_summary_version"] + 1

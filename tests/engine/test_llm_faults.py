@@ -4,11 +4,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-import redis
-from pymongo.database import Database
 
 from butler_memory.core.errors import (
     CompressionError,
@@ -20,13 +17,11 @@ from butler_memory.core.errors import (
 )
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import COMPRESSED
-from butler_memory.fold.metrics import StatsdMetrics
-from tests.engine.conftest import OpenAIFactory
-from tests.engine.helpers import insert_events, make_engine, openai_summarizer, set_profile, small_settings, snapshot
+from tests.engine.conftest import Rig
+from tests.engine.helpers import insert_events, openai_summarizer, set_profile, small_settings, snapshot
 from tools.fake_openai import FakeOpenAI
-from tools.services import StatsdSink, free_port
+from tools.services import free_port
 
-Doc = dict[str, Any]
 SUMMARY = "- Аллергия на орехи."
 
 FAULTS: dict[str, tuple[Callable[[FakeOpenAI], None], type[CompressionError], bool]] = {
@@ -50,21 +45,14 @@ FAULTS: dict[str, tuple[Callable[[FakeOpenAI], None], type[CompressionError], bo
 
 @pytest.mark.parametrize("fault", list(FAULTS.values()), ids=list(FAULTS))
 def test_llm_fault_is_classified_and_changes_nothing(
-    fault: tuple[Callable[[FakeOpenAI], None], type[CompressionError], bool],
-    mongo_db: Database[Doc],
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-    statsd: StatsdSink,
-    statsd_metrics: StatsdMetrics,
+    fault: tuple[Callable[[FakeOpenAI], None], type[CompressionError], bool], rig: Rig
 ) -> None:
     script, expected, retryable = fault
-    settings = small_settings()
-    engine = make_engine(mongo_db, redis_client, settings, make_openai(max_retries=0, timeout=0.5), statsd_metrics)
-    set_profile(mongo_db, "u1", memory_summary=SUMMARY, memory_summary_version=4)
-    insert_events(mongo_db, "u1", 14)
-    before = snapshot(mongo_db, "u1")
-    script(llm)
+    engine = rig.engine(small_settings(), max_retries=0, timeout=0.5)
+    set_profile(rig.db, "u1", memory_summary=SUMMARY, memory_summary_version=4)
+    insert_events(rig.db, "u1", 14)
+    before = snapshot(rig.db, "u1")
+    script(rig.llm)
 
     with pytest.raises(CompressionError) as info:
         engine.compress("u1")
@@ -72,18 +60,18 @@ def test_llm_fault_is_classified_and_changes_nothing(
     assert type(info.value) is expected, f"expected {expected.__name__}, got {type(info.value).__name__}: {info.value}"
     assert info.value.retryable is retryable, f"{type(info.value).__name__}.retryable should be {retryable}"
     assert info.value.user_id == "u1" and "'u1'" in str(info.value), f"the error must name the user: {info.value}"
-    assert len(llm.chat_requests) == 1, "with max_retries=0 the client must call exactly once"
-    assert snapshot(mongo_db, "u1") == before, "a failed LLM call changed the database"
-    assert redis_client.keys("*") == [], "the lock must be released after a failure"
+    assert len(rig.llm.chat_requests) == 1, "with max_retries=0 the client must call exactly once"
+    assert snapshot(rig.db, "u1") == before, "a failed LLM call changed the database"
+    assert rig.redis.keys("*") == [], "the lock must be released after a failure"
     if expected is not InvalidSummaryError:
-        statsd.wait_for(lambda lines: f"{m.LLM_ERRORS_TOTAL}:1|c" in lines)
+        rig.statsd.wait_for(lambda lines: f"{m.LLM_ERRORS_TOTAL}:1|c" in lines)
 
 
-def test_unreachable_llm_is_transient(mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI) -> None:
+def test_unreachable_llm_is_transient(rig: Rig) -> None:
     summarizer = openai_summarizer(f"http://127.0.0.1:{free_port()}/v1", max_retries=0, timeout=0.5)
-    engine = make_engine(mongo_db, redis_client, small_settings(), summarizer)
-    insert_events(mongo_db, "u1", 14)
-    before = snapshot(mongo_db, "u1")
+    engine = rig.engine(small_settings(), summarizer)
+    insert_events(rig.db, "u1", 14)
+    before = snapshot(rig.db, "u1")
     try:
         with pytest.raises(LLMTransientError, match="APIConnectionError") as info:
             engine.compress("u1")
@@ -91,37 +79,33 @@ def test_unreachable_llm_is_transient(mongo_db: Database[Doc], redis_client: red
         summarizer.close()
 
     assert info.value.retryable
-    assert snapshot(mongo_db, "u1")["events"] == before["events"], "events were deleted without a summary"
+    assert snapshot(rig.db, "u1")["events"] == before["events"], "events were deleted without a summary"
 
 
 @pytest.mark.parametrize("status", [429, 500])
-def test_a_retry_inside_the_client_recovers(
-    status: int, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
+def test_a_retry_inside_the_client_recovers(status: int, rig: Rig) -> None:
     settings = small_settings(summary_language="ru")  # the reply is Russian
-    engine = make_engine(mongo_db, redis_client, settings, make_openai(max_retries=1, timeout=2.0))
-    insert_events(mongo_db, "u1", 14)
-    llm.push_status(status)
-    llm.push_reply("- Пользователь любит чай.")
+    engine = rig.engine(settings, max_retries=1, timeout=2.0)
+    insert_events(rig.db, "u1", 14)
+    rig.llm.push_status(status)
+    rig.llm.push_reply("- Пользователь любит чай.")
 
     result = engine.compress("u1")
 
     assert result.status == COMPRESSED and result.events_folded == 11, result
-    assert len(llm.chat_requests) == 2, "one failed call and one retry"
-    assert mongo_db["user_profiles"].find_one({"user_id": "u1"})["memory_summary"] == "- Пользователь любит чай."
+    assert len(rig.llm.chat_requests) == 2, "one failed call and one retry"
+    assert rig.db["user_profiles"].find_one({"user_id": "u1"})["memory_summary"] == "- Пользователь любит чай."
 
 
-def test_the_request_asks_for_the_model_at_temperature_zero(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
+def test_the_request_asks_for_the_model_at_temperature_zero(rig: Rig) -> None:
     settings = small_settings(summary_max_tokens=200, summary_language="ru")  # the reply is Russian
-    engine = make_engine(mongo_db, redis_client, settings, make_openai())
-    insert_events(mongo_db, "u1", 14)
-    llm.push_reply("- Пользователь любит чай.", prompt_tokens=4321, completion_tokens=7)
+    engine = rig.engine(settings)
+    insert_events(rig.db, "u1", 14)
+    rig.llm.push_reply("- Пользователь любит чай.", prompt_tokens=4321, completion_tokens=7)
 
     result = engine.compress("u1")
 
-    (request,) = llm.requests
+    (request,) = rig.llm.requests
     body = request["json"]
     assert body["model"] == "test-model" and body["temperature"] == 0, body
     assert body["max_tokens"] >= settings.summary_max_tokens, "the completion must have room for a full summary"

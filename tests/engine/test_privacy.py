@@ -11,25 +11,19 @@ import traceback
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
-import redis
-from pymongo.database import Database
 
 from butler_memory.core.errors import CompressionError
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import failed_result
-from butler_memory.fold.metrics import StatsdMetrics
 from butler_memory.fold.report import build_report, emit_run_metrics, to_markdown
 from butler_memory.llm.offline import OfflineSummarizer
 from butler_memory.operations.engine import Engine
-from tests.engine.conftest import OpenAIFactory
-from tests.engine.helpers import insert_events, make_engine, profile_of, small_settings
-from tools.fake_openai import FakeOpenAI, error_body
-from tools.services import StatsdSink
+from tests.engine.conftest import Rig
+from tests.engine.helpers import Doc, insert_events, profile_of, small_settings
+from tools.fake_openai import error_body
 
-Doc = dict[str, Any]
 CANARY = f"CANARY-{uuid.uuid4().hex}"
 
 
@@ -44,18 +38,13 @@ def canary_responder(request: Doc) -> str:
 
 
 def test_content_stays_out_of_logs_results_reports_errors_and_metrics(
-    mongo_db: Database[Doc],
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-    statsd: StatsdSink,
-    statsd_metrics: StatsdMetrics,
-    caplog: pytest.LogCaptureFixture,
+    rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # every logger, third-party clients included
+    mongo_db, llm = rig.db, rig.llm
     settings = small_settings()
-    with_llm = make_engine(mongo_db, redis_client, settings, make_openai(), statsd_metrics)
-    offline = make_engine(mongo_db, redis_client, settings, OfflineSummarizer(), statsd_metrics)
+    with_llm = rig.engine(settings)
+    offline = rig.engine(settings, OfflineSummarizer())
     llm.set_responder(canary_responder)
     started = datetime.now(UTC)
     results: list[Doc] = []
@@ -88,8 +77,8 @@ def test_content_stays_out_of_logs_results_reports_errors_and_metrics(
         finished_at=datetime.now(UTC),
         backlog={r["user_id"]: 14 for r in results},
     )
-    emit_run_metrics(report, statsd_metrics)
-    lines = statsd.wait_for(lambda ls: any(line.startswith(m.RUNS_TOTAL) for line in ls))
+    emit_run_metrics(report, rig.metrics)
+    lines = rig.statsd.wait_for(lambda ls: any(line.startswith(m.RUNS_TOTAL) for line in ls))
 
     # The canary did flow where it belongs, so its absence elsewhere means something.
     assert [type(e).__name__ for e in errors] == ["LLMPermanentError"] + ["InvalidSummaryError"] * 3, errors
