@@ -7,35 +7,35 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-import redis
 from bson import ObjectId
 from pymongo import monitoring
 from pymongo.database import Database
 
 from butler_memory.core.errors import CompressionError, StaleOwnLockError, StoreError
+from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED
-from butler_memory.storage.locks import UserLocks
+from butler_memory.operations.engine import Engine
+from butler_memory.storage.locks import UserLock, UserLocks
 from butler_memory.storage.profiles import PENDING_FIELD
-from tests.engine.conftest import OpenAIFactory
+from tests.engine.conftest import Rig
 from tests.engine.helpers import (
+    Doc,
     archive_of,
     events_of,
     insert_events,
-    make_engine,
     profile_of,
     set_profile,
     small_settings,
     snapshot,
     summary_version,
 )
-from tools.fake_openai import FakeOpenAI, default_responder
+from tools.fake_openai import default_responder
 from tools.services import MongoService
-
-Doc = dict[str, Any]
 
 
 class Killed(BaseException):
@@ -53,45 +53,41 @@ def kill_at(step: str) -> Any:
 # -- finding 6: the lock outlives one LLM call, retries and Retry-After included -------------------
 
 
-def test_the_lock_stays_ours_through_a_retry_after_longer_than_its_ttl(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
-    settings = small_settings(lock_ttl_seconds=2, llm_timeout_seconds=0.9)
-    engine = make_engine(mongo_db, redis_client, settings, make_openai(max_retries=1, timeout=0.9))
-    insert_events(mongo_db, "u1", 14)
+SHORT_LOCK = {"lock_ttl_seconds": 2, "llm_timeout_seconds": 0.9}
+"""A lock TTL (2 s) that one LLM call (0.9 s at most) fits in."""
+
+
+def test_the_lock_stays_ours_through_a_retry_after_longer_than_its_ttl(rig: Rig) -> None:
+    settings = small_settings(**SHORT_LOCK)
+    engine = rig.engine(settings, max_retries=1, timeout=0.9)
+    insert_events(rig.db, "u1", 14)
     held_during_call: list[bool] = []
 
     def responder(request: Doc) -> str:
         # Another compression (the bot) tries the user's lock while ours waits on the LLM.
-        held_during_call.append(not redis_client.set(settings.lock_key("u1"), "the-bot", nx=True, px=5000))
+        held_during_call.append(not rig.redis.set(settings.lock_key("u1"), "the-bot", nx=True, px=5000))
         return default_responder(request)
 
-    llm.push_status(429, headers={"Retry-After": "3"})  # the openai client honours it: 3 s > TTL 2 s
-    llm.set_responder(responder)
+    rig.llm.push_status(429, headers={"Retry-After": "3"})  # the openai client honours it: 3 s > TTL 2 s
+    rig.llm.set_responder(responder)
 
     result = engine.compress("u1")
 
     assert held_during_call == [True], "the lock expired while the call waited: another holder got in"
     assert result.status == COMPRESSED and result.events_folded == 11, result
-    assert redis_client.keys("*") == [], "the lock must be released at the end"
+    assert rig.redis.keys("*") == [], "the lock must be released at the end"
 
 
 # -- finding 7: no exception text that can carry a document -------------------------------------
 
 
-def test_a_database_error_quoting_a_document_is_sanitised(
-    mongo_db: Database[Doc],
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_a_database_error_quoting_a_document_is_sanitised(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     canary = f"CANARY-{uuid.uuid4().hex}"
-    engine = make_engine(mongo_db, redis_client, small_settings(), make_openai())
-    insert_events(mongo_db, "u1", 14, content=lambda u, i: f"{u}-e{i:03d}: {canary} {i}")
+    engine = rig.engine(small_settings())
+    insert_events(rig.db, "u1", 14, content=lambda u, i: f"{u}-e{i:03d}: {canary} {i}")
     # A unique index the archive write violates: the server's error quotes the key and the whole op.
-    archive = mongo_db["user_memory_archive"]
+    archive = rig.db["user_memory_archive"]
     archive.create_index("content", unique=True)
     archive.insert_one({"_id": "other", "user_id": "u2", "content": f"u1-e004: {canary} 4"})
 
@@ -103,33 +99,31 @@ def test_a_database_error_quoting_a_document_is_sanitised(
     shown = "".join(traceback.format_exception(error)) + repr(error) + caplog.text
     assert canary not in shown, "a database error carried event content into an exception or a log"
     assert "BulkWriteError" in str(error) and "11000" in str(error), str(error)
-    assert len(events_of(mongo_db, "u1")) == 14, "nothing may be deleted when the archive write failed"
-    assert (profile_of(mongo_db, "u1") or {})[PENDING_FIELD] is not None, "the summary's pending fold remains"
+    assert len(events_of(rig.db, "u1")) == 14, "nothing may be deleted when the archive write failed"
+    assert (profile_of(rig.db, "u1") or {})[PENDING_FIELD] is not None, "the summary's pending fold remains"
 
 
 # -- finding 9: a pending fold is cleared whoever bumped the version ---------------------------------
 
 
-def test_a_pending_fold_is_cleared_after_another_writer_bumped_the_version(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
+def test_a_pending_fold_is_cleared_after_another_writer_bumped_the_version(rig: Rig) -> None:
     settings = small_settings(max_events_per_chunk=5)
-    engine = make_engine(mongo_db, redis_client, settings, make_openai())
-    insert_events(mongo_db, "u1", 20)
+    engine = rig.engine(settings)
+    insert_events(rig.db, "u1", 20)
     with pytest.raises(Killed):
         engine.compress("u1", checkpoint=kill_at("committed"))
-    assert summary_version(mongo_db, "u1") == 1
+    assert summary_version(rig.db, "u1") == 1
     # The bot's inline compression stores its own summary meanwhile; it knows nothing of our pending fold.
-    set_profile(mongo_db, "u1", memory_summary="- Сводка бота.", memory_summary_version=2)
-    requests_before = len(llm.chat_requests)
+    set_profile(rig.db, "u1", memory_summary="- Сводка бота.", memory_summary_version=2)
+    requests_before = len(rig.llm.chat_requests)
 
     result = engine.compress("u1")
 
     assert result.status == COMPRESSED, result
-    profile = profile_of(mongo_db, "u1") or {}
+    profile = profile_of(rig.db, "u1") or {}
     assert profile[PENDING_FIELD] is None, "the pending fold must be cleared"
-    assert len(events_of(mongo_db, "u1")) == 3
-    assert len(llm.chat_requests) - requests_before == result.chunks, "no LLM call may be wasted"
+    assert len(events_of(rig.db, "u1")) == 3
+    assert len(rig.llm.chat_requests) - requests_before == result.chunks, "no LLM call may be wasted"
     again = engine.compress("u1")
     assert again.status != "failed", again
 
@@ -137,42 +131,36 @@ def test_a_pending_fold_is_cleared_after_another_writer_bumped_the_version(
 # -- finding 11: an event edited during its compression is not deleted ---------------------------
 
 
-def test_an_event_edited_during_the_llm_call_is_kept(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
-    engine = make_engine(mongo_db, redis_client, small_settings(), make_openai())
-    insert_events(mongo_db, "u1", 14)
+def test_an_event_edited_during_the_llm_call_is_kept(rig: Rig) -> None:
+    engine = rig.engine(small_settings())
+    insert_events(rig.db, "u1", 14)
 
     def responder(request: Doc) -> str:
         # The Butler re-tags and corrects an old event while the LLM is summarising its old version.
-        mongo_db["user_memory"].update_one(
-            {"_id": "u1-e002"}, {"$set": {"content": "исправлено", "tags": ["corrected"]}}
-        )
+        rig.db["user_memory"].update_one({"_id": "u1-e002"}, {"$set": {"content": "исправлено", "tags": ["corrected"]}})
         return default_responder(request)
 
-    llm.set_responder(responder)
+    rig.llm.set_responder(responder)
 
     result = engine.compress("u1")
 
     assert result.status == COMPRESSED and result.events_folded == 11, result
-    remaining = events_of(mongo_db, "u1")
+    remaining = events_of(rig.db, "u1")
     assert remaining["u1-e002"]["content"] == "исправлено", "the newer version of an edited event was deleted"
     assert sorted(remaining) == ["u1-e002", "u1-e011", "u1-e012", "u1-e013"]
-    assert archive_of(mongo_db, "u1")["u1-e002"]["content"] != "исправлено", "the archive holds what was summarised"
+    assert archive_of(rig.db, "u1")["u1-e002"]["content"] != "исправлено", "the archive holds what was summarised"
 
 
-def test_an_event_edited_before_a_pending_fold_is_finished_is_kept(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
-    engine = make_engine(mongo_db, redis_client, small_settings(), make_openai())
-    insert_events(mongo_db, "u1", 14)
+def test_an_event_edited_before_a_pending_fold_is_finished_is_kept(rig: Rig) -> None:
+    engine = rig.engine(small_settings())
+    insert_events(rig.db, "u1", 14)
     with pytest.raises(Killed):
         engine.compress("u1", checkpoint=kill_at("committed"))
-    mongo_db["user_memory"].update_one({"_id": "u1-e005"}, {"$set": {"content": "новая версия"}})
+    rig.db["user_memory"].update_one({"_id": "u1-e005"}, {"$set": {"content": "новая версия"}})
 
     engine.compress("u1")
 
-    remaining = events_of(mongo_db, "u1")
+    remaining = events_of(rig.db, "u1")
     assert remaining.get("u1-e005", {}).get("content") == "новая версия", "recovery deleted an edited event"
 
 
@@ -181,50 +169,43 @@ def test_an_event_edited_before_a_pending_fold_is_finished_is_kept(
 HOLDER = "memory_compression|scheduled__2026-01-01|compress_user|3"
 
 
-def test_a_retry_waits_out_the_lock_its_killed_attempt_left(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
-    settings = small_settings(lock_ttl_seconds=2, llm_timeout_seconds=0.9)
-    engine = make_engine(mongo_db, redis_client, settings, make_openai(timeout=0.9))
-    insert_events(mongo_db, "u1", 14)
-    killed = UserLocks(redis_client, settings).acquire("u1", holder=HOLDER)  # never released: the attempt died
-    assert killed is not None
+def locked_user(rig: Rig, holder: str) -> tuple[Settings, Engine, UserLock]:
+    """Give u1 14 events and take u1's lock for ``holder``; return the short-lock settings, an engine
+    on them (LLM timeout 0.9 s) and the lock taken."""
+    settings = small_settings(**SHORT_LOCK)
+    engine = rig.engine(settings, timeout=0.9)
+    insert_events(rig.db, "u1", 14)
+    lock = UserLocks(rig.redis, settings).acquire("u1", holder=holder)
+    assert lock is not None
+    return settings, engine, lock
+
+
+def test_a_retry_waits_out_the_lock_its_killed_attempt_left(rig: Rig) -> None:
+    _, engine, _killed = locked_user(rig, HOLDER)  # never released: the attempt died
 
     result = engine.compress("u1", holder=HOLDER)
 
     assert result.status == COMPRESSED and result.events_folded == 11, result
 
 
-def test_a_lock_of_another_holder_is_still_skipped(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
-    settings = small_settings(lock_ttl_seconds=2, llm_timeout_seconds=0.9)
-    engine = make_engine(mongo_db, redis_client, settings, make_openai(timeout=0.9))
-    insert_events(mongo_db, "u1", 14)
-    other = UserLocks(redis_client, settings).acquire("u1", holder=HOLDER.replace("|3", "|4"))
-    assert other is not None
+def test_a_lock_of_another_holder_is_still_skipped(rig: Rig) -> None:
+    settings, engine, other = locked_user(rig, HOLDER.replace("|3", "|4"))
 
     assert engine.compress("u1", holder=HOLDER).status == "skipped_locked"
     other.release()
-    redis_client.set(settings.lock_key("u1"), "the-bot's-own-token", px=2000)
+    rig.redis.set(settings.lock_key("u1"), "the-bot's-own-token", px=2000)
     assert engine.compress("u1", holder=HOLDER).status == "skipped_locked"
 
 
-def test_an_earlier_attempt_that_is_still_alive_fails_the_retry(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
-    settings = small_settings(lock_ttl_seconds=2, llm_timeout_seconds=0.9)
-    engine = make_engine(mongo_db, redis_client, settings, make_openai(timeout=0.9))
-    insert_events(mongo_db, "u1", 14)
-    alive = UserLocks(redis_client, settings).acquire("u1", holder=HOLDER)
-    assert alive is not None
-    before = snapshot(mongo_db, "u1")
+def test_an_earlier_attempt_that_is_still_alive_fails_the_retry(rig: Rig) -> None:
+    _, engine, alive = locked_user(rig, HOLDER)
+    before = snapshot(rig.db, "u1")
 
     with alive.kept_alive(), pytest.raises(StaleOwnLockError) as info:
         engine.compress("u1", holder=HOLDER)
 
     assert info.value.retryable, "Airflow must come back later, not count it as done"
-    assert snapshot(mongo_db, "u1") == before
+    assert snapshot(rig.db, "u1") == before
     alive.release()
 
 
@@ -248,13 +229,13 @@ class Commands(monitoring.CommandListener):
 
 
 def test_commit_archive_and_delete_are_majority_writes_and_the_profile_a_majority_read(
-    mongo_service: MongoService, redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+    mongo_service: MongoService, rig: Rig
 ) -> None:
     listener = Commands()
     client = mongo_service.client(event_listeners=[listener])
     db = client[f"wc_{uuid.uuid4().hex[:8]}"]
     try:
-        engine = make_engine(db, redis_client, small_settings(), make_openai())
+        engine = replace(rig, db=db).engine(small_settings())  # the rig on the listened client's database
         insert_events(db, "u1", 14)
         listener.seen.clear()
 
@@ -281,14 +262,12 @@ def test_commit_archive_and_delete_are_majority_writes_and_the_profile_a_majorit
 # -- finding 10: compound and mixed-type ids; one short query per chunk ----------------------------
 
 
-def test_compound_and_mixed_type_ids_are_folded(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
+def test_compound_and_mixed_type_ids_are_folded(rig: Rig) -> None:
     settings = small_settings(max_events_per_chunk=4)
-    engine = make_engine(mongo_db, redis_client, settings, make_openai())
+    engine = rig.engine(settings)
     start = datetime(2026, 1, 1)
     ids: list[Any] = [{"chat": 7, "n": i} if i % 3 == 0 else ObjectId() if i % 3 == 1 else f"s{i}" for i in range(14)]
-    mongo_db["user_memory"].insert_many(
+    rig.db["user_memory"].insert_many(
         [
             {
                 "_id": _id,
@@ -306,23 +285,21 @@ def test_compound_and_mixed_type_ids_are_folded(
     result = engine.compress("u1")
 
     assert result.status == COMPRESSED, result
-    assert len(events_of_any(mongo_db, "u1")) == 3
+    assert len(events_of_any(rig.db, "u1")) == 3
 
 
 def events_of_any(db: Database[Doc], user_id: str) -> list[Doc]:
     return list(db["user_memory"].find({"user_id": user_id}))
 
 
-def test_a_huge_user_is_folded_over_runs_without_holding_every_key(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
-) -> None:
+def test_a_huge_user_is_folded_over_runs_without_holding_every_key(rig: Rig) -> None:
     settings = small_settings(max_fold_events=20, max_events_per_chunk=10)
-    engine = make_engine(mongo_db, redis_client, settings, make_openai())
-    insert_events(mongo_db, "u1", 60)
+    engine = rig.engine(settings)
+    insert_events(rig.db, "u1", 60)
 
     first = engine.compress("u1")
     assert first.events_folded == 20, "one run folds at most max_fold_events"
-    assert sorted(events_of(mongo_db, "u1"))[0] == "u1-e020", "the oldest go first"
+    assert sorted(events_of(rig.db, "u1"))[0] == "u1-e020", "the oldest go first"
     while engine.compress("u1").status == COMPRESSED:
         pass
-    assert len(events_of(mongo_db, "u1")) == 3
+    assert len(events_of(rig.db, "u1")) == 3
