@@ -17,7 +17,7 @@ from bson.codec_options import CodecOptions
 
 from butler_memory.core.errors import InvalidEventError, StoreError
 from butler_memory.core.settings import Settings
-from butler_memory.fold.compression import pack_chunks
+from butler_memory.fold.chunks import pack_chunks
 from butler_memory.llm.offline import OfflineSummarizer
 from butler_memory.storage.events import undecodable_field
 from butler_memory.storage.mongo import lenient, sanitized_errors

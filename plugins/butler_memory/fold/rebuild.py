@@ -30,7 +30,7 @@ from butler_memory.llm.summarizer import EventText, Summarizer, Summary, Summary
 from butler_memory.safety import guards
 from butler_memory.safety.injection import withheld
 from butler_memory.safety.validation import validate_summary
-from butler_memory.storage.history import ROLLBACK, HistoryEntry, prompt_version
+from butler_memory.storage.history import BASELINE, ROLLBACK, HistoryEntry, Key, prompt_version
 from butler_memory.storage.locks import UserLock
 from butler_memory.storage.mongo import event_digest, id_key
 from butler_memory.storage.profiles import Profile
@@ -329,3 +329,24 @@ def finish_rollback(
     store.clear_rollback(user_id, new_version)
     checkpoint("cleared")
     return new_version
+
+
+def record_baseline(store: MemoryStore, profile: Profile, clock: Callable[[], datetime]) -> None:
+    """Record the profile's current version in the history when it has none (it was committed before
+    history existed, or by the Butler), so that it can be rolled back to."""
+    if (profile.version == 0 and not profile.summary) or store.history.exists(profile.user_id, profile.version):
+        return
+    through = None if profile.through is None else Key(profile.through.created_at, profile.through.id)
+    store.history.write_version(
+        HistoryEntry(
+            profile.user_id,
+            profile.version,
+            profile.summary,
+            BASELINE,
+            None,
+            profile.version,  # what it built on is unknown: the lineage stops here
+            clock(),  # retention counts from when it was recorded
+            through=through,
+            compressed_at=profile.compressed_at,
+        )
+    )

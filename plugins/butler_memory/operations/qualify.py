@@ -2,7 +2,7 @@
 
 A fixed, built-in set of synthetic users (``qualify_cases``: planted facts in Russian, English,
 German and Spanish; short and long histories; corrections) goes through the real engine path, chunk by chunk:
-``compression.pack_chunks`` cuts the history as for a real user, ``rebuild.propose_summary``
+``chunks.pack_chunks`` cuts the history as for a real user, ``rebuild.propose_summary``
 builds the real prompt, calls the configured summariser and runs validation and the guards. The
 result says what a compression would have committed, and nothing is written anywhere: no MongoDB,
 no Redis, no metrics. Only ids, counts, sizes, durations and language codes are reported.
@@ -35,7 +35,7 @@ from butler_memory.core.errors import (
 )
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.core.units import duration
-from butler_memory.fold.compression import pack_chunks
+from butler_memory.fold.chunks import pack_chunks
 from butler_memory.fold.metrics import NullMetrics
 from butler_memory.fold.rebuild import propose_summary, summarizer_identity
 from butler_memory.llm.budget import Spent

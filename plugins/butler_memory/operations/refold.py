@@ -26,7 +26,7 @@ from typing import Any
 
 from butler_memory.core.errors import LockBusyError, RollbackRefusedError
 from butler_memory.core.settings import Settings
-from butler_memory.fold.compression import _event_text, pack_chunks
+from butler_memory.fold.chunks import event_text, pack_chunks
 from butler_memory.fold.metrics import Metrics, NullMetrics
 from butler_memory.fold.rebuild import (
     Checkpoint,
@@ -348,7 +348,7 @@ def refold_archived(
             lock,
             user_id,
             rebuilt.text,
-            [_event_text(user_id, ev) for ev in chunk],
+            [event_text(user_id, ev) for ev in chunk],
             language,
             settings=settings,
             summarizer=summarizer,
