@@ -138,8 +138,7 @@ def test_events_arriving_right_after_selection_are_not_folded(
     # Written between the fold list and the first read of the events, inside the fold list's key
     # range: the read sees them (secantus materialises a cursor when it opens, so an insert during
     # the LLM call would not be seen; a real MongoDB cursor can see it on a later getMore).
-    settings = small_settings(max_events_per_chunk=4)
-    engine = make_engine(mongo_db, redis_client, settings)
+    engine = make_engine(mongo_db, redis_client, small_settings(max_events_per_chunk=4))
     original = insert_events(mongo_db, "u1", 15)
     late = [
         late_event("u1-e000a", original[0]["created_at"]),  # same instant as the first folded event

@@ -10,7 +10,7 @@ failed users.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +20,7 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.core.settings import Settings
+from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
 from butler_memory.freshness import fresh
 from butler_memory.freshness.doorbell import Doorbell, DoorbellRecord
 from butler_memory.storage.events import Backlog
@@ -37,78 +38,73 @@ def _settings(**changes: Any) -> Settings:
     return small_settings(**{"catchup_margin_seconds": MARGIN, "daily_full_scan_every_days": 7, **changes})
 
 
-def _owed(redis_client: redis.Redis, settings: Settings) -> DoorbellRecord:
-    return DoorbellRecord(redis_client, key=settings.daily_owed_key, channel="")
+@dataclass(frozen=True)
+class Daily:
+    """A deployment's daily runs: its MongoDB, Redis and settings."""
 
+    db: Database[Doc]
+    redis: redis.Redis
+    settings: Settings
 
-def _scan(
-    store: MemoryStore,
-    redis_client: redis.Redis,
-    settings: Settings,
-    now: datetime,
-    *,
-    full: bool = False,
-    checkpoint: Callable[[str], None] | None = None,
-) -> fresh.ScanResult:
-    extra: dict[str, Any] = {} if checkpoint is None else {"checkpoint": checkpoint}
-    return fresh.daily_scan(
-        store,
-        settings,
-        settings.scan_limit,
-        None,
-        owed=_owed(redis_client, settings),
-        doorbell=DoorbellRecord(redis_client),
-        full=full,
-        now=now,
-        **extra,
-    )
+    def store(self, db: Database[Doc] | None = None) -> MemoryStore:
+        """Return a store on the deployment's database (or on ``db``, another client's view of it)."""
+        return MemoryStore(self.db if db is None else db, self.settings)
 
+    def owed(self) -> DoorbellRecord:
+        """Return the daily run's record of the users it owes a compression."""
+        return DoorbellRecord(self.redis, key=self.settings.daily_owed_key, channel="")
 
-def _run(
-    db: Database[Doc],
-    redis_client: redis.Redis,
-    settings: Settings,
-    now: datetime,
-    *,
-    full: bool = False,
-    fail: frozenset[str] = frozenset(),
-    scan_db: Database[Doc] | None = None,
-) -> fresh.ScanResult:
-    """One daily run: scan (through ``scan_db`` when given), compress each user taken (those in ``fail``
-    fail), settle as the report does."""
-    store = MemoryStore(db, settings)
-    result = _scan(
-        MemoryStore(scan_db if scan_db is not None else db, settings), redis_client, settings, now, full=full
-    )
-    engine = make_engine(db, redis_client, settings)
-    rows = [
-        {"user_id": b.user_id, "status": "failed"} if b.user_id in fail else engine.compress(b.user_id).to_dict()
-        for b in result.backlog
-    ]
-    fresh.settle_daily(store, _owed(redis_client, settings), result.xcom(), rows, finished_at=now)
-    return result
+    def scan(
+        self,
+        now: datetime,
+        *,
+        db: Database[Doc] | None = None,
+        full: bool = False,
+        checkpoint: Checkpoint = no_checkpoint,
+    ) -> fresh.ScanResult:
+        """Scan as the DAG's scan task does (reading through ``db`` when given)."""
+        return fresh.daily_scan(
+            self.store(db),
+            self.settings,
+            self.settings.scan_limit,
+            None,
+            owed=self.owed(),
+            doorbell=DoorbellRecord(self.redis),
+            full=full,
+            now=now,
+            checkpoint=checkpoint,
+        )
+
+    def run(self, now: datetime, *, full: bool = False, fail: frozenset[str] = frozenset()) -> fresh.ScanResult:
+        """One daily run: scan, compress each user taken (those in ``fail`` fail), settle as the report does."""
+        result = self.scan(now, full=full)
+        engine = make_engine(self.db, self.redis, self.settings)
+        rows = [
+            {"user_id": b.user_id, "status": "failed"} if b.user_id in fail else engine.compress(b.user_id).to_dict()
+            for b in result.backlog
+        ]
+        fresh.settle_daily(self.store(), self.owed(), result.xcom(), rows, finished_at=now)
+        return result
+
+    def first_run(self) -> None:
+        """The first daily scan ever is the full one; it compresses the users seeded so far."""
+        first = self.run(DAY0)
+        assert first.full and first.reconciled
 
 
 def _taken(result: fresh.ScanResult) -> set[str]:
     return {b.user_id for b in result.backlog}
 
 
-def _first_run(db: Database[Doc], redis_client: redis.Redis, settings: Settings) -> None:
-    """The first daily scan ever is the full one; it compresses the users seeded so far."""
-    first = _run(db, redis_client, settings, DAY0)
-    assert first.full and first.reconciled
-
-
 @pytest.mark.parametrize("quiet_users", [20, 200])
 def test_daily_scan_reads_only_the_users_who_wrote_without_any_doorbell_ring(
     mongo_service: MongoService, mongo_db: Database[Doc], redis_client: redis.Redis, quiet_users: int
 ) -> None:
-    settings = _settings()
-    store = MemoryStore(mongo_db, settings)
-    store.ensure_indexes()
+    daily = Daily(mongo_db, redis_client, _settings())
+    daily.store().ensure_indexes()
     for i in range(quiet_users):  # under the threshold, written before the first scan: never counted again
         insert_events(mongo_db, f"quiet-{i:04d}", 8, start=DAY0 - timedelta(days=3))
-    _first_run(mongo_db, redis_client, settings)
+    daily.first_run()
     day1 = DAY0 + timedelta(days=1)
     # The Butler rang for nobody: the events alone make these users due.
     insert_events(mongo_db, "chatty", 14, start=day1 - timedelta(hours=5))
@@ -117,7 +113,7 @@ def test_daily_scan_reads_only_the_users_who_wrote_without_any_doorbell_ring(
     counter, listener = CommandCounter(), DocumentsRead({"user_memory"})
     client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_service.uri, event_listeners=[counter, listener])
     try:
-        result = _scan(MemoryStore(client[mongo_db.name], settings), redis_client, settings, day1)
+        result = daily.scan(day1, db=client[mongo_db.name])
         commands = Counter(counter.counts)
     finally:
         client.close()
@@ -133,85 +129,84 @@ def test_daily_scan_reads_only_the_users_who_wrote_without_any_doorbell_ring(
 def test_late_writes_within_the_margin_are_caught_and_older_ones_by_the_reconciliation(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    settings = _settings()
-    store = MemoryStore(mongo_db, settings)
-    store.ensure_indexes()
+    daily = Daily(mongo_db, redis_client, _settings())
+    daily.store().ensure_indexes()
     insert_events(mongo_db, "within", 8, start=DAY0 - timedelta(days=2))
     insert_events(mongo_db, "beyond", 8, start=DAY0 - timedelta(days=2))
-    _first_run(mongo_db, redis_client, settings)
+    daily.first_run()
     # Written after the first scan, stamped before it: one within the margin, one a day older.
     insert_events(mongo_db, "within", 5, start=DAY0 - timedelta(seconds=MARGIN - 60), step=timedelta(0), first=8)
     insert_events(mongo_db, "beyond", 5, start=DAY0 - timedelta(days=1), step=timedelta(0), first=8)
 
-    day1 = _run(mongo_db, redis_client, settings, DAY0 + timedelta(days=1))
+    day1 = daily.run(DAY0 + timedelta(days=1))
     assert _taken(day1) == {"within"}, "a late write within the margin was missed"
-    later = [_run(mongo_db, redis_client, settings, DAY0 + timedelta(days=d)) for d in range(2, 8)]
+    later = [daily.run(DAY0 + timedelta(days=d)) for d in range(2, 8)]
     assert [r.full for r in later] == [False] * 5 + [True], "the reconciliation runs every 7 days"
     assert _taken(later[-1]) == {"beyond"}, "the reconciliation missed a late write beyond the margin"
     assert all(not _taken(r) for r in later[:-1])
 
 
 def test_a_restored_backup_is_caught_by_a_forced_full_scan(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
-    settings = _settings()
-    MemoryStore(mongo_db, settings).ensure_indexes()
-    _first_run(mongo_db, redis_client, settings)
+    daily = Daily(mongo_db, redis_client, _settings())
+    daily.store().ensure_indexes()
+    daily.first_run()
     # A backup restored after the first scan: old events, no ring, nothing since the watermark.
     insert_events(mongo_db, "restored", 30, start=DAY0 - timedelta(days=30))
     day1 = DAY0 + timedelta(days=1)
-    assert not _taken(_run(mongo_db, redis_client, settings, day1))
-    forced = _run(mongo_db, redis_client, settings, day1 + timedelta(hours=1), full=True)
+    assert not _taken(daily.run(day1))
+    forced = daily.run(day1 + timedelta(hours=1), full=True)
     assert forced.full and _taken(forced) == {"restored"}
 
 
 def test_full_scan_every_day_when_the_cadence_is_one(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
-    settings = _settings(daily_full_scan_every_days=1)
-    _first_run(mongo_db, redis_client, settings)
+    daily = Daily(mongo_db, redis_client, _settings(daily_full_scan_every_days=1))
+    daily.first_run()
     insert_events(mongo_db, "restored", 30, start=DAY0 - timedelta(days=30))
-    day1 = _run(mongo_db, redis_client, settings, DAY0 + timedelta(days=1))
+    day1 = daily.run(DAY0 + timedelta(days=1))
     assert day1.full and _taken(day1) == {"restored"}
 
 
 def test_users_left_over_the_limit_or_failed_are_taken_by_the_next_runs(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    settings = _settings(scan_limit=2)
-    MemoryStore(mongo_db, settings).ensure_indexes()
-    _first_run(mongo_db, redis_client, settings)
+    daily = Daily(mongo_db, redis_client, _settings(scan_limit=2))
+    daily.store().ensure_indexes()
+    daily.first_run()
     day1 = DAY0 + timedelta(days=1)
     due = {f"u-{i}" for i in range(5)}
     for i in range(5):
         insert_events(mongo_db, f"u-{i}", 20 - i, start=day1 - timedelta(hours=3))
 
-    first = _run(mongo_db, redis_client, settings, day1, fail=frozenset({"u-0"}))
+    first = daily.run(day1, fail=frozenset({"u-0"}))
     assert _taken(first) == {"u-0", "u-1"} and first.left == 3
     # Nobody writes again: what the first run left over or failed is owed, and taken all the same.
     taken: set[str] = set()
     for hours in range(1, 5):
-        taken |= _taken(_run(mongo_db, redis_client, settings, day1 + timedelta(hours=hours)))
+        taken |= _taken(daily.run(day1 + timedelta(hours=hours)))
     assert taken == due - {"u-1"}, "a user left over the limit or failed was missed"
-    assert _owed(redis_client, settings).oldest(10) == {}, "every owed user was settled"
+    assert daily.owed().oldest(10) == {}, "every owed user was settled"
 
 
 def test_a_user_capped_by_max_fold_events_stays_owed(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
-    settings = _settings(max_fold_events=20, max_events_per_chunk=10)
-    MemoryStore(mongo_db, settings).ensure_indexes()
-    _first_run(mongo_db, redis_client, settings)
+    daily = Daily(mongo_db, redis_client, _settings(max_fold_events=20, max_events_per_chunk=10))
+    daily.store().ensure_indexes()
+    daily.first_run()
     day1 = DAY0 + timedelta(days=1)
     insert_events(mongo_db, "huge", 51, start=day1 - timedelta(hours=3), step=timedelta(seconds=1))
-    runs = [_run(mongo_db, redis_client, settings, day1 + timedelta(hours=h)) for h in range(3)]
+    runs = [daily.run(day1 + timedelta(hours=h)) for h in range(3)]
     assert [_taken(r) for r in runs] == [{"huge"}] * 3, "the capped user's rest waited for new events"
 
 
 def test_the_daily_scan_reads_the_doorbell_but_leaves_it_to_the_catchup(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    settings = _settings()
-    MemoryStore(mongo_db, settings).ensure_indexes()
-    _first_run(mongo_db, redis_client, settings)
+    daily = Daily(mongo_db, redis_client, _settings())
+    daily.store().ensure_indexes()
+    daily.first_run()
     # A late write far beyond the margin the Butler rang for (the catch-up may have backed the user off).
     insert_events(mongo_db, "rang", 15, start=DAY0 - timedelta(days=3))
-    assert Doorbell(redis_client, threshold=settings.threshold).ring("rang")
-    day1 = _run(mongo_db, redis_client, settings, DAY0 + timedelta(days=1))
+    assert Doorbell(redis_client, threshold=daily.settings.threshold).ring("rang")
+    day1 = daily.run(DAY0 + timedelta(days=1))
     assert _taken(day1) == {"rang"}
     assert set(DoorbellRecord(redis_client).oldest(10)) == {"rang"}, "the daily run dropped the catch-up's record"
 
@@ -223,9 +218,9 @@ class Killed(Exception):
 def test_a_daily_scan_killed_mid_way_resumes_and_misses_nobody(
     mongo_service: MongoService, mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    settings = _settings(catchup_scan_page_events=20, daily_scan_max_events=60)
-    MemoryStore(mongo_db, settings).ensure_indexes()
-    _first_run(mongo_db, redis_client, settings)
+    daily = Daily(mongo_db, redis_client, _settings(catchup_scan_page_events=20, daily_scan_max_events=60))
+    daily.store().ensure_indexes()
+    daily.first_run()
     day1 = DAY0 + timedelta(days=1)
     for i in range(30):  # interleaved in time: each page holds some of them
         insert_events(
@@ -245,16 +240,16 @@ def test_a_daily_scan_killed_mid_way_resumes_and_misses_nobody(
     try:
         scan_db = client[mongo_db.name]
         with pytest.raises(Killed):
-            _scan(MemoryStore(scan_db, settings), redis_client, settings, day1, checkpoint=kill_at_second_page)
+            daily.scan(day1, db=scan_db, checkpoint=kill_at_second_page)
         killed_read = listener.read
         # The runs that follow scan and settle without compressing: every event stays, so each is read once.
         taken, runs = set(), 0
-        owed = _owed(redis_client, settings)
+        owed = daily.owed()
         while runs < 20:
             runs += 1
             now = day1 + timedelta(minutes=runs)
-            result = _scan(MemoryStore(scan_db, settings), redis_client, settings, now)
-            fresh.settle_daily(MemoryStore(mongo_db, settings), owed, result.xcom(), [], finished_at=now)
+            result = daily.scan(now, db=scan_db)
+            fresh.settle_daily(daily.store(), owed, result.xcom(), [], finished_at=now)
             taken |= _taken(result)
             if result.scanned_at is not None:
                 break
@@ -264,7 +259,7 @@ def test_a_daily_scan_killed_mid_way_resumes_and_misses_nobody(
     assert runs > 2, "the pass was spread over several runs (daily_scan_max_events)"
     assert killed_read == 40, killed_read
     assert listener.read == 360, "the resumed scans read the killed scan's pages again (or skipped some)"
-    state = MemoryStore(mongo_db, settings).load_state(fresh.DAILY_STATE_DOC)
+    state = daily.store().load_state(fresh.DAILY_STATE_DOC)
     assert state[fresh.SCAN_FIELD] is None
     assert state["scanned_through"].replace(tzinfo=UTC) == day1, "the watermark is the start of the killed pass"
 
@@ -272,10 +267,11 @@ def test_a_daily_scan_killed_mid_way_resumes_and_misses_nobody(
 def test_a_full_scan_finding_more_than_it_can_record_is_followed_by_another(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    settings = _settings(scan_limit=1, doorbell_drain_max=1)  # a full scan records 1 + 1 users
+    # A full scan records 1 + 1 users.
+    daily = Daily(mongo_db, redis_client, _settings(scan_limit=1, doorbell_drain_max=1))
     for i in range(4):
         insert_events(mongo_db, f"old-{i}", 20 - i, start=DAY0 - timedelta(days=9))
-    runs = [_run(mongo_db, redis_client, settings, DAY0 + timedelta(hours=h)) for h in range(5)]
+    runs = [daily.run(DAY0 + timedelta(hours=h)) for h in range(5)]
     assert [r.full for r in runs] == [True] * 4 + [False], "an incomplete full scan is followed by another"
     assert [r.reconciled for r in runs[:4]] == [False] * 3 + [True]
     assert set().union(*(_taken(r) for r in runs)) == {f"old-{i}" for i in range(4)}, "a user was missed"
@@ -289,19 +285,19 @@ def test_an_erasure_removes_the_user_from_the_daily_runs_owed_record(
     from butler_memory.storage.locks import UserLocks
     from tests.engine.erasure_helpers import SECRET
 
-    settings = _settings(scan_limit=1)
+    daily = Daily(mongo_db, redis_client, _settings(scan_limit=1))
     insert_events(mongo_db, "kept", 20, start=DAY0 - timedelta(days=2))
     insert_events(mongo_db, "erased", 15, start=DAY0 - timedelta(days=2))
-    _run(mongo_db, redis_client, settings, DAY0)
-    assert set(_owed(redis_client, settings).oldest(10)) == {"erased"}, "left over the limit: owed"
+    daily.run(DAY0)
+    assert set(daily.owed().oldest(10)) == {"erased"}, "left over the limit: owed"
     result = erasure.forget_user(
         "erased",
-        settings=settings,
-        store=MemoryStore(mongo_db, settings),
-        locks=UserLocks(redis_client, settings),
+        settings=daily.settings,
+        store=daily.store(),
+        locks=UserLocks(redis_client, daily.settings),
         secret=SECRET,
         events=True,
         requested_by="test",
     )
     assert result.status == erasure.ERASED
-    assert _owed(redis_client, settings).oldest(10) == {}, "the owed record still names the erased user"
+    assert daily.owed().oldest(10) == {}, "the owed record still names the erased user"

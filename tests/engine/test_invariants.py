@@ -414,8 +414,7 @@ def test_a_fold_target_with_nothing_left_to_fold_is_cleared(mongo_db: Database[D
 def test_a_multi_chunk_run_records_its_target_until_the_last_chunk(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    settings = small_settings(max_events_per_chunk=4)
-    engine = make_engine(mongo_db, redis_client, settings)
+    engine = make_engine(mongo_db, redis_client, small_settings(max_events_per_chunk=4))
     events = insert_events(mongo_db, "u1", 15)
     targets: list[Any] = []
 
