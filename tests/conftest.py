@@ -12,6 +12,7 @@ database, a flushed Redis, a cleared sink and a reset LLM. Airflow is never impo
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,9 +269,26 @@ def statsd(statsd_sink: StatsdSink) -> StatsdSink:
     return statsd_sink
 
 
+@pytest.fixture(scope="session")
+def connection_env(
+    mongo_service: MongoService, redis_service: RedisService, statsd_sink: StatsdSink, fake_llm: FakeOpenAI
+) -> Callable[..., dict[str, str]]:
+    """Return airflow_connection_env bound to the session's services (Redis database 0): call it with
+    ``db=`` the MongoDB database's name for the AIRFLOW_CONN_* variables."""
+    return functools.partial(
+        airflow_connection_env,
+        mongo=mongo_service,
+        redis=redis_service,
+        statsd=statsd_sink,
+        llm_base_url=fake_llm.base_url,
+        llm_model=fake_llm.model,
+    )
+
+
 @pytest.fixture
 def airflow_conns(
     monkeypatch: pytest.MonkeyPatch,
+    connection_env: Callable[..., dict[str, str]],
     mongo_service: MongoService,
     mongo_db: Database[dict[str, Any]],
     redis_service: RedisService,
@@ -279,15 +297,7 @@ def airflow_conns(
     llm: FakeOpenAI,
 ) -> AirflowConns:
     """Set mongo_default, redis_default, statsd_default and openai_default for this test."""
-    env = airflow_connection_env(
-        mongo=mongo_service,
-        db=mongo_db.name,
-        redis=redis_service,
-        redis_db=0,
-        statsd=statsd,
-        llm_base_url=llm.base_url,
-        llm_model=llm.model,
-    )
+    env = connection_env(db=mongo_db.name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return AirflowConns(

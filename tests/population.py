@@ -1,4 +1,4 @@
-"""A small mixed population of users for the DAG, end-to-end and UI tests."""
+"""What the DAG, end-to-end and UI tests share: a small mixed population of users, the trigger form's defaults."""
 
 from __future__ import annotations
 
@@ -6,6 +6,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.database import Database
+
+BELOW, BIG, BIGGER, LOCKED, BROKEN = "u-below", "u-big", "u-bigger", "u-locked", "u-broken"
+POPULATION = {BELOW: 30, BIG: 60, BIGGER: 75, LOCKED: 55, BROKEN: 65}
+"""User id: events. At the default threshold (50) one user is below it and the others over it; the tests
+lock LOCKED as the bot would and make the fake LLM refuse BROKEN's content."""
+COMPRESSION_DEFAULTS: dict[str, Any] = {
+    "dry_run": False,
+    "limit": None,
+    "user_ids": [],
+    "threshold": None,
+    "keep_last_n": None,
+    "users_per_task": None,
+    "full_scan": False,
+    "llm_mode": None,
+}
+"""memory_compression's params as its trigger form submits them untouched (None: the setting decides)."""
 
 
 def seed_population(

@@ -15,7 +15,6 @@ from butler_memory.core.settings import Settings
 from butler_memory.freshness import fresh
 from butler_memory.freshness.doorbell import Doorbell
 from tests.dags.test_dag_run import (
-    BROKEN,
     FAIL_MARKER,
     REPO,
     event_counts,
@@ -24,6 +23,7 @@ from tests.dags.test_dag_run import (
     task_instances,
     world,
 )
+from tests.population import BROKEN
 
 __all__ = ["llm_pool", "world"]  # fixtures used by this module's tests
 

@@ -24,6 +24,7 @@ from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import ParamValidationError
 
 from butler_memory.core.settings import MAX_USERS_PER_TASK, Settings
+from tests.population import COMPRESSION_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS_DIR = REPO / "dags"
@@ -141,16 +142,7 @@ def test_the_form_names_the_default_users_per_task_the_setting_has(dag: DAG) -> 
 
 def test_default_params_validate(dag: DAG) -> None:
     defaults = dag.params.validate()
-    assert defaults == {
-        "dry_run": False,
-        "limit": None,
-        "user_ids": [],
-        "threshold": None,
-        "keep_last_n": None,
-        "users_per_task": None,
-        "full_scan": False,
-        "llm_mode": None,
-    }
+    assert defaults == COMPRESSION_DEFAULTS
     assert _validated(dag, {}) == defaults
 
 
@@ -163,14 +155,7 @@ def test_default_params_validate(dag: DAG) -> None:
         {"limit": 100_000, "users_per_task": 100},
         {"user_ids": ["user-00001", "user-00002"]},
         {"threshold": 80, "keep_last_n": 10},
-        {
-            "dry_run": False,
-            "limit": None,
-            "user_ids": [],
-            "threshold": None,
-            "keep_last_n": None,
-            "users_per_task": None,
-        },
+        COMPRESSION_DEFAULTS,
     ],
     ids=["dry_run", "limit-1", "limit-max", "limit-100k-batched", "user_ids", "threshold-keep", "all-defaults"],
 )

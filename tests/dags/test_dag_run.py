@@ -20,7 +20,7 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.core.settings import Settings
-from tests.population import seed_population
+from tests.population import BELOW, BIG, BIGGER, BROKEN, LOCKED, POPULATION, seed_population
 from tools.fake_openai import FakeOpenAI
 from tools.services import AirflowConns, StatsdSink
 
@@ -30,9 +30,6 @@ CANARY = "CANARY-b7e1d2-secret-diary-entry"
 """Planted in every event's content: it must never reach an XCom."""
 FAIL_MARKER = "FAIL-MARKER-4c9e"
 """Planted in one user's content: the fake LLM answers 400 to any prompt containing it."""
-
-BELOW, BIG, BIGGER, LOCKED, BROKEN = "u-below", "u-big", "u-bigger", "u-locked", "u-broken"
-POPULATION = {BELOW: 30, BIG: 60, BIGGER: 75, LOCKED: 55, BROKEN: 65}
 
 
 @pytest.fixture(scope="module")

@@ -305,6 +305,15 @@ def test_airflow_init_migrates_and_creates_the_llm_pool(compose_config: dict[str
     assert init.get("restart") in (None, "no"), "airflow-init must run once, not restart"
 
 
+SECRETS = {
+    "AIRFLOW_ADMIN_PASSWORD": "pw-0123456789",
+    "AIRFLOW__API_AUTH__JWT_SECRET": "jwt-0123456789",
+    "AIRFLOW__API__SECRET_KEY": "key-0123456789",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow:db-0123@postgres/airflow",
+}
+"""Real-looking values for every secret airflow-init checks."""
+
+
 def _run_init_script(config: dict[str, Any], tmp_path: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
     """Run airflow-init's script with stub airflow/chown/chmod that log their arguments."""
     init = config["services"]["airflow-init"]
@@ -328,13 +337,7 @@ def _run_init_script(config: dict[str, Any], tmp_path: Path, **overrides: str) -
 
 
 def test_airflow_init_script_sets_up_airflow(compose_config: dict[str, Any], tmp_path: Path) -> None:
-    secrets = {
-        "AIRFLOW_ADMIN_PASSWORD": "pw-0123456789",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "jwt-0123456789",
-        "AIRFLOW__API__SECRET_KEY": "key-0123456789",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow:db-0123@postgres/airflow",
-    }
-    result = _run_init_script(compose_config, tmp_path, **secrets)
+    result = _run_init_script(compose_config, tmp_path, **SECRETS)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "passwords.json").read_text()) == {"admin": "pw-0123456789"}
     calls = (tmp_path / "calls").read_text().splitlines()
@@ -355,14 +358,7 @@ def test_airflow_init_script_sets_up_airflow(compose_config: dict[str, Any], tmp
 def test_airflow_init_refuses_placeholder_secrets(
     compose_config: dict[str, Any], tmp_path: Path, placeholder: dict[str, str]
 ) -> None:
-    secrets = {
-        "AIRFLOW_ADMIN_PASSWORD": "pw-0123456789",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "jwt-0123456789",
-        "AIRFLOW__API__SECRET_KEY": "key-0123456789",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow:db-0123@postgres/airflow",
-        **placeholder,
-    }
-    result = _run_init_script(compose_config, tmp_path, **secrets)
+    result = _run_init_script(compose_config, tmp_path, **{**SECRETS, **placeholder})
     assert result.returncode != 0
     assert "set it in .env" in result.stderr or "set real secrets in .env" in result.stderr, result.stderr
     assert not (tmp_path / "calls").exists(), "nothing may run before the secrets are checked"

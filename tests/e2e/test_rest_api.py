@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,17 +34,10 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.core.settings import Settings
-from tests.population import seed_population
+from tests.population import BELOW, BIG, BIGGER, BROKEN, LOCKED, POPULATION, seed_population
 from tools.demo import prepare_airflow
 from tools.fake_openai import FakeOpenAI
-from tools.services import (
-    MongoService,
-    PostgresService,
-    RedisService,
-    StatsdSink,
-    airflow_connection_env,
-    free_port,
-)
+from tools.services import PostgresService, free_port
 from tools.standalone import PASSWORDS_FILE, AirflowProcess, airflow_processes, server_env, stop_all, wait_healthy
 
 pytestmark = pytest.mark.e2e
@@ -53,8 +46,6 @@ DAG_ID = "memory_compression"
 ADMIN_PASSWORD = "e2e-admin-password"
 CANARY = "CANARY-e2e-7d41-private-note"
 FAIL_MARKER = "FAIL-MARKER-e2e-93ab"
-BELOW, BIG, BIGGER, LOCKED, BROKEN = "u-below", "u-big", "u-bigger", "u-locked", "u-broken"
-POPULATION = {BELOW: 30, BIG: 60, BIGGER: 75, LOCKED: 55, BROKEN: 65}
 FINISHED = {"success", "failed"}
 # One run of this DAG takes 15-30 s on 2 cores (a task process parses the DAG and imports Airflow).
 RUN_TIMEOUT = 120.0
@@ -102,11 +93,8 @@ def mongo_db(e2e_db: Database[dict[str, Any]]) -> Database[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def airflow(
     tmp_path_factory: pytest.TempPathFactory,
-    mongo_service: MongoService,
+    connection_env: Callable[..., dict[str, str]],
     e2e_db: Database[dict[str, Any]],
-    redis_service: RedisService,
-    statsd_sink: StatsdSink,
-    fake_llm: FakeOpenAI,
     request: pytest.FixtureRequest,
     postgres: PostgresService,
 ) -> Iterator[Airflow]:
@@ -116,16 +104,7 @@ def airflow(
     home = tmp_path / "airflow"
     home.mkdir()
     port = free_port()
-    connections = airflow_connection_env(
-        mongo=mongo_service,
-        db=e2e_db.name,
-        redis=redis_service,
-        redis_db=0,
-        statsd=statsd_sink,
-        llm_base_url=fake_llm.base_url,
-        llm_model=fake_llm.model,
-    )
-    env = server_env(home, port=port, connections=connections)
+    env = server_env(home, port=port, connections=connection_env(db=e2e_db.name))
     env.update(getattr(request.module, "AIRFLOW_EXTRA_ENV", {}))  # a module using this fixture may add settings
     env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = postgres.create_database(f"e2e_{uuid.uuid4().hex[:8]}")
     # A known admin password: SimpleAuthManager only generates passwords for users missing from this file.

@@ -9,45 +9,19 @@ from typing import Any
 
 import pytest
 import redis
-from pymongo import monitoring
 from pymongo.database import Database
 
 from butler_memory.fold.compression import COMPRESSED
-from tests.engine.helpers import events_of, insert_events, make_engine, small_settings
+from tests.engine.helpers import DocumentsRead, events_of, insert_events, make_engine, small_settings
 from tools.services import MongoService
 
 Doc = dict[str, Any]
 
 
-class DocumentsRead(monitoring.CommandListener):
-    """Count the documents the server returned from one collection (find and getMore replies)."""
-
-    def __init__(self, collection: str) -> None:
-        self.collection = collection
-        self.read = 0
-        self._ours: set[int] = set()
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        target = event.command.get(event.command_name) if event.command_name == "find" else None
-        if event.command_name == "getMore":
-            target = event.command.get("collection")
-        if target == self.collection:
-            self._ours.add(event.request_id)
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        if event.request_id in self._ours:
-            self._ours.discard(event.request_id)
-            cursor = event.reply.get("cursor") or {}
-            self.read += len(cursor.get("firstBatch") or cursor.get("nextBatch") or [])
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        self._ours.discard(event.request_id)
-
-
 @pytest.fixture
 def counted(mongo_service: MongoService) -> Iterator[tuple[Database[Doc], DocumentsRead]]:
     """Return a database of its own on a client that counts the events read from user_memory."""
-    listener = DocumentsRead("user_memory")
+    listener = DocumentsRead({"user_memory"})
     client = mongo_service.client(event_listeners=[listener])
     db = client[f"same_{uuid.uuid4().hex[:8]}"]
     yield db, listener

@@ -38,16 +38,9 @@ from butler_memory.core.settings import Settings
 from butler_memory.fold.report import build_report
 from butler_memory.storage.store import MemoryStore
 from tests.plugin.browser import chromium, page_with_token
-from tests.population import seed_population
+from tests.population import BELOW, BIG, BIGGER, BROKEN, COMPRESSION_DEFAULTS, LOCKED, POPULATION, seed_population
 from tools.fake_openai import FakeOpenAI
-from tools.services import (
-    MongoService,
-    PostgresService,
-    RedisService,
-    StatsdSink,
-    airflow_connection_env,
-    free_port,
-)
+from tools.services import PostgresService, RedisService, free_port
 from tools.standalone import AirflowProcess, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,8 +52,6 @@ SUMMARY_CANARY = "SUMMARY-CANARY-ui-81c3"
 """In every summary the fake LLM writes and in the locked user's stored summary."""
 FAIL_MARKER = "FAIL-MARKER-ui-0d7e"
 """In the broken user's content: the fake LLM answers 400 to it."""
-BELOW, BIG, BIGGER, LOCKED, BROKEN = "u-below", "u-big", "u-bigger", "u-locked", "u-broken"
-POPULATION = {BELOW: 30, BIG: 60, BIGGER: 75, LOCKED: 55, BROKEN: 65}
 LOCKED_SUMMARY = f"Сводка {SUMMARY_CANARY}: пользователь любит чай."
 HOSTILE_USER = '<img src=x onerror="alert(1)">'
 OLDER_RUNS = 34
@@ -173,10 +164,9 @@ def ui(
     airflow_db: Any,
     postgres: PostgresService,
     tmp_path_factory: pytest.TempPathFactory,
-    mongo_service: MongoService,
+    connection_env: Callable[..., dict[str, str]],
     mongo_client: pymongo.MongoClient[dict[str, Any]],
     redis_service: RedisService,
-    statsd_sink: StatsdSink,
     fake_llm: FakeOpenAI,
 ) -> Iterator[UI]:
     """Start the API server, run the DAG meanwhile, yield; stop the server's process group after."""
@@ -184,14 +174,7 @@ def ui(
 
     tmp = tmp_path_factory.mktemp("ui")
     db = mongo_client[f"t_plugin_ui_{uuid.uuid4().hex[:8]}"]
-    conns = airflow_connection_env(
-        mongo=mongo_service,
-        db=db.name,
-        redis=redis_service,
-        statsd=statsd_sink,
-        llm_base_url=fake_llm.base_url,
-        llm_model=fake_llm.model,
-    )
+    conns = connection_env(db=db.name)
     # For the 503 check: a MongoDB connection nobody listens on, chosen through the butler_memory Variable.
     conns["AIRFLOW_CONN_MONGO_UNREACHABLE"] = json.dumps(
         {"conn_type": "mongo", "host": "127.0.0.1", "port": free_port(), "extra": {"directConnection": True}}
@@ -642,16 +625,7 @@ def test_trigger_form_with_its_defaults_queues_a_run_with_the_params_defaults(ui
         assert len(new) == 1, f"one run triggered, got {new}"
         run = runs[new[0]]
         assert run["run_type"] == "manual" and run["state"] == "queued", run
-        assert run["conf"] == {
-            "dry_run": False,
-            "limit": None,
-            "user_ids": [],
-            "threshold": None,
-            "keep_last_n": None,
-            "users_per_task": None,
-            "full_scan": False,
-            "llm_mode": None,
-        }
+        assert run["conf"] == COMPRESSION_DEFAULTS, run["conf"]
     finally:
         headers = {"Authorization": f"Bearer {ui.tokens['admin']}"}
         for run_id in new:
