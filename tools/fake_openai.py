@@ -59,8 +59,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
+from pathlib import Path
+from types import FrameType
 from typing import Any, Self
+
+if not __package__:  # run as a script (python tools/fake_openai.py): the repository root makes `tools` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.lifecycle import Running
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +515,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-class FakeOpenAI:
+class FakeOpenAI(Running):
     """An OpenAI-compatible chat completions server on a real socket, scripted by the test."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, model: str = "test-model") -> None:
@@ -560,19 +566,6 @@ class FakeOpenAI:
             self._thread = None
         self._server.close_open_connections()
         self._server.server_close()
-
-    def __enter__(self) -> Self:
-        """Start serving and return the server."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop serving."""
-        self.stop()
 
     # Scripting -------------------------------------------------------------------------------
 

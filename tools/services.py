@@ -25,13 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 import psycopg2
 import pymongo
 import redis
 from pymongo.errors import PyMongoError
+
+from tools.lifecycle import Running
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _port_accepts(host: str, port: int) -> bool:
         return False
 
 
-class _ProcessService:
+class _ProcessService(Running):
     """A server subprocess in its own process group, with a log file and a readiness probe."""
 
     name = "service"
@@ -93,13 +94,22 @@ class _ProcessService:
     # What asks the server to stop (postgres takes SIGINT as its "fast" shutdown).
     stop_signal = signal.SIGTERM
 
-    def __init__(self, log_path: Path, startup_timeout: float) -> None:
+    log_name = "service.log"
+
+    def __init__(
+        self, work_dir: Path, *, port: int | None = None, startup_timeout: float = STARTUP_TIMEOUT, start: bool = True
+    ) -> None:
+        """Log to ``work_dir/log_name``; start now unless ``start`` is false (a subclass sets its own
+        attributes first). No ``port``: a free one is picked at the first start."""
+        self.work_dir = Path(work_dir).resolve()
         self.host = LOOPBACK
-        self.port = 0
-        self.log_path = log_path
+        self.port = port or 0
+        self.log_path = self.work_dir / self.log_name
         self.startup_timeout = startup_timeout
         self.startup_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        if start:
+            self.start()
 
     def _command(self) -> list[str]:
         """Return the argv that starts the server on self.port."""
@@ -211,46 +221,24 @@ class _ProcessService:
                 proc.wait()
         log.info("%s stopped (exit code %s)", self.name, proc.returncode)
 
-    def __enter__(self) -> Self:
-        """Start the server if needed and return it."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the server."""
-        self.stop()
-
 
 class MongoService(_ProcessService):
     """The embedded MongoDB wire-protocol server (SecantusDB's secantusd-py) on 127.0.0.1.
 
-    Starts on construction. Layout under storage_dir: ``data/`` (the WiredTiger home, reopened
+    Starts on construction. Layout under work_dir: ``data/`` (the WiredTiger home, reopened
     intact by a later MongoService on the same dir), ``secantusd.log`` and an empty
     ``secantusd.toml`` passed with --config so no stray ./secantusd.toml or ~/.secantus config
     is auto-discovered.
     """
 
     name = "secantusd"
+    log_name = "secantusd.log"
     probe_errors = (PyMongoError,)
 
-    def __init__(
-        self,
-        storage_dir: Path,
-        *,
-        port: int | None = None,
-        startup_timeout: float = STARTUP_TIMEOUT,
-        start: bool = True,
-    ) -> None:
-        self.storage_dir = Path(storage_dir).resolve()
-        super().__init__(self.storage_dir / "secantusd.log", startup_timeout)
-        self.data_dir = self.storage_dir / "data"
-        self.port = port or 0
-        if start:
-            self.start()
+    @property
+    def data_dir(self) -> Path:
+        """Return the WiredTiger home."""
+        return self.work_dir / "data"
 
     @property
     def uri(self) -> str:
@@ -267,7 +255,7 @@ class MongoService(_ProcessService):
         if not executable.exists():
             raise FileNotFoundError(f"secantusd-py not found at {executable}; install SecantusDB in the venv")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        config = self.storage_dir / "secantusd.toml"
+        config = self.work_dir / "secantusd.toml"
         if not config.exists():
             config.write_text("# empty on purpose: every setting comes from the command line\n")
         return [
@@ -311,22 +299,14 @@ class RedisService(_ProcessService):
     """A throwaway redis-server on 127.0.0.1 without persistence; starts on construction."""
 
     name = "redis-server"
+    log_name = "redis-server.log"
     probe_errors = (redis.RedisError,)
 
     def __init__(
-        self,
-        work_dir: Path,
-        *,
-        port: int | None = None,
-        startup_timeout: float = STARTUP_TIMEOUT,
-        start: bool = True,
+        self, work_dir: Path, *, port: int | None = None, startup_timeout: float = STARTUP_TIMEOUT, start: bool = True
     ) -> None:
-        self.work_dir = Path(work_dir).resolve()
-        super().__init__(self.work_dir / "redis-server.log", startup_timeout)
-        self.port = port or 0
         self.executable = find_redis_server()
-        if start:
-            self.start()
+        super().__init__(work_dir, port=port, startup_timeout=startup_timeout, start=start)
 
     @property
     def url(self) -> str:
@@ -387,6 +367,7 @@ class PostgresService(_ProcessService):
     """
 
     name = "postgres"
+    log_name = "postgres.log"
     probe_errors = (psycopg2.Error,)
     stop_signal = signal.SIGINT  # "fast" shutdown: a smart one (SIGTERM) waits for every client to leave
     superuser = "postgres"
@@ -401,15 +382,11 @@ class PostgresService(_ProcessService):
         startup_timeout: float = STARTUP_TIMEOUT,
         start: bool = True,
     ) -> None:
-        self.work_dir = Path(work_dir).resolve()
-        super().__init__(self.work_dir / "postgres.log", startup_timeout)
         self.bindir = Path(bindir)
-        self.port = port or 0
         self.durable = durable
         self.user = postgres_user()
         self.data_dir: Path | None = None
-        if start:
-            self.start()
+        super().__init__(work_dir, port=port, startup_timeout=startup_timeout, start=start)
 
     def _popen_kwargs(self) -> dict[str, Any]:
         """Run as the unprivileged user when root."""
@@ -510,7 +487,7 @@ def parse_statsd_line(line: str) -> Metric:
     return Metric(name, float(fields[0]), fields[1])
 
 
-class StatsdSink:
+class StatsdSink(Running):
     """A real UDP socket on 127.0.0.1 recording every StatsD line it receives."""
 
     def __init__(self) -> None:
@@ -573,16 +550,11 @@ class StatsdSink:
         self._thread.join()
         self._sock.close()
 
-    def __enter__(self) -> Self:
-        """Return the running sink."""
+    def start(self) -> Self:
+        """Return the sink: it receives from its construction on."""
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         """Close the sink."""
         self.close()
 
