@@ -339,11 +339,9 @@ def dag_ready_and_idle(api: httpx.Client) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.usefixtures("redis_client")  # a flushed Redis: no lock or backoff left by an earlier test
 def test_cli_clear_of_failed_users_in_a_logical_date_range_ends_the_run_green(
-    airflow: Airflow,
-    mongo_db: Database[dict[str, Any]],
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
+    airflow: Airflow, mongo_db: Database[dict[str, Any]], llm: FakeOpenAI
 ) -> None:
     """The CLI recipe of the README and runbook, on a run triggered with a logical date, at the default
     ``users_per_task``: the three users share one instance; clearing it compresses only the failed one again."""
