@@ -84,6 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (SettingsError, EXIT_USAGE),
+    (ForgetInputError, EXIT_USAGE),  # bad input: nothing was changed
+    (RollbackRefusedError, EXIT_USAGE),  # e.g. a run the history does not know: nothing was changed
+    (LockUnavailableError, EXIT_UNAVAILABLE),
+)
+
+
+def _error(err: TextIO, exc: Exception) -> int:
+    """Say what failed and return its exit code (EXIT_CODES; anything else: the database is unreachable)."""
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            err.write(f"error: {exc}\n")
+            return code
+    return _unreachable(err, exc)
+
+
 def _unreachable(err: TextIO, exc: Exception) -> int:
     """Say the Butler database failed and return EXIT_UNAVAILABLE; never a document the driver quoted."""
     if isinstance(exc, PyMongoError) and not isinstance(exc, ConnectionFailure):
@@ -109,8 +126,7 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:  # the options are the DAG's params: settings resolve exactly as in the DAG (env, Variable, params)
         settings = resolve_settings(params.values(args, params.COMPRESS))
     except SettingsError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_USAGE
+        return _error(err, exc)
     started = datetime.now(UTC)
     run_id = args.run_id or f"cli__{started.strftime('%Y-%m-%dT%H:%M:%S')}"
     try:
@@ -118,14 +134,8 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if not args.dry_run:
             engine.locks.ping()
         backlog = engine.scan(limit=settings.scan_limit, user_ids=args.user_ids, dry_run=args.dry_run)
-    except LockUnavailableError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_UNAVAILABLE
-    except SettingsError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_USAGE
     except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
-        return _unreachable(err, exc)
+        return _error(err, exc)
     try:
         results: list[dict[str, Any]] = []
         for done, item in enumerate(backlog, start=1):
@@ -168,21 +178,14 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         settings = resolve_settings({})  # the DAG's settings: the same lock keys and collections
         secret = erasure_secret(settings, required=not args.dry_run)
         engine = build_engine(settings)
-    except SettingsError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_USAGE
     except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
-        return _unreachable(err, exc)
+        return _error(err, exc)
     try:
         result = forget(
             params.values(args, params.ERASURE), engine=engine, settings=settings, secret=secret, requested_by="cli"
         )
-    except ForgetInputError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_USAGE
-    except LockUnavailableError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_UNAVAILABLE
+    except (ForgetInputError, LockUnavailableError) as exc:
+        return _error(err, exc)
     except CompressionError as exc:
         err.write(f"error: {type(exc).__name__}: {exc}\n")
         return EXIT_FAILED_USERS
@@ -212,25 +215,16 @@ def _each_user(
 
     try:
         engine = build_engine(resolve_settings({}))  # the DAG's settings: the same lock keys and collections
-    except SettingsError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_USAGE
     except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
-        return _unreachable(err, exc)
+        return _error(err, exc)
     try:
         try:
             if not dry_run:
                 engine.locks.ping()
                 engine.store.ensure_indexes()
             user_ids = list(dict.fromkeys(users(engine)))
-        except LockUnavailableError as exc:
-            err.write(f"error: {exc}\n")
-            return EXIT_UNAVAILABLE
-        except RollbackRefusedError as exc:  # e.g. a run the history does not know: nothing was changed
-            err.write(f"error: {exc}\n")
-            return EXIT_USAGE
         except Exception as exc:  # MongoDB down: say which, exit non-zero
-            return _unreachable(err, exc)
+            return _error(err, exc)
         results = []
         for user_id in user_ids:
             try:
@@ -294,7 +288,7 @@ def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Re-fold each given user from the archive; print one line per user; return the exit code."""
-    from butler_memory.operations.refold import RefoldResult
+    from butler_memory.operations.refold import RefoldResult, refold_markdown
 
     run_id = f"refold__{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S')}"
     results = _each_user(
@@ -309,19 +303,7 @@ def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.json:
         out.write(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     else:
-        lines = [f"# Re-fold{' (dry run: nothing written)' if args.dry_run else ''}", ""]
-        lines += [
-            "| user | status | version | from | events | chunks | guards | note |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in results:
-            version = f"v{r.from_version} → v{r.to_version}" if r.to_version != r.from_version else f"v{r.from_version}"
-            start = "" if r.refolded_from is None else f"v{r.refolded_from}"
-            guards = ", ".join(f"{k}: {v}" for k, v in r.guards.items())
-            lines.append(
-                f"| {r.user_id} | {r.status} | {version} | {start} | {r.events} | {r.chunks} | {guards} | {r.message} |"
-            )
-        out.write("\n".join(lines) + "\n")
+        out.write(refold_markdown(results, dry_run=args.dry_run))
     return EXIT_OK if all(r.status in ("refolded", "dry_run", "not_changed") for r in results) else EXIT_FAILED_USERS
 
 
@@ -335,8 +317,7 @@ def run_qualify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         settings = resolve_settings({})  # the DAG's settings: the same connection, prompt budget and guards
         summarizer = build_summarizer(settings)
     except SettingsError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_USAGE
+        return _error(err, exc)
     try:
         report = qualify.qualify(settings, summarizer, thresholds, endpoint=qualify.endpoint_name(settings, summarizer))
     except qualify.EndpointError as exc:

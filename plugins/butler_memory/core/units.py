@@ -1,4 +1,5 @@
-"""Figures as a person reads them: durations in human units (reports, the CLI, the UI).
+"""Figures as a person reads them: durations in human units, version steps, Markdown tables (reports,
+the CLI, the UI).
 
 Stored documents, XCom and metrics keep plain seconds; only the text a person reads goes through here.
 """
@@ -6,6 +7,7 @@ Stored documents, XCom and metrics keep plain seconds; only the text a person re
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 _UNITS = (("d", 86400), ("h", 3600), ("min", 60))
 
@@ -31,3 +33,14 @@ def duration(seconds: float | None) -> str:
             minor_unit, minor_size = _UNITS[index + 1] if index + 1 < len(_UNITS) else ("s", 1)
             return f"{major} {unit} {rest // minor_size:02d} {minor_unit}"
     raise AssertionError("unreachable: whole >= 60 here")  # pragma: no cover
+
+
+def version_step(from_version: int, to_version: int) -> str:
+    """Return ``v3 → v4``, or ``v3`` when the version stayed."""
+    return f"v{from_version} → v{to_version}" if to_version != from_version else f"v{from_version}"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """Return a Markdown table's lines: the header, its rule, one line per row."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from butler_memory.safety.guards import GUARDS, INJECTION, REDACT
 
@@ -111,42 +110,48 @@ def operation_metric(operation: str, what: str) -> str:
     return f"{PREFIX}_{operation}_{what}_{suffix}"
 
 
-@dataclass
-class Touched:
-    """What one operation on one user did, filled in by the operation for ``observe_operation``."""
+class Outcome(Protocol):
+    """A per-user operation's result, as ``observed`` reads and times it."""
 
-    changed: bool = False
-    events: int = 0
+    status: str
+    seconds: float
 
 
-@contextmanager
-def observe_operation(
+OutcomeT = TypeVar("OutcomeT", bound=Outcome)
+
+
+def observed(
     metrics: Metrics,
     operation: str,
+    run: Callable[[], OutcomeT],
     *,
+    changed: str,
+    events: Callable[[OutcomeT], int],
     dry_run: bool = False,
     input_errors: tuple[type[Exception], ...] = (),
-) -> Iterator[Touched]:
-    """Emit one operation's metrics for one user: its failure when the block raises, else its counts.
+) -> OutcomeT:
+    """Run one operation on one user, set its result's ``seconds`` and emit its metrics: its failure
+    when ``run`` raises, else the user, whether its status is ``changed`` and then its ``events``.
 
     ``input_errors`` (bad input, refused having changed nothing) are the caller's mistake: not counted.
     """
-    touched = Touched()
     started = time.monotonic()
     try:
-        yield touched
+        result = run()
     except input_errors:
         raise
     except Exception:
         if not dry_run:
             metrics.incr(operation_metric(operation, "failures"))
         raise
-    if dry_run:
-        return
-    metrics.incr(operation_metric(operation, "users"))
-    metrics.incr(operation_metric(operation, "users_changed"), int(touched.changed))
-    metrics.incr(operation_metric(operation, "events"), touched.events)
-    metrics.timing(operation_metric(operation, "duration"), time.monotonic() - started)
+    result.seconds = round(time.monotonic() - started, 3)
+    if not dry_run:
+        touched = result.status == changed
+        metrics.incr(operation_metric(operation, "users"))
+        metrics.incr(operation_metric(operation, "users_changed"), int(touched))
+        metrics.incr(operation_metric(operation, "events"), events(result) if touched else 0)
+        metrics.timing(operation_metric(operation, "duration"), time.monotonic() - started)
+    return result
 
 
 ALL_METRICS: Mapping[str, str] = {

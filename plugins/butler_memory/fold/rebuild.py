@@ -18,20 +18,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import TypedDict
+from typing import Protocol, TypedDict
 
 from butler_memory.core.errors import CompressionError, ConcurrentUpdateError, InvalidProfileError, LLMError
 from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
 from butler_memory.fold.metrics import Metrics, NullMetrics
-from butler_memory.llm.budget import Spent
+from butler_memory.llm.budget import Spent, TokenBudget
 from butler_memory.llm.prompt import SYSTEM_PROMPT
 from butler_memory.llm.summarizer import EventText, Summarizer, Summary, SummaryRequest
 from butler_memory.safety import guards
 from butler_memory.safety.injection import withheld
 from butler_memory.safety.validation import validate_summary
 from butler_memory.storage.history import BASELINE, ROLLBACK, HistoryEntry, Key, prompt_version
-from butler_memory.storage.locks import UserLock
+from butler_memory.storage.locks import UserLock, UserLocks
 from butler_memory.storage.mongo import event_digest, id_key
 from butler_memory.storage.profiles import Profile
 from butler_memory.storage.store import MemoryStore
@@ -45,6 +45,23 @@ Checkpoint = Callable[[str], None]
 def no_checkpoint(step: str) -> None:
     """The checkpoint of a run nobody kills."""
     return None
+
+
+class Parts(Protocol):
+    """What an operation on one user runs with; ``operations.engine.Engine`` is the one built per task."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def store(self) -> MemoryStore: ...
+    @property
+    def locks(self) -> UserLocks: ...
+    @property
+    def summarizer(self) -> Summarizer: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def budget(self) -> TokenBudget | None: ...
 
 
 # -- the one chunk step ----------------------------------------------------------------------------

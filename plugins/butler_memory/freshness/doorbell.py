@@ -28,12 +28,14 @@ logged (no content, no id) and returned as False: a doorbell never fails the But
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from typing import Any
+from typing import Any, Generic, TypeGuard, TypeVar
 
 import redis
 import redis.asyncio
+from redis.commands.core import AsyncScript, Script
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ return redis.call('PUBLISH', ARGV[3], ARGV[4])
 """
 
 
-def valid_user_id(user_id: object) -> bool:
+def valid_user_id(user_id: object) -> TypeGuard[str]:
     """Return whether ``user_id`` is a string the job would accept as a user id."""
     return (
         isinstance(user_id, str)
@@ -62,29 +64,46 @@ def valid_user_id(user_id: object) -> bool:
     )
 
 
-def _worth_ringing(user_id: object, events: int | None, threshold: int | None) -> bool:
-    if not valid_user_id(user_id):
-        log.warning("doorbell: refused a malformed user id (type %s)", type(user_id).__name__)
-        return False
-    return events is None or threshold is None or events > threshold
+ClientT = TypeVar("ClientT", redis.Redis, redis.asyncio.Redis)
 
 
-class Doorbell:
-    """Ring for users from synchronous code (one Redis round trip a ring)."""
+class _Bell(Generic[ClientT]):
+    """What both doorbells share: the client, the record's key, the wake channel and the threshold."""
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: ClientT,
         *,
         key: str = DEFAULT_KEY,
         channel: str = DEFAULT_CHANNEL,
         threshold: int | None = DEFAULT_THRESHOLD,
     ) -> None:
-        self._client = client
+        self._client: ClientT = client
         self.key = key
         self.channel = channel
         self.threshold = threshold
-        self._script = client.register_script(RING_SCRIPT)
+
+    def _ring_args(self, user_id: object, events: int | None) -> list[str | float] | None:
+        """Return the ring script's arguments, or None when the ring is refused or not worth sending."""
+        if not valid_user_id(user_id):
+            log.warning("doorbell: refused a malformed user id (type %s)", type(user_id).__name__)
+            return None
+        if events is not None and self.threshold is not None and events <= self.threshold:
+            return None
+        return [time.time(), user_id, self.channel, WAKE_MESSAGE]
+
+
+def _unreachable(exc: RedisError) -> bool:
+    log.warning("doorbell: Redis unreachable (%s); the catch-up cadence finds the user", type(exc).__name__)
+    return False
+
+
+class Doorbell(_Bell[redis.Redis]):
+    """Ring for users from synchronous code (one Redis round trip a ring)."""
+
+    @functools.cached_property
+    def _script(self) -> Script:
+        return self._client.register_script(RING_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Doorbell:
@@ -97,13 +116,13 @@ class Doorbell:
         ``events``: the user's event count when the caller knows it; at or under the threshold the
         ring is a no-op (returns False without touching Redis).
         """
-        if not _worth_ringing(user_id, events, self.threshold):
+        args = self._ring_args(user_id, events)
+        if args is None:
             return False
         try:
-            self._script(keys=[self.key], args=[time.time(), user_id, self.channel, WAKE_MESSAGE])
+            self._script(keys=[self.key], args=args)
         except RedisError as exc:
-            log.warning("doorbell: Redis unreachable (%s); the catch-up cadence finds the user", type(exc).__name__)
-            return False
+            return _unreachable(exc)
         return True
 
     def pending(self) -> int:
@@ -115,22 +134,12 @@ class Doorbell:
         self._client.close()
 
 
-class AsyncDoorbell:
+class AsyncDoorbell(_Bell[redis.asyncio.Redis]):
     """Ring for users from asyncio code (the Butler); same behaviour as ``Doorbell``."""
 
-    def __init__(
-        self,
-        client: redis.asyncio.Redis,
-        *,
-        key: str = DEFAULT_KEY,
-        channel: str = DEFAULT_CHANNEL,
-        threshold: int | None = DEFAULT_THRESHOLD,
-    ) -> None:
-        self._client = client
-        self.key = key
-        self.channel = channel
-        self.threshold = threshold
-        self._script = client.register_script(RING_SCRIPT)
+    @functools.cached_property
+    def _script(self) -> AsyncScript:
+        return self._client.register_script(RING_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> AsyncDoorbell:
@@ -139,13 +148,13 @@ class AsyncDoorbell:
 
     async def ring(self, user_id: str, *, events: int | None = None) -> bool:
         """Record that ``user_id`` may be due and wake the catch-up DAG; return whether it was recorded."""
-        if not _worth_ringing(user_id, events, self.threshold):
+        args = self._ring_args(user_id, events)
+        if args is None:
             return False
         try:
-            await self._script(keys=[self.key], args=[time.time(), user_id, self.channel, WAKE_MESSAGE])
+            await self._script(keys=[self.key], args=args)
         except RedisError as exc:
-            log.warning("doorbell: Redis unreachable (%s); the catch-up cadence finds the user", type(exc).__name__)
-            return False
+            return _unreachable(exc)
         return True
 
     async def pending(self) -> int:

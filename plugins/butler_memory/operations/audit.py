@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,7 +21,9 @@ from typing import Any
 from pymongo import ASCENDING
 from pymongo.collection import Collection
 
+from butler_memory.core.errors import ForgetInputError
 from butler_memory.core.settings import SettingsError
+from butler_memory.fold import metrics as m
 from butler_memory.storage.store import MemoryStore
 
 SECRET_ENV = "BUTLER_MEMORY_ERASURE_SECRET"  # noqa: S105 - the name of a variable, not a secret
@@ -184,3 +186,29 @@ def audit_records(store: MemoryStore, secret: bytes, user_id: str) -> list[dict[
     """Return every erasure record of a user (found by recomputing their reference; nothing else
     links a record to a person)."""
     return AuditLog(store).by_subject(subject_ref(secret, user_id))
+
+
+def observed_removal(
+    metrics: m.Metrics,
+    operation: str,
+    user_id: object,
+    run: Callable[[], ErasureResult],
+    *,
+    changed: str,
+    dry_run: bool,
+    places: Iterable[str] | None = None,
+) -> ErasureResult:
+    """Refuse a user id that is not a non-empty string, then run a forget or an erasure and emit its
+    metrics (``metrics.observed``): the events it removed from ``places`` (all), bad input not a failure."""
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise ForgetInputError(f"user id must be a non-empty string, got {user_id!r}")
+    counted = None if places is None else frozenset(places)
+    return m.observed(
+        metrics,
+        operation,
+        run,
+        changed=changed,
+        events=lambda r: sum(n for place, n in r.removed.items() if counted is None or place in counted),
+        dry_run=dry_run,
+        input_errors=(ForgetInputError,),
+    )

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
-from butler_memory.fold.compression import UserResult, compress_user, utcnow
+from butler_memory.fold.compression import UserResult, compress_user
 from butler_memory.fold.metrics import Metrics, NullMetrics
 from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
 from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.summarizer import Summarizer
-from butler_memory.operations.refold import REFOLDED, RefoldResult, refold_user
-from butler_memory.operations.rollback import ROLLED_BACK, RollbackResult, rollback_user
+from butler_memory.operations.refold import refold_user
+from butler_memory.operations.rollback import rollback_user
 from butler_memory.storage.events import Backlog
 from butler_memory.storage.locks import UserLocks
 from butler_memory.storage.store import MemoryStore
@@ -80,53 +80,8 @@ class Engine:
             holder=holder,
         )
 
-    def rollback(
-        self,
-        user_id: str,
-        run_id: str,
-        *,
-        rollback_id: str,
-        cascade: bool = False,
-        allow_missing: bool = False,
-        dry_run: bool = False,
-        checkpoint: Checkpoint = no_checkpoint,
-    ) -> RollbackResult:
-        """Undo one run for one user (see ``rollback.rollback_user``); emits the rollback metrics."""
-        with m.observe_operation(self.metrics, m.ROLLBACK, dry_run=dry_run) as touched:
-            result = rollback_user(
-                user_id,
-                run_id,
-                store=self.store,
-                locks=self.locks,
-                rollback_id=rollback_id,
-                cascade=cascade,
-                allow_missing=allow_missing,
-                dry_run=dry_run,
-                checkpoint=checkpoint,
-                clock=utcnow,
-            )
-            touched.changed = result.status == ROLLED_BACK
-            touched.events = result.events_restored if touched.changed else 0
-        return result
+    rollback = rollback_user
+    """Undo one run for one user and emit the rollback metrics: ``rollback.rollback_user`` on these parts."""
 
-    def refold(
-        self, user_id: str, *, run_id: str, dry_run: bool = False, checkpoint: Checkpoint = no_checkpoint
-    ) -> RefoldResult:
-        """Rebuild one user's summary from the archive (see ``refold.refold_user``); emits the re-fold metrics."""
-        with m.observe_operation(self.metrics, m.REFOLD, dry_run=dry_run) as touched:
-            result = refold_user(
-                user_id,
-                settings=self.settings,
-                store=self.store,
-                locks=self.locks,
-                summarizer=self.summarizer,
-                metrics=self.metrics,
-                budget=self.budget,
-                run_id=run_id,
-                dry_run=dry_run,
-                checkpoint=checkpoint,
-                clock=utcnow,
-            )
-            touched.changed = result.status == REFOLDED
-            touched.events = result.events if touched.changed else 0
-        return result
+    refold = refold_user
+    """Rebuild one user's summary from the archive and emit the re-fold metrics: ``refold.refold_user`` on these parts."""

@@ -51,6 +51,7 @@ from butler_memory.operations.audit import (
     ErasureResult,
     audit_key,
     counts_text,
+    observed_removal,
     subject_ref,
 )
 from butler_memory.operations.intent import locked
@@ -257,24 +258,15 @@ def forget_user(
     Raises ForgetInputError for a bad or unknown user id (nothing changed), LockBusyError when a
     compression kept the lock past ``erasure_lock_wait_seconds`` (retryable, nothing changed).
     """
-    import time
 
-    started = time.monotonic()
-    if not isinstance(user_id, str) or not user_id.strip():
-        raise ForgetInputError(f"user id must be a non-empty string, got {user_id!r}")
-    with (
-        m.observe_operation(
-            metrics or m.NullMetrics(), m.ERASURE, dry_run=dry_run, input_errors=(ForgetInputError,)
-        ) as touched,
-        sanitized_errors(user_id, "erasure"),
-    ):
-        result = _forget_user(
-            user_id, settings, store, locks, secret, events, dry_run, requested_by, checkpoint, clock, sleep
-        )
-        touched.changed = result.status == ERASED
-        touched.events = sum(result.removed.get(place, 0) for place in ERASED_EVENTS) if touched.changed else 0
-    result.seconds = round(time.monotonic() - started, 3)
-    return result
+    def erase() -> ErasureResult:
+        with sanitized_errors(user_id, "erasure"):
+            return _forget_user(
+                user_id, settings, store, locks, secret, events, dry_run, requested_by, checkpoint, clock, sleep
+            )
+
+    metrics = metrics or m.NullMetrics()
+    return observed_removal(metrics, m.ERASURE, user_id, erase, changed=ERASED, dry_run=dry_run, places=ERASED_EVENTS)
 
 
 def _forget_user(

@@ -30,7 +30,6 @@ by a re-run ends as one clean forget.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -39,7 +38,7 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
-from butler_memory.core.errors import ConcurrentUpdateError, ErasurePendingError, ForgetInputError, InvalidProfileError
+from butler_memory.core.errors import ConcurrentUpdateError, ErasurePendingError, InvalidProfileError
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.fold import metrics as m
 from butler_memory.fold.rebuild import Checkpoint, finish_interrupted, no_checkpoint
@@ -53,6 +52,7 @@ from butler_memory.operations.audit import (
     ErasureResult,
     audit_key,
     event_ref,
+    observed_removal,
     subject_ref,
 )
 from butler_memory.operations.engine import Engine
@@ -107,16 +107,12 @@ def forget_events(
     datetimes; ``until`` excluded). Raises ForgetInputError on bad input (unknown user, another
     user's event, an unknown event, an empty or inverted range), having changed nothing.
     """
-    started = time.monotonic()
-    if not isinstance(user_id, str) or not user_id.strip():
-        raise ForgetInputError(f"user id must be a non-empty string, got {user_id!r}")
-    request = build_request(event_ids, since, until)
-    with m.observe_operation(engine.metrics, m.FORGET, dry_run=dry_run, input_errors=(ForgetInputError,)) as touched:
-        result = _forget(user_id, request, engine, secret, dry_run, requested_by, run_id, checkpoint, clock, sleep)
-        touched.changed = result.status == FORGOTTEN
-        touched.events = sum(result.removed.values()) if touched.changed else 0
-    result.seconds = round(time.monotonic() - started, 3)
-    return result
+
+    def forget() -> ErasureResult:
+        request = build_request(event_ids, since, until)
+        return _forget(user_id, request, engine, secret, dry_run, requested_by, run_id, checkpoint, clock, sleep)
+
+    return observed_removal(engine.metrics, m.FORGET, user_id, forget, changed=FORGOTTEN, dry_run=dry_run)
 
 
 def _forget(

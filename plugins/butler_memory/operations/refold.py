@@ -18,7 +18,6 @@ A dry run reads only and says where it would start and how many events it would 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -26,20 +25,24 @@ from typing import Any
 
 from butler_memory.core.errors import LockBusyError, RollbackRefusedError
 from butler_memory.core.settings import Settings
+from butler_memory.core.units import markdown_table, version_step
+from butler_memory.fold import metrics as m
 from butler_memory.fold.chunks import event_text, pack_chunks
-from butler_memory.fold.metrics import Metrics, NullMetrics
+from butler_memory.fold.compression import utcnow
+from butler_memory.fold.metrics import Metrics
 from butler_memory.fold.rebuild import (
     Checkpoint,
+    Parts,
     SummarizerIdentity,
     fold_chunk,
     no_checkpoint,
     summarizer_identity,
 )
-from butler_memory.llm.budget import Spent, TokenBudget
+from butler_memory.llm.budget import Spent
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.intent import LOCK_HELD, locked, settled_profile
 from butler_memory.storage.history import REFOLD, Covers, HistoryEntry, Key
-from butler_memory.storage.locks import UserLock, UserLocks
+from butler_memory.storage.locks import UserLock
 from butler_memory.storage.mongo import id_key
 from butler_memory.storage.profiles import Profile
 from butler_memory.storage.store import MemoryStore
@@ -141,50 +144,41 @@ def plan_refold(store: MemoryStore, profile: Profile) -> RefoldPlan:
 
 
 def refold_user(
+    parts: Parts,
     user_id: str,
     *,
-    settings: Settings,
-    store: MemoryStore,
-    locks: UserLocks,
-    summarizer: Summarizer,
-    metrics: Metrics | None = None,
-    budget: TokenBudget | None = None,
     run_id: str,
     dry_run: bool = False,
     checkpoint: Checkpoint = no_checkpoint,
-    clock: Callable[[], datetime],
+    clock: Callable[[], datetime] = utcnow,
 ) -> RefoldResult:
     """Rebuild one user's summary from the archive (see the module docstring); its LLM tokens count
-    on ``budget``, the day's, as a compression's do (a re-fold is started whatever is left of it)."""
-    metrics = metrics or NullMetrics()
-    started = time.monotonic()
-    try:
-        with locked(locks, user_id, "re-fold", checkpoint=checkpoint) as lock:
-            result = _refold_locked(
-                user_id, lock, settings, store, summarizer, metrics, budget, run_id, dry_run, checkpoint, clock
-            )
-    except LockBusyError:
-        return RefoldResult(user_id, SKIPPED_LOCKED, message=LOCK_HELD)
-    except RollbackRefusedError as exc:
-        result = RefoldResult(user_id, REFUSED, message=str(exc))
-    result.seconds = round(time.monotonic() - started, 3)
-    return result
+    on the parts' budget, the day's, as a compression's do (a re-fold is started whatever is left of it).
+    Emits the re-fold metrics; ``Engine.refold`` is this function on the engine's parts."""
+
+    def refold() -> RefoldResult:
+        try:
+            with locked(parts.locks, user_id, "re-fold", checkpoint=checkpoint) as lock:
+                return _refold_locked(parts, user_id, lock, run_id, dry_run, checkpoint, clock)
+        except LockBusyError:
+            return RefoldResult(user_id, SKIPPED_LOCKED, message=LOCK_HELD)
+        except RollbackRefusedError as exc:
+            return RefoldResult(user_id, REFUSED, message=str(exc))
+
+    return m.observed(parts.metrics, m.REFOLD, refold, changed=REFOLDED, events=lambda r: r.events, dry_run=dry_run)
 
 
 def _refold_locked(
+    parts: Parts,
     user_id: str,
     lock: UserLock,
-    settings: Settings,
-    store: MemoryStore,
-    summarizer: Summarizer,
-    metrics: Metrics,
-    budget: TokenBudget | None,
     run_id: str,
     dry_run: bool,
     checkpoint: Checkpoint,
     clock: Callable[[], datetime],
 ) -> RefoldResult:
-    profile = settled_profile(store, lock, user_id, dry_run=dry_run, run_id=run_id, clock=clock, metrics=metrics)
+    settings, store, summarizer = parts.settings, parts.store, parts.summarizer
+    profile = settled_profile(store, lock, user_id, dry_run=dry_run, run_id=run_id, clock=clock, metrics=parts.metrics)
     plan = plan_refold(store, profile)
     current = store.history.version(user_id, profile.version)
     if (
@@ -232,8 +226,8 @@ def _refold_locked(
         settings=settings,
         store=store,
         summarizer=summarizer,
-        metrics=metrics,
-        spent=Spent(budget),
+        metrics=parts.metrics,
+        spent=Spent(parts.budget),
     )
     summary = rebuilt.text
     result.chunks, result.guards = rebuilt.chunks, rebuilt.guards
@@ -255,6 +249,32 @@ def _refold_locked(
     result.summary_chars = len(summary)
     result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
     return result
+
+
+def refold_markdown(results: Sequence[RefoldResult], *, dry_run: bool) -> str:
+    """Return a re-fold's results as Markdown: one row per user, no content."""
+    headers = ["user", "status", "version", "from", "events", "chunks", "guards", "note"]
+    lines = [
+        f"# Re-fold{' (dry run: nothing written)' if dry_run else ''}",
+        "",
+        *markdown_table(headers, map(_row, results)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _row(r: RefoldResult) -> list[object]:
+    start = "" if r.refolded_from is None else f"v{r.refolded_from}"
+    guards = ", ".join(f"{k}: {v}" for k, v in r.guards.items())
+    return [
+        r.user_id,
+        r.status,
+        version_step(r.from_version, r.to_version),
+        start,
+        r.events,
+        r.chunks,
+        guards,
+        r.message,
+    ]
 
 
 def _identity_of(entry: HistoryEntry) -> SummarizerIdentity:

@@ -26,17 +26,19 @@ writes nothing and returns the plan. Results carry ids, versions and counts, nev
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 from butler_memory.core.errors import LockBusyError, RollbackRefusedError
-from butler_memory.fold.rebuild import Checkpoint, finish_rollback, no_checkpoint
+from butler_memory.core.units import markdown_table, version_step
+from butler_memory.fold import metrics as m
+from butler_memory.fold.compression import utcnow
+from butler_memory.fold.rebuild import Checkpoint, Parts, finish_rollback, no_checkpoint
 from butler_memory.operations.intent import LOCK_HELD, locked, settled_profile
 from butler_memory.storage.history import BASELINE, ROLLBACK, HistoryEntry
-from butler_memory.storage.locks import UserLock, UserLocks
+from butler_memory.storage.locks import UserLock
 from butler_memory.storage.profiles import ROLLBACK_FIELD, Profile
 from butler_memory.storage.store import MemoryStore
 
@@ -215,32 +217,35 @@ class RunDecision:
 
 
 def rollback_user(
+    parts: Parts,
     user_id: str,
     run_id: str,
     *,
-    store: MemoryStore,
-    locks: UserLocks,
     rollback_id: str,
     cascade: bool = False,
     allow_missing: bool = False,
     dry_run: bool = False,
     checkpoint: Checkpoint = no_checkpoint,
-    clock: Callable[[], datetime],
+    clock: Callable[[], datetime] = utcnow,
 ) -> RollbackResult:
-    """Undo ``run_id`` for one user (see the module docstring); ``rollback_id`` names this rollback."""
-    started = time.monotonic()
-    try:
-        with locked(locks, user_id, "rollback", checkpoint=checkpoint) as lock:
-            result = _rollback_locked(
-                user_id, run_id, store, lock, rollback_id, cascade, allow_missing, dry_run, checkpoint, clock
-            )
-    except LockBusyError:
-        log.info("user %s: lock held by another compression, rollback skipped", user_id)
-        return RollbackResult(user_id, SKIPPED_LOCKED, run_id, message=LOCK_HELD)
-    except RollbackRefusedError as exc:
-        result = RollbackResult(user_id, REFUSED, run_id, message=str(exc))
-    result.seconds = round(time.monotonic() - started, 3)
-    return result
+    """Undo ``run_id`` for one user (see the module docstring); ``rollback_id`` names this rollback.
+    Emits the rollback metrics; ``Engine.rollback`` is this function on the engine's parts."""
+
+    def rollback() -> RollbackResult:
+        try:
+            with locked(parts.locks, user_id, "rollback", checkpoint=checkpoint) as lock:
+                return _rollback_locked(
+                    user_id, run_id, parts.store, lock, rollback_id, cascade, allow_missing, dry_run, checkpoint, clock
+                )
+        except LockBusyError:
+            log.info("user %s: lock held by another compression, rollback skipped", user_id)
+            return RollbackResult(user_id, SKIPPED_LOCKED, run_id, message=LOCK_HELD)
+        except RollbackRefusedError as exc:
+            return RollbackResult(user_id, REFUSED, run_id, message=str(exc))
+
+    return m.observed(
+        parts.metrics, m.ROLLBACK, rollback, changed=ROLLED_BACK, events=lambda r: r.events_restored, dry_run=dry_run
+    )
 
 
 def _rollback_locked(
@@ -316,15 +321,13 @@ def rollback_markdown(run_id: str, results: Sequence[Any], *, dry_run: bool, ref
     if refusal:
         lines[2:2] = [f"**Rolled back: none.** {refusal}.", ""]
     if results:
-        lines += [
-            "| user | status | version | restores | undoes | runs undone | events back | events missing | note |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-    for r in results:
-        version = f"v{r.from_version} → v{r.to_version}" if r.to_version != r.from_version else f"v{r.from_version}"
-        restores = "" if r.restored_version is None else f"v{r.restored_version}"
-        lines.append(
-            f"| {r.user_id} | {r.status} | {version} | {restores} | {', '.join(f'v{v}' for v in r.undoes)} | "
-            f"{', '.join(r.undone_runs)} | {r.events_restored} | {r.events_missing} | {r.message} |"
-        )
+        headers = ["user", "status", "version", "restores", "undoes", "runs undone", "events back", "events missing"]
+        lines += markdown_table([*headers, "note"], map(_row, results))
     return "\n".join(lines) + "\n"
+
+
+def _row(r: RollbackResult) -> list[object]:
+    restores = "" if r.restored_version is None else f"v{r.restored_version}"
+    undone = [", ".join(f"v{v}" for v in r.undoes), ", ".join(r.undone_runs)]
+    cells = [r.user_id, r.status, version_step(r.from_version, r.to_version), restores, *undone]
+    return [*cells, r.events_restored, r.events_missing, r.message]
