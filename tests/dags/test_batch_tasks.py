@@ -9,20 +9,18 @@ re-runs it: every user is compressed exactly once, nothing lost or counted twice
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pymongo.database import Database
 
+from tests.children import run_child
 from tests.population import seed_population
 from tools.fake_openai import FakeOpenAI
 from tools.services import AirflowConns
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("batch_worker.py")
 CANARY = "CANARY-5d1f0a-batch"
 FAIL_MARKER = "FAIL-MARKER-batch-7a2e"
@@ -35,15 +33,7 @@ PARAMS = {"threshold": 50, "keep_last_n": 20, "users_per_task": 3}
 def run_batch(kill_after: int = -1, run_id: str = RUN_ID) -> subprocess.CompletedProcess[str]:
     """Run one attempt of the batch in a child process, as a task process would."""
     config = {"user_ids": USERS, "run_id": run_id, "params": PARAMS, "kill_after": kill_after}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO)])}
-    return subprocess.run(
-        [sys.executable, str(WORKER), json.dumps(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_child(WORKER, config, timeout=120)
 
 
 def rows_of(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:

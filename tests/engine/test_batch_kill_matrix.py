@@ -14,26 +14,11 @@ from typing import Any
 
 import openai
 import pytest
-import redis
-from pymongo.database import Database
 
 from butler_memory.fold.compression import COMPRESSED, STEPS
 from butler_memory.operations import batch
-from tests.engine.conftest import OpenAIFactory
-from tests.engine.helpers import (
-    archive_of,
-    chain_responder,
-    events_of,
-    history_of,
-    insert_events,
-    ledger,
-    make_engine,
-    profile_of,
-    small_settings,
-)
-from tests.engine.test_kill_matrix import run_worker, wait_for_lock_expiry
-from tools.fake_openai import FakeOpenAI
-from tools.services import MongoService, RedisService
+from tests.engine.conftest import KillRig
+from tests.engine.helpers import chain_responder, insert_events, ledger, small_settings, snapshot
 
 Doc = dict[str, Any]
 RUN = "memory_compression/scheduled__2026-03-01T00:00:00+00:00"
@@ -57,25 +42,17 @@ def test_the_matrix_covers_every_batch_step_and_the_commits() -> None:
 
 @pytest.mark.parametrize("kill", BATCH_KILLS + COMMIT_KILLS, ids=[f"{s}-{n}" for s, n in BATCH_KILLS + COMMIT_KILLS])
 def test_a_batch_run_killed_at_any_step_and_rerun_ends_like_a_clean_run(
-    kill: tuple[str, int],
-    mongo_service: MongoService,
-    mongo_db: Database[Doc],
-    redis_service: RedisService,
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
+    kill: tuple[str, int], kill_rig: KillRig
 ) -> None:
+    llm = kill_rig.llm
     llm.set_responder(chain_responder)
-    originals = {u: insert_events(mongo_db, u, EVENTS) for u in USERS}
-    child = run_worker(
-        mongo_service, mongo_db, redis_service, llm, kill, SETTINGS, task="batch", user_ids=list(USERS), run_id=RUN
-    )
-    assert child.returncode == -9, f"the child should have died at {kill}, exited {child.returncode}:\n{child.stderr}"
+    originals = {u: insert_events(kill_rig.db, u, EVENTS) for u in USERS}
+    kill_rig.kill(kill, SETTINGS, USERS[0], task="batch", user_ids=list(USERS), run_id=RUN)
     for user_id in USERS:  # a killed commit leaves its lock until the TTL ends it
-        if redis_client.exists(SETTINGS.lock_key(user_id)):
-            wait_for_lock_expiry(redis_client, SETTINGS.lock_key(user_id), SETTINGS.lock_ttl_seconds)
+        if kill_rig.redis.exists(SETTINGS.lock_key(user_id)):
+            kill_rig.wait_for_lock_expiry(SETTINGS, user_id)
 
-    engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai(timeout=SETTINGS.llm_timeout_seconds))
+    engine = kill_rig.engine(SETTINGS, timeout=SETTINGS.llm_timeout_seconds)
     with openai.OpenAI(base_url=llm.base_url, api_key="test-key", max_retries=0) as client:
         batch.prepare(engine, RUN, USERS)
         batch.submit(engine, RUN, client)
@@ -88,9 +65,10 @@ def test_a_batch_run_killed_at_any_step_and_rerun_ends_like_a_clean_run(
     for user_id in USERS:
         assert results[user_id].status == COMPRESSED, results[user_id]
         folded = [ev["_id"] for ev in originals[user_id][: EVENTS - KEEP]]
-        profile = profile_of(mongo_db, user_id) or {}
+        state = snapshot(kill_rig.db, user_id)
+        profile = state["profile"] or {}
         assert ledger(profile["memory_summary"]) == folded, "an event was lost or folded twice"
         assert profile["memory_summary_version"] == 1 and profile.get("memory_pending_fold") is None
-        assert sorted(events_of(mongo_db, user_id)) == [ev["_id"] for ev in originals[user_id][EVENTS - KEEP :]]
-        assert sorted(archive_of(mongo_db, user_id)) == folded
-        assert [e["version"] for e in history_of(mongo_db, user_id)] == [1]
+        assert sorted(state["events"]) == [ev["_id"] for ev in originals[user_id][EVENTS - KEEP :]]
+        assert sorted(state["archive"]) == folded
+        assert [e["version"] for e in state["history"]] == [1]

@@ -12,25 +12,21 @@ the re-runs (in this process) wait at each of their checkpoints for the reader t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import redis
 from pymongo.database import Database
 
 from butler_memory.operations import forget
 from butler_memory.storage.profiles import FORGET_FIELD, PENDING_FIELD, ROLLBACK_FIELD
-from tests.engine.conftest import OpenAIFactory
+from tests.children import start_child
+from tests.engine.conftest import KillRig
 from tests.engine.erasure_helpers import SECRET
-from tests.engine.helpers import START, chain_responder, insert_events, make_engine, profile_of
-from tests.engine.test_kill_matrix import REPO, SETTINGS, USER, run_worker, wait_for_lock_expiry
-from tools.fake_openai import FakeOpenAI
-from tools.services import MongoService, RedisService
+from tests.engine.helpers import START, chain_responder, insert_events, profile_of
+from tests.engine.test_kill_matrix import SETTINGS, USER
+from tools.services import MongoService
 
 Doc = dict[str, Any]
 READER = Path(__file__).with_name("client_reader.py")
@@ -61,8 +57,7 @@ class Reader:
             "arrived": str(self.arrived),
             "forgot": str(self.forgot),
         }
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO)])}
-        self.process = subprocess.Popen([sys.executable, str(READER), json.dumps(config)], env=env)
+        self.process = start_child(READER, config)
 
     def count(self) -> int:
         """Return how many reads are done."""
@@ -88,20 +83,10 @@ class Reader:
         return [json.loads(line) for line in self.out.read_text(encoding="utf-8").splitlines()]
 
 
-def kill(
-    mongo_service: MongoService,
-    db: Database[Doc],
-    redis_service: RedisService,
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    step: str,
-    occurrence: int,
-    **extra: Any,
-) -> None:
+def kill(rig: KillRig, step: str, occurrence: int, **extra: Any) -> None:
     """Run an operation in a child that SIGKILLs itself at ``step``; wait for its lock to expire."""
-    child = run_worker(mongo_service, db, redis_service, llm, (step, occurrence), **extra)
-    assert child.returncode == -9, f"the child should have died at {step}:\n{child.stderr[-2000:]}"
-    wait_for_lock_expiry(redis_client, SETTINGS.lock_key(USER), SETTINGS.lock_ttl_seconds)
+    rig.kill((step, occurrence), SETTINGS, USER, **extra)
+    rig.wait_for_lock_expiry(SETTINGS, USER)
 
 
 def check(read: Doc) -> None:
@@ -120,27 +105,20 @@ def check(read: Doc) -> None:
         assert not seen & FORGOTTEN, f"v{read['version']}: forgotten yet returned: {sorted(seen & FORGOTTEN)}"
 
 
-def test_every_read_sees_each_live_event_exactly_once(
-    tmp_path: Path,
-    mongo_service: MongoService,
-    mongo_db: Database[Doc],
-    redis_service: RedisService,
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-) -> None:
-    llm.set_responder(chain_responder)
-    engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai(timeout=SETTINGS.llm_timeout_seconds))
+def test_every_read_sees_each_live_event_exactly_once(tmp_path: Path, kill_rig: KillRig) -> None:
+    mongo_db = kill_rig.db
+    kill_rig.llm.set_responder(chain_responder)
+    engine = kill_rig.engine(SETTINGS, timeout=SETTINGS.llm_timeout_seconds)
     insert_events(mongo_db, USER, 20)
     assert engine.compress(USER, run_id="r0").summary_version == 3
     # A late write timed before the watermark, then 15 new events.
     insert_events(mongo_db, USER, 1, first=20, start=START - timedelta(days=1))
     insert_events(mongo_db, USER, 15, first=21, start=START + timedelta(days=1))
-    reader = Reader(tmp_path, mongo_service, mongo_db)
+    reader = Reader(tmp_path, kill_rig.mongo_service, mongo_db)
     try:
         reader.wait()
         # Compressed, killed after its second commit (v5 committed, its events not deleted), re-run.
-        kill(mongo_service, mongo_db, redis_service, redis_client, llm, "committed", 2)
+        kill(kill_rig, "committed", 2)
         assert profile_of(mongo_db, USER)[PENDING_FIELD]["version"] == 5
         reader.wait()
 
@@ -153,7 +131,7 @@ def test_every_read_sees_each_live_event_exactly_once(
         assert engine.compress(USER, run_id="r1", checkpoint=arrive).summary_version == 7
         reader.wait()
         # Rolled back, killed with the events back in user_memory and the summary not yet restored, re-run.
-        kill(mongo_service, mongo_db, redis_service, redis_client, llm, "restored", 1, task="rollback", rollback="r1")
+        kill(kill_rig, "restored", 1, task="rollback", rollback="r1")
         assert profile_of(mongo_db, USER)[ROLLBACK_FIELD]["expected_version"] == 7
         reader.wait()
         assert engine.rollback(USER, "r1", rollback_id="undo-r1", checkpoint=reader.step).to_version == 8
@@ -162,18 +140,7 @@ def test_every_read_sees_each_live_event_exactly_once(
         reader.wait()
         # Forgotten, killed with the events deleted and the summary not yet rebuilt, re-run.
         ids = sorted(FORGOTTEN)
-        kill(
-            mongo_service,
-            mongo_db,
-            redis_service,
-            redis_client,
-            llm,
-            "deleted",
-            1,
-            task="forget_events",
-            secret=SECRET.decode(),
-            event_ids=ids,
-        )
+        kill(kill_rig, "deleted", 1, task="forget_events", secret=SECRET.decode(), event_ids=ids)
         assert profile_of(mongo_db, USER)[FORGET_FIELD] is not None
         reader.wait()
         done = forget.forget_events(USER, engine=engine, secret=SECRET, event_ids=ids, checkpoint=reader.step)

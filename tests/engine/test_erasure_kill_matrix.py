@@ -8,11 +8,6 @@ record, done, with the counts found when the first attempt started, and no trace
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +17,7 @@ from pymongo.database import Database
 from butler_memory.operations import audit, erasure
 from butler_memory.storage.locks import UserLocks
 from butler_memory.storage.store import MemoryStore
+from tests.engine.conftest import KillRig
 from tests.engine.erasure_helpers import (
     CANARY,
     OTHER,
@@ -34,16 +30,11 @@ from tests.engine.erasure_helpers import (
     seed_everywhere,
 )
 from tests.engine.helpers import small_settings
-from tools.fake_openai import FakeOpenAI
-from tools.services import MongoService, RedisService
+from tests.engine.kill_harness import Kill
 
 Doc = dict[str, Any]
-REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("kill_worker.py")
 # A short lock TTL so a killed erasure's lock expires within the test; the erasure waits longer than it.
 SETTINGS = small_settings(lock_ttl_seconds=1, llm_timeout_seconds=0.45, erasure_lock_wait_seconds=10)
-
-Kill = tuple[str, int]
 
 CASES: dict[str, list[Kill]] = {step: [(step, 1)] for step in erasure.USER_STEPS}
 CASES |= {
@@ -56,33 +47,6 @@ CASES |= {
 def test_the_matrix_covers_every_step() -> None:
     killed = {step for kills in CASES.values() for step, _ in kills}
     assert killed == set(erasure.USER_STEPS)
-
-
-def run_worker(
-    mongo_service: MongoService, db: Database[Doc], redis_service: RedisService, llm: FakeOpenAI, kill: Kill
-) -> subprocess.CompletedProcess[str]:
-    """Run one erasure in a child process that SIGKILLs itself at ``kill``."""
-    config = {
-        "task": "forget_user",
-        "mongo_uri": mongo_service.uri,
-        "db": db.name,
-        "redis_host": redis_service.host,
-        "redis_port": redis_service.port,
-        "llm_base_url": llm.base_url,
-        "user_id": TARGET,
-        "run_id": "erasure",
-        "settings": SETTINGS.as_dict(),
-        "secret": SECRET.decode(),
-        "events": True,
-        "key_patterns": [TEST_KEY_PATTERN],
-        "shared_keys": [SHARED_KEY],
-        "kill_step": kill[0],
-        "kill_occurrence": kill[1],
-    }
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO)])}
-    return subprocess.run(
-        [sys.executable, str(WORKER), json.dumps(config)], env=env, capture_output=True, text=True, timeout=60
-    )
 
 
 @pytest.fixture
@@ -102,15 +66,8 @@ def others(db: Database[Doc], client: redis.Redis) -> Doc:
 
 
 @pytest.mark.parametrize("kills", list(CASES.values()), ids=list(CASES))
-def test_kill_then_rerun_ends_as_one_clean_erasure(
-    kills: list[Kill],
-    mongo_service: MongoService,
-    mongo_db: Database[Doc],
-    redis_service: RedisService,
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    registered_keys: None,
-) -> None:
+def test_kill_then_rerun_ends_as_one_clean_erasure(kills: list[Kill], kill_rig: KillRig, registered_keys: None) -> None:
+    mongo_db, redis_client = kill_rig.db, kill_rig.redis
     seed_everywhere(mongo_db, redis_client, SETTINGS)
     store, locks = MemoryStore(mongo_db, SETTINGS), UserLocks(redis_client, SETTINGS)
     expected = erasure.forget_user(
@@ -119,9 +76,15 @@ def test_kill_then_rerun_ends_as_one_clean_erasure(
     other_before = others(mongo_db, redis_client)
 
     for kill in kills:
-        child = run_worker(mongo_service, mongo_db, redis_service, llm, kill)
-        assert child.returncode == -9, (
-            f"the child should have died at {kill}, exited {child.returncode}:\n{child.stderr[-3000:]}"
+        kill_rig.kill(
+            kill,
+            SETTINGS,
+            TARGET,
+            task="forget_user",
+            secret=SECRET.decode(),
+            events=True,
+            key_patterns=[TEST_KEY_PATTERN],
+            shared_keys=[SHARED_KEY],
         )
 
     result = erasure.forget_user(TARGET, settings=SETTINGS, store=store, locks=locks, secret=SECRET, events=True)

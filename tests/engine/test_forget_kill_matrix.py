@@ -9,11 +9,6 @@ summary plus the facts shown). Each case kills the child (``kill_worker.py``, ta
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,19 +17,16 @@ from pymongo.database import Database
 
 from butler_memory.operations import forget
 from butler_memory.storage.profiles import FORGET_FIELD
-from tests.engine.conftest import OpenAIFactory
+from tests.engine.conftest import KillRig, OpenAIFactory
 from tests.engine.erasure_helpers import FACT_USER, FACTS, SECRET, fact_content, fact_responder, fact_settings
 from tests.engine.helpers import insert_events, make_engine, profile_of
+from tests.engine.kill_harness import Kill
 from tools.fake_openai import FakeOpenAI
-from tools.services import MongoService, RedisService
+from tools.services import RedisService
 
 Doc = dict[str, Any]
-REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("kill_worker.py")
 SETTINGS = fact_settings(lock_ttl_seconds=1, llm_timeout_seconds=0.45, erasure_lock_wait_seconds=10)
 FORGOTTEN = f"{FACT_USER}-e014"
-
-Kill = tuple[str, int]
 
 CASES: dict[str, list[Kill]] = {step: [(step, 1)] for step in forget.STEPS}
 CASES |= {
@@ -45,31 +37,6 @@ CASES |= {
 
 def test_the_matrix_covers_every_step() -> None:
     assert {step for kills in CASES.values() for step, _ in kills} == set(forget.STEPS)
-
-
-def run_worker(
-    mongo_service: MongoService, db: Database[Doc], redis_service: RedisService, llm: FakeOpenAI, kill: Kill
-) -> subprocess.CompletedProcess[str]:
-    """Run one forget in a child process that SIGKILLs itself at ``kill``."""
-    config = {
-        "task": "forget_events",
-        "mongo_uri": mongo_service.uri,
-        "db": db.name,
-        "redis_host": redis_service.host,
-        "redis_port": redis_service.port,
-        "llm_base_url": llm.base_url,
-        "user_id": FACT_USER,
-        "run_id": "forget",
-        "settings": SETTINGS.as_dict(),
-        "secret": SECRET.decode(),
-        "event_ids": [FORGOTTEN],
-        "kill_step": kill[0],
-        "kill_occurrence": kill[1],
-    }
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO)])}
-    return subprocess.run(
-        [sys.executable, str(WORKER), json.dumps(config)], env=env, capture_output=True, text=True, timeout=60
-    )
 
 
 def state(db: Database[Doc]) -> Doc:
@@ -116,28 +83,16 @@ def clean_state(mongo_client: Any, redis_service: RedisService, llm: FakeOpenAI,
 
 
 @pytest.mark.parametrize("kills", list(CASES.values()), ids=list(CASES))
-def test_kill_then_rerun_ends_as_one_clean_forget(
-    kills: list[Kill],
-    clean_state: Doc,
-    mongo_service: MongoService,
-    mongo_db: Database[Doc],
-    redis_service: RedisService,
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-) -> None:
-    llm.set_responder(fact_responder)
-    seed(mongo_db, redis_client)
+def test_kill_then_rerun_ends_as_one_clean_forget(kills: list[Kill], clean_state: Doc, kill_rig: KillRig) -> None:
+    kill_rig.llm.set_responder(fact_responder)
+    seed(kill_rig.db, kill_rig.redis)
     for kill in kills:
-        child = run_worker(mongo_service, mongo_db, redis_service, llm, kill)
-        assert child.returncode == -9, (
-            f"the child should have died at {kill}, exited {child.returncode}:\n{child.stderr[-3000:]}"
-        )
-    engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai(timeout=SETTINGS.llm_timeout_seconds))
+        kill_rig.kill(kill, SETTINGS, FACT_USER, task="forget_events", secret=SECRET.decode(), event_ids=[FORGOTTEN])
+    engine = kill_rig.engine(SETTINGS, timeout=SETTINGS.llm_timeout_seconds)
 
     result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[FORGOTTEN])
 
     assert result.status in (forget.FORGOTTEN, "already_erased"), result
-    got = state(mongo_db)
+    got = state(kill_rig.db)
     assert got == clean_state, f"after kills at {kills} the end state differs from a clean forget"
     assert FACTS[14] not in str(got) and FACTS[8] in got["summary"]

@@ -9,26 +9,18 @@ summary lists every event each committed fold covered: a lost or twice-summarise
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pymongo
 import pytest
-import redis
 from pymongo.database import Database
 
-from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD, SKIPPED_LOCKED, STEPS
 from butler_memory.storage.archive import ARCHIVE_FIELDS
 from butler_memory.storage.profiles import PENDING_FIELD
-from tests.engine.conftest import OpenAIFactory
+from tests.engine.conftest import KillRig
 from tests.engine.helpers import (
     archive_of,
     chain_responder,
@@ -45,12 +37,11 @@ from tests.engine.helpers import (
     texts_seen,
     watermark,
 )
+from tests.engine.kill_harness import Kill
 from tools.fake_openai import FakeOpenAI
-from tools.services import MongoService, RedisService
+from tools.services import RedisService
 
 Doc = dict[str, Any]
-REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("kill_worker.py")
 USER = "u1"
 EVENTS, KEEP, CHUNK = 20, 5, 5
 CHUNKS = (EVENTS - KEEP) // CHUNK
@@ -59,9 +50,6 @@ SETTINGS = small_settings(
     threshold=10, keep_last_n=KEEP, max_events_per_chunk=CHUNK, lock_ttl_seconds=1, llm_timeout_seconds=0.45
 )
 BOOKKEEPING = ARCHIVE_FIELDS  # our fields on an archived event
-
-Kill = tuple[str, int]
-"""(step, occurrence): die the occurrence-th time the step's checkpoint is reached."""
 
 CASES: dict[str, list[Kill]] = {
     # A normal run killed at each step; chunk steps in the first and the second chunk.
@@ -105,41 +93,6 @@ def ids(events: list[Doc]) -> list[str]:
     return [ev["_id"] for ev in events]
 
 
-def run_worker(
-    mongo_service: MongoService,
-    db: Database[Doc],
-    redis_service: RedisService,
-    llm: FakeOpenAI,
-    kill: Kill,
-    settings: Settings = SETTINGS,
-    **extra: Any,
-) -> subprocess.CompletedProcess[str]:
-    """Run one compression (or, with ``task="rollback", rollback=RUN``, a rollback) in a child process that SIGKILLs
-    itself at ``kill``."""
-    config = {
-        "mongo_uri": mongo_service.uri,
-        "db": db.name,
-        "redis_host": redis_service.host,
-        "redis_port": redis_service.port,
-        "llm_base_url": llm.base_url,
-        "user_id": USER,
-        "run_id": f"killed-at-{kill[0]}-{kill[1]}",
-        "settings": settings.as_dict(),
-        "kill_step": kill[0],
-        "kill_occurrence": kill[1],
-        **extra,
-    }
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO)])}
-    return subprocess.run(
-        [sys.executable, str(WORKER), json.dumps(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def expected_after_kill(kill: Kill, version_before: int, pending_before: bool) -> tuple[int, bool]:
     """Return the summary version and whether a pending fold exists right after a kill at ``kill``."""
     step, n = kill
@@ -152,16 +105,6 @@ def expected_after_kill(kill: Kill, version_before: int, pending_before: bool) -
     if step == "cleared":
         return version_before + n, False
     return version_before, True  # pending_archived / pending_deleted: the pending fold is not cleared yet
-
-
-def wait_for_lock_expiry(client: redis.Redis, key: str, ttl: float) -> None:
-    """Wait until the dead process's lock expires by its TTL (and no sooner than it had left)."""
-    left = client.pttl(key)
-    assert left > 0, f"the killed process's lock {key!r} should still be held with a TTL, got pttl={left}"
-    deadline = time.monotonic() + ttl + 1.0
-    while client.exists(key):
-        assert time.monotonic() < deadline, f"lock {key!r} outlived its {ttl}s TTL"
-        time.sleep(0.05)
 
 
 def _comparable(entry: Doc) -> Doc:
@@ -216,22 +159,13 @@ def clean_run(
 
 
 @pytest.mark.parametrize("kills", list(CASES.values()), ids=list(CASES))
-def test_kill_then_rerun_ends_like_a_clean_run(
-    kills: list[Kill],
-    clean_run: Doc,
-    mongo_service: MongoService,
-    mongo_db: Database[Doc],
-    redis_service: RedisService,
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-) -> None:
+def test_kill_then_rerun_ends_like_a_clean_run(kills: list[Kill], clean_run: Doc, kill_rig: KillRig) -> None:
+    mongo_db, llm = kill_rig.db, kill_rig.llm
     llm.set_responder(chain_responder)
     original = insert_events(mongo_db, USER, EVENTS)
     by_id = {ev["_id"]: ev for ev in original}
     folded, kept = original[: EVENTS - KEEP], original[EVENTS - KEEP :]
-    engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai(timeout=SETTINGS.llm_timeout_seconds))
-    key = SETTINGS.lock_key(USER)
+    engine = kill_rig.engine(SETTINGS, timeout=SETTINGS.llm_timeout_seconds)
 
     resummarised: list[Doc] = []
     for kill in kills:
@@ -241,10 +175,7 @@ def test_kill_then_rerun_ends_like_a_clean_run(
             # Chunks fold oldest first, CHUNK events each: the killed call was showing chunk v + n.
             start = (version_before + kill[1] - 1) * CHUNK
             resummarised += folded[start : start + CHUNK]
-        child = run_worker(mongo_service, mongo_db, redis_service, llm, kill)
-        assert child.returncode == -9, (
-            f"the child should have died by SIGKILL at {kill}, exited {child.returncode}:\n{child.stderr[-3000:]}"
-        )
+        kill_rig.kill(kill, SETTINGS, USER)
         version, pending = expected_after_kill(kill, version_before, pending_before)
         profile = profile_of(mongo_db, USER) or {}
         assert summary_version(mongo_db, USER) == version, f"after a kill at {kill}: {profile}"
@@ -253,7 +184,7 @@ def test_kill_then_rerun_ends_like_a_clean_run(
         before = snapshot(mongo_db, USER)
         assert engine.compress(USER).status == SKIPPED_LOCKED, f"the lock of a run killed at {kill} did not block"
         assert snapshot(mongo_db, USER) == before, "a run blocked by the lock changed the database"
-        wait_for_lock_expiry(redis_client, key, SETTINGS.lock_ttl_seconds)
+        kill_rig.wait_for_lock_expiry(SETTINGS, USER)
 
     result = engine.compress(USER, run_id="rerun")
 
@@ -292,27 +223,21 @@ def test_kill_then_rerun_ends_like_a_clean_run(
 
 @pytest.mark.parametrize("kills", list(QUARANTINE_CASES.values()), ids=list(QUARANTINE_CASES))
 def test_kill_while_quarantining_then_rerun_moves_the_bad_event_once_and_folds_the_rest(
-    kills: list[Kill],
-    mongo_service: MongoService,
-    mongo_db: Database[Doc],
-    redis_service: RedisService,
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
+    kills: list[Kill], kill_rig: KillRig
 ) -> None:
-    llm.set_responder(chain_responder)
+    mongo_db = kill_rig.db
+    kill_rig.llm.set_responder(chain_responder)
     original = insert_events(mongo_db, USER, EVENTS)
     mongo_db["user_memory"].update_one({"_id": BAD}, {"$set": {"content": {"not": "text"}}})
     bad = mongo_db["user_memory"].find_one({"_id": BAD})
     folded = [ev for ev in original[: EVENTS - KEEP] if ev["_id"] != BAD]
     kept = original[EVENTS - KEEP :]
-    engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai(timeout=SETTINGS.llm_timeout_seconds))
+    engine = kill_rig.engine(SETTINGS, timeout=SETTINGS.llm_timeout_seconds)
 
     for kill in kills:
-        child = run_worker(mongo_service, mongo_db, redis_service, llm, kill)
-        assert child.returncode == -9, f"the child should have died at {kill}, exited {child.returncode}"
+        kill_rig.kill(kill, SETTINGS, USER)
         assert mongo_db["user_memory_quarantine"].count_documents({"_id": BAD}) == 1, "copied before the delete"
-        wait_for_lock_expiry(redis_client, SETTINGS.lock_key(USER), SETTINGS.lock_ttl_seconds)
+        kill_rig.wait_for_lock_expiry(SETTINGS, USER)
 
     result = engine.compress(USER, run_id="rerun")
 

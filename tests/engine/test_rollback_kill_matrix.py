@@ -19,7 +19,7 @@ from pymongo.database import Database
 from butler_memory.operations import refold
 from butler_memory.operations.rollback import NOT_CHANGED, ROLLED_BACK, SKIPPED_LOCKED, STEPS
 from butler_memory.storage.profiles import ROLLBACK_FIELD, VERSION_FIELD
-from tests.engine.conftest import OpenAIFactory
+from tests.engine.conftest import KillRig
 from tests.engine.helpers import (
     START,
     chain_responder,
@@ -31,10 +31,9 @@ from tests.engine.helpers import (
     snapshot,
     summary_version,
 )
-from tests.engine.test_kill_matrix import SETTINGS, Kill, run_worker, wait_for_lock_expiry
+from tests.engine.kill_harness import Kill
+from tests.engine.test_kill_matrix import SETTINGS
 from tests.engine.test_rollback import assert_back_to
-from tools.fake_openai import FakeOpenAI
-from tools.services import MongoService, RedisService
 
 Doc = dict[str, Any]
 USER = "u1"
@@ -79,22 +78,14 @@ RUN_IDS = [f"{name}-rollback" for name in CASES] + [f"{step}-compress" for step 
 
 @pytest.mark.parametrize(("kills", "rerun"), RUNS, ids=RUN_IDS)
 def test_kill_a_rollback_then_rerun_ends_like_a_clean_rollback(
-    kills: list[Kill],
-    rerun: str,
-    mongo_service: MongoService,
-    mongo_db: Database[Doc],
-    redis_service: RedisService,
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
+    kills: list[Kill], rerun: str, kill_rig: KillRig
 ) -> None:
+    mongo_db, redis_client = kill_rig.db, kill_rig.redis
     before = prepare(mongo_db, redis_client)
     v3_text = history_of(mongo_db, USER)[2]["text"]
     engine = make_engine(mongo_db, redis_client, SETTINGS)
     for n, kill in enumerate(kills):
-        child = run_worker(mongo_service, mongo_db, redis_service, llm, kill, task="rollback", rollback="r1")
-        assert child.returncode == -9, (
-            f"the child should have died at {kill}, exited {child.returncode}:\n{child.stderr[-3000:]}"
-        )
+        kill_rig.kill(kill, SETTINGS, USER, task="rollback", rollback="r1")
         if n == 0:
             version, intent = expected_after_kill(kill[0])
             profile = profile_of(mongo_db, USER) or {}
@@ -103,7 +94,7 @@ def test_kill_a_rollback_then_rerun_ends_like_a_clean_rollback(
         held = snapshot(mongo_db, USER)
         assert engine.rollback(USER, "r1", rollback_id="blocked").status == SKIPPED_LOCKED
         assert snapshot(mongo_db, USER) == held, "a rollback blocked by the lock changed the database"
-        wait_for_lock_expiry(redis_client, SETTINGS.lock_key(USER), SETTINGS.lock_ttl_seconds)
+        kill_rig.wait_for_lock_expiry(SETTINGS, USER)
 
     if rerun == "rollback":
         result = engine.rollback(USER, "r1", rollback_id="rerun")
@@ -124,29 +115,19 @@ REFOLD_STEPS = refold.STEPS
 
 
 @pytest.mark.parametrize("step", REFOLD_STEPS)
-def test_kill_a_refold_then_rerun_ends_like_a_clean_refold(
-    step: str,
-    mongo_service: MongoService,
-    mongo_db: Database[Doc],
-    redis_service: RedisService,
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-) -> None:
+def test_kill_a_refold_then_rerun_ends_like_a_clean_refold(step: str, kill_rig: KillRig) -> None:
     """A refold moves no event: killed before its commit, the profile is as it was and the re-run
     writes v7; killed after it, v7 is there already. Either way: one v7, the ledger of all 30 events."""
-    prepare(mongo_db, redis_client)
-    llm.set_responder(chain_responder)
+    mongo_db = kill_rig.db
+    prepare(mongo_db, kill_rig.redis)
+    kill_rig.llm.set_responder(chain_responder)
     folded = sorted(snapshot(mongo_db, USER)["archive"])  # ids sort in time order: u1-e000 ... u1-e029
-    child = run_worker(mongo_service, mongo_db, redis_service, llm, (step, 1), task="refold")
-    assert child.returncode == -9, (
-        f"the child should have died at {step}, exited {child.returncode}:\n{child.stderr[-3000:]}"
-    )
+    kill_rig.kill((step, 1), SETTINGS, USER, task="refold")
     committed = step == "committed"
     assert summary_version(mongo_db, USER) == (7 if committed else 6), f"after a kill at {step}"
-    wait_for_lock_expiry(redis_client, SETTINGS.lock_key(USER), SETTINGS.lock_ttl_seconds)
+    kill_rig.wait_for_lock_expiry(SETTINGS, USER)
     if not committed:
-        engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai(timeout=SETTINGS.llm_timeout_seconds))
+        engine = kill_rig.engine(SETTINGS, timeout=SETTINGS.llm_timeout_seconds)
         assert engine.refold(USER, run_id="rerun").status == refold.REFOLDED
 
     history = history_of(mongo_db, USER)
