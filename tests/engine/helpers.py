@@ -169,6 +169,17 @@ def set_profile(db: Database[Doc], user_id: str, **fields: Any) -> None:
     db["user_profiles"].update_one({"user_id": user_id}, {"$set": {"user_id": user_id, **fields}}, upsert=True)
 
 
+def raise_at(step: str, error: Callable[[str], BaseException]) -> Callable[[str], None]:
+    """Return a checkpoint that raises ``error(step)`` when ``step`` is reached: an operation stopped there
+    in this process (its ``finally`` blocks run; the kill matrices kill for real)."""
+
+    def checkpoint(reached: str) -> None:
+        if reached == step:
+            raise error(step)
+
+    return checkpoint
+
+
 # -- reading what reached the LLM ------------------------------------------------------------------
 
 

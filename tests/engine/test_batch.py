@@ -27,6 +27,7 @@ from tests.engine.helpers import (
     events_of,
     insert_events,
     make_engine,
+    raise_at,
     set_profile,
     small_settings,
     snapshot,
@@ -59,6 +60,13 @@ def seed(db: Database[Doc], users: tuple[str, ...] = USERS, n: int = 15) -> None
         set_profile(db, user_id)  # a compression that fails creates an empty one: snapshots compare alike
 
 
+@pytest.fixture
+def engine(mongo_db: Database[Doc], redis_client: redis.Redis, make_openai: OpenAIFactory) -> Engine:
+    """Return a batch-mode engine on the fake server, USERS seeded with 15 events each."""
+    seed(mongo_db)
+    return engine_of(mongo_db, redis_client, make_openai)
+
+
 def run_batch(
     engine: Engine, client: openai.OpenAI, users: tuple[str, ...] = USERS, *, online: bool = False
 ) -> dict[str, UserResult | CompressionError]:
@@ -80,15 +88,8 @@ def commit_all(engine: Engine, users: tuple[str, ...], *, online: bool = False) 
 
 
 def test_batch_run_folds_each_user_once_through_one_batch(
-    mongo_db: Database[Doc],
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-    client: Any,
-    caplog: pytest.LogCaptureFixture,
+    mongo_db: Database[Doc], llm: FakeOpenAI, engine: Engine, client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    seed(mongo_db)
-    engine = engine_of(mongo_db, redis_client, make_openai)
     with caplog.at_level(logging.DEBUG):
         outcomes = run_batch(engine, client)
     logged = "\n".join(record.getMessage() for record in caplog.records)
@@ -130,10 +131,8 @@ def test_the_batch_summary_is_the_online_one(
 
 
 def test_new_events_during_the_wait_stay_and_a_changed_user_is_stale(
-    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory, client: Any
+    mongo_db: Database[Doc], engine: Engine, client: Any
 ) -> None:
-    seed(mongo_db)
-    engine = engine_of(mongo_db, redis_client, make_openai)
     batch.prepare(engine, RUN, USERS)
     batch.submit(engine, RUN, client)
     # While the batch runs: u-a keeps chatting, u-b is compressed online by the bot, one of u-c's
@@ -168,17 +167,9 @@ def test_new_events_during_the_wait_stay_and_a_changed_user_is_stale(
     ],
 )
 def test_a_failed_batch_or_line_fails_its_users_deletes_nothing_and_an_online_rerun_compresses(
-    spoil: Any,
-    error: type[CompressionError],
-    mongo_db: Database[Doc],
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-    client: Any,
+    spoil: Any, error: type[CompressionError], mongo_db: Database[Doc], llm: FakeOpenAI, engine: Engine, client: Any
 ) -> None:
-    seed(mongo_db)
     spoil(llm)
-    engine = engine_of(mongo_db, redis_client, make_openai)
     before = {u: snapshot(mongo_db, u) for u in USERS}
     outcomes = run_batch(engine, client)
 
@@ -214,23 +205,11 @@ def test_an_unknown_completion_window_is_refused_naming_the_setting() -> None:
 
 @pytest.mark.parametrize("step", ["intent", "uploaded", "created", "submitted"])
 def test_a_submit_killed_at_any_step_and_rerun_makes_one_batch(
-    step: str,
-    mongo_db: Database[Doc],
-    redis_client: redis.Redis,
-    llm: FakeOpenAI,
-    make_openai: OpenAIFactory,
-    client: Any,
+    step: str, llm: FakeOpenAI, engine: Engine, client: Any
 ) -> None:
-    seed(mongo_db)
-    engine = engine_of(mongo_db, redis_client, make_openai)
     batch.prepare(engine, RUN, USERS)
-
-    def kill(at: str) -> None:
-        if at == step:
-            raise Killed(at)
-
     with pytest.raises(Killed):
-        batch.submit(engine, RUN, client, checkpoint=kill)
+        batch.submit(engine, RUN, client, checkpoint=raise_at(step, Killed))
     batch.submit(engine, RUN, client)
     assert len(llm.batches) == 1
     uploads = [f["id"] for f in llm.files if f["purpose"] == "batch"]

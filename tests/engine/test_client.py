@@ -98,6 +98,13 @@ def engine(mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, 
 
 
 @pytest.fixture
+def compressed(mongo_db: Database[Doc], engine: Engine) -> None:
+    """Give the user 20 events, folded by run r0 (versions 1-3, the newest five raw)."""
+    insert_events(mongo_db, USER, 20)
+    assert engine.compress(USER, run_id="r0").summary_version == 3
+
+
+@pytest.fixture
 def reader(mongo_db: Database[Doc]) -> butler.MemoryClient:
     """Return a client that reads without Redis (the read never needs it)."""
     return butler.MemoryClient(mongo_db, settings=SETTINGS)
@@ -142,11 +149,10 @@ def test_a_pending_fold_of_an_older_version_without_digests_is_hidden(
     assert_exactly_once(reader.memory(USER), ids_of(0, 20))
 
 
+@pytest.mark.usefixtures("compressed")
 def test_a_late_write_with_an_older_timestamp_is_returned(
     mongo_db: Database[Doc], engine: Engine, reader: butler.MemoryClient
 ) -> None:
-    insert_events(mongo_db, USER, 20)
-    engine.compress(USER, run_id="r0")
     # Written after the fold, timed before its watermark: the watermark alone would hide it.
     insert_events(mongo_db, USER, 1, first=20, start=START - timedelta(days=1))
     memory = reader.memory(USER)
@@ -155,11 +161,10 @@ def test_a_late_write_with_an_older_timestamp_is_returned(
 
 
 @pytest.mark.parametrize("step", ["intent", "restored", "recorded", "committed", "unarchived"])
+@pytest.mark.usefixtures("compressed")
 def test_a_rollback_in_progress_reads_each_event_once(
     step: str, mongo_db: Database[Doc], engine: Engine, reader: butler.MemoryClient
 ) -> None:
-    insert_events(mongo_db, USER, 20)
-    engine.compress(USER, run_id="r0")
     insert_events(mongo_db, USER, 15, first=20, start=START + timedelta(days=1))
     assert engine.compress(USER, run_id="r1").summary_version == 6
     with pytest.raises(Stop):
@@ -172,19 +177,17 @@ def test_a_rollback_in_progress_reads_each_event_once(
     assert_exactly_once(reader.memory(USER), ids_of(0, 35))
 
 
-def test_a_refold_reads_each_event_once(mongo_db: Database[Doc], engine: Engine, reader: butler.MemoryClient) -> None:
-    insert_events(mongo_db, USER, 20)
-    engine.compress(USER, run_id="r0")
+@pytest.mark.usefixtures("compressed")
+def test_a_refold_reads_each_event_once(engine: Engine, reader: butler.MemoryClient) -> None:
     assert engine.refold(USER, run_id="refold-1").to_version == 4
     assert_exactly_once(reader.memory(USER), ids_of(0, 20))
 
 
 @pytest.mark.parametrize("step", ["planned", "deleted", "summarized", "committed", "dropped"])
+@pytest.mark.usefixtures("compressed")
 def test_an_event_being_forgotten_is_never_returned(
     step: str, mongo_db: Database[Doc], engine: Engine, reader: butler.MemoryClient
 ) -> None:
-    insert_events(mongo_db, USER, 20)
-    engine.compress(USER, run_id="r0")
     archived, raw = f"{USER}-e007", f"{USER}-e018"
     with pytest.raises(Stop):
         forget.forget_events(USER, engine=engine, secret=SECRET, event_ids=[archived, raw], checkpoint=stop_at(step))
@@ -197,11 +200,10 @@ def test_an_event_being_forgotten_is_never_returned(
     assert_exactly_once(reader.memory(USER), ids_of(0, 20) - {archived, raw})
 
 
+@pytest.mark.usefixtures("compressed")
 def test_an_unfinished_erasure_of_the_user_returns_nothing(
     mongo_db: Database[Doc], engine: Engine, reader: butler.MemoryClient
 ) -> None:
-    insert_events(mongo_db, USER, 20)
-    engine.compress(USER, run_id="r0")
     set_profile(mongo_db, USER, **{ERASING_FIELD: "erasure-1"})
     assert reader.memory(USER) == butler.Memory(USER, "", 3, (), erasing=True)
 
@@ -397,9 +399,7 @@ def test_a_fold_between_the_profile_and_the_events_read_makes_the_read_start_aga
     assert_exactly_once(memory, ids_of(0, 20))
 
 
-def test_a_profile_that_moves_during_every_read_gives_a_clear_retryable_error(
-    mongo_db: Database[Doc], engine: Engine
-) -> None:
+def test_a_profile_that_moves_during_every_read_gives_a_clear_retryable_error(mongo_db: Database[Doc]) -> None:
     insert_events(mongo_db, USER, 3)
     plan = butler.read_plan(USER, SETTINGS)
     find = next(plan)
@@ -411,9 +411,8 @@ def test_a_profile_that_moves_during_every_read_gives_a_clear_retryable_error(
     assert version == 3 * butler.ATTEMPTS, "three reads an attempt, then it gives up"
 
 
-def test_a_logged_memory_shows_no_content(mongo_db: Database[Doc], engine: Engine, reader: butler.MemoryClient) -> None:
-    insert_events(mongo_db, USER, 20)
-    engine.compress(USER, run_id="r0")
+@pytest.mark.usefixtures("compressed")
+def test_a_logged_memory_shows_no_content(reader: butler.MemoryClient) -> None:
     memory = reader.memory(USER)
     shown = f"{memory!r} {memory.events!r} {memory}"
     assert "weather" not in shown and memory.summary not in shown, shown

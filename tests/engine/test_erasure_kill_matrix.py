@@ -8,8 +8,6 @@ record, done, with the counts found when the first attempt started, and no trace
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import redis
 from pymongo.database import Database
@@ -29,10 +27,9 @@ from tests.engine.erasure_helpers import (
     redis_mentions,
     seed_everywhere,
 )
-from tests.engine.helpers import small_settings
+from tests.engine.helpers import Doc, small_settings
 from tests.engine.kill_harness import Kill
 
-Doc = dict[str, Any]
 # A short lock TTL so a killed erasure's lock expires within the test; the erasure waits longer than it.
 SETTINGS = small_settings(lock_ttl_seconds=1, llm_timeout_seconds=0.45, erasure_lock_wait_seconds=10)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import pymongo
 import pytest
@@ -22,9 +21,8 @@ from butler_memory.storage.archive import ARCHIVE_FIELDS
 from butler_memory.storage.profiles import PENDING_FIELD
 from tests.engine.conftest import KillRig
 from tests.engine.helpers import (
-    archive_of,
+    Doc,
     chain_responder,
-    events_of,
     history_of,
     insert_events,
     ledger,
@@ -41,7 +39,6 @@ from tests.engine.kill_harness import Kill
 from tools.fake_openai import FakeOpenAI
 from tools.services import RedisService
 
-Doc = dict[str, Any]
 USER = "u1"
 EVENTS, KEEP, CHUNK = 20, 5, 5
 CHUNKS = (EVENTS - KEEP) // CHUNK
@@ -53,25 +50,12 @@ BOOKKEEPING = ARCHIVE_FIELDS  # our fields on an archived event
 
 CASES: dict[str, list[Kill]] = {
     # A normal run killed at each step; chunk steps in the first and the second chunk.
-    "locked": [("locked", 1)],
-    "selected": [("selected", 1)],
-    "summarized-1": [("summarized", 1)],
-    "summarized-2": [("summarized", 2)],
-    "recorded-1": [("recorded", 1)],
-    "recorded-2": [("recorded", 2)],
-    "committed-1": [("committed", 1)],
-    "committed-2": [("committed", 2)],
-    "archived-1": [("archived", 1)],
-    "archived-2": [("archived", 2)],
-    "deleted-2": [("deleted", 2)],
-    "cleared-2": [("cleared", 2)],
-    "deleted-3": [("deleted", 3)],
+    **{step: [(step, 1)] for step in ("locked", "selected")},
+    **{f"{step}-{n}": [(step, n)] for step in ("summarized", "recorded", "committed", "archived") for n in (1, 2)},
+    **{f"{step}-{n}": [(step, n)] for step, n in (("deleted", 2), ("cleared", 2), ("deleted", 3))},
     # A recovery run (finishing the pending fold of chunk 2) killed at its own steps.
-    "recovery-locked": [("committed", 2), ("locked", 1)],
-    "recovery-pending_archived": [("committed", 2), ("pending_archived", 1)],
-    "recovery-pending_deleted": [("committed", 2), ("pending_deleted", 1)],
-    "recovery-summarized": [("archived", 1), ("summarized", 1)],
-    "recovery-recorded": [("archived", 1), ("recorded", 1)],
+    **{f"recovery-{step}": [("committed", 2), (step, 1)] for step in ("locked", "pending_archived", "pending_deleted")},
+    **{f"recovery-{step}": [("archived", 1), (step, 1)] for step in ("summarized", "recorded")},
 }
 
 
@@ -143,13 +127,14 @@ def clean_run(
         insert_events(db, USER, EVENTS)
         result = make_engine(db, client, SETTINGS, summarizer).compress(USER)
         assert result.status == COMPRESSED and result.chunks == CHUNKS, result
+        state = snapshot(db, USER)
         yield {
-            "remaining": sorted(events_of(db, USER)),
-            "archive": {i: doc["summary_version"] for i, doc in archive_of(db, USER).items()},
+            "remaining": sorted(state["events"]),
+            "archive": {i: doc["summary_version"] for i, doc in state["archive"].items()},
             "version": summary_version(db, USER),
-            "summary": profile_of(db, USER)["memory_summary"],
+            "summary": state["profile"]["memory_summary"],
             "requests": len(fake_llm.chat_requests),
-            "history": [_comparable(entry) for entry in history_of(db, USER)],
+            "history": [_comparable(entry) for entry in state["history"]],
         }
     finally:
         fake_llm.reset()
@@ -189,8 +174,8 @@ def test_kill_then_rerun_ends_like_a_clean_run(kills: list[Kill], clean_run: Doc
     result = engine.compress(USER, run_id="rerun")
 
     assert result.status in (COMPRESSED, SKIPPED_BELOW_THRESHOLD), result
-    remaining, archive = events_of(mongo_db, USER), archive_of(mongo_db, USER)
-    profile = profile_of(mongo_db, USER)
+    state = snapshot(mongo_db, USER)
+    remaining, archive, profile = state["events"], state["archive"], state["profile"]
     assert profile is not None and profile[PENDING_FIELD] is None, f"a pending fold was left behind: {profile}"
     # No event lost: each is still in user_memory or archived (unchanged) and covered by the watermark.
     assert sorted(remaining) == ids(kept), "exactly the newest events must remain"
@@ -242,11 +227,12 @@ def test_kill_while_quarantining_then_rerun_moves_the_bad_event_once_and_folds_t
     result = engine.compress(USER, run_id="rerun")
 
     assert result.status == COMPRESSED, result
-    assert sorted(events_of(mongo_db, USER)) == ids(kept), "exactly the newest events must remain"
+    state = snapshot(mongo_db, USER)
+    assert sorted(state["events"]) == ids(kept), "exactly the newest events must remain"
     (record,) = mongo_db["user_memory_quarantine"].find({"user_id": USER})
     assert record["_id"] == BAD and record["event"] == bad and record["field"] == "content", record
-    archive = archive_of(mongo_db, USER)
+    archive = state["archive"]
     assert sorted(archive) == ids(folded), "every other folded event is archived, the bad one is not"
-    profile = profile_of(mongo_db, USER)
+    profile = state["profile"]
     assert profile is not None and profile[PENDING_FIELD] is None
     assert ledger(profile["memory_summary"]) == ids(folded), "an event was lost from, or repeated in, the summary"

@@ -8,6 +8,7 @@ them off the real UDP socket (the ``statsd`` sink) and check no id goes with the
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -65,13 +66,29 @@ def with_metrics(engine: Engine, metrics: StatsdMetrics) -> Engine:
     return dataclasses.replace(engine, metrics=metrics)
 
 
+def after_two_runs(db: Database[Doc], redis_client: redis.Redis, metrics: StatsdMetrics) -> Engine:
+    """Run test_rollback's two runs (r0, r1) unheard; return the engine, now sending to the sink."""
+    engine = make_engine(db, redis_client, SETTINGS)
+    two_runs(db, engine)
+    return with_metrics(engine, metrics)
+
+
+def assert_a_crash_sends_its_failure(
+    statsd: StatsdSink, operation: str, run: Callable[[Callable[[str], None]], object], step: str
+) -> None:
+    """Crash ``run`` (given a checkpoint) at ``step``: its operation sends one failure and no counts; clear the sink."""
+    with pytest.raises(Crash):
+        run(crash_at(step))
+    assert_failed(sent(statsd, operation, "failures"), operation)
+    statsd.clear()
+
+
 def test_a_rollback_sends_its_users_events_and_duration(
     mongo_db: Database[Doc], redis_client: redis.Redis, statsd: StatsdSink, statsd_metrics: StatsdMetrics
 ) -> None:
-    engine = make_engine(mongo_db, redis_client, SETTINGS)
-    two_runs(mongo_db, engine)
+    engine = after_two_runs(mongo_db, redis_client, statsd_metrics)
 
-    result = with_metrics(engine, statsd_metrics).rollback("u1", "r1", rollback_id="rb")
+    result = engine.rollback("u1", "r1", rollback_id="rb")
 
     assert result.status == ROLLED_BACK and result.events_restored > 0, result
     got = sent(statsd, m.ROLLBACK, "users", "users_changed", "events", "duration")
@@ -81,15 +98,14 @@ def test_a_rollback_sends_its_users_events_and_duration(
 def test_a_failed_rollback_sends_its_failure_and_a_dry_run_sends_nothing(
     mongo_db: Database[Doc], redis_client: redis.Redis, statsd: StatsdSink, statsd_metrics: StatsdMetrics
 ) -> None:
-    engine = make_engine(mongo_db, redis_client, SETTINGS)
-    two_runs(mongo_db, engine)
-    engine = with_metrics(engine, statsd_metrics)
+    engine = after_two_runs(mongo_db, redis_client, statsd_metrics)
+    assert_a_crash_sends_its_failure(
+        statsd,
+        m.ROLLBACK,
+        lambda checkpoint: engine.rollback("u1", "r1", rollback_id="rb", checkpoint=checkpoint),
+        "restored",
+    )
 
-    with pytest.raises(Crash):
-        engine.rollback("u1", "r1", rollback_id="rb", checkpoint=crash_at("restored"))
-    assert_failed(sent(statsd, m.ROLLBACK, "failures"), m.ROLLBACK)
-
-    statsd.clear()
     engine.rollback("u1", "r1", rollback_id="rb2", dry_run=True)
     engine.rollback("u1", "r1", rollback_id="rb3")  # a marker: what the dry run sent arrived before it
     got = sent(statsd, m.ROLLBACK, "users")
@@ -99,15 +115,11 @@ def test_a_failed_rollback_sends_its_failure_and_a_dry_run_sends_nothing(
 def test_a_refold_sends_its_events_and_its_failure(
     mongo_db: Database[Doc], redis_client: redis.Redis, statsd: StatsdSink, statsd_metrics: StatsdMetrics
 ) -> None:
-    engine = make_engine(mongo_db, redis_client, SETTINGS)
-    two_runs(mongo_db, engine)
-    engine = with_metrics(engine, statsd_metrics)
+    engine = after_two_runs(mongo_db, redis_client, statsd_metrics)
+    assert_a_crash_sends_its_failure(
+        statsd, m.REFOLD, lambda checkpoint: engine.refold("u1", run_id="refold-0", checkpoint=checkpoint), "locked"
+    )
 
-    with pytest.raises(Crash):
-        engine.refold("u1", run_id="refold-0", checkpoint=crash_at("locked"))
-    assert_failed(sent(statsd, m.REFOLD, "failures"), m.REFOLD)
-
-    statsd.clear()
     result = engine.refold("u1", run_id="refold-1")
 
     assert result.status == REFOLDED and result.events == 30, result
@@ -123,13 +135,15 @@ def test_a_forget_sends_the_events_it_forgot_and_its_failure_but_not_bad_input(
 
     with pytest.raises(ForgetInputError):
         forget.forget_events("nobody-here", engine=engine, secret=SECRET, event_ids=["nobody-here-e001"])
-    with pytest.raises(Crash):
-        forget.forget_events(
-            FACT_USER, engine=engine, secret=SECRET, since=since, until=until, checkpoint=crash_at("planned")
-        )
-    assert_failed(sent(statsd, m.FORGET, "failures"), m.FORGET)  # once: the bad input is the caller's
+    assert_a_crash_sends_its_failure(  # one failure: the bad input is the caller's
+        statsd,
+        m.FORGET,
+        lambda checkpoint: forget.forget_events(
+            FACT_USER, engine=engine, secret=SECRET, since=since, until=until, checkpoint=checkpoint
+        ),
+        "planned",
+    )
 
-    statsd.clear()
     result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, since=since, until=until)
 
     assert result.status == forget.FORGOTTEN and result.removed == {"events": 0, "archive": 2}, result
@@ -149,11 +163,10 @@ def test_an_erasure_sends_the_events_it_erased_and_its_failure(
             TARGET, settings=settings, store=store, locks=locks, secret=SECRET, metrics=statsd_metrics, **kwargs
         )
 
-    with pytest.raises(Crash):
-        erase(events=True, checkpoint=crash_at("archive"))
-    assert_failed(sent(statsd, m.ERASURE, "failures"), m.ERASURE)
+    assert_a_crash_sends_its_failure(
+        statsd, m.ERASURE, lambda checkpoint: erase(events=True, checkpoint=checkpoint), "archive"
+    )
 
-    statsd.clear()
     result = erase(events=True)
 
     assert result.status == erasure.ERASED, result

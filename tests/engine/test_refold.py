@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Any
-
 import pytest
 import redis
 from pymongo.database import Database
@@ -12,41 +9,22 @@ from pymongo.database import Database
 from butler_memory.operations.refold import DRY_RUN, NOT_CHANGED, REFOLDED, REFUSED
 from butler_memory.operations.rollback import ROLLED_BACK
 from tests.engine.conftest import OpenAIFactory
-from tests.engine.helpers import (
-    START,
-    archive_of,
-    chain_responder,
-    events_of,
-    history_of,
-    insert_events,
-    ledger,
-    make_engine,
-    profile_of,
-    small_settings,
-    snapshot,
-)
-from tests.engine.test_rollback import Crash, crash_at
+from tests.engine.helpers import Doc, archive_of, chain_responder, history_of, ledger, make_engine, profile_of, snapshot
+from tests.engine.test_rollback import SETTINGS, Crash, crash_at, two_runs
 from tools.fake_openai import FakeOpenAI
 
-Doc = dict[str, Any]
-SETTINGS = small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5)
 
-
-def two_runs(db: Database[Doc], redis_client: redis.Redis) -> list[Doc]:
-    """Fold 30 events with the offline summariser in two runs (v1-v3, v4-v6); return them in order."""
-    engine = make_engine(db, redis_client, SETTINGS)
-    first = insert_events(db, "u1", 20)
-    engine.compress("u1", run_id="r0")
-    later = insert_events(db, "u1", 15, first=20, start=START + timedelta(days=1))
-    engine.compress("u1", run_id="r1")
-    return first + later
+def folded_in_two_runs(db: Database[Doc], redis_client: redis.Redis) -> list[str]:
+    """Fold 30 of 35 events with the offline summariser in two runs (v1-v3, v4-v6: test_rollback's
+    two_runs); return the folded events' ids, oldest first."""
+    two_runs(db, make_engine(db, redis_client, SETTINGS))
+    return sorted(archive_of(db, "u1"))  # ids sort in time order: u1-e000 ... u1-e029
 
 
 def test_refold_rebuilds_from_the_empty_summary_with_todays_summariser(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
-    events = two_runs(mongo_db, redis_client)
-    folded = [ev["_id"] for ev in events[:30]]
+    folded = folded_in_two_runs(mongo_db, redis_client)
     before = snapshot(mongo_db, "u1")
     llm.set_responder(chain_responder)
     engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai())
@@ -55,12 +33,13 @@ def test_refold_rebuilds_from_the_empty_summary_with_todays_summariser(
 
     assert result.status == REFOLDED, result
     assert (result.from_version, result.to_version, result.refolded_from, result.events) == (6, 7, 0, 30)
-    profile = profile_of(mongo_db, "u1")
+    after = snapshot(mongo_db, "u1")
+    profile = after["profile"]
     assert ledger(profile["memory_summary"]) == folded, "archived events must be folded again once each, in order"
-    assert events_of(mongo_db, "u1") == before["events"], "raw events must stay raw and untouched"
-    assert archive_of(mongo_db, "u1") == before["archive"]
+    assert after["events"] == before["events"], "raw events must stay raw and untouched"
+    assert after["archive"] == before["archive"]
     assert profile["memory_compressed_through"] == before["profile"]["memory_compressed_through"]
-    history = history_of(mongo_db, "u1")
+    history = after["history"]
     assert [e["version"] for e in history] == list(range(1, 8))
     assert history[:6] == before["history"], "the history was rewritten"
     new = history[-1]
@@ -82,20 +61,20 @@ def test_refold_rebuilds_from_the_empty_summary_with_todays_summariser(
 def test_refold_starts_above_versions_whose_events_are_gone(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
-    events = two_runs(mongo_db, redis_client)
+    folded = folded_in_two_runs(mongo_db, redis_client)
     mongo_db["user_memory_archive"].delete_many({"summary_version": 2})  # as retention would
     v2_text = history_of(mongo_db, "u1")[1]["text"]
     llm.set_responder(chain_responder)
     result = make_engine(mongo_db, redis_client, SETTINGS, make_openai()).refold("u1", run_id="refold")
     assert result.status == REFOLDED and result.refolded_from == 2 and result.events == 20
-    expected = " ".join([v2_text, *(ev["_id"] for ev in events[10:30])])
+    expected = " ".join([v2_text, *folded[10:30]])
     assert profile_of(mongo_db, "u1")["memory_summary"] == expected
 
 
 def test_refold_refuses_when_the_current_versions_events_are_gone(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    two_runs(mongo_db, redis_client)
+    folded_in_two_runs(mongo_db, redis_client)
     mongo_db["user_memory_archive"].delete_many({"summary_version": 6})
     before = snapshot(mongo_db, "u1")
     result = make_engine(mongo_db, redis_client, SETTINGS).refold("u1", run_id="refold")
@@ -104,7 +83,7 @@ def test_refold_refuses_when_the_current_versions_events_are_gone(
 
 
 def test_refold_dry_run_writes_nothing(mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI) -> None:
-    two_runs(mongo_db, redis_client)
+    folded_in_two_runs(mongo_db, redis_client)
     before = snapshot(mongo_db, "u1")
     result = make_engine(mongo_db, redis_client, SETTINGS).refold("u1", run_id="refold", dry_run=True)
     assert result.status == DRY_RUN and result.events == 30 and result.refolded_from == 0
@@ -115,7 +94,7 @@ def test_refold_dry_run_writes_nothing(mongo_db: Database[Doc], redis_client: re
 def test_a_refold_killed_before_its_commit_leaves_the_summary_and_reruns_cleanly(
     step: str, mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
-    two_runs(mongo_db, redis_client)
+    folded_in_two_runs(mongo_db, redis_client)
     profile = profile_of(mongo_db, "u1")
     engine = make_engine(mongo_db, redis_client, SETTINGS)
     with pytest.raises(Crash):
@@ -129,7 +108,7 @@ def test_a_refold_rerun_adds_no_identical_version(
     mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
 ) -> None:
     # Issue 23.3: the same re-fold again (a retried task, an operator's second try) changes nothing.
-    two_runs(mongo_db, redis_client)
+    folded_in_two_runs(mongo_db, redis_client)
     llm.set_responder(chain_responder)
     engine = make_engine(mongo_db, redis_client, SETTINGS, make_openai())
     assert engine.refold("u1", run_id="refold-1").status == REFOLDED

@@ -26,18 +26,19 @@ from tests.engine.erasure_helpers import FACT_USER, SECRET, fact_settings, fold_
 from tests.engine.helpers import (
     START,
     AfterWrite,
+    Doc,
     archive_of,
     events_of,
     history_of,
     insert_events,
     make_engine,
     profile_of,
+    raise_at,
     small_settings,
     snapshot,
 )
 from tools.services import MongoService
 
-Doc = dict[str, Any]
 SETTINGS = small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5)
 LATER = START + timedelta(days=1)
 
@@ -46,12 +47,9 @@ class Crash(Exception):
     """Stands in for a kill at a checkpoint (the kill matrix kills for real)."""
 
 
-def crash_at(step: str) -> Any:
-    def checkpoint(name: str) -> None:
-        if name == step:
-            raise Crash(step)
-
-    return checkpoint
+def crash_at(step: str) -> Callable[[str], None]:
+    """Return a checkpoint that raises Crash at ``step``."""
+    return raise_at(step, Crash)
 
 
 def two_runs(db: Database[Doc], engine: Engine) -> Doc:
