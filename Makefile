@@ -11,7 +11,7 @@ help:
 	@echo "make demo     run the memory_compression DAG end to end on embedded MongoDB/Redis"
 	@echo "make test     lint + the whole test suite (real services started by the suite)"
 	@echo "make airflow  Airflow API server + scheduler + DAG processor on the embedded services (UI on 127.0.0.1:8080)"
-	@echo "make bench    benchmarks; prints figures (takes up to 35 minutes)"
+	@echo "make bench    every benchmark but the scale one; prints figures (about 75 minutes on 2 cores)"
 	@echo "make bench-scale  1,000 users at users_per_task 1, 10,000 at 20/50/200, 2,000 on Celery (about an hour)"
 	@echo "make lock     regenerate requirements*.txt from requirements*.in"
 
@@ -51,10 +51,15 @@ parts: venv
 airflow: venv
 	$(BIN)/python tools/standalone.py
 
+# Every table of docs/benchmarks.md but §12 (make bench-scale), in one run (issue 25).
 bench: venv
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/bench_fresh.py
 	$(BIN)/python tools/bench_client.py
+	$(BIN)/python tools/bench_scan.py
+	$(BIN)/python tools/bench_batch.py
+	$(BIN)/python tools/bench_history.py
+	$(BIN)/python tools/bench_guards.py --users 300 --chunk 20 --out .local/bench/guards300.json
 
 # Issue 20 item 6: users per task against Airflow's price per task, on PostgreSQL (docs/benchmarks.md §12).
 bench-scale: venv
