@@ -38,7 +38,7 @@ lint: venv
 # on plugins/ and dags/; combined and printed at the end, and the run fails under 80%.
 test: venv lint parts
 	rm -f .coverage .coverage.*
-	BUTLER_REPO=$(CURDIR) $(BIN)/python -m coverage run -m pytest
+	BUTLER_REPO=$(CURDIR) $(BIN)/python -m coverage run -m pytest --durations=30
 	BUTLER_REPO=$(CURDIR) $(BIN)/python -m coverage combine --quiet
 	BUTLER_REPO=$(CURDIR) $(BIN)/python -m coverage report
 
