@@ -7,7 +7,7 @@ pages from them.
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -70,6 +70,11 @@ def when(iso_text: str | None) -> str:
 def num(value: int) -> str:
     """Return an integer with thousands separators."""
     return f"{value:,}"
+
+
+def nums(row: Mapping[str, Any], *keys: str) -> list[str]:
+    """Return ``row``'s integers under ``keys``, each with thousands separators (cells in that order)."""
+    return [num(row[key]) for key in keys]
 
 
 class Links:

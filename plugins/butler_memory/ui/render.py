@@ -14,7 +14,7 @@ from butler_memory.core.runs import split_run_key
 from butler_memory.core.units import duration
 from butler_memory.orchestration.params import MAX_USER_ID_CHARS
 from butler_memory.ui.data import DAG_ID, DAG_IDS, freshness_line
-from butler_memory.ui.html import Links, data_table, esc, num, page, status_cell, when
+from butler_memory.ui.html import Links, data_table, esc, num, nums, page, status_cell, when
 
 
 def chart_svg(runs: Sequence[Mapping[str, Any]], links: Links) -> str:
@@ -86,13 +86,8 @@ def _run_cells(run: Mapping[str, Any], links: Links) -> list[str]:
         esc(when(run["started_at"])),
         f'<a href="{esc(links.run(run["run_id"], run["kind"]))}">{esc(run["run_id"])}</a>',
         status_cell(run["status"]),
-        num(run["users_found"]),
-        num(run["users_compressed"]),
-        num(run["users_skipped"]),
-        num(run["users_failed"]),
-        num(run["events_folded"]),
-        num(run["events_deleted"]),
-        num(run["llm_tokens"]),
+        *nums(run, "users_found", "users_compressed", "users_skipped", "users_failed"),
+        *nums(run, "events_folded", "events_deleted", "llm_tokens"),
         esc(duration(run["seconds"])),
     ]
 
@@ -286,11 +281,7 @@ def run_page(detail: Mapping[str, Any], *, links: Links, nonce: str) -> str:
             num(u["map_index"]),
             f'<a href="{esc(links.user(u["user_id"]))}">{esc(u["user_id"])}</a>',
             status_cell(u["status"]),
-            num(u["events_before"]),
-            num(u["events_folded"]),
-            num(u["events_deleted"]),
-            num(u["events_after"]),
-            num(u["summary_chars"]),
+            *nums(u, "events_before", "events_folded", "events_deleted", "events_after", "summary_chars"),
             num(u["prompt_tokens"] + u["completion_tokens"]),
             duration(u["seconds"]),
             guards_text(u["guards"]),
