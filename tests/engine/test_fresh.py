@@ -293,21 +293,16 @@ def test_freshness_is_the_lag_from_crossing_the_threshold_to_the_commit(
 ) -> None:
     from butler_memory.fold.compression import compress_user
     from butler_memory.llm.offline import OfflineSummarizer
+    from butler_memory.operations.engine import Engine
     from butler_memory.storage.locks import UserLocks
 
     settings = small_settings()  # threshold 10: the 11th event (index 10) takes the user over it
     start = NOW - timedelta(minutes=30)
     insert_events(mongo_db, "u-fresh", 14, start=start, step=timedelta(minutes=1))
     crossed = start + timedelta(minutes=10)
-    result = compress_user(
-        "u-fresh",
-        settings=settings,
-        store=MemoryStore(mongo_db, settings),
-        locks=UserLocks(redis_client, settings),
-        summarizer=OfflineSummarizer(),
-        metrics=statsd_metrics,
-        clock=lambda: crossed + timedelta(seconds=90),
-    )
+    store, locks = MemoryStore(mongo_db, settings), UserLocks(redis_client, settings)
+    parts = Engine(settings, store, locks, OfflineSummarizer(), statsd_metrics)
+    result = compress_user(parts, "u-fresh", clock=lambda: crossed + timedelta(seconds=90))
     assert result.freshness_seconds == 90.0, result
     lines = statsd.wait_for(lambda got: any("freshness_lag_seconds" in line for line in got))
     assert "personalized_memory_worker_freshness_lag_seconds:90000.000000|ms" in lines, lines

@@ -27,21 +27,21 @@ from butler_memory.core.errors import CompressionError, ErasurePendingError, Gua
 from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
 from butler_memory.fold.chunks import chunks, event_text, fold_list, quarantine_event
-from butler_memory.fold.metrics import Metrics, NullMetrics
+from butler_memory.fold.metrics import Metrics
 from butler_memory.fold.rebuild import (
     Checkpoint,
+    Parts,
     finish_interrupted,
-    fold_chunk,
     no_checkpoint,
+    propose_summary,
     record_baseline,
     summarizer_identity,
 )
-from butler_memory.llm.budget import Spent, TokenBudget
+from butler_memory.llm.budget import Spent
 from butler_memory.llm.prompt import known_language
-from butler_memory.llm.summarizer import Summarizer
 from butler_memory.storage.events import EventKey
 from butler_memory.storage.history import FOLD, Covers, HistoryEntry, Key
-from butler_memory.storage.locks import UserLock, UserLocks
+from butler_memory.storage.locks import UserLock
 from butler_memory.storage.mongo import event_digest, id_key, sanitized_errors
 from butler_memory.storage.profiles import Profile
 from butler_memory.storage.store import MemoryStore
@@ -129,18 +129,13 @@ class UserResult:
 
 
 def compress_user(
+    parts: Parts,
     user_id: str,
     *,
-    settings: Settings,
-    store: MemoryStore,
-    locks: UserLocks,
-    summarizer: Summarizer,
-    metrics: Metrics | None = None,
     run_id: str = "manual",
     dry_run: bool = False,
     checkpoint: Checkpoint = no_checkpoint,
     clock: Callable[[], datetime] = utcnow,
-    budget: TokenBudget | None = None,
     holder: str | None = None,
     frozen: FrozenFold | None = None,
 ) -> UserResult:
@@ -155,10 +150,11 @@ def compress_user(
 
     Raises a ``CompressionError`` subclass when the user could not be compressed; its
     ``retryable`` says whether a later attempt can succeed unchanged. Nothing is ever deleted
-    before a summary covering it is stored. With a token ``budget`` spent, the user is not started
-    (``skipped_budget``); once started, a user is finished whatever the budget.
+    before a summary covering it is stored. With the parts' token ``budget`` spent, the user is not
+    started (``skipped_budget``); once started, a user is finished whatever the budget.
+    ``Engine.compress`` is this function on the engine's parts.
     """
-    metrics = metrics or NullMetrics()
+    metrics, budget = parts.metrics, parts.budget
     started = time.monotonic()
     if not isinstance(user_id, str) or not user_id:
         raise CompressionError(f"user_id must be a non-empty string, got {user_id!r}")
@@ -168,7 +164,7 @@ def compress_user(
         )
         metrics.incr(m.USERS_SKIPPED_BUDGET_TOTAL)
         return UserResult(user_id, SKIPPED_BUDGET, seconds=time.monotonic() - started)
-    lock = locks.acquire(user_id, holder=holder)
+    lock = parts.locks.acquire(user_id, holder=holder)
     if lock is None:
         log.info("user %s: lock held by another compression, skipping", user_id)
         metrics.incr(m.USERS_SKIPPED_LOCKED_TOTAL)
@@ -177,9 +173,7 @@ def compress_user(
     try:
         checkpoint("locked")
         with sanitized_errors(user_id, "compression"):
-            result = _compress_locked(
-                user_id, lock, settings, store, summarizer, metrics, run_id, dry_run, checkpoint, clock, spent, frozen
-            )
+            result = _compress_locked(parts, user_id, lock, run_id, dry_run, checkpoint, clock, spent, frozen)
     except CompressionError as exc:  # the failed user's result reports every token its attempt spent
         exc.prompt_tokens, exc.completion_tokens = spent.prompt_tokens, spent.completion_tokens
         raise
@@ -191,12 +185,9 @@ def compress_user(
 
 
 def _compress_locked(
+    parts: Parts,
     user_id: str,
     lock: UserLock,
-    settings: Settings,
-    store: MemoryStore,
-    summarizer: Summarizer,
-    metrics: Metrics,
     run_id: str,
     dry_run: bool,
     checkpoint: Checkpoint,
@@ -204,6 +195,7 @@ def _compress_locked(
     spent: Spent,
     frozen: FrozenFold | None = None,
 ) -> UserResult:
+    settings, store, summarizer, metrics = parts.settings, parts.store, parts.summarizer, parts.metrics
     profile = store.load_profile(user_id, create=not dry_run)
     if profile.erasing:
         # Forgetting wins: folding more into a summary an erasure is about to rebuild or remove would
@@ -258,17 +250,10 @@ def _compress_locked(
     # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
     stream = chunks(user_id, keys, store, settings, summarizer, language, lambda: summary, quarantine)
     for chunk in stream:
-        text, outcomes = fold_chunk(
-            lock,
-            user_id,
-            summary,
-            [event_text(user_id, ev) for ev in chunk],
-            language,
-            settings=settings,
-            summarizer=summarizer,
-            metrics=metrics,
-            worst=result.guards,
-            spent=spent,  # counts every token, a refused reply's too
+        events = [event_text(user_id, ev) for ev in chunk]
+        # spent counts every token, a refused reply's too
+        text, outcomes = propose_summary(
+            parts, user_id, summary, events, language, worst=result.guards, spent=spent, lock=lock
         )
         result.prompt_tokens, result.completion_tokens = spent.prompt_tokens, spent.completion_tokens
         checkpoint("summarized")

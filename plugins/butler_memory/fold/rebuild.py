@@ -4,11 +4,11 @@ interrupted operation left in the profile.
 Compression, re-fold, forget and rollback are built on this module and it imports none of them,
 so the engine has no import circle (docs/architecture.md, "Layers"):
 
-* :func:`fold_chunk`, the one chunk step of every fold: extend the lock, then, while the lock is
-  kept alive, :func:`propose_summary` (summarise one chunk through the real prompt, count every
-  token on the metrics, the user's ``Spent`` tally and through it the day's budget, a refused
-  reply's too; validate; guards). A compression, a re-fold and a forget's rebuild all fold through
-  it, so all of them spend ``daily_token_budget``.
+* :func:`propose_summary`, the one chunk step of every fold: with the user's lock, extend it and
+  keep it alive meanwhile; summarise one chunk through the real prompt, count every token on the
+  metrics, the user's ``Spent`` tally and through it the day's budget, a refused reply's too;
+  validate; guards. A compression, a re-fold and a forget's rebuild all fold through it, so all of
+  them spend ``daily_token_budget``.
 * :func:`finish_interrupted`: a rollback's intent (:func:`finish_rollback`), then a pending fold
   (:func:`finish_pending`), left by a killed run are finished under the lock before anything else.
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypedDict
 
@@ -47,75 +49,60 @@ def no_checkpoint(step: str) -> None:
     return None
 
 
-class Parts(Protocol):
-    """What an operation on one user runs with; ``operations.engine.Engine`` is the one built per task."""
+class FoldParts(Protocol):
+    """What folding a chunk runs with: the settings, the summariser and the metrics."""
 
     @property
     def settings(self) -> Settings: ...
+    @property
+    def summarizer(self) -> Summarizer: ...
+    @property
+    def metrics(self) -> Metrics: ...
+
+
+class Parts(FoldParts, Protocol):
+    """What an operation on one user runs with; ``operations.engine.Engine`` is the one built per task."""
+
     @property
     def store(self) -> MemoryStore: ...
     @property
     def locks(self) -> UserLocks: ...
     @property
-    def summarizer(self) -> Summarizer: ...
-    @property
-    def metrics(self) -> Metrics: ...
-    @property
     def budget(self) -> TokenBudget | None: ...
+
+
+@dataclass(frozen=True)
+class Folding:
+    """The fold's parts without a store or locks (``qualify``'s: it writes nothing)."""
+
+    settings: Settings
+    summarizer: Summarizer
+    metrics: Metrics = field(default_factory=NullMetrics)
 
 
 # -- the one chunk step ----------------------------------------------------------------------------
 
 
-def fold_chunk(
-    lock: UserLock,
-    user_id: str,
-    previous: str,
-    events: Sequence[EventText],
-    language: str,
-    *,
-    settings: Settings,
-    summarizer: Summarizer,
-    metrics: Metrics,
-    worst: dict[str, str],
-    spent: Spent,
-) -> tuple[str, dict[str, str]]:
-    """Fold one chunk into ``previous`` under the lock: return the accepted text and the guards'
-    outcomes (see ``propose_summary``), or raise; the tokens are counted on ``spent`` either way."""
-    lock.extend()
-    with lock.kept_alive():  # retries and Retry-After waits can outlast the TTL: extend meanwhile
-        return propose_summary(
-            user_id,
-            previous,
-            events,
-            language,
-            settings=settings,
-            summarizer=summarizer,
-            metrics=metrics,
-            worst=worst,
-            spent=spent,
-        )
-
-
 def propose_summary(
+    parts: FoldParts,
     user_id: str,
     previous: str,
     events: Sequence[EventText],
     language: str,
     *,
-    settings: Settings,
-    summarizer: Summarizer,
-    metrics: Metrics,
     worst: dict[str, str],
     spent: Spent | None = None,
     on_reply: Callable[[Summary], object] | None = None,
+    lock: UserLock | None = None,
 ) -> tuple[str, dict[str, str]]:
     """Fold one chunk into ``previous`` through the real prompt, then check the reply: the summariser
     proposes, validation and the guards accept it (return its cleaned text and the guards' outcomes)
-    or raise. ``spent`` counts the call's tokens (see ``_summarize``); ``on_reply`` sees
-    every reply before anything can refuse it. Compression and ``qualify`` both call this: one
-    summarising path.
+    or raise. ``spent`` counts the call's tokens (see ``_summarize``), a refused reply's too; ``on_reply``
+    sees every reply before anything can refuse it. With the user's ``lock`` (every fold that writes:
+    compression, re-fold, a forget's rebuild) the lock is extended first and kept alive meanwhile.
+    Those and ``qualify`` all call this: one summarising path.
     """
+    settings, metrics = parts.settings, parts.metrics
     request = SummaryRequest(
         user_id=user_id,
         previous_summary=previous,
@@ -124,11 +111,15 @@ def propose_summary(
         max_tokens=settings.summary_max_tokens,
         max_chars=settings.summary_max_chars,
     )
-    produced = _summarize(summarizer, request, metrics, spent)
-    if on_reply is not None:
-        on_reply(produced)
-    text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
-    outcomes = guard_summary(user_id, request, text, settings, metrics, worst)
+    if lock is not None:
+        lock.extend()
+    # Retries and Retry-After waits can outlast the lock's TTL: it is extended meanwhile.
+    with nullcontext() if lock is None else lock.kept_alive():
+        produced = _summarize(parts.summarizer, request, metrics, spent)
+        if on_reply is not None:
+            on_reply(produced)
+        text = validate_summary(produced.text, user_id=user_id, max_chars=settings.summary_max_chars)
+        outcomes = guard_summary(user_id, request, text, settings, metrics, worst)
     return text, outcomes
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from butler_memory.core.errors import LLMBatchError, LLMPermanentError, StaleFoldError
@@ -229,18 +229,8 @@ def commit_user(
     frozen = FrozenFold(int(fold["version"]), list(fold["ids"]), list(fold["digests"]), str(fold["prompt_hash"]))
     # The reply is paid for: it is committed whatever the budget, and its tokens count on it (Spent below).
     try:
-        result = compress_user(
-            user_id,
-            settings=engine.settings,
-            store=engine.store,
-            locks=engine.locks,
-            summarizer=FrozenReply(openai_of(engine), frozen, fold["reply"]),
-            metrics=engine.metrics,
-            run_id=run_key,
-            checkpoint=checkpoint,
-            holder=holder,
-            frozen=frozen,
-        )
+        parts = replace(engine, summarizer=FrozenReply(openai_of(engine), frozen, fold["reply"]), budget=None)
+        result = compress_user(parts, user_id, run_id=run_key, checkpoint=checkpoint, holder=holder, frozen=frozen)
         if engine.budget is not None:
             engine.budget.spend(result.prompt_tokens + result.completion_tokens)
     except StaleFoldError as exc:

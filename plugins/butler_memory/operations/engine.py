@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 
 from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
-from butler_memory.fold.compression import UserResult, compress_user
+from butler_memory.fold.compression import compress_user
 from butler_memory.fold.metrics import Metrics, NullMetrics
-from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
 from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.refold import refold_user
@@ -56,29 +55,8 @@ class Engine:
         self.metrics.gauge(m.BACKLOG_USERS, len(backlog))
         return backlog
 
-    def compress(
-        self,
-        user_id: str,
-        *,
-        run_id: str = "manual",
-        dry_run: bool = False,
-        checkpoint: Checkpoint = no_checkpoint,
-        holder: str | None = None,
-    ) -> UserResult:
-        """Compress one user (see ``compress_user``)."""
-        return compress_user(
-            user_id,
-            settings=self.settings,
-            store=self.store,
-            locks=self.locks,
-            summarizer=self.summarizer,
-            metrics=self.metrics,
-            run_id=run_id,
-            dry_run=dry_run,
-            checkpoint=checkpoint,
-            budget=self.budget,
-            holder=holder,
-        )
+    compress = compress_user
+    """Compress one user: ``compression.compress_user`` on these parts."""
 
     rollback = rollback_user
     """Undo one run for one user and emit the rollback metrics: ``rollback.rollback_user`` on these parts."""

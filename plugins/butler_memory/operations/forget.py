@@ -42,7 +42,6 @@ from butler_memory.core.errors import ConcurrentUpdateError, ErasurePendingError
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.fold import metrics as m
 from butler_memory.fold.rebuild import Checkpoint, finish_interrupted, no_checkpoint
-from butler_memory.llm.budget import Spent
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.audit import (
     ALREADY_ERASED,
@@ -328,22 +327,12 @@ def _extend(store: MemoryStore, user_id: str, intent: dict[str, Any], current: i
 def _rebuild(user_id: str, intent: dict[str, Any], engine: Engine, lock: UserLock) -> Rebuilt:
     """Re-fold the kept archived events after the base version (``refold.refold_archived``: the
     summariser, the validation and the guards, as a compression folds them, on the day's budget)."""
-    store, settings = engine.store, engine.settings
+    store = engine.store
     base, current = int(intent["base_version"]), int(intent["expected_version"])
     entry = store.history.version(user_id, base)
     profile = store.load_profile(user_id, create=False)
-    return refold_archived(
-        user_id,
-        lock,
-        entry.text if entry is not None else "",
-        refold_ids(store, user_id, base, current, set(intent["ids"])),
-        profile.language or settings.summary_language,
-        settings=settings,
-        store=store,
-        summarizer=engine.summarizer,
-        metrics=engine.metrics,
-        spent=Spent(engine.budget),
-    )
+    ids = refold_ids(store, user_id, base, current, set(intent["ids"]))
+    return refold_archived(engine, lock, profile, entry.text if entry is not None else "", ids)
 
 
 def _result(

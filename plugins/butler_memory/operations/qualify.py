@@ -36,8 +36,7 @@ from butler_memory.core.errors import (
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.core.units import duration
 from butler_memory.fold.chunks import pack_chunks
-from butler_memory.fold.metrics import NullMetrics
-from butler_memory.fold.rebuild import propose_summary, summarizer_identity
+from butler_memory.fold.rebuild import Folding, propose_summary, summarizer_identity
 from butler_memory.llm.budget import Spent
 from butler_memory.llm.summarizer import EventText, Summarizer, Summary
 from butler_memory.operations.qualify_cases import CASES, Case
@@ -161,6 +160,7 @@ def run_case(case: Case, settings: Settings, summarizer: Summarizer) -> CaseResu
     last: str | None = case.previous or None
 
     spent = Spent()  # every token, a refused reply's too (no budget: qualifying spends none of the day's)
+    parts = Folding(settings, summarizer)  # no metrics: a qualification is not the job's traffic
 
     def on_reply(reply: Summary) -> None:
         nonlocal last
@@ -175,16 +175,7 @@ def run_case(case: Case, settings: Settings, summarizer: Summarizer) -> CaseResu
             read.extend(ev.content for ev in events)
             result.llm_calls += 1
             summary, _ = propose_summary(
-                case.user_id,
-                summary,
-                events,
-                case.language,
-                settings=settings,
-                summarizer=summarizer,
-                metrics=NullMetrics(),
-                worst=result.guards,
-                spent=spent,
-                on_reply=on_reply,
+                parts, case.user_id, summary, events, case.language, worst=result.guards, spent=spent, on_reply=on_reply
             )
             last = summary
             result.chunks += 1

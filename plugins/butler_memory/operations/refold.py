@@ -24,18 +24,16 @@ from datetime import datetime
 from typing import Any
 
 from butler_memory.core.errors import LockBusyError, RollbackRefusedError
-from butler_memory.core.settings import Settings
 from butler_memory.core.units import markdown_table, version_step
 from butler_memory.fold import metrics as m
 from butler_memory.fold.chunks import event_text, pack_chunks
 from butler_memory.fold.compression import utcnow
-from butler_memory.fold.metrics import Metrics
 from butler_memory.fold.rebuild import (
     Checkpoint,
     Parts,
     SummarizerIdentity,
-    fold_chunk,
     no_checkpoint,
+    propose_summary,
     summarizer_identity,
 )
 from butler_memory.llm.budget import Spent
@@ -177,7 +175,7 @@ def _refold_locked(
     checkpoint: Checkpoint,
     clock: Callable[[], datetime],
 ) -> RefoldResult:
-    settings, store, summarizer = parts.settings, parts.store, parts.summarizer
+    store, summarizer = parts.store, parts.summarizer
     profile = settled_profile(store, lock, user_id, dry_run=dry_run, run_id=run_id, clock=clock, metrics=parts.metrics)
     plan = plan_refold(store, profile)
     current = store.history.version(user_id, profile.version)
@@ -217,18 +215,7 @@ def _refold_locked(
         plan.start.version,
         profile.version,
     )
-    rebuilt = refold_archived(
-        user_id,
-        lock,
-        plan.start.text,
-        plan.ids,
-        profile.language or settings.summary_language,
-        settings=settings,
-        store=store,
-        summarizer=summarizer,
-        metrics=parts.metrics,
-        spent=Spent(parts.budget),
-    )
+    rebuilt = refold_archived(parts, lock, profile, plan.start.text, plan.ids)
     summary = rebuilt.text
     result.chunks, result.guards = rebuilt.chunks, rebuilt.guards
     result.prompt_tokens, result.completion_tokens = rebuilt.spent.prompt_tokens, rebuilt.spent.completion_tokens
@@ -341,40 +328,23 @@ def commit_rebuilt(
     commit()
 
 
-def refold_archived(
-    user_id: str,
-    lock: UserLock,
-    text: str,
-    ids: Sequence[Any],
-    language: str,
-    *,
-    settings: Settings,
-    store: MemoryStore,
-    summarizer: Summarizer,
-    metrics: Metrics,
-    spent: Spent,
-) -> Rebuilt:
-    """Fold the archived events ``ids`` (oldest first) onto ``text``, chunk by chunk, through the one
-    chunk step (``rebuild.fold_chunk``): a re-fold, and a forget's rebuild without the forgotten events.
+def refold_archived(parts: Parts, lock: UserLock, profile: Profile, text: str, ids: Sequence[Any]) -> Rebuilt:
+    """Fold the archived events ``ids`` (oldest first) onto ``text``, chunk by chunk in the profile's
+    language, through the one chunk step (``rebuild.propose_summary``): a re-fold, and a forget's
+    rebuild without the forgotten events.
 
     Each chunk's events are read by ``_id`` right before its LLM call (``store.iter_archived``): no
-    cursor stays open across the calls. The tokens count on ``spent`` and its daily budget.
+    cursor stays open across the calls. The tokens count on the rebuilt ``spent`` and the parts' daily budget.
     """
-    rebuilt = Rebuilt(text, spent)
-    archived = store.iter_archived(user_id, ids, settings.max_events_per_chunk)
+    user_id, settings = profile.user_id, parts.settings
+    language = profile.language or settings.summary_language
+    rebuilt = Rebuilt(text, Spent(parts.budget))
+    archived = parts.store.iter_archived(user_id, ids, settings.max_events_per_chunk)
     # Late binding on purpose: each chunk's budget is taken with the summary it folds into.
-    for chunk in pack_chunks(user_id, archived, settings, summarizer, language, lambda: rebuilt.text):
-        rebuilt.text, _ = fold_chunk(
-            lock,
-            user_id,
-            rebuilt.text,
-            [event_text(user_id, ev) for ev in chunk],
-            language,
-            settings=settings,
-            summarizer=summarizer,
-            metrics=metrics,
-            worst=rebuilt.guards,
-            spent=spent,
+    for chunk in pack_chunks(user_id, archived, settings, parts.summarizer, language, lambda: rebuilt.text):
+        events = [event_text(user_id, ev) for ev in chunk]
+        rebuilt.text, _ = propose_summary(
+            parts, user_id, rebuilt.text, events, language, worst=rebuilt.guards, spent=rebuilt.spent, lock=lock
         )
         rebuilt.chunks += 1
         rebuilt.count += len(chunk)
