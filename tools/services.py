@@ -497,6 +497,7 @@ class StatsdSink(Running):
         self.host: str = LOOPBACK
         self.port: int = int(self._sock.getsockname()[1])
         self._lines: list[str] = []
+        self._received: list[float] = []  # time.time() each line arrived, to cut the lines by time
         self._cond = threading.Condition()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._receive, name=f"statsd-sink-{self.port}", daemon=True)
@@ -512,8 +513,10 @@ class StatsdSink(Running):
             except OSError:
                 return
             lines = [line for line in data.decode("utf-8", errors="replace").splitlines() if line]
+            received = time.time()
             with self._cond:
                 self._lines.extend(lines)
+                self._received.extend([received] * len(lines))
                 self._cond.notify_all()
 
     @property
@@ -522,10 +525,16 @@ class StatsdSink(Running):
         with self._cond:
             return list(self._lines)
 
+    def lines_between(self, start: float, end: float) -> list[str]:
+        """Return the lines received from ``start`` to ``end`` (``time.time()`` seconds), in order."""
+        with self._cond:
+            return [line for line, at in zip(self._lines, self._received, strict=True) if start <= at <= end]
+
     def clear(self) -> None:
         """Forget every line received so far."""
         with self._cond:
             self._lines.clear()
+            self._received.clear()
 
     def parsed(self) -> list[Metric]:
         """Return every line received so far as (name, value, type)."""

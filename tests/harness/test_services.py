@@ -246,6 +246,24 @@ def test_statsd_sink_splits_batched_datagrams_and_times_out(statsd: StatsdSink) 
     assert statsd.lines == []
 
 
+def test_statsd_sink_cuts_its_lines_by_the_time_they_arrived(statsd: StatsdSink) -> None:
+    """lines_between keeps the lines received in a time window (the scale bench cuts a run's loops so)."""
+    client = statsd_package.StatsClient(statsd.host, statsd.port)
+    try:
+        client.incr("before")
+        statsd.wait_for(lambda got: got == ["before:1|c"])
+        cut = time.time()
+        client.incr("after")
+        statsd.wait_for(lambda got: len(got) == 2)
+    finally:
+        client.close()
+
+    assert statsd.lines_between(0, cut) == ["before:1|c"]
+    assert statsd.lines_between(cut, time.time()) == ["after:1|c"]
+    statsd.clear()
+    assert statsd.lines_between(0, time.time()) == []
+
+
 def test_parse_statsd_line_rejects_garbage() -> None:
     """A line without name:value|type is an error, not a silent zero."""
     assert parse_statsd_line("x:0.5|c|@0.1") == ("x", 0.5, "c")
