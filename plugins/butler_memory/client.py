@@ -46,12 +46,13 @@ The read needs MongoDB only: without Redis it works as ever (``ring`` then retur
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
@@ -328,102 +329,105 @@ def _inline_run_id() -> str:
     return f"inline__{uuid.uuid4().hex[:12]}"
 
 
-def _no_engine() -> SettingsError:
-    return SettingsError("compress_now needs an engine: pass engine=inline_engine(db, redis, summarizer, ...)")
+DbT = TypeVar("DbT", Database, AsyncDatabase)
+RedisT = TypeVar("RedisT", redis.Redis, redis.asyncio.Redis)
 
 
-class MemoryClient:
-    """The Butler's client for synchronous code (pymongo ``Database``, ``redis.Redis``)."""
+class _Client(Generic[DbT, RedisT]):
+    """What both clients hold: the settings, the collections they read, Redis for the doorbell, the engine."""
 
     def __init__(
         self,
-        db: Database,
-        redis_client: redis.Redis | None = None,
+        db: DbT,
+        redis_client: RedisT | None = None,
         *,
         settings: Settings | None = None,
         engine: Engine | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self._colls = _collections(db, self.settings)
-        self._bell = None if redis_client is None else Doorbell(redis_client, **_doorbell_options(self.settings))
+        self._redis: RedisT | None = redis_client
         self._engine = engine
+
+    def _plan(self, user_id: str) -> tuple[str, ReadPlan]:
+        """Return the checked user id and the plan of its memory read (see the module docstring)."""
+        user_id = check_user_id(user_id)
+        return user_id, read_plan(user_id, self.settings)
+
+    def _compress_now(self, user_id: str, run_id: str | None) -> tuple[Engine, str, str]:
+        """Return the engine, the checked user id and the run id of an inline compression."""
+        if self._engine is None:
+            raise SettingsError("compress_now needs an engine: pass engine=inline_engine(db, redis, summarizer, ...)")
+        return self._engine, check_user_id(user_id), run_id or _inline_run_id()
+
+
+class MemoryClient(_Client[Database, redis.Redis]):
+    """The Butler's client for synchronous code (pymongo ``Database``, ``redis.Redis``)."""
+
+    @functools.cached_property
+    def _bell(self) -> Doorbell | None:
+        return None if self._redis is None else Doorbell(self._redis, **_doorbell_options(self.settings))
 
     def memory(self, user_id: str) -> Memory:
         """Return the user's summary, its version and the live events it does not cover (see the module docstring)."""
-        user_id = check_user_id(user_id)
-        plan = read_plan(user_id, self.settings)
+        user_id, plan = self._plan(user_id)
         with sanitized_errors(user_id, "the memory read"):
             find = next(plan)
             while True:
-                coll = self._colls[find.collection]
-                if find.one:
-                    reply: Any = coll.find_one(find.filter, find.projection) or {}
-                else:
-                    reply = list(coll.find(find.filter, find.projection).sort(EVENT_ORDER).batch_size(EVENTS_BATCH))
                 try:
-                    find = plan.send(reply)
+                    find = plan.send(self._fetch(find))
                 except StopIteration as done:
                     return done.value
 
+    def _fetch(self, find: Find) -> Any:
+        coll = self._colls[find.collection]
+        if find.one:
+            return coll.find_one(find.filter, find.projection) or {}
+        return list(coll.find(find.filter, find.projection).sort(EVENT_ORDER).batch_size(EVENTS_BATCH))
+
     def ring(self, user_id: str, *, events: int | None = None) -> bool:
         """Ring the doorbell for ``user_id`` (``doorbell.Doorbell.ring``); False without Redis."""
-        if self._bell is None:
-            return False
-        return self._bell.ring(user_id, events=events)
+        return self._bell is not None and self._bell.ring(user_id, events=events)
 
     def compress_now(self, user_id: str, *, run_id: str | None = None) -> UserResult:
         """Compress the user now with our engine (``Engine.compress``), under the same lock as the DAG."""
-        if self._engine is None:
-            raise _no_engine()
-        return self._engine.compress(check_user_id(user_id), run_id=run_id or _inline_run_id())
+        engine, user_id, run_id = self._compress_now(user_id, run_id)
+        return engine.compress(user_id, run_id=run_id)
 
 
-class AsyncMemoryClient:
+class AsyncMemoryClient(_Client[AsyncDatabase, redis.asyncio.Redis]):
     """The Butler's client for asyncio (``pymongo.AsyncMongoClient``'s database, ``redis.asyncio.Redis``).
 
     ``compress_now`` runs the synchronous engine (``inline_engine`` on synchronous clients) in a
     worker thread: the engine is one code path, shared with the DAG.
     """
 
-    def __init__(
-        self,
-        db: AsyncDatabase,
-        redis_client: redis.asyncio.Redis | None = None,
-        *,
-        settings: Settings | None = None,
-        engine: Engine | None = None,
-    ) -> None:
-        self.settings = settings or Settings()
-        self._colls = _collections(db, self.settings)
-        self._bell = None if redis_client is None else AsyncDoorbell(redis_client, **_doorbell_options(self.settings))
-        self._engine = engine
+    @functools.cached_property
+    def _bell(self) -> AsyncDoorbell | None:
+        return None if self._redis is None else AsyncDoorbell(self._redis, **_doorbell_options(self.settings))
 
     async def memory(self, user_id: str) -> Memory:
-        """Return the user's summary, its version and the live events it does not cover (see the module docstring)."""
-        user_id = check_user_id(user_id)
-        plan = read_plan(user_id, self.settings)
+        """Return the same as ``MemoryClient.memory``, read through the asyncio driver."""
+        user_id, plan = self._plan(user_id)
         with sanitized_errors(user_id, "the memory read"):
             find = next(plan)
             while True:
-                coll = self._colls[find.collection]
-                if find.one:
-                    reply: Any = await coll.find_one(find.filter, find.projection) or {}
-                else:
-                    cursor = coll.find(find.filter, find.projection).sort(EVENT_ORDER).batch_size(EVENTS_BATCH)
-                    reply = await cursor.to_list()
                 try:
-                    find = plan.send(reply)
+                    find = plan.send(await self._fetch(find))
                 except StopIteration as done:
                     return done.value
 
+    async def _fetch(self, find: Find) -> Any:
+        coll = self._colls[find.collection]
+        if find.one:
+            return await coll.find_one(find.filter, find.projection) or {}
+        return await coll.find(find.filter, find.projection).sort(EVENT_ORDER).batch_size(EVENTS_BATCH).to_list()
+
     async def ring(self, user_id: str, *, events: int | None = None) -> bool:
         """Ring the doorbell for ``user_id`` (``doorbell.AsyncDoorbell.ring``); False without Redis."""
-        if self._bell is None:
-            return False
-        return await self._bell.ring(user_id, events=events)
+        return self._bell is not None and await self._bell.ring(user_id, events=events)
 
     async def compress_now(self, user_id: str, *, run_id: str | None = None) -> UserResult:
         """Compress the user now with our engine in a worker thread (see ``MemoryClient.compress_now``)."""
-        if self._engine is None:
-            raise _no_engine()
-        return await asyncio.to_thread(self._engine.compress, check_user_id(user_id), run_id=run_id or _inline_run_id())
+        engine, user_id, run_id = self._compress_now(user_id, run_id)
+        return await asyncio.to_thread(engine.compress, user_id, run_id=run_id)

@@ -154,88 +154,83 @@ def refold_user(
     on the parts' budget, the day's, as a compression's do (a re-fold is started whatever is left of it).
     Emits the re-fold metrics; ``Engine.refold`` is this function on the engine's parts."""
 
+    def refold_locked(lock: UserLock) -> RefoldResult:
+        store, summarizer = parts.store, parts.summarizer
+        profile = settled_profile(
+            store, lock, user_id, dry_run=dry_run, run_id=run_id, clock=clock, metrics=parts.metrics
+        )
+        plan = plan_refold(store, profile)
+        current = store.history.version(user_id, profile.version)
+        if (
+            current is not None
+            and current.kind == REFOLD
+            and current.refolded_from == plan.start.version
+            and summarizer_identity(summarizer) == _identity_of(current)
+        ):
+            return RefoldResult(
+                user_id,
+                NOT_CHANGED,
+                from_version=profile.version,
+                to_version=profile.version,
+                refolded_from=plan.start.version,
+                message=f"v{profile.version} is already a re-fold from v{plan.start.version} by this summariser",
+            )
+        result = RefoldResult(
+            user_id,
+            DRY_RUN if dry_run else REFOLDED,
+            from_version=profile.version,
+            to_version=profile.version if dry_run else profile.version + 1,
+            refolded_from=plan.start.version,
+            events=plan.events,
+        )
+        if dry_run:
+            result.message = (
+                f"would fold {plan.events} archived event(s) of v{', v'.join(map(str, sorted(plan.versions)))} "
+                f"again on top of v{plan.start.version}, as v{profile.version + 1}"
+            )
+            return result
+
+        log.info(
+            "user %s: re-folding %d archived event(s) from v%d (current v%d)",
+            user_id,
+            plan.events,
+            plan.start.version,
+            profile.version,
+        )
+        rebuilt = refold_archived(parts, lock, profile, plan.start.text, plan.ids)
+        summary = rebuilt.text
+        result.chunks, result.guards = rebuilt.chunks, rebuilt.guards
+        result.prompt_tokens, result.completion_tokens = rebuilt.spent.prompt_tokens, rebuilt.spent.completion_tokens
+        checkpoint("summarized")
+
+        now = clock()
+        # Based on the version it replaces: it covers what that version covered.
+        entry = rebuilt.version(
+            profile, REFOLD, run_id, profile.version, plan.start.version, summarizer, now, covers=False
+        )
+        commit = store.commit_refold
+        commit_rebuilt(
+            store,
+            lock,
+            entry,
+            checkpoint,
+            lambda: commit(user_id, expected_version=profile.version, summary=summary, now=now),
+        )
+        checkpoint("committed")
+        result.summary_chars = len(summary)
+        result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
+        return result
+
     def refold() -> RefoldResult:
         try:
             with locked(parts.locks, user_id, "re-fold", checkpoint=checkpoint) as lock:
-                return _refold_locked(parts, user_id, lock, run_id, dry_run, checkpoint, clock)
+                return refold_locked(lock)
         except LockBusyError:
             return RefoldResult(user_id, SKIPPED_LOCKED, message=LOCK_HELD)
         except RollbackRefusedError as exc:
             return RefoldResult(user_id, REFUSED, message=str(exc))
 
     return m.observed(parts.metrics, m.REFOLD, refold, changed=REFOLDED, events=lambda r: r.events, dry_run=dry_run)
-
-
-def _refold_locked(
-    parts: Parts,
-    user_id: str,
-    lock: UserLock,
-    run_id: str,
-    dry_run: bool,
-    checkpoint: Checkpoint,
-    clock: Callable[[], datetime],
-) -> RefoldResult:
-    store, summarizer = parts.store, parts.summarizer
-    profile = settled_profile(store, lock, user_id, dry_run=dry_run, run_id=run_id, clock=clock, metrics=parts.metrics)
-    plan = plan_refold(store, profile)
-    current = store.history.version(user_id, profile.version)
-    if (
-        current is not None
-        and current.kind == REFOLD
-        and current.refolded_from == plan.start.version
-        and summarizer_identity(summarizer) == _identity_of(current)
-    ):
-        return RefoldResult(
-            user_id,
-            NOT_CHANGED,
-            from_version=profile.version,
-            to_version=profile.version,
-            refolded_from=plan.start.version,
-            message=f"v{profile.version} is already a re-fold from v{plan.start.version} by this summariser",
-        )
-    result = RefoldResult(
-        user_id,
-        DRY_RUN if dry_run else REFOLDED,
-        from_version=profile.version,
-        to_version=profile.version if dry_run else profile.version + 1,
-        refolded_from=plan.start.version,
-        events=plan.events,
-    )
-    if dry_run:
-        result.message = (
-            f"would fold {plan.events} archived event(s) of v{', v'.join(map(str, sorted(plan.versions)))} "
-            f"again on top of v{plan.start.version}, as v{profile.version + 1}"
-        )
-        return result
-
-    log.info(
-        "user %s: re-folding %d archived event(s) from v%d (current v%d)",
-        user_id,
-        plan.events,
-        plan.start.version,
-        profile.version,
-    )
-    rebuilt = refold_archived(parts, lock, profile, plan.start.text, plan.ids)
-    summary = rebuilt.text
-    result.chunks, result.guards = rebuilt.chunks, rebuilt.guards
-    result.prompt_tokens, result.completion_tokens = rebuilt.spent.prompt_tokens, rebuilt.spent.completion_tokens
-    checkpoint("summarized")
-
-    now = clock()
-    # Based on the version it replaces: it covers what that version covered.
-    entry = rebuilt.version(profile, REFOLD, run_id, profile.version, plan.start.version, summarizer, now, covers=False)
-    commit = store.commit_refold
-    commit_rebuilt(
-        store,
-        lock,
-        entry,
-        checkpoint,
-        lambda: commit(user_id, expected_version=profile.version, summary=summary, now=now),
-    )
-    checkpoint("committed")
-    result.summary_chars = len(summary)
-    result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
-    return result
 
 
 def refold_markdown(results: Sequence[RefoldResult], *, dry_run: bool) -> str:
