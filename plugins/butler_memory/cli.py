@@ -264,7 +264,7 @@ def run_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 allow_missing=args.allow_missing_events,
                 dry_run=dry_run,
             ),
-            failed=lambda user_id, exc: RollbackResult(user_id, FAILED, args.run_id, message=str(exc)),
+            failed=lambda user_id, exc: RollbackResult(user_id, FAILED, run_id=args.run_id, message=str(exc)),
         )
 
     # One decision for the run: all users or none, unless --partial (a dry pass finds the refusals first).

@@ -6,7 +6,8 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.operations.refold import DRY_RUN, NOT_CHANGED, REFOLDED, REFUSED
+from butler_memory.operations.intent import REFUSED
+from butler_memory.operations.refold import DRY_RUN, NOT_CHANGED, REFOLDED
 from butler_memory.operations.rollback import ROLLED_BACK
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.helpers import Doc, archive_of, chain_responder, history_of, ledger, make_engine, profile_of, snapshot

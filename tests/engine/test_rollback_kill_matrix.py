@@ -17,7 +17,8 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.operations import refold
-from butler_memory.operations.rollback import NOT_CHANGED, ROLLED_BACK, SKIPPED_LOCKED, STEPS
+from butler_memory.operations.intent import SKIPPED_LOCKED
+from butler_memory.operations.rollback import NOT_CHANGED, ROLLED_BACK, STEPS
 from butler_memory.storage.profiles import ROLLBACK_FIELD, VERSION_FIELD
 from tests.engine.conftest import KillRig
 from tests.engine.helpers import (

@@ -12,7 +12,9 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any, TypeVar
 
 from butler_memory.core.errors import LockBusyError, RollbackRefusedError
 from butler_memory.fold.metrics import Metrics
@@ -24,8 +26,31 @@ from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 
+# The statuses every operation's result shares besides its own (rolled_back, refolded, not_changed).
+DRY_RUN = "dry_run"
+REFUSED = "refused"
+SKIPPED_LOCKED = "skipped_locked"
+FAILED = "failed"
 LOCK_HELD = "the user's lock is held; try again"
 """The message of a ``skipped_locked`` result."""
+
+
+@dataclass
+class VersionResult:
+    """What an operation did (or would do) to one user's summary version: ids, versions and counts, never
+    content. Rollback's and re-fold's results add their own fields (keyword-only)."""
+
+    user_id: str
+    status: str
+    from_version: int = 0
+    to_version: int = 0
+    """The new version (the current one for a dry run or no change)."""
+    message: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-safe dict (fit for XCom)."""
+        return asdict(self)
 
 
 def acquire_waiting(
@@ -75,6 +100,29 @@ def locked(
             yield lock
     finally:
         lock.release()
+
+
+ResultT = TypeVar("ResultT", bound=VersionResult)
+
+
+def under_lock(
+    locks: UserLocks,
+    user_id: str,
+    step: str,
+    checkpoint: Checkpoint,
+    body: Callable[[UserLock], ResultT],
+    outcome: Callable[..., ResultT],
+) -> ResultT:
+    """Run ``body`` under the user's lock (``locked``); a held lock or a refusal is a result of its own,
+    ``outcome(status, message=...)``: skipped_locked (taken by someone else) or refused (RollbackRefusedError)."""
+    try:
+        with locked(locks, user_id, step, checkpoint=checkpoint) as lock:
+            return body(lock)
+    except LockBusyError:
+        log.info("user %s: lock held by another compression, %s skipped", user_id, step)
+        return outcome(SKIPPED_LOCKED, message=LOCK_HELD)
+    except RollbackRefusedError as exc:
+        return outcome(REFUSED, message=str(exc))
 
 
 def settled_profile(

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
-from butler_memory.core.errors import LockBusyError, RollbackRefusedError
+from butler_memory.core.errors import RollbackRefusedError
 from butler_memory.core.units import markdown_table, version_step
 from butler_memory.fold import metrics as m
 from butler_memory.fold.chunks import event_text, pack_chunks
@@ -38,7 +39,7 @@ from butler_memory.fold.rebuild import (
 )
 from butler_memory.llm.budget import Spent
 from butler_memory.llm.summarizer import Summarizer
-from butler_memory.operations.intent import LOCK_HELD, locked, settled_profile
+from butler_memory.operations.intent import DRY_RUN, VersionResult, settled_profile, under_lock
 from butler_memory.storage.history import REFOLD, Covers, HistoryEntry, Key
 from butler_memory.storage.locks import UserLock
 from butler_memory.storage.mongo import id_key
@@ -53,20 +54,12 @@ REFOLDED = "refolded"
 NOT_CHANGED = "not_changed"
 """The current version is already this re-fold: from the same start, by the same summariser, model
 and prompt (a re-run adds no identical version)."""
-DRY_RUN = "dry_run"
-REFUSED = "refused"
-SKIPPED_LOCKED = "skipped_locked"
-FAILED = "failed"
 
 
-@dataclass
-class RefoldResult:
+@dataclass(kw_only=True)
+class RefoldResult(VersionResult):
     """What a re-fold did (or would do) to one user: ids, versions and counts, never content."""
 
-    user_id: str
-    status: str
-    from_version: int = 0
-    to_version: int = 0
     refolded_from: int | None = None
     events: int = 0
     chunks: int = 0
@@ -74,12 +67,6 @@ class RefoldResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     guards: dict[str, str] = field(default_factory=dict)
-    message: str = ""
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-safe dict (fit for XCom)."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -221,16 +208,10 @@ def refold_user(
         result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
         return result
 
-    def refold() -> RefoldResult:
-        try:
-            with locked(parts.locks, user_id, "re-fold", checkpoint=checkpoint) as lock:
-                return refold_locked(lock)
-        except LockBusyError:
-            return RefoldResult(user_id, SKIPPED_LOCKED, message=LOCK_HELD)
-        except RollbackRefusedError as exc:
-            return RefoldResult(user_id, REFUSED, message=str(exc))
-
-    return m.observed(parts.metrics, m.REFOLD, refold, changed=REFOLDED, events=lambda r: r.events, dry_run=dry_run)
+    attempt = partial(
+        under_lock, parts.locks, user_id, "re-fold", checkpoint, refold_locked, partial(RefoldResult, user_id)
+    )
+    return m.observed(parts.metrics, m.REFOLD, attempt, changed=REFOLDED, events=lambda r: r.events, dry_run=dry_run)
 
 
 def refold_markdown(results: Sequence[RefoldResult], *, dry_run: bool) -> str:

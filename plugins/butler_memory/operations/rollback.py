@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
-from butler_memory.core.errors import LockBusyError, RollbackRefusedError
+from butler_memory.core.errors import RollbackRefusedError
 from butler_memory.core.units import markdown_table, version_step
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import utcnow
 from butler_memory.fold.rebuild import Checkpoint, Parts, finish_rollback, no_checkpoint
-from butler_memory.operations.intent import LOCK_HELD, locked, settled_profile
+from butler_memory.operations.intent import DRY_RUN, REFUSED, VersionResult, settled_profile, under_lock
 from butler_memory.storage.history import BASELINE, ROLLBACK, HistoryEntry
 from butler_memory.storage.locks import UserLock
 from butler_memory.storage.profiles import ROLLBACK_FIELD, Profile
@@ -47,36 +48,21 @@ log = logging.getLogger(__name__)
 STEPS = ("locked", "intent", "restored", "recorded", "committed", "unarchived", "cleared")
 
 ROLLED_BACK = "rolled_back"
-DRY_RUN = "dry_run"
 NOT_CHANGED = "not_changed"
 """The run wrote no version of this user that is still in effect (never changed, or already rolled back)."""
-REFUSED = "refused"
-SKIPPED_LOCKED = "skipped_locked"
-FAILED = "failed"
 
 
-@dataclass
-class RollbackResult:
+@dataclass(kw_only=True)
+class RollbackResult(VersionResult):
     """What a rollback did (or would do) to one user: ids, versions and counts, never content."""
 
-    user_id: str
-    status: str
     run_id: str
-    from_version: int = 0
-    to_version: int = 0
-    """The new version (the current one for a dry run or no change)."""
     restored_version: int | None = None
     """The version whose text and bookkeeping the new version carries."""
     undoes: list[int] = field(default_factory=list)
     undone_runs: list[str] = field(default_factory=list)
     events_restored: int = 0
     events_missing: int = 0
-    message: str = ""
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-safe dict (fit for XCom)."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -231,20 +217,15 @@ def rollback_user(
     """Undo ``run_id`` for one user (see the module docstring); ``rollback_id`` names this rollback.
     Emits the rollback metrics; ``Engine.rollback`` is this function on the engine's parts."""
 
-    def rollback() -> RollbackResult:
-        try:
-            with locked(parts.locks, user_id, "rollback", checkpoint=checkpoint) as lock:
-                return _rollback_locked(
-                    user_id, run_id, parts.store, lock, rollback_id, cascade, allow_missing, dry_run, checkpoint, clock
-                )
-        except LockBusyError:
-            log.info("user %s: lock held by another compression, rollback skipped", user_id)
-            return RollbackResult(user_id, SKIPPED_LOCKED, run_id, message=LOCK_HELD)
-        except RollbackRefusedError as exc:
-            return RollbackResult(user_id, REFUSED, run_id, message=str(exc))
+    def rollback(lock: UserLock) -> RollbackResult:
+        return _rollback_locked(
+            user_id, run_id, parts.store, lock, rollback_id, cascade, allow_missing, dry_run, checkpoint, clock
+        )
 
+    outcome = partial(RollbackResult, user_id, run_id=run_id)
+    attempt = partial(under_lock, parts.locks, user_id, "rollback", checkpoint, rollback, outcome)
     return m.observed(
-        parts.metrics, m.ROLLBACK, rollback, changed=ROLLED_BACK, events=lambda r: r.events_restored, dry_run=dry_run
+        parts.metrics, m.ROLLBACK, attempt, changed=ROLLED_BACK, events=lambda r: r.events_restored, dry_run=dry_run
     )
 
 
@@ -266,11 +247,11 @@ def _rollback_locked(
     )
     plan = plan_rollback(store, profile, run_id, cascade=cascade, allow_missing=allow_missing)
     if isinstance(plan, str):
-        return RollbackResult(user_id, NOT_CHANGED, run_id, profile.version, profile.version, message=plan)
+        return RollbackResult(user_id, NOT_CHANGED, profile.version, profile.version, run_id=run_id, message=plan)
     result = RollbackResult(
         user_id,
         DRY_RUN if dry_run else ROLLED_BACK,
-        run_id,
+        run_id=run_id,
         from_version=profile.version,
         to_version=profile.version if dry_run else profile.version + 1,
         restored_version=plan.restore.version,

@@ -12,10 +12,8 @@ from typing import Any
 
 from butler_memory.core.errors import CompressionError, RollbackRefusedError
 from butler_memory.core.runs import resolve_run, run_key
+from butler_memory.operations.intent import FAILED, REFUSED, SKIPPED_LOCKED
 from butler_memory.operations.rollback import (
-    FAILED,
-    REFUSED,
-    SKIPPED_LOCKED,
     RollbackResult,
     RunDecision,
     rollback_markdown,
@@ -97,7 +95,9 @@ def rollback(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
             target = _target(engine, params)
             result = _rollback(engine, user_id, target, params, ti, run_id, bool(params.get("dry_run")))
     except CompressionError as exc:
-        ti.xcom_push(key=FAILURE_XCOM_KEY, value=RollbackResult(user_id, FAILED, target, message=str(exc)).to_dict())
+        ti.xcom_push(
+            key=FAILURE_XCOM_KEY, value=RollbackResult(user_id, FAILED, run_id=target, message=str(exc)).to_dict()
+        )
         raise _raised(exc) from None
     log.info("user %s: %s (%s)", user_id, result.status, result.message)
     if result.status == SKIPPED_LOCKED:
@@ -127,7 +127,9 @@ def report(params: Mapping[str, Any], ti: Any) -> dict[str, Any]:
     for user_id in users:
         raw = done.get(user_id) or failures.get(user_id)
         results.append(
-            RollbackResult(**raw) if raw else RollbackResult(user_id, FAILED, params["run_id"], message="no result")
+            RollbackResult(**raw)
+            if raw
+            else RollbackResult(user_id, FAILED, run_id=params["run_id"], message="no result")
         )
     log.info("rollback report\n%s", rollback_markdown(params["run_id"], results, dry_run=bool(params.get("dry_run"))))
     bad = [r.user_id for r in results if r.status not in FINE]
@@ -141,9 +143,6 @@ def report(params: Mapping[str, Any], ti: Any) -> dict[str, Any]:
 
 def refold(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
     """Re-fold one user from the archive; a held lock or a transient error retries, a refusal fails at once."""
-    from butler_memory.operations.refold import REFUSED as REFOLD_REFUSED
-    from butler_memory.operations.refold import SKIPPED_LOCKED as REFOLD_LOCKED
-
     settings = resolve_settings({})
     try:
         with build_engine(settings) as engine:
@@ -151,8 +150,8 @@ def refold(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dic
     except CompressionError as exc:
         raise _raised(exc) from None
     log.info("user %s: %s (%s)", user_id, result.status, result.message)
-    if result.status == REFOLD_LOCKED:
+    if result.status == SKIPPED_LOCKED:
         raise RuntimeError(f"user {user_id!r}: the lock is held (a compression is running); will retry")
-    if result.status == REFOLD_REFUSED:
+    if result.status == REFUSED:
         raise _fail(result.message)
     return result.to_dict()
