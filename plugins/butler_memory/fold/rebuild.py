@@ -10,7 +10,7 @@ so the engine has no import circle (docs/architecture.md, "Layers"):
   validate; guards. A compression, a re-fold and a forget's rebuild all fold through it, so all of
   them spend ``daily_token_budget``.
 * :func:`finish_interrupted`: a rollback's intent (:func:`finish_rollback`), then a pending fold
-  (:func:`finish_pending`), left by a killed run are finished under the lock before anything else.
+  (``_finish_pending``), left by a killed run are finished under the lock before anything else.
 """
 
 from __future__ import annotations
@@ -218,22 +218,20 @@ def finish_interrupted(
         profile = store.load_profile(profile.user_id, create=False)
     deleted = 0
     if profile.pending is not None:
-        deleted = finish_pending(profile, store, run_id=run_id, clock=clock, metrics=metrics, checkpoint=checkpoint)
+        deleted = _finish_pending(profile, store, run_id, clock, metrics or NullMetrics(), checkpoint)
         profile = store.load_profile(profile.user_id, create=False)
     return profile, deleted
 
 
-def finish_pending(
+def _finish_pending(
     profile: Profile,
     store: MemoryStore,
-    *,
     run_id: str,
     clock: Callable[[], datetime],
-    metrics: Metrics | None = None,
-    checkpoint: Checkpoint = no_checkpoint,
+    metrics: Metrics,
+    checkpoint: Checkpoint,
 ) -> int:
     """Archive and delete the events an interrupted run already summarised; never re-summarise them."""
-    metrics = metrics or NullMetrics()
     user_id = profile.user_id
     pending = profile.pending
     assert pending is not None
