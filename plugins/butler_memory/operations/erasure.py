@@ -32,7 +32,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -42,6 +42,7 @@ from pymongo.database import Database
 from butler_memory.core.errors import ForgetInputError
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.fold import metrics as m
+from butler_memory.fold.compression import utcnow
 from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
 from butler_memory.operations.audit import (
     ALREADY_ERASED,
@@ -78,11 +79,6 @@ SHARED_REDIS_MEMBERS: list[Callable[[Settings], str]] = [lambda s: s.doorbell_ke
 """Shared Redis keys (sets, sorted sets, hashes, lists) whose members or fields may be user ids; a
 user erasure removes the user's id from each: the doorbell's record and the daily scan's owed record
 (sorted sets of user ids), and whatever another module registers here."""
-
-
-def utcnow() -> datetime:
-    """Return the current time, timezone-aware UTC."""
-    return datetime.now(UTC)
 
 
 # -- Redis --------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -41,6 +41,7 @@ from pymongo.database import Database
 from butler_memory.core.errors import ConcurrentUpdateError, ErasurePendingError, InvalidProfileError
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.fold import metrics as m
+from butler_memory.fold.compression import utcnow
 from butler_memory.fold.rebuild import Checkpoint, finish_interrupted, no_checkpoint
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.audit import (
@@ -78,11 +79,6 @@ log = logging.getLogger(__name__)
 STEPS = ("locked", "planned", "deleted", "summarized", "recorded", "committed", "dropped", "audited", "cleared")
 
 FORGOTTEN = "forgotten"
-
-
-def utcnow() -> datetime:
-    """Return the current time, timezone-aware UTC."""
-    return datetime.now(UTC)
 
 
 def forget_events(
