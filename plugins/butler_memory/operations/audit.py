@@ -24,6 +24,7 @@ from pymongo.collection import Collection
 from butler_memory.core.errors import ForgetInputError
 from butler_memory.core.settings import SettingsError
 from butler_memory.fold import metrics as m
+from butler_memory.fold.compression import DRY_RUN
 from butler_memory.storage.store import MemoryStore
 
 SECRET_ENV = "BUTLER_MEMORY_ERASURE_SECRET"  # noqa: S105 - the name of a variable, not a secret
@@ -32,7 +33,6 @@ MIN_SECRET_CHARS = 16
 
 # Statuses of an erasure's or a forget's result besides their own (erased, forgotten).
 ALREADY_ERASED = "already_erased"
-DRY_RUN = "dry_run"
 
 # Audit record states.
 STARTED = "started"

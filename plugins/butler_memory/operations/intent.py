@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from butler_memory.core.errors import LockBusyError, RollbackRefusedError
+from butler_memory.fold.compression import SKIPPED_LOCKED
 from butler_memory.fold.metrics import Metrics
 from butler_memory.fold.rebuild import Checkpoint, finish_interrupted, finish_rollback
 from butler_memory.storage.locks import UserLock, UserLocks
@@ -26,11 +27,9 @@ from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
 
-# The statuses every operation's result shares besides its own (rolled_back, refolded, not_changed).
-DRY_RUN = "dry_run"
+# Besides its own statuses (rolled_back, refolded, not_changed) every operation's result shares a
+# compression's dry_run, skipped_locked and failed (fold.compression), and this one:
 REFUSED = "refused"
-SKIPPED_LOCKED = "skipped_locked"
-FAILED = "failed"
 LOCK_HELD = "the user's lock is held; try again"
 """The message of a ``skipped_locked`` result."""
 

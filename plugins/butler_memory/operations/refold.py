@@ -28,7 +28,7 @@ from butler_memory.core.errors import RollbackRefusedError
 from butler_memory.core.units import markdown_table, version_step
 from butler_memory.fold import metrics as m
 from butler_memory.fold.chunks import event_text, pack_chunks
-from butler_memory.fold.compression import utcnow
+from butler_memory.fold.compression import DRY_RUN, utcnow
 from butler_memory.fold.rebuild import (
     Checkpoint,
     Parts,
@@ -39,7 +39,7 @@ from butler_memory.fold.rebuild import (
 )
 from butler_memory.llm.budget import Spent
 from butler_memory.llm.summarizer import Summarizer
-from butler_memory.operations.intent import DRY_RUN, VersionResult, settled_profile, under_lock
+from butler_memory.operations.intent import VersionResult, settled_profile, under_lock
 from butler_memory.storage.history import REFOLD, Covers, HistoryEntry, Key
 from butler_memory.storage.locks import UserLock
 from butler_memory.storage.mongo import id_key

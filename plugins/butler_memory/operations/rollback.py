@@ -35,9 +35,9 @@ from typing import Any
 from butler_memory.core.errors import RollbackRefusedError
 from butler_memory.core.units import markdown_table, version_step
 from butler_memory.fold import metrics as m
-from butler_memory.fold.compression import utcnow
+from butler_memory.fold.compression import DRY_RUN, utcnow
 from butler_memory.fold.rebuild import Checkpoint, Parts, finish_rollback, no_checkpoint
-from butler_memory.operations.intent import DRY_RUN, REFUSED, VersionResult, settled_profile, under_lock
+from butler_memory.operations.intent import REFUSED, VersionResult, settled_profile, under_lock
 from butler_memory.storage.history import BASELINE, ROLLBACK, HistoryEntry
 from butler_memory.storage.locks import UserLock
 from butler_memory.storage.profiles import ROLLBACK_FIELD, Profile

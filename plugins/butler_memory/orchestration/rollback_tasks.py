@@ -12,7 +12,8 @@ from typing import Any
 
 from butler_memory.core.errors import CompressionError, RollbackRefusedError
 from butler_memory.core.runs import resolve_run, run_key
-from butler_memory.operations.intent import FAILED, REFUSED, SKIPPED_LOCKED
+from butler_memory.fold.compression import FAILED, SKIPPED_LOCKED
+from butler_memory.operations.intent import REFUSED
 from butler_memory.operations.rollback import (
     RollbackResult,
     RunDecision,
