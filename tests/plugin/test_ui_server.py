@@ -562,8 +562,10 @@ def test_browse_menu_opens_the_page_in_airflow_and_a_failed_user_leads_to_its_ta
 
 
 def test_catchup_runs_are_listed_apart_and_idle_ones_only_counted(ui: UI) -> None:
-    started = datetime(2026, 3, 1, 10, 5, tzinfo=UTC)
-    run_id = "asset_triggered__2026-03-01T10:05:00+00:00_catchup"
+    # Recent: a run document older than runs_retention_days (90) is removed by its TTL index, which the
+    # MongoDB server's TTL monitor may do between the insert and the reads below.
+    started = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    run_id = f"asset_triggered__{started.isoformat()}_catchup"
     doc = {
         "run_id": run_id,
         "kind": "catchup",
