@@ -19,8 +19,10 @@ Every user has ``--events`` events (60: one LLM call folds 40, as §1). Per run:
 the CPU-s per user a deployment pays (Airflow's processes and the task processes, as §1b; then with
 the metadata DB's server), its ratio to the engine's own, the rows and bytes the run left in the
 metadata DB per 1,000 users (every table with ``dag_id`` and ``run_id``, and the task log files),
-the peak RSS of a task process (``VmHWM`` of every ``airflow worker --`` process, sampled), the load
-average before and after, and the CPU share of processes that are not the bench's. Writes
+the peak RSS of a task process (``VmHWM`` of every ``airflow worker --`` process, sampled), the
+scheduler's loop time (Airflow's own ``scheduler.scheduler_loop_duration`` timer, sent to a StatsD
+sink the bench starts: count, median, p95 and max in ms, loops per second), the load average before
+and after, and the CPU share of processes that are not the bench's. Writes
 ``.local/bench-scale/results.json`` as each run ends and prints a table. Not part of ``make test``
 (tests/harness/test_bench_smoke.py runs it at a toy size).
 """
@@ -51,6 +53,7 @@ from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools import bench, parts  # noqa: E402
 from tools import bench_engine as eng  # noqa: E402
 from tools.bench_airflow import CELERY_CPU, STAND_INS, AirflowServices  # noqa: E402
+from tools.bench_fresh import quantile  # noqa: E402
 from tools.bench_harness import (  # noqa: E402
     Stack,
     airflow_on,
@@ -61,7 +64,7 @@ from tools.bench_harness import (  # noqa: E402
     stand_ins,
     write_results,
 )
-from tools.services import RedisService  # noqa: E402
+from tools.services import RedisService, StatsdSink, parse_statsd_line  # noqa: E402
 from tools.standalone import celery_pool, celery_worker  # noqa: E402
 
 OUT_DIR = REPO / ".local" / "bench-scale"
@@ -69,6 +72,8 @@ TASK_TITLE = "airflow worker --"
 """The title the Task SDK gives a task process (setproctitle), under the LocalExecutor and Celery alike."""
 DB_CPU = STAND_INS["postgres"]
 DAY = 86_400
+LOOP_TIMER = "scheduler.scheduler_loop_duration"
+"""Airflow's scheduler times each of its loops (scheduler_job_runner.py), the idle sleep left out."""
 
 
 class TaskRss:
@@ -129,6 +134,32 @@ def uptime() -> str:
     return proc.stdout.strip() or str(os.getloadavg())
 
 
+def statsd_env(sink: StatsdSink) -> dict[str, str]:
+    """Airflow's StatsD on, to ``sink``, and only the loop timer: every other metric would cost CPU-s the
+    deployment figures count."""
+    return {
+        "AIRFLOW__METRICS__STATSD_ON": "True",
+        "AIRFLOW__METRICS__STATSD_HOST": sink.host,
+        "AIRFLOW__METRICS__STATSD_PORT": str(sink.port),
+        "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
+        "AIRFLOW__METRICS__METRICS_ALLOW_LIST": LOOP_TIMER,
+    }
+
+
+def loop_figures(lines: Iterable[str], seconds: float) -> dict[str, Any]:
+    """Return the scheduler's loops among the StatsD ``lines`` of a run of ``seconds``: count, median, p95
+    and max in ms, and loops per second."""
+    ms = [m.value for m in map(parse_statsd_line, lines) if m.name == f"airflow.{LOOP_TIMER}" and m.type == "ms"]
+    figures = {"median": statistics.median(ms) if ms else None, "p95": quantile(ms, 0.95), "max": max(ms, default=None)}
+    return {
+        "scheduler_loop_ms": {
+            "count": len(ms),
+            **{k: round(v, 2) if v is not None else None for k, v in figures.items()},
+        },
+        "scheduler_loops_per_second": round(len(ms) / seconds, 2) if seconds else None,
+    }
+
+
 def phase_engine(ctx: Stack, args: argparse.Namespace) -> dict[str, Any]:
     """The engine alone: a sequential loop over ``--engine-users`` users of the same shape."""
     db_name = "bench_scale_engine"
@@ -155,10 +186,13 @@ def scale_run(
     users: int,
     k: int,
     *,
+    sink: StatsdSink,
     workers: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
-    """One DAG run of ``users`` users at ``users_per_task`` ``k`` (a full scan: the first of a database)."""
+    """One DAG run of ``users`` users at ``users_per_task`` ``k`` (a full scan: the first of a database);
+    ``sink`` receives the services' StatsD (``statsd_env``)."""
     ctx.redis.client().flushdb()  # the daily scan's owed users of the previous run
+    sink.clear()  # the previous run's loops
     load_before = uptime()
     roots = [pid for pid in (workers or {}).values() if pid] or [
         p.pid for p in airflow.processes if p.name == "scheduler" and p.pid
@@ -177,6 +211,8 @@ def scale_run(
         )
     doc = ctx.client[args.airflow_db]["memory_compression_runs"].find_one({"run_id": out["run_id"]}) or {}
     footprint = airflow.run_footprint(out["run_id"])
+    timing = airflow.run_timing(out["run_id"])
+    loops = loop_figures(sink.lines_between(timing.start.timestamp(), timing.end.timestamp()), timing.seconds)
     deploy = out["deployment_cpu_seconds_per_user"]
     with_db = deploy + out["cpu_seconds_per_user_by_component"].get(DB_CPU, 0.0)
     engine_cpu = args.engine_cpu_seconds_per_user
@@ -198,20 +234,27 @@ def scale_run(
             "load_before": load_before,
             "load_after": uptime(),
             **rss.figures(),
+            **loops,
         }
     )
     log(
         f"{label}: {out['state']}, {users} users at k={k} in {out['run_seconds']:.1f}s "
         f"({out['users_per_second']:.1f} users/s), {deploy:.4f} CPU-s a user ({with_db:.4f} with the DB), "
         f"{out['metadata_rows_per_1000_users']:.0f} metadata rows / 1,000 users, task peak RSS "
-        f"{out['task_peak_rss_mib']} MiB, other load {out['other_load_fraction']:.0%}"
+        f"{out['task_peak_rss_mib']} MiB, scheduler loop {_loop_ms(out)} ms (median/p95/max), "
+        f"other load {out['other_load_fraction']:.0%}"
     )
     return out
 
 
+def _loop_ms(run: Mapping[str, Any]) -> str:
+    loop = run["scheduler_loop_ms"]
+    return f"{loop['median']}/{loop['p95']}/{loop['max']}"
+
+
 @contextlib.contextmanager
 def celery_workers(
-    ctx: Stack, args: argparse.Namespace, broker: RedisService
+    ctx: Stack, args: argparse.Namespace, broker: RedisService, sink: StatsdSink
 ) -> Iterator[tuple[AirflowServices, dict[str, int | None]]]:
     """Airflow on the CeleryExecutor with ``--celery-workers`` workers of ``parallelism / workers`` processes."""
     concurrency = max(args.parallelism // args.celery_workers, 1)
@@ -222,6 +265,7 @@ def celery_workers(
         "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + ctx.postgres.create_database("celery_results"),
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
         "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "butler_memory.orchestration.celery_config.CELERY_CONFIG",
+        **statsd_env(sink),
     }
     home = args.work_dir / "airflow-celery"
     with (
@@ -259,6 +303,8 @@ def summary(results: Mapping[str, Any]) -> list[tuple[str, ...]]:
             "bytes/1k",
             "log B/1k",
             "task RSS MiB",
+            "loop ms med/p95/max",
+            "loops/s",
             "other load",
         )
     ]
@@ -283,6 +329,8 @@ def summary(results: Mapping[str, Any]) -> list[tuple[str, ...]]:
                 f"{run['metadata_bytes_per_1000_users']:,}",
                 f"{run['log_bytes_per_1000_users']:,}",
                 f"{run['task_peak_rss_mib']}",
+                _loop_ms(run),
+                f"{run['scheduler_loops_per_second']}",
                 f"{run['other_load_fraction']:.0%}",
             )
         )
@@ -340,23 +388,34 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         write_results(results, args.out)
 
-    with stand_ins(args.work_dir / "services", pg_bindir=pg_bindir) as ctx:
+    with stand_ins(args.work_dir / "services", pg_bindir=pg_bindir) as ctx, StatsdSink() as sink:
         run_phase(results, "engine", lambda: phase_engine(ctx, args), save=save)
         args.engine_cpu_seconds_per_user = results["engine"].get("engine_cpu_seconds_per_user")
         configs = [("k1", args.small_users, 1)] if args.small_users else []
         configs += [(f"k{k}", args.users, k) for k in args.ks]
         with airflow_on(
-            ctx, args.work_dir / "airflow", args.airflow_db, pool_slots=args.pool_slots, parallelism=args.parallelism
+            ctx,
+            args.work_dir / "airflow",
+            args.airflow_db,
+            pool_slots=args.pool_slots,
+            parallelism=args.parallelism,
+            extra_env=statsd_env(sink),
         ) as airflow:
             for label, users, k in configs:
-                run_phase(runs, label, functools.partial(scale_run, ctx, airflow, args, label, users, k), save=save)
+                run = functools.partial(scale_run, ctx, airflow, args, label, users, k, sink=sink)
+                run_phase(runs, label, run, save=save)
         if args.celery_users:
-            with RedisService(args.work_dir / "broker") as broker, celery_workers(ctx, args, broker) as (airflow, pids):
+            with (
+                RedisService(args.work_dir / "broker") as broker,
+                celery_workers(ctx, args, broker, sink) as (airflow, pids),
+            ):
                 label = f"celery_k{args.celery_k}"
                 run_phase(
                     runs,
                     label,
-                    lambda: scale_run(ctx, airflow, args, label, args.celery_users, args.celery_k, workers=pids),
+                    lambda: scale_run(
+                        ctx, airflow, args, label, args.celery_users, args.celery_k, sink=sink, workers=pids
+                    ),
                     save=save,
                 )
     results["load_after"] = uptime()

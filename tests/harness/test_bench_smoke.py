@@ -189,6 +189,9 @@ def test_bench_scale_runs_every_configuration_and_the_celery_one(tmp_path: Path,
         _numbers(run, "deployment_with_db_cpu_seconds_per_user", "ratio_to_engine", "users_per_day_per_core")
         _numbers(run, "metadata_rows_per_1000_users", "metadata_bytes_per_1000_users", "log_bytes_per_1000_users")
         assert {"dag_run", "task_instance", "xcom"} <= set(run["metadata"]["tables"]), (name, run["metadata"])
+        # Airflow's own loop timer, received by the bench's StatsD sink during the run.
+        _numbers(run["scheduler_loop_ms"], "count", "median", "p95", "max")
+        _numbers(run, "scheduler_loops_per_second")
     assert runs["celery_k2"]["executor"] == "CeleryExecutor"
     workers = [c for c in runs["celery_k2"]["cpu_seconds_per_user_by_component"] if c.startswith("Celery worker")]
     assert len(workers) == 2, runs["celery_k2"]["cpu_seconds_per_user_by_component"]
