@@ -335,22 +335,30 @@ BASELINE_ENV = {
 }
 
 
-def _noop_run(
-    ctx: Stack, airflow: AirflowServices, args: argparse.Namespace, latency: float, users: int
+def noop_run(
+    ctx: Stack,
+    airflow: AirflowServices,
+    args: argparse.Namespace,
+    latency: float,
+    users: int,
+    *,
+    dag_id: str = NOOP_DAG_ID,
+    conf: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the no-op mapped DAG (each task sleeps ``latency``): Airflow's own floor per mapped task."""
+    """Run a no-op DAG (each user only sleeps ``latency``; ``dag_id`` bench_noop_mapped, or the batched
+    shape with ``conf`` ``users_per_task``): Airflow's own floor for that shape."""
     run_id = f"bench-noop-{int(time.time())}"
     others = stand_in_pids(ctx, airflow)
     before = cpu_snapshot(airflow, others)
-    trigger_cpu = trigger_run(airflow, run_id, {"users": users, "sleep": latency}, dag_id=NOOP_DAG_ID)
-    state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120), dag_id=NOOP_DAG_ID, progress=log)
+    trigger_cpu = trigger_run(airflow, run_id, {"users": users, "sleep": latency, **(conf or {})}, dag_id=dag_id)
+    state = airflow.wait_run(run_id, timeout=max(args.budget_guard(), 120), dag_id=dag_id, progress=log)
     after = cpu_snapshot(airflow, others)
-    out = analyse_run(airflow.run_timing(run_id, dag_id=NOOP_DAG_ID), [], users)
+    out = analyse_run(airflow.run_timing(run_id, dag_id=dag_id), [], users)
     cpu = without_trigger(cpu_delta(before, after), trigger_cpu)
     out.update({"latency": latency, "state": state, "cpu_seconds": cpu, **cpu_figures(cpu, users)})
     log(
-        f"airflow, no-op mapped task sleeping {latency}s: {state}, {users} users in {out['run_seconds']:.1f}s "
-        f"({out['users_per_second']:.2f} users/s)"
+        f"airflow, {dag_id} sleeping {latency}s a user{f' {dict(conf)}' if conf else ''}: {state}, {users} users "
+        f"in {out['run_seconds']:.1f}s ({out['users_per_second']:.2f} users/s)"
     )
     return out
 
@@ -403,7 +411,7 @@ def phase_airflow(
         run_phase(
             out, "llm_latency", lambda: airflow_run(ctx, airflow, args, "latency", args.latency, args.users), save=save
         )
-        run_phase(out, "noop_llm_latency", lambda: _noop_run(ctx, airflow, args, args.latency, args.users), save=save)
+        run_phase(out, "noop_llm_latency", lambda: noop_run(ctx, airflow, args, args.latency, args.users), save=save)
         run_phase(out, "instant_llm", lambda: airflow_run(ctx, airflow, args, "instant", 0.0, args.users), save=save)
         # One mapped task alone on the machine: the per-task overhead without 8 tasks sharing 2 cores.
         run_phase(out, "single_user", lambda: airflow_run(ctx, airflow, args, "single", 0.0, 1), save=save)

@@ -45,7 +45,15 @@ from tools.standalone import (  # noqa: E402
 DAG_ID = "memory_compression"
 NOOP_DAG_ID = "bench_noop_mapped"
 """``tools/bench_dags/noop_mapped.py``: the same DAG shape whose mapped task only sleeps (Airflow's floor)."""
-BENCH_DAGS = (REPO / "dags" / "memory_compression.py", REPO / "tools" / "bench_dags" / "noop_mapped.py")
+NOOP_BATCHED_DAG_ID = "bench_noop_batched"
+"""``tools/bench_dags/noop_batched.py``: the batched shape (``users_per_task``) whose task only sleeps (the scale
+bench's floor)."""
+BENCH_DAGS = (
+    REPO / "dags" / "memory_compression.py",
+    REPO / "tools" / "bench_dags" / "noop_mapped.py",
+    REPO / "tools" / "bench_dags" / "noop_batched.py",
+)
+WAITED_DAGS = (DAG_ID, NOOP_DAG_ID, NOOP_BATCHED_DAG_ID)
 TERMINAL_STATES = {"success", "failed"}
 TASKS_CPU = "task processes (LocalExecutor workers, supervisors, tasks)"
 OTHER_CPU = "not the bench's processes"
@@ -200,16 +208,18 @@ class AirflowServices:
         return self
 
     def _wait_dag(self, deadline: float) -> None:
-        """Wait for the DAG processor's first serialisation of both DAGs."""
+        """Wait for the DAG processor's first serialisation of the bench's DAGs."""
+        marks = ", ".join("?" for _ in WAITED_DAGS)
         while time.monotonic() < deadline:
             self._check_alive()
             found = self._query(
-                "SELECT COUNT(DISTINCT dag_id) FROM serialized_dag WHERE dag_id IN (?, ?)", (DAG_ID, NOOP_DAG_ID)
+                f"SELECT COUNT(DISTINCT dag_id) FROM serialized_dag WHERE dag_id IN ({marks})",  # noqa: S608 (? marks)
+                WAITED_DAGS,
             )
-            if found and found[0][0] == 2:
+            if found and found[0][0] == len(WAITED_DAGS):
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"{DAG_ID}/{NOOP_DAG_ID} not parsed in time; logs in {self.home / 'service-logs'}")
+        raise TimeoutError(f"{'/'.join(WAITED_DAGS)} not parsed in time; logs in {self.home / 'service-logs'}")
 
     def _check_alive(self) -> None:
         for process in self.processes:

@@ -52,7 +52,7 @@ from butler_memory.core.settings import Settings  # noqa: E402
 from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools import bench, parts  # noqa: E402
 from tools import bench_engine as eng  # noqa: E402
-from tools.bench_airflow import CELERY_CPU, STAND_INS, AirflowServices  # noqa: E402
+from tools.bench_airflow import CELERY_CPU, NOOP_BATCHED_DAG_ID, STAND_INS, AirflowServices  # noqa: E402
 from tools.bench_fresh import quantile  # noqa: E402
 from tools.bench_harness import (  # noqa: E402
     Stack,
@@ -237,14 +237,35 @@ def scale_run(
             **loops,
         }
     )
+    if workers is None:  # the LocalExecutor runs: the floor of the same shape, on the same services
+        out.update(
+            floor_figures(
+                bench.noop_run(
+                    ctx, airflow, args, args.latency, users, dag_id=NOOP_BATCHED_DAG_ID, conf={"users_per_task": k}
+                ),
+                deploy,
+            )
+        )
     log(
         f"{label}: {out['state']}, {users} users at k={k} in {out['run_seconds']:.1f}s "
         f"({out['users_per_second']:.1f} users/s), {deploy:.4f} CPU-s a user ({with_db:.4f} with the DB), "
-        f"{out['metadata_rows_per_1000_users']:.0f} metadata rows / 1,000 users, task peak RSS "
+        f"{out['metadata_rows_per_1000_users']:.0f} metadata rows / 1,000 users, no-op floor "
+        f"{out.get('floor_cpu_seconds_per_user')} CPU-s a user (x{out.get('ratio_to_floor')}), task peak RSS "
         f"{out['task_peak_rss_mib']} MiB, scheduler loop {_loop_ms(out)} ms (median/p95/max), "
         f"other load {out['other_load_fraction']:.0%}"
     )
     return out
+
+
+def floor_figures(floor: Mapping[str, Any], deploy: float) -> dict[str, Any]:
+    """Return the no-op floor's figures beside a run's: its run, its CPU-s a user a deployment pays, and the
+    run's ``deploy`` CPU-s a user over it."""
+    floor_cpu = floor["deployment_cpu_seconds_per_user"]
+    return {
+        "floor": dict(floor),
+        "floor_cpu_seconds_per_user": floor_cpu,
+        "ratio_to_floor": round(deploy / floor_cpu, 2) if floor_cpu else None,
+    }
 
 
 def _loop_ms(run: Mapping[str, Any]) -> str:
@@ -299,6 +320,8 @@ def summary(results: Mapping[str, Any]) -> list[tuple[str, ...]]:
             "CPU-s/user",
             "+DB",
             "x engine",
+            "floor",
+            "x floor",
             "rows/1k",
             "bytes/1k",
             "log B/1k",
@@ -325,6 +348,8 @@ def summary(results: Mapping[str, Any]) -> list[tuple[str, ...]]:
                 f"{run['deployment_cpu_seconds_per_user']:.4f}",
                 f"{run['deployment_with_db_cpu_seconds_per_user']:.4f}",
                 f"{run['ratio_to_engine']}",
+                f"{run.get('floor_cpu_seconds_per_user', '-')}",
+                f"{run.get('ratio_to_floor', '-')}",
                 f"{run['metadata_rows_per_1000_users']:.0f}",
                 f"{run['metadata_bytes_per_1000_users']:,}",
                 f"{run['log_bytes_per_1000_users']:,}",

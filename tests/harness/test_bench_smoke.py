@@ -192,6 +192,11 @@ def test_bench_scale_runs_every_configuration_and_the_celery_one(tmp_path: Path,
         # Airflow's own loop timer, received by the bench's StatsD sink during the run.
         _numbers(run["scheduler_loop_ms"], "count", "median", "p95", "max")
         _numbers(run, "scheduler_loops_per_second")
+    for name, (users, tasks) in {"k1": (3, 3), "k3": (6, 2)}.items():  # the no-op floor of the same shape
+        floor = runs[name]["floor"]
+        assert (floor["state"], floor["users"], sum(floor["states"].values())) == ("success", users, tasks), floor
+        _numbers(runs[name], "floor_cpu_seconds_per_user", "ratio_to_floor")
+    assert "floor" not in runs["celery_k2"]
     assert runs["celery_k2"]["executor"] == "CeleryExecutor"
     workers = [c for c in runs["celery_k2"]["cpu_seconds_per_user_by_component"] if c.startswith("Celery worker")]
     assert len(workers) == 2, runs["celery_k2"]["cpu_seconds_per_user_by_component"]
