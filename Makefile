@@ -11,7 +11,7 @@ help:
 	@echo "make demo     run the memory_compression DAG end to end on embedded MongoDB/Redis"
 	@echo "make test     lint + the whole test suite (real services started by the suite)"
 	@echo "make airflow  Airflow API server + scheduler + DAG processor on the embedded services (UI on 127.0.0.1:8080)"
-	@echo "make bench    every benchmark but the scale one; prints figures (about 75 minutes on 2 cores)"
+	@echo "make bench    every benchmark but the scale one; prints figures (about 80 minutes on 2 cores)"
 	@echo "make bench-scale  1,000 users at users_per_task 1, 10,000 at 20/50/200, 2,000 on Celery (about an hour)"
 	@echo "make lock     regenerate requirements*.txt from requirements*.in"
 
