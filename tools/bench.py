@@ -48,6 +48,7 @@ from tools.bench_airflow import (  # noqa: E402
     STAND_INS,
     TASKS_CPU,
     AirflowServices,
+    InTurn,
     RunTiming,
     cpu_delta,
     cpu_snapshot,
@@ -405,47 +406,68 @@ def phase_airflow(
     if results is not None:  # each run's figures reach results.json as the run ends, not with the phase
         results["airflow"] = out
     started = time.monotonic()
-    with airflow_services(ctx, args, args.work_dir / "airflow", args.parallelism) as airflow:
-        log(f"airflow up in {time.monotonic() - started:.1f}s (migrate {airflow.prepare_seconds:.1f}s)")
-        out["startup_seconds"] = round(time.monotonic() - started, 1)
-        run_phase(
-            out, "llm_latency", lambda: airflow_run(ctx, airflow, args, "latency", args.latency, args.users), save=save
-        )
-        run_phase(out, "noop_llm_latency", lambda: noop_run(ctx, airflow, args, args.latency, args.users), save=save)
-        run_phase(out, "instant_llm", lambda: airflow_run(ctx, airflow, args, "instant", 0.0, args.users), save=save)
-        # One mapped task alone on the machine: the per-task overhead without 8 tasks sharing 2 cores.
-        run_phase(out, "single_user", lambda: airflow_run(ctx, airflow, args, "single", 0.0, 1), save=save)
-        # Slower LLMs: the fraction of pool_slots / latency as the LLM's share of a task grows.
-        sweep: dict[str, Any] = {}
-        for latency in args.sweep_latencies:
-            if latency != args.latency:
+    # Each installation starts while the one before stops; nothing runs until that one has ended.
+    with InTurn() as in_turn:
+        with in_turn.start(airflow_services(ctx, args, args.work_dir / "airflow", args.parallelism)) as airflow:
+            log(
+                f"airflow up in {time.monotonic() - started:.1f}s (metadata DB ready in {airflow.prepare_seconds:.1f}s)"
+            )
+            out["startup_seconds"] = round(time.monotonic() - started, 1)
+            run_phase(
+                out,
+                "llm_latency",
+                lambda: airflow_run(ctx, airflow, args, "latency", args.latency, args.users),
+                save=save,
+            )
+            run_phase(
+                out, "noop_llm_latency", lambda: noop_run(ctx, airflow, args, args.latency, args.users), save=save
+            )
+            run_phase(
+                out, "instant_llm", lambda: airflow_run(ctx, airflow, args, "instant", 0.0, args.users), save=save
+            )
+            # One mapped task alone on the machine: the per-task overhead without 8 tasks sharing 2 cores.
+            run_phase(out, "single_user", lambda: airflow_run(ctx, airflow, args, "single", 0.0, 1), save=save)
+            # Slower LLMs: the fraction of pool_slots / latency as the LLM's share of a task grows.
+            sweep: dict[str, Any] = {}
+            for latency in args.sweep_latencies:
+                if latency != args.latency:
+                    run_phase(
+                        sweep,
+                        f"{latency:g}",
+                        functools.partial(airflow_run, ctx, airflow, args, f"sweep{latency:g}", latency, args.users),
+                        save=save,
+                    )
+            out["latency_sweep"] = [run for run in sweep.values() if not timed_out(run)]
+            out["latency_sweep_timed_out"] = [key for key, run in sweep.items() if timed_out(run)]
+        if not args.skip_baseline:
+            out["baseline"] = {"parallelism": args.pool_slots, "env": dict(BASELINE_ENV)}
+            home = args.work_dir / "airflow-baseline"
+            started = time.monotonic()
+            with in_turn.start(airflow_services(ctx, args, home, args.pool_slots, BASELINE_ENV)) as airflow:
+                log(
+                    f"airflow (defaults) up in {time.monotonic() - started:.1f}s (metadata DB ready in {airflow.prepare_seconds:.1f}s)"
+                )
                 run_phase(
-                    sweep,
-                    f"{latency:g}",
-                    functools.partial(airflow_run, ctx, airflow, args, f"sweep{latency:g}", latency, args.users),
+                    out["baseline"],
+                    "llm_latency",
+                    lambda: airflow_run(ctx, airflow, args, "baseline", args.latency, args.users),
                     save=save,
                 )
-        out["latency_sweep"] = [run for run in sweep.values() if not timed_out(run)]
-        out["latency_sweep_timed_out"] = [key for key, run in sweep.items() if timed_out(run)]
-    if not args.skip_baseline:
-        out["baseline"] = {"parallelism": args.pool_slots, "env": dict(BASELINE_ENV)}
-        with airflow_services(ctx, args, args.work_dir / "airflow-baseline", args.pool_slots, BASELINE_ENV) as airflow:
-            run_phase(
-                out["baseline"],
-                "llm_latency",
-                lambda: airflow_run(ctx, airflow, args, "baseline", args.latency, args.users),
-                save=save,
-            )
-    if not args.skip_sqlite:
-        # The same DAG and settings on SQLite (Airflow's embedded default, what `make demo` uses).
-        with airflow_services(ctx, args, args.work_dir / "airflow-sqlite", args.parallelism, sqlite=True) as airflow:
-            out["sqlite"] = {}
-            run_phase(
-                out["sqlite"],
-                "llm_latency",
-                lambda: airflow_run(ctx, airflow, args, "sqlite", args.latency, args.users),
-                save=save,
-            )
+        if not args.skip_sqlite:
+            # The same DAG and settings on SQLite (Airflow's embedded default, what `make demo` uses).
+            home = args.work_dir / "airflow-sqlite"
+            started = time.monotonic()
+            with in_turn.start(airflow_services(ctx, args, home, args.parallelism, sqlite=True)) as airflow:
+                log(
+                    f"airflow (SQLite) up in {time.monotonic() - started:.1f}s (metadata DB ready in {airflow.prepare_seconds:.1f}s)"
+                )
+                out["sqlite"] = {}
+                run_phase(
+                    out["sqlite"],
+                    "llm_latency",
+                    lambda: airflow_run(ctx, airflow, args, "sqlite", args.latency, args.users),
+                    save=save,
+                )
     ctx.client.drop_database(args.airflow_db)
     ctx.fake.set_latency(0.0)
     return out

@@ -56,6 +56,8 @@ DB = "bench_fresh"
 THRESHOLD = 50
 KEEP = 20
 DEFAULT_CADENCE_MINUTES = 5
+POLL_SECONDS = 0.2
+"""How often the waits for an idle DAG or a registered watcher look: never during a measured window."""
 
 
 # -- traffic ---------------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def wait_idle(airflow: AirflowServices, timeout: float = 300.0) -> None:
     """Wait until no catch-up run is queued or running (a paused DAG's runs would never finish)."""
     deadline = time.monotonic() + timeout
     while active_catchup_runs(airflow) and time.monotonic() < deadline:
-        time.sleep(1.0)
+        time.sleep(POLL_SECONDS)
 
 
 def wait_watcher(airflow: AirflowServices, timeout: float = 300.0) -> float:
@@ -210,7 +212,7 @@ def wait_watcher(airflow: AirflowServices, timeout: float = 300.0) -> float:
         rows = airflow.query("SELECT COUNT(*) FROM trigger WHERE triggerer_id IS NOT NULL")
         if rows and rows[0][0]:
             return time.monotonic() - started
-        time.sleep(1.0)
+        time.sleep(POLL_SECONDS)
     raise TimeoutError("the doorbell's asset watcher was not registered and running in time")
 
 

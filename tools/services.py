@@ -454,13 +454,21 @@ class PostgresService(_ProcessService):
         """Return Airflow's SQLAlchemy URL (psycopg2 driver, as docker-compose.yaml) for database ``dbname``."""
         return f"postgresql+psycopg2://{self.superuser}@{self.host}:{self.port}/{dbname}"
 
-    def create_database(self, dbname: str) -> str:
-        """Create an empty database and return its SQLAlchemy URL."""
-        if not dbname.replace("_", "").isalnum():
-            raise ValueError(f"not a plain database name: {dbname!r}")
+    def create_database(self, dbname: str, *, template: str | None = None) -> str:
+        """Create a database, empty or a copy of ``template`` (which nobody may be connected to), and
+        return its SQLAlchemy URL."""
+        for name in (dbname, template or "x"):
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"not a plain database name: {name!r}")
         with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{dbname}"')
+            cur.execute(f'CREATE DATABASE "{dbname}"' + (f' TEMPLATE "{template}"' if template else ""))
         return self.url(dbname)
+
+    def has_database(self, dbname: str) -> bool:
+        """Whether the server has a database of that name."""
+        with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
+            return cur.fetchone() is not None
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop the server (fast shutdown) and delete the cluster."""

@@ -268,7 +268,7 @@ def wait_healthy(
                 return dict(health)
         except (OSError, ValueError) as exc:  # not listening yet, or a half-started server
             last = exc
-        time.sleep(1.0)
+        time.sleep(0.25)
     tails = "\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.log_tail()}" for p in processes)
     raise TimeoutError(f"Airflow at {base_url} not healthy within {timeout:.0f}s (last: {last!r})\n{tails}")
 

@@ -1,16 +1,21 @@
 """make bench on a slower machine: a phase that runs out of time is recorded and the rest still
-reported, and the figures are on disk as each phase ends (issue 11, finding 12). Tiny phases only:
-the mechanism, not the 15-minute bench."""
+reported, and the figures are on disk as each phase ends (issue 11, finding 12); Airflow installations
+in turn and metadata DBs copied from one migrated template (issue 25). Tiny phases only: the mechanism,
+not the 15-minute bench."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from tools import bench_harness, bench_report
+from tools import bench_airflow, bench_harness, bench_report
+from tools.services import PostgresService
 
 
 def test_a_timed_out_phase_is_recorded_and_the_others_still_run_and_are_written(tmp_path: Path) -> None:
@@ -87,3 +92,78 @@ def test_a_timed_out_baseline_or_sqlite_run_leaves_the_throughput_rows_and_chart
     assert any(f.startswith("  Airflow floor: no-op mapped task") for f in figures), figures
     assert any(f.startswith("CPU s per user a deployment pays") for f in figures), figures
     assert [Path(c).name for c in bench_report.write_charts(results, args)] == ["bench-throughput.svg"]
+
+
+class _Installation:
+    """Stands in for AirflowServices in InTurn: records when it starts and stops; its stop waits for ``release``."""
+
+    def __init__(self, name: str, events: list[str], release: threading.Event | None = None) -> None:
+        self.home = Path(name)
+        self.events = events
+        self.release = release
+
+    def start(self) -> None:
+        self.events.append(f"{self.home} started")
+
+    def stop(self) -> None:
+        self.events.append(f"{self.home} stopping")
+        if self.release is not None:
+            assert self.release.wait(60), "the test never released the stop"
+        self.events.append(f"{self.home} stopped")
+
+
+def test_installations_in_turn_start_during_the_previous_stop_and_run_only_after_it() -> None:
+    """The next installation starts while the one before stops, but its block (the measured runs) waits
+    until that stop has ended; leaving InTurn waits for the last stop."""
+    events: list[str] = []
+    release = threading.Event()
+    first, second = _Installation("first", events, release), _Installation("second", events)
+
+    def start_second() -> None:
+        with in_turn.start(second):  # type: ignore[arg-type]  # the duck-typed stand-in
+            events.append("second runs")
+
+    with bench_airflow.InTurn() as in_turn:
+        with in_turn.start(first):  # type: ignore[arg-type]
+            events.append("first runs")
+        thread = threading.Thread(target=start_second)
+        thread.start()
+        while "second started" not in events:  # it starts although the first one has not stopped
+            assert thread.is_alive(), events
+            time.sleep(0.01)
+        assert "second runs" not in events, events
+        release.set()
+        thread.join(60)
+    assert events == [
+        "first started",
+        "first runs",
+        "first stopping",
+        "second started",
+        "first stopped",
+        "second runs",
+        "second stopping",
+        "second stopped",
+    ]
+
+
+def test_metadata_dbs_are_copied_from_one_migrated_template(postgres: PostgresService) -> None:
+    """migrated_template prepares the template once per pool size; a copy has what the preparation made."""
+    prepared: list[str] = []
+
+    def prepare(url: str) -> None:  # what `airflow db migrate` and `airflow pools set` leave, in small
+        prepared.append(url)
+        dbname = url.rsplit("/", 1)[1]
+        with contextlib.closing(postgres.connect(dbname)) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE slot_pool (pool text, slots int)")
+            cur.execute("INSERT INTO slot_pool VALUES ('llm_api', 3)")
+
+    slots = 3 + uuid.uuid4().int % 1000  # a pool size no other test has made a template for
+    name = bench_airflow.migrated_template(postgres, slots, prepare)
+    assert bench_airflow.migrated_template(postgres, slots, prepare) == name
+    assert len(prepared) == 1, "the second installation must copy the template, not migrate again"
+    copy = f"copy_{uuid.uuid4().hex[:8]}"
+    assert postgres.create_database(copy, template=name) == postgres.url(copy)
+    with contextlib.closing(postgres.connect(copy)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pool, slots FROM slot_pool")
+        assert cur.fetchall() == [("llm_api", 3)]
+    assert not postgres.has_database(f"{name}_partial")

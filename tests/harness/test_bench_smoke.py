@@ -124,7 +124,7 @@ def test_bench_fresh_produces_every_mode_and_the_idle_cost(tmp_path: Path) -> No
     out = tmp_path / "fresh.json"
     _run(
         "bench_fresh.py",
-        *("--users", "5", "--minutes", "0.25", "--cadence", "1", "--idle-minutes", "0.1"),
+        *("--users", "5", "--minutes", "0.1", "--cadence", "1", "--idle-minutes", "0.05"),
         *("--settle-seconds", "0", "--llm-latency", "0.05"),
         *("--work-dir", str(tmp_path / "work"), "--out", str(out)),
         timeout=1700,
