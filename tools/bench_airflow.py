@@ -450,8 +450,9 @@ class InTurn:
             stopping.join()
 
     @contextlib.contextmanager
-    def start(self, services: AirflowServices) -> Iterator[AirflowServices]:
-        """Start ``services``, wait for the previous installation's stop, run the block, stop in the background."""
+    def start(self, services: AirflowServices, *, last: bool = False) -> Iterator[AirflowServices]:
+        """Start ``services``, wait for the previous installation's stop, run the block, stop in the
+        background (``last``: stop before leaving, e.g. before a broker it needs goes)."""
         try:
             services.start()
         finally:
@@ -459,8 +460,11 @@ class InTurn:
         try:
             yield services
         finally:
-            self._stopping = threading.Thread(target=services.stop, name=f"stop {services.home.name}")
-            self._stopping.start()
+            if last:
+                services.stop()
+            else:
+                self._stopping = threading.Thread(target=services.stop, name=f"stop {services.home.name}")
+                self._stopping.start()
 
     def __enter__(self) -> Self:
         """Nothing to start."""

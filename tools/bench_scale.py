@@ -52,7 +52,7 @@ from butler_memory.core.settings import Settings  # noqa: E402
 from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools import bench, parts  # noqa: E402
 from tools import bench_engine as eng  # noqa: E402
-from tools.bench_airflow import CELERY_CPU, NOOP_BATCHED_DAG_ID, STAND_INS, AirflowServices  # noqa: E402
+from tools.bench_airflow import CELERY_CPU, NOOP_BATCHED_DAG_ID, STAND_INS, AirflowServices, InTurn  # noqa: E402
 from tools.bench_fresh import quantile  # noqa: E402
 from tools.bench_harness import (  # noqa: E402
     Stack,
@@ -275,9 +275,10 @@ def _loop_ms(run: Mapping[str, Any]) -> str:
 
 @contextlib.contextmanager
 def celery_workers(
-    ctx: Stack, args: argparse.Namespace, broker: RedisService, sink: StatsdSink
+    ctx: Stack, args: argparse.Namespace, broker: RedisService, sink: StatsdSink, in_turn: InTurn
 ) -> Iterator[tuple[AirflowServices, dict[str, int | None]]]:
-    """Airflow on the CeleryExecutor with ``--celery-workers`` workers of ``parallelism / workers`` processes."""
+    """Airflow on the CeleryExecutor with ``--celery-workers`` workers of ``parallelism / workers`` processes,
+    started while the installation before it stops (``in_turn``), stopped before the broker."""
     concurrency = max(args.parallelism // args.celery_workers, 1)
     assert ctx.postgres is not None, "the scale bench runs Airflow on PostgreSQL"
     extra = {
@@ -289,12 +290,10 @@ def celery_workers(
         **statsd_env(sink),
     }
     home = args.work_dir / "airflow-celery"
-    with (
-        airflow_on(
-            ctx, home, args.airflow_db, pool_slots=args.pool_slots, parallelism=args.parallelism, extra_env=extra
-        ) as airflow,
-        contextlib.ExitStack() as stack,
-    ):
+    services = airflow_on(
+        ctx, home, args.airflow_db, pool_slots=args.pool_slots, parallelism=args.parallelism, extra_env=extra
+    )
+    with in_turn.start(services, last=True) as airflow, contextlib.ExitStack() as stack:
         pids: dict[str, int | None] = {}
         for n in range(1, args.celery_workers + 1):
             log_path = home / f"celery-worker-{n}.log"
@@ -418,31 +417,34 @@ def main(argv: list[str] | None = None) -> int:
         args.engine_cpu_seconds_per_user = results["engine"].get("engine_cpu_seconds_per_user")
         configs = [("k1", args.small_users, 1)] if args.small_users else []
         configs += [(f"k{k}", args.users, k) for k in args.ks]
-        with airflow_on(
+        local = airflow_on(
             ctx,
             args.work_dir / "airflow",
             args.airflow_db,
             pool_slots=args.pool_slots,
             parallelism=args.parallelism,
             extra_env=statsd_env(sink),
-        ) as airflow:
-            for label, users, k in configs:
-                run = functools.partial(scale_run, ctx, airflow, args, label, users, k, sink=sink)
-                run_phase(runs, label, run, save=save)
-        if args.celery_users:
-            with (
-                RedisService(args.work_dir / "broker") as broker,
-                celery_workers(ctx, args, broker, sink) as (airflow, pids),
-            ):
-                label = f"celery_k{args.celery_k}"
-                run_phase(
-                    runs,
-                    label,
-                    lambda: scale_run(
-                        ctx, airflow, args, label, args.celery_users, args.celery_k, sink=sink, workers=pids
-                    ),
-                    save=save,
-                )
+        )
+        # The Celery installation starts while the LocalExecutor one stops; its run waits until that one has ended.
+        with InTurn() as in_turn:
+            with in_turn.start(local, last=not args.celery_users) as airflow:
+                for label, users, k in configs:
+                    run = functools.partial(scale_run, ctx, airflow, args, label, users, k, sink=sink)
+                    run_phase(runs, label, run, save=save)
+            if args.celery_users:
+                with (
+                    RedisService(args.work_dir / "broker") as broker,
+                    celery_workers(ctx, args, broker, sink, in_turn) as (airflow, pids),
+                ):
+                    label = f"celery_k{args.celery_k}"
+                    run_phase(
+                        runs,
+                        label,
+                        lambda: scale_run(
+                            ctx, airflow, args, label, args.celery_users, args.celery_k, sink=sink, workers=pids
+                        ),
+                        save=save,
+                    )
     results["load_after"] = uptime()
     results["elapsed_seconds"] = round(log.elapsed(), 1)
     rows = summary(results)

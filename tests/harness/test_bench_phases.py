@@ -114,10 +114,11 @@ class _Installation:
 
 def test_installations_in_turn_start_during_the_previous_stop_and_run_only_after_it() -> None:
     """The next installation starts while the one before stops, but its block (the measured runs) waits
-    until that stop has ended; leaving InTurn waits for the last stop."""
+    until that stop has ended; leaving InTurn waits for the last stop; a ``last`` one stops before its block is left."""
     events: list[str] = []
     release = threading.Event()
     first, second = _Installation("first", events, release), _Installation("second", events)
+    third = _Installation("third", events)
 
     def start_second() -> None:
         with in_turn.start(second):  # type: ignore[arg-type]  # the duck-typed stand-in
@@ -126,6 +127,8 @@ def test_installations_in_turn_start_during_the_previous_stop_and_run_only_after
     with bench_airflow.InTurn() as in_turn:
         with in_turn.start(first):  # type: ignore[arg-type]
             events.append("first runs")
+        while "first stopping" not in events:  # the stop runs in the background
+            time.sleep(0.01)
         thread = threading.Thread(target=start_second)
         thread.start()
         while "second started" not in events:  # it starts although the first one has not stopped
@@ -134,6 +137,10 @@ def test_installations_in_turn_start_during_the_previous_stop_and_run_only_after
         assert "second runs" not in events, events
         release.set()
         thread.join(60)
+        in_turn.wait()  # the second one's stop, in the background
+        with in_turn.start(third, last=True):  # type: ignore[arg-type]
+            events.append("third runs")
+        events.append("after the last one")
     assert events == [
         "first started",
         "first runs",
@@ -143,6 +150,11 @@ def test_installations_in_turn_start_during_the_previous_stop_and_run_only_after
         "second runs",
         "second stopping",
         "second stopped",
+        "third started",
+        "third runs",
+        "third stopping",
+        "third stopped",
+        "after the last one",
     ]
 
 
