@@ -4,7 +4,7 @@
 Keeps every Butler user's memory small: once a day, **scan** finds users with more than
 `threshold` events (default 50): those who wrote since its last scan or that an earlier run left
 over, and every user on its full-reconciliation days (`daily_full_scan_every_days`); **compress_user** runs once per batch of
-`users_per_task` users (default 50; dynamically mapped, each instance labelled with its first user id
+`users_per_task` users (default 200; dynamically mapped, each instance labelled with its first user id
 and how many more, in pool `llm_api`) and folds, for each user, all but the newest `keep_last_n`
 events (default 20) into the user's rolling summary, and **report** stores one document per run in
 `memory_compression_runs`, emits StatsD metrics and fails the run when any user failed.

@@ -135,7 +135,7 @@ def _validated_sdk(dag: DAG, conf: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_form_names_the_default_users_per_task_the_setting_has(dag: DAG) -> None:
     """Empty means the setting: the form says which (50, docs/benchmarks.md §12), so docs and code cannot drift."""
-    assert Settings().users_per_task == 50
+    assert Settings().users_per_task == 200
     description = dag.params.get_param("users_per_task").description or ""
     assert f"the configured setting ({Settings().users_per_task})" in description, description
 

@@ -126,15 +126,16 @@ class Settings:
     scan_limit: int = 1000
     """Most users one run compresses (largest backlog first); at most Airflow's max_map_length x
     users_per_task (the run maximum, checked by the scan)."""
-    users_per_task: int = 50
+    users_per_task: int = 200
     """Users one mapped compress_user task compresses, one after another (1: a task per user). Each
     user keeps its own lock, result, metrics and failure; a retry or clear re-runs only the users of
     the task that failed or never finished (their results are kept in run_users_collection).
-    50 (docs/benchmarks.md §12, 10,000 users a run): 0.053 CPU-s of Airflow a user against 0.081 at
-    20 and 0.312 at 1, as Airflow's price per instance (task process, API server, the scheduler's
-    loop over the run's instances) is paid per 50 users; a larger k saves little more and makes a
-    batch (its users in turn within one execution timeout) and a small run's lost parallelism
-    worse: a run of fewer than pool slots x k users uses fewer slots."""
+    200 (docs/benchmarks.md §12, 10,000 users a run): 0.044 CPU-s of Airflow a user, the one measured
+    k within the 0.05 target (50: 0.053, 20: 0.081, 1: 0.312), as Airflow's price per instance (task
+    process, API server, the scheduler's loop over the run's instances) is paid per 200 users. Its
+    prices: a run of fewer than pool slots x k users (1,600 at 8 slots) uses fewer slots, and a
+    batch's users run in turn within one 60-minute execution timeout; small or latency-bound
+    deployments set 10-50."""
     run_users_collection: str = "memory_compression_run_users"
     """One small document per (DAG, run, user): the user's outcome in that run, written as each user
     ends, so a retried or cleared batch task skips the users it already finished."""

@@ -199,7 +199,7 @@ COMPRESS = (
         "users_per_task",
         "Users per task",
         f"Users one compress_user instance compresses, one after another (1 to {MAX_USERS_PER_TASK}; "
-        "1 = an instance per user). Empty: the configured setting (50).",
+        "1 = an instance per user). Empty: the configured setting (200).",
         maximum=MAX_USERS_PER_TASK,
     ),
     ids("user_ids", "User ids", USERS, "only this user (repeatable)"),
