@@ -224,7 +224,9 @@ def pause(airflow: AirflowServices, paused: bool) -> None:
     """
     if paused:
         wait_idle(airflow)
-    airflow.cli("dags", "pause" if paused else "unpause", CATCHUP_ID)
+    rows = airflow.query("SELECT is_paused FROM dag WHERE dag_id = ?", (CATCHUP_ID,))
+    if not rows or bool(rows[0][0]) is not paused:  # unpaused at creation (AirflowServices): no CLI call then
+        airflow.cli("dags", "pause" if paused else "unpause", CATCHUP_ID)
 
 
 def reset(db: Any, redis_client: Any) -> None:

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools import bench_airflow, bench_harness, bench_report
+from tools import bench_airflow, bench_fresh, bench_harness, bench_report
 from tools.services import PostgresService
 
 
@@ -179,3 +179,33 @@ def test_metadata_dbs_are_copied_from_one_migrated_template(postgres: PostgresSe
         cur.execute("SELECT pool, slots FROM slot_pool")
         assert cur.fetchall() == [("llm_api", 3)]
     assert not postgres.has_database(f"{name}_partial")
+
+
+class _Metadata:
+    """Stands in for AirflowServices in bench_fresh.pause: the catch-up DAG's pause flag, no run in flight."""
+
+    def __init__(self, paused: bool) -> None:
+        self.paused = paused
+        self.cli_calls: list[tuple[str, ...]] = []
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return [(int(self.paused),)] if "is_paused" in sql else [(0,)]
+
+    def cli(self, *args: str) -> str:
+        self.cli_calls.append(args)
+        self.paused = args[1] == "pause"
+        return ""
+
+
+def test_bench_fresh_pauses_through_the_cli_only_when_the_flag_must_change() -> None:
+    """The catch-up DAG is unpaused at creation: the unpause before the first mode costs no CLI call (2-5 s)."""
+    airflow = _Metadata(paused=False)
+    bench_fresh.pause(airflow, False)  # type: ignore[arg-type]  # the duck-typed stand-in
+    assert airflow.cli_calls == []
+    bench_fresh.pause(airflow, True)  # type: ignore[arg-type]
+    bench_fresh.pause(airflow, True)  # type: ignore[arg-type]
+    bench_fresh.pause(airflow, False)  # type: ignore[arg-type]
+    assert airflow.cli_calls == [
+        ("dags", "pause", bench_fresh.CATCHUP_ID),
+        ("dags", "unpause", bench_fresh.CATCHUP_ID),
+    ]
