@@ -13,7 +13,7 @@ import time
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-USERS_PER_TASK_MAX = 1000
+from butler_memory.core.settings import MAX_USERS_PER_TASK
 
 
 @dag(
@@ -24,7 +24,7 @@ USERS_PER_TASK_MAX = 1000
     tags=["bench"],
     params={
         "users": Param(200, type="integer", minimum=1),
-        "users_per_task": Param(50, type="integer", minimum=1, maximum=USERS_PER_TASK_MAX),
+        "users_per_task": Param(50, type="integer", minimum=1, maximum=MAX_USERS_PER_TASK),
         "sleep": Param(0.01, type="number", minimum=0),
     },
 )
