@@ -38,7 +38,7 @@ def bench_noop_batched() -> None:
         ids = [f"noop-{i:07d}" for i in range(users)]
         return [ids[i : i + k] for i in range(0, users, k)]
 
-    @task
+    @task(multiple_outputs=False)
     def prepare_batch() -> dict[str, int]:
         return {}
 
