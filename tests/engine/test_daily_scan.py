@@ -23,7 +23,7 @@ from butler_memory.core.settings import Settings
 from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
 from butler_memory.freshness import fresh
 from butler_memory.freshness.doorbell import Doorbell, DoorbellRecord
-from butler_memory.storage.events import Backlog
+from butler_memory.storage.events import COUNT_BATCH, Backlog
 from butler_memory.storage.store import MemoryStore
 from tests.engine.helpers import DocumentsRead, insert_events, make_engine, small_settings
 from tools.bench_engine import CommandCounter
@@ -301,3 +301,18 @@ def test_an_erasure_removes_the_user_from_the_daily_runs_owed_record(
     )
     assert result.status == erasure.ERASED
     assert daily.owed().oldest(10) == {}, "the owed record still names the erased user"
+
+
+def test_backlog_of_counts_users_across_its_count_batches(mongo_db: Database[Doc]) -> None:
+    """More writers than one ``$group`` counts (COUNT_BATCH): every batch is counted, largest first."""
+    settings = _settings()
+    store = MemoryStore(mongo_db, settings)
+    store.ensure_indexes()
+    users = [f"writer-{i:03d}" for i in range(2 * COUNT_BATCH + 3)]
+    for i, user_id in enumerate(users):
+        insert_events(mongo_db, user_id, settings.threshold + 1 + i % 4, start=DAY0)
+    insert_events(mongo_db, "under", settings.threshold, start=DAY0)
+    found = store.backlog_of([*users, "under", "nobody", *users[:2]], settings.threshold)
+    assert sorted(b.user_id for b in found) == users
+    assert found == sorted(found, key=lambda b: (-b.events, b.user_id))
+    assert {b.user_id: b.events for b in found} == {u: settings.threshold + 1 + i % 4 for i, u in enumerate(users)}
