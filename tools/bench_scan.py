@@ -5,7 +5,7 @@ Standalone: ``python tools/bench_scan.py [--sizes 100000 1000000] [--active 0.01
 MongoDB wire server (SecantusDB's secantusd-py, not MongoDB), a collection of N events (users of 20
 to 50 events, all at or under the threshold of 50: yesterday's run compressed everyone) gets a first
 daily scan (the full one, which sets the watermark); then ``--active`` of the users write 35 events
-each. Both scans are then timed (median of 3, ``persist`` off so each repeat sees the same state)
+each, spread over the day. Both scans are then timed (median of 3, ``persist`` off so each repeat sees the same state)
 and their reads counted with a pymongo CommandListener: commands, documents returned by finds, and
 documents the aggregates cover (a ``$group`` without ``$match`` covers the collection; one on
 ``user_id $in`` covers those users' events, counted afterwards).
@@ -140,6 +140,13 @@ def measure(mongo: MongoService, db_name: str, redis_client: Any, now: datetime,
     }
 
 
+def written_at(writer: int, j: int) -> datetime:
+    """When the ``writer``-th active user wrote its ``j``-th new event: spread over the day after the
+    last scan, the writers interleaved (a day's writes, not one burst)."""
+    slot = 86_400 // NEW_EVENTS
+    return DAY0 + timedelta(seconds=j * slot + (writer * 37) % slot)
+
+
 def bench_size(mongo: MongoService, redis_client: Any, n_events: int, active: float) -> dict[str, Any]:
     """Seed one collection, run the first (full) daily scan, let ``active`` of the users write, measure."""
     client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo.uri)
@@ -155,8 +162,8 @@ def bench_size(mongo: MongoService, redis_client: Any, n_events: int, active: fl
     fresh.settle_daily(store, owed, first.xcom(), [], finished_at=DAY0)
     writers = users[:: max(int(1 / active), 1)]
     new = [
-        {"user_id": u, "role": "user", "content": "x", "created_at": DAY0 + timedelta(minutes=j + 1), "tags": []}
-        for u in writers
+        {"user_id": u, "role": "user", "content": "x", "created_at": written_at(k, j), "tags": []}
+        for k, u in enumerate(writers)
         for j in range(NEW_EVENTS)
     ]
     insert_events(db, new)

@@ -17,6 +17,7 @@ from typing import Any
 import pymongo
 import pytest
 import redis
+from pymongo import monitoring
 from pymongo.database import Database
 
 from butler_memory.core.settings import Settings
@@ -122,8 +123,9 @@ def test_daily_scan_reads_only_the_users_who_wrote_without_any_doorbell_ring(
     assert result.backlog == [Backlog("chatty", 14), Backlog("quiet-0001", 14)]
     assert result.candidates == 3  # chatty, light, quiet-0001: none of the other quiet users
     assert listener.read == 14 + 6 + 2, "the scan read an event not written since its last scan"
-    # One state read, one page of writers, one count of the page's users: the same for 20 and 200 quiet users.
-    assert commands == Counter({"find": 2, "aggregate": 1}), commands
+    # One state read, three pages of writers (the first hour, the next 16, then the rest: fresh.FIRST_WINDOW),
+    # one count of the users who wrote: the same for 20 and 200 quiet users.
+    assert commands == Counter({"find": 4, "aggregate": 1}), commands
 
 
 def test_late_writes_within_the_margin_are_caught_and_older_ones_by_the_reconciliation(
@@ -316,3 +318,58 @@ def test_backlog_of_counts_users_across_its_count_batches(mongo_db: Database[Doc
     assert sorted(b.user_id for b in found) == users
     assert found == sorted(found, key=lambda b: (-b.events, b.user_id))
     assert {b.user_id: b.events for b in found} == {u: settings.threshold + 1 + i % 4 for i, u in enumerate(users)}
+
+
+class Finds(monitoring.CommandListener):
+    """Keep the filter of every find on user_memory."""
+
+    def __init__(self) -> None:
+        self.filters: list[Doc] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        """Remember a find's filter."""
+        if event.command_name == "find" and event.command.get("find") == "user_memory":
+            self.filters.append(dict(event.command.get("filter") or {}))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        """Nothing to count."""
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        """Nothing to count."""
+
+
+def test_each_page_of_a_day_matches_about_a_page_of_events_and_a_kill_loses_nobody(
+    mongo_service: MongoService, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A server that gathers every match before sorting (SecantusDB) paid every event after the cursor
+    at each page: a day's pass cost pages x events. Each page's query now has an upper bound on
+    ``created_at`` (but the last), so what the finds match adds up to about the events once."""
+    daily = Daily(mongo_db, redis_client, _settings(catchup_scan_page_events=20))
+    daily.store().ensure_indexes()
+    daily.first_run()
+    day1 = DAY0 + timedelta(days=1)
+    users = [f"day-{i:02d}" for i in range(40)]
+    for i, user_id in enumerate(users):  # spread over the day, interleaved
+        insert_events(mongo_db, user_id, 12, start=DAY0 + timedelta(minutes=30 + i), step=timedelta(hours=2))
+    events = 40 * 12
+    finds, listener = Finds(), DocumentsRead({"user_memory"})
+    client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_service.uri, event_listeners=[finds, listener])
+    pages = [0]
+
+    def kill_at_third_page(step: str) -> None:
+        pages[0] += 1
+        if pages[0] == 3:
+            raise Killed(step)
+
+    try:
+        with pytest.raises(Killed):
+            daily.scan(day1, db=client[mongo_db.name], checkpoint=kill_at_third_page)
+        result = daily.scan(day1, db=client[mongo_db.name])
+    finally:
+        client.close()
+    assert _taken(result) == set(users), "a user was missed"
+    writer_finds = [f for f in finds.filters if "created_at" in f]
+    matched = sum(mongo_db["user_memory"].count_documents(f) for f in writer_finds)
+    # Pages without an upper bound matched every event after the cursor at each of 24+ pages (over 12 x).
+    assert matched <= 3 * events, (matched, events)
+    assert listener.read <= events + 3 * 20, "the resumed scan read the killed scan's pages again"

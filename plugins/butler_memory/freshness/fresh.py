@@ -61,6 +61,15 @@ CATCHUP = "catchup"
 KINDS = (DAILY, CATCHUP)
 SCAN_FIELD = "scan_pass"
 """The state document's unfinished pass: {since, started_at, cursor} (the last page's last key)."""
+_ONE_MS = timedelta(milliseconds=1)
+FIRST_WINDOW = timedelta(hours=1)
+"""A pass's first page reads the events of this long after its start, at most a page of them. Each
+page then takes a window of about the length that held the last full page (wider after one that did
+not fill), and the page that reaches ``now`` has no upper bound. A page's query so matches about a
+page of events, however many were written since: MongoDB walks the index for the order and stops at
+the page's end anyway, but a server that gathers and sorts every match first (the embedded
+SecantusDB) read every event after the cursor at each page, so a pass cost pages x events
+(docs/benchmarks.md §11)."""
 SCAN_STEPS = ("page_recorded",)
 """Where a catch-up scan may be killed: after a page's users are recorded and its cursor stored."""
 
@@ -283,25 +292,38 @@ def _scan_pages(
         since, started_at = watermark - timedelta(seconds=settings.catchup_margin_seconds), now
     found = {b.user_id: b for b in store.backlog_of(rung, settings.threshold)}
     counted = set(rung)
-    read, done = 0, False
+    read, done, window = 0, False, FIRST_WINDOW
     while not done and read < max_events:
         page = min(settings.catchup_scan_page_events, max_events - read)
-        keys, done = store.writers_since(since, cursor, page)
-        read += page
+        start = _aware(cursor.created_at) if cursor is not None else since
+        until = _ms(start + window) if start + window < now else None
+        keys, entries = store.writers_since(since, cursor, page, until)
+        full = entries >= page
+        read += page if full else entries
+        done = not full and until is None
         fresh_ids = [k.user_id for k in keys if isinstance(k.user_id, str) and k.user_id not in counted]
         counted.update(fresh_ids)
         over = store.backlog_of(fresh_ids, settings.threshold)
         found.update((b.user_id, b) for b in over)
-        cursor = keys[-1] if keys else cursor
+        if full:  # the next window: about what held this page
+            cursor, window = keys[-1], max(_aware(keys[-1].created_at) - start, _ONE_MS)
+        elif until is not None:  # every event before `until` is read: go on from there, a wider window
+            since, cursor = until, None
+            window *= min(16, max(2, page // max(entries, 1)))
         # The pass's last page needs no record: a scan killed after it reads it again (the report moves
-        # the watermark), so an idle run writes nothing.
-        if persist and not done:
+        # the watermark), so an idle run writes nothing; nor does a window with no event.
+        if persist and not done and entries:
             record.settle([], [], quiet=[b.user_id for b in over])  # durable before the cursor passes them
             store.save_state(state_doc, set_fields={SCAN_FIELD: _pass_doc(since, started_at, cursor)})
             checkpoint("page_recorded")
     if not done:
         log.info("%s scan: stopped after %d events (its max_events); the next run goes on", state_doc, read)
     return _merge(list(found.values()), []), len(counted), started_at if done else None
+
+
+def _ms(value: datetime) -> datetime:
+    """``value`` down to the millisecond, the resolution of BSON dates."""
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
 def _valid_pass(doc: Any) -> bool:

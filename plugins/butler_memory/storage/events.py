@@ -98,10 +98,13 @@ class EventsMixin(Collections):
             )
         return [Backlog(user_id=row["_id"], events=int(row["n"])) for row in found["users"]]
 
-    def writers_since(self, since: datetime, after: WriterKey | None, limit: int) -> tuple[list[WriterKey], bool]:
+    def writers_since(
+        self, since: datetime, after: WriterKey | None, limit: int, until: datetime | None = None
+    ) -> tuple[list[WriterKey], int]:
         """Return the ``(created_at, user_id)`` keys of up to ``limit`` events created at or after
-        ``since``, in that order, strictly after ``after`` (a page of the catch-up scan), and whether
-        the page reached the newest event.
+        ``since`` (and before ``until``, when given), in that order, strictly after ``after`` (a page
+        of the catch-up scan), and how many index entries the page read: fewer than ``limit`` when it
+        reached the newest event (or ``until``).
 
         Covered by the ``(created_at, user_id)`` index, never more than ``limit`` entries read: a page
         costs the same however many events were written since. Equal keys (one user's events in the
@@ -111,13 +114,14 @@ class EventsMixin(Collections):
         """
         projection = {"_id": 0, "created_at": 1, "user_id": 1}
         order = [("created_at", ASCENDING), ("user_id", ASCENDING)]
-        queries: list[dict[str, Any]] = [{"created_at": {"$gte": since}}]
+        before = {} if until is None else {"$lt": until}
+        queries: list[dict[str, Any]] = [{"created_at": {"$gte": since, **before}}]
         if after is not None:
             # After an event without a user id, "$gt": null would match nothing: take the rest of the
             # millisecond's users whatever they are (they all sort after null).
             rest = {"$gt": after.user_id} if after.user_id is not None else {"$ne": None}
             queries = [{"created_at": after.created_at, "user_id": rest}]
-            queries.append({"created_at": {"$gt": after.created_at}})
+            queries.append({"created_at": {"$gt": after.created_at, **before}})
         keys: list[WriterKey] = []
         read = 0
         for query in queries:
@@ -128,7 +132,7 @@ class EventsMixin(Collections):
                 key = WriterKey(doc["created_at"], doc.get("user_id"))
                 if not keys or keys[-1] != key:
                     keys.append(key)
-        return keys, read < limit
+        return keys, read
 
     def backlog_of(self, user_ids: Sequence[str], threshold: int) -> list[Backlog]:
         """Count the given users' events (one ``$group`` per ``COUNT_BATCH`` users, on the user_id
