@@ -1,6 +1,6 @@
 """Daily scan cost: the full $group over every event against the incremental scan (issue 20.3).
 
-Standalone: ``python tools/bench_scan.py [--sizes 100000 1000000] [--active 0.01]``, on the bench harness
+Standalone: ``python tools/bench_scan.py [--sizes 100000 1000000] [--active 0.01] [--mongo-uri URI]``, on the bench harness
 (tools/bench_harness.py: its stand-ins, phases and results writer; figures in ``.local/bench/scan.json``). On the embedded
 MongoDB wire server (SecantusDB's secantusd-py, not MongoDB), a collection of N events (users of 20
 to 50 events, all at or under the threshold of 50: yesterday's run compressed everyone) gets a first
@@ -36,7 +36,6 @@ from butler_memory.freshness.doorbell import DoorbellRecord  # noqa: E402
 from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools.bench_engine import insert_events  # noqa: E402
 from tools.bench_harness import OUT_DIR, log, machine, run_phase, shown, stand_ins, write_results  # noqa: E402
-from tools.services import MongoService  # noqa: E402
 
 Doc = dict[str, Any]
 DAY0 = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
@@ -109,13 +108,13 @@ def seed(db: Any, n_events: int) -> list[str]:
     return users
 
 
-def measure(mongo: MongoService, db_name: str, redis_client: Any, now: datetime, full: bool) -> dict[str, Any]:
+def measure(mongo_uri: str, db_name: str, redis_client: Any, now: datetime, full: bool) -> dict[str, Any]:
     """Time one kind of daily scan (median of 3) and count what one of them reads."""
     seconds, result, reads = [], None, ScanReads()
     for i in range(3):
         listener = ScanReads() if i == 0 else None
         client: pymongo.MongoClient[Doc] = pymongo.MongoClient(
-            mongo.uri, event_listeners=[listener] if listener else []
+            mongo_uri, event_listeners=[listener] if listener else []
         )
         store = MemoryStore(client[db_name], SETTINGS)
         owed = DoorbellRecord(redis_client, key=SETTINGS.daily_owed_key)
@@ -128,7 +127,7 @@ def measure(mongo: MongoService, db_name: str, redis_client: Any, now: datetime,
             reads = listener
         client.close()
     assert result is not None
-    plain: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo.uri)
+    plain: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_uri)
     covered = reads.covered(plain[db_name])
     plain.close()
     return {
@@ -147,9 +146,9 @@ def written_at(writer: int, j: int) -> datetime:
     return DAY0 + timedelta(seconds=j * slot + (writer * 37) % slot)
 
 
-def bench_size(mongo: MongoService, redis_client: Any, n_events: int, active: float) -> dict[str, Any]:
+def bench_size(mongo_uri: str, redis_client: Any, n_events: int, active: float) -> dict[str, Any]:
     """Seed one collection, run the first (full) daily scan, let ``active`` of the users write, measure."""
-    client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo.uri)
+    client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_uri)
     db_name = f"bench_scan_{n_events}"
     db = client[db_name]
     store = MemoryStore(db, SETTINGS)
@@ -173,8 +172,8 @@ def bench_size(mongo: MongoService, redis_client: Any, n_events: int, active: fl
         "users": len(users),
         "active_users": len(writers),
         "seed_seconds": round(seeded, 1),
-        "full": measure(mongo, db_name, redis_client, day1, full=True),
-        "incremental": measure(mongo, db_name, redis_client, day1, full=False),
+        "full": measure(mongo_uri, db_name, redis_client, day1, full=True),
+        "incremental": measure(mongo_uri, db_name, redis_client, day1, full=False),
     }
     client.drop_database(db_name)
     client.close()
@@ -207,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--active", type=float, default=0.01, help="share of the users who write since the last scan")
     parser.add_argument("--work-dir", type=Path, default=OUT_DIR / "scan", help="the services' data")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "scan.json")
+    parser.add_argument(
+        "--mongo-uri",
+        help="measure on this MongoDB server instead of the embedded stand-in (it creates, then drops, "
+        "the databases bench_scan_<events>)",
+    )
     args = parser.parse_args(argv)
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -216,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     with stand_ins(args.work_dir) as ctx:
         redis_client = ctx.redis.client()
+        mongo_uri = args.mongo_uri or ctx.mongo.uri
+        results["mongo"] = "external" if args.mongo_uri else "SecantusDB (embedded stand-in)"
         for n in args.sizes:
             run_phase(
                 results["sizes"],
                 str(n),
-                functools.partial(bench_size, ctx.mongo, redis_client, n, args.active),
+                functools.partial(bench_size, mongo_uri, redis_client, n, args.active),
                 save=lambda: write_results(results, args.out),
             )
             print(json.dumps(results["sizes"][str(n)]), flush=True)
