@@ -47,7 +47,7 @@ from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD
 from butler_memory.freshness.backoff import FailureBackoff
 from butler_memory.freshness.doorbell import DoorbellRecord
-from butler_memory.storage.events import Backlog, WriterKey
+from butler_memory.storage.events import ONE_MS, Backlog, WriterKey
 from butler_memory.storage.store import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ CATCHUP = "catchup"
 KINDS = (DAILY, CATCHUP)
 SCAN_FIELD = "scan_pass"
 """The state document's unfinished pass: {since, started_at, cursor} (the last page's last key)."""
-_ONE_MS = timedelta(milliseconds=1)
 FIRST_WINDOW = timedelta(hours=1)
 """A pass's first page reads the events of this long after its start, at most a page of them. Each
 page then takes a window of about the length that held the last full page (wider after one that did
@@ -306,7 +305,7 @@ def _scan_pages(
         over = store.backlog_of(fresh_ids, settings.threshold)
         found.update((b.user_id, b) for b in over)
         if full:  # the next window: about what held this page
-            cursor, window = keys[-1], max(_aware(keys[-1].created_at) - start, _ONE_MS)
+            cursor, window = keys[-1], max(_aware(keys[-1].created_at) - start, ONE_MS)
         elif until is not None:  # every event before `until` is read: go on from there, a wider window
             since, cursor = until, None
             window *= min(16, max(2, page // max(entries, 1)))

@@ -19,7 +19,7 @@ from butler_memory.storage.mongo import Collections, batches, id_key, ids_of_use
 
 log = logging.getLogger(__name__)
 
-_ONE_MS = timedelta(milliseconds=1)
+ONE_MS = timedelta(milliseconds=1)
 """The resolution of BSON dates."""
 
 
@@ -106,8 +106,9 @@ class EventsMixin(Collections):
         of the catch-up scan), and how many index entries the page read: fewer than ``limit`` when it
         reached the newest event (or ``until``).
 
-        Covered by the ``(created_at, user_id)`` index, never more than ``limit`` entries read: a page
-        costs the same however many events were written since. Equal keys (one user's events in the
+        Covered by the ``(created_at, user_id)`` index, never more than ``limit`` entries read: on
+        MongoDB a page costs the same however many events were written since (a server that gathers
+        every match before the limit needs ``until``: ``freshness.fresh.FIRST_WINDOW``). Equal keys (one user's events in the
         same millisecond) are one entry, so a bulk import cannot hold a page in place. Resuming after
         ``after`` is two plain range queries (the rest of its millisecond, then later ones), not an
         ``$or``, which the embedded SecantusDB answers with a collection scan.
@@ -232,7 +233,7 @@ class EventsMixin(Collections):
         """
         query = {
             "user_id": user_id,
-            "created_at": {"$gte": first.created_at, "$lt": last.created_at + _ONE_MS},
+            "created_at": {"$gte": first.created_at, "$lt": last.created_at + ONE_MS},
         }
         cursor = self.events.find(query).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
         yield from cursor.batch_size(batch_size)
