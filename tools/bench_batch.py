@@ -42,6 +42,7 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 from butler_memory.core.errors import CompressionError  # noqa: E402
 from butler_memory.core.settings import Settings  # noqa: E402
+from butler_memory.core.units import markdown_table  # noqa: E402
 from butler_memory.fold.compression import UserResult, failed_result  # noqa: E402
 from butler_memory.operations import batch  # noqa: E402
 from butler_memory.orchestration.batch_trigger import BatchTrigger  # noqa: E402
@@ -178,9 +179,8 @@ def table(figures: dict[str, Any], users: int) -> str:
         (f"cost per 1,000 users, {PRICES['model']} (USD)", on["cost_usd"] * per, ba["cost_usd"] * per),
         ("worker-slot-seconds, LLM phase, per 1,000 users", on["slot_seconds"] * per, ba["slot_seconds"] * per),
     ]
-    lines = ["| per 1,000 users | online | batch |", "|---|---:|---:|"]
-    lines += [f"| {name} | {a:,.4g} | {b:,.4g} |" for name, a, b in rows]
-    return "\n".join(lines)
+    cells = [(name, f"{a:,.4g}", f"{b:,.4g}") for name, a, b in rows]
+    return "\n".join(markdown_table(["per 1,000 users", "online", "batch"], cells, right_from=1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 from butler_memory.client import AsyncMemoryClient, MemoryClient  # noqa: E402
 from butler_memory.core.settings import Settings  # noqa: E402
+from butler_memory.core.units import markdown_table  # noqa: E402
 from butler_memory.llm.offline import OfflineSummarizer  # noqa: E402
 from butler_memory.operations.engine import Engine  # noqa: E402
 from butler_memory.storage.locks import UserLocks  # noqa: E402
@@ -162,18 +163,14 @@ def bench_ring(redis_service: RedisService, db: Any, rings: int) -> Doc:
 
 def table(rows: list[Doc]) -> str:
     """Render the memory() figures as a Markdown table."""
-    lines = [
-        "| user | live events | archived | history versions | round trips | sync median / p95 ms "
-        "| asyncio median / p95 ms |",
-        "|---|---|---|---|---|---|---|",
+    headers = ["user", "live events", "archived", "history versions", "round trips"]
+    headers += ["sync median / p95 ms", "asyncio median / p95 ms"]
+    cells = [
+        [row["user"], row["live_events"], row["archived"], row["history_versions"], row["round_trips"]]
+        + [f"{row[mode]['median_ms']} / {row[mode]['p95_ms']}" for mode in ("sync", "async")]
+        for row in rows
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['user']} | {row['live_events']} | {row['archived']} | {row['history_versions']} "
-            f"| {row['round_trips']} | {row['sync']['median_ms']} / {row['sync']['p95_ms']} "
-            f"| {row['async']['median_ms']} / {row['async']['p95_ms']} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(markdown_table(headers, cells))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 from butler_memory.core.settings import Settings  # noqa: E402
+from butler_memory.core.units import markdown_table  # noqa: E402
 from butler_memory.freshness import fresh  # noqa: E402
 from butler_memory.freshness.doorbell import DoorbellRecord  # noqa: E402
 from butler_memory.storage.store import MemoryStore  # noqa: E402
@@ -183,20 +184,20 @@ def bench_size(mongo_uri: str, redis_client: Any, n_events: int, active: float) 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Render the figures as the Markdown table of docs/benchmarks.md."""
-    lines = [
-        "| Events | Active users | Full scan | Incremental | Ratio | Full: documents covered "
-        "| Incremental: documents returned + covered | Incremental commands |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    headers = ["Events", "Active users", "Full scan", "Incremental", "Ratio", "Full: documents covered"]
+    headers += ["Incremental: documents returned + covered", "Incremental commands"]
+    cells = []
     for r in rows:
         f, i = r["full"], r["incremental"]
         ratio = f["seconds"] / i["seconds"] if i["seconds"] else float("inf")
-        lines.append(
-            f"| {r['events']:,} | {r['active_users']:,} | {f['seconds']:.2f} s | {i['seconds']:.3f} s | {ratio:.0f}x "
-            f"| {f['documents_covered_by_aggregates']:,} | {i['documents_returned']:,} + "
-            f"{i['documents_covered_by_aggregates']:,} | {sum(i['commands'].values())} |"
+        returned = f"{i['documents_returned']:,} + {i['documents_covered_by_aggregates']:,}"
+        cells.append(
+            [
+                *(f"{r['events']:,}", f"{r['active_users']:,}", f"{f['seconds']:.2f} s", f"{i['seconds']:.3f} s"),
+                *(f"{ratio:.0f}x", f"{f['documents_covered_by_aggregates']:,}", returned, sum(i["commands"].values())),
+            ]
         )
-    return "\n".join(lines)
+    return "\n".join(markdown_table(headers, cells, right_from=0))
 
 
 def main(argv: list[str] | None = None) -> int:

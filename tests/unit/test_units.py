@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from butler_memory.core.units import duration
+from butler_memory.core.units import duration, markdown_table
 
 
 @pytest.mark.parametrize(
@@ -30,3 +30,9 @@ from butler_memory.core.units import duration
 )
 def test_duration_in_human_units(seconds: float | None, text: str) -> None:
     assert duration(seconds) == text
+
+
+def test_markdown_table_right_aligns_the_figure_columns_it_is_told_to() -> None:
+    assert markdown_table(["a", "b"], [(1, "x")]) == ["| a | b |", "|---|---|", "| 1 | x |"]
+    assert markdown_table(["name", "n", "m"], [("x", 1, 2)], right_from=1)[1] == "|---|---:|---:|"
+    assert markdown_table(["n"], [], right_from=0) == ["| n |", "|---:|"]

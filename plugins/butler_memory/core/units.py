@@ -40,7 +40,13 @@ def version_step(from_version: int, to_version: int) -> str:
     return f"v{from_version} → v{to_version}" if to_version != from_version else f"v{from_version}"
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    """Return a Markdown table's lines: the header, its rule, one line per row."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+def markdown_table(
+    headers: Sequence[str], rows: Iterable[Sequence[object]], *, right_from: int | None = None
+) -> list[str]:
+    """Return a Markdown table's lines: the header, its rule, one line per row.
+
+    Columns from index ``right_from`` on are right-aligned (figures); all are left-aligned without it.
+    """
+    cut = len(headers) if right_from is None else right_from
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * cut + "---:|" * (len(headers) - cut)]
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
