@@ -181,9 +181,7 @@ def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except Exception as exc:  # MongoDB down, bad connection: say which, exit non-zero
         return _error(err, exc)
     try:
-        result = forget(
-            params.values(args, params.ERASURE), engine=engine, settings=settings, secret=secret, requested_by="cli"
-        )
+        result = forget(params.values(args, params.ERASURE), engine=engine, secret=secret, requested_by="cli")
     except (ForgetInputError, LockUnavailableError) as exc:
         return _error(err, exc)
     except CompressionError as exc:

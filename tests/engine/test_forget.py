@@ -12,8 +12,8 @@ from pymongo.database import Database
 from butler_memory.core.errors import ErasurePendingError, ForgetInputError
 from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED
-from butler_memory.operations import forget
-from butler_memory.operations.engine import Engine
+from butler_memory.operations import erasure, forget
+from butler_memory.operations.engine import Engine, erase_events
 from butler_memory.storage.profiles import FORGET_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.erasure_helpers import (
@@ -29,7 +29,7 @@ from tests.engine.erasure_helpers import (
     mongo_mentions,
     quarantine_one,
 )
-from tests.engine.helpers import START, insert_events, make_engine, profile_of, prompt_events
+from tests.engine.helpers import START, insert_events, make_engine, profile_of, prompt_events, snapshot
 from tools.fake_openai import FakeOpenAI
 
 Doc = dict[str, Any]
@@ -300,7 +300,7 @@ def test_the_butlers_call_forgets_events_and_logs_no_content(
     seeded(mongo_db, redis_client, settings)
     caplog.set_level(logging.DEBUG)
 
-    done = forget.erase_events(
+    done = erase_events(
         FACT_USER,
         db=mongo_db,
         redis_client=redis_client,
@@ -416,3 +416,22 @@ def test_forgetting_a_quarantined_event_removes_it_from_the_quarantine(
     assert done.status == forget.FORGOTTEN, done
     assert mongo_db["user_memory_quarantine"].count_documents({}) == 0, "the forgotten event stayed in quarantine"
     assert profile_of(mongo_db, FACT_USER)["memory_summary"] == summary
+
+
+def test_the_engine_front_forgets_events_or_the_whole_user_and_refuses_both_at_once(
+    mongo_db: Database[Any], redis_client: redis.Redis
+) -> None:
+    """``Engine.forget``, the one entry of the erasure DAG, the CLI and ``erase_events``, picks the operation."""
+    settings = fact_settings()
+    engine = seeded(mongo_db, redis_client, settings)
+    before = snapshot(mongo_db, FACT_USER)
+
+    with pytest.raises(ForgetInputError, match="include_events is for forgetting the whole user"):
+        engine.forget(FACT_USER, secret=SECRET, event_ids=[eid(14)], include_events=True)
+    assert snapshot(mongo_db, FACT_USER) == before, "a contradiction changes nothing"
+
+    some = engine.forget(FACT_USER, secret=SECRET, event_ids=[eid(14)])
+    assert some.status == forget.FORGOTTEN and some.kind == "events", some
+    whole = engine.forget(FACT_USER, secret=SECRET, include_events=True)
+    assert whole.kind == "user" and whole.status == erasure.ERASED, whole
+    assert mongo_db["user_memory"].count_documents({"user_id": FACT_USER}) == 0

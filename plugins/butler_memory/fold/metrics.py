@@ -89,8 +89,8 @@ GUARD_METRICS = {
 }
 
 # Operations on users' memory other than compression (emitted once per user by the shared entry the
-# CLI and the DAG tasks both call: Engine.rollback / Engine.refold, forget.forget_events,
-# erasure.forget_user). Dry runs send nothing.
+# CLI and the DAG tasks both call: Engine.rollback / Engine.refold / Engine.forget, which runs
+# forget.forget_events or erasure.forget_user). Dry runs send nothing.
 ROLLBACK, REFOLD, FORGET, ERASURE = "rollback", "refold", "forget", "erasure"
 OPERATIONS = (ROLLBACK, REFOLD, FORGET, ERASURE)
 OPERATION_METRICS = {

@@ -1,13 +1,19 @@
 """The engine's front: the parts one task needs, and the per-user operations on them.
 
 Built once per task (``connections.build_engine``), by the CLI, the Butler's client and tests. It
-sits above the operations it offers (compression, rollback, re-fold), which never import it back.
+sits above the operations it offers (compression, rollback, re-fold, forget), which never import it
+back: they take the parts as ``fold.rebuild.Parts``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import redis
+from pymongo.database import Database
 
 from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
@@ -15,6 +21,8 @@ from butler_memory.fold.compression import compress_user
 from butler_memory.fold.metrics import Metrics, NullMetrics
 from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.summarizer import Summarizer
+from butler_memory.operations.audit import audit_key
+from butler_memory.operations.forget import forget_user_or_events
 from butler_memory.operations.refold import refold_user
 from butler_memory.operations.rollback import rollback_user
 from butler_memory.storage.events import Backlog
@@ -63,3 +71,32 @@ class Engine:
 
     refold = refold_user
     """Rebuild one user's summary from the archive and emit the re-fold metrics: ``refold.refold_user`` on these parts."""
+
+    forget = forget_user_or_events
+    """Forget one user, or some of their events: ``forget.forget_user_or_events`` on these parts."""
+
+
+def erase_events(
+    user_id: str,
+    *,
+    db: Database[Any],
+    redis_client: redis.Redis,
+    summarizer: Summarizer,
+    secret: str | bytes,
+    event_ids: Sequence[str] | None = None,
+    since: str | datetime | None = None,
+    until: str | datetime | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Forget some of a user's events: the call for the Butler's own deletion flow (no Airflow).
+
+    ``summarizer`` rebuilds the summary (e.g. ``OpenAISummarizer(LLMConfig(...))``, the same model
+    the compression uses). Returns the result as a dict (counts, versions; no content).
+    (``erasure.erase_user`` is its twin for the whole user, which needs no summariser.)
+    """
+    settings = settings or Settings.from_env()
+    engine = Engine(settings, MemoryStore(db, settings), UserLocks(redis_client, settings), summarizer)
+    result = engine.forget(
+        user_id, secret=audit_key(secret), event_ids=event_ids or (), since=since, until=until, requested_by="butler"
+    )
+    return result.to_dict()

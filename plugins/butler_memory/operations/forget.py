@@ -1,7 +1,7 @@
 """Forget some of a user's events (by Butler ``event_id``, or a time range) and rebuild the summary without them.
 
 No Airflow imports: the CLI, the ``memory_erasure`` DAG and the Butler's deletion flow call
-:func:`forget_events`.
+:func:`forget_events` through ``Engine.forget``.
 
 The algorithm (docs/erasure.md, "Forgetting events"):
 
@@ -33,29 +33,25 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import partial
 from typing import Any
 
-import redis
-from pymongo.database import Database
-
-from butler_memory.core.errors import ConcurrentUpdateError, ErasurePendingError, InvalidProfileError
-from butler_memory.core.settings import Settings, SettingsError
+from butler_memory.core.errors import ConcurrentUpdateError, ErasurePendingError, ForgetInputError, InvalidProfileError
+from butler_memory.core.settings import SettingsError
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import utcnow
-from butler_memory.fold.rebuild import Checkpoint, finish_interrupted, no_checkpoint
-from butler_memory.llm.summarizer import Summarizer
+from butler_memory.fold.rebuild import Checkpoint, Parts, finish_interrupted, no_checkpoint
 from butler_memory.operations.audit import (
     ALREADY_ERASED,
     DONE,
     DRY_RUN,
     AuditLog,
     ErasureResult,
-    audit_key,
     event_ref,
     observed_removal,
     subject_ref,
 )
-from butler_memory.operations.engine import Engine
+from butler_memory.operations.erasure import forget_user
 from butler_memory.operations.forget_plan import (
     Request,
     build_request,
@@ -69,7 +65,7 @@ from butler_memory.operations.forget_plan import (
 from butler_memory.operations.intent import locked
 from butler_memory.operations.refold import Rebuilt, commit_rebuilt, refold_archived
 from butler_memory.storage.history import FORGET
-from butler_memory.storage.locks import UserLock, UserLocks
+from butler_memory.storage.locks import UserLock
 from butler_memory.storage.mongo import sanitized_errors
 from butler_memory.storage.profiles import ERASING_FIELD, FORGET_FIELD, THROUGH_FIELD, Profile
 from butler_memory.storage.store import MemoryStore
@@ -83,12 +79,12 @@ FORGOTTEN = "forgotten"
 
 def forget_events(
     user_id: str,
-    *,
-    engine: Engine,
-    secret: bytes | None,
     event_ids: Sequence[str] | None = None,
     since: str | datetime | None = None,
     until: str | datetime | None = None,
+    *,
+    engine: Parts,
+    secret: bytes | None,
     dry_run: bool = False,
     requested_by: str = "api",
     run_id: str | None = None,
@@ -103,17 +99,51 @@ def forget_events(
     user's event, an unknown event, an empty or inverted range), having changed nothing.
     """
 
-    def forget() -> ErasureResult:
+    def run() -> ErasureResult:
         request = build_request(event_ids, since, until)
         return _forget(user_id, request, engine, secret, dry_run, requested_by, run_id, checkpoint, clock, sleep)
 
-    return observed_removal(engine.metrics, m.FORGET, user_id, forget, changed=FORGOTTEN, dry_run=dry_run)
+    return observed_removal(engine.metrics, m.FORGET, user_id, run, changed=FORGOTTEN, dry_run=dry_run)
+
+
+def forget_user_or_events(
+    parts: Parts,
+    user_id: str,
+    *,
+    secret: bytes | None,
+    event_ids: Sequence[str] = (),
+    since: str | datetime | None = None,
+    until: str | datetime | None = None,
+    include_events: bool = False,
+    dry_run: bool = False,
+    requested_by: str = "api",
+    run_id: str | None = None,
+) -> ErasureResult:
+    """Forget one user, or only some of their events: ``event_ids``, or ``[since, until)``.
+
+    Without events or a range the whole user is erased (``erasure.forget_user``; ``include_events``
+    also deletes their events in ``user_memory``); with them, those events are forgotten and the
+    summary rebuilt without them (:func:`forget_events`). Raises ``ForgetInputError`` for input that
+    contradicts itself, having changed nothing. ``Engine.forget`` is this function on the engine's
+    parts: the erasure DAG, the CLI and ``engine.erase_events`` all come through it.
+    """
+    if event_ids or since is not None or until is not None:
+        if include_events:
+            raise ForgetInputError(
+                "include_events is for forgetting the whole user; event_ids/since/until forget events"
+            )
+        what = (event_ids, since, until)
+        return forget_events(
+            user_id, *what, engine=parts, secret=secret, dry_run=dry_run, requested_by=requested_by, run_id=run_id
+        )
+    erase = partial(forget_user, settings=parts.settings, store=parts.store, locks=parts.locks, metrics=parts.metrics)
+    return erase(user_id, secret=secret, events=include_events, dry_run=dry_run, requested_by=requested_by)
 
 
 def _forget(
     user_id: str,
     request: Request,
-    engine: Engine,
+    engine: Parts,
     secret: bytes | None,
     dry_run: bool,
     requested_by: str,
@@ -144,7 +174,7 @@ def _forget(
 def _forget_locked(
     user_id: str,
     request: Request,
-    engine: Engine,
+    engine: Parts,
     lock: UserLock,
     audit: AuditLog,
     secret: bytes,
@@ -189,7 +219,7 @@ def _forget_locked(
 def _finish(
     user_id: str,
     intent: dict[str, Any],
-    engine: Engine,
+    engine: Parts,
     lock: UserLock,
     audit: AuditLog,
     secret: bytes,
@@ -320,7 +350,7 @@ def _extend(store: MemoryStore, user_id: str, intent: dict[str, Any], current: i
     return {**intent, **changes}
 
 
-def _rebuild(user_id: str, intent: dict[str, Any], engine: Engine, lock: UserLock) -> Rebuilt:
+def _rebuild(user_id: str, intent: dict[str, Any], engine: Parts, lock: UserLock) -> Rebuilt:
     """Re-fold the kept archived events after the base version (``refold.refold_archived``: the
     summariser, the validation and the guards, as a compression folds them, on the day's budget)."""
     store = engine.store
@@ -376,29 +406,3 @@ def _notes(result: ErasureResult, already: list[str]) -> list[str]:
             "they held beyond the archived events could not be kept"
         )
     return notes
-
-
-def erase_events(
-    user_id: str,
-    *,
-    db: Database[Any],
-    redis_client: redis.Redis,
-    summarizer: Summarizer,
-    secret: str | bytes,
-    event_ids: Sequence[str] | None = None,
-    since: str | datetime | None = None,
-    until: str | datetime | None = None,
-    settings: Settings | None = None,
-) -> dict[str, Any]:
-    """Forget some of a user's events: the call for the Butler's own deletion flow (no Airflow).
-
-    ``summarizer`` rebuilds the summary (e.g. ``OpenAISummarizer(LLMConfig(...))``, the same model
-    the compression uses). Returns the result as a dict (counts, versions; no content).
-    """
-    settings = settings or Settings.from_env()
-    key = audit_key(secret)
-    engine = Engine(settings, MemoryStore(db, settings), UserLocks(redis_client, settings), summarizer)
-    result = forget_events(
-        user_id, engine=engine, secret=key, event_ids=event_ids, since=since, until=until, requested_by="butler"
-    )
-    return result.to_dict()

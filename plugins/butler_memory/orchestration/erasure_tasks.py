@@ -11,10 +11,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from butler_memory.core.errors import CompressionError, ForgetInputError
-from butler_memory.core.settings import Settings
+from butler_memory.core.errors import CompressionError
 from butler_memory.operations import audit, erasure
-from butler_memory.operations import forget as forgetting
 from butler_memory.operations.engine import Engine
 from butler_memory.orchestration import airflow_scrub
 from butler_memory.orchestration.connections import build_engine, erasure_secret
@@ -24,46 +22,22 @@ log = logging.getLogger(__name__)
 
 
 def forget(
-    params: Mapping[str, Any],
-    *,
-    engine: Engine,
-    settings: Settings,
-    secret: bytes | None,
-    requested_by: str,
-    run_id: str | None = None,
+    params: Mapping[str, Any], *, engine: Engine, secret: bytes | None, requested_by: str, run_id: str | None = None
 ) -> audit.ErasureResult:
     """Forget the user, or their events, the params name (the DAG's task and ``python -m butler_memory forget``).
 
-    Raises ``ForgetInputError`` for params that contradict each other, as the engine does for bad input.
+    ``Engine.forget`` chooses the operation; it raises ``ForgetInputError`` for params that contradict each other.
     """
-    event_ids = list(params.get("event_ids") or [])
-    since, until = params.get("since") or None, params.get("until") or None
-    if event_ids or since is not None or until is not None:
-        if params.get("include_events"):
-            raise ForgetInputError(
-                "include_events is for forgetting the whole user; event_ids/since/until forget events"
-            )
-        return forgetting.forget_events(
-            params["user_id"],
-            engine=engine,
-            secret=secret,
-            event_ids=event_ids,
-            since=since,
-            until=until,
-            dry_run=bool(params.get("dry_run")),
-            requested_by=requested_by,
-            run_id=run_id,
-        )
-    return erasure.forget_user(
+    return engine.forget(
         params["user_id"],
-        settings=settings,
-        store=engine.store,
-        locks=engine.locks,
         secret=secret,
-        metrics=engine.metrics,
-        events=bool(params.get("include_events")),
+        event_ids=list(params.get("event_ids") or []),
+        since=params.get("since") or None,
+        until=params.get("until") or None,
+        include_events=bool(params.get("include_events")),
         dry_run=bool(params.get("dry_run")),
         requested_by=requested_by,
+        run_id=run_id,
     )
 
 
@@ -74,9 +48,7 @@ def run(params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
         secret = erasure_secret(settings, required=not params.get("dry_run"))
     try:
         with build_engine(settings) as engine:
-            result = forget(
-                params, engine=engine, settings=settings, secret=secret, requested_by=f"dag:{run_id}", run_id=run_id
-            )
+            result = forget(params, engine=engine, secret=secret, requested_by=f"dag:{run_id}", run_id=run_id)
     except CompressionError as exc:
         patterns = [erasure.id_pattern(value) for value in (params["user_id"], *(params.get("event_ids") or []))]
         message = airflow_scrub.redact(f"{type(exc).__name__}: {exc}", patterns)
