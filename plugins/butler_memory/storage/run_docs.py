@@ -8,8 +8,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from pymongo import DESCENDING
-
 from butler_memory.storage.mongo import Collections
 
 RUN_USERS_FIELD = "user_ids"
@@ -51,7 +49,3 @@ class RunDocsMixin(Collections):
         if inc:
             update["$inc"] = dict(inc)
         self.state.update_one({"_id": name}, update, upsert=True)
-
-    def recent_runs(self, limit: int = 30) -> list[dict]:
-        """Return the newest run documents."""
-        return list(self.runs.find({}, {"_id": 0}).sort([("started_at", DESCENDING)]).limit(limit))
