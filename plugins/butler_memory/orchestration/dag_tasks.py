@@ -6,14 +6,13 @@ The DAG file only wires these together. XCom carries user ids, counts and status
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from butler_memory.core.errors import CompressionError
 from butler_memory.core.runs import run_key
-from butler_memory.core.settings import Settings, SettingsError
+from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import COMPRESSED, FAILED, SKIPPED_BELOW_THRESHOLD, failed_result, utcnow
 from butler_memory.fold.report import build_report, emit_run_metrics, to_markdown
@@ -23,7 +22,6 @@ from butler_memory.freshness.doorbell import DoorbellRecord
 from butler_memory.operations import batch
 from butler_memory.operations.audit import AuditLog
 from butler_memory.orchestration.connections import (
-    VARIABLE_NAME,
     build_engine,
     erasure_secret,
     mongo_store,
@@ -31,26 +29,9 @@ from butler_memory.orchestration.connections import (
     statsd_metrics,
     user_locks,
 )
+from butler_memory.orchestration.task_outcome import FAILURE_XCOM_KEY, fail, settings_checked, xcom_rows
 
 log = logging.getLogger(__name__)
-
-FAILURE_XCOM_KEY = "failure"
-__all__ = ["VARIABLE_NAME", "compress", "report", "resolve_settings", "scan"]
-
-
-def _fail(message: str) -> Exception:
-    from airflow.sdk.exceptions import AirflowFailException
-
-    return AirflowFailException(message)
-
-
-@contextmanager
-def settings_checked() -> Iterator[None]:
-    """Fail the task for good (no retry helps) when a setting inside is invalid, naming it."""
-    try:
-        yield
-    except SettingsError as exc:
-        raise _fail(f"invalid settings: {exc}") from None
 
 
 def doorbell_record(settings: Settings, client: Any) -> DoorbellRecord:
@@ -100,7 +81,7 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[li
         settings = resolve_settings(params)
     most = run_maximum(settings.users_per_task, _max_map_length())
     if settings.scan_limit > most:
-        raise _fail(
+        raise fail(
             f"limit {settings.scan_limit} is above this run's maximum of {most} users "
             f"(max_map_length {_max_map_length()} x users_per_task {settings.users_per_task}): "
             "raise users_per_task or lower limit"
@@ -228,7 +209,7 @@ def compress(
         what = f"{len(failures)} of {len(user_ids)} user(s) failed, first {user_id}: {type(first).__name__}: {first}"
         if any(exc.retryable for _, exc in failures):
             raise RuntimeError(f"{what} (will retry the failed users)")
-        raise _fail(what)
+        raise fail(what)
     return rows
 
 
@@ -347,30 +328,18 @@ def _settle_daily(
         locks.close()
 
 
-def _as_list(value: Any) -> list[Any]:
-    """Flatten XCom values (one per mapped instance: a row, a list of rows, or None) into rows."""
-    if value is None:
-        return []
-    if isinstance(value, Mapping):
-        return [value]
-    rows: list[Any] = []
-    for v in value:
-        rows.extend(_as_list(v))
-    return rows
-
-
 def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetime | None) -> dict[str, Any]:
     """Store the run document, emit run metrics, log Markdown; fail when any user failed."""
     scanned_batches: Sequence[Sequence[str]] | None = ti.xcom_pull(task_ids="scan", key="return_value")
     if scanned_batches is None:
-        raise _fail("scan did not produce a user list (it failed or was skipped); nothing was compressed")
+        raise fail("scan did not produce a user list (it failed or was skipped); nothing was compressed")
     scanned = [user_id for batch in scanned_batches for user_id in batch]
     map_index = {user_id: i for i, batch in enumerate(scanned_batches) for user_id in batch}
     backlog = ti.xcom_pull(task_ids="scan", key="backlog") or {}
     scan_info: dict[str, Any] = ti.xcom_pull(task_ids="scan", key="scan") or {}
     kind = scan_info.get("kind", fresh.DAILY)
-    results = _as_list(ti.xcom_pull(task_ids="compress_user", key="return_value"))
-    failures = {f["user_id"]: f for f in _as_list(ti.xcom_pull(task_ids="compress_user", key=FAILURE_XCOM_KEY))}
+    results = xcom_rows(ti.xcom_pull(task_ids="compress_user", key="return_value"))
+    failures = {f["user_id"]: f for f in xcom_rows(ti.xcom_pull(task_ids="compress_user", key=FAILURE_XCOM_KEY))}
     done = {r["user_id"] for r in results}
     results += [f for uid, f in failures.items() if uid not in done]
     settings = resolve_settings(params)
@@ -442,7 +411,7 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
         return {"run_id": run_id, "kind": kind, "idle": True, "users_found": 0}
     log.info("run report\n%s", to_markdown(doc))
     if doc["users_failed"]:
-        raise _fail(
+        raise fail(
             f"{doc['users_failed']} of {doc['users_found']} user(s) failed: {', '.join(doc['failed_user_ids'][:20])}"
             + (" ..." if doc["users_failed"] > 20 else "")
             + ". Clear their compress_user instances with downstream to re-run them."

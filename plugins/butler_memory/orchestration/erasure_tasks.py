@@ -15,8 +15,8 @@ from butler_memory.core.errors import CompressionError
 from butler_memory.operations import audit, erasure
 from butler_memory.operations.engine import Engine
 from butler_memory.orchestration import airflow_scrub
-from butler_memory.orchestration.connections import build_engine, erasure_secret
-from butler_memory.orchestration.dag_tasks import _fail, resolve_settings, settings_checked
+from butler_memory.orchestration.connections import build_engine, erasure_secret, resolve_settings
+from butler_memory.orchestration.task_outcome import raised, settings_checked
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,6 @@ def run(params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
             result = forget(params, engine=engine, secret=secret, requested_by=f"dag:{run_id}", run_id=run_id)
     except CompressionError as exc:
         patterns = [erasure.id_pattern(value) for value in (params["user_id"], *(params.get("event_ids") or []))]
-        message = airflow_scrub.redact(f"{type(exc).__name__}: {exc}", patterns)
-        if exc.retryable:
-            raise RuntimeError(f"{message} (will retry)") from None
-        raise _fail(message) from None
+        raise raised(exc, airflow_scrub.redact(f"{type(exc).__name__}: {exc}", patterns)) from None
     log.info("erasure\n%s", audit.to_text(result))
     return {name: value for name, value in result.to_dict().items() if name != "subject"}

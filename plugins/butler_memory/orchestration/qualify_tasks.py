@@ -8,7 +8,7 @@ from typing import Any
 
 from butler_memory.operations import qualify
 from butler_memory.orchestration.connections import build_summarizer, resolve_settings
-from butler_memory.orchestration.dag_tasks import _fail, settings_checked
+from butler_memory.orchestration.task_outcome import fail, settings_checked
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +22,10 @@ def run(params: Mapping[str, Any]) -> dict[str, Any]:
     try:
         report = qualify.qualify(settings, summarizer, thresholds, endpoint=qualify.endpoint_name(settings, summarizer))
     except qualify.EndpointError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     finally:
         summarizer.close()
     log.info("qualification report\n%s", qualify.to_markdown(report))
     if report["verdict"] != qualify.PASS:
-        raise _fail(f"the summariser does not qualify: {'; '.join(report['reasons'])}")
+        raise fail(f"the summariser does not qualify: {'; '.join(report['reasons'])}")
     return report

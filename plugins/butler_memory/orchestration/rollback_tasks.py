@@ -20,8 +20,8 @@ from butler_memory.operations.rollback import (
     rollback_markdown,
     users_of_run,
 )
-from butler_memory.orchestration.connections import build_engine
-from butler_memory.orchestration.dag_tasks import FAILURE_XCOM_KEY, _as_list, _fail, resolve_settings, settings_checked
+from butler_memory.orchestration.connections import build_engine, resolve_settings
+from butler_memory.orchestration.task_outcome import FAILURE_XCOM_KEY, fail, raised, settings_checked, xcom_rows
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def plan(params: Mapping[str, Any], ti: Any, run_id: str) -> list[str]:
             try:
                 decision = RunDecision([_rollback(engine, user, target, params, ti, run_id, True) for user in users])
             except CompressionError as exc:
-                raise _raised(exc) from None
+                raise raised(exc) from None
             if not decision.applies:
                 log.warning("rollback of run %s: %s", target, decision.refusal(HOW_PARTIAL))
                 ti.xcom_push(key=DECISION_XCOM_KEY, value=[r.to_dict() for r in decision.results])
@@ -63,14 +63,7 @@ def _target(engine: Any, params: Mapping[str, Any]) -> str:
     try:
         return resolve_run(params["run_id"], engine.store.history.run_names)
     except RollbackRefusedError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _raised(exc: CompressionError) -> Exception:
-    """Return what the task raises for an engine error: a retry when it is transient, else a failure at once."""
-    if exc.retryable:
-        return RuntimeError(f"{type(exc).__name__}: {exc} (will retry)")
-    return _fail(f"{type(exc).__name__}: {exc}")
+        raise fail(str(exc)) from None
 
 
 def _rollback(
@@ -99,13 +92,13 @@ def rollback(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
         ti.xcom_push(
             key=FAILURE_XCOM_KEY, value=RollbackResult(user_id, FAILED, run_id=target, message=str(exc)).to_dict()
         )
-        raise _raised(exc) from None
+        raise raised(exc) from None
     log.info("user %s: %s (%s)", user_id, result.status, result.message)
     if result.status == SKIPPED_LOCKED:
         raise RuntimeError(f"user {user_id!r}: the lock is held (a compression is running); will retry")
     if result.status == REFUSED:
         ti.xcom_push(key=FAILURE_XCOM_KEY, value=result.to_dict())
-        raise _fail(result.message)
+        raise fail(result.message)
     return result.to_dict()
 
 
@@ -113,7 +106,7 @@ def report(params: Mapping[str, Any], ti: Any) -> dict[str, Any]:
     """Log every user's outcome as Markdown; fail when any user was refused or failed."""
     users = ti.xcom_pull(task_ids="plan", key="return_value")
     if users is None:
-        raise _fail("plan did not produce a user list (it failed); nothing was rolled back")
+        raise fail("plan did not produce a user list (it failed); nothing was rolled back")
     dry_pass = ti.xcom_pull(task_ids="plan", key=DECISION_XCOM_KEY)
     if dry_pass:  # the plan refused the run as one: nobody was rolled back
         decision = RunDecision([RollbackResult(**raw) for raw in dry_pass])
@@ -121,9 +114,9 @@ def report(params: Mapping[str, Any], ti: Any) -> dict[str, Any]:
         log.info(
             "rollback report\n%s", rollback_markdown(params["run_id"], decision.results, dry_run=True, refusal=refusal)
         )
-        raise _fail(refusal)
-    done = {r["user_id"]: r for r in _as_list(ti.xcom_pull(task_ids="rollback_user", key="return_value"))}
-    failures = {f["user_id"]: f for f in _as_list(ti.xcom_pull(task_ids="rollback_user", key=FAILURE_XCOM_KEY))}
+        raise fail(refusal)
+    done = {r["user_id"]: r for r in xcom_rows(ti.xcom_pull(task_ids="rollback_user", key="return_value"))}
+    failures = {f["user_id"]: f for f in xcom_rows(ti.xcom_pull(task_ids="rollback_user", key=FAILURE_XCOM_KEY))}
     results = []
     for user_id in users:
         raw = done.get(user_id) or failures.get(user_id)
@@ -135,7 +128,7 @@ def report(params: Mapping[str, Any], ti: Any) -> dict[str, Any]:
     log.info("rollback report\n%s", rollback_markdown(params["run_id"], results, dry_run=bool(params.get("dry_run"))))
     bad = [r.user_id for r in results if r.status not in FINE]
     if bad:
-        raise _fail(f"{len(bad)} of {len(results)} user(s) not rolled back: {', '.join(bad[:20])}")
+        raise fail(f"{len(bad)} of {len(results)} user(s) not rolled back: {', '.join(bad[:20])}")
     by_status: dict[str, int] = {}
     for r in results:
         by_status[r.status] = by_status.get(r.status, 0) + 1
@@ -149,10 +142,10 @@ def refold(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dic
         with build_engine(settings) as engine:
             result = engine.refold(user_id, run_id=run_key(ti.dag_id, run_id), dry_run=bool(params.get("dry_run")))
     except CompressionError as exc:
-        raise _raised(exc) from None
+        raise raised(exc) from None
     log.info("user %s: %s (%s)", user_id, result.status, result.message)
     if result.status == SKIPPED_LOCKED:
         raise RuntimeError(f"user {user_id!r}: the lock is held (a compression is running); will retry")
     if result.status == REFUSED:
-        raise _fail(result.message)
+        raise fail(result.message)
     return result.to_dict()

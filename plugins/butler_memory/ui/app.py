@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.orchestration import connections
-from butler_memory.orchestration.dag_tasks import resolve_settings
+from butler_memory.orchestration.connections import resolve_settings
 from butler_memory.storage.store import MemoryStore
 from butler_memory.ui import data, render
 
