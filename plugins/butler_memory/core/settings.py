@@ -117,10 +117,10 @@ class Settings:
     archive_enabled: bool = True
     archive_retention_days: int = 90
     history_retention_days: int = 90
-    runs_retention_days: int = 90
-    """Run documents (daily and catch-up) are dropped this many days after their run finished (TTL)."""
     """Summary versions older than this are dropped (TTL on created_at); a run can be rolled back
     only while the version before it and its archived events are kept."""
+    runs_retention_days: int = 90
+    """Run documents (daily and catch-up) are dropped this many days after their run finished (TTL)."""
     delete_batch_size: int = 500
     """$in lists stay this short: large $in lists are slow on some servers and hold locks longer."""
     scan_limit: int = 1000
