@@ -316,6 +316,24 @@ def test_the_butlers_call_forgets_events_and_logs_no_content(
     assert not [fact for fact in FACTS.values() if fact in text], "content in the result or the logs"
 
 
+def test_the_butlers_call_for_events_given_no_events_refuses_and_never_erases_the_user(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """``erase_events`` is for events only: with neither ids nor a range it must not fall through to
+    the whole-user erasure that ``Engine.forget`` runs for the same (empty) request."""
+    from butler_memory.llm.offline import OfflineSummarizer
+
+    settings = fact_settings()
+    seeded(mongo_db, redis_client, settings)
+    before = snapshot(mongo_db, FACT_USER)
+    butler = {"db": mongo_db, "redis_client": redis_client, "summarizer": OfflineSummarizer(), "settings": settings}
+
+    for nothing in ({}, {"event_ids": []}, {"since": None, "until": None}):
+        with pytest.raises(ForgetInputError, match="give event ids"):
+            erase_events(FACT_USER, secret=SECRET.decode(), **butler, **nothing)
+    assert snapshot(mongo_db, FACT_USER) == before, "nothing was changed"
+
+
 def test_forgetting_events_waits_for_an_unfinished_user_erasure(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:

@@ -22,7 +22,7 @@ from butler_memory.fold.metrics import Metrics, NullMetrics
 from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.audit import audit_key
-from butler_memory.operations.forget import forget_user_or_events
+from butler_memory.operations.forget import forget_events, forget_user_or_events
 from butler_memory.operations.refold import refold_user
 from butler_memory.operations.rollback import rollback_user
 from butler_memory.storage.events import Backlog
@@ -92,11 +92,10 @@ def erase_events(
 
     ``summarizer`` rebuilds the summary (e.g. ``OpenAISummarizer(LLMConfig(...))``, the same model
     the compression uses). Returns the result as a dict (counts, versions; no content).
-    (``erasure.erase_user`` is its twin for the whole user, which needs no summariser.)
+    (``erasure.erase_user`` is its twin for the whole user, which needs no summariser.) Neither event
+    ids nor a range is a ``ForgetInputError``, never the whole user: this call forgets events only.
     """
     settings = settings or Settings.from_env()
     engine = Engine(settings, MemoryStore(db, settings), UserLocks(redis_client, settings), summarizer)
-    result = engine.forget(
-        user_id, secret=audit_key(secret), event_ids=event_ids or (), since=since, until=until, requested_by="butler"
-    )
-    return result.to_dict()
+    key = audit_key(secret)
+    return forget_events(user_id, event_ids, since, until, engine=engine, secret=key, requested_by="butler").to_dict()
