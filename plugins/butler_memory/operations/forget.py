@@ -1,7 +1,7 @@
 """Forget some of a user's events (by Butler ``event_id``, or a time range) and rebuild the summary without them.
 
-No Airflow imports: the CLI, the ``memory_erasure`` DAG and the Butler's deletion flow call
-:func:`forget_events` through ``Engine.forget``.
+No Airflow imports: the CLI and the ``memory_erasure`` DAG call :func:`forget_events` through
+``Engine.forget``, the Butler's deletion flow through ``operations.engine.erase_events``.
 
 The algorithm (docs/erasure.md, "Forgetting events"):
 
@@ -125,7 +125,7 @@ def forget_user_or_events(
     also deletes their events in ``user_memory``); with them, those events are forgotten and the
     summary rebuilt without them (:func:`forget_events`). Raises ``ForgetInputError`` for input that
     contradicts itself, having changed nothing. ``Engine.forget`` is this function on the engine's
-    parts: the erasure DAG, the CLI and ``engine.erase_events`` all come through it.
+    parts: the erasure DAG and the CLI come through it (``engine.erase_events``, for events only, does not).
     """
     if event_ids or since is not None or until is not None:
         if include_events:
