@@ -132,9 +132,16 @@ def forget_user_or_events(
             raise ForgetInputError(
                 "include_events is for forgetting the whole user; event_ids/since/until forget events"
             )
-        what = (event_ids, since, until)
         return forget_events(
-            user_id, *what, engine=parts, secret=secret, dry_run=dry_run, requested_by=requested_by, run_id=run_id
+            user_id,
+            event_ids,
+            since,
+            until,
+            engine=parts,
+            secret=secret,
+            dry_run=dry_run,
+            requested_by=requested_by,
+            run_id=run_id,
         )
     erase = partial(forget_user, settings=parts.settings, store=parts.store, locks=parts.locks, metrics=parts.metrics)
     return erase(user_id, secret=secret, events=include_events, dry_run=dry_run, requested_by=requested_by)
