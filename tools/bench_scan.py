@@ -193,8 +193,14 @@ def table(rows: list[dict[str, Any]]) -> str:
         returned = f"{i['documents_returned']:,} + {i['documents_covered_by_aggregates']:,}"
         cells.append(
             [
-                *(f"{r['events']:,}", f"{r['active_users']:,}", f"{f['seconds']:.2f} s", f"{i['seconds']:.3f} s"),
-                *(f"{ratio:.0f}x", f"{f['documents_covered_by_aggregates']:,}", returned, sum(i["commands"].values())),
+                f"{r['events']:,}",
+                f"{r['active_users']:,}",
+                f"{f['seconds']:.2f} s",
+                f"{i['seconds']:.3f} s",
+                f"{ratio:.0f}x",
+                f"{f['documents_covered_by_aggregates']:,}",
+                returned,
+                sum(i["commands"].values()),
             ]
         )
     return "\n".join(markdown_table(headers, cells, right_from=0))
