@@ -321,7 +321,7 @@ def inline_engine(
         locks=UserLocks(redis_client, settings),
         summarizer=summarizer,
         metrics=metrics or NullMetrics(),
-        budget=TokenBudget(redis_client, settings) if settings.daily_token_budget > 0 else None,
+        budget=TokenBudget.when_set(redis_client, settings),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import openai
@@ -149,6 +150,34 @@ def test_new_events_during_the_wait_stay_and_a_changed_user_is_stale(
     for user_id in ("u-b", "u-c"):
         assert outcomes[user_id].status == SKIPPED_STALE, outcomes[user_id]
         assert snapshot(mongo_db, user_id) == before[user_id]  # nothing written, nothing deleted
+
+
+def test_every_batch_reply_counts_once_on_the_budget_committed_refused_or_stale(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory, client: Any
+) -> None:
+    """A reply is paid for once it is collected: a cut-off one (u-b) and one dropped as stale (u-c)
+    count too, and the commit counts nothing again (second review: both were never counted)."""
+    from butler_memory.llm.budget import TokenBudget
+
+    seed(mongo_db)
+    engine = engine_of(mongo_db, redis_client, make_openai, daily_token_budget=10**9)
+    engine = replace(engine, budget=TokenBudget(redis_client, engine.settings))
+    llm.batch_line_fault("u-b-e000", "length")
+    batch.prepare(engine, RUN, USERS)
+    batch.submit(engine, RUN, client)
+    batch.collect(engine, RUN, client)
+    folds = {f["user_id"]: f for f in mongo_db["memory_batch_folds"].find({"kind": "fold"})}
+    paid = sum(f["reply"]["usage"]["prompt_tokens"] + f["reply"]["usage"]["completion_tokens"] for f in folds.values())
+    assert engine.budget is not None and engine.budget.spent() == paid > 0
+
+    mongo_db["user_memory"].update_one({"_id": "u-c-e005"}, {"$set": {"content": "edited"}})
+    batch.collect(engine, RUN, client)  # a cleared collect: the replies are stored already
+    outcomes = commit_all(engine, USERS)
+
+    assert outcomes["u-a"].status == COMPRESSED
+    assert isinstance(outcomes["u-b"], LLMReplyCutOffError)
+    assert outcomes["u-c"].status == SKIPPED_STALE
+    assert engine.budget.spent() == paid
 
 
 @pytest.mark.parametrize(

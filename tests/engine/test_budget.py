@@ -138,3 +138,27 @@ def test_a_refold_and_a_forgets_rebuild_spend_the_days_budget(
     assert refolded.chunks == 3 and after_refold - before == refolded.prompt_tokens + refolded.completion_tokens > 0
     assert forgot.status == forget.FORGOTTEN and forgot.events_refolded == 11
     assert after_forget > after_refold, "the forget's rebuild spent LLM tokens outside the day's budget"
+
+
+def test_the_butlers_erase_events_counts_its_rebuild_on_the_days_budget(
+    mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI, make_openai: OpenAIFactory
+) -> None:
+    """docs/configuration.md: forgets count too, the Butler's own call included (second review: its
+    engine had no budget)."""
+    from butler_memory.operations.engine import erase_events
+    from tests.engine.erasure_helpers import SECRET
+
+    settings = small_settings(daily_token_budget=10**9)
+    insert_events(mongo_db, "u1", 20)
+    assert _engine(mongo_db, redis_client, make_openai, budget=10**9).compress("u1", run_id="r1").status == COMPRESSED
+    budget = TokenBudget(redis_client, settings)
+    redis_client.delete(budget.key())
+    calls = len(llm.chat_requests)
+
+    erase_events(
+        "u1", db=mongo_db, redis_client=redis_client, summarizer=make_openai(), secret=SECRET,
+        event_ids=["u1-e002"], settings=settings,
+    )  # fmt: skip
+
+    assert len(llm.chat_requests) > calls, "the forget rebuilt the summary with the LLM"
+    assert budget.spent() > 0, "the Butler's forget spent LLM tokens that the day's budget never saw"

@@ -39,6 +39,11 @@ class TokenBudget:
         self._settings = settings
         self._clock = clock
 
+    @classmethod
+    def when_set(cls, client: Any, settings: Settings) -> TokenBudget | None:
+        """Return the budget on ``client`` when ``daily_token_budget`` sets one, else None."""
+        return cls(client, settings) if settings.daily_token_budget > 0 else None
+
     @property
     def limit(self) -> int:
         """Tokens a day; 0 = no budget."""

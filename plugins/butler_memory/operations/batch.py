@@ -227,12 +227,10 @@ def commit_user(
             user_id=user_id,
         )
     frozen = FrozenFold(int(fold["version"]), list(fold["ids"]), list(fold["digests"]), str(fold["prompt_hash"]))
-    # The reply is paid for: it is committed whatever the budget, and its tokens count on it (Spent below).
+    # The reply is paid for: it is committed whatever the budget (its tokens were counted at collect).
     try:
         parts = replace(engine, summarizer=FrozenReply(openai_of(engine), frozen, fold["reply"]), budget=None)
         result = compress_user(parts, user_id, run_id=run_key, checkpoint=checkpoint, holder=holder, frozen=frozen)
-        if engine.budget is not None:
-            engine.budget.spend(result.prompt_tokens + result.completion_tokens)
     except StaleFoldError as exc:
         log.info("user %s: %s; reply dropped, nothing deleted", user_id, exc)
         engine.metrics.incr(m.USERS_SKIPPED_STALE_TOTAL)

@@ -22,6 +22,7 @@ from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.fold.chunks import event_text
 from butler_memory.fold.compression import utcnow
 from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
+from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.openai_summarizer import OpenAISummarizer, tls_context
 from butler_memory.llm.summarizer import SummaryRequest
 from butler_memory.operations.engine import Engine
@@ -267,7 +268,7 @@ def collect(engine: Engine, run_key: str, client: Any, *, checkpoint: Checkpoint
     states: dict[str, int] = {}
     for part in folds.parts(run_key):
         if part["state"] == SUBMITTED:
-            _collect_part(client, run_key, part, folds)
+            _collect_part(client, run_key, part, folds, engine.budget)
             checkpoint("collected")
         if part["state"] == COLLECTED:
             for file_id in (part.get("input_file_id"), part.get("output_file_id"), part.get("error_file_id")):
@@ -280,6 +281,12 @@ def collect(engine: Engine, run_key: str, client: Any, *, checkpoint: Checkpoint
     return states
 
 
+def _reply_tokens(reply: dict[str, Any]) -> int:
+    """Return what a reply cost (prompt + completion tokens of its ``usage``; 0 when it has none)."""
+    usage = reply.get("usage") or {}
+    return sum(int(usage.get(key) or 0) for key in ("prompt_tokens", "completion_tokens"))
+
+
 def _transient() -> tuple[type[Exception], ...]:
     """The ``openai`` errors a later attempt can get past (the task retries)."""
     import openai
@@ -287,7 +294,9 @@ def _transient() -> tuple[type[Exception], ...]:
     return (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError)
 
 
-def _collect_part(client: Any, run_key: str, part: dict[str, Any], folds: BatchFolds) -> None:
+def _collect_part(
+    client: Any, run_key: str, part: dict[str, Any], folds: BatchFolds, budget: TokenBudget | None
+) -> None:
     try:
         batch = client.batches.retrieve(part["batch_id"])
     except _transient() as exc:
@@ -313,7 +322,10 @@ def _collect_part(client: Any, run_key: str, part: dict[str, Any], folds: BatchF
         if everyone is not None:
             folds.set_reply(run_key, cid, reply=None, error=everyone)
         elif cid in replies:
-            folds.set_reply(run_key, cid, reply=replies[cid], error=None)
+            # Paid for once it is here, whatever its commit makes of it (committed, refused, stale):
+            # counted on the day's budget when first stored, so a collect re-run counts nothing twice.
+            if folds.set_reply(run_key, cid, reply=replies[cid], error=None) and budget is not None:
+                budget.spend(_reply_tokens(replies[cid]))
         else:
             folds.set_reply(run_key, cid, reply=None, error=errors.get(cid, "the batch's output has no line for it"))
     folds.set_part(

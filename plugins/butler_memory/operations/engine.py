@@ -96,6 +96,7 @@ def erase_events(
     ids nor a range is a ``ForgetInputError``, never the whole user: this call forgets events only.
     """
     settings = settings or Settings.from_env()
-    engine = Engine(settings, MemoryStore(db, settings), UserLocks(redis_client, settings), summarizer)
+    budget = TokenBudget.when_set(redis_client, settings)  # a forget's rebuild counts on the day's budget
+    engine = Engine(settings, MemoryStore(db, settings), UserLocks(redis_client, settings), summarizer, budget=budget)
     key = audit_key(secret)
     return forget_events(user_id, event_ids, since, until, engine=engine, secret=key, requested_by="butler").to_dict()

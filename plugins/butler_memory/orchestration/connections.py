@@ -314,5 +314,5 @@ def build_engine(settings: Settings, *, metrics: Metrics | None = None) -> Engin
         locks=locks,
         summarizer=build_summarizer(settings),
         metrics=metrics if metrics is not None else statsd_metrics(settings),
-        budget=TokenBudget(locks.client, settings) if settings.daily_token_budget > 0 else None,
+        budget=TokenBudget.when_set(locks.client, settings),
     )

@@ -80,12 +80,14 @@ class BatchFolds:
         self.coll.update_one({"_id": part["_id"]}, {"$set": fields})
         part.update(fields)
 
-    def set_reply(self, run_key: str, cid: str, *, reply: dict[str, Any] | None, error: str | None) -> None:
-        """Store one line's reply (the chat completion) or why there is none, once."""
-        self.coll.update_one(
+    def set_reply(self, run_key: str, cid: str, *, reply: dict[str, Any] | None, error: str | None) -> bool:
+        """Store one line's reply (the chat completion) or why there is none, once (a collect re-run
+        after a kill reads the files again). Return whether it was stored now."""
+        stored = self.coll.update_one(
             {"run_key": run_key, "kind": "fold", "custom_id": cid, "reply": None, "reply_error": None},
             {"$set": {"reply": reply, "reply_error": error}},
         )
+        return stored.modified_count == 1
 
     def drop_reply(self, run_key: str, user_id: str, status: str) -> None:
         """Forget a reply once its commit ended (it is in the summary and its history now, or stale)."""
