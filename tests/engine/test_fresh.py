@@ -95,7 +95,7 @@ def test_catchup_scan_takes_doorbell_users_and_leaves_the_rest_past_the_limit(
 
     assert result.backlog == [Backlog("fresh-big", 20), Backlog("quiet-0000", 12)]
     assert result.left == 1 and result.left_ids == ["quiet-0001"]
-    assert set(result.rung) == {"quiet-0000", "quiet-0001", "nobody-at-all"}
+    assert set(result.rung) == {"quiet-0000", "nobody-at-all"}  # the records the report drops
 
     record = DoorbellRecord(redis_client)
     fresh.settle_catchup(store, record, result.xcom(), idle=False, finished_at=NOW)
@@ -104,6 +104,62 @@ def test_catchup_scan_takes_doorbell_users_and_leaves_the_rest_past_the_limit(
     state = store.load_state(fresh.STATE_DOC)
     assert state["scanned_through"].replace(tzinfo=UTC) == NOW
     assert state["runs"] == 1
+
+
+def test_a_page_ending_on_a_numeric_user_id_skips_no_string_user_of_the_same_millisecond(
+    mongo_db: Database[dict[str, Any]], redis_client: redis.Redis
+) -> None:
+    """Second review: the cursor's ``$gt`` on a number matched numbers only."""
+    # Numbers sort before strings: a page that ends on (t, 5) resumes with {created_at: t, user_id: {$gt: 5}},
+    # which by MongoDB's type bracketing matches numbers only, so "alice" at t is never read.
+    settings = small_settings(catchup_scan_page_events=2, catchup_scan_max_events=100)
+    store = MemoryStore(mongo_db, settings)
+    store.ensure_indexes()
+    at = LAST_SCAN + timedelta(seconds=5)
+    mongo_db["user_memory"].insert_many(
+        [{"user_id": 5, "role": "user", "content": "x", "created_at": at} for _ in range(2)]
+    )
+    insert_events(mongo_db, "alice", 12, start=at, step=timedelta(0))
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": LAST_SCAN})
+
+    result = fresh.catchup_scan(store, DoorbellRecord(redis_client), settings, settings.scan_limit, now=NOW)
+
+    assert [b.user_id for b in result.backlog] == ["alice"], result
+
+
+def test_users_left_past_the_limit_and_doorbell_drain_max_are_not_dropped(
+    mongo_db: Database[dict[str, Any]], redis_client: redis.Redis
+) -> None:
+    """Second review: only the first doorbell_drain_max of them were recorded, and none on the last page."""
+    # Module docstring: "Users over the threshold beyond scan_limit stay in (or are written back into) the
+    # doorbell's record, so the next run takes them even when they write nothing more."
+    settings = small_settings(scan_limit=1, doorbell_drain_max=1, catchup_margin_seconds=60)
+    store = MemoryStore(mongo_db, settings)
+    store.ensure_indexes()
+    watermark = NOW - timedelta(minutes=40)  # one page reaches now: the pass's last page, not recorded
+    for i, user_id in enumerate(("u-a", "u-b", "u-c")):
+        insert_events(mongo_db, user_id, 20 - i, start=NOW - timedelta(minutes=35), step=timedelta(seconds=1))
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": watermark})
+    record = DoorbellRecord(redis_client)
+
+    first = fresh.catchup_scan(store, record, settings, settings.scan_limit, now=NOW)
+    assert [b.user_id for b in first.backlog] == ["u-a"] and first.left == 2
+    fresh.settle_catchup(store, record, first.xcom(), idle=False, finished_at=NOW)
+
+    # The next runs: u-a was compressed (pretend: its events gone), nobody writes anything more.
+    mongo_db["user_memory"].delete_many({"user_id": "u-a"})
+    taken: set[str] = set()
+    later = NOW
+    for _ in range(3):
+        later += timedelta(minutes=5)
+        scan = fresh.catchup_scan(store, record, settings, settings.scan_limit, now=later)
+        for b in scan.backlog:
+            taken.add(b.user_id)
+            mongo_db["user_memory"].delete_many({"user_id": b.user_id})
+        fresh.settle_catchup(store, record, scan.xcom(), idle=not scan.backlog, finished_at=later)
+    assert taken == {"u-b", "u-c"}, (
+        f"left over the limit but never taken by a catch-up run: { ({'u-b', 'u-c'} - taken) }"
+    )
 
 
 class Killed(Exception):

@@ -19,7 +19,8 @@ next one goes on from its last page. A run that stops short wakes the next one a
 The watermark ``scanned_through`` (the start of the pass) moves on only when the pass reached the
 newest event and the run's report has run. Users over the threshold beyond ``scan_limit`` stay in
 (or are written back into) the doorbell's record, so the next run takes them even when they write
-nothing more.
+nothing more: all of them are recorded by the scan itself (quietly, before its report can move the
+watermark past them), and the report wakes the next run.
 
 The first catch-up scan ever (no watermark yet) is a full scan.
 
@@ -89,7 +90,7 @@ class ScanResult:
     scanned_at: datetime | None = None
     """The catch-up scan's start: the watermark the report stores."""
     rung: list[str] = field(default_factory=list)
-    """Doorbell records this scan read (the report drops them)."""
+    """Doorbell records this scan read that the report drops: not those left past the limit or backed off."""
     candidates: int = 0
     """Users the catch-up scan counted."""
     backed_off: list[str] = field(default_factory=list)
@@ -246,12 +247,15 @@ def catchup_scan(
     held = backoff.backed_off([b.user_id for b in backlog]) if backoff is not None else set()
     backlog = [b for b in backlog if b.user_id not in held]
     taken, rest = backlog[:limit], backlog[limit:]
+    left = {b.user_id for b in rest}
+    if persist and left:  # every one of them, before the watermark can pass them (XCom names a few)
+        doorbell.settle([], [], quiet=sorted(left))
     return ScanResult(
         backlog=taken,
         left=len(rest),
         left_ids=[b.user_id for b in rest[: settings.doorbell_drain_max]],
         scanned_at=scanned_at,
-        rung=list(rung),
+        rung=[u for u in rung if u not in left and u not in held],
         candidates=candidates,
         backed_off=sorted(held)[: settings.doorbell_drain_max],
         settle=True,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bson.decimal128 import Decimal128
 from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, DeleteOne
@@ -118,10 +119,7 @@ class EventsMixin(Collections):
         before = {} if until is None else {"$lt": until}
         queries: list[dict[str, Any]] = [{"created_at": {"$gte": since, **before}}]
         if after is not None:
-            # After an event without a user id, "$gt": null would match nothing: take the rest of the
-            # millisecond's users whatever they are (they all sort after null).
-            rest = {"$gt": after.user_id} if after.user_id is not None else {"$ne": None}
-            queries = [{"created_at": after.created_at, "user_id": rest}]
+            queries = [{"created_at": after.created_at, "user_id": _rest_of_millisecond(after.user_id)}]
             queries.append({"created_at": {"$gt": after.created_at, **before}})
         keys: list[WriterKey] = []
         read = 0
@@ -349,3 +347,11 @@ def _has_surrogates(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_has_surrogates(v) for v in value)
     return False
+
+
+def _rest_of_millisecond(after: Any) -> dict[str, Any]:
+    """The ``user_id`` condition for the rest of a millisecond after the key ``after`` (only string ids
+    are users). MongoDB compares within one BSON type, so ``$gt`` a number or null matches no string:
+    null and numbers sort before every string, so all of the millisecond's strings are still to come."""
+    sorts_before_strings = after is None or (isinstance(after, int | float | Decimal128) and not isinstance(after, bool))
+    return {"$type": "string"} if sorts_before_strings else {"$gt": after}
