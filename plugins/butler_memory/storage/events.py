@@ -353,5 +353,7 @@ def _rest_of_millisecond(after: Any) -> dict[str, Any]:
     """The ``user_id`` condition for the rest of a millisecond after the key ``after`` (only string ids
     are users). MongoDB compares within one BSON type, so ``$gt`` a number or null matches no string:
     null and numbers sort before every string, so all of the millisecond's strings are still to come."""
-    sorts_before_strings = after is None or (isinstance(after, int | float | Decimal128) and not isinstance(after, bool))
+    sorts_before_strings = after is None or (
+        isinstance(after, int | float | Decimal128) and not isinstance(after, bool)
+    )
     return {"$type": "string"} if sorts_before_strings else {"$gt": after}
