@@ -300,3 +300,19 @@ def test_an_erasure_reads_only_the_run_documents_naming_the_user(
     assert listener.read == 2 * 2, "an erasure read run documents that do not name the user"
     assert mongo_mentions(mongo_db, [TARGET]) == []
     assert [d.get("user_ids") for d in mongo_db[settings.runs_collection].find({"run_id": "t0"})] == [[OTHER]]
+
+
+def test_a_run_document_keeps_another_users_id_that_contains_the_erased_one() -> None:
+    """Only the erased id goes from a run document, not an id that contains it (second review)."""
+    doc = {
+        "user_ids": ["alice", "alice@example.com", "tg:alice"],
+        "users": [{"user_id": "alice"}, {"user_id": "alice+work", "error": "user 'alice+work': failed"}],
+        "backlog": {"alice": 3, "alice:2": 4},
+        "error": "first 'alice', then 'alice:2'",
+    }
+    assert erasure.scrub(doc, "alice", erasure.id_pattern("alice")) == {
+        "user_ids": ["alice@example.com", "tg:alice"],
+        "users": [{"user_id": "alice+work", "error": "user 'alice+work': failed"}],
+        "backlog": {"alice:2": 4},
+        "error": "first '[erased]', then 'alice:2'",
+    }

@@ -1,9 +1,11 @@
-"""The pure parts of the erasure scrub: whole-word replacement, the forms ids are stored in, LIKE escaping."""
+"""The pure parts of the erasure scrub: whole-id replacement, the forms ids are stored in, LIKE escaping."""
 
 from __future__ import annotations
 
 import json
 import re
+
+import pytest
 
 from butler_memory.operations.erasure import id_pattern
 from butler_memory.orchestration.airflow_scrub import MARK, _like, _stored_forms, redact
@@ -20,6 +22,25 @@ def test_only_whole_ids_are_replaced_in_nested_values_and_keys() -> None:
         MARK: {"label": f"user {MARK}, not u1.5"},
         "n": 3,
     }
+
+
+@pytest.mark.parametrize("other", ["alice@example.com", "alice+work", "alice:2", "tg:alice"])
+def test_erasing_a_user_leaves_another_id_that_contains_theirs_whole(other: str) -> None:
+    """An id containing the erased one (e-mail, tag, shard, scheme prefix) is another user's (second review)."""
+    value = {"user_ids": ["alice", other], "backlog": {other: 30}, "label": f"{other} +1"}
+    assert redact(value, patterns("alice")) == {
+        "user_ids": [MARK, other],
+        "backlog": {other: 30},
+        "label": f"{other} +1",
+    }
+
+
+def test_an_erased_id_in_free_text_is_replaced_between_quotes_brackets_and_commas() -> None:
+    """Free text names ids quoted, bracketed or in lists; those characters end an id, others do not (second review)."""
+    text = "user 'alice': failed; [alice, \"alice\"] (alice) alice@example.com tg:alice alice"
+    assert redact(text, patterns("alice")) == (
+        f"user '{MARK}': failed; [{MARK}, \"{MARK}\"] ({MARK}) alice@example.com tg:alice {MARK}"
+    )
 
 
 def test_an_id_is_found_as_json_text_stores_it() -> None:

@@ -136,7 +136,8 @@ _GONE = object()
 
 def scrub(value: Any, user_id: str, pattern: re.Pattern[str]) -> Any:
     """Return ``value`` without the user: rows whose ``user_id`` is theirs, list items and dict keys
-    equal to their id are dropped, and their id inside a longer string is replaced by ``[erased]``.
+    equal to their id are dropped, and their id inside a longer string (a whole id there, see
+    :func:`id_pattern`) is replaced by ``[erased]``.
     Returns the value itself (the same object) when nothing in it names the user."""
     if isinstance(value, Mapping):
         if value.get("user_id") == user_id:
@@ -167,10 +168,20 @@ def scrub(value: Any, user_id: str, pattern: re.Pattern[str]) -> Any:
     return value
 
 
+ID_DELIMITERS = "\"'`()[]{}<>,;\\«»“”‘’"
+"""Characters that end an id inside free text (labels, error messages, JSON text): whitespace,
+control characters and these quotes, brackets and separators, which no id scheme uses. Every other
+character may be part of an id (``alice@example.com``, ``alice+work``, ``tg:alice``, ``auth0|x``,
+``u1.5``): ids are printable, without whitespace (``valid_user_id``)."""
+
+_ID_CHAR = rf"[^\s\x00-\x1f\x7f{re.escape(ID_DELIMITERS)}]"
+
+
 def id_pattern(user_id: str) -> re.Pattern[str]:
-    """Return a pattern matching the id as a whole word inside longer strings."""
-    # Whole ids only: erasing "u1" must not touch "u10".
-    return re.compile(rf"(?<![\w.-]){re.escape(user_id)}(?![\w.-])")
+    """Return a pattern matching the id as a whole id: the whole string, or inside a longer one
+    between :data:`ID_DELIMITERS` (or its ends)."""
+    # Whole ids only: erasing "u1" must not touch "u10", nor "alice" another user's "alice@example.com".
+    return re.compile(rf"(?<!{_ID_CHAR}){re.escape(user_id)}(?!{_ID_CHAR})")
 
 
 def _job_collections(store: MemoryStore) -> list[Collection[dict[str, Any]]]:

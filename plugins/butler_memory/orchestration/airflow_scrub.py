@@ -220,7 +220,11 @@ def _like(text: str) -> str:
 
 
 def redact(value: Any, patterns: Sequence[re.Pattern[str]]) -> Any:
-    """Return ``value`` with every whole-word match of ``patterns`` in its strings (keys too) replaced by ``[erased]``."""
+    """Return ``value`` with every match of ``patterns`` in its strings (keys too) replaced by ``[erased]``.
+
+    The patterns are :func:`~butler_memory.operations.erasure.id_pattern`'s: a string that is the id
+    goes whole, and in a longer one only the id bounded as ids are (another user's ``tg:alice`` stays).
+    """
     if isinstance(value, str):
         for pattern in patterns:
             value = pattern.sub(MARK, value)
