@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from pymongo.database import Database
 from butler_memory.core.errors import ErasurePendingError, ForgetInputError, LockBusyError
 from butler_memory.core.settings import Settings
 from butler_memory.fold.report import build_report
+from butler_memory.freshness.backoff import FailureBackoff
 from butler_memory.operations import audit, erasure
 from butler_memory.storage.locks import UserLocks
 from butler_memory.storage.profiles import ERASING_FIELD
@@ -300,6 +302,34 @@ def test_an_erasure_reads_only_the_run_documents_naming_the_user(
     assert listener.read == 2 * 2, "an erasure read run documents that do not name the user"
     assert mongo_mentions(mongo_db, [TARGET]) == []
     assert [d.get("user_ids") for d in mongo_db[settings.runs_collection].find({"run_id": "t0"})] == [[OTHER]]
+
+
+def test_a_user_erasure_removes_the_users_backoff_key(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    """The failure back-off hash is a per-user key like the lock, and goes with the user (second review)."""
+    settings = small_settings()
+    seed_everywhere(mongo_db, redis_client, settings)
+    FailureBackoff(redis_client, settings).record_failure(TARGET, "GuardRejected")
+    FailureBackoff(redis_client, settings).record_failure(OTHER, "GuardRejected")
+    assert redis_client.exists(settings.backoff_key_pattern.format(user_id=TARGET))
+
+    result = forget(mongo_db, redis_client, settings, events=True)
+
+    assert result.status == erasure.ERASED, result
+    left = [k.decode() for k in redis_client.scan_iter("butler:memory:backoff:*")]
+    assert left == [settings.backoff_key_pattern.format(user_id=OTHER)], left
+
+
+def test_every_per_user_key_setting_is_erased() -> None:
+    """Each ``*_key_pattern`` setting naming ``{user_id}`` is a key a user erasure deletes (second review)."""
+    per_user = sorted(
+        f.name
+        for f in dataclasses.fields(Settings)
+        if f.name.endswith("_key_pattern") and "{user_id}" in str(f.default)
+    )
+    assert per_user and sorted(erasure.USER_KEY_SETTINGS) == per_user
+    settings = small_settings()
+    keys = erasure.redis_user_keys(settings, TARGET)
+    assert all(getattr(settings, name).format(user_id=TARGET) in keys for name in per_user), keys
 
 
 def test_a_run_document_keeps_another_users_id_that_contains_the_erased_one() -> None:

@@ -10,7 +10,7 @@ What a user erasure removes (docs/erasure.md):
 * the summary and every bookkeeping field of ours in their profile (the profile document itself
   only when nothing of the Butler's is left in it),
 * their rows and ids in the run documents,
-* their Redis keys (lock and any other per-user key in :data:`USER_KEY_PATTERNS`).
+* their Redis keys (lock, failure back-off and any other per-user key in :data:`USER_KEY_PATTERNS`).
 
 Invariants:
 
@@ -71,9 +71,21 @@ ERASED = "erased"
 ERASED_EVENTS = ("events", "archive", "quarantine")
 """The places of ``ErasureResult.removed`` that count events (the erasure metrics' events)."""
 
-USER_KEY_PATTERNS: list[Callable[[Settings], str]] = [lambda s: s.lock_key_pattern]
-"""Per-user Redis key patterns (each with ``{user_id}``) a user erasure deletes. A module that
-keeps another per-user key (say a doorbell) appends its pattern here, next to where it writes it."""
+USER_KEY_SETTINGS = ("lock_key_pattern", "backoff_key_pattern")
+"""Every setting naming a per-user Redis key (a pattern with ``{user_id}``): the compression lock
+and the failure back-off hash. Named here rather than registered by the modules writing them (the
+back-off is in ``freshness``, a layer above this one); a unit test checks that every
+``*_key_pattern`` setting with ``{user_id}`` is listed, so a new one cannot be missed silently."""
+
+
+def _setting(name: str) -> Callable[[Settings], str]:
+    """Return a reader of the setting ``name`` (a Redis key pattern)."""
+    return lambda settings: str(getattr(settings, name))
+
+
+USER_KEY_PATTERNS: list[Callable[[Settings], str]] = [_setting(name) for name in USER_KEY_SETTINGS]
+"""Per-user Redis key patterns (each with ``{user_id}``) a user erasure deletes: those of
+:data:`USER_KEY_SETTINGS`, and any a module keeping a per-user key that is not a setting appends."""
 
 SHARED_REDIS_MEMBERS: list[Callable[[Settings], str]] = [lambda s: s.doorbell_key, lambda s: s.daily_owed_key]
 """Shared Redis keys (sets, sorted sets, hashes, lists) whose members or fields may be user ids; a
