@@ -71,7 +71,7 @@ def test_a_batch_tries_every_user_and_a_rerun_compresses_only_the_failed_one(
     llm.fail_when_contains(FAIL_MARKER, 400)
     first = run_batch()
     assert first.returncode == 1, (first.returncode, first.stderr[-2000:])
-    assert "1 of 3 user(s) failed, first u-broken: LLMPermanentError" in first.stderr, first.stderr[-2000:]
+    assert "1 of 3 user(s) failed, first 'u-broken': LLMPermanentError" in first.stderr, first.stderr[-2000:]
     assert outcomes(db) == {"u-a": "compressed", "u-broken": "failed", "u-c": "compressed"}, (
         "a failure stopped the batch"
     )

@@ -206,7 +206,7 @@ def compress(
     if failures:
         ti.xcom_push(key=FAILURE_XCOM_KEY, value=rows)  # every row of the failed attempt, for a dry run's report
         user_id, first = failures[0]
-        what = f"{len(failures)} of {len(user_ids)} user(s) failed, first {user_id}: {type(first).__name__}: {first}"
+        what = f"{len(failures)} of {len(user_ids)} user(s) failed, first {user_id!r}: {type(first).__name__}: {first}"
         if any(exc.retryable for _, exc in failures):
             raise RuntimeError(f"{what} (will retry the failed users)")
         raise fail(what)
