@@ -10,7 +10,9 @@ The algorithm (docs/erasure.md, "Forgetting events"):
 2. Resolve the events: the user's events in ``user_memory`` and the archive with those event ids
    (or in ``[since, until)``). Every version from the first one that folded any of them (an
    archived event's ``summary_version``; for a time range also every version whose ``covers``
-   overlaps it) up to the current one has seen their facts: those versions are *tainted*.
+   overlaps it) up to the current one has seen their facts: those versions are *tainted*. Versions
+   off the current lineage (undone by a rollback, or a killed run's entry above the profile's
+   version) whose ``covers`` hold a forgotten event are *dead*: dropped in step 6, never rebuilt.
 3. Record the intent in the profile (``memory_forget``: the events' ``_id``s, the tainted range, the
    base, the expected and new versions). From now on compressions refuse the user.
 4. Delete the events from ``user_memory`` and the archive (by ``_id``).
@@ -20,7 +22,7 @@ The algorithm (docs/erasure.md, "Forgetting events"):
    write it to the history (kind ``forget``) and commit it through the guarded profile commit as a
    new version. Nothing the archive no longer holds can be re-folded: the result says which
    versions' facts, and how many events, could not be kept.
-6. Drop every tainted history version (forgetting wins over remembering: the one case where
+6. Drop every tainted and dead history version (forgetting wins over remembering: the one case where
    history is deleted), write the content-free audit record, clear the intent.
 
 Every step is safe to repeat and the intent says where the run was, so a kill at any step followed
@@ -210,7 +212,7 @@ def _forget_locked(
     # so every summarised event is in the archive (and never re-summarised).
     profile, _ = finish_interrupted(profile, store, lock, run_id="forget", clock=clock, metrics=engine.metrics)
     plan = plan_forget(store, user_id, profile, request, secret, audit)
-    if not plan.ids and plan.first_tainted is None:
+    if not plan.ids and plan.first_tainted is None and not plan.dead:
         return _result(ALREADY_ERASED, plan.facts(), user_id, secret)
     intent_id = uuid.uuid4().hex
     intent = plan.to_intent(intent_id, request, clock(), run_id or f"forget__{intent_id[:12]}")
@@ -293,6 +295,9 @@ def _finish(
         checkpoint("committed")
         tainted = list(range(int(first_tainted), expected + 1))
         store.history.coll.delete_many({"user_id": user_id, "version": {"$in": tainted}})
+    dead = [int(v) for v in intent.get("dead_versions") or []]
+    if dead:  # off the lineage: no summary descends from them, they only held the facts
+        store.history.coll.delete_many({"user_id": user_id, "version": {"$in": dead}})
     checkpoint("dropped")
 
     result = _result(FORGOTTEN, {**intent, "refold_count": refolded}, user_id, secret, intent["id"])
@@ -381,7 +386,9 @@ def _result(
         removed={"events": facts["in_events"], "archive": facts["in_archive"]},
         summary_version=None if first is None else expected + 1,
         rebuilt_from_version=None if first is None else facts["base_version"],
-        versions_dropped=[] if first is None else list(range(int(first), expected + 1)),
+        versions_dropped=sorted(
+            {*([] if first is None else range(int(first), expected + 1)), *map(int, facts.get("dead_versions") or [])}
+        ),
         events_refolded=int(facts.get("refold_count") or 0),
         lost=dict(facts.get("lost") or {}),
     )

@@ -15,11 +15,14 @@ from typing import Any
 from butler_memory.core.errors import ForgetInputError
 from butler_memory.operations.audit import DONE, AuditLog, event_ref, subject_ref
 from butler_memory.storage.archive import archived_versions
+from butler_memory.storage.events import ONE_MS
 from butler_memory.storage.history import BASELINE, HistoryEntry
 from butler_memory.storage.profiles import Profile
 from butler_memory.storage.store import MemoryStore
 
 MAX_EVENT_IDS = 10_000
+MAX_VERSION = 2**62
+"""Above any version a summary reaches: ``versions(through=MAX_VERSION)`` is every entry."""
 """Most event ids one request may name (they ride in the profile's intent)."""
 
 
@@ -97,13 +100,9 @@ class Plan:
     base_version: int
     refold_ids: list[Any]
     lost: dict[str, Any]
-
-    @property
-    def tainted(self) -> list[int]:
-        """Return the versions to drop from the history."""
-        if self.first_tainted is None:
-            return []
-        return list(range(self.first_tainted, self.expected_version + 1))
+    dead: list[int]
+    """History versions outside the current summary's lineage (undone by a rollback, or written by a
+    killed run the profile never reached) that folded a forgotten event: dropped, never rebuilt."""
 
     def facts(self) -> dict[str, Any]:
         """Return what a result and the intent say of the plan (ids, counts, versions)."""
@@ -117,6 +116,7 @@ class Plan:
             "base_version": self.base_version,
             "lost": self.lost,
             "refold_count": len(self.refold_ids),
+            "dead_versions": self.dead,
         }
 
     def to_intent(self, intent_id: str, request: Request, now: datetime, run_id: str) -> dict[str, Any]:
@@ -180,17 +180,25 @@ def plan_forget(
     # Every version that ever folded one of them: an event edited during its compression is folded twice.
     versions = [v for d in archived for v in archived_versions(d)]
     current = profile.version
-    history = store.history.versions(user_id, through=current, text=False)
+    every = store.history.versions(user_id, through=MAX_VERSION, text=False)  # above current: a killed run's
+    dead_entries = _off_lineage(every, store.history.lineage(user_id, through=current), current)
+    history = [e for e in every if e.version <= current]
     if request.since is not None and request.until is not None:
-        versions += _versions_touching(store, user_id, history, request.since, request.until)
-    folded = [v for v in versions if 0 < v <= current]
+        live = [e for e in history if e.version not in dead_entries]
+        versions += _versions_touching(store, user_id, live, request.since, request.until)
+        spans = [(request.since, request.until)]
+    else:
+        times = [_as_utc(d["created_at"]) for d in raw + archived if isinstance(d.get("created_at"), datetime)]
+        spans = [(t, t + ONE_MS) for t in times]
+    dead = sorted(v for v, e in dead_entries.items() if v in versions or any(_overlaps(e, *s) for s in spans))
+    folded = [v for v in versions if 0 < v <= current and v not in dead_entries]
     first_tainted = min(folded) if folded else None
     ids = [d["_id"] for d in raw] + [d["_id"] for d in archived if d["_id"] not in in_memory]
     ids += [d["_id"] for d in quarantined if d["_id"] not in set(ids)]
     base, refold, lost = 0, list[Any](), dict[str, Any]()
     if first_tainted is not None:
         base, refold, lost = _rebuild_plan(store, user_id, current, first_tainted, set(ids), history)
-    if not ids and first_tainted is None and request.mode == "range":
+    if not ids and first_tainted is None and not dead and request.mode == "range":
         if not _range_done(audit, secret, user_id, request):
             raise ForgetInputError(
                 f"user {user_id!r}: no events between {request.since.isoformat() if request.since else ''} and "
@@ -207,7 +215,26 @@ def plan_forget(
         base_version=base,
         refold_ids=refold,
         lost=lost,
+        dead=dead,
     )
+
+
+def _off_lineage(every: list[HistoryEntry], lineage: list[HistoryEntry], current: int) -> dict[int, HistoryEntry]:
+    """Return the history entries the current summary does not descend from, by version: above the
+    profile's version (a killed run's, never reached), and between the lineage's oldest known base
+    and the current version but not in the lineage (undone by a rollback). Below that base the
+    history is gone (retention) and nothing is known: those entries count as ancestors."""
+    chain = {e.version for e in lineage}
+    floor = lineage[-1].base_version if lineage else current
+    return {e.version: e for e in every if e.version > current or (floor < e.version and e.version not in chain)}
+
+
+def _overlaps(entry: HistoryEntry, since: datetime, until: datetime) -> bool:
+    """Whether the events a version folded (its ``covers``) reach into ``[since, until)``."""
+    covers = entry.covers
+    if covers is None:
+        return False
+    return _as_utc(covers.first.created_at) < until and _as_utc(covers.last.created_at) >= since
 
 
 def _versions_touching(
@@ -254,12 +281,14 @@ def _rebuild_plan(
 
 def losses(store: MemoryStore, user_id: str, base: int, current: int, history: list[HistoryEntry]) -> dict[str, Any]:
     """Return what a rebuild on ``base`` cannot re-fold: events of versions after it no longer
-    archived, versions no longer (or never) in the history; empty when nothing is lost."""
-    by_version = {e.version: e for e in history if base < e.version <= current}
-    missing = [v for v in range(base + 1, current + 1) if v not in by_version]
+    archived, versions no longer (or never) in the history; empty when nothing is lost. Versions off
+    the lineage (undone by a rollback: their events are back in user_memory) are not the summary's."""
+    off = _off_lineage(history, store.history.lineage(user_id, through=current), current)
+    by_version = {e.version: e for e in history if base < e.version <= current and e.version not in off}
+    missing = [v for v in range(base + 1, current + 1) if v not in by_version and v not in off]
     unrecorded = [e.version for e in by_version.values() if e.covers is None and e.kind == "baseline"]
     expected = sum(e.covers.count for e in by_version.values() if e.covers is not None)
-    archived = sum(store.archived_counts(user_id, list(range(base + 1, current + 1))).values())
+    archived = sum(store.archived_counts(user_id, list(by_version)).values())
     lost: dict[str, Any] = {}
     if expected > archived:
         lost["events_not_in_archive"] = expected - archived
