@@ -22,7 +22,10 @@ version or an id that never repeats:
 - a rollback: the intent is recorded, archived events are put back into user_memory (still covered
   by the current summary until the commit), the commit restores the old text, the copies leave the
   archive. Before the commit the events the undone versions folded (read from the archive, which
-  keeps them until after the commit) are hidden; after it they are raw;
+  keeps them until after the commit) are hidden when live exactly as archived; after it they are
+  raw. An event the Butler edited while it was folded is live with its newer text all along (the
+  restore inserts only what is absent, the fold deleted only unchanged events): no summary covers
+  that text, so it stays raw, as it is before and after the rollback;
 - a forget: the intent (the events' ``_id``s) is recorded before anything is deleted; those
   events are hidden from then on, and the rebuilt summary replaces the tainted one before the
   intent is cleared, so a read that starts after the forget returned sees neither;
@@ -31,7 +34,8 @@ version or an id that never repeats:
 
 The Butler's own appends are in no summary: an event written during the read is raw if (2) saw it,
 else in the next read (a linearised read, never a loss). While a rollback is half done a fourth
-read, of the archive, names the restored events (between (1) and (2)).
+read, of the archive, returns the undone versions' events as the restore puts them back (between
+(1) and (2)), so (2)'s copies can be told from the Butler's newer text.
 
 A compression that ran wholly between (1) and (3) changed the version, so (1) and (3) differ and
 the read starts again. Two reads cannot be enough: profile then events misses events a fold
@@ -74,7 +78,7 @@ from butler_memory.freshness.doorbell import AsyncDoorbell, Doorbell, valid_user
 from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.engine import Engine
-from butler_memory.storage.archive import archived_by
+from butler_memory.storage.archive import ARCHIVE_FIELDS, archived_by
 from butler_memory.storage.locks import UserLocks
 from butler_memory.storage.mongo import event_digest, id_key, sanitized_errors
 from butler_memory.storage.profiles import (
@@ -216,9 +220,16 @@ def _undone_filter(user_id: str, undone: list[int]) -> dict[str, Any]:
     return archived_by(user_id, undone)
 
 
-def _covered(view: _View, doc: Mapping[str, Any], restored: set[bytes]) -> bool:
+_AS_RESTORED = dict.fromkeys(ARCHIVE_FIELDS, 0)
+"""The archive read's projection: a record without our archive fields is the event as ``restore`` inserts it."""
+
+
+def _covered(view: _View, doc: Mapping[str, Any], restored: dict[bytes, Mapping[str, Any]]) -> bool:
     key = id_key(doc["_id"])
-    if key in view.forgotten or key in restored:
+    # A restored event is covered only as the undone versions folded it: one that differs from its
+    # archived copy is the Butler's newer text (the restore left it live), which no summary holds.
+    # Compared as mappings, not digests: the restore's upsert may store the fields in another order.
+    if key in view.forgotten or (key in restored and dict(restored[key]) == dict(doc)):
         return True
     if key in view.pending:
         digest = view.pending[key]
@@ -242,7 +253,9 @@ def _event(user_id: str, doc: Mapping[str, Any]) -> MemoryEvent:
     )
 
 
-def _assemble(user_id: str, view: _View, docs: Iterable[Mapping[str, Any]], restored: set[bytes]) -> Memory:
+def _assemble(
+    user_id: str, view: _View, docs: Iterable[Mapping[str, Any]], restored: dict[bytes, Mapping[str, Any]]
+) -> Memory:
     if view.erasing:
         return Memory(user_id, "", view.profile.version, (), erasing=True)
     events = tuple(_event(user_id, doc) for doc in docs if not _covered(view, doc, restored))
@@ -273,10 +286,10 @@ def read_plan(user_id: str, settings: Settings) -> ReadPlan:
     for _ in range(ATTEMPTS):
         first = yield Find("profiles", query, _projection(settings), one=True)
         view = _view(user_id, first, settings)
-        restored: set[bytes] = set()
+        restored: dict[bytes, Mapping[str, Any]] = {}
         if view.undone is not None:
-            found = yield Find("archive", _undone_filter(user_id, view.undone), {"_id": 1}, one=False)
-            restored = {id_key(doc["_id"]) for doc in found}
+            found = yield Find("archive", _undone_filter(user_id, view.undone), _AS_RESTORED, one=False)
+            restored = {id_key(doc["_id"]): doc for doc in found}
         docs = yield Find("events", query, None, one=False)
         again = yield Find("profiles", query, dict.fromkeys(STATE_FIELDS, 1), one=True)
         if _state(first) == _state(again):

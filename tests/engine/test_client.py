@@ -177,6 +177,37 @@ def test_a_rollback_in_progress_reads_each_event_once(
     assert_exactly_once(reader.memory(USER), ids_of(0, 35))
 
 
+def test_an_event_edited_while_it_was_folded_stays_raw_while_that_fold_is_rolled_back(
+    mongo_db: Database[Doc], engine: Engine, reader: butler.MemoryClient
+) -> None:
+    """The fold kept an event the Butler edited meanwhile live; a half-done rollback of it must not hide it (second review)."""
+    edited_text = f"{USER}-e002: the user corrected this message while it was being summarised."
+    insert_events(mongo_db, USER, 20)
+    edited = [False]
+
+    def edit_during_the_llm_call(step: str) -> None:
+        # After the fold read e002, before its commit: the fold keeps it live (its digest changed).
+        if step == "summarized" and not edited[0]:
+            mongo_db["user_memory"].update_one({"_id": f"{USER}-e002"}, {"$set": {"content": edited_text}})
+            edited[0] = True
+
+    engine.compress(USER, run_id="r0", checkpoint=edit_during_the_llm_call)
+    assert edited[0] and events_of(mongo_db, USER)[f"{USER}-e002"]["content"] == edited_text, "the state under test"
+
+    def raw(memory: butler.Memory) -> bool:
+        return any(ev.content == edited_text for ev in memory.events)
+
+    assert raw(reader.memory(USER)), "before the rollback the edited event is raw"
+    with pytest.raises(Stop):  # the undone versions' events are back, the summary not yet restored
+        engine.rollback(USER, "r0", rollback_id="undo-r0", checkpoint=stop_at("restored"))
+    assert profile_of(mongo_db, USER)[ROLLBACK_FIELD] is not None, "the state under test"
+    assert events_of(mongo_db, USER)[f"{USER}-e002"]["content"] == edited_text, "the Butler's newer text stayed"
+    during = reader.memory(USER)
+    assert raw(during), "during the rollback the read hid a live event that no summary covers"
+    engine.rollback(USER, "r0", rollback_id="undo-r0")
+    assert raw(reader.memory(USER)), "after the rollback the edited event is raw"
+
+
 @pytest.mark.usefixtures("compressed")
 def test_a_refold_reads_each_event_once(engine: Engine, reader: butler.MemoryClient) -> None:
     assert engine.refold(USER, run_id="refold-1").to_version == 4

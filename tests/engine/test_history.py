@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import redis
 from pymongo.database import Database
 
+from butler_memory.fold.compression import COMPRESSED
+from butler_memory.operations.rollback import ROLLED_BACK
 from butler_memory.storage.history import BASELINE, FOLD
 from butler_memory.storage.store import MemoryStore
 from tests.engine.helpers import history_of, insert_events, make_engine, profile_of, set_profile, small_settings
@@ -49,6 +52,52 @@ def test_a_summary_from_before_history_is_recorded_as_a_baseline(
     assert [(e["version"], e["kind"]) for e in history] == [(7, BASELINE), (8, FOLD)]
     assert history[0]["text"] == "- Кошка Муся."
     assert history[1]["base_version"] == 7
+
+
+class Killed(Exception):
+    """Stands in for a kill at a checkpoint."""
+
+
+def test_a_version_the_butler_committed_over_an_orphan_entry_is_the_baseline_a_rollback_restores(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A killed run's entry for a version the profile never reached is not the Butler's text of that version (second review)."""
+    engine = make_engine(mongo_db, redis_client, small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5))
+    insert_events(mongo_db, "u1", 20)
+    assert engine.compress("u1", run_id="seed").summary_version == 3
+    insert_events(mongo_db, "u1", 10, first=20)
+    recorded: list[str] = []
+
+    def die_at_the_second_entry(step: str) -> None:
+        if step == "recorded":
+            recorded.append(step)
+            if len(recorded) == 2:  # v5 is written, never committed
+                raise Killed
+
+    with pytest.raises(Killed):
+        engine.compress("u1", run_id="r2", checkpoint=die_at_the_second_entry)
+    redis_client.flushdb()  # its lock expired
+    orphan = mongo_db["user_memory_summaries"].find_one({"user_id": "u1", "version": 5})
+    assert profile_of(mongo_db, "u1")["memory_summary_version"] == 4 and orphan is not None, "the state under test"
+    butler_v5 = profile_of(mongo_db, "u1")["memory_summary"] + "\n- Заметка бота."
+    set_profile(
+        mongo_db,
+        "u1",
+        memory_summary=butler_v5,
+        memory_summary_version=5,
+        memory_pending_fold=None,
+        memory_fold_target=None,
+    )
+    insert_events(mongo_db, "u1", 10, first=30)
+    r3 = engine.compress("u1", run_id="r3")
+    assert r3.status == COMPRESSED and r3.summary_version >= 6, r3
+
+    rolled = engine.rollback("u1", "r3", rollback_id="undo-r3")
+
+    assert rolled.status == ROLLED_BACK and rolled.restored_version == 5, rolled
+    assert profile_of(mongo_db, "u1")["memory_summary"] == butler_v5, "the rollback restored text no profile held"
+    baseline = history_of(mongo_db, "u1")[4]
+    assert (baseline["version"], baseline["kind"], baseline["run_id"]) == (5, BASELINE, None)
 
 
 def test_history_retention_is_a_ttl_index_that_follows_the_setting(

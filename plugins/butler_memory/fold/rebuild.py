@@ -339,8 +339,15 @@ def finish_rollback(
 
 def record_baseline(store: MemoryStore, profile: Profile, clock: Callable[[], datetime]) -> None:
     """Record the profile's current version in the history when it has none (it was committed before
-    history existed, or by the Butler), so that it can be rolled back to."""
-    if (profile.version == 0 and not profile.summary) or store.history.exists(profile.user_id, profile.version):
+    history existed, or by the Butler), so that it can be rolled back to.
+
+    An entry with another text is not this version: a run killed between writing it and its commit
+    left it, then the Butler committed its own text under that number. It is overwritten, or a
+    rollback to this version would restore text no profile held.
+    """
+    if (profile.version == 0 and not profile.summary) or store.history.holds(
+        profile.user_id, profile.version, profile.summary
+    ):
         return
     through = None if profile.through is None else Key(profile.through.created_at, profile.through.id)
     store.history.write_version(

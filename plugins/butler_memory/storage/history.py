@@ -3,9 +3,10 @@
 One document per ``(user_id, version)`` (unique index), written by an idempotent upsert *before*
 the guarded profile commit of that version. The profile stays the source of truth: an entry whose
 version the profile never reached (a kill between the two writes) is ignored by every reader here
-(they take the profile's version as a bound) and overwritten by the re-run. Versions only go up
-and entries are never rewritten once the profile has reached them: a rollback, a re-fold or a
-forget is a *new* version.
+(they take the profile's version as a bound) and overwritten by the re-run, or by the baseline of
+the Butler's own commit of that version (its text is not the entry's). Versions only go up and
+entries are never rewritten once the profile has reached them: a rollback, a re-fold or a forget
+is a *new* version.
 
 The entries hold personal data (the summary text): nothing here logs, and nothing a caller puts in
 logs, XCom or metrics may carry ``text``. ``HistoryEntry.metadata()`` is the content-free view.
@@ -16,6 +17,7 @@ API (used by compression, rollback, refold and the forget helper)::
     history.write_version(entry)                 # upsert by (user_id, version)
     history.versions(user_id, through=v)         # entries 1..v, oldest first (text included)
     history.version(user_id, v)                  # one entry, None when missing (v0 is synthesised)
+    history.holds(user_id, v, text)              # whether v's entry has exactly this text
     history.lineage(user_id, through=v)          # the chain of versions v's text descends from
 """
 
@@ -200,9 +202,10 @@ class SummaryHistory:
             return HistoryEntry.from_doc(doc)
         return empty_version(user_id) if version == 0 else None
 
-    def exists(self, user_id: str, version: int) -> bool:
-        """Say whether a version has a stored entry (version 0 only when one was recorded)."""
-        return self.coll.count_documents({"user_id": user_id, "version": version}, limit=1) > 0
+    def holds(self, user_id: str, version: int, text: str) -> bool:
+        """Say whether a version's stored entry has exactly ``text`` (compared by the server: no text
+        comes back). An entry of a killed run for a version the Butler then committed has not."""
+        return self.coll.count_documents({"user_id": user_id, "version": version, "text": text}, limit=1) > 0
 
     def versions(self, user_id: str, *, through: int, text: bool = True) -> list[HistoryEntry]:
         """Return a user's versions up to ``through`` (the profile's version), oldest first."""
