@@ -184,6 +184,29 @@ def test_a_bad_setting_exits_2_naming_it(airflow_conns: AirflowConns) -> None:
     assert "keep_last_n (9) must not exceed threshold (5)" in result.stderr, result.stderr
 
 
+def test_a_bad_integer_env_setting_exits_2_naming_it(airflow_conns: AirflowConns) -> None:
+    """An integer setting in the environment that int() cannot read exits 2 naming it, no traceback (second review)."""
+    result = cli("compress", "--dry-run", env={"BUTLER_MEMORY_THRESHOLD": "--5"})
+
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and "threshold must be an integer" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("option", "value"), [("--threshold", str(10**20)), ("--limit", str(10**20))])
+def test_a_whole_number_beyond_what_mongodb_stores_is_a_usage_error(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc], option: str, value: str
+) -> None:
+    """A threshold or limit past BSON's int64 exits 2 naming the option, not 3 as a database outage (second review)."""
+    seed(mongo_db, {"big": 30})
+    args = ["compress", "--dry-run", option, value] + (["--keep-last-n", "3"] if option == "--threshold" else [])
+
+    result = cli(*args)
+
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert option in result.stderr and "must be at most" in result.stderr, result.stderr[-2000:]
+    assert "cannot reach the Butler database" not in result.stderr, result.stderr[-2000:]
+
+
 def test_redis_down_exits_3_and_writes_nothing(airflow_conns: AirflowConns, mongo_db: Database[Doc]) -> None:
     seed(mongo_db, {"big": 30})
     dead = json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": free_port(), "extra": {"db": 0}})

@@ -105,3 +105,26 @@ def test_forget_events_refuses_bad_input(airflow_conns: AirflowConns, mongo_db: 
         assert result.returncode == 2, (args, result)
         assert "\nerror: " in "\n" + result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
     assert mongo_db["memory_erasures"].count_documents({}) == 0
+
+
+def test_forget_with_a_time_out_of_range_in_utc_exits_2_without_a_traceback(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc]
+) -> None:
+    """A --since the pattern accepts but UTC cannot hold (year 0) exits 2 naming it, no traceback (second review)."""
+    seed(mongo_db, {"gone": 5})
+
+    result = cli(
+        "forget",
+        "--user",
+        "gone",
+        "--since",
+        "0001-01-01T00:00:00+01:00",
+        "--until",
+        "2026-01-01T00:00:00Z",
+        "--dry-run",
+        env=SECRET_ENV,
+    )
+
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and "since '0001-01-01T00:00:00+01:00' is outside" in result.stderr
+    assert counts(mongo_db) == {"gone": 5}

@@ -3,6 +3,7 @@ archive; the user's other facts survive; what cannot be rebuilt is said; bad inp
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED
 from butler_memory.operations import erasure, forget
 from butler_memory.operations.engine import Engine, erase_events
+from butler_memory.operations.forget_plan import build_request
 from butler_memory.storage.profiles import FORGET_FIELD
 from tests.engine.conftest import OpenAIFactory
 from tests.engine.erasure_helpers import (
@@ -129,8 +131,6 @@ def test_forgetting_through_the_openai_compatible_server_never_shows_it_the_forg
 
 
 def test_forgetting_a_time_range(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
-    from datetime import timedelta
-
     settings = fact_settings()
     engine = seeded(mongo_db, redis_client, settings)
 
@@ -152,8 +152,6 @@ def test_forgetting_again_changes_nothing_in_history_or_data(
 ) -> None:
     # Issue 23.3: the same forget again (a retried task, the Butler calling twice) adds no version,
     # drops none, writes no second audit record and moves no event.
-    from datetime import timedelta
-
     engine = seeded(mongo_db, redis_client, fact_settings())
     since, until = START + timedelta(minutes=13), START + timedelta(minutes=15)  # events 13 and 14
     ask: dict[str, Any] = {"event_ids": [eid(13), eid(14)]} if by == "event_ids" else {"since": since, "until": until}
@@ -220,6 +218,8 @@ BAD_REQUESTS: dict[str, dict[str, Any]] = {
     "only-since": {"since": "2026-01-01T00:00:00Z"},
     "ids-and-range": {"event_ids": [eid(3)], "since": "2026-01-01", "until": "2026-01-02"},
     "nothing-in-range": {"since": "2027-01-01", "until": "2027-01-02"},
+    "since-before-year-1-in-utc": {"since": "0001-01-01T00:00:00+01:00", "until": "2026-01-01T00:00:00Z"},
+    "until-after-9999-in-utc": {"since": "2026-01-01T00:00:00Z", "until": "9999-12-31T23:59:59-01:00"},
     "nothing-asked": {},
 }
 
@@ -239,6 +239,16 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(
     assert all(fact not in str(info.value) for fact in FACTS.values())
     assert whole_db(mongo_db) == before
     assert redis_client.keys("*") == []
+
+
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [("0001-01-01T00:00:00+01:00", "2026-01-01T00:00:00Z"), ("2026-01-01T00:00:00Z", "9999-12-31T23:59:59-01:00")],
+)
+def test_a_time_out_of_range_in_utc_is_a_forget_input_error(since: str, until: str) -> None:
+    """A time the form accepts but UTC cannot hold (year 0 or 10000) is a ForgetInputError (second review)."""
+    with pytest.raises(ForgetInputError, match="outside the years 1 to 9999"):
+        build_request(None, since, until)
 
 
 def test_an_unknown_user_is_refused(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
@@ -377,6 +387,64 @@ def test_a_version_committed_on_top_of_an_interrupted_forget_is_rebuilt_too(
     assert result.versions_dropped == [3, 4, 5, 6] and result.rebuilt_from_version == 2
     assert result.lost["versions_without_history"] == [[6, 6]], "the bot's version is not in the history: said so"
     assert_forgotten(mongo_db, [FACTS[14]], [f for i, f in FACTS.items() if i != 14])
+
+
+SUB_MS_SINCE = START + timedelta(minutes=18, seconds=30, microseconds=123_456)
+SUB_MS_UNTIL = START + timedelta(minutes=20, seconds=30, microseconds=654_321)  # events 19 and 20
+"""A range with datetime.now()-style bounds: MongoDB stores dates to the millisecond only."""
+
+
+def test_forgetting_a_range_again_with_sub_millisecond_bounds_is_already_erased(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A retried range forget with sub-millisecond bounds is already_erased, as with whole seconds (second review)."""
+    engine = seeded(mongo_db, redis_client, fact_settings())
+    first = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, since=SUB_MS_SINCE, until=SUB_MS_UNTIL)
+    assert first.status == forget.FORGOTTEN and first.removed == {"events": 0, "archive": 2}, first
+
+    again = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, since=SUB_MS_SINCE, until=SUB_MS_UNTIL)
+
+    assert again.status == "already_erased", again
+
+
+def test_a_killed_range_forget_re_run_with_sub_millisecond_bounds_reports_the_forget(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A killed sub-millisecond range forget, re-run alike, finishes and says forgotten (second review)."""
+    engine = seeded(mongo_db, redis_client, fact_settings())
+
+    def die_after_delete(step: str) -> None:
+        if step == "deleted":
+            raise Killed
+
+    with pytest.raises(Killed):
+        forget.forget_events(
+            FACT_USER, engine=engine, secret=SECRET, since=SUB_MS_SINCE, until=SUB_MS_UNTIL, checkpoint=die_after_delete
+        )
+    redis_client.flushdb()  # the killed run's lock expired
+
+    result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, since=SUB_MS_SINCE, until=SUB_MS_UNTIL)
+
+    assert result.status == forget.FORGOTTEN, result
+    assert_forgotten(mongo_db, [FACTS[20]], [f for i, f in FACTS.items() if i != 20])
+
+
+def test_sub_millisecond_bounds_forget_exactly_the_events_of_the_range(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """Bounds round up to the millisecond: an event stored in since's millisecond but before since stays,
+    one in until's millisecond but before until goes, exactly [since, until) (second review)."""
+    engine = seeded(mongo_db, redis_client, fact_settings())
+    since = START + timedelta(minutes=19, microseconds=500)  # after event 19 (stored at .000)
+    until = START + timedelta(minutes=20, microseconds=500)  # after event 20 (stored at .000)
+
+    result = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, since=since, until=until)
+
+    assert result.status == forget.FORGOTTEN and result.removed == {"events": 0, "archive": 1}, result
+    assert mongo_db["user_memory_archive"].count_documents({"event_id": {"$in": [eid(19), eid(20)]}}) == 1
+    assert mongo_db["user_memory_archive"].count_documents({"event_id": eid(19)}) == 1, "event 19 precedes since"
+    again = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, since=since, until=until)
+    assert again.status == "already_erased", again
 
 
 def test_an_llm_outage_leaves_the_forget_unfinished_and_the_re_run_finishes_it(

@@ -75,6 +75,23 @@ def test_the_cli_and_the_form_refuse_the_same_whole_numbers(command: str, option
     assert refused.value.code == 2
 
 
+@pytest.mark.parametrize(("command", "option"), WHOLE, ids=[f"{c}-{o.name}" for c, o in WHOLE])
+def test_the_cli_and_the_form_refuse_a_whole_number_beyond_what_mongodb_stores(
+    command: str, option: params.Option
+) -> None:
+    """Every whole-number param has a maximum within BSON's int64, on the form and the CLI (second review)."""
+    flag = "--" + option.name.replace("_", "-")
+    high = option.schema["maximum"]
+    assert high <= 2**63 - 1
+    values = ParamsDict(dict(params.form(COMMANDS[command]).items()))
+    with pytest.raises(ParamValidationError):
+        values.update({option.name: high + 1})
+    assert getattr(build_parser().parse_args([command, *_required(command), flag, str(high)]), option.name) == high
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args([command, *_required(command), flag, str(high + 1)])
+    assert refused.value.code == 2
+
+
 def test_values_are_the_params_by_name() -> None:
     args = build_parser().parse_args(["compress", "--limit", "5", "--user", "a", "--user", "b"])
     assert params.values(args, params.COMPRESS) == {

@@ -71,3 +71,51 @@ def test_json_source_errors_name_the_source() -> None:
         Settings.from_json("{threshold: 3}", source="Airflow Variable 'butler_memory'")
     with pytest.raises(SettingsError, match="must be a JSON object, got list"):
         Settings.from_json("[1, 2]")
+
+
+@pytest.mark.parametrize("value", ["--5", "²", "1_000", " 7 8"])
+def test_an_unparsable_integer_from_the_environment_is_a_settings_error_naming_it(value: str) -> None:
+    """Text that only looks like digits ("--5", a superscript) is refused naming the setting (second review)."""
+    with pytest.raises(SettingsError, match="threshold must be an integer"):
+        Settings.from_env({"BUTLER_MEMORY_THRESHOLD": value})
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern"),
+    [
+        ("lock_key_pattern", "butler:memory:lock:{user_id}:{shard}"),
+        ("lock_key_pattern", "lock:{user_id}:{}"),
+        ("lock_key_pattern", "lock:{user_id}{"),
+        ("lock_key_pattern", "lock:{{user_id}}"),
+        ("backoff_key_pattern", "backoff:{user_id}:{0}"),
+        ("token_budget_key_pattern", "tokens:{day}:{user_id}"),
+        ("token_budget_key_pattern", "tokens:{day!x}"),
+    ],
+)
+def test_a_redis_key_pattern_that_cannot_be_rendered_is_refused_naming_it(name: str, pattern: str) -> None:
+    """A key pattern is rendered with its field as settings are built, not at the first lock (second review)."""
+    with pytest.raises(SettingsError, match=name):
+        Settings(**{name: pattern})
+
+
+@pytest.mark.parametrize(
+    ("changes", "pair"),
+    [
+        ({"quarantine_collection": "user_memory"}, "events_collection and quarantine_collection"),
+        ({"archive_collection": "user_memory"}, "events_collection and archive_collection"),
+        ({"history_collection": "user_profiles"}, "profiles_collection and history_collection"),
+        ({"runs_collection": "user_memory_archive"}, "archive_collection and runs_collection"),
+        ({"state_collection": "memory_batch_folds"}, "batch_collection and state_collection"),
+    ],
+)
+def test_two_roles_on_one_collection_are_refused_naming_both(changes: dict[str, str], pair: str) -> None:
+    """Each *_collection names a collection of its own: two roles on one lose events (second review)."""
+    with pytest.raises(SettingsError, match=pair):
+        Settings(**changes)
+
+
+def test_an_integer_setting_beyond_what_mongodb_stores_is_refused() -> None:
+    """An integer setting above 2**63 - 1 (BSON's int64) is refused here, not overflowing a query (second review)."""
+    with pytest.raises(SettingsError, match=r"threshold \(100000000000000000000\) must be at most 9223372036854775807"):
+        Settings.from_env({"BUTLER_MEMORY_THRESHOLD": str(10**20)})
+    assert Settings(daily_token_budget=2**63 - 1).daily_token_budget == 2**63 - 1

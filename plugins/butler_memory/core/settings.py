@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -23,6 +24,10 @@ LLM_MODES = ("online", "batch")
 BATCH_COMPLETION_WINDOWS = ("24h",)
 GUARD_MODES = ("reject", "warn", "off")
 
+
+MAX_INTEGER = 2**63 - 1
+"""Largest integer a setting (or a param) may hold: BSON's int64, beyond which a query that carries
+it fails with an OverflowError deep in a run (reported as if MongoDB were unreachable)."""
 
 MAX_USERS_PER_TASK = 1000
 """Most users one compress_user task takes: a task's users run one after another within its
@@ -198,6 +203,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         _finite(self)
+        _int64(self)
+        _distinct_collections(self)
         _positive(self, "threshold", "keep_last_n", "summary_max_tokens", "prompt_budget_tokens")
         _positive(self, "max_events_per_chunk", "max_event_chars", "lock_ttl_seconds")
         _positive(self, "delete_batch_size", "scan_limit", "archive_retention_days", "history_retention_days")
@@ -301,15 +308,26 @@ class Settings:
         return cls.from_mapping(values, base=base)
 
 
+KEY_FIELDS = {"lock_key_pattern": "user_id", "backoff_key_pattern": "user_id", "token_budget_key_pattern": "day"}
+"""Redis key patterns and the one field each is rendered with (``str.format``)."""
+
+
 def _check_redis_keys(settings: Settings) -> None:
-    """Refuse Redis key patterns without their placeholder, and a back-off whose bounds are inverted."""
-    for name, placeholder in (
-        ("lock_key_pattern", "{user_id}"),
-        ("backoff_key_pattern", "{user_id}"),
-        ("token_budget_key_pattern", "{day}"),
-    ):
-        if placeholder not in getattr(settings, name):
-            raise SettingsError(f"{name} {getattr(settings, name)!r} must contain '{placeholder}'")
+    """Refuse Redis key patterns that do not render or lack their field whole (``{user_id[0]}`` would
+    give two users one lock), and a back-off whose bounds are inverted. Each pattern is rendered here
+    with two values of its field, so a stray placeholder (``{shard}``, ``{}``) or brace fails now,
+    naming the setting, instead of at the first lock deep inside a compression."""
+    for name, field in KEY_FIELDS.items():
+        pattern = getattr(settings, name)
+        try:
+            keys = {pattern.format(**{field: sample}) for sample in ("a", "b")}
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+            raise SettingsError(
+                f"{name} {pattern!r} cannot be rendered ({type(exc).__name__}: {exc}): its only "
+                f"placeholder is '{{{field}}}' (write a literal brace as '{{{{' or '}}}}')"
+            ) from None
+        if "{" + field + "}" not in pattern or len(keys) < 2:  # "{{user_id}}" is one key for every user
+            raise SettingsError(f"{name} {pattern!r} must contain '{{{field}}}'")
     if settings.backoff_base_seconds < 0 or settings.backoff_max_seconds < settings.backoff_base_seconds:
         raise SettingsError(
             f"backoff_base_seconds ({settings.backoff_base_seconds}) must be >= 0 (0 = off) and at most "
@@ -342,6 +360,29 @@ def _check_durability(settings: Settings) -> None:
         raise SettingsError(f"mongo_read_concern {settings.mongo_read_concern!r} must be 'majority' or 'local'")
 
 
+def _int64(settings: Settings) -> None:
+    """Refuse integers BSON cannot store: every integer setting may reach a query or a stored document."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            _at_most(settings, f.name, MAX_INTEGER)
+
+
+def _distinct_collections(settings: Settings) -> None:
+    """Refuse two roles on one collection: the quarantine or the archive on the events collection, say,
+    would replace a live event by its copy and the following delete would remove it (events lost)."""
+    seen: dict[str, str] = {}
+    for f in fields(settings):
+        if not f.name.endswith("_collection"):
+            continue
+        collection = getattr(settings, f.name)
+        if collection in seen:
+            raise SettingsError(
+                f"{seen[collection]} and {f.name} are both {collection!r}: each role needs its own collection"
+            )
+        seen[collection] = f.name
+
+
 def _finite(settings: Settings) -> None:
     """Refuse NaN and infinite numbers: every comparison with NaN is False, so it would pass the range checks."""
     for f in fields(settings):
@@ -365,6 +406,9 @@ def _positive(settings: Settings, *names: str) -> None:
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 FALSE_VALUES = frozenset({"0", "false", "no", "off"})
 """Spellings of a boolean in the environment (case-insensitive)."""
+INTEGER_TEXT = re.compile(r"-?[0-9]+")
+"""An integer in the environment: ASCII digits, one optional minus (``str.isdigit`` also takes "²",
+and ``lstrip("-")`` took "--5": both then failed in ``int()`` with an error naming no setting)."""
 
 
 def _coerce(name: str, raw: Any, kind: type) -> Any:
@@ -380,7 +424,7 @@ def _coerce(name: str, raw: Any, kind: type) -> Any:
             raise SettingsError(f"{name} must be an integer, got {raw!r}")
         if isinstance(raw, int):
             return raw
-        if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        if isinstance(raw, str) and INTEGER_TEXT.fullmatch(raw.strip()):
             return int(raw)
         raise SettingsError(f"{name} must be an integer, got {raw!r}")
     if kind is float:

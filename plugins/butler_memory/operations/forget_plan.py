@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from butler_memory.core.errors import ForgetInputError
@@ -28,7 +28,7 @@ MAX_VERSION = 2**62
 
 @dataclass(frozen=True)
 class Request:
-    """What to forget: event ids, or a time range ``[since, until)``."""
+    """What to forget: event ids, or a time range ``[since, until)`` (UTC, whole milliseconds)."""
 
     event_ids: tuple[str, ...] = ()
     since: datetime | None = None
@@ -45,7 +45,8 @@ class Request:
 
 
 def parse_time(value: str | datetime, name: str) -> datetime:
-    """Parse an ISO 8601 time (a naive one is UTC); a ForgetInputError names the bad value."""
+    """Parse an ISO 8601 time (a naive one is UTC) into UTC, rounded up to the millisecond (see
+    ``up_to_millisecond``); a ForgetInputError names the bad value."""
     if isinstance(value, datetime):
         parsed = value
     elif isinstance(value, str):
@@ -55,7 +56,24 @@ def parse_time(value: str | datetime, name: str) -> datetime:
             raise ForgetInputError(f"{name} {value!r} is not an ISO 8601 time (e.g. 2026-03-01T12:00:00Z)") from None
     else:
         raise ForgetInputError(f"{name} must be an ISO 8601 time, got {type(value).__name__}")
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    try:
+        return up_to_millisecond(parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC))
+    except OverflowError:  # "0001-01-01T00:00:00+01:00" is in year 0 in UTC
+        raise ForgetInputError(f"{name} {str(value)!r} is outside the years 1 to 9999 in UTC") from None
+
+
+def up_to_millisecond(moment: datetime) -> datetime:
+    """Return ``moment`` rounded up to the next whole millisecond (unchanged when it is one).
+
+    MongoDB stores dates to the millisecond, so a request's bounds are stored (in the intent and the
+    audit record) truncated, and a retry compared with them would not be the same request. Rounding
+    up is the one rounding that keeps ``[since, until)`` naming exactly the same events: a stored
+    time ``t`` (whole milliseconds) is ``>= since`` if and only if it is ``>= since`` rounded up, and
+    ``< until`` if and only if it is ``< until`` rounded up. Rounding ``since`` down would also forget
+    the events of its millisecond that precede it. Raises OverflowError past year 9999.
+    """
+    spare = moment.microsecond % 1000
+    return moment if not spare else moment + timedelta(microseconds=1000 - spare)
 
 
 def build_request(

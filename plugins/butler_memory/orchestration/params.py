@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from butler_memory.core.settings import MAX_USERS_PER_TASK
+from butler_memory.core.settings import MAX_INTEGER, MAX_USERS_PER_TASK
 
 if TYPE_CHECKING:
     from airflow.sdk import Param
@@ -114,11 +114,14 @@ def whole(
     help: str | None = None,
     *,
     minimum: int = 1,
+    maximum: int = MAX_INTEGER,
     metavar: str | None = None,
     **bounds: int,
 ) -> Option:
-    """A whole number the form may leave empty (the setting or the default then decides)."""
-    schema = {"type": ["null", "integer"], "minimum": minimum, **bounds}
+    """A whole number the form may leave empty (the setting or the default then decides). At most
+    ``MAX_INTEGER`` unless told less: a larger one cannot be stored in MongoDB, and would fail deep
+    in the run (an OverflowError in a query) instead of as a usage error naming the param."""
+    schema = {"type": ["null", "integer"], "minimum": minimum, "maximum": maximum, **bounds}
     return Option(name, None, schema, title, description, help, metavar=metavar)
 
 
