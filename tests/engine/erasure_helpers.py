@@ -45,7 +45,7 @@ def quarantine_one(db: Database[Doc], settings: Settings, user_id: str) -> None:
     raw = store.quarantine_copy(
         user_id, event["_id"], field="content", problem="is too long", run_id="seed-run", now=datetime.now(UTC)
     )
-    assert raw is not None and store.quarantine_remove(user_id, raw) == 1
+    assert raw is not None and store.quarantine_remove(user_id, event["_id"], raw) == 1
 
 
 def seed_everywhere(db: Database[Doc], client: redis.Redis, settings: Settings, n: int = 25) -> None:

@@ -28,6 +28,7 @@ from tests.engine.helpers import (
     archive_of,
     events_of,
     insert_events,
+    make_events,
     profile_of,
     set_profile,
     small_settings,
@@ -162,6 +163,69 @@ def test_an_event_edited_before_a_pending_fold_is_finished_is_kept(rig: Rig) -> 
 
     remaining = events_of(rig.db, "u1")
     assert remaining.get("u1-e005", {}).get("content") == "новая версия", "recovery deleted an edited event"
+
+
+ODD_NAMES = {"meta.source": "ios", "$client": {"app.version": "2.1", "$build": 7}}
+"""Top-level field names with a dot and a ``$`` (valid since MongoDB 5.0), and such names inside."""
+
+
+def test_unchanged_event_with_a_dotted_field_name_is_deleted_after_its_fold(rig: Rig) -> None:
+    """Deleting a summarised event never reads its field names as query syntax (second review)."""
+    settings = small_settings()
+    events = make_events("u1", 14)
+    for ev in events:
+        ev.update(ODD_NAMES)
+    rig.db["user_memory"].insert_many(events)
+
+    result = rig.engine(settings).compress("u1")
+
+    assert result.status == COMPRESSED and result.events_folded == 11, result
+    left = events_of(rig.db, "u1")
+    # Nothing changed these events; they are summarised, so they must be gone (else every fold summarises them again).
+    assert len(left) == settings.keep_last_n, f"{len(left)} events left, {result.events_deleted} deleted"
+    assert len(archive_of(rig.db, "u1")) == 11
+
+
+def test_an_event_with_a_dotted_field_name_edited_during_the_llm_call_is_kept(rig: Rig) -> None:
+    """The whole-document match stays a guard against an edit, whatever the field names (second review)."""
+    events = make_events("u1", 14)
+    for ev in events:
+        ev.update(ODD_NAMES)
+    rig.db["user_memory"].insert_many(events)
+
+    def responder(request: Doc) -> str:
+        rig.db["user_memory"].update_one({"_id": "u1-e002"}, {"$set": {"tags": ["corrected"]}})  # a field added
+        rig.db["user_memory"].update_one(
+            {"_id": "u1-e004"},
+            [{"$replaceWith": {"$setField": {"field": "meta.source", "input": "$$ROOT", "value": "web"}}}],
+        )
+        return default_responder(request)
+
+    rig.llm.set_responder(responder)
+
+    result = rig.engine(small_settings()).compress("u1")
+
+    assert result.status == COMPRESSED and result.events_folded == 11, result
+    remaining = events_of(rig.db, "u1")
+    assert sorted(remaining) == ["u1-e002", "u1-e004", "u1-e011", "u1-e012", "u1-e013"], sorted(remaining)
+    assert remaining["u1-e004"]["meta.source"] == "web", "the newer version of an edited event was deleted"
+
+
+def test_an_event_with_a_dotted_field_name_is_moved_to_the_quarantine(rig: Rig) -> None:
+    """Quarantining removes the event from user_memory however its fields are named (second review)."""
+    settings = small_settings()
+    events = make_events("u1", 14)
+    for ev in events:
+        ev.update(ODD_NAMES)
+    events[2]["content"] = "x" * (settings.max_event_chars + 1)
+    rig.db["user_memory"].insert_many(events)
+
+    result = rig.engine(settings).compress("u1")
+
+    assert result.status == COMPRESSED and result.events_quarantined == 1, result
+    assert "u1-e002" not in events_of(rig.db, "u1"), "the quarantined event is still in user_memory"
+    record = rig.db["user_memory_quarantine"].find_one({"_id": "u1-e002"})
+    assert record is not None and record["event"]["meta.source"] == "ios"
 
 
 # -- finding 8: a retry after a kill does not read its own stale lock as someone else's -----------

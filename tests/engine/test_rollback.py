@@ -14,13 +14,13 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.core.errors import LockLostError, StoreError
+from butler_memory.core.errors import ConcurrentUpdateError, LockLostError, StoreError
 from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD
 from butler_memory.operations import erasure
 from butler_memory.operations.engine import Engine
 from butler_memory.operations.rollback import DRY_RUN, NOT_CHANGED, REFUSED, ROLLED_BACK
 from butler_memory.storage.locks import UserLocks
-from butler_memory.storage.profiles import ROLLBACK_FIELD, VERSION_FIELD
+from butler_memory.storage.profiles import PENDING_FIELD, ROLLBACK_FIELD, VERSION_FIELD
 from butler_memory.storage.store import MemoryStore
 from tests.engine.erasure_helpers import FACT_USER, SECRET, fact_settings, fold_an_event_twice
 from tests.engine.helpers import (
@@ -282,6 +282,76 @@ def test_a_rollback_overtaken_by_an_erasure_brings_no_erased_event_back(
 
     assert [r.status for r in erased] == [erasure.ERASED]
     assert events_of(mongo_db, "u1") == {} and archive_of(mongo_db, "u1") == {}, "an erased event came back"
+
+
+def test_compression_whose_lock_expired_after_commit_does_not_delete_events_a_rollback_put_back(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A run stalled past its lock's TTL after its commit archives and deletes nothing more (second review)."""
+    settings = small_settings()
+    slow, other = make_engine(mongo_db, redis_client, settings), make_engine(mongo_db, redis_client, settings)
+    insert_events(mongo_db, "u1", 14)
+    seen: dict[str, Any] = {}
+
+    def stall_after_commit(step: str) -> None:
+        if step != "committed" or seen:
+            return
+        # The slow run stalls (GC pause, VM freeze, partition) past the lock's TTL right after its commit ...
+        redis_client.delete(settings.lock_key("u1"))
+        # ... and the operator's rollback of that very run takes the free lock and finishes.
+        seen["rollback"] = other.rollback("u1", "r-slow", rollback_id="rb1")
+
+    with pytest.raises(LockLostError):
+        slow.compress("u1", run_id="r-slow", checkpoint=stall_after_commit)
+
+    assert seen["rollback"].status == ROLLED_BACK, seen["rollback"]
+    profile = profile_of(mongo_db, "u1")
+    assert (profile[VERSION_FIELD], profile["memory_summary"], profile[PENDING_FIELD]) == (2, "", None), profile
+    # The summary in effect is v0's (empty) again: every one of the 14 events must be live, none archived.
+    live = events_of(mongo_db, "u1")
+    assert len(live) == 14, f"{14 - len(live)} event(s) the rollback put back were deleted by the stale run"
+    assert archive_of(mongo_db, "u1") == {}, "the stale run archived again what the rollback took out"
+    assert other.compress("u1").events_folded == 11, "the next run folds them once"
+
+
+def test_a_pending_fold_finished_by_a_run_whose_lock_expired_deletes_nothing_a_rollback_put_back(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """Finishing a killed run's fold is fenced like the fold's own archive and delete (second review)."""
+    settings = small_settings()
+    finisher, other = make_engine(mongo_db, redis_client, settings), make_engine(mongo_db, redis_client, settings)
+    insert_events(mongo_db, "u1", 14)
+    with pytest.raises(Crash):
+        finisher.compress("u1", run_id="r-killed", checkpoint=crash_at("committed"))
+    seen: dict[str, Any] = {}
+
+    def stall_after_archive(step: str) -> None:
+        if step != "pending_archived" or seen:
+            return
+        redis_client.delete(settings.lock_key("u1"))  # the finishing run's lock expires ...
+        seen["rollback"] = other.rollback("u1", "r-killed", rollback_id="rb1")  # ... and the killed run is undone
+
+    with pytest.raises(LockLostError):
+        finisher.compress("u1", run_id="r-next", checkpoint=stall_after_archive)
+
+    assert seen["rollback"].status == ROLLED_BACK, seen["rollback"]
+    assert len(events_of(mongo_db, "u1")) == 14, "the stale run deleted events the rollback put back"
+    assert archive_of(mongo_db, "u1") == {} and profile_of(mongo_db, "u1")[PENDING_FIELD] is None
+
+
+def test_a_fold_no_longer_pending_is_not_deleted_by_its_run(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
+    """With the lock still held, a pending fold another writer finished or an erasure began stops the delete (second review)."""
+    settings = small_settings()
+    insert_events(mongo_db, "u1", 14)
+
+    def finished_elsewhere(step: str) -> None:
+        if step == "archived":
+            mongo_db["user_profiles"].update_one({"user_id": "u1"}, {"$set": {PENDING_FIELD: None}})
+
+    with pytest.raises(ConcurrentUpdateError, match="finished by another run"):
+        make_engine(mongo_db, redis_client, settings).compress("u1", checkpoint=finished_elsewhere)
+
+    assert len(events_of(mongo_db, "u1")) == 14, "a fold no longer pending deleted its events"
 
 
 def test_undo_then_undo_again_ends_before_the_first_run(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:

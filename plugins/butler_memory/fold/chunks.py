@@ -199,7 +199,7 @@ def quarantine_event(
     lock.extend()  # the lock must still be ours right before a write
     raw = store.quarantine_copy(user_id, event_id, field=exc.field, problem=exc.problem, run_id=run_id, now=now)
     checkpoint("quarantined")
-    moved = 0 if raw is None else store.quarantine_remove(user_id, raw)
+    moved = 0 if raw is None else store.quarantine_remove(user_id, event_id, raw)
     checkpoint("quarantine_removed")
     if moved:
         log.warning("user %s: event %s moved to %s: %s", user_id, event_id, store.quarantine.name, exc)

@@ -8,7 +8,8 @@ Invariants (see docs/architecture.md):
    newest ``keep_last_n``. Events that arrive later are never in it, whatever their timestamps.
 3. Each chunk's summary, watermark, new version and the chunk's ``_id`` list ("pending fold") are
    written in one ``update_one`` guarded by the old version. Only then are those events archived
-   and deleted, by ``_id``; then the pending fold is cleared.
+   and deleted, by ``_id``, each right after the lock is extended and the pending fold found still
+   this run's (``fence_pending``); then the pending fold is cleared.
 4. A pending fold found at start was summarised by an interrupted run: it is finished (archive,
    delete, clear) and never summarised again. So a kill between any two steps, followed by a
    re-run, ends as one clean run would, with each event summarised exactly once.
@@ -31,6 +32,7 @@ from butler_memory.fold.metrics import Metrics
 from butler_memory.fold.rebuild import (
     Checkpoint,
     Parts,
+    fence_pending,
     finish_interrupted,
     no_checkpoint,
     propose_summary,
@@ -300,16 +302,19 @@ def _compress_locked(
         metrics.incr(m.EVENTS_FOLDED_TOTAL, len(chunk))
         checkpoint("committed")
 
+        # Each write after the commit is fenced: a run stalled past the lock's TTL stops before it.
+        fence_pending(store, lock, user_id, version)
         archived = store.archive(chunk, run_id=run_id, version=version, now=now)
         metrics.incr(m.EVENTS_ARCHIVED_TOTAL, archived)
         checkpoint("archived")
+        fence_pending(store, lock, user_id, version)
         deleted = store.delete_unchanged(user_id, chunk)  # an event edited meanwhile stays
         if deleted < len(chunk):
             log.info("user %s: %d event(s) changed during compression; kept", user_id, len(chunk) - deleted)
         result.events_deleted += deleted
         metrics.incr(m.EVENTS_DELETED_TOTAL, deleted)
         checkpoint("deleted")
-        store.clear_pending(user_id, version)
+        store.clear_pending(user_id, version)  # matched on the fold's version: harmless when late
         checkpoint("cleared")
     if target is not None:  # the fold list's last events were quarantined: nothing of it is left to fold
         store.clear_fold_target(user_id, version)

@@ -218,7 +218,7 @@ def finish_interrupted(
         profile = store.load_profile(profile.user_id, create=False)
     deleted = 0
     if profile.pending is not None:
-        deleted = _finish_pending(profile, store, run_id, clock, metrics or NullMetrics(), checkpoint)
+        deleted = _finish_pending(profile, store, lock, run_id, clock, metrics or NullMetrics(), checkpoint)
         profile = store.load_profile(profile.user_id, create=False)
     return profile, deleted
 
@@ -226,12 +226,16 @@ def finish_interrupted(
 def _finish_pending(
     profile: Profile,
     store: MemoryStore,
+    lock: UserLock,
     run_id: str,
     clock: Callable[[], datetime],
     metrics: Metrics,
     checkpoint: Checkpoint,
 ) -> int:
-    """Archive and delete the events an interrupted run already summarised; never re-summarise them."""
+    """Archive and delete the events an interrupted run already summarised; never re-summarise them.
+
+    The archive and the delete are each fenced (``fence_pending``), as the run that committed the fold fences them.
+    """
     user_id = profile.user_id
     pending = profile.pending
     assert pending is not None
@@ -250,14 +254,36 @@ def _finish_pending(
         if len(unchanged) < len(remaining):
             log.info("user %s: %d event(s) changed since summarised; kept", user_id, len(remaining) - len(unchanged))
         remaining = unchanged
+    fence_pending(store, lock, user_id, pending.version)
     archived = store.archive(remaining, run_id=run_id, version=pending.version, now=clock())
     metrics.incr(m.EVENTS_ARCHIVED_TOTAL, archived)
     checkpoint("pending_archived")
+    fence_pending(store, lock, user_id, pending.version)
     deleted = store.delete_unchanged(user_id, remaining)
     metrics.incr(m.EVENTS_DELETED_TOTAL, deleted)
     checkpoint("pending_deleted")
-    store.clear_pending(user_id, pending.version)
+    store.clear_pending(user_id, pending.version)  # matched on the fold's version: harmless when late
     return deleted
+
+
+def fence_pending(store: MemoryStore, lock: UserLock, user_id: str, version: int) -> None:
+    """Stop right before an archive or delete of the fold of ``version`` unless it is still ours to finish.
+
+    The lock is extended (LockLostError when it expired and another holder may have taken the user)
+    and the fold must still be the profile's pending fold, with no erasure or forget begun
+    (ConcurrentUpdateError otherwise). A run stalled past the lock's TTL after its commit would else
+    archive and delete what another run did meanwhile: a rollback of that very run finishes the fold,
+    puts its events back in user_memory and commits, and the stale run deleted them again (the summary
+    in effect covers none of them). A stopped run writes nothing more; a pending fold still there is
+    finished by the next run.
+    """
+    lock.extend()
+    if not store.fold_pending(user_id, version):
+        raise ConcurrentUpdateError(
+            f"user {user_id!r}: the fold of v{version} was finished by another run (its lock had expired), "
+            "or an erasure began; this run stopped before writing more, a re-run starts from the new state",
+            user_id=user_id,
+        )
 
 
 def finish_rollback(

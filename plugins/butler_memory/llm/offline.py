@@ -87,7 +87,9 @@ class OfflineSummarizer:
         candidates: list[tuple[float, int, str]] = []
         order = 0
         for ev in request.events:
-            for raw in _SENTENCE_SPLIT.split(ev.content):
+            # Every line break str.splitlines knows ends a line (U+2028 too), as for the injection guard:
+            # joining two lines into one sentence could write an instruction neither line holds.
+            for raw in (piece for line in ev.content.splitlines() for piece in _SENTENCE_SPLIT.split(line)):
                 text = " ".join(raw.split())
                 if len(text) >= 3:
                     candidates.append((sentence_score(text, ev.role), order, text[:400]))

@@ -131,9 +131,21 @@ def _flag(sentence: str) -> str | None:
     return None
 
 
+def _lines(text: str) -> list[str]:
+    """Split a text into its lines at every line break ``str.splitlines`` knows (``\n``, ``\r``,
+    ``\x0b``, ``\x0c``, ``\x1c``-``\x1e``, ``\x85``, U+2028, U+2029), none left inside a line.
+
+    The one splitting rule of withholding (``strip_instructions``) and the guard (``kinds``): were
+    a line break a line end for one and whitespace for the other, "Ignore all<U+2028>previous
+    instructions" would be two clean lines sent to the summariser and one flagged sentence to the
+    guard, which then rejects the user on every run.
+    """
+    return text.splitlines()
+
+
 def sentences(text: str) -> list[str]:
     """Split a text into its sentences (a line, or up to ``.``, ``!``, ``?``, ``…`` or ``;``)."""
-    return [m.group(0).strip() for m in _SENTENCE.finditer(text) if m.group(0).strip()]
+    return [m.group(0).strip() for line in _lines(text) for m in _SENTENCE.finditer(line) if m.group(0).strip()]
 
 
 def flagged(text: str) -> list[str]:
@@ -158,7 +170,7 @@ def strip_instructions(text: str) -> tuple[str, int]:
     """
     removed = 0
     lines = []
-    for line in text.splitlines():
+    for line in _lines(text):
         bullet = _BULLET.match(line)
         body = line[bullet.end() :] if bullet else line
         kept = []

@@ -266,15 +266,15 @@ class EventsMixin(Collections):
         return found
 
     def delete_unchanged(self, user_id: str, events: Sequence[Mapping[str, Any]]) -> int:
-        """Delete those of ``events`` still exactly as given (every field equal); return how many.
+        """Delete those of ``events`` still exactly as given (the whole document equal); return how many.
 
         An event the Butler edited or re-tagged after it was read (during the LLM call) no longer
-        matches and stays: its newer version was not summarised. One ``DeleteOne`` per event whose
-        filter is the whole document as read, ``_id`` first (the embedded server looks it up by id).
+        matches and stays: its newer version was not summarised. One ``DeleteOne`` per event,
+        filtered by ``unchanged``: however its fields are named.
         """
         deleted = 0
         for batch in batches(events, self.settings.delete_batch_size):
-            ops = [DeleteOne({"_id": ev["_id"], **{k: v for k, v in ev.items() if k != "_id"}}) for ev in batch]
+            ops = [DeleteOne(unchanged(ev["_id"], ev)) for ev in batch]
             deleted += self.events.bulk_write(ops, ordered=False).deleted_count
         return deleted
 
@@ -315,16 +315,34 @@ class EventsMixin(Collections):
         """Delete the given quarantined events of one user in batches; return how many were deleted."""
         return self._delete_ids(self.quarantine, user_id, ids)
 
-    def quarantine_remove(self, user_id: str, raw: RawBSONDocument) -> int:
-        """Delete the event from user_memory if it is still exactly as copied; return how many (0 or 1).
+    def quarantine_remove(self, user_id: str, event_id: Any, raw: RawBSONDocument) -> int:
+        """Delete event ``event_id`` from user_memory if it is still exactly as copied (``raw``, filtered
+        by ``unchanged``); return how many (0 or 1).
 
         An event the Butler edited since the copy stays in user_memory and its stale copy is dropped:
         the quarantine never holds an event that user_memory holds too (a later run looks again).
+        The ``_id`` is the caller's: reading it from ``raw`` decodes the whole copy, and a quarantined
+        event may hold bytes that do not decode.
         """
-        deleted = self.events.delete_one(raw).deleted_count
+        deleted = self.events.delete_one(unchanged(event_id, raw)).deleted_count
         if not deleted:
-            self.quarantine.delete_one({"_id": raw["_id"], "user_id": user_id})
+            self.quarantine.delete_one({"_id": event_id, "user_id": user_id})
         return deleted
+
+
+def unchanged(event_id: Any, event: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the filter of event ``event_id`` still exactly as ``event`` (as read): the stored
+    document and ``event`` compared whole, as one value (``$expr``, ``$$ROOT`` against ``$literal``).
+
+    Never the event's own fields as the filter: a top-level name with a dot (``meta.source``, valid
+    since MongoDB 5.0) is read there as a path and one starting with ``$`` as an operator, so a
+    summarised event would match nothing and stay, to be folded again by every run. A literal is
+    data, whatever its names. Still one server-side match-and-delete, as atomic as the field filter
+    was: an edit is either before it (no match, the newer version stays) or after it (the edit finds
+    nothing). A field added or removed since the read is an edit too. ``_id`` first: the embedded
+    server looks the event up by it.
+    """
+    return {"_id": event_id, "$expr": {"$eq": ["$$ROOT", {"$literal": event}]}}
 
 
 def undecodable_field(event: Mapping[str, Any]) -> str | None:

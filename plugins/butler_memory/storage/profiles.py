@@ -219,6 +219,11 @@ class ProfilesMixin(Collections):
             )
         return expected_version + 1
 
+    def fold_pending(self, user_id: str, version: int) -> bool:
+        """Say whether the fold of ``version`` is still the profile's pending fold, with no erasure or forget begun."""
+        match = {"user_id": user_id, f"{PENDING_FIELD}.version": version, ERASING_FIELD: None, FORGET_FIELD: None}
+        return self.profiles.count_documents(match, limit=1) == 1
+
     def rollback_pending(self, user_id: str, version: int, rollback_id: str) -> bool:
         """Say whether this rollback's intent is still the profile's, with no erasure or forget begun."""
         match = {
