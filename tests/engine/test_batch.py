@@ -180,6 +180,26 @@ def test_every_batch_reply_counts_once_on_the_budget_committed_refused_or_stale(
     assert engine.budget.spent() == paid
 
 
+def test_a_forget_during_the_wait_drops_the_users_batch_reply_and_its_commit_is_stale(
+    mongo_db: Database[Doc], engine: Engine, client: Any
+) -> None:
+    """A reply may hold a forgotten event's facts: the forget drops it at once, the batch's commit
+    skips the user (second review: it waited on the fold until the commit or the retention)."""
+    from butler_memory.operations import forget
+    from tests.engine.erasure_helpers import SECRET
+
+    batch.prepare(engine, RUN, USERS)
+    batch.submit(engine, RUN, client)
+    batch.collect(engine, RUN, client)
+    assert forget.forget_events("u-a", engine=engine, secret=SECRET, event_ids=["u-a-e014"]).status == forget.FORGOTTEN
+    before = snapshot(mongo_db, "u-a")
+
+    assert mongo_db["memory_batch_folds"].count_documents({"user_id": "u-a", "reply": {"$ne": None}}) == 0
+    outcomes = commit_all(engine, USERS)
+    assert outcomes["u-a"].status == SKIPPED_STALE and snapshot(mongo_db, "u-a") == before
+    assert outcomes["u-b"].status == COMPRESSED
+
+
 @pytest.mark.parametrize(
     ("spoil", "error"),
     [

@@ -66,6 +66,7 @@ from butler_memory.operations.forget_plan import (
 )
 from butler_memory.operations.intent import locked
 from butler_memory.operations.refold import Rebuilt, commit_rebuilt, refold_archived
+from butler_memory.storage.batch_folds import BatchFolds
 from butler_memory.storage.history import FORGET
 from butler_memory.storage.locks import UserLock
 from butler_memory.storage.mongo import sanitized_errors
@@ -242,6 +243,7 @@ def _finish(
     store.delete(user_id, ids)
     store.delete_archived(user_id, ids)
     store.delete_quarantined(user_id, ids)
+    BatchFolds(store).forget_user(user_id)
     checkpoint("deleted")
 
     expected = int(intent["expected_version"])

@@ -83,11 +83,26 @@ class BatchFolds:
     def set_reply(self, run_key: str, cid: str, *, reply: dict[str, Any] | None, error: str | None) -> bool:
         """Store one line's reply (the chat completion) or why there is none, once (a collect re-run
         after a kill reads the files again). Return whether it was stored now."""
-        stored = self.coll.update_one(
-            {"run_key": run_key, "kind": "fold", "custom_id": cid, "reply": None, "reply_error": None},
+        stored = self.coll.update_one(  # never on a stale fold: its commit skips it, the reply would only wait
+            {
+                "run_key": run_key,
+                "kind": "fold",
+                "custom_id": cid,
+                "reply": None,
+                "reply_error": None,
+                "mode": {"$ne": STALE},
+            },
             {"$set": {"reply": reply, "reply_error": error}},
         )
         return stored.modified_count == 1
+
+    def forget_user(self, user_id: str) -> None:
+        """Take a user out of every batch not committed yet and drop its replies: a forget of some of
+        its events changed the user (its commit would be stale anyway), and a reply may hold their facts."""
+        self.coll.update_many(
+            {"kind": "fold", "user_id": user_id, "committed": {"$exists": False}},
+            {"$set": {"mode": STALE, "reason": "forget", "reply": None}},
+        )
 
     def drop_reply(self, run_key: str, user_id: str, status: str) -> None:
         """Forget a reply once its commit ended (it is in the summary and its history now, or stale)."""
