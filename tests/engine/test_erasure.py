@@ -119,7 +119,7 @@ def test_forgetting_a_user_leaves_no_trace_of_them_anywhere_and_the_other_user_i
         "history": 2,  # version 1 of the compression and the planted one
         "run_documents": 3,  # two runs and a catch-up run
         "profile_fields": result.removed["profile_fields"],
-        "redis_keys": 3,  # the per-user key, the shared set and the doorbell's record
+        "redis_keys": 4,  # the per-user key, the shared set, the doorbell's record and its ring numbers
     }, result.removed
     assert result.removed["profile_fields"] >= 4
     assert record["left"] == {} == result.left

@@ -344,6 +344,53 @@ def test_idle_settle_counts_without_a_run(mongo_db: Database[dict[str, Any]], re
     assert state["idle_runs"] == 3 and "runs" not in state
 
 
+def test_a_ring_during_a_catchup_run_keeps_its_record_past_the_report(
+    mongo_db: Database[dict[str, Any]], redis_client: redis.Redis
+) -> None:
+    """A ring made after the scan read the record survives the run's report (second review)."""
+    # The scan read x's ring; while the run compresses x, the Butler imports older messages for x
+    # (created_at before the watermark's margin, which only a ring can announce) and rings again.
+    # ZADD NX keeps the old record, so the report must not drop it as handled.
+    settings = small_settings(catchup_margin_seconds=60)
+    store = MemoryStore(mongo_db, settings)
+    old = NOW - timedelta(days=3)
+    insert_events(mongo_db, "x", 12, start=old, step=timedelta(seconds=1))
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": LAST_SCAN})
+    bell, record = Doorbell(redis_client, threshold=settings.threshold), DoorbellRecord(redis_client)
+    assert bell.ring("x")
+
+    scan = fresh.catchup_scan(store, record, settings, settings.scan_limit, now=NOW)
+    assert [b.user_id for b in scan.backlog] == ["x"]
+    mongo_db["user_memory"].delete_many({"user_id": "x", "created_at": {"$lt": old + timedelta(seconds=9)}})
+    insert_events(mongo_db, "x", 12, first=100, start=old - timedelta(days=1), step=timedelta(seconds=1))
+    assert bell.ring("x", events=15)  # during the run, after its scan
+    fresh.settle_catchup(store, record, scan.xcom(), idle=False, finished_at=NOW)
+
+    later = fresh.catchup_scan(store, record, settings, settings.scan_limit, now=NOW + timedelta(minutes=5))
+    assert [b.user_id for b in later.backlog] == ["x"], "the ring made during the run was dropped"
+    fresh.settle_catchup(store, record, later.xcom(), idle=False, finished_at=NOW + timedelta(minutes=5))
+    assert record.oldest(10) == {}, "no ring since the second scan: its report drops the record"
+
+
+def test_a_ring_during_a_catchup_run_for_a_user_it_found_by_its_events_is_kept(
+    mongo_db: Database[dict[str, Any]], redis_client: redis.Redis
+) -> None:
+    """A user the scan found by its new events, not by a ring, keeps a ring made during the run (second review)."""
+    settings = small_settings(catchup_margin_seconds=60)
+    store = MemoryStore(mongo_db, settings)
+    insert_events(mongo_db, "y", 12, start=LAST_SCAN + timedelta(seconds=1), step=timedelta(seconds=1))
+    store.save_state(fresh.STATE_DOC, set_fields={"scanned_through": LAST_SCAN})
+    bell, record = Doorbell(redis_client, threshold=settings.threshold), DoorbellRecord(redis_client)
+    assert bell.ring("quiet-ring")  # rang before the scan: handled by this run
+
+    scan = fresh.catchup_scan(store, record, settings, settings.scan_limit, now=NOW)
+    assert [b.user_id for b in scan.backlog] == ["y"] and record.oldest(10).keys() == {"quiet-ring"}
+    assert bell.ring("y")  # during the run: the record is new, made after the scan read it
+    fresh.settle_catchup(store, record, scan.xcom(), idle=False, finished_at=NOW)
+
+    assert set(record.oldest(10)) == {"y"}, "the report dropped a ring made after its scan"
+
+
 def test_freshness_is_the_lag_from_crossing_the_threshold_to_the_commit(
     mongo_db: Database[dict[str, Any]], redis_client: redis.Redis, statsd_metrics: Any, statsd: Any
 ) -> None:

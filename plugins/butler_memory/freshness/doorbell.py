@@ -11,8 +11,14 @@ Plain Python on redis-py (no Airflow import), a synchronous ``Doorbell`` and an 
 A ring does two things in one Redis script, so neither happens without the other:
 
 1. **records** the user in a sorted set (``doorbell_key``, member = user id, score = unix time of the
-   first ring not yet drained). The record lives in Redis, not Airflow: it survives Airflow being
-   down, and the next catch-up run (scheduled or woken) drains it;
+   first ring since the record was last dropped: the record is drained oldest first). The record
+   lives in Redis, not Airflow: it survives Airflow being down, and the next catch-up run
+   (scheduled or woken) drains it. The ring is also numbered (a counter, ``<doorbell_key>:rings``)
+   and the user's last ring number kept in a hash (``<doorbell_key>:rang``, field = user id): the
+   catch-up scan reads the counter with the record, and its report drops a handled user's record
+   only when the user did not ring after that read. A ring made while the run compressed the user
+   (say the Butler imported older messages, which no watermark sees) so keeps its record for the
+   next run instead of waiting for the daily reconciliation;
 2. **wakes** the catch-up DAG by publishing on ``doorbell_channel``; the DAG's asset watcher
    (``butler_memory.freshness.doorbell_trigger``) turns that into an asset event at once.
 
@@ -47,11 +53,43 @@ MAX_USER_ID_CHARS = 200
 WAKE_MESSAGE = "ring"
 """What is published: a fixed word (no user id, no content)."""
 
-# ZADD NX keeps the first ring's time (the oldest wait); PUBLISH wakes the watcher.
+# ZADD NX keeps the first ring's time (the oldest wait); the ring's number goes into the user's field
+# of the rang hash (the report keeps a record rung after its scan read it); PUBLISH wakes the watcher.
 RING_SCRIPT = """
+local ring = redis.call('INCR', KEYS[3])
 redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ring)
 return redis.call('PUBLISH', ARGV[3], ARGV[4])
 """
+
+# Drop the handled users' records (and their last ring numbers) unless they rang after ARGV[1], the
+# ring number the scan read; a record kept so wakes the next run. Returns how many were kept.
+SETTLE_SCRIPT = """
+local kept = 0
+for i = 4, #ARGV do
+  local ring = redis.call('HGET', KEYS[2], ARGV[i])
+  if ring and tonumber(ring) > tonumber(ARGV[1]) then
+    kept = kept + 1
+  else
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
+  end
+end
+if kept > 0 then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return kept
+"""
+
+
+def rang_key(key: str) -> str:
+    """The hash of each recorded user's last ring number (field = user id) next to the record ``key``."""
+    return f"{key}:rang"
+
+
+def rings_key(key: str) -> str:
+    """The counter that numbers the rings of the record ``key`` (no user id in it)."""
+    return f"{key}:rings"
 
 
 def valid_user_id(user_id: object) -> TypeGuard[str]:
@@ -120,7 +158,7 @@ class Doorbell(_Bell[redis.Redis]):
         if args is None:
             return False
         try:
-            self._script(keys=[self.key], args=args)
+            self._script(keys=[self.key, rang_key(self.key), rings_key(self.key)], args=args)
         except RedisError as exc:
             return _unreachable(exc)
         return True
@@ -152,7 +190,7 @@ class AsyncDoorbell(_Bell[redis.asyncio.Redis]):
         if args is None:
             return False
         try:
-            await self._script(keys=[self.key], args=args)
+            await self._script(keys=[self.key, rang_key(self.key), rings_key(self.key)], args=args)
         except RedisError as exc:
             return _unreachable(exc)
         return True
@@ -174,23 +212,45 @@ class DoorbellRecord:
         self.key = key
         self.channel = channel
 
+    @functools.cached_property
+    def _settle_script(self) -> Script:
+        return self._client.register_script(SETTLE_SCRIPT)
+
     def oldest(self, limit: int) -> dict[str, float]:
         """Return up to ``limit`` recorded users, oldest ring first: {user_id: first ring time}."""
-        rows: Any = self._client.zrange(self.key, 0, limit - 1, withscores=True)
-        out: dict[str, float] = {}
-        for member, score in rows:
-            user_id = member.decode("utf-8", "replace") if isinstance(member, bytes) else str(member)
-            out[user_id] = float(score)
-        return out
+        return _users(self._client.zrange(self.key, 0, limit - 1, withscores=True))
+
+    def read(self, limit: int) -> tuple[dict[str, float], int]:
+        """Return ``oldest(limit)`` and the number of the last ring before it, read together (one
+        transaction): ``settle`` with that number keeps the records of users that rang after it.
+        Writes nothing (a dry run may read)."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.get(rings_key(self.key))
+        pipe.zrange(self.key, 0, limit - 1, withscores=True)
+        rings, rows = pipe.execute()
+        return _users(rows), int(rings or 0)
 
     def settle(
-        self, handled: list[str], again: list[str], quiet: list[str] | None = None, *, wake: bool = False
+        self,
+        handled: list[str],
+        again: list[str],
+        quiet: list[str] | None = None,
+        *,
+        wake: bool = False,
+        read_ring: int | None = None,
     ) -> None:
         """Drop the handled users' records; record ``again`` (left over for the next run) and wake it;
         record ``quiet`` without waking anyone (users a later run should take, not the next one); with
-        ``wake``, wake the next run anyway."""
+        ``wake``, wake the next run anyway. Given ``read_ring`` (what ``read`` returned before the
+        users were handled), a handled user that rang after it keeps its record (its new events may
+        not be in what the run handled) and the next run is woken; without it (a record nobody
+        rings, the daily scan's owed users) the handled users are dropped outright."""
         pipe = self._client.pipeline(transaction=True)
-        if handled:
+        if handled and read_ring is not None:
+            self._settle_script(
+                keys=[self.key, rang_key(self.key)], args=[read_ring, self.channel, WAKE_MESSAGE, *handled], client=pipe
+            )
+        elif handled:
             pipe.zrem(self.key, *handled)
         if quiet:
             pipe.zadd(self.key, dict.fromkeys(quiet, time.time()), nx=True)
@@ -200,3 +260,12 @@ class DoorbellRecord:
             pipe.publish(self.channel, WAKE_MESSAGE)
         if handled or again or quiet or wake:
             pipe.execute()
+
+
+def _users(rows: Any) -> dict[str, float]:
+    """{user_id: score} from a ``ZRANGE ... WITHSCORES`` reply, in its order."""
+    out: dict[str, float] = {}
+    for member, score in rows:
+        user_id = member.decode("utf-8", "replace") if isinstance(member, bytes) else str(member)
+        out[user_id] = float(score)
+    return out

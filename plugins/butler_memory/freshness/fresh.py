@@ -20,7 +20,10 @@ The watermark ``scanned_through`` (the start of the pass) moves on only when the
 newest event and the run's report has run. Users over the threshold beyond ``scan_limit`` stay in
 (or are written back into) the doorbell's record, so the next run takes them even when they write
 nothing more: all of them are recorded by the scan itself (quietly, before its report can move the
-watermark past them), and the report wakes the next run.
+watermark past them), and the report wakes the next run. The report drops the doorbell records of
+the users the run handled, except a user's who rang again after the scan read the record (a ring
+during the run, say for imported older messages, which no watermark sees): that record stays, and
+the next run takes the user.
 
 The first catch-up scan ever (no watermark yet) is a full scan.
 
@@ -91,6 +94,9 @@ class ScanResult:
     """The catch-up scan's start: the watermark the report stores."""
     rung: list[str] = field(default_factory=list)
     """Doorbell records this scan read that the report drops: not those left past the limit or backed off."""
+    read_ring: int = 0
+    """The doorbell's last ring number when this scan read its record: the report keeps the record of a
+    handled user that rang after it (``DoorbellRecord.read``)."""
     candidates: int = 0
     """Users the catch-up scan counted."""
     backed_off: list[str] = field(default_factory=list)
@@ -111,6 +117,7 @@ class ScanResult:
             "left_ids": self.left_ids,
             "scanned_at": self.scanned_at.isoformat() if self.scanned_at else None,
             "rung": self.rung,
+            "read_ring": self.read_ring,
             "candidates": self.candidates,
             "backed_off": self.backed_off,
             "taken": [b.user_id for b in self.backlog],
@@ -220,7 +227,7 @@ def catchup_scan(
     now = now or datetime.now(UTC)
     state = store.load_state(STATE_DOC)
     watermark = state.get("scanned_through")
-    rung = doorbell.oldest(settings.doorbell_drain_max)
+    rung, read_ring = doorbell.read(settings.doorbell_drain_max)
     scanned_at: datetime | None = now
     if not isinstance(watermark, datetime):
         log.info("catch-up scan: no watermark yet, scanning every user once")
@@ -256,6 +263,7 @@ def catchup_scan(
         left_ids=[b.user_id for b in rest[: settings.doorbell_drain_max]],
         scanned_at=scanned_at,
         rung=[u for u in rung if u not in left and u not in held],
+        read_ring=read_ring,
         candidates=candidates,
         backed_off=sorted(held)[: settings.doorbell_drain_max],
         settle=True,
@@ -355,9 +363,11 @@ def settle_catchup(
     store: MemoryStore, doorbell: DoorbellRecord, scan: dict[str, Any], *, idle: bool, finished_at: datetime
 ) -> None:
     """After a catch-up run's report: move the watermark on when the scan's pass is complete (else wake
-    the next run, which continues it), drop the handled doorbell records, record the users left over
-    (they wake the next run at once) and the backed-off ones (recorded without a wake-up: the first run
-    after their back-off takes them), count an idle run."""
+    the next run, which continues it), drop the handled doorbell records (not those rung again after
+    the scan read the record: a ring made during the run, for events the run may not have seen, is
+    kept for the next run), record the users left over (they wake the next run at once) and the
+    backed-off ones (recorded without a wake-up: the first run after their back-off takes them),
+    count an idle run."""
     scanned_at = scan.get("scanned_at")
     fields: dict[str, Any] = {"last_run_at": finished_at}
     if scanned_at:
@@ -370,7 +380,8 @@ def settle_catchup(
     held = list(scan.get("backed_off") or [])
     kept = set(left) | set(held)
     handled = [u for u in dict.fromkeys([*(scan.get("rung") or []), *(scan.get("taken") or [])]) if u not in kept]
-    doorbell.settle(handled, left, quiet=held, wake=not scanned_at)
+    read_ring = int(scan.get("read_ring") or 0)  # 0: keep every handled user with a numbered ring
+    doorbell.settle(handled, left, quiet=held, wake=not scanned_at, read_ring=read_ring)
 
 
 def settle_daily(

@@ -44,6 +44,7 @@ from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import utcnow
 from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
+from butler_memory.freshness.doorbell import rang_key
 from butler_memory.operations.audit import (
     ALREADY_ERASED,
     DRY_RUN,
@@ -87,10 +88,15 @@ USER_KEY_PATTERNS: list[Callable[[Settings], str]] = [_setting(name) for name in
 """Per-user Redis key patterns (each with ``{user_id}``) a user erasure deletes: those of
 :data:`USER_KEY_SETTINGS`, and any a module keeping a per-user key that is not a setting appends."""
 
-SHARED_REDIS_MEMBERS: list[Callable[[Settings], str]] = [lambda s: s.doorbell_key, lambda s: s.daily_owed_key]
+SHARED_REDIS_MEMBERS: list[Callable[[Settings], str]] = [
+    lambda s: s.doorbell_key,
+    lambda s: rang_key(s.doorbell_key),
+    lambda s: s.daily_owed_key,
+]
 """Shared Redis keys (sets, sorted sets, hashes, lists) whose members or fields may be user ids; a
 user erasure removes the user's id from each: the doorbell's record and the daily scan's owed record
-(sorted sets of user ids), and whatever another module registers here."""
+(sorted sets of user ids), the doorbell's last ring numbers (a hash, field = user id), and whatever
+another module registers here."""
 
 
 # -- Redis --------------------------------------------------------------------------------------
