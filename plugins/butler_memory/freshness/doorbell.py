@@ -44,6 +44,8 @@ import redis.asyncio
 from redis.commands.core import AsyncScript, Script
 from redis.exceptions import RedisError
 
+from butler_memory.storage.doorbell_keys import rang_key, rings_key
+
 log = logging.getLogger(__name__)
 
 DEFAULT_KEY = "butler:memory:doorbell"
@@ -80,16 +82,6 @@ if kept > 0 then
 end
 return kept
 """
-
-
-def rang_key(key: str) -> str:
-    """The hash of each recorded user's last ring number (field = user id) next to the record ``key``."""
-    return f"{key}:rang"
-
-
-def rings_key(key: str) -> str:
-    """The counter that numbers the rings of the record ``key`` (no user id in it)."""
-    return f"{key}:rings"
 
 
 def valid_user_id(user_id: object) -> TypeGuard[str]:

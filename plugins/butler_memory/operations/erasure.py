@@ -44,7 +44,6 @@ from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import utcnow
 from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
-from butler_memory.freshness.doorbell import rang_key
 from butler_memory.operations.audit import (
     ALREADY_ERASED,
     DRY_RUN,
@@ -57,6 +56,7 @@ from butler_memory.operations.audit import (
     subject_ref,
 )
 from butler_memory.operations.intent import locked
+from butler_memory.storage.doorbell_keys import rang_key
 from butler_memory.storage.locks import UserLock, UserLocks
 from butler_memory.storage.mongo import sanitized_errors
 from butler_memory.storage.profiles import ERASING_FIELD, OUR_PROFILE_FIELDS
