@@ -31,7 +31,7 @@ from tests.engine.erasure_helpers import (
     mongo_mentions,
     quarantine_one,
 )
-from tests.engine.helpers import START, insert_events, make_engine, profile_of, prompt_events, snapshot
+from tests.engine.helpers import START, insert_events, make_engine, profile_of, prompt_events, raise_at, snapshot
 from tools.fake_openai import FakeOpenAI
 
 Doc = dict[str, Any]
@@ -412,14 +412,14 @@ def test_a_killed_range_forget_re_run_with_sub_millisecond_bounds_reports_the_fo
 ) -> None:
     """A killed sub-millisecond range forget, re-run alike, finishes and says forgotten (second review)."""
     engine = seeded(mongo_db, redis_client, fact_settings())
-
-    def die_after_delete(step: str) -> None:
-        if step == "deleted":
-            raise Killed
-
     with pytest.raises(Killed):
         forget.forget_events(
-            FACT_USER, engine=engine, secret=SECRET, since=SUB_MS_SINCE, until=SUB_MS_UNTIL, checkpoint=die_after_delete
+            FACT_USER,
+            engine=engine,
+            secret=SECRET,
+            since=SUB_MS_SINCE,
+            until=SUB_MS_UNTIL,
+            checkpoint=raise_at("deleted", Killed),
         )
     redis_client.flushdb()  # the killed run's lock expired
 

@@ -73,16 +73,22 @@ def _orphan_v6(db: Database[Doc], client: redis.Redis) -> Any:
     return engine
 
 
-def test_forgetting_an_event_a_rollback_returned_leaves_no_history_version_holding_its_fact(
-    mongo_db: Database[Doc], redis_client: redis.Redis
+def _undo_r2(db: Database[Doc], client: redis.Redis) -> Any:
+    """Two runs, the second (which folded event 33) rolled back: its versions are off the lineage, its
+    events live again, and the archive no longer names those versions."""
+    engine, _ = two_runs(db, client)
+    assert engine.rollback(FACT_USER, "r2", rollback_id="undo-r2").status == "rolled_back"
+    assert SECRET_FACT not in profile_of(db, FACT_USER)["memory_summary"]
+    return engine
+
+
+@pytest.mark.parametrize("setup", [_undo_r2, _orphan_v6], ids=["undone-by-a-rollback", "killed-compression-entry"])
+def test_forgetting_an_event_leaves_no_history_version_off_the_lineage_holding_its_fact(
+    mongo_db: Database[Doc], redis_client: redis.Redis, setup: Any
 ) -> None:
-    """Undo run r2 (its events go back to user_memory, its versions stay in the history), then forget
-    one of those events by id: every history version that holds its fact must go (DESIGN: forget
-    'drops every history version that did'); today the undone versions keep it."""
-    engine, _ = two_runs(mongo_db, redis_client)
-    rolled = engine.rollback(FACT_USER, "r2", rollback_id="undo-r2")
-    assert rolled.status == "rolled_back", rolled
-    assert SECRET_FACT not in profile_of(mongo_db, FACT_USER)["memory_summary"]
+    """Event 33's fact is in history versions no summary descends from; forgetting event 33 drops them
+    (they kept it: second review)."""
+    engine = setup(mongo_db, redis_client)
 
     done = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(33)])
 
@@ -94,7 +100,7 @@ def test_forgetting_after_a_rollback_does_not_report_the_undone_events_as_lost(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
     """After undoing r2 its events are live in user_memory, not lost: forgetting an older event must
-    not say that events 'are no longer in the archive (retention)' and could not be kept."""
+    not say that events 'are no longer in the archive (retention)' and could not be kept (second review)."""
     engine, _ = two_runs(mongo_db, redis_client)
     assert engine.rollback(FACT_USER, "r2", rollback_id="undo-r2").status == "rolled_back"
 
@@ -107,27 +113,13 @@ def test_forgetting_after_a_rollback_does_not_report_the_undone_events_as_lost(
     )
 
 
-def test_forgetting_a_raw_event_removes_it_from_a_history_entry_of_a_killed_compression(
-    mongo_db: Database[Doc], redis_client: redis.Redis
-) -> None:
-    """The killed r2 left history v7 holding event 33's fact (never committed); forgetting event 33
-    (raw in user_memory) reports success but leaves that text in the history."""
-    engine = _orphan_v6(mongo_db, redis_client)
-
-    done = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(33)])
-
-    assert done.status == forget.FORGOTTEN, done
-    assert mongo_mentions(mongo_db, [SECRET_FACT]) == [], "a forgotten fact is still stored"
-
-
 def test_a_range_forget_after_rolling_back_the_first_run_finishes(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
     """Roll back the user's only run (the summary is v0's again: no watermark), then forget a time
-    range whose events that run had folded (now live again). The forget must finish (or refuse
-    before writing anything); today it records its intent, deletes the events, then raises
-    InvalidProfileError on the missing watermark, and every re-run does the same: the user is stuck
-    with compressions refused."""
+    range whose events that run had folded (now live again). The forget finishes: it used to record
+    its intent, delete the events, then raise InvalidProfileError on the missing watermark at every
+    re-run, the user stuck with compressions refused (second review)."""
     from butler_memory.core.errors import CompressionError
     from butler_memory.storage.profiles import FORGET_FIELD
 
