@@ -29,6 +29,7 @@ The audit record names the user by a keyed reference, never their id (``audit.py
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -73,18 +74,11 @@ ERASED_EVENTS = ("events", "archive", "quarantine")
 """The places of ``ErasureResult.removed`` that count events (the erasure metrics' events)."""
 
 USER_KEY_SETTINGS = ("lock_key_pattern", "backoff_key_pattern")
-"""Every setting naming a per-user Redis key (a pattern with ``{user_id}``): the compression lock
-and the failure back-off hash. Named here rather than registered by the modules writing them (the
-back-off is in ``freshness``, a layer above this one); a unit test checks that every
-``*_key_pattern`` setting with ``{user_id}`` is listed, so a new one cannot be missed silently."""
+"""Every setting naming a per-user Redis key (a pattern with ``{user_id}``): the lock and the failure
+back-off hash, named here, not registered by their writers (the back-off is in ``freshness``, a layer
+above); a test checks that every ``*_key_pattern`` setting with ``{user_id}`` is listed."""
 
-
-def _setting(name: str) -> Callable[[Settings], str]:
-    """Return a reader of the setting ``name`` (a Redis key pattern)."""
-    return lambda settings: str(getattr(settings, name))
-
-
-USER_KEY_PATTERNS: list[Callable[[Settings], str]] = [_setting(name) for name in USER_KEY_SETTINGS]
+USER_KEY_PATTERNS: list[Callable[[Settings], str]] = [operator.attrgetter(name) for name in USER_KEY_SETTINGS]
 """Per-user Redis key patterns (each with ``{user_id}``) a user erasure deletes: those of
 :data:`USER_KEY_SETTINGS`, and any a module keeping a per-user key that is not a setting appends."""
 
