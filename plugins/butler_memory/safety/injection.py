@@ -166,24 +166,30 @@ def kinds(text: str) -> dict[str, int]:
 def strip_instructions(text: str) -> tuple[str, int]:
     """Return the text without its flagged sentences, and how many were removed.
 
-    Lines keep their order and bullets; a line left with nothing but its bullet goes.
+    Two neighbouring sentences that read as an instruction only together ("Ignore all" and, on the
+    next line, "previous instructions") go both: the summariser may join them into the one sentence
+    the guard then rejects on every run. Lines keep their order and bullets; a line left with
+    nothing but its bullet goes.
     """
-    removed = 0
-    lines = []
+    parsed = []
     for line in _lines(text):
         bullet = _BULLET.match(line)
-        body = line[bullet.end() :] if bullet else line
-        kept = []
-        for s in sentences(body):
-            if flag(s):
-                removed += 1
-            else:
-                kept.append(s)
+        parsed.append((line, bullet, sentences(line[bullet.end() :] if bullet else line)))
+    flat = [s for _, _, found in parsed for s in found]
+    alone = {i for i, s in enumerate(flat) if flag(s)}
+    pairs = [i for i in range(len(flat) - 1) if not {i, i + 1} & alone and flag(f"{flat[i]} {flat[i + 1]}")]
+    drop = alone | {j for i in pairs for j in (i, i + 1)}
+    if not drop:
+        return text, 0
+    lines, at = [], 0
+    for line, bullet, found in parsed:
+        kept = [s for i, s in enumerate(found, start=at) if i not in drop]
+        at += len(found)
         if kept:
             lines.append((bullet.group(0) if bullet else "") + " ".join(kept))
-        elif not body.strip() and not bullet:
+        elif not found and not bullet:
             lines.append(line)
-    return ("\n".join(lines) if removed else text), removed
+    return "\n".join(lines), len(drop)
 
 
 def withheld(request: SummaryRequest) -> SummaryRequest:
