@@ -411,6 +411,24 @@ def test_a_fold_target_with_nothing_left_to_fold_is_cleared(mongo_db: Database[D
     assert profile_of(mongo_db, "u1")["memory_fold_target"] is None, "a spent fold target must be cleared"
 
 
+def test_a_fold_target_whose_events_are_all_quarantined_is_cleared(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """The resumed fold list's events are all oversized: quarantined, nothing folded, and the spent
+    target is cleared (second review: it stayed, and a batch commit read the user as stale)."""
+    settings = small_settings(max_event_chars=300)
+    engine = make_engine(mongo_db, redis_client, settings)
+    events = insert_events(mongo_db, "u1", 10, content=lambda user_id, i: "x" * 400 if i <= 4 else f"event {i}")
+    target = {"created_at": events[4]["created_at"], "event_id": events[4]["_id"]}
+    set_profile(mongo_db, "u1", memory_summary="- Кошка Муся.", memory_summary_version=2, memory_fold_target=target)
+
+    engine.compress("u1")
+
+    assert mongo_db["user_memory_quarantine"].count_documents({"user_id": "u1"}) == 5
+    profile = profile_of(mongo_db, "u1")
+    assert profile["memory_fold_target"] is None and profile["memory_summary_version"] == 2, profile
+
+
 def test_a_multi_chunk_run_records_its_target_until_the_last_chunk(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:

@@ -316,7 +316,9 @@ def _compress_locked(
         checkpoint("deleted")
         store.clear_pending(user_id, version)  # matched on the fold's version: harmless when late
         checkpoint("cleared")
-    if target is not None:  # the fold list's last events were quarantined: nothing of it is left to fold
+    # The fold list's last events were quarantined (or, resuming a killed run's list, all of them):
+    # nothing of it is left to fold.
+    if target is not None or (not result.chunks and profile.fold_target is not None):
         store.clear_fold_target(user_id, version)
 
     result.summary_version = version
