@@ -16,14 +16,14 @@ from butler_memory.core.errors import ForgetInputError
 from butler_memory.operations.audit import DONE, AuditLog, event_ref, subject_ref
 from butler_memory.storage.archive import archived_versions
 from butler_memory.storage.events import ONE_MS
-from butler_memory.storage.history import BASELINE, HistoryEntry
+from butler_memory.storage.history import BASELINE, HistoryEntry, lineage_of
 from butler_memory.storage.profiles import Profile
 from butler_memory.storage.store import MemoryStore
 
 MAX_EVENT_IDS = 10_000
+"""Most event ids one request may name (they ride in the profile's intent)."""
 MAX_VERSION = 2**62
 """Above any version a summary reaches: ``versions(through=MAX_VERSION)`` is every entry."""
-"""Most event ids one request may name (they ride in the profile's intent)."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def plan_forget(
     versions = [v for d in archived for v in archived_versions(d)]
     current = profile.version
     every = store.history.versions(user_id, through=MAX_VERSION, text=False)  # above current: a killed run's
-    dead_entries = _off_lineage(every, store.history.lineage(user_id, through=current), current)
+    dead_entries = _off_lineage(every, current)
     history = [e for e in every if e.version <= current]
     if request.since is not None and request.until is not None:
         live = [e for e in history if e.version not in dead_entries]
@@ -237,11 +237,12 @@ def plan_forget(
     )
 
 
-def _off_lineage(every: list[HistoryEntry], lineage: list[HistoryEntry], current: int) -> dict[int, HistoryEntry]:
+def _off_lineage(every: list[HistoryEntry], current: int) -> dict[int, HistoryEntry]:
     """Return the history entries the current summary does not descend from, by version: above the
     profile's version (a killed run's, never reached), and between the lineage's oldest known base
     and the current version but not in the lineage (undone by a rollback). Below that base the
     history is gone (retention) and nothing is known: those entries count as ancestors."""
+    lineage = lineage_of(every, current)
     chain = {e.version for e in lineage}
     floor = lineage[-1].base_version if lineage else current
     return {e.version: e for e in every if e.version > current or (floor < e.version and e.version not in chain)}
@@ -289,8 +290,7 @@ def _rebuild_plan(
     history: list[HistoryEntry],
 ) -> tuple[int, list[Any], dict[str, Any]]:
     """Return (base version, ``_id``s to re-fold, what cannot be kept) for a rebuild below ``first_tainted``."""
-    lineage = store.history.lineage(user_id, through=current)
-    kept = [e.version for e in lineage if e.version < first_tainted]
+    kept = [e.version for e in lineage_of(history, current) if e.version < first_tainted]
     base = max(kept) if kept else 0
     if base and store.history.version(user_id, base) is None:
         base = 0
@@ -301,7 +301,7 @@ def losses(store: MemoryStore, user_id: str, base: int, current: int, history: l
     """Return what a rebuild on ``base`` cannot re-fold: events of versions after it no longer
     archived, versions no longer (or never) in the history; empty when nothing is lost. Versions off
     the lineage (undone by a rollback: their events are back in user_memory) are not the summary's."""
-    off = _off_lineage(history, store.history.lineage(user_id, through=current), current)
+    off = _off_lineage(history, current)
     by_version = {e.version: e for e in history if base < e.version <= current and e.version not in off}
     missing = [v for v in range(base + 1, current + 1) if v not in by_version and v not in off]
     unrecorded = [e.version for e in by_version.values() if e.covers is None and e.kind == "baseline"]

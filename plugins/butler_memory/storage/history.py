@@ -24,7 +24,7 @@ API (used by compression, rollback, refold and the forget helper)::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -174,6 +174,19 @@ def empty_version(user_id: str) -> HistoryEntry:
     return HistoryEntry(user_id, 0, "", BASELINE, None, 0, None)
 
 
+def lineage_of(entries: Iterable[HistoryEntry], through: int) -> list[HistoryEntry]:
+    """Return the chain of versions ``through``'s text descends from among ``entries``, newest first
+    (``SummaryHistory.lineage`` on entries already read)."""
+    by_version = {e.version: e for e in entries}
+    chain: list[HistoryEntry] = []
+    current: int | None = through
+    while current is not None and current in by_version:
+        entry = by_version[current]
+        chain.append(entry)
+        current = entry.base_version if entry.version > 0 and entry.base_version < entry.version else None
+    return chain
+
+
 class SummaryHistory:
     """Read and write the summary history collection (``history_collection``)."""
 
@@ -220,14 +233,7 @@ class SummaryHistory:
         restored, so versions a rollback undid are not in the chain. Stops at version 0 or at the
         first entry missing (retention).
         """
-        by_version = {e.version: e for e in self.versions(user_id, through=through, text=False)}
-        chain: list[HistoryEntry] = []
-        current: int | None = through
-        while current is not None and current in by_version:
-            entry = by_version[current]
-            chain.append(entry)
-            current = entry.base_version if entry.version > 0 and entry.base_version < entry.version else None
-        return chain
+        return lineage_of(self.versions(user_id, through=through, text=False), through)
 
     def run_names(self, pattern: str) -> list[str]:
         """Return the run names (keys, or older bare ids) of versions whose run matches a regular expression."""
