@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -295,11 +295,9 @@ def _finish(
         relabel = refold_ids(store, user_id, int(intent["base_version"]), expected, set(ids))
         store.relabel_archived(user_id, relabel, base=int(intent["base_version"]), version=new_version)
         checkpoint("committed")
-        tainted = list(range(int(first_tainted), expected + 1))
-        store.history.coll.delete_many({"user_id": user_id, "version": {"$in": tainted}})
-    dead = [int(v) for v in intent.get("dead_versions") or []]
-    if dead:  # off the lineage: no summary descends from them, they only held the facts
-        store.history.coll.delete_many({"user_id": user_id, "version": {"$in": dead}})
+    dropped = _dropped(intent)
+    if dropped:
+        store.history.coll.delete_many({"user_id": user_id, "version": {"$in": dropped}})
     checkpoint("dropped")
 
     result = _result(FORGOTTEN, {**intent, "refold_count": refolded}, user_id, secret, intent["id"])
@@ -388,14 +386,20 @@ def _result(
         removed={"events": facts["in_events"], "archive": facts["in_archive"]},
         summary_version=None if first is None else expected + 1,
         rebuilt_from_version=None if first is None else facts["base_version"],
-        versions_dropped=sorted(
-            {*([] if first is None else range(int(first), expected + 1)), *map(int, facts.get("dead_versions") or [])}
-        ),
+        versions_dropped=_dropped(facts),
         events_refolded=int(facts.get("refold_count") or 0),
         lost=dict(facts.get("lost") or {}),
     )
     result.notes = _notes(result, facts.get("already") or [])
     return result
+
+
+def _dropped(facts: Mapping[str, Any]) -> list[int]:
+    """Return the history versions a forget drops: the tainted ones (the first up to the version it
+    rebuilt on) and the dead ones, off the lineage (no summary descends from them: they only held the facts)."""
+    first, expected = facts["first_tainted"], int(facts["expected_version"])
+    tainted = range(int(first), expected + 1) if first is not None else range(0)
+    return sorted({*tainted, *map(int, facts.get("dead_versions") or [])})
 
 
 def _notes(result: ErasureResult, already: list[str]) -> list[str]:
