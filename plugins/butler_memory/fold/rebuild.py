@@ -277,13 +277,23 @@ def fence_pending(store: MemoryStore, lock: UserLock, user_id: str, version: int
     in effect covers none of them). A stopped run writes nothing more; a pending fold still there is
     finished by the next run.
     """
+    fence(
+        lock,
+        lambda: store.fold_pending(user_id, version),
+        f"user {user_id!r}: the fold of v{version} was finished by another run (its lock had expired), "
+        "or an erasure began; this run stopped before writing more, a re-run starts from the new state",
+        user_id,
+    )
+
+
+def fence(lock: UserLock, still_ours: Callable[[], bool], refusal: str, user_id: str) -> None:
+    """Right before a write: extend the lock (LockLostError when it expired and another holder may have
+    taken the user), then stop with ConcurrentUpdateError(``refusal``) unless ``still_ours()`` (the
+    profile still holds this operation's pending fold or intent). What a run read before a takeover
+    is never written after it."""
     lock.extend()
-    if not store.fold_pending(user_id, version):
-        raise ConcurrentUpdateError(
-            f"user {user_id!r}: the fold of v{version} was finished by another run (its lock had expired), "
-            "or an erasure began; this run stopped before writing more, a re-run starts from the new state",
-            user_id=user_id,
-        )
+    if not still_ours():
+        raise ConcurrentUpdateError(refusal, user_id=user_id)
 
 
 def finish_rollback(
@@ -302,14 +312,14 @@ def finish_rollback(
     new_version, expected = int(intent["version"]), int(intent["expected_version"])
     undoes = [int(v) for v in intent["undoes"]]
 
-    def fence() -> None:
-        lock.extend()
-        if not store.rollback_pending(user_id, new_version, str(intent["rollback_id"])):
-            raise ConcurrentUpdateError(
-                f"user {user_id!r}: the rollback to v{new_version} was finished or removed by another run "
-                "(its lock had expired); this run stopped before writing more, a re-run reports the state",
-                user_id=user_id,
-            )
+    def fenced() -> None:
+        fence(
+            lock,
+            lambda: store.rollback_pending(user_id, new_version, str(intent["rollback_id"])),
+            f"user {user_id!r}: the rollback to v{new_version} was finished or removed by another run "
+            "(its lock had expired); this run stopped before writing more, a re-run reports the state",
+            user_id,
+        )
 
     if profile.version == expected:
         restore = store.history.version(user_id, int(intent["restore_version"]))
@@ -319,7 +329,7 @@ def finish_rollback(
                 "is no longer in the history; its events are back in user_memory, the summary is unchanged",
                 user_id=user_id,
             )
-        store.restore(user_id, undoes, unarchive=False, fence=fence)
+        store.restore(user_id, undoes, unarchive=False, fence=fenced)
         checkpoint("restored")
         store.history.write_version(
             HistoryEntry(
@@ -356,7 +366,7 @@ def finish_rollback(
         )
     else:
         log.info("user %s: finishing an interrupted rollback (v%d)", user_id, new_version)
-    store.restore(user_id, undoes, unarchive=True, fence=fence)
+    store.restore(user_id, undoes, unarchive=True, fence=fenced)
     checkpoint("unarchived")
     store.clear_rollback(user_id, new_version)
     checkpoint("cleared")

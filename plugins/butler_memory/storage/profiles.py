@@ -221,18 +221,17 @@ class ProfilesMixin(Collections):
 
     def fold_pending(self, user_id: str, version: int) -> bool:
         """Say whether the fold of ``version`` is still the profile's pending fold, with no erasure or forget begun."""
-        match = {"user_id": user_id, f"{PENDING_FIELD}.version": version, ERASING_FIELD: None, FORGET_FIELD: None}
-        return self.profiles.count_documents(match, limit=1) == 1
+        return self._still(user_id, {f"{PENDING_FIELD}.version": version})
 
     def rollback_pending(self, user_id: str, version: int, rollback_id: str) -> bool:
         """Say whether this rollback's intent is still the profile's, with no erasure or forget begun."""
-        match = {
-            "user_id": user_id,
-            f"{ROLLBACK_FIELD}.version": version,
-            f"{ROLLBACK_FIELD}.rollback_id": rollback_id,
-            ERASING_FIELD: None,
-            FORGET_FIELD: None,
-        }
+        return self._still(
+            user_id, {f"{ROLLBACK_FIELD}.version": version, f"{ROLLBACK_FIELD}.rollback_id": rollback_id}
+        )
+
+    def _still(self, user_id: str, fields: Mapping[str, Any]) -> bool:
+        """Say whether the profile still has ``fields``, with no erasure or forget begun (one count)."""
+        match = {"user_id": user_id, **fields, ERASING_FIELD: None, FORGET_FIELD: None}
         return self.profiles.count_documents(match, limit=1) == 1
 
     def clear_rollback(self, user_id: str, version: int) -> None:
