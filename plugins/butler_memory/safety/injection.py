@@ -177,7 +177,10 @@ def strip_instructions(text: str) -> tuple[str, int]:
         parsed.append((line, bullet, sentences(line[bullet.end() :] if bullet else line)))
     flat = [s for _, _, found in parsed for s in found]
     alone = {i for i, s in enumerate(flat) if flag(s)}
-    pairs = [i for i in range(len(flat) - 1) if not {i, i + 1} & alone and flag(f"{flat[i]} {flat[i + 1]}")]
+    # A pair is read once (uncached: it would only push single sentences, read again by the guard, out of the cache).
+    pairs = [
+        i for i in range(len(flat) - 1) if not {i, i + 1} & alone and _flag.__wrapped__(f"{flat[i]} {flat[i + 1]}")
+    ]
     drop = alone | {j for i in pairs for j in (i, i + 1)}
     if not drop:
         return text, 0
