@@ -15,6 +15,7 @@ import redis
 from pymongo.database import Database
 
 from butler_memory.core.errors import ConcurrentUpdateError, LockLostError, StoreError
+from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD
 from butler_memory.operations import erasure
 from butler_memory.operations.engine import Engine
@@ -284,6 +285,22 @@ def test_a_rollback_overtaken_by_an_erasure_brings_no_erased_event_back(
     assert events_of(mongo_db, "u1") == {} and archive_of(mongo_db, "u1") == {}, "an erased event came back"
 
 
+def stall_then_roll_back(
+    step: str, redis_client: redis.Redis, settings: Settings, other: Engine, run_id: str, seen: dict[str, Any]
+) -> Callable[[str], None]:
+    """Return a checkpoint that, the first time ``step`` is reached, stands for the run stalling there
+    past its lock's TTL (u1's lock key goes) while ``other`` rolls ``run_id`` back with the free lock;
+    the rollback's result goes into ``seen``."""
+
+    def stall(reached: str) -> None:
+        if reached != step or seen:
+            return
+        redis_client.delete(settings.lock_key("u1"))
+        seen["rollback"] = other.rollback("u1", run_id, rollback_id="rb1")
+
+    return stall
+
+
 def test_compression_whose_lock_expired_after_commit_does_not_delete_events_a_rollback_put_back(
     mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
@@ -292,14 +309,9 @@ def test_compression_whose_lock_expired_after_commit_does_not_delete_events_a_ro
     slow, other = make_engine(mongo_db, redis_client, settings), make_engine(mongo_db, redis_client, settings)
     insert_events(mongo_db, "u1", 14)
     seen: dict[str, Any] = {}
-
-    def stall_after_commit(step: str) -> None:
-        if step != "committed" or seen:
-            return
-        # The slow run stalls (GC pause, VM freeze, partition) past the lock's TTL right after its commit ...
-        redis_client.delete(settings.lock_key("u1"))
-        # ... and the operator's rollback of that very run takes the free lock and finishes.
-        seen["rollback"] = other.rollback("u1", "r-slow", rollback_id="rb1")
+    # The slow run stalls (GC pause, VM freeze, partition) past the lock's TTL right after its commit,
+    # and the operator's rollback of that very run takes the free lock and finishes.
+    stall_after_commit = stall_then_roll_back("committed", redis_client, settings, other, "r-slow", seen)
 
     with pytest.raises(LockLostError):
         slow.compress("u1", run_id="r-slow", checkpoint=stall_after_commit)
@@ -324,12 +336,8 @@ def test_a_pending_fold_finished_by_a_run_whose_lock_expired_deletes_nothing_a_r
     with pytest.raises(Crash):
         finisher.compress("u1", run_id="r-killed", checkpoint=crash_at("committed"))
     seen: dict[str, Any] = {}
-
-    def stall_after_archive(step: str) -> None:
-        if step != "pending_archived" or seen:
-            return
-        redis_client.delete(settings.lock_key("u1"))  # the finishing run's lock expires ...
-        seen["rollback"] = other.rollback("u1", "r-killed", rollback_id="rb1")  # ... and the killed run is undone
+    # The finishing run's lock expires after its archive, and the killed run is undone meanwhile.
+    stall_after_archive = stall_then_roll_back("pending_archived", redis_client, settings, other, "r-killed", seen)
 
     with pytest.raises(LockLostError):
         finisher.compress("u1", run_id="r-next", checkpoint=stall_after_archive)
