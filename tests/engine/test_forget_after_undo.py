@@ -16,7 +16,7 @@ from pymongo.database import Database
 from butler_memory.fold.compression import COMPRESSED
 from butler_memory.operations import forget
 from tests.engine.erasure_helpers import FACT_USER, SECRET, fact_content, fact_settings, mongo_mentions
-from tests.engine.helpers import START, insert_events, make_engine, profile_of
+from tests.engine.helpers import START, events_of, insert_events, make_engine, profile_of, raise_at
 
 Doc = dict[str, Any]
 
@@ -94,6 +94,28 @@ def test_forgetting_an_event_leaves_no_history_version_off_the_lineage_holding_i
 
     assert done.status == forget.FORGOTTEN, done
     assert mongo_mentions(mongo_db, [SECRET_FACT]) == [], "a forgotten fact is still stored"
+
+
+@pytest.mark.parametrize("step", ["planned", "deleted", "dropped", "audited"])
+@pytest.mark.parametrize("setup", [_undo_r2, _orphan_v6], ids=["undone-by-a-rollback", "killed-compression-entry"])
+def test_a_forget_of_a_fact_off_the_lineage_killed_at_any_step_ends_clean_on_its_re_run(
+    mongo_db: Database[Doc], redis_client: redis.Redis, setup: Any, step: str
+) -> None:
+    """Stopped at each step such a forget reaches (no rebuild), the re-run finishes it: the fact is
+    gone and only event 33 is (the kill matrices kill for real; this is each step of the new case)."""
+    engine = setup(mongo_db, redis_client)
+    live = set(events_of(mongo_db, FACT_USER))
+    with pytest.raises(Killed):
+        forget.forget_events(
+            FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(33)], checkpoint=raise_at(step, Killed)
+        )
+    redis_client.flushdb()  # the stopped run's lock expired
+
+    done = forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(33)])
+
+    assert done.status == forget.FORGOTTEN, done
+    assert mongo_mentions(mongo_db, [SECRET_FACT]) == [], "a forgotten fact is still stored"
+    assert set(events_of(mongo_db, FACT_USER)) == live - {eid(33)}
 
 
 def test_forgetting_after_a_rollback_does_not_report_the_undone_events_as_lost(
