@@ -48,7 +48,7 @@ from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer  # n
 from butler_memory.llm.summarizer import Summarizer  # noqa: E402
 from butler_memory.operations.engine import Engine  # noqa: E402
 from butler_memory.safety import guards, injection  # noqa: E402
-from butler_memory.safety.facts import durable_facts  # noqa: E402
+from butler_memory.safety.facts import durable_facts, missing_facts  # noqa: E402
 from butler_memory.safety.language import language_share  # noqa: E402
 from butler_memory.storage.locks import UserLocks  # noqa: E402
 from butler_memory.storage.store import MemoryStore  # noqa: E402
@@ -243,6 +243,31 @@ def detector_rates() -> dict[str, Any]:
     return result
 
 
+HOSTILE_SHAPES = {"letters": "a", "dots": ".", "dashed digits": "1-", "short sentences": "Ab. ", "ellipses": "…"}
+"""Texts of one repeated piece: where patterns tried from every position go quadratic."""
+HOSTILE_LENGTHS = (3_000, 12_000)
+"""A quarter of max_event_chars, and max_event_chars (the largest event the fold reads)."""
+
+
+def hostile_text() -> dict[str, Any]:
+    """CPU-seconds of what the guards read of one event (withholding, the facts guard, the language
+    measure) for each hostile shape at both lengths; linear reading gives a ratio near 4."""
+    shapes: dict[str, Any] = {}
+    for name, piece in HOSTILE_SHAPES.items():
+        cpu = []
+        for length in HOSTILE_LENGTHS:
+            text = piece * (length // len(piece))
+            injection._flag.cache_clear()
+            t0 = time.process_time()
+            injection.strip_instructions(text)
+            missing_facts(text, [text], text)
+            language_share(text, "en")
+            cpu.append(time.process_time() - t0)
+        shapes[name] = {"cpu_seconds": [round(c, 4) for c in cpu], "ratio": round(cpu[1] / max(cpu[0], 1e-4), 1)}
+    worst = max(shapes, key=lambda name: shapes[name]["cpu_seconds"][1])
+    return {"lengths": list(HOSTILE_LENGTHS), "shapes": shapes, "worst": worst, **shapes[worst]}
+
+
 def phase_guards(
     mongo: MongoService, redis_port: int, fake: FakeOpenAI, *, users: int = USERS, chunk: int = CHUNK
 ) -> dict[str, Any]:
@@ -255,6 +280,7 @@ def phase_guards(
         "chunk": chunk,
         "lingua_load_cpu_seconds": round(load, 3),
         "injection_detector": detector_rates(),
+        "hostile_text": hostile_text(),
         "modes": [_run_mode(mode, mongo, redis_port, fake, users, chunk) for mode in (*HONEST, *BAD, GULLIBLE)],
     }
 
@@ -314,6 +340,16 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             out.append(
                 (f"guards: catch rate, {row['mode']}", value, "100%", "ok" if row["catch_rate"] >= 1 else "MISSED")
             )
+    if "hostile_text" in result:
+        hostile = result["hostile_text"]
+        out.append(
+            (
+                f"guards: hostile {hostile['lengths'][1]:,}-char event, worst shape ({hostile['worst']})",
+                f"{hostile['cpu_seconds'][1] * 1000:.0f} ms CPU; x{hostile['ratio']} for 4x the length",
+                "linear (x4)",
+                "ok" if hostile["ratio"] < 8 else "QUADRATIC",
+            )
+        )
     out.append(("guards: Lingua model load (once a process)", f"{result['lingua_load_cpu_seconds']:.3f} CPU-s", "", ""))
     return out
 

@@ -163,6 +163,8 @@ def test_bench_history_and_the_guard_bench_alone_produce_their_figures(tmp_path:
     guards = json.loads((tmp_path / "guards.json").read_text())
     assert GUARD_MODES <= {m["mode"] for m in guards["modes"]}, guards["modes"]
     _numbers(guards, "lingua_load_cpu_seconds", "elapsed_seconds")
+    _numbers(guards["hostile_text"], "ratio")
+    assert len(guards["hostile_text"]["shapes"]) == 5, guards["hostile_text"]
 
 
 def test_bench_scale_runs_every_configuration_and_the_celery_one(tmp_path: Path, pg_bindir: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cache
 from typing import Any
 
@@ -18,6 +18,7 @@ from butler_memory.safety import injection
 
 _URL = re.compile(r"\b(?:https?://|www\.)[^\s<>\"'«»()]+", re.IGNORECASE)
 _EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
+"""An e-mail address; searched from each ``@`` (``_emails``), never from every position of a long run."""
 _PHONE = re.compile(r"(?<![\w+])\+?\d[\d ()\-]{5,}\d(?!\w)")
 _MONTHS = {
     # Russian genitive/nominative and English names all share these prefixes.
@@ -32,10 +33,11 @@ _DMY_DATE = re.compile(r"(?<![\d.])(\d{1,2})[./](\d{1,2})(?:[./](\d{2,4}))?(?![\
 _DAY_MONTH = re.compile(rf"(?<!\d)(\d{{1,2}})(?:-?(?:го|е|ое|st|nd|rd|th))?\s+{_MONTH_WORD}\b", re.IGNORECASE)
 _MONTH_DAY = re.compile(rf"\b{_MONTH_WORD}\s+(\d{{1,2}})(?:st|nd|rd|th)?(?!\d)", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![^\W_])(?<![^\W\d_]-)\d+(?:[.,]\d+)?(?![.,]?\d)")
-_IDENTIFIER = re.compile(r"\S*\d\S*")
+_IDENTIFIER = re.compile(r"(?<!\S)\S*\d\S*")
 """A token holding a digit (an id like "u1-e003", a flight "SU1234"): no evidence of a language."""
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)?")
-_SENTENCE_START = re.compile(r"(?:^|[.!?…]\s+|\n)\W*$")
+_TERMINATED = re.compile(r"[.!?…]\s|\n")
+_LETTERS = re.compile(r"[^\W\d_]+")
 _NUMBER_WORDS = {
     # Small numbers a rewording may spell out ("2 children" → "two children"), by Snowball stem.
     "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
@@ -71,8 +73,9 @@ def missing_facts(previous: str, events: Sequence[str], summary: str) -> list[Fa
 def durable_facts(text: str) -> set[Fact]:
     """Return the durable details of a text: URLs, e-mails, phones, dates, numbers, proper nouns."""
     facts, rest = structured(text)
+    is_proper = _proper_nouns(rest)
     for start, word in _words(rest):
-        if _is_proper(rest, start, word):
+        if is_proper(start, word):
             facts.add(("name", stem(word)))
     return facts
 
@@ -93,14 +96,21 @@ def structured(text: str) -> tuple[set[Fact], str]:
     """Return the URLs, e-mails, phones, dates and numbers of a text, and the text without them."""
     facts: set[Fact] = set()
 
-    def take(pattern: re.Pattern[str], found: Callable[[re.Match[str]], Iterable[Fact]]) -> None:
+    def take(
+        pattern: re.Pattern[str] | Callable[[str], Iterable[re.Match[str]]],
+        found: Callable[[re.Match[str]], Iterable[Fact]],
+    ) -> None:
         nonlocal text
-        for match in pattern.finditer(text):
+        matches = list(pattern.finditer(text) if isinstance(pattern, re.Pattern) else pattern(text))
+        pieces, at = [], 0
+        for match in matches:
             facts.update(found(match))
-        text = pattern.sub(" ", text)
+            pieces += [text[at : match.start()], " "]
+            at = match.end()
+        text = "".join(pieces) + text[at:]
 
     take(_URL, lambda m: [("url", _url(m.group(0)))])
-    take(_EMAIL, lambda m: [("email", m.group(0).lower())])
+    take(_emails, lambda m: [("email", m.group(0).lower())])
     # A date's year is a number: "2026-03-05" and "5 марта 2026" share both the date and the year.
     take(_ISO_DATE, lambda m: [_date(m.group(2), m.group(3)), _year(m.group(1))])
     take(_PHONE, _phone)
@@ -153,26 +163,80 @@ def _words(text: str) -> list[tuple[int, str]]:
     return [(m.start(), m.group(0)) for m in _WORD.finditer(text)]
 
 
-def _is_proper(text: str, start: int, word: str) -> bool:
-    """Return whether a word is a proper noun: capitalised (or camel-cased) and not opening a sentence.
+def _emails(text: str) -> Iterator[re.Match[str]]:
+    """``_EMAIL.finditer(text)``, in time linear in the text.
+
+    The pattern alone is tried at every word boundary of a long run like "1-1-1-…", each try
+    scanning to the run's end: quadratic, seconds for one event of hostile text. A match needs an
+    ``@``, and of the run of address characters before an ``@`` only the first word boundary can
+    start one (a later start reaches the same ``@`` and the same domain): it is tried there alone.
+    """
+    at = end = 0
+    while (at := text.find("@", at)) != -1:
+        start = at
+        while start > end and (_is_word(text[start - 1]) or text[start - 1] in ".+-"):
+            start -= 1
+        first = next((i for i in range(start, at) if _boundary(text, i)), None)
+        match = _EMAIL.match(text, first) if first is not None else None
+        if match is not None:
+            yield match
+            end = match.end()
+        at = max(at + 1, end)
+
+
+def _boundary(text: str, i: int) -> bool:
+    """Whether ``\\b`` matches at ``i``: a word character on one side only."""
+    return (i > 0 and _is_word(text[i - 1])) != (i < len(text) and _is_word(text[i]))
+
+
+def _is_word(char: str) -> bool:
+    """Whether a character is one ``\\w`` matches (the ``re`` module's own rule)."""
+    return char.isalnum() or char == "_"
+
+
+def _opens_sentence(text: str, start: int) -> bool:
+    """Whether the word at ``start`` opens a sentence: only non-word characters before it, or among
+    the non-word characters just before it a line break or a ``.``, ``!``, ``?``, ``…`` followed by a
+    space. Reads back from ``start`` over those characters only, not the whole text before it."""
+    i = start
+    while i > 0 and not _is_word(text[i - 1]):
+        i -= 1
+    return i == 0 or _TERMINATED.search(text, i, start) is not None
+
+
+def _proper_nouns(text: str) -> Callable[[int, str], bool]:
+    """Return ``is_proper(start, word)`` for the words of ``text``: capitalised (or camel-cased) and
+    not opening a sentence.
 
     A capitalised word that opens a sentence is a name only when it also appears capitalised
     mid-sentence somewhere ("Анна" of "Сестру зовут Анна."); otherwise it is an ordinary word.
+    Where each word appears is read once for the whole text, and each word's answer is kept: read
+    again for every opening word, a text of many short sentences cost time quadratic in its length.
     """
-    if len(word) < 2 or not any(c.isupper() for c in word):
-        return False
-    if word[0].islower():  # iPhone, eBay
-        return True
-    if _SENTENCE_START.search(text[:start]) and not _capitalised_elsewhere(text, word):
-        return False
-    return True
+    places: dict[str, list[int]] = {}
+    for match in _LETTERS.finditer(text):
+        places.setdefault(match.group(0), []).append(match.start())
+    elsewhere: dict[str, bool] = {}
 
+    def capitalised_elsewhere(word: str) -> bool:
+        if word not in elsewhere:
+            # A word of letters appears as a run of letters of its own; one with an apostrophe is looked for.
+            starts = (
+                places.get(word, [])
+                if _LETTERS.fullmatch(word)
+                else [m.start() for m in re.finditer(rf"(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", text)]
+            )
+            elsewhere[word] = any(not _opens_sentence(text, start) for start in starts)
+        return elsewhere[word]
 
-def _capitalised_elsewhere(text: str, word: str) -> bool:
-    for match in re.finditer(rf"(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", text):
-        if not _SENTENCE_START.search(text[: match.start()]):
+    def is_proper(start: int, word: str) -> bool:
+        if len(word) < 2 or not any(c.isupper() for c in word):
+            return False
+        if word[0].islower():  # iPhone, eBay
             return True
-    return False
+        return not _opens_sentence(text, start) or capitalised_elsewhere(word)
+
+    return is_proper
 
 
 @cache
@@ -204,8 +268,9 @@ def language_words(text: str) -> dict[str, list[str]]:
     numbers and proper nouns (names and product names say nothing about the language)."""
     _, rest = structured(_IDENTIFIER.sub(" ", text))
     groups: dict[str, list[str]] = {}
+    is_proper = _proper_nouns(rest)
     for start, word in _words(rest):
-        if _is_proper(rest, start, word) or (word.isupper() and len(word) > 1):
+        if is_proper(start, word) or (word.isupper() and len(word) > 1):
             continue
         groups.setdefault(_script(word[0]), []).append(word)
     return groups

@@ -94,7 +94,7 @@ _MARKUP = (
     r"(?:^|\n)\W{0,3}(?:system|assistant|developer|user|human|ai|bot|система|ассистент|разработчик|"
     r"пользователь)\s*:|"
     r"<\|[\w-]+\|>|\[/?(?:INST|SYS)\]|<</?SYS>>|</?(?:system|assistant|user|developer|instructions?|prompt)>|"
-    r"#{3,}|`{3,}|~{3,}|<<<\s*[A-Za-z_]+|[A-Za-z_]+\s*>>>"
+    r"#{3,}|`{3,}|~{3,}|<<<\s*[A-Za-z_]+|(?<![A-Za-z_])[A-Za-z_]+\s*>>>"
 )
 _BLOB = (
     r"(?<![\w+/=])(?=[A-Za-z0-9+/]*\d)(?=[A-Za-z0-9+/]*[A-Z])(?=[A-Za-z0-9+/]*[a-z])[A-Za-z0-9+/]{40,}={0,2}(?![\w+/=])"
@@ -112,7 +112,11 @@ PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 """(kind, pattern), checked in this order; the first match names a sentence's kind."""
 KINDS = tuple(kind for kind, _ in PATTERNS)
 
-_SENTENCE = re.compile(r"[^\n]*?(?:[.!?…]+(?=\s)|;(?=\s)|$)", re.MULTILINE)
+# A fence's name, and a sentence's closing run of marks, are matched from their first letter or mark
+# only: tried from every position of a long run of letters or dots, each try read to the run's end,
+# one 12,000-character event cost seconds (quadratic). Whatever matches from inside a run also
+# matches from its start, so the verdicts and the sentences are the same.
+_SENTENCE = re.compile(r"[^\n]*?(?:(?<![.!?…])[.!?…]+(?=\s)|;(?=\s)|$)", re.MULTILINE)
 _BULLET = re.compile(r"^\s*(?:[-•*]|\d+[.)])\s+")
 
 
