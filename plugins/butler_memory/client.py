@@ -78,7 +78,7 @@ from butler_memory.freshness.doorbell import AsyncDoorbell, Doorbell, valid_user
 from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.engine import Engine
-from butler_memory.storage.archive import ARCHIVE_FIELDS, archived_by
+from butler_memory.storage.archive import ARCHIVE_FIELDS, OWN_FIELDS, archived_by, as_event
 from butler_memory.storage.locks import UserLocks
 from butler_memory.storage.mongo import event_digest, id_key, sanitized_errors
 from butler_memory.storage.profiles import (
@@ -220,8 +220,9 @@ def _undone_filter(user_id: str, undone: list[int]) -> dict[str, Any]:
     return archived_by(user_id, undone)
 
 
-_AS_RESTORED = dict.fromkeys(ARCHIVE_FIELDS, 0)
-"""The archive read's projection: a record without our archive fields is the event as ``restore`` inserts it."""
+_AS_RESTORED = dict.fromkeys(ARCHIVE_FIELDS - {OWN_FIELDS}, 0)
+"""The archive read's projection: without our archive fields, but with the event's own fields of
+those names (``OWN_FIELDS``), which ``as_event`` puts back: the event as ``restore`` inserts it."""
 
 
 def _covered(view: _View, doc: Mapping[str, Any], restored: dict[bytes, Mapping[str, Any]]) -> bool:
@@ -289,7 +290,7 @@ def read_plan(user_id: str, settings: Settings) -> ReadPlan:
         restored: dict[bytes, Mapping[str, Any]] = {}
         if view.undone is not None:
             found = yield Find("archive", _undone_filter(user_id, view.undone), _AS_RESTORED, one=False)
-            restored = {id_key(doc["_id"]): doc for doc in found}
+            restored = {id_key(doc["_id"]): as_event(doc) for doc in found}
         docs = yield Find("events", query, None, one=False)
         again = yield Find("profiles", query, dict.fromkeys(STATE_FIELDS, 1), one=True)
         if _state(first) == _state(again):

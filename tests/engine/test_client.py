@@ -177,6 +177,20 @@ def test_a_rollback_in_progress_reads_each_event_once(
     assert_exactly_once(reader.memory(USER), ids_of(0, 35))
 
 
+@pytest.mark.parametrize("step", ["restored", "committed"])
+def test_events_with_a_run_id_of_their_own_are_read_once_during_a_rollback(
+    step: str, mongo_db: Database[Doc], engine: Engine, reader: butler.MemoryClient
+) -> None:
+    """A restored event keeping its own ``run_id`` still matches its archive record, so is read once (third review)."""
+    insert_events(mongo_db, USER, 20)
+    mongo_db["user_memory"].update_many({"user_id": USER}, {"$set": {"run_id": "butler-agent-run-7"}})
+    assert engine.compress(USER, run_id="r0").summary_version == 3
+    with pytest.raises(Stop):
+        engine.rollback(USER, "r0", rollback_id="undo-r0", checkpoint=stop_at(step))
+    assert profile_of(mongo_db, USER)[ROLLBACK_FIELD] is not None, "the state under test"
+    assert_exactly_once(reader.memory(USER), ids_of(0, 20))
+
+
 def test_an_event_edited_while_it_was_folded_stays_raw_while_that_fold_is_rolled_back(
     mongo_db: Database[Doc], engine: Engine, reader: butler.MemoryClient
 ) -> None:

@@ -118,6 +118,27 @@ def test_rollback_of_a_first_run_returns_every_event(mongo_db: Database[Doc], re
     assert ROLLBACK_FIELD not in profile
 
 
+def test_an_event_field_named_like_an_archive_field_survives_a_rollback(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """An event's own run_id, summary_version(s) or archived_at comes back from the archive as it was folded (third review)."""
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    insert_events(mongo_db, "u1", 20)
+    own = {"run_id": "butler-agent-run-7", "summary_version": "butler-v2", "summary_versions": ["a"], "archived_at": 1}
+    mongo_db["user_memory"].update_many({"user_id": "u1"}, {"$set": own})
+    before = events_of(mongo_db, "u1")
+
+    assert engine.compress("u1", run_id="r1").status == COMPRESSED
+    assert len(events_of(mongo_db, "u1")) == SETTINGS.keep_last_n
+    assert {doc["run_id"] for doc in archive_of(mongo_db, "u1").values()} == {"r1"}, "the archive's own run_id"
+    assert engine.rollback("u1", "r1", rollback_id="rb1").status == ROLLED_BACK
+
+    after = events_of(mongo_db, "u1")
+    assert after.keys() == before.keys()
+    changed = sorted(i for i in before if after[i] != before[i])
+    assert not changed, f"{len(changed)} restored event(s) lost or changed their own fields, e.g. {changed[:1]}"
+
+
 def test_dry_run_writes_nothing_and_says_what_would_change(mongo_db: Database[Doc], redis_client: redis.Redis) -> None:
     engine = make_engine(mongo_db, redis_client, SETTINGS)
     two_runs(mongo_db, engine)

@@ -20,7 +20,7 @@ from butler_memory.core.settings import Settings
 from butler_memory.fold.chunks import pack_chunks
 from butler_memory.llm.offline import OfflineSummarizer
 from butler_memory.storage.events import undecodable_field
-from butler_memory.storage.mongo import lenient, sanitized_errors
+from butler_memory.storage.mongo import event_digest, lenient, sanitized_errors
 
 SECRET = "Anna-secret"
 
@@ -62,6 +62,26 @@ def test_an_undecodable_event_fails_a_rebuild_naming_it() -> None:
     with pytest.raises(InvalidEventError, match=r"event e1: field 'content' is not valid UTF-8") as info:
         list(pack_chunks("u1", [event], Settings(), OfflineSummarizer(), "en", lambda: ""))
     assert SECRET not in str(info.value)
+
+
+def test_an_event_with_an_undecodable_field_name_is_handed_over_not_chunked() -> None:
+    """A top-level field name not valid UTF-8 is named (escaped, encodable) and the event handed over (third review)."""
+    good = bson.decode(stored("e0", "first turn"), lenient(CodecOptions()))
+    raw = bson.encode({**bson.decode(stored("e1", "second turn")), "tagX": 1})
+    bad = bson.decode(raw.replace(b"tagX", b"ta\xff\xfe"), lenient(CodecOptions()))  # same length: well-formed
+    handed: list[tuple[Any, InvalidEventError]] = []
+
+    chunks = list(
+        pack_chunks(
+            "u1", [good, bad], Settings(), OfflineSummarizer(), "en", lambda: "", lambda i, e: handed.append((i, e))
+        )
+    )
+
+    assert [[ev["_id"] for ev in chunk] for chunk in chunks] == [["e0"]]
+    ((event_id, error),) = handed
+    assert event_id == "e1" and error.field == "ta\\udcff\\udcfe" and error.problem == "is not valid UTF-8"
+    bson.encode({"field": error.field, "problem": str(error)})  # as the quarantine record stores it: encodable
+    assert [event_digest(ev) for ev in chunks[0]], "what the commit computes for the chunk"
 
 
 def test_sanitized_errors_name_a_bson_error_by_type_only() -> None:

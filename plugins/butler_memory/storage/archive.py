@@ -13,8 +13,13 @@ from pymongo import ASCENDING, DeleteOne, ReplaceOne, UpdateOne
 
 from butler_memory.storage.mongo import Collections, batches, id_key, ids_of_user
 
-ARCHIVE_FIELDS = frozenset({"run_id", "summary_version", "summary_versions", "archived_at"})
-"""Fields ``archive()`` adds to an event; a restored event is stored without them."""
+OWN_FIELDS = "event_own_fields"
+"""The archive record's sub-document of the event's own fields named like ours (``ARCHIVE_FIELDS``):
+the Butler owns its event schema, so an event may carry a ``run_id`` (say the agent run that wrote
+it) that our ``run_id`` must not overwrite. ``as_event`` puts them back."""
+
+ARCHIVE_FIELDS = frozenset({"run_id", "summary_version", "summary_versions", "archived_at", OWN_FIELDS})
+"""Fields ``archive()`` adds to an event; the event is ``as_event`` of its record, without them."""
 
 
 class ArchiveMixin(Collections):
@@ -38,8 +43,8 @@ class ArchiveMixin(Collections):
             ops = []
             for ev in batch:
                 versions = sorted({*earlier.get(id_key(ev["_id"]), []), version})
-                record = {**ev, "run_id": run_id, "summary_version": max(versions), "summary_versions": versions}
-                ops.append(ReplaceOne({"_id": ev["_id"]}, {**record, "archived_at": now}, upsert=True))
+                ours = {"run_id": run_id, "summary_version": max(versions), "summary_versions": versions}
+                ops.append(ReplaceOne({"_id": ev["_id"]}, _record(ev, {**ours, "archived_at": now}), upsert=True))
             self.archive_coll.bulk_write(ops, ordered=False)
         return len(events)
 
@@ -76,17 +81,18 @@ class ArchiveMixin(Collections):
         return [found[key] for key in map(id_key, ids) if key in found]
 
     def iter_archived(self, user_id: str, ids: Sequence[Any], group: int) -> Iterator[dict]:
-        """Yield the archived events of ``ids`` in that order, ``group`` at a time: each group is one
-        short read (``read_archived``), so nothing is held open while the caller works on one."""
+        """Yield the archived events of ``ids`` in that order (``as_event``: as they were archived),
+        ``group`` at a time: each group is one short read (``read_archived``), so nothing is held open
+        while the caller works on one."""
         for batch in batches(ids, group):
-            yield from self.read_archived(user_id, batch)
+            yield from map(as_event, self.read_archived(user_id, batch))
 
     def restore(
         self, user_id: str, versions: Sequence[int], *, unarchive: bool, fence: Callable[[], None] | None = None
     ) -> int:
         """Put the archived events those versions folded back into user_memory, as they were
-        (inserted by _id when absent, without our archive fields: an event the Butler has live is
-        newer and stays); with ``unarchive``, then take those versions off their archive records,
+        (inserted by _id when absent, as ``as_event`` of their records: an event the Butler has live
+        is newer and stays); with ``unarchive``, then take those versions off their archive records,
         dropping a record no other version folded. Repeating it adds nothing. Return how many were
         restored.
 
@@ -103,7 +109,7 @@ class ArchiveMixin(Collections):
         return restored
 
     def _restore_batch(self, user_id: str, docs: list[dict], unarchive: Sequence[int] | None) -> int:
-        events = [{k: v for k, v in doc.items() if k not in ARCHIVE_FIELDS} for doc in docs]
+        events = [as_event(doc) for doc in docs]
         if not events:
             return 0
         self.events.bulk_write(
@@ -134,6 +140,23 @@ class ArchiveMixin(Collections):
     def delete_archived(self, user_id: str, ids: Sequence[Any]) -> int:
         """Delete the given archived events of one user in batches; return how many were deleted."""
         return self._delete_ids(self.archive_coll, user_id, ids)
+
+
+def _record(event: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the archive record of ``event`` with our fields ``ours``: the event's own fields of
+    the names we use (``ARCHIVE_FIELDS``) are set aside under ``OWN_FIELDS``, never overwritten."""
+    record = {k: v for k, v in event.items() if k not in ARCHIVE_FIELDS}
+    own = {k: v for k, v in event.items() if k in ARCHIVE_FIELDS}
+    return {**record, **({OWN_FIELDS: own} if own else {}), **ours}
+
+
+def as_event(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the event an archive record holds, exactly as it was archived: without our fields,
+    with its own fields of those names back from ``OWN_FIELDS`` (a record archived before that
+    sub-document existed has none: the event's own fields of our names were overwritten then)."""
+    event = {k: v for k, v in record.items() if k not in ARCHIVE_FIELDS}
+    own = record.get(OWN_FIELDS)
+    return {**event, **own} if isinstance(own, Mapping) else event
 
 
 def archived_versions(doc: Mapping[str, Any]) -> list[int]:

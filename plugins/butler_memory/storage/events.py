@@ -346,12 +346,16 @@ def unchanged(event_id: Any, event: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def undecodable_field(event: Mapping[str, Any]) -> str | None:
-    """Return the first top-level field holding text that was not valid UTF-8, or None.
+    """Return the first top-level field whose name or text was not valid UTF-8, or None.
 
     Read with ``surrogateescape`` (``read_fold``), invalid bytes become lone surrogates
-    (U+DC80..U+DCFF), which valid UTF-8 never decodes to.
+    (U+DC80..U+DCFF), which valid UTF-8 never decodes to. MongoDB stores field names unchecked too:
+    a name of invalid bytes is returned escaped (``\\udcff``), as the error, the log and the
+    quarantine record can encode it; left in, the event's digest at the commit would fail every run.
     """
     for name, value in event.items():
+        if _has_surrogates(name):
+            return str(name).encode("utf-8", "backslashreplace").decode()
         if _has_surrogates(value):
             return str(name)
     return None
