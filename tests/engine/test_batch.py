@@ -235,6 +235,9 @@ def test_a_failed_batch_or_line_fails_its_users_deletes_nothing_and_an_online_re
     rerun = commit_all(engine, failed, online=True)
     assert all(r.status == COMPRESSED for r in rerun.values()), rerun
     assert len(llm.chat_requests) == len(failed)
+    # A reply the batch commit refused (cut off, truncated) is dropped once the online commit ended.
+    folds = mongo_db[Settings().batch_collection]
+    assert folds.count_documents({"kind": "fold", "reply": {"$nin": [None]}}) == 0
 
 
 def test_a_server_without_the_batch_api_fails_before_anything_is_uploaded(

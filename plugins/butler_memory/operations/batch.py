@@ -214,7 +214,10 @@ def commit_user(
     folds = BatchFolds(engine.store)
     fold = folds.fold(run_key, user_id)
     if online or fold is None or fold["mode"] == ONLINE:
-        return engine.compress(user_id, run_id=run_key, checkpoint=checkpoint, holder=holder)
+        result = engine.compress(user_id, run_id=run_key, checkpoint=checkpoint, holder=holder)
+        if fold is not None and fold.get("reply") is not None:  # the batch commit refused it: no use now
+            folds.drop_reply(run_key, user_id, result.status)
+        return result
     if fold["mode"] == STALE:
         engine.metrics.incr(m.USERS_SKIPPED_STALE_TOTAL)
         return UserResult(user_id, SKIPPED_STALE)
