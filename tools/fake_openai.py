@@ -35,7 +35,8 @@ The Batch API: ``/v1/files`` (multipart upload, list, retrieve, ``/content``, de
 chat request is answered (responder, rules, queue), into an output file and, for the lines that
 failed, an error file. ``batch_line_fault(marker, kind)`` spoils the lines whose body holds
 ``marker``: "error" (an error line), "missing" (no output line at all), "length" (finish_reason
-length), "truncated" (``usage.prompt_tokens`` of 1: a truncated prompt). ``set_batch(garbage=True)``
+length), "truncated" (``usage.prompt_tokens`` of 1: a truncated prompt), "bad-usage"
+(``usage.prompt_tokens`` of "lots": not a count). ``set_batch(garbage=True)``
 writes an output file that does not parse; ``set_batch(enabled=False)`` is a server without the
 Batch API (404 on ``/v1/files`` and ``/v1/batches``). The same through ``/_control {"batch": {...}}``.
 """
@@ -77,7 +78,7 @@ MODELS_PATH = "/v1/models"
 FILES_PATH = "/v1/files"
 BATCHES_PATH = "/v1/batches"
 BATCH_FINALS = ("completed", "failed", "expired", "cancelled")
-LINE_FAULTS = ("error", "missing", "length", "truncated")
+LINE_FAULTS = ("error", "missing", "length", "truncated", "bad-usage")
 COMPLETION_WINDOWS = ("24h",)
 """The completion windows the server accepts (OpenAI's: 24h only)."""
 # OpenAI's error "type" per status, so the client maps each one to the right exception class.
@@ -1002,11 +1003,10 @@ class FakeOpenAI(Running):
             behaviour = _Reply(behaviour.text, finish_reason="length")
         elif fault == "truncated":
             behaviour = _Reply(behaviour.text, prompt_tokens=1, finish_reason=behaviour.finish_reason)
-        response = {
-            "status_code": 200,
-            "request_id": f"req_{uuid.uuid4().hex[:16]}",
-            "body": self._completion(body, behaviour),
-        }
+        completion = self._completion(body, behaviour)
+        if fault == "bad-usage":
+            completion["usage"]["prompt_tokens"] = "lots"
+        response = {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex[:16]}", "body": completion}
         return {**answered, "response": response, "error": None}
 
 

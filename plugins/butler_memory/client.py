@@ -69,12 +69,12 @@ from butler_memory.core.errors import (
     ConcurrentUpdateError,
     InvalidEventError,
     InvalidProfileError,
-    InvalidUserIdError,
 )
+from butler_memory.core.ids import check_user_id
 from butler_memory.core.settings import Settings, SettingsError
 from butler_memory.fold.compression import UserResult
 from butler_memory.fold.metrics import Metrics, NullMetrics
-from butler_memory.freshness.doorbell import AsyncDoorbell, Doorbell, valid_user_id
+from butler_memory.freshness.doorbell import AsyncDoorbell, Doorbell
 from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.engine import Engine
@@ -153,17 +153,6 @@ class _View:
     """``id_key`` -> the digest of the event as summarised (None: folds of older versions)."""
     undone: list[int] | None
     """A rollback not yet committed: the versions whose restored events the summary still covers."""
-
-
-def check_user_id(user_id: object) -> str:
-    """Return ``user_id`` when it is one the job accepts; raise InvalidUserIdError naming it."""
-    if valid_user_id(user_id):
-        assert isinstance(user_id, str)
-        return user_id
-    shown = repr(user_id)[:60] if isinstance(user_id, str) else f"a {type(user_id).__name__}"
-    raise InvalidUserIdError(
-        f"user id {shown} is not a user id (a non-empty printable string without spaces, at most 200 characters)"
-    )
 
 
 def forget_intent_ids(user_id: str, doc: Mapping[str, Any]) -> frozenset[bytes]:

@@ -186,3 +186,26 @@ def test_silent_redis_times_out_through_the_connection_instead_of_hanging(
         silent.close()
     # redis-py retries a timed-out command a few times; without a timeout it would wait forever.
     assert time.monotonic() - started < 30, "the lock client has no socket timeout"
+
+
+def test_a_user_the_daily_run_compresses_can_be_forgotten_by_the_cli(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """The scan and compress_user take only the ids the forget CLI accepts, so every summarised user can be erased (third review)."""
+    from butler_memory.cli import build_parser
+    from butler_memory.core.errors import InvalidUserIdError
+
+    settings = small_settings()
+    engine = make_engine(mongo_db, redis_client, settings)
+    longest, too_long, spaced = "u" * 200, "u" * 201, "alice smith"
+    for user_id in (longest, too_long, spaced):
+        insert_events(mongo_db, user_id, 14)
+
+    assert [b.user_id for b in engine.scan()] == [longest]
+    assert engine.compress(longest, run_id="r1").status == COMPRESSED
+    build_parser().parse_args(["forget", "--user", longest])  # no SystemExit: the CLI erases it
+    for user_id in (too_long, spaced):
+        with pytest.raises(InvalidUserIdError, match="is not a user id"):
+            engine.compress(user_id, run_id="r1")
+        assert mongo_db["user_memory_summaries"].count_documents({"user_id": user_id}) == 0
+        assert mongo_db["user_memory"].count_documents({"user_id": user_id}) == 14

@@ -213,6 +213,8 @@ def test_a_forget_during_the_wait_drops_the_users_batch_reply_and_its_commit_is_
             lambda llm: llm.batch_line_fault("u-b-e000", "truncated"), LLMPromptTruncatedError, id="truncated"
         ),
         pytest.param(lambda llm: llm.set_batch(garbage=True), LLMBatchError, id="output-garbage"),
+        # third review: its usage ("lots") failed the whole collect as a ValueError, every user with it
+        pytest.param(lambda llm: llm.batch_line_fault("u-b-e000", "bad-usage"), LLMBatchError, id="usage-malformed"),
     ],
 )
 def test_a_failed_batch_or_line_fails_its_users_deletes_nothing_and_an_online_rerun_compresses(

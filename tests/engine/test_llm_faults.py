@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import httpx
+import openai
 import pytest
+import redis
+from pymongo.database import Database
 
 from butler_memory.core.errors import (
     CompressionError,
@@ -17,10 +22,21 @@ from butler_memory.core.errors import (
 )
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import COMPRESSED
+from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer
 from tests.engine.conftest import Rig
-from tests.engine.helpers import insert_events, openai_summarizer, set_profile, small_settings, snapshot
+from tests.engine.helpers import (
+    events_of,
+    insert_events,
+    make_engine,
+    openai_summarizer,
+    set_profile,
+    small_settings,
+    snapshot,
+)
 from tools.fake_openai import FakeOpenAI
 from tools.services import free_port
+
+Doc = dict[str, Any]
 
 SUMMARY = "- Аллергия на орехи."
 
@@ -112,3 +128,81 @@ def test_the_request_asks_for_the_model_at_temperature_zero(rig: Rig) -> None:
     assert [msg["role"] for msg in body["messages"]] == ["system", "user"]
     assert request["headers"]["authorization"] == "Bearer test-key"
     assert (result.prompt_tokens, result.completion_tokens) == (4321, 7), "token usage must be reported"
+
+
+# -- a reply the real openai client hands over unchecked -------------------------------------------
+
+
+def summarizer_replying(body: bytes) -> OpenAISummarizer:
+    """The real OpenAISummarizer on the real openai client, whose server answers every call with ``body``."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "application/json"})
+
+    client = openai.OpenAI(
+        base_url="http://llm.invalid/v1",
+        api_key="k",
+        max_retries=0,
+        http_client=httpx.Client(transport=httpx.MockTransport(handler)),
+    )
+    config = LLMConfig(
+        base_url="http://llm.invalid/v1",
+        api_key="k",
+        model="test-model",
+        tokenizer="o200k_base",
+        verify_prompt_tokens=False,
+    )
+    return OpenAISummarizer(config, client=client)
+
+
+def completion(content_json: str, usage_json: str) -> bytes:
+    """A chat completion's JSON body with the given (JSON) message content and usage."""
+    return (
+        '{"id":"c1","object":"chat.completion","created":1,"model":"test-model","choices":[{"index":0,'
+        '"message":{"role":"assistant","content":' + content_json + '},"finish_reason":"stop"}],'
+        '"usage":' + usage_json + "}"
+    ).encode()
+
+
+USAGE = '{"prompt_tokens":0,"completion_tokens":5,"total_tokens":5}'
+HOSTILE_REPLIES: dict[str, tuple[str, str, type[CompressionError]]] = {
+    # JSON's \ud800 escape is valid JSON: the client hands back a str with a lone surrogate.
+    "lone-surrogate-in-summary": (
+        '"The user likes tea and lives in Berlin \\ud800 today."',
+        USAGE,
+        InvalidSummaryError,
+    ),
+    "usage-not-a-number": (
+        '"The user likes tea and lives in Berlin today."',
+        '{"prompt_tokens":"lots","completion_tokens":5,"total_tokens":5}',
+        LLMTransientError,
+    ),
+    "usage-infinite": (
+        '"The user likes tea and lives in Berlin today."',
+        '{"prompt_tokens":1e999,"completion_tokens":5,"total_tokens":5}',
+        LLMTransientError,
+    ),
+    "usage-negative": (
+        '"The user likes tea and lives in Berlin today."',
+        '{"prompt_tokens":0,"completion_tokens":-5,"total_tokens":5}',
+        LLMTransientError,
+    ),
+}
+
+
+@pytest.mark.parametrize("reply", list(HOSTILE_REPLIES.values()), ids=list(HOSTILE_REPLIES))
+def test_a_hostile_llm_reply_fails_its_user_with_a_compression_error(
+    reply: tuple[str, str, type[CompressionError]], mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A reply that is not valid text, or whose usage is not a count, fails its user as a CompressionError (third review)."""
+    content, usage, error = reply
+    engine = make_engine(mongo_db, redis_client, small_settings(), summarizer_replying(completion(content, usage)))
+    insert_events(mongo_db, "u1", 14)
+    events_before = events_of(mongo_db, "u1")
+
+    with pytest.raises(error) as raised:
+        engine.compress("u1", run_id="r1")
+
+    assert "Berlin" not in str(raised.value), "no content in the error"
+    assert events_of(mongo_db, "u1") == events_before, "nothing may be deleted"
+    assert mongo_db["user_memory_summaries"].count_documents({}) == 0, "nothing may be written"

@@ -119,3 +119,33 @@ def test_an_integer_setting_beyond_what_mongodb_stores_is_refused() -> None:
     with pytest.raises(SettingsError, match=r"threshold \(100000000000000000000\) must be at most 9223372036854775807"):
         Settings.from_env({"BUTLER_MEMORY_THRESHOLD": str(10**20)})
     assert Settings(daily_token_budget=2**63 - 1).daily_token_budget == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"mongo_write_concern": "²"},  # str.isdigit() is True, int() refuses it
+        {"mongo_write_concern": "9" * 5000},  # over Python's int-from-text digit limit
+        {"threshold": "9" * 5000},
+        {"threshold": 10**5000},  # an int whose text the message could not show
+        {"llm_timeout_seconds": 10**400},  # an integer (a JSON Variable's) too large for a float
+    ],
+    ids=[
+        "write-concern-superscript",
+        "write-concern-5000-digits",
+        "integer-5000-digits",
+        "huge-int",
+        "float-from-huge-int",
+    ],
+)
+def test_a_bad_setting_is_a_settings_error_naming_it(values: dict[str, object]) -> None:
+    """Text int() refuses and numbers float() cannot hold fail as a SettingsError naming the setting (third review)."""
+    ((name, _),) = values.items()
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_mapping(values)
+
+
+def test_a_json_integer_over_the_digit_limit_is_a_settings_error() -> None:
+    """json.loads raises a plain ValueError past Python's digit limit: still the source's SettingsError (third review)."""
+    with pytest.raises(SettingsError, match="JSON is not valid JSON"):
+        Settings.from_json('{"threshold": ' + "9" * 5000 + "}")

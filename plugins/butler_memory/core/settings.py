@@ -303,6 +303,8 @@ class Settings:
             values = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SettingsError(f"{source} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        except ValueError:  # an integer over Python's 4300-digit limit (its message quotes no value)
+            raise SettingsError(f"{source} is not valid JSON: an integer of more than 4300 digits") from None
         if not isinstance(values, dict):
             raise SettingsError(f"{source} must be a JSON object, got {type(values).__name__}")
         return cls.from_mapping(values, base=base)
@@ -348,12 +350,11 @@ def _check_batch(settings: Settings) -> None:
 
 def _check_durability(settings: Settings) -> None:
     """Refuse write and read concerns that would let a delete outlive its summary commit."""
-    if not (
-        settings.mongo_write_concern == "majority"
-        or (settings.mongo_write_concern.isdigit() and int(settings.mongo_write_concern) >= 1)
-    ):
+    concern = settings.mongo_write_concern
+    nodes = _integer("mongo_write_concern", concern) if INTEGER_TEXT.fullmatch(concern) else None
+    if not (concern == "majority" or (nodes is not None and 1 <= nodes <= MAX_INTEGER)):
         raise SettingsError(
-            f"mongo_write_concern {settings.mongo_write_concern!r} must be 'majority' or a number of nodes >= 1 "
+            f"mongo_write_concern {concern[:40]!r} must be 'majority' or a number of nodes >= 1 "
             "(unacknowledged writes would let a delete land before its summary)"
         )
     if settings.mongo_read_concern not in ("majority", "local"):
@@ -392,8 +393,11 @@ def _finite(settings: Settings) -> None:
 
 
 def _at_most(settings: Settings, name: str, most: int) -> None:
-    if getattr(settings, name) > most:
-        raise SettingsError(f"{name} ({getattr(settings, name)}) must be at most {most}")
+    value = getattr(settings, name)
+    if value > most:
+        # str() of an int past Python's 4300-digit limit raises ValueError: show its size instead.
+        shown = value if value.bit_length() <= 256 else f"a {value.bit_length()}-bit integer"
+        raise SettingsError(f"{name} ({shown}) must be at most {most}")
 
 
 def _positive(settings: Settings, *names: str) -> None:
@@ -411,6 +415,15 @@ INTEGER_TEXT = re.compile(r"-?[0-9]+")
 and ``lstrip("-")`` took "--5": both then failed in ``int()`` with an error naming no setting)."""
 
 
+def _integer(name: str, text: str) -> int:
+    """Return the integer ``text`` (an ``INTEGER_TEXT``) spells: ``int()`` refuses text over Python's
+    4300-digit limit with a ValueError naming no setting, a SettingsError naming ``name`` here."""
+    try:
+        return int(text)
+    except ValueError:
+        raise SettingsError(f"{name} ({len(text)} digits) must be at most {MAX_INTEGER}") from None
+
+
 def _coerce(name: str, raw: Any, kind: type) -> Any:
     """Convert one raw value (often a string from the environment) to the field's type."""
     if kind is bool:
@@ -425,11 +438,14 @@ def _coerce(name: str, raw: Any, kind: type) -> Any:
         if isinstance(raw, int):
             return raw
         if isinstance(raw, str) and INTEGER_TEXT.fullmatch(raw.strip()):
-            return int(raw)
+            return _integer(name, raw.strip())
         raise SettingsError(f"{name} must be an integer, got {raw!r}")
     if kind is float:
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
+            try:
+                return float(raw)
+            except OverflowError:  # an int past float's range (a JSON Variable's 10**400)
+                raise SettingsError(f"{name} must be a finite number, got an integer too large for one") from None
         if isinstance(raw, str):
             try:
                 return float(raw)

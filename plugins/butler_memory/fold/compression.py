@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from butler_memory.core.errors import CompressionError, ErasurePendingError, GuardRejected, InvalidEventError
+from butler_memory.core.ids import check_user_id
 from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
 from butler_memory.fold.chunks import chunks, event_text, fold_list, quarantine_event
@@ -154,12 +155,14 @@ def compress_user(
     ``retryable`` says whether a later attempt can succeed unchanged. Nothing is ever deleted
     before a summary covering it is stored. With the parts' token ``budget`` spent, the user is not
     started (``skipped_budget``); once started, a user is finished whatever the budget.
-    ``Engine.compress`` is this function on the engine's parts.
+    ``Engine.compress`` is this function on the engine's parts. An id that is not a user id
+    (``core.ids.valid_user_id``) raises InvalidUserIdError before anything is read.
     """
     metrics, budget = parts.metrics, parts.budget
     started = time.monotonic()
-    if not isinstance(user_id, str) or not user_id:
-        raise CompressionError(f"user_id must be a non-empty string, got {user_id!r}")
+    # The scan passes only valid ids; an explicit one (a DAG param, the CLI) is checked here, before
+    # the lock: a user the job cannot erase by its id (the forget CLI, the erasure DAG) gets no summary.
+    check_user_id(user_id)
     if budget is not None and not dry_run and budget.exhausted():
         log.info(
             "user %s: today's LLM token budget (%d) is spent, leaving the user for tomorrow", user_id, budget.limit

@@ -37,13 +37,14 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Generic, TypeGuard, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
 from redis.commands.core import AsyncScript, Script
 from redis.exceptions import RedisError
 
+from butler_memory.core.ids import valid_user_id
 from butler_memory.storage.doorbell_keys import rang_key, rings_key
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 DEFAULT_KEY = "butler:memory:doorbell"
 DEFAULT_CHANNEL = "butler:memory:doorbell:ring"
 DEFAULT_THRESHOLD = 50
-MAX_USER_ID_CHARS = 200
 WAKE_MESSAGE = "ring"
 """What is published: a fixed word (no user id, no content)."""
 
@@ -82,16 +82,6 @@ if kept > 0 then
 end
 return kept
 """
-
-
-def valid_user_id(user_id: object) -> TypeGuard[str]:
-    """Return whether ``user_id`` is a string the job would accept as a user id."""
-    return (
-        isinstance(user_id, str)
-        and 0 < len(user_id) <= MAX_USER_ID_CHARS
-        and user_id.isprintable()
-        and not any(ch.isspace() for ch in user_id)
-    )
 
 
 ClientT = TypeVar("ClientT", redis.Redis, redis.asyncio.Redis)

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from butler_memory.core.ids import valid_user_id
 from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED, SKIPPED_BELOW_THRESHOLD
 from butler_memory.freshness.backoff import FailureBackoff
@@ -312,7 +313,7 @@ def _scan_pages(
         full = entries >= page
         read += page if full else entries
         done = not full and until is None
-        fresh_ids = [k.user_id for k in keys if isinstance(k.user_id, str) and k.user_id not in counted]
+        fresh_ids = [k.user_id for k in keys if valid_user_id(k.user_id) and k.user_id not in counted]
         counted.update(fresh_ids)
         over = store.backlog_of(fresh_ids, settings.threshold)
         found.update((b.user_id, b) for b in over)

@@ -20,9 +20,28 @@ from butler_memory.core.errors import (
     LLMReplyCutOffError,
     LLMTransientError,
 )
+from butler_memory.core.settings import MAX_INTEGER
 from butler_memory.llm.prompt import build_messages
 from butler_memory.llm.summarizer import Summary, SummaryRequest
 from butler_memory.llm.tokens import AUTO, TokenCounter
+
+
+def usage_tokens(usage: Any) -> tuple[int, int]:
+    """Return the ``(prompt_tokens, completion_tokens)`` of a reply's ``usage`` (an object, or a dict
+    in a Batch API output line); a missing usage or field counts 0.
+
+    The client hands the server's usage over unchecked: only a non-negative number BSON can store
+    is a count, anything else ("lots", 1e999, NaN, -5, true) raises ValueError (naming no value).
+    """
+    counts = []
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(key) if isinstance(usage, dict) else getattr(usage, key, None)
+        if value is None:
+            value = 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_INTEGER:
+            raise ValueError(f"usage.{key} is not a token count")
+        counts.append(int(value))
+    return counts[0], counts[1]
 
 
 @dataclass(frozen=True)
@@ -191,12 +210,11 @@ class OpenAISummarizer:
         reports having read the whole prompt (``usage.prompt_tokens`` against our own count).
         """
         # Read first: a reply refused below was paid for all the same, so its error carries the usage.
-        usage = getattr(response, "usage", None)
-        spent = {
-            "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
-            "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
-        }
-        prompt_tokens, completion_tokens = spent["prompt_tokens"], spent["completion_tokens"]
+        try:
+            prompt_tokens, completion_tokens = usage_tokens(getattr(response, "usage", None))
+        except ValueError:
+            raise LLMTransientError(f"user {user_id!r}: LLM returned a malformed usage", user_id=user_id) from None
+        spent = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         choices = getattr(response, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
             raise LLMTransientError(f"user {user_id!r}: LLM response has no choices", user_id=user_id, **spent)

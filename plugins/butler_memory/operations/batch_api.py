@@ -23,7 +23,7 @@ from butler_memory.fold.chunks import event_text
 from butler_memory.fold.compression import utcnow
 from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
 from butler_memory.llm.budget import TokenBudget
-from butler_memory.llm.openai_summarizer import OpenAISummarizer, tls_context
+from butler_memory.llm.openai_summarizer import OpenAISummarizer, tls_context, usage_tokens
 from butler_memory.llm.summarizer import SummaryRequest
 from butler_memory.operations.engine import Engine
 from butler_memory.safety.injection import withheld
@@ -282,9 +282,9 @@ def collect(engine: Engine, run_key: str, client: Any, *, checkpoint: Checkpoint
 
 
 def _reply_tokens(reply: dict[str, Any]) -> int:
-    """Return what a reply cost (prompt + completion tokens of its ``usage``; 0 when it has none)."""
-    usage = reply.get("usage") or {}
-    return sum(int(usage.get(key) or 0) for key in ("prompt_tokens", "completion_tokens"))
+    """Return what a reply cost (prompt + completion tokens of its ``usage``; 0 when it has none).
+    ``_line_outcome`` passes only replies whose usage ``usage_tokens`` reads."""
+    return sum(usage_tokens(reply.get("usage")))
 
 
 def _transient() -> tuple[type[Exception], ...]:
@@ -362,6 +362,10 @@ def _line_outcome(line: dict[str, Any]) -> tuple[str, dict[str, Any] | None, str
     status = response.get("status_code")
     body = response.get("body")
     if status == 200 and isinstance(body, dict) and not line.get("error"):
+        try:
+            usage_tokens(body.get("usage"))
+        except ValueError:  # its cost is unknown, and the online check would refuse it anyway
+            return line["custom_id"], None, "the batch's reply has a malformed usage"
         return line["custom_id"], body, None
     error = line.get("error") or (body.get("error") if isinstance(body, dict) else None) or {}
     code = error.get("code") if isinstance(error, dict) else None

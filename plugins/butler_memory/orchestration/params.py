@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from butler_memory.core.ids import MAX_USER_ID_CHARS
 from butler_memory.core.settings import MAX_INTEGER, MAX_USERS_PER_TASK
 
 if TYPE_CHECKING:
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 
 REQUIRED: Any = object()
 """The default of a param the form asks for (no default; the CLI option is required)."""
-MAX_USER_ID_CHARS = 200
-"""The longest user (or event) id a param, the CLI or the UI accepts."""
 MAX_RUN_ID_CHARS = 250
 """Airflow's ``dag_run.run_id`` column width."""
 ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$"
@@ -240,7 +239,15 @@ DAILY_COMPRESS = (
 """memory_compression (the daily DAG)."""
 
 ERASURE = (
-    text("user_id", "User id", "The user to forget.", "the user id", flag="--user", metavar="ID", maxLength=200),
+    text(
+        "user_id",
+        "User id",
+        "The user to forget.",
+        "the user id",
+        flag="--user",
+        metavar="ID",
+        maxLength=MAX_USER_ID_CHARS,
+    ),
     ids(
         "event_ids",
         "Event ids",

@@ -23,6 +23,12 @@ def validate_summary(text: str, *, user_id: str, max_chars: int) -> str:
     cleaned = text.strip() if isinstance(text, str) else ""
     if not cleaned:
         raise InvalidSummaryError(f"user {user_id!r}: summariser returned an empty summary", user_id=user_id)
+    try:
+        # A JSON reply may escape a lone surrogate ("\\ud800"): a str the store cannot encode, which would
+        # fail at the history write as a UnicodeEncodeError instead of failing this user here.
+        cleaned.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidSummaryError(f"user {user_id!r}: summary is not valid text", user_id=user_id) from None
     if len(cleaned) > max_chars:
         raise InvalidSummaryError(
             f"user {user_id!r}: summary is {len(cleaned)} characters, over the limit of {max_chars}",

@@ -16,6 +16,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, DeleteOne
 
 from butler_memory.core.errors import InvalidEventError
+from butler_memory.core.ids import MAX_USER_ID_CHARS, valid_user_id
 from butler_memory.storage.mongo import Collections, batches, id_key, ids_of_user
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,11 @@ class EventsMixin(Collections):
 
         Only string user ids are users: events under another ``user_id`` type (a number, an
         ObjectId, none at all) are left out before the ``$limit``, so they never take a place in the
-        run, and their count is logged (types and counts only) for the Butler to fix.
+        run, and their count is logged (types and counts only) for the Butler to fix. So is a string
+        that is not a user id (``valid_user_id``: over 200 characters, whitespace, control
+        characters), which the forget CLI and the erasure DAG could not erase: it is left out after the
+        ``$limit`` (the rule has no server-side equivalent), so it may take a place, and its count is
+        logged with the ids' lengths only.
         """
         pipeline: list[dict[str, Any]] = []
         if user_ids is not None:
@@ -97,7 +102,19 @@ class EventsMixin(Collections):
                 sum(int(row["events"]) for row in invalid),
                 self.events.name,
             )
-        return [Backlog(user_id=row["_id"], events=int(row["n"])) for row in found["users"]]
+        users = [row for row in found["users"] if valid_user_id(row["_id"])]
+        if len(users) < len(found["users"]):
+            unusable = [row for row in found["users"] if not valid_user_id(row["_id"])]
+            log.warning(
+                "scan: left out %d user id(s) that are not user ids (lengths %s: over %d characters, "
+                "whitespace or control characters), %d events over the threshold: fix user_id in the Butler's %s",
+                len(unusable),
+                ", ".join(str(len(row["_id"])) for row in unusable),
+                MAX_USER_ID_CHARS,
+                sum(int(row["n"]) for row in unusable),
+                self.events.name,
+            )
+        return [Backlog(user_id=row["_id"], events=int(row["n"])) for row in users]
 
     def writers_since(
         self, since: datetime, after: WriterKey | None, limit: int, until: datetime | None = None
@@ -135,9 +152,10 @@ class EventsMixin(Collections):
 
     def backlog_of(self, user_ids: Sequence[str], threshold: int) -> list[Backlog]:
         """Count the given users' events (one ``$group`` per ``COUNT_BATCH`` users, on the user_id
-        index) and return those over ``threshold``, largest backlog first. Non-string ids are left out."""
+        index) and return those over ``threshold``, largest backlog first. Ids that are not user ids
+        (``valid_user_id``, as the scan) are left out."""
         found = []
-        wanted = [u for u in dict.fromkeys(user_ids) if isinstance(u, str)]
+        wanted = [u for u in dict.fromkeys(user_ids) if valid_user_id(u)]
         for batch in batches(wanted, COUNT_BATCH):
             pipeline: list[dict[str, Any]] = [
                 {"$match": {"user_id": {"$in": batch}}},

@@ -115,7 +115,8 @@ def batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
 
 def write_concern(settings: Settings) -> WriteConcern:
     """Return the write concern of the summary commit, archive and delete (``mongo_write_concern``)."""
-    w: int | str = int(settings.mongo_write_concern) if settings.mongo_write_concern.isdigit() else "majority"
+    # Settings admit only "majority" or ASCII digits (INTEGER_TEXT), so int() cannot fail here.
+    w: int | str = "majority" if settings.mongo_write_concern == "majority" else int(settings.mongo_write_concern)
     return WriteConcern(w=w, wtimeout=settings.mongo_write_timeout_ms)
 
 
