@@ -294,7 +294,9 @@ def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         dry_run=args.dry_run,
         users=lambda engine: args.user_ids,
         act=lambda engine, user_id: engine.refold(user_id, run_id=run_id, dry_run=args.dry_run),
-        failed=lambda user_id, exc: RefoldResult(user_id, FAILED, run_id=run_id, message=f"{type(exc).__name__}: {exc}"),
+        failed=lambda user_id, exc: RefoldResult(
+            user_id, FAILED, run_id=run_id, message=f"{type(exc).__name__}: {exc}"
+        ),
     )
     if isinstance(results, int):
         return results

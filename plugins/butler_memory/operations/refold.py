@@ -212,9 +212,8 @@ def refold_user(
         result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
         return result
 
-    attempt = partial(
-        under_lock, parts.locks, user_id, "re-fold", checkpoint, refold_locked, partial(RefoldResult, user_id, run_id=run_id)
-    )
+    outcome = partial(RefoldResult, user_id, run_id=run_id)
+    attempt = partial(under_lock, parts.locks, user_id, "re-fold", checkpoint, refold_locked, outcome)
     return m.observed(parts.metrics, m.REFOLD, attempt, changed=REFOLDED, events=lambda r: r.events, dry_run=dry_run)
 
 
