@@ -294,14 +294,16 @@ def run_refold(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         dry_run=args.dry_run,
         users=lambda engine: args.user_ids,
         act=lambda engine, user_id: engine.refold(user_id, run_id=run_id, dry_run=args.dry_run),
-        failed=lambda user_id, exc: RefoldResult(user_id, FAILED, message=f"{type(exc).__name__}: {exc}"),
+        failed=lambda user_id, exc: RefoldResult(
+            user_id, FAILED, run_id=run_id, message=f"{type(exc).__name__}: {exc}"
+        ),
     )
     if isinstance(results, int):
         return results
     if args.json:
         out.write(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     else:
-        out.write(refold_markdown(results, dry_run=args.dry_run))
+        out.write(refold_markdown(run_id, results, dry_run=args.dry_run))
     return EXIT_OK if all(r.status in ("refolded", "dry_run", "not_changed") for r in results) else EXIT_FAILED_USERS
 
 

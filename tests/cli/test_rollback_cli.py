@@ -135,6 +135,29 @@ def test_refold_through_the_command_line(
     assert CANARY not in done.stdout + done.stderr + dry.stdout + dry.stderr
 
 
+def test_a_refolds_output_names_the_run_that_rollback_undoes(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI
+) -> None:
+    """The re-fold's Markdown and --json output name its run id, which rollback --run undoes (third review)."""
+    seed(mongo_db, {"a": 20})
+    assert cli("compress", "--run-id", "r0", *SMALL).returncode == 0
+    before = state(mongo_db)
+
+    dry = cli("refold", "--user", "a", "--dry-run")
+    done = cli("refold", "--user", "a", "--json")
+
+    assert dry.returncode == 0 and dry.stdout.startswith("# Re-fold run refold__"), dry.stdout + dry.stderr
+    assert done.returncode == 0, done.stderr + done.stdout
+    [result] = json.loads(done.stdout)
+    run_id = result["run_id"]
+    [entry] = mongo_db["user_memory_summaries"].find({"user_id": "a", "kind": "refold"})
+    assert entry["run_id"] == run_id, "the output names another run than the history entry"
+    undo = cli("rollback", "--run", run_id, "--json")
+    assert undo.returncode == 0, undo.stderr + undo.stdout
+    assert [r["status"] for r in json.loads(undo.stdout)] == ["rolled_back"], undo.stdout
+    assert state(mongo_db) == before, "rolling the re-fold back did not return to the summary before it"
+
+
 def test_a_rollback_of_an_unknown_run_or_another_dags_run_says_so(
     airflow_conns: AirflowConns, mongo_db: Database[Doc], redis_client: redis.Redis, llm: FakeOpenAI
 ) -> None:

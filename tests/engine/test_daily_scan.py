@@ -21,6 +21,7 @@ from pymongo import monitoring
 from pymongo.database import Database
 
 from butler_memory.core.settings import Settings
+from butler_memory.fold import metrics as m
 from butler_memory.fold.rebuild import Checkpoint, no_checkpoint
 from butler_memory.freshness import fresh
 from butler_memory.freshness.doorbell import Doorbell, DoorbellRecord
@@ -373,3 +374,36 @@ def test_each_page_of_a_day_matches_about_a_page_of_events_and_a_kill_loses_nobo
     # Pages without an upper bound matched every event after the cursor at each of 24+ pages (over 12 x).
     assert matched <= 3 * events, (matched, events)
     assert listener.read <= events + 3 * 20, "the resumed scan read the killed scan's pages again"
+
+
+class Gauges:
+    """Collect the gauges sent (the other metric calls are dropped)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, float]] = []
+
+    def incr(self, name: str, count: int = 1) -> None: ...
+
+    def gauge(self, name: str, value: float) -> None:
+        self.sent.append((name, value))
+
+    def timing(self, name: str, seconds: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def test_the_commands_scan_sends_backlog_users_as_the_daily_run_does(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """The command's scan sends backlog_users on real runs only, taken and left together (third review)."""
+    gauges = Gauges()
+    engine = make_engine(mongo_db, redis_client, small_settings(threshold=10, keep_last_n=5), metrics=gauges)
+    for user in ("u1", "u2", "u3"):
+        insert_events(mongo_db, user, 20)
+
+    assert len(engine.scan(limit=1, dry_run=True)) == 1
+    assert gauges.sent == [], f"a dry-run scan sent {gauges.sent}"
+    assert len(engine.scan(limit=1)) == 1
+    assert gauges.sent == [(m.BACKLOG_USERS, 3)], (
+        f"3 users are over the threshold, 1 taken; the scan sent {gauges.sent}"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from tools.services import MongoService
 
 SETTINGS = small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5)
 LATER = START + timedelta(days=1)
+LATEST = START + timedelta(days=2)
 
 
 class Crash(Exception):
@@ -404,3 +406,56 @@ def test_undo_then_undo_again_ends_before_the_first_run(mongo_db: Database[Doc],
     assert archive_of(mongo_db, "u1") == {} == before_r0["archive"]
     profile = profile_of(mongo_db, "u1")
     assert profile["memory_summary"] == "" and profile[VERSION_FIELD] == 8 and ROLLBACK_FIELD not in profile
+
+
+def undo_r1_then_fold_r2(db: Database[Doc], engine: Engine) -> Doc:
+    """Run r0 (v1-v3) and r1 (v4-v6), roll r1 back (v7 = v3's text, watermark and time), run r2 on top;
+    return the profile as it was at v7."""
+    insert_events(db, "u1", 20)
+    engine.compress("u1", run_id="r0")
+    insert_events(db, "u1", 15, first=20, start=LATER)
+    engine.compress("u1", run_id="r1")
+    time.sleep(0.05)  # each commit at its own millisecond: a time taken from the wrong one shows
+    assert engine.rollback("u1", "r1", rollback_id="rb1").status == ROLLED_BACK
+    at_v7 = profile_of(db, "u1")
+    time.sleep(0.05)
+    insert_events(db, "u1", 5, first=35, start=LATEST)
+    engine.compress("u1", run_id="r2")
+    time.sleep(0.05)
+    return at_v7
+
+
+def assert_profile_back_at(db: Database[Doc], at: Doc) -> None:
+    """Check the profile holds the text and bookkeeping it held at an earlier version."""
+    after = profile_of(db, "u1")
+    assert after["memory_summary"] == at["memory_summary"]
+    assert after["memory_compressed_through"] == at["memory_compressed_through"]
+    assert after["memory_compressed_at"] == at["memory_compressed_at"], (
+        "rolling back to a rollback version set memory_compressed_at to the time of that rollback, "
+        "not the profile's value at that version"
+    )
+
+
+def test_rolling_back_to_a_rollback_version_restores_its_compressed_at(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """Undoing a run back to a rollback's version restores that version's memory_compressed_at (third review)."""
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    at_v7 = undo_r1_then_fold_r2(mongo_db, engine)
+
+    result = engine.rollback("u1", "r2", rollback_id="rb2")
+
+    assert result.status == ROLLED_BACK and result.restored_version == 7, result
+    assert_profile_back_at(mongo_db, at_v7)
+
+
+def test_rolling_back_to_a_rollback_entry_written_without_compressed_at_restores_its_time(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A rollback entry from before entries held compressed_at is followed to the version it restored (third review)."""
+    engine = make_engine(mongo_db, redis_client, SETTINGS)
+    at_v7 = undo_r1_then_fold_r2(mongo_db, engine)
+    mongo_db["user_memory_summaries"].update_one({"user_id": "u1", "version": 7}, {"$unset": {"compressed_at": ""}})
+
+    assert engine.rollback("u1", "r2", rollback_id="rb2").status == ROLLED_BACK
+    assert_profile_back_at(mongo_db, at_v7)

@@ -329,6 +329,9 @@ def finish_rollback(
                 "is no longer in the history; its events are back in user_memory, the summary is unchanged",
                 user_id=user_id,
             )
+        # the restored version's time, recorded on the new entry too: a later rollback to this
+        # version must restore it, not the time of this rollback
+        compressed_at = store.history.committed_at(restore)
         store.restore(user_id, undoes, unarchive=False, fence=fenced)
         checkpoint("restored")
         store.history.write_version(
@@ -347,6 +350,7 @@ def finish_rollback(
                 guards=restore.guards,
                 undoes=undoes,
                 undone_runs=list(intent["undone_runs"]),
+                compressed_at=compressed_at,
             )
         )
         checkpoint("recorded")
@@ -357,7 +361,7 @@ def finish_rollback(
             new_version=new_version,
             summary=restore.text,
             through=None if restore.through is None else restore.through.to_doc(),
-            compressed_at=restore.committed_at,
+            compressed_at=compressed_at,
         )
         checkpoint("committed")
     elif profile.version != new_version:

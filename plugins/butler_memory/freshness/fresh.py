@@ -111,6 +111,11 @@ class ScanResult:
     cleared: list[str] = field(default_factory=list)
     """Users the daily scan owed that are under the threshold now (the report drops them from the record)."""
 
+    @property
+    def over(self) -> int:
+        """Return the users over the threshold the scan found, taken and left together (backlog_users)."""
+        return len(self.backlog) + self.left
+
     def xcom(self) -> dict[str, Any]:
         """Return what the report needs, JSON-safe (ids and counts only)."""
         return {

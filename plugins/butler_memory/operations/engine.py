@@ -19,6 +19,7 @@ from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import compress_user
 from butler_memory.fold.metrics import Metrics, NullMetrics
+from butler_memory.freshness.fresh import daily_scan
 from butler_memory.llm.budget import TokenBudget
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.audit import audit_key
@@ -56,12 +57,17 @@ class Engine:
     def scan(
         self, *, limit: int | None = None, user_ids: Sequence[str] | None = None, dry_run: bool = False
     ) -> list[Backlog]:
-        """Return users over the threshold, largest backlog first (a dry run creates no indexes)."""
+        """Return users over the threshold, largest backlog first, at most ``limit`` (a dry run creates
+        no indexes). The scan is the daily run's given-users one (``fresh.daily_scan`` without its
+        record), and so is the gauge: a real scan sends backlog_users, the users taken and those left
+        past the limit together; a dry run sends nothing, as a preview is not a run."""
         if not dry_run:  # a preview writes nothing: it must run with read-only credentials
             self.store.ensure_indexes()
-        backlog = self.store.scan(self.settings.threshold, limit or self.settings.scan_limit, user_ids)
-        self.metrics.gauge(m.BACKLOG_USERS, len(backlog))
-        return backlog
+        given = None if user_ids is None else list(user_ids)
+        result = daily_scan(self.store, self.settings, limit or self.settings.scan_limit, given)
+        if not dry_run:
+            self.metrics.gauge(m.BACKLOG_USERS, result.over)
+        return result.backlog
 
     compress = compress_user
     """Compress one user: ``compression.compress_user`` on these parts."""

@@ -60,6 +60,8 @@ and prompt (a re-run adds no identical version)."""
 class RefoldResult(VersionResult):
     """What a re-fold did (or would do) to one user: ids, versions and counts, never content."""
 
+    run_id: str
+    """The re-fold's run, as its history entry names it: what ``rollback --run`` takes to undo it."""
     refolded_from: int | None = None
     events: int = 0
     chunks: int = 0
@@ -157,6 +159,7 @@ def refold_user(
             return RefoldResult(
                 user_id,
                 NOT_CHANGED,
+                run_id=run_id,
                 from_version=profile.version,
                 to_version=profile.version,
                 refolded_from=plan.start.version,
@@ -165,6 +168,7 @@ def refold_user(
         result = RefoldResult(
             user_id,
             DRY_RUN if dry_run else REFOLDED,
+            run_id=run_id,
             from_version=profile.version,
             to_version=profile.version if dry_run else profile.version + 1,
             refolded_from=plan.start.version,
@@ -208,17 +212,17 @@ def refold_user(
         result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
         return result
 
-    attempt = partial(
-        under_lock, parts.locks, user_id, "re-fold", checkpoint, refold_locked, partial(RefoldResult, user_id)
-    )
+    outcome = partial(RefoldResult, user_id, run_id=run_id)
+    attempt = partial(under_lock, parts.locks, user_id, "re-fold", checkpoint, refold_locked, outcome)
     return m.observed(parts.metrics, m.REFOLD, attempt, changed=REFOLDED, events=lambda r: r.events, dry_run=dry_run)
 
 
-def refold_markdown(results: Sequence[RefoldResult], *, dry_run: bool) -> str:
-    """Return a re-fold's results as Markdown: one row per user, no content."""
+def refold_markdown(run_id: str, results: Sequence[RefoldResult], *, dry_run: bool) -> str:
+    """Return a re-fold's results as Markdown: its run (the id ``rollback --run`` undoes it by), one
+    row per user, no content."""
     headers = ["user", "status", "version", "from", "events", "chunks", "guards", "note"]
     lines = [
-        f"# Re-fold{' (dry run: nothing written)' if dry_run else ''}",
+        f"# Re-fold run {run_id}{' (dry run: nothing written)' if dry_run else ''}",
         "",
         *markdown_table(headers, map(_row, results)),
     ]

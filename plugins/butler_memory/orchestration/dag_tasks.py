@@ -118,7 +118,7 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[li
                 persist=not dry_run,
             )
         if not dry_run:
-            engine.metrics.gauge(m.BACKLOG_USERS, len(result.backlog) + result.left)
+            engine.metrics.gauge(m.BACKLOG_USERS, result.over)
             engine.metrics.gauge(m.BACKLOG_LEFT_USERS, result.left)
             if result.backed_off:
                 engine.metrics.incr(m.USERS_SKIPPED_BACKOFF_TOTAL, len(result.backed_off))

@@ -17,6 +17,7 @@ API (used by compression, rollback, refold and the forget helper)::
     history.write_version(entry)                 # upsert by (user_id, version)
     history.versions(user_id, through=v)         # entries 1..v, oldest first (text included)
     history.version(user_id, v)                  # one entry, None when missing (v0 is synthesised)
+    history.committed_at(entry)                  # the profile's memory_compressed_at at that version
     history.holds(user_id, v, text)              # whether v's entry has exactly this text
     history.lineage(user_id, through=v)          # the chain of versions v's text descends from
 """
@@ -107,7 +108,8 @@ class HistoryEntry:
     newest clean version its rebuild started from; for a rollback, the version whose text (and
     bookkeeping) it restored."""
     created_at: datetime | None
-    """Also the profile's ``memory_compressed_at`` for this version."""
+    """When it was written; also the profile's ``memory_compressed_at`` for this version unless the
+    entry is a baseline or a rollback (see ``SummaryHistory.committed_at``)."""
     through: Key | None = None
     """The profile's watermark at this version."""
     covers: Covers | None = None
@@ -124,13 +126,9 @@ class HistoryEntry:
     refolded_from: int | None = None
     """For a re-fold: the kept version whose text it started from."""
     compressed_at: datetime | None = None
-    """The profile's ``memory_compressed_at`` at this version when it differs from ``created_at``
-    (a baseline entry); see ``committed_at``."""
-
-    @property
-    def committed_at(self) -> datetime | None:
-        """Return the profile's ``memory_compressed_at`` at this version."""
-        return self.compressed_at if self.kind == BASELINE else self.created_at
+    """The profile's ``memory_compressed_at`` at this version when it is not ``created_at``: a
+    baseline's is the profile's, a rollback's the restored version's; see
+    ``SummaryHistory.committed_at``."""
 
     def to_doc(self) -> dict[str, Any]:
         """Return the stored document."""
@@ -214,6 +212,23 @@ class SummaryHistory:
         if doc is not None:
             return HistoryEntry.from_doc(doc)
         return empty_version(user_id) if version == 0 else None
+
+    def committed_at(self, entry: HistoryEntry) -> datetime | None:
+        """Return the profile's ``memory_compressed_at`` at ``entry``'s version.
+
+        A fold, re-fold or forget set it to its commit time (``created_at``); a baseline recorded
+        the profile's and a rollback the restored version's (``compressed_at``). A rollback entry
+        without one restored a version that had none, or was written before rollback entries held
+        it (its ``created_at`` is the rollback's own time, which the profile never took): it is
+        followed to the version it restored. When that one is gone (retention), the rollback's own
+        time is the best left.
+        """
+        while entry.kind == ROLLBACK and entry.compressed_at is None:
+            restored = self.version(entry.user_id, entry.base_version) if entry.base_version < entry.version else None
+            if restored is None:
+                return entry.created_at
+            entry = restored
+        return entry.compressed_at if entry.kind in (BASELINE, ROLLBACK) else entry.created_at
 
     def holds(self, user_id: str, version: int, text: str) -> bool:
         """Say whether a version's stored entry has exactly ``text`` (compared by the server: no text
