@@ -18,7 +18,7 @@ from butler_memory.llm.openai_summarizer import LLMConfig, OpenAISummarizer
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.engine import Engine
 from butler_memory.storage.locks import UserLocks
-from butler_memory.storage.profiles import THROUGH_FIELD, VERSION_FIELD
+from butler_memory.storage.profiles import LEASE_FIELD, THROUGH_FIELD, VERSION_FIELD
 from butler_memory.storage.store import MemoryStore
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -144,11 +144,15 @@ def history_of(db: Database[Doc], user_id: str) -> list[Doc]:
 
 
 def snapshot(db: Database[Doc], user_id: str) -> Doc:
-    """Return everything a compression of one user could change."""
+    """Return everything a compression of one user could change (not its lease: every run that takes
+    the user records its own, a fence and no state of the memory)."""
+    profile = profile_of(db, user_id)
+    if profile is not None:
+        profile.pop(LEASE_FIELD, None)
     return {
         "events": events_of(db, user_id),
         "archive": archive_of(db, user_id),
-        "profile": profile_of(db, user_id),
+        "profile": profile,
         "history": history_of(db, user_id),
     }
 

@@ -9,6 +9,7 @@ event exactly once, in the summary's ledger or in the raw list.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -28,6 +29,7 @@ from butler_memory.core.errors import (
 )
 from butler_memory.core.settings import SettingsError
 from butler_memory.fold.compression import COMPRESSED, SKIPPED_LOCKED
+from butler_memory.llm.offline import OfflineSummarizer
 from butler_memory.operations import forget
 from butler_memory.operations.engine import Engine
 from butler_memory.storage.profiles import ERASING_FIELD, FORGET_FIELD, PENDING_FIELD, ROLLBACK_FIELD, VERSION_FIELD
@@ -43,6 +45,7 @@ from tests.engine.helpers import (
     make_engine,
     profile_of,
     set_profile,
+    small_settings,
 )
 from tests.engine.test_kill_matrix import SETTINGS
 from tools.bench_engine import CommandCounter
@@ -464,3 +467,71 @@ def test_a_logged_memory_shows_no_content(reader: butler.MemoryClient) -> None:
     assert (
         repr(memory) == f"Memory(user_id='u1', version=3, summary_chars={len(memory.summary)}, events=5, erasing=False)"
     )
+
+
+def _uuid_events(db: Database[Doc], n: int) -> list[uuid.UUID]:
+    """Insert ``n`` events of USER with native UUID ``_id``s (through a standard-UUID client); return the ids."""
+    ids = [uuid.uuid4() for _ in range(n)]
+    db["user_memory"].insert_many(
+        [
+            {
+                "_id": i,
+                "user_id": USER,
+                "role": "user",
+                "content": f"turn {k} about the weather.",
+                "created_at": START + timedelta(minutes=k),
+            }
+            for k, i in enumerate(ids)
+        ]
+    )
+    return ids
+
+
+def test_memory_reads_events_with_uuid_ids_on_a_standard_uuid_client(
+    mongo_service: MongoService, mongo_db: Database[Doc]
+) -> None:
+    """A Butler client decoding UUID ``_id``s to ``uuid.UUID`` reads the memory, no bare ValueError (third review)."""
+    butler_client: pymongo.MongoClient[Doc] = mongo_service.client(uuidRepresentation="standard")
+    try:
+        db = butler_client[mongo_db.name]
+        ids = _uuid_events(db, 3)
+        memory = butler.MemoryClient(db, settings=small_settings()).memory(USER)
+    finally:
+        butler_client.close()
+    assert [ev.id for ev in memory.events] == ids
+
+
+def test_compress_now_folds_events_with_uuid_ids_on_a_standard_uuid_client(
+    mongo_service: MongoService, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """``compress_now`` on a standard-UUID client folds events with UUID ``_id``s (third review)."""
+    settings = small_settings()
+    butler_client: pymongo.MongoClient[Doc] = mongo_service.client(uuidRepresentation="standard")
+    try:
+        db = butler_client[mongo_db.name]
+        _uuid_events(db, 14)
+        engine = butler.inline_engine(db, redis_client, OfflineSummarizer(), settings=settings)
+        result = butler.MemoryClient(db, redis_client, settings=settings, engine=engine).compress_now(USER)
+    finally:
+        butler_client.close()
+    assert (result.status, result.events_folded) == (COMPRESSED, 11), result
+
+
+def test_a_standard_uuid_client_hides_the_jobs_pending_fold_of_uuid_ids(
+    mongo_service: MongoService, mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """The job (default codec: UUIDs read as Binary) and a standard-UUID client agree on an event's digest,
+    so a pending fold's events are hidden from the Butler's read (third review)."""
+    settings = small_settings()
+    butler_client: pymongo.MongoClient[Doc] = mongo_service.client(uuidRepresentation="standard")
+    try:
+        db = butler_client[mongo_db.name]
+        ids = _uuid_events(db, 14)
+        with pytest.raises(Stop):  # the job committed v1, its events not yet archived or deleted
+            make_engine(mongo_db, redis_client, settings).compress(USER, run_id="r0", checkpoint=stop_at("committed"))
+        pending = profile_of(db, USER)[PENDING_FIELD]["ids"]
+        memory = butler.MemoryClient(db, settings=settings).memory(USER)
+    finally:
+        butler_client.close()
+    assert memory.version == 1 and pending, "the state under test"
+    assert [ev.id for ev in memory.events] == [i for i in ids if i not in pending], memory

@@ -13,7 +13,7 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.core.errors import ErasurePendingError, ForgetInputError, LockBusyError
+from butler_memory.core.errors import ConcurrentUpdateError, ErasurePendingError, ForgetInputError, LockBusyError
 from butler_memory.core.settings import Settings
 from butler_memory.fold.report import build_report
 from butler_memory.freshness.backoff import FailureBackoff
@@ -23,12 +23,16 @@ from butler_memory.storage.profiles import ERASING_FIELD
 from butler_memory.storage.store import MemoryStore
 from tests.engine.erasure_helpers import (
     CANARY,
+    FACT_USER,
+    FACTS,
     OTHER,
     OTHER_CANARY,
     SECRET,
     SHARED_KEY,
     TARGET,
     TEST_KEY_PATTERN,
+    fact_content,
+    fact_settings,
     mongo_mentions,
     quarantine_one,
     redis_mentions,
@@ -346,3 +350,33 @@ def test_a_run_document_keeps_another_users_id_that_contains_the_erased_one() ->
         "backlog": {"alice:2": 4},
         "error": "first '[erased]', then 'alice:2'",
     }
+
+
+def test_a_compression_stalled_before_its_commit_writes_nothing_over_a_whole_user_erasure(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A run stalled past its lock's TTL after its history write commits nothing over an erasure done
+    meanwhile, though the erasure removed the version its first commit would match (third review)."""
+    settings = fact_settings()
+    insert_events(mongo_db, FACT_USER, 14, content=fact_content)
+    mongo_db["user_profiles"].insert_one({"user_id": FACT_USER, "name": "the Butler's own field"})
+    slow = make_engine(mongo_db, redis_client, settings)
+    seen: dict[str, Any] = {}
+
+    def stall_then_erase(step: str) -> None:
+        # The slow run wrote its history entry; before its commit it stalls past the lock's TTL, and
+        # the user asks to be erased (their events too) with the free lock.
+        if step != "recorded" or seen:
+            return
+        redis_client.delete(settings.lock_key(FACT_USER))
+        seen["erasure"] = erasure.forget_user(
+            FACT_USER, settings=settings, store=slow.store, locks=slow.locks, secret=SECRET, events=True
+        )
+
+    with pytest.raises(ConcurrentUpdateError):
+        slow.compress(FACT_USER, run_id="r-slow", checkpoint=stall_then_erase)
+
+    assert seen["erasure"].status == erasure.ERASED, seen["erasure"]
+    profile = profile_of(mongo_db, FACT_USER) or {}
+    assert profile == {"user_id": FACT_USER, "name": "the Butler's own field"}, f"the stale run committed: {profile}"
+    assert mongo_mentions(mongo_db, list(FACTS.values())) == [], "an erased user's fact is back in the memory"

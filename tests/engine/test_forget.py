@@ -10,7 +10,7 @@ import pytest
 import redis
 from pymongo.database import Database
 
-from butler_memory.core.errors import ErasurePendingError, ForgetInputError
+from butler_memory.core.errors import ConcurrentUpdateError, ErasurePendingError, ForgetInputError
 from butler_memory.core.settings import Settings
 from butler_memory.fold.compression import COMPRESSED
 from butler_memory.operations import erasure, forget
@@ -521,3 +521,30 @@ def test_the_engine_front_forgets_events_or_the_whole_user_and_refuses_both_at_o
     whole = engine.forget(FACT_USER, secret=SECRET, include_events=True)
     assert whole.kind == "user" and whole.status == erasure.ERASED, whole
     assert mongo_db["user_memory"].count_documents({"user_id": FACT_USER}) == 0
+
+
+def test_a_compression_stalled_before_its_commit_does_not_bring_back_an_event_a_forget_removed_meanwhile(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A run stalled past its lock's TTL after its history write commits nothing over a forget of live
+    events done meanwhile, though that forget left the summary version as it was (third review)."""
+    settings = fact_settings()
+    insert_events(mongo_db, FACT_USER, 14, content=fact_content)  # fact 2 is in the first chunk (e000..e005)
+    slow, other = make_engine(mongo_db, redis_client, settings), make_engine(mongo_db, redis_client, settings)
+    seen: dict[str, Any] = {}
+
+    def stall_then_forget(step: str) -> None:
+        # The slow run summarised its first chunk (fact 2 in it), extended its lock and wrote its
+        # history entry; before its commit it stalls past the lock's TTL, and the Butler's deletion
+        # flow forgets event 2 (live, folded by no version) with the free lock, and returns.
+        if step != "recorded" or seen:
+            return
+        redis_client.delete(settings.lock_key(FACT_USER))
+        seen["forget"] = forget.forget_events(FACT_USER, [eid(2)], engine=other, secret=SECRET)
+
+    with pytest.raises(ConcurrentUpdateError):
+        slow.compress(FACT_USER, run_id="r-slow", checkpoint=stall_then_forget)
+
+    assert seen["forget"].status == forget.FORGOTTEN, seen["forget"]
+    # The forget returned "forgotten": the fact must be nowhere, whatever the stale run did afterwards.
+    assert mongo_mentions(mongo_db, [FACTS[2]]) == [], "a forgotten event's fact is back in the memory"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -201,7 +202,9 @@ def _compress_locked(
     frozen: FrozenFold | None = None,
 ) -> UserResult:
     settings, store, summarizer, metrics = parts.settings, parts.store, parts.summarizer, parts.metrics
-    profile = store.load_profile(user_id, create=not dry_run)
+    # The lease fences this run's commits (LEASE_FIELD): whoever takes the user after us replaces it.
+    lease = None if dry_run else uuid.uuid4().hex
+    profile = store.load_profile(user_id, create=not dry_run, lease=lease)
     if profile.erasing:
         # Forgetting wins: folding more into a summary an erasure is about to rebuild or remove would
         # either undo the erasure or be lost by it.
@@ -298,6 +301,7 @@ def _compress_locked(
             now=now,
             target=target,
             digests=[event_digest(ev) for ev in chunk],
+            lease=lease,
         )
         summary = text
         result.chunks += 1

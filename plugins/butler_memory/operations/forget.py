@@ -287,6 +287,7 @@ def _finish(
                     run_id=str(intent.get("run_id")),
                     now=now,
                     target=profile.fold_target,
+                    forget_id=intent["id"],
                 ),
             )
         store.clear_pending(user_id, new_version)

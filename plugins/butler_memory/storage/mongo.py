@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import bson
+from bson.binary import UuidRepresentation
 from bson.codec_options import CodecOptions
 from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
@@ -125,14 +126,23 @@ def lenient(options: CodecOptions[Any]) -> CodecOptions[Any]:
     return options.with_options(unicode_decode_error_handler="surrogateescape")
 
 
+_KEY_CODEC: CodecOptions[Any] = CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
+"""How :func:`event_digest` and :func:`id_key` encode: bson's default cannot encode a native
+``uuid.UUID``, which a client with ``uuidRepresentation="standard"`` (the Butler's, as pymongo
+recommends) decodes a UUID ``_id`` to. Encoded back as binary subtype 4, it is the stored bytes,
+the same bytes the job's default client reads as a subtype-4 ``Binary``: both compute the same
+digest of the same stored event. A subtype-3 (legacy) UUID stays the ``Binary`` either decodes it
+to, unless a client decodes it with a legacy representation (docs/butler-integration.md)."""
+
+
 def event_digest(event: Mapping[str, Any]) -> str:
     """Return a short fingerprint of an event exactly as read (its BSON bytes): equal iff unchanged."""
-    return hashlib.blake2b(bson.encode(dict(event)), digest_size=12).hexdigest()
+    return hashlib.blake2b(bson.encode(dict(event), codec_options=_KEY_CODEC), digest_size=12).hexdigest()
 
 
 def id_key(value: Any) -> bytes:
-    """Return a hashable, exact form of any ``_id`` (a compound document, an ObjectId, a number...)."""
-    return bson.encode({"": value})
+    """Return a hashable, exact form of any ``_id`` (a compound document, an ObjectId, a UUID, a number...)."""
+    return bson.encode({"": value}, codec_options=_KEY_CODEC)
 
 
 _RETRYABLE_MONGO = (ConnectionFailure, WTimeoutError)

@@ -33,6 +33,12 @@ ERASING_FIELD = "memory_erasing"
 """The id of an unfinished erasure of this user (see erasure.py): compressions refuse the user."""
 FORGET_FIELD = "memory_forget"
 """The intent of an unfinished forget of some events (see forget.py): compressions refuse the user."""
+LEASE_FIELD = "memory_lease"
+"""The id of the compression that last took the user, set under its lock when it loads the profile;
+its commits require it unchanged. A forget begun, an erasure done or another run that took the
+user meanwhile removes or replaces it, so a run stalled past its lock's TTL commits nothing
+over them, even when they left the summary version as it was (a forget of live events) or removed
+it (an erasure: the stale run's version 0 would match again)."""
 OUR_PROFILE_FIELDS = (
     VERSION_FIELD,
     THROUGH_FIELD,
@@ -41,6 +47,7 @@ OUR_PROFILE_FIELDS = (
     TARGET_FIELD,
     FORGET_FIELD,
     ROLLBACK_FIELD,
+    LEASE_FIELD,
 )
 """Every profile field this package writes besides the summary (a user erasure removes them all)."""
 
@@ -79,10 +86,14 @@ class Profile:
 class ProfilesMixin(Collections):
     """Load a user's profile and commit new summary versions, guarded by the version they build on."""
 
-    def load_profile(self, user_id: str, *, create: bool = True) -> Profile:
-        """Return the user's profile, validated; create an empty one first when asked."""
-        if create:
-            self.profiles.update_one({"user_id": user_id}, {"$setOnInsert": {"user_id": user_id}}, upsert=True)
+    def load_profile(self, user_id: str, *, create: bool = True, lease: str | None = None) -> Profile:
+        """Return the user's profile, validated; create an empty one first when asked (``create``, or
+        a ``lease``: a compression taking the user records it in the same write, see ``LEASE_FIELD``)."""
+        if create or lease is not None:
+            update: dict[str, Any] = {"$setOnInsert": {"user_id": user_id}}
+            if lease is not None:
+                update["$set"] = {LEASE_FIELD: lease}
+            self.profiles.update_one({"user_id": user_id}, update, upsert=True)
         doc = self.profiles.find_one({"user_id": user_id}) or {}
         return parse_profile(user_id, doc, self.settings)
 
@@ -98,12 +109,22 @@ class ProfilesMixin(Collections):
         now: datetime,
         target: EventKey | None = None,
         digests: list[str] | None = None,
+        lease: str | None = None,
+        forget_id: str | None = None,
     ) -> int:
         """Store a new summary, watermark, pending fold and fold target (None after the last chunk)
         in one guarded update; return the new version.
 
         ``digests`` (one per id, :func:`event_digest` of the event as summarised) let a re-run that
-        finishes this fold delete only events still as they were summarised."""
+        finishes this fold delete only events still as they were summarised.
+
+        Guarded, besides the version, by no pending fold, rollback or erasure, and by the committer's
+        own claim: a compression's ``lease`` still the profile's with no forget begun, or a forget's
+        rebuild by its intent (``forget_id``). Exactly one of the two is given."""
+        if (lease is None) == (forget_id is None):
+            raise ValueError("a summary commit is a compression's (lease) or a forget's (forget_id), exactly one")
+        claim = {FORGET_FIELD: None, LEASE_FIELD: lease} if forget_id is None else {f"{FORGET_FIELD}.id": forget_id}
+        guard = {PENDING_FIELD: None, ROLLBACK_FIELD: None, ERASING_FIELD: None, **claim}
         fields = {
             THROUGH_FIELD: {"created_at": through.created_at, "event_id": through.id},
             COMPRESSED_AT_FIELD: now,
@@ -115,7 +136,7 @@ class ProfilesMixin(Collections):
             },
             TARGET_FIELD: None if target is None else {"created_at": target.created_at, "event_id": target.id},
         }
-        return self._commit(user_id, expected_version, summary, fields, during="compression")
+        return self._commit(user_id, expected_version, summary, fields, during="compression", guard=guard)
 
     def clear_pending(self, user_id: str, version: int) -> None:
         """Mark the fold of ``version`` finished, whatever the summary version is now.
@@ -138,11 +159,16 @@ class ProfilesMixin(Collections):
     ) -> None:
         """Record an operation's intent in the profile field ``name`` (``ROLLBACK_FIELD``,
         ``FORGET_FIELD``), guarded by the version it starts from and no such intent set; a rollback's
-        also by no pending fold."""
+        also by no pending fold. A forget's also removes the compression lease in the same write: a
+        compression stalled past its lock's TTL cannot commit after it, even once it is done and the
+        version is as it was (a rollback always commits a new version, which fences it)."""
         guard = {"user_id": user_id, name: None, VERSION_FIELD: expected_version or {"$in": [0, None]}}
+        update: dict[str, Any] = {"$set": {name: dict(intent)}}
         if name == ROLLBACK_FIELD:
             guard[PENDING_FIELD] = None
-        if self.profiles.update_one(guard, {"$set": {name: dict(intent)}}).matched_count != 1:
+        else:
+            update["$unset"] = {LEASE_FIELD: ""}
+        if self.profiles.update_one(guard, update).matched_count != 1:
             raise ConcurrentUpdateError(
                 f"user {user_id!r}: profile changed before {during} started (expected summary version "
                 f"{expected_version}); nothing was written, a re-run starts from the new state",
