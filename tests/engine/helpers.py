@@ -139,8 +139,9 @@ def profile_of(db: Database[Doc], user_id: str) -> Doc | None:
 
 
 def history_of(db: Database[Doc], user_id: str) -> list[Doc]:
-    """Return a user's summary history entries, oldest version first, without ``_id``."""
-    return list(db["user_memory_summaries"].find({"user_id": user_id}, {"_id": 0}).sort("version", 1))
+    """Return a user's summary history entries, oldest version first, without ``_id`` and ``write_id``
+    (new at every write: bookkeeping of the history's own fence, no state of the memory)."""
+    return list(db["user_memory_summaries"].find({"user_id": user_id}, {"_id": 0, "write_id": 0}).sort("version", 1))
 
 
 def snapshot(db: Database[Doc], user_id: str) -> Doc:

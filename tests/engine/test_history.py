@@ -8,6 +8,7 @@ import pytest
 import redis
 from pymongo.database import Database
 
+from butler_memory.core.errors import ConcurrentUpdateError
 from butler_memory.fold.compression import COMPRESSED
 from butler_memory.operations.rollback import ROLLED_BACK
 from butler_memory.storage.history import BASELINE, FOLD
@@ -109,3 +110,35 @@ def test_history_retention_is_a_ttl_index_that_follows_the_setting(
     assert indexes["created_at_ttl"]["expireAfterSeconds"] == 7 * 86400
     unique = [i for i in indexes.values() if i["key"] == [("user_id", 1), ("version", 1)]]
     assert unique and unique[0].get("unique") is True
+
+
+def test_a_compression_whose_history_write_lands_after_a_takeover_leaves_the_takers_history_entry(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A run whose history write is delayed past its lock's TTL (a MongoDB failover, a paused VM) while
+    another run took the user and committed that version replaces nothing: the entry stays the one of the
+    run that committed it, and a rollback of that run undoes it (third review)."""
+    settings = small_settings()
+    insert_events(mongo_db, "u1", 14)
+    slow, other = make_engine(mongo_db, redis_client, settings), make_engine(mongo_db, redis_client, settings)
+    write = slow.store.history.write_version
+    taken: list[Any] = []
+
+    def delayed_write(entry: Any, still_ours: Any) -> None:
+        if not taken and entry.kind == FOLD:
+            # The slow run's write is in flight past its lock's TTL. Meanwhile the Butler edits event 0
+            # and the next run takes the free lock and folds the user (v1, its own text).
+            redis_client.delete(settings.lock_key("u1"))
+            mongo_db["user_memory"].update_one({"_id": "u1-e000"}, {"$set": {"content": "u1-e000: edited, rain."}})
+            taken.append(other.compress("u1", run_id="r-taker"))
+        write(entry, still_ours)
+
+    slow.store.history.write_version = delayed_write  # type: ignore[method-assign]
+    with pytest.raises(ConcurrentUpdateError):
+        slow.compress("u1", run_id="r-slow")
+
+    assert taken[0].status == COMPRESSED and taken[0].summary_version == 1, taken
+    profile = profile_of(mongo_db, "u1") or {}
+    v1 = next(e for e in history_of(mongo_db, "u1") if e["version"] == 1)
+    assert (v1["run_id"], v1["text"]) == ("r-taker", profile["memory_summary"]), "v1 is the stale run's entry"
+    assert other.rollback("u1", "r-taker", rollback_id="rb").status == ROLLED_BACK

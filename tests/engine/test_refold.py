@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import redis
 from pymongo.database import Database
 
+from butler_memory.core.errors import LockLostError
 from butler_memory.operations.intent import REFUSED
-from butler_memory.operations.refold import DRY_RUN, NOT_CHANGED, REFOLDED
+from butler_memory.operations.refold import DRY_RUN, NOT_CHANGED, REFOLDED, refold_user
 from butler_memory.operations.rollback import ROLLED_BACK
 from tests.engine.conftest import OpenAIFactory
-from tests.engine.helpers import Doc, archive_of, chain_responder, history_of, ledger, make_engine, profile_of, snapshot
+from tests.engine.helpers import (
+    START,
+    Doc,
+    archive_of,
+    chain_responder,
+    events_of,
+    history_of,
+    insert_events,
+    ledger,
+    make_engine,
+    profile_of,
+    small_settings,
+    snapshot,
+)
 from tests.engine.test_rollback import SETTINGS, Crash, crash_at, two_runs
 from tools.fake_openai import FakeOpenAI
 
@@ -96,11 +112,11 @@ def test_a_refold_killed_before_its_commit_leaves_the_summary_and_reruns_cleanly
     step: str, mongo_db: Database[Doc], redis_client: redis.Redis
 ) -> None:
     folded_in_two_runs(mongo_db, redis_client)
-    profile = profile_of(mongo_db, "u1")
+    profile = snapshot(mongo_db, "u1")["profile"]
     engine = make_engine(mongo_db, redis_client, SETTINGS)
     with pytest.raises(Crash):
         engine.refold("u1", run_id="refold", checkpoint=crash_at(step))
-    assert profile_of(mongo_db, "u1") == profile
+    assert snapshot(mongo_db, "u1")["profile"] == profile
     assert engine.refold("u1", run_id="refold").status == REFOLDED
     assert [e["version"] for e in history_of(mongo_db, "u1")] == list(range(1, 8))
 
@@ -122,3 +138,44 @@ def test_a_refold_rerun_adds_no_identical_version(
     # Another summariser (a model upgrade) is a re-fold again.
     other = make_engine(mongo_db, redis_client, SETTINGS)
     assert other.refold("u1", run_id="refold-3").status == REFOLDED
+
+
+STALL_SETTINGS = small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5)
+LATER = START + timedelta(days=1)
+
+
+def test_a_refold_that_lost_its_lock_does_not_overwrite_the_history_of_the_run_that_took_over(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A re-fold stalled past its lock's TTL after its last LLM call, while a compression took the user and
+    committed the next versions, writes no history entry over theirs: a rollback of that run then restores
+    the version before it and every event it folded (third review)."""
+    engine = make_engine(mongo_db, redis_client, STALL_SETTINGS)
+    insert_events(mongo_db, "u1", 20)
+    engine.compress("u1", run_id="r0")  # v1..v3
+    insert_events(mongo_db, "u1", 10, first=20, start=LATER)
+    other = make_engine(mongo_db, redis_client, STALL_SETTINGS)
+
+    def takeover(step: str) -> None:
+        if step == "summarized":
+            redis_client.delete(STALL_SETTINGS.lock_key("u1"))  # the TTL ran out while the re-fold stalled
+            assert other.compress("u1", run_id="r2").summary_version == 5
+
+    with pytest.raises(LockLostError):
+        refold_user(engine, "u1", run_id="memory_refold/manual__x", checkpoint=takeover)
+
+    assert profile_of(mongo_db, "u1")["memory_summary_version"] == 5  # r2 wrote v4 and v5
+    v3_text = mongo_db["user_memory_summaries"].find_one({"user_id": "u1", "version": 3})["text"]
+    v4 = mongo_db["user_memory_summaries"].find_one({"user_id": "u1", "version": 4})
+    overwritten = (v4["run_id"], v4["kind"]) != ("r2", "fold")
+
+    # Undo r2: the summary must return to v3 and all 10 events r2 folded must be back in user_memory.
+    result = engine.rollback("u1", "r2", rollback_id="rb")
+    live = set(events_of(mongo_db, "u1"))
+    back = {f"u1-e{i:03d}" for i in range(15, 25)}  # r2 folded e015..e024 (e025..e029 kept raw)
+    assert not overwritten and result.restored_version == 3 and back <= live, (
+        f"the stale re-fold overwrote v4's history entry (run {v4['run_id']!r}, kind {v4['kind']!r}) after r2 "
+        f"committed it; rolling back r2 then restored v{result.restored_version} (the re-fold's text, never "
+        f"committed; same as v3: {profile_of(mongo_db, 'u1')['memory_summary'] == v3_text}) and left "
+        f"{sorted(back - live)} in neither the summary nor user_memory"
+    )

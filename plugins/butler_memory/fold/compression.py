@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from butler_memory.core.errors import CompressionError, ErasurePendingError, GuardRejected, InvalidEventError
@@ -273,8 +274,10 @@ def _compress_locked(
         target = None if last.id == keys[-1].id else keys[-1]
         now = clock()
         # History first: an entry the profile never reaches (a kill before the commit) is overwritten by the re-run.
+        assert lease is not None  # a dry run returned before the first chunk
+        ours = partial(store.still_at, user_id, version, lease=lease)
         if version == profile.version:
-            record_baseline(store, profile, clock)
+            record_baseline(store, profile, clock, ours)
         store.history.write_version(
             HistoryEntry(
                 user_id,
@@ -288,7 +291,8 @@ def _compress_locked(
                 covers=Covers(Key(chunk[0]["created_at"], chunk[0]["_id"]), Key(last.created_at, last.id), len(chunk)),
                 guards=outcomes,
                 **summarizer_identity(summarizer),
-            )
+            ),
+            ours,
         )
         checkpoint("recorded")
         version = store.commit_summary(

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Protocol, TypedDict
 
 from butler_memory.core.errors import CompressionError, ConcurrentUpdateError, InvalidProfileError, LLMError
@@ -351,7 +352,8 @@ def finish_rollback(
                 undoes=undoes,
                 undone_runs=list(intent["undone_runs"]),
                 compressed_at=compressed_at,
-            )
+            ),
+            partial(store.rollback_pending, user_id, new_version, str(intent["rollback_id"])),
         )
         checkpoint("recorded")
         lock.extend()  # the commit itself is guarded by the version and the intent
@@ -377,7 +379,9 @@ def finish_rollback(
     return new_version
 
 
-def record_baseline(store: MemoryStore, profile: Profile, clock: Callable[[], datetime]) -> None:
+def record_baseline(
+    store: MemoryStore, profile: Profile, clock: Callable[[], datetime], still_ours: Callable[[], bool]
+) -> None:
     """Record the profile's current version in the history when it has none (it was committed before
     history existed, or by the Butler), so that it can be rolled back to.
 
@@ -401,5 +405,6 @@ def record_baseline(store: MemoryStore, profile: Profile, clock: Callable[[], da
             clock(),  # retention counts from when it was recorded
             through=through,
             compressed_at=profile.compressed_at,
-        )
+        ),
+        still_ours,
     )

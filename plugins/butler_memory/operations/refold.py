@@ -18,6 +18,7 @@ A dry run reads only and says where it would start and how many events it would 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,6 +34,7 @@ from butler_memory.fold.rebuild import (
     Checkpoint,
     Parts,
     SummarizerIdentity,
+    fence,
     no_checkpoint,
     propose_summary,
     summarizer_identity,
@@ -181,6 +183,10 @@ def refold_user(
             )
             return result
 
+        # The re-fold's commits require its lease: stalled past its lock's TTL, it commits nothing over
+        # a run that took the user meanwhile (which replaces the lease).
+        lease = uuid.uuid4().hex
+        store.take_lease(user_id, profile.version, lease)
         log.info(
             "user %s: re-folding %d archived event(s) from v%d (current v%d)",
             user_id,
@@ -205,7 +211,8 @@ def refold_user(
             lock,
             entry,
             checkpoint,
-            lambda: commit(user_id, expected_version=profile.version, summary=summary, now=now),
+            lambda: commit(user_id, expected_version=profile.version, summary=summary, now=now, lease=lease),
+            lease=lease,
         )
         checkpoint("committed")
         result.summary_chars = len(summary)
@@ -297,12 +304,29 @@ class Rebuilt:
 
 
 def commit_rebuilt(
-    store: MemoryStore, lock: UserLock, entry: HistoryEntry, checkpoint: Checkpoint, commit: Callable[[], object]
+    store: MemoryStore,
+    lock: UserLock,
+    entry: HistoryEntry,
+    checkpoint: Checkpoint,
+    commit: Callable[[], object],
+    *,
+    lease: str | None = None,
+    forget_id: str | None = None,
 ) -> None:
     """Make a rebuilt version the profile's: its history entry first (checkpoint "recorded"), then
     ``commit``, the guarded profile commit, with the lock extended right before it. A kill between
-    the two leaves an entry the profile never reached, which the re-run overwrites."""
-    store.history.write_version(entry)
+    the two leaves an entry the profile never reached, which the re-run overwrites.
+
+    The entry is fenced too (``fence``: the lock extended, the profile still at the version it builds
+    on under this rebuild's claim, the re-fold's ``lease`` or the forget's ``forget_id``), and the
+    history replaces an entry only while that claim holds: a rebuild stalled past its lock's TTL in
+    its LLM calls would otherwise overwrite the entry of the version a run that took the user
+    meanwhile committed, and a later rollback of that run would restore this text, never committed.
+    """
+    user_id, expected = entry.user_id, entry.version - 1
+    ours = partial(store.still_at, user_id, expected, lease=lease, forget_id=forget_id)
+    fence(lock, ours, f"user {user_id!r}: the profile moved on from v{expected} while this rebuild ran", user_id)
+    store.history.write_version(entry, ours)
     checkpoint("recorded")
     lock.extend()  # the lock must still be ours right before the write
     commit()

@@ -1,7 +1,8 @@
 """Summary history: every committed version of a user's summary, append-only, in its own collection.
 
-One document per ``(user_id, version)`` (unique index), written by an idempotent upsert *before*
-the guarded profile commit of that version. The profile stays the source of truth: an entry whose
+One document per ``(user_id, version)`` (unique index), written *before* the guarded profile
+commit of that version: inserted, or an entry already there replaced only while the writer's
+claim on the profile holds (``write_version``). The profile stays the source of truth: an entry whose
 version the profile never reached (a kill between the two writes) is ignored by every reader here
 (they take the profile's version as a bound) and overwritten by the re-run, or by the baseline of
 the Butler's own commit of that version (its text is not the entry's). Versions only go up and
@@ -14,7 +15,7 @@ logs, XCom or metrics may carry ``text``. ``HistoryEntry.metadata()`` is the con
 API (used by compression, rollback, refold and the forget helper)::
 
     history = store.history                      # a SummaryHistory on the same database
-    history.write_version(entry)                 # upsert by (user_id, version)
+    history.write_version(entry, still_ours)     # insert, or replace while the writer's claim holds
     history.versions(user_id, through=v)         # entries 1..v, oldest first (text included)
     history.version(user_id, v)                  # one entry, None when missing (v0 is synthesised)
     history.committed_at(entry)                  # the profile's memory_compressed_at at that version
@@ -25,16 +26,22 @@ API (used by compression, rollback, refold and the forget helper)::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
 
+from butler_memory.core.errors import ConcurrentUpdateError
 from butler_memory.core.settings import Settings
 from butler_memory.storage.mongo import ensure_ttl
+
+WRITE_ATTEMPTS = 3
+"""Tries of a history write whose entry another writer changed meanwhile (it writes at most once more)."""
 
 FOLD = "fold"
 ROLLBACK = "rollback"
@@ -199,12 +206,40 @@ class SummaryHistory:
         self.coll.create_index([("run_id", ASCENDING), ("user_id", ASCENDING)])
         ensure_ttl(self.db, self.coll, "created_at", TTL_INDEX, self.settings.history_retention_days)
 
-    def write_version(self, entry: HistoryEntry) -> None:
-        """Store one version (upsert by user and version: repeating it, or re-running a killed
-        commit whose profile write never happened, leaves one entry)."""
+    def write_version(self, entry: HistoryEntry, still_ours: Callable[[], bool]) -> None:
+        """Store one version before the profile commit of it, as only its writer may.
+
+        Inserted when the user has no entry of that version. An entry already there (a killed or
+        stalled run's, or a Butler-committed version's stale one) is replaced only while
+        ``still_ours()`` (the writer's claim on the profile, still at the version before: its lease
+        or intent) and only if it did not change between that check and the replace (``write_id``,
+        new at every write). An insert overwrites nothing, and a replace waits for the claim: so a
+        writer stalled past its lock's TTL never replaces the entry of the run that took the user,
+        whose commit made it the version's. ConcurrentUpdateError when the claim is gone, or the
+        entry kept changing under this writer.
+        """
         if entry.kind not in KINDS:
             raise ValueError(f"history entry kind {entry.kind!r} is not one of {', '.join(KINDS)}")
-        self.coll.replace_one({"user_id": entry.user_id, "version": entry.version}, entry.to_doc(), upsert=True)
+        key = {"user_id": entry.user_id, "version": entry.version}
+        for _ in range(WRITE_ATTEMPTS):
+            doc = {**entry.to_doc(), "write_id": uuid.uuid4().hex}
+            try:  # inserted only where the user has no entry of that version (no unique index relied on)
+                if self.coll.update_one(key, {"$setOnInsert": doc}, upsert=True).upserted_id is not None:
+                    return
+            except DuplicateKeyError:  # another writer's insert won the race
+                pass
+            seen = self.coll.find_one(key, {"write_id": 1})
+            if seen is None:  # gone meanwhile (retention): insert it again
+                continue
+            if not still_ours():
+                break
+            if self.coll.replace_one({**key, "write_id": seen.get("write_id")}, doc).matched_count == 1:
+                return
+        raise ConcurrentUpdateError(
+            f"user {entry.user_id!r}: the profile moved on before this run recorded v{entry.version} (another "
+            "run took the user); this run committed nothing of that version",
+            user_id=entry.user_id,
+        )
 
     def version(self, user_id: str, version: int) -> HistoryEntry | None:
         """Return one version (text included); version 0 without an entry is the empty summary."""

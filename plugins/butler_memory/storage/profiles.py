@@ -121,10 +121,7 @@ class ProfilesMixin(Collections):
         Guarded, besides the version, by no pending fold, rollback or erasure, and by the committer's
         own claim: a compression's ``lease`` still the profile's with no forget begun, or a forget's
         rebuild by its intent (``forget_id``). Exactly one of the two is given."""
-        if (lease is None) == (forget_id is None):
-            raise ValueError("a summary commit is a compression's (lease) or a forget's (forget_id), exactly one")
-        claim = {FORGET_FIELD: None, LEASE_FIELD: lease} if forget_id is None else {f"{FORGET_FIELD}.id": forget_id}
-        guard = {PENDING_FIELD: None, ROLLBACK_FIELD: None, ERASING_FIELD: None, **claim}
+        guard = _claim(lease=lease, forget_id=forget_id)
         fields = {
             THROUGH_FIELD: {"created_at": through.created_at, "event_id": through.id},
             COMPRESSED_AT_FIELD: now,
@@ -212,10 +209,24 @@ class ProfilesMixin(Collections):
         intent = {f"{ROLLBACK_FIELD}.version": new_version}
         self._commit(user_id, expected_version, summary, fields, during="the rollback", guard=intent)
 
-    def commit_refold(self, user_id: str, *, expected_version: int, summary: str, now: datetime) -> int:
+    def commit_refold(self, user_id: str, *, expected_version: int, summary: str, now: datetime, lease: str) -> int:
         """Store a re-folded summary as the next version (the watermark stays: it covers the same
-        events), guarded by the old version and nothing in progress; return the new version."""
-        return self._commit(user_id, expected_version, summary, {COMPRESSED_AT_FIELD: now}, during="the re-fold")
+        events), guarded by the old version, nothing in progress and the re-fold's ``lease``
+        (``take_lease``); return the new version."""
+        fields = {COMPRESSED_AT_FIELD: now}
+        return self._commit(user_id, expected_version, summary, fields, during="the re-fold", guard=_claim(lease=lease))
+
+    def take_lease(self, user_id: str, version: int, lease: str) -> None:
+        """Record ``lease`` as the operation that took the user at ``version`` (``LEASE_FIELD``), for
+        an operation that loaded the profile without one (a re-fold); ConcurrentUpdateError when the
+        profile moved on or something is in progress meanwhile."""
+        match = {"user_id": user_id, **_at(version), **_IDLE, FORGET_FIELD: None}
+        if self.profiles.update_one(match, {"$set": {LEASE_FIELD: lease}}).matched_count != 1:
+            raise ConcurrentUpdateError(
+                f"user {user_id!r}: profile changed before the re-fold started (expected summary version "
+                f"{version}); nothing was written, a re-run starts from the new state",
+                user_id=user_id,
+            )
 
     def _commit(
         self,
@@ -235,7 +246,7 @@ class ProfilesMixin(Collections):
         version fences it, whoever holds the Redis lock), nothing of the summary was changed.
         """
         match: dict[str, Any] = {"user_id": user_id, **(guard or {PENDING_FIELD: None, ROLLBACK_FIELD: None})}
-        match[VERSION_FIELD] = expected_version if expected_version else {"$in": [0, None]}
+        match.update(_at(expected_version))
         update = {"$set": {self.settings.summary_field: summary, VERSION_FIELD: expected_version + 1, **fields}}
         if self.profiles.update_one(match, update).matched_count != 1:
             raise ConcurrentUpdateError(
@@ -255,6 +266,13 @@ class ProfilesMixin(Collections):
             user_id, {f"{ROLLBACK_FIELD}.version": version, f"{ROLLBACK_FIELD}.rollback_id": rollback_id}
         )
 
+    def still_at(self, user_id: str, version: int, *, lease: str | None = None, forget_id: str | None = None) -> bool:
+        """Say whether the profile is still at ``version`` under this claim (``lease`` or ``forget_id``,
+        nothing else in progress): what the claim's guarded commit will require, checked before its
+        history entry replaces one already there (one count)."""
+        match = {"user_id": user_id, **_at(version), **_claim(lease=lease, forget_id=forget_id)}
+        return self.profiles.count_documents(match, limit=1) == 1
+
     def _still(self, user_id: str, fields: Mapping[str, Any]) -> bool:
         """Say whether the profile still has ``fields``, with no erasure or forget begun (one count)."""
         match = {"user_id": user_id, **fields, ERASING_FIELD: None, FORGET_FIELD: None}
@@ -266,6 +284,25 @@ class ProfilesMixin(Collections):
             {"user_id": user_id, VERSION_FIELD: version, f"{ROLLBACK_FIELD}.version": version},
             {"$unset": {ROLLBACK_FIELD: ""}},
         )
+
+
+def _at(version: int) -> dict[str, Any]:
+    """The match of a profile at ``version`` (version 0: also a profile that never had one)."""
+    return {VERSION_FIELD: version if version else {"$in": [0, None]}}
+
+
+def _claim(*, lease: str | None, forget_id: str | None = None) -> dict[str, Any]:
+    """The match of a profile with nothing in progress but the writer's own claim: a compression's
+    or re-fold's ``lease`` still the profile's and no forget begun, or a forget's rebuild by its
+    intent (``forget_id``); exactly one of the two."""
+    if (lease is None) == (forget_id is None):
+        raise ValueError("a claim is a lease or a forget's intent, exactly one")
+    claim = {FORGET_FIELD: None, LEASE_FIELD: lease} if forget_id is None else {f"{FORGET_FIELD}.id": forget_id}
+    return {**_IDLE, **claim}
+
+
+_IDLE = {PENDING_FIELD: None, ROLLBACK_FIELD: None, ERASING_FIELD: None}
+"""No pending fold, rollback or erasure in the profile."""
 
 
 def parse_profile(user_id: str, doc: Mapping[str, Any], settings: Settings) -> Profile:
