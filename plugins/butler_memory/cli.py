@@ -120,11 +120,17 @@ def _progress(out: TextIO, done: int, total: int, result: UserResult) -> None:
 
 
 def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Scan, compress each user in turn, print the report; return the exit code."""
-    from butler_memory.orchestration.connections import build_engine, resolve_settings
+    """Scan, compress each user in turn, print the report; return the exit code.
+
+    The stored and printed report name nobody whose erasure was asked for during the run (erasure
+    wins every race, as in the DAG's report: ``audit.save_run_naming_no_erased``).
+    """
+    from butler_memory.operations.audit import save_run_naming_no_erased
+    from butler_memory.orchestration.connections import build_engine, erasure_secret, resolve_settings
 
     try:  # the options are the DAG's params: settings resolve exactly as in the DAG (env, Variable, params)
         settings = resolve_settings(params.values(args, params.COMPRESS))
+        secret = None if args.dry_run else erasure_secret(settings, required=False)  # None: nobody recognised
     except SettingsError as exc:
         return _error(err, exc)
     started = datetime.now(UTC)
@@ -147,17 +153,24 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 log.warning("user %s failed: %s", item.user_id, exc)
             results.append(result.to_dict())
             _progress(err, done, len(backlog), result)
-        report = build_report(
-            run_id=run_id,
-            scanned=[b.user_id for b in backlog],
-            results=results,
-            started_at=started,
-            finished_at=datetime.now(UTC),
-            dry_run=args.dry_run,
-            backlog={b.user_id: b.events for b in backlog},
-        )
+        finished = datetime.now(UTC)
+
+        def document(erased: set[str]) -> dict[str, Any]:
+            return build_report(
+                run_id=run_id,
+                scanned=[b.user_id for b in backlog if b.user_id not in erased],
+                results=[r for r in results if r["user_id"] not in erased],
+                started_at=started,
+                finished_at=finished,
+                dry_run=args.dry_run,
+                backlog={b.user_id: b.events for b in backlog if b.user_id not in erased},
+            )
+
+        report = document(set())
         if not args.dry_run:
-            engine.store.save_run(report)
+            report, _erased = save_run_naming_no_erased(
+                engine.store, secret, document, [b.user_id for b in backlog], started
+            )
             emit_run_metrics(report, engine.metrics)
     finally:
         engine.close()
@@ -165,7 +178,7 @@ def run_compress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(json.dumps(report, default=str, ensure_ascii=False, indent=2) + "\n")
     else:
         out.write(to_markdown(report))
-    return EXIT_FAILED_USERS if any(r["status"] == FAILED for r in results) else EXIT_OK
+    return EXIT_FAILED_USERS if report["users_failed"] else EXIT_OK
 
 
 def run_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

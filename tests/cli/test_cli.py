@@ -1,4 +1,5 @@
-"""``python -m butler_memory compress`` in a subprocess, reading AIRFLOW_CONN_* like the DAG does.
+"""``python -m butler_memory compress`` in a subprocess, reading AIRFLOW_CONN_* like the DAG does
+(one test runs it in-process, to erase a user while it runs).
 
 The subprocess gets this session's environment (the throwaway AIRFLOW_HOME from tests/conftest.py and
 the test's AIRFLOW_CONN_* variables from the ``airflow_conns`` fixture) plus ``plugins/`` on
@@ -7,6 +8,7 @@ PYTHONPATH, as a cron job or an operator's shell would have.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -250,3 +252,40 @@ def test_settings_come_from_the_butler_memory_variable_like_the_dag(
     assert counts(mongo_db) == {"held": 30, "free": 3}
     profile = mongo_db["user_profiles"].find_one({"user_id": "free"}) or {}
     assert profile.get("long_term_memory") and "memory_summary" not in profile, profile
+
+
+def test_a_user_erased_during_a_cli_compress_is_named_by_no_run_document(
+    airflow_conns: AirflowConns, mongo_db: Database[Doc], llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user erased during a CLI compress is in no run document nor the printed report, only counted (third review)."""
+    from butler_memory import cli as command_line
+    from butler_memory.operations import erasure
+    from butler_memory.operations.engine import Engine
+    from butler_memory.orchestration.connections import user_locks
+
+    secret = "cli-test-secret-5e2a91c0"
+    monkeypatch.setenv("BUTLER_MEMORY_ERASURE_SECRET", secret)
+    seed(mongo_db, {"u-erased": 30, "u-other": 40})
+    compress = Engine.compress
+
+    def compress_then_erase(self: Engine, user_id: str, **kwargs: Any) -> Any:
+        result = compress(self, user_id, **kwargs)
+        if user_id == "u-erased":  # the user asks to be forgotten right after their compression
+            locks = user_locks(self.settings)
+            try:
+                erasure.erase_user(user_id, db=mongo_db, redis_client=locks.client, secret=secret.encode(), events=True)
+            finally:
+                locks.close()
+        return result
+
+    monkeypatch.setattr(Engine, "compress", compress_then_erase)
+    out, err = io.StringIO(), io.StringIO()  # in-process: the patch above erases during the run
+    code = command_line.main(["compress", "--json", *SMALL], out=out, err=err)
+
+    assert code == 0, err.getvalue()
+    assert mongo_db["memory_erasures"].count_documents({}) == 1, "the premise: the erasure finished"
+    (run,) = mongo_db["memory_compression_runs"].find()
+    assert "u-erased" not in json.dumps(run, default=str), "the run document names a user erased during the run"
+    assert run["user_ids"] == ["u-other"] and run["users_erased"] == 1 and run["users_found"] == 1, run
+    printed = out.getvalue()
+    assert "u-erased" not in printed and json.loads(printed)["users_erased"] == 1, printed

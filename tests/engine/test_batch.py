@@ -319,3 +319,42 @@ def test_the_trigger_fires_once_every_batch_ended(
 
     assert asyncio.run(first_event()) == {"states": dict.fromkeys(ids, "expired")}
     assert len(ids) == 2
+
+
+VALID_SETTINGS = [
+    {},
+    {"summary_max_tokens": 900, "prompt_budget_tokens": 8000},
+    {"max_event_chars": 20_000, "prompt_budget_tokens": 16_000},
+    {"llm_timeout_seconds": 100.0, "lock_ttl_seconds": 600},
+    {"llm_mode": "batch", "batch_poll_seconds": 5, "llm_conn_id": "openai_batch"},
+]
+
+
+@pytest.mark.parametrize("changes", VALID_SETTINGS, ids=lambda c: ",".join(c) or "defaults")
+def test_the_batch_trigger_rebuilds_exactly_the_settings_the_task_resolved(changes: dict[str, Any]) -> None:
+    """The triggerer rebuilds exactly the valid settings the task resolved from the trigger (third review)."""
+    from butler_memory.orchestration.batch_trigger import BatchTrigger
+
+    settings = Settings(**changes)
+    trigger = BatchTrigger(batch_ids=["batch_1"], settings={**settings.as_dict(), "poll_seconds": 1.0})
+    _classpath, kwargs = trigger.serialize()
+    assert Settings.from_mapping(BatchTrigger(**kwargs).settings) == settings
+
+
+def test_the_batch_trigger_starts_with_settings_the_task_accepted(airflow_conns: object, llm: FakeOpenAI) -> None:
+    """Valid summary_max_tokens 900 with prompt_budget_tokens 8000 no longer fails the trigger (third review)."""
+    import asyncio
+
+    from butler_memory.orchestration.batch_trigger import BatchTrigger
+
+    settings = Settings(summary_max_tokens=900, prompt_budget_tokens=8000)  # valid: the task side resolved it
+    trigger = BatchTrigger(batch_ids=["batch_1"], settings={**settings.as_dict(), "poll_seconds": 1.0})
+    _classpath, kwargs = trigger.serialize()
+    in_triggerer = BatchTrigger(**kwargs)  # what the triggerer rebuilds
+    try:
+        client = in_triggerer._client()  # the first thing run() does
+        error = None
+    except Exception as exc:
+        client, error = None, f"{type(exc).__name__}: {exc}"
+    assert error is None, f"the trigger cannot start in the triggerer: {error}"
+    asyncio.run(client.close())

@@ -1,11 +1,19 @@
-"""Run report: counts, missing results counted as failed, Markdown, metrics."""
+"""Run report: counts, missing results counted as failed, Markdown, metrics, a large run's caps."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from pymongo.database import Database
+
+from butler_memory.core.errors import LLMTransientError
+from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
-from butler_memory.fold.report import NO_RESULT, build_report, emit_run_metrics, to_markdown
+from butler_memory.fold.compression import failed_result
+from butler_memory.fold.report import MAX_USER_ROWS, NO_RESULT, build_report, emit_run_metrics, to_markdown
+from butler_memory.storage.store import MemoryStore
 
 T0 = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 
@@ -90,3 +98,44 @@ def test_markdown_reads_durations_in_human_units() -> None:
     assert "completion; 1 h 06 min." in text, text
     assert "| summary chars | duration | error |" in text and "| 1 min 15 s |" in text, text
     assert report["freshness_seconds_p95"] == 29_331_486.0, "the document keeps plain seconds"
+
+
+def test_the_document_of_a_160k_user_run_that_all_failed_fits_mongodb(mongo_db: Database[dict[str, Any]]) -> None:
+    """A run's id lists are capped like its rows: 160,000 failed UUID users still fit one document (third review)."""
+    users = [str(uuid.UUID(int=i)) for i in range(160_000)]
+    down = LLMTransientError("LLM server unreachable (APIConnectionError)")
+    rows = [failed_result(u, down, 1.0).to_dict() for u in users]
+    doc = build_report(
+        run_id="scheduled__2026-12-01T00:00:00+00:00",
+        scanned=users,
+        results=rows,
+        started_at=T0,
+        finished_at=T0,
+        backlog=dict.fromkeys(users, 60),
+    )
+    store = MemoryStore(mongo_db, Settings())
+    try:
+        store.save_run(doc)
+        saved = None
+    except Exception as exc:
+        saved = f"{type(exc).__name__}: {str(exc)[:200]}"
+    assert saved is None, f"the report task cannot store the run document of a {len(users):,}-user run: {saved}"
+    (stored,) = mongo_db["memory_compression_runs"].find({}, {"users": 0})
+    assert stored["users_found"] == stored["users_failed"] == len(users), "the counts stay whole"
+    assert len(stored["failed_user_ids"]) == len(stored["user_ids"]) == MAX_USER_ROWS
+    assert stored["failed_user_ids_truncated"] and stored["users_truncated"]
+    assert stored["user_ids"] == sorted(users[:MAX_USER_ROWS]), "user_ids names every user of the rows kept"
+    assert "more (in the run-users collection)" in to_markdown(doc)
+
+
+def test_a_run_within_the_row_cap_lists_every_user_and_failed_id() -> None:
+    """Under MAX_USER_ROWS nothing is cut: every id listed, the truncation flags false (third review)."""
+    report = build_report(
+        run_id="r",
+        scanned=["a", "b", "c"],
+        results=[_result("a", "compressed", 3), _result("b", "failed"), None],
+        started_at=T0,
+        finished_at=T0,
+    )
+    assert report["user_ids"] == ["a", "b", "c"] and report["failed_user_ids"] == ["b", "c"]
+    assert not report["failed_user_ids_truncated"] and not report["users_truncated"]

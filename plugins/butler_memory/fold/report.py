@@ -23,7 +23,9 @@ from butler_memory.fold.metrics import Metrics
 
 MAX_USER_ROWS = 5000
 """Most per-user rows a run document embeds (failed users first): a 100k-user run would pass
-MongoDB's 16 MB document limit. Every user's row is in the run-users collection (settings)."""
+MongoDB's 16 MB document limit. Its ``user_ids`` and ``failed_user_ids`` name only the users of the
+rows kept (160,000 ids alone pass the limit); the counts are whole. Every user's row is in the
+run-users collection (settings)."""
 NO_RESULT = "no_result"
 """Error type of a user the scan listed but no compression result came back for."""
 
@@ -62,7 +64,9 @@ def build_report(
             }
         users.append(dict(row))
     statuses = Counter(u["status"] for u in users)
-    failed = sorted(u["user_id"] for u in users if u["status"] == FAILED)
+    failed = sum(1 for u in users if u["status"] == FAILED)
+    kept = users if len(users) <= MAX_USER_ROWS else _rows_kept(users)
+    failed_kept = sorted(u["user_id"] for u in kept if u["status"] == FAILED)
     total = {
         key: sum(int(u.get(key) or 0) for u in users)
         for key in ("events_folded", "events_deleted", "events_quarantined", "prompt_tokens", "completion_tokens")
@@ -82,9 +86,10 @@ def build_report(
         "users_skipped_budget": statuses.get(SKIPPED_BUDGET, 0),
         "users_skipped_stale": statuses.get(SKIPPED_STALE, 0),
         "users_skipped_backoff": backed_off,
-        "users_failed": len(failed),
-        "failed_user_ids": failed,
-        "user_ids": sorted({u["user_id"] for u in users}),
+        "users_failed": failed,
+        "failed_user_ids": failed_kept,
+        "failed_user_ids_truncated": len(failed_kept) < failed,
+        "user_ids": sorted({u["user_id"] for u in kept}),  # every id the document names (erasure's index)
         "backlog_events": sum((backlog or {}).values()),
         "backlog_left": backlog_left,
         "full_scan": full_scan,
@@ -93,8 +98,8 @@ def build_report(
         **total,
         "user_seconds_max": max((float(u.get("seconds") or 0) for u in users), default=0.0),
         **freshness(users),
-        "users_truncated": len(users) > MAX_USER_ROWS,
-        "users": users if len(users) <= MAX_USER_ROWS else _rows_kept(users),
+        "users_truncated": len(kept) < len(users),
+        "users": kept,
     }
 
 
@@ -190,6 +195,10 @@ def to_markdown(report: Mapping[str, Any], *, max_rows: int = 50) -> str:
         ]
     if report["failed_user_ids"]:
         lines += ["", "Failed users: " + ", ".join(f"`{u}`" for u in report["failed_user_ids"])]
+        if report.get("failed_user_ids_truncated"):
+            lines[-1] += (
+                f" … {report['users_failed'] - len(report['failed_user_ids'])} more (in the run-users collection)"
+            )
     rows = sorted(report["users"], key=lambda u: (u["status"] != FAILED, u["user_id"]))
     if rows:
         lines += [

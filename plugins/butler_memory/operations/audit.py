@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -147,6 +147,44 @@ class AuditLog:
     def by_subject(self, subject: str) -> list[dict[str, Any]]:
         """Return every record naming this reference, oldest first (for proving an erasure)."""
         return list(self.coll.find({"subject": subject}).sort([("requested_at", ASCENDING)]))
+
+
+def save_run_naming_no_erased(
+    store: MemoryStore,
+    secret: bytes | None,
+    document: Callable[[set[str]], dict[str, Any]],
+    user_ids: Sequence[str],
+    since: datetime,
+) -> tuple[dict[str, Any], set[str]]:
+    """Store a run's document naming none of ``user_ids`` erased since ``since``; return it and them.
+
+    Erasure wins every race (docs/erasure.md): ``document(erased)`` builds the run document without
+    those users, and their number is added to it as ``users_erased``. The audit is read before the
+    save and again after it: an erasure that began meanwhile may have scrubbed the run documents
+    before this one existed, so nothing would remove its names later; the document is then written
+    again without them. Without a secret nobody can be recognised: the document is stored as built.
+    Shared by the DAG's report and the command line's compress, so both keep the promise the same way.
+    """
+    audit = AuditLog(store)
+
+    def erased_now() -> set[str]:
+        return set() if secret is None else audit.erased_since(secret, user_ids, since)
+
+    def built(erased: set[str]) -> dict[str, Any]:
+        doc = document(erased)
+        if erased:
+            doc["users_erased"] = len(erased)  # a count: the document names none of them
+        return doc
+
+    erased = erased_now()
+    doc = built(erased)
+    store.save_run(doc)
+    late = erased_now() - erased
+    if late:
+        erased |= late
+        doc = built(erased)
+        store.save_run(doc)
+    return doc, erased
 
 
 def audit_key(secret: str | bytes) -> bytes:

@@ -6,8 +6,8 @@ other trigger of the triggerer (the doorbell watcher among them) for the length 
 and it needs an Airflow connection of type ``openai``, which bypasses our connection checks
 (``connections.llm_config``: the key is never sent to another host than the one it is for). This
 one asks with ``openai.AsyncOpenAI``, resolves the endpoint and key exactly as the online path
-does, waits for several batches (a run split by the server's limits), and carries only batch ids
-and states: no content, no key (it is read again from the connection in the triggerer).
+does, waits for several batches (a run split by the server's limits), and carries only batch ids,
+the run's settings and states: no content, no key (it is read again from the connection in the triggerer).
 
 A failed poll (the server unreachable, a 5xx, a rate limit) is retried at the next poll; a batch
 that does not end is ended by the provider itself (``completion_window``: "expired"), which the
@@ -17,6 +17,7 @@ trigger reports like any other end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -25,12 +26,17 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from butler_memory.core.settings import Settings
+
 log = logging.getLogger(__name__)
 
 CLASSPATH = "butler_memory.orchestration.batch_trigger.BatchTrigger"
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-SETTINGS_PASSED = ("llm_conn_id", "llm_timeout_seconds", "llm_max_retries", "lock_ttl_seconds", "summary_max_tokens")
-"""The settings the endpoint's resolution reads (``connections.llm_config``); nothing else is serialised."""
+SETTINGS_PASSED = tuple(f.name for f in dataclasses.fields(Settings))
+"""Every setting (names, numbers, flags: no secret lives there): the triggerer rebuilds ``Settings``
+to resolve the endpoint (``connections.llm_config``), and its checks read settings together
+(summary_max_tokens against prompt_budget_tokens and max_event_chars): a subset of a valid
+deployment's settings could be refused there, at every poll, though the task side accepted them."""
 
 
 class BatchTrigger(BaseTrigger):
@@ -52,7 +58,7 @@ class BatchTrigger(BaseTrigger):
         """Return an async client to the endpoint the online path would call, with its key (sync: connections)."""
         import openai
 
-        from butler_memory.core.settings import Settings, SettingsError
+        from butler_memory.core.settings import SettingsError
         from butler_memory.llm.openai_summarizer import tls_context
         from butler_memory.orchestration.connections import llm_config
 

@@ -20,7 +20,7 @@ from butler_memory.freshness import fresh
 from butler_memory.freshness.backoff import FailureBackoff
 from butler_memory.freshness.doorbell import DoorbellRecord
 from butler_memory.operations import batch
-from butler_memory.operations.audit import AuditLog
+from butler_memory.operations.audit import AuditLog, save_run_naming_no_erased
 from butler_memory.orchestration.connections import (
     build_engine,
     erasure_secret,
@@ -368,27 +368,16 @@ def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetim
         )
         doc["run_key"] = run_key(ti.dag_id, run_id)  # how the summary history and the archive name this run
         doc.update(_llm_mode_fields(settings, params, ti, kind))
-        if erased:
-            doc["users_erased"] = len(erased)  # a count: erasure wins, the run names none of them
         return doc
 
     doc = document(set())
     idle = kind == fresh.CATCHUP and not scanned
     if not doc["dry_run"]:
         with mongo_store(settings) as store:
-            audit, secret = AuditLog(store), erasure_secret(settings, required=False)
-            erased = set() if secret is None else audit.erased_since(secret, scanned, started)
-            if erased:
-                doc = document(erased)
+            erased: set[str] = set()
             if not idle:  # an idle catch-up run leaves no run document, only a counter in the state
-                store.save_run(doc)
-                # An erasure that began while this ran may have scrubbed the run documents before this
-                # one was written: look again now that it is stored, and write it again without them.
-                late = set() if secret is None else audit.erased_since(secret, scanned, started) - erased
-                if late:
-                    erased |= late
-                    doc = document(erased)
-                    store.save_run(doc)
+                secret = erasure_secret(settings, required=False)
+                doc, erased = save_run_naming_no_erased(store, secret, document, scanned, started)
             if erased:
                 store.run_users.delete_many({"dag_id": ti.dag_id, "run_id": run_id, "user_id": {"$in": sorted(erased)}})
             if kind == fresh.DAILY and scan_info.get("settle"):
