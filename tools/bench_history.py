@@ -31,7 +31,7 @@ from butler_memory.core.settings import Settings  # noqa: E402
 from butler_memory.llm.offline import OfflineSummarizer  # noqa: E402
 from butler_memory.operations.engine import Engine  # noqa: E402
 from butler_memory.storage.locks import UserLocks  # noqa: E402
-from butler_memory.storage.profiles import VERSION_FIELD  # noqa: E402
+from butler_memory.storage.profiles import LEASE_FIELD, VERSION_FIELD  # noqa: E402
 from butler_memory.storage.store import MemoryStore  # noqa: E402
 from tools.bench_engine import START, CommandCounter, insert_events  # noqa: E402
 from tools.bench_harness import OUT_DIR, Doc, stand_ins, write_results  # noqa: E402
@@ -39,10 +39,12 @@ from tools.seed import user_events  # noqa: E402
 
 
 def state(db: Any) -> Doc:
-    """Return user_memory and the archive by _id, and the profiles without their version."""
+    """Return user_memory and the archive by _id, and the profiles without their version and the
+    lease of the run that last took the user (a fence, no state of the memory)."""
     profiles = {p["user_id"]: p for p in db["user_profiles"].find({}, {"_id": 0})}
     for profile in profiles.values():
         profile.pop(VERSION_FIELD, None)
+        profile.pop(LEASE_FIELD, None)
     return {
         "events": {d["_id"]: d for d in db["user_memory"].find()},
         "archive": {d["_id"]: d for d in db["user_memory_archive"].find()},

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
+from butler_memory.storage.profiles import LEASE_FIELD
 from tests.cli.test_cli import CANARY, SMALL, cli, seed
 from tools.fake_openai import FakeOpenAI
 from tools.services import AirflowConns
@@ -17,10 +18,12 @@ Doc = dict[str, Any]
 
 
 def state(db: Database[Doc]) -> Doc:
-    """Return user_memory by _id, the archive by _id, and the profiles without their version."""
+    """Return user_memory by _id, the archive by _id, and the profiles without their version and the
+    lease of the run that last took the user (a fence, no state of the memory)."""
     profiles = {p["user_id"]: p for p in db["user_profiles"].find({}, {"_id": 0})}
     for profile in profiles.values():
         profile.pop("memory_summary_version", None)
+        profile.pop(LEASE_FIELD, None)
     return {
         "events": {d["_id"]: d for d in db["user_memory"].find()},
         "archive": {d["_id"]: d for d in db["user_memory_archive"].find()},
