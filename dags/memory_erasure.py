@@ -11,7 +11,8 @@ Forget a user, or some of their events, everywhere butler-memory keeps them (man
   history version that saw them is deleted.
 * `dry_run` (on by default) lists what would be removed and changes nothing.
 * Bad input (unknown user, another user's event, an empty or inverted range, a time that is not
-  ISO 8601) fails the run at once, having changed nothing. A compression holding the user's lock
+  ISO 8601, a conf key the DAG does not declare, such as `event_id` for `event_ids`) fails the run
+  at once, having changed nothing. A compression holding the user's lock
   makes it wait, then retry. Safe to re-run: an interrupted erasure is finished, a finished one
   reports `already_erased`.
 * Every erasure leaves a content-free audit record in `memory_erasures` (a keyed reference to the

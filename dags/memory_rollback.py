@@ -15,6 +15,9 @@ user was refused or failed.
   none of them (no `rollback_user` runs) and the report says so and fails, in a dry run too. With
   `partial` on, the others are rolled back and the refused ones fail the run.
 * Safe to re-run: a finished rollback reports `not_changed`; an interrupted one is finished.
+* At most `max_map_length` users (one `rollback_user` each): a larger run fails at **plan**, before
+  any user is dry-run; roll it back with `python -m butler_memory rollback`, or a few `user_ids` at a time.
+* A conf key the DAG does not declare (a misspelt param) fails the run at once, naming it.
 
 Same engine as `python -m butler_memory rollback`. Docs: `docs/operations/runbook.md` (a bad run).
 """

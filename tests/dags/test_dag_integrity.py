@@ -24,6 +24,8 @@ from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import ParamValidationError
 
 from butler_memory.core.settings import MAX_USERS_PER_TASK, Settings
+from butler_memory.orchestration import params
+from butler_memory.orchestration.task_outcome import params_checked
 from tests.population import COMPRESSION_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +83,30 @@ def test_dag_follows_the_project_rules(label: str, dag: DAG) -> None:
     if default_retries < 2:
         problems.append(f"default_args retries is {default_retries}, want >= 2")
     assert not problems, f"DAG {label}: " + "; ".join(problems)
+
+
+TASK_PARAMS = {
+    "memory_compression": params.DAILY_COMPRESS,
+    "memory_compression_catchup": params.COMPRESS,
+    "memory_erasure": params.ERASURE,
+    "memory_rollback": params.ROLLBACK,
+    "memory_refold": params.REFOLD,
+    "memory_qualify": params.QUALIFY,
+}
+"""The options each DAG's task bodies check the run's param names against (``task_outcome.params_checked``)."""
+
+
+@pytest.mark.parametrize(("label", "dag"), ALL_DAGS, ids=[label for label, _ in ALL_DAGS])
+def test_each_dag_declares_the_params_its_task_bodies_accept(label: str, dag: DAG) -> None:
+    """A run with only declared params passes the task bodies' check of the names, and a new DAG is listed (third review)."""
+    assert dag.dag_id in TASK_PARAMS, f"DAG {label}: no options its task bodies check the params against"
+    assert list(dag.params) == [o.name for o in TASK_PARAMS[dag.dag_id]]
+    required = {
+        o.name: ["u-1"] if o.schema["type"] == "array" else "u-1"
+        for o in TASK_PARAMS[dag.dag_id]
+        if o.default is params.REQUIRED
+    }
+    params_checked(_validated(dag, required), TASK_PARAMS[dag.dag_id])
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +305,14 @@ def test_the_admin_role_is_configurable_and_can_be_switched_off(monkeypatch: pyt
         assert renamed.dags[dag_id].access_control == {"ButlerPrivacyOfficer": ADMIN_GRANT}, dag_id
         assert off.dags[dag_id].access_control is None, dag_id
     assert renamed.dags[DAG_ID].access_control is None, "memory_compression is for every operator"
+
+
+def test_the_refold_form_takes_at_most_max_map_length_users(dagbag: DagBag) -> None:
+    """refold_user is mapped once per user: the form refuses more user_ids than Airflow maps (third review)."""
+    from airflow.configuration import conf
+
+    refold = dagbag.dags["memory_refold"]
+    most = conf.getint("core", "max_map_length")
+    assert len(_validated(refold, {"user_ids": [f"u-{i}" for i in range(most)]})["user_ids"]) == most
+    with pytest.raises(ParamValidationError, match="user_ids"):
+        _validated(refold, {"user_ids": [f"u-{i}" for i in range(most + 1)]})

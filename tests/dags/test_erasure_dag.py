@@ -10,6 +10,7 @@ import pytest
 from airflow.sdk.exceptions import ParamValidationError
 from pymongo.database import Database
 
+from tests.dags.task_stub import TaskInstanceStub
 from tests.dags.test_dag_integrity import _validated, _validated_sdk
 from tests.dags.test_dag_run import CANARY, REPO, llm_pool, seed_users, task_instances, world, xcom_values
 
@@ -218,3 +219,35 @@ def test_a_failed_erasure_leaves_no_id_in_its_conf_or_its_error(
     assert "u-nobody-7f3a" not in printed.out + printed.err, "the failure's log names the user"
     assert conf_of(run)["user_id"] == "[erased]"
     assert metadata_rows_naming("u-nobody-7f3a") == {}
+
+
+def compress_in_process(params: Doc, run_id: str) -> None:
+    """Run memory_compression's scan and compress_user bodies in-process (no Airflow run)."""
+    from butler_memory.orchestration import dag_tasks
+
+    xcoms: dict[tuple[str, str], list[Any]] = {}
+    for users in dag_tasks.scan(params, TaskInstanceStub(xcoms, "scan", "memory_compression"), kind="daily"):
+        dag_tasks.compress(users, params, TaskInstanceStub(xcoms, "compress_user", "memory_compression"), run_id)
+
+
+def test_a_misspelt_param_fails_the_erasure_naming_it_instead_of_erasing_the_whole_user(
+    airflow_conns: Any, mongo_db: Database[Doc], llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Airflow lets an unknown conf key through; ``event_id`` for ``event_ids`` fails naming it, nothing erased (third review)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from butler_memory.orchestration import erasure_tasks
+
+    monkeypatch.setenv("BUTLER_MEMORY_ERASURE_SECRET", SECRET)
+    seed_users(mongo_db, {"u-keep": 60})
+    compress_in_process({"threshold": 50, "keep_last_n": 20}, "manual__seed")
+    before = everything(mongo_db)
+    assert mongo_db["user_memory_archive"].count_documents({"user_id": "u-keep"}) == 40
+
+    conf = {"user_id": "u-keep", "event_id": ["u-keep-0001"], "dry_run": False}
+    resolved = _validated(FreshDags()["erase"], conf)  # what the API server accepts for the trigger
+    assert resolved["event_id"] == ["u-keep-0001"] and resolved["event_ids"] == [], "the premise: let through"
+    with pytest.raises(AirflowFailException, match=r"unknown param\(s\) 'event_id'") as failed:
+        erasure_tasks.run(resolved, "memory_erasure/manual__typo")
+    assert "u-keep" not in str(failed.value), "the failure names a value, not only the key"
+    assert everything(mongo_db) == before, "a misspelt param changed something"

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.cli.test_rollback_cli import state
+from tests.dags.task_stub import TaskInstanceStub
 from tests.dags.test_dag_run import CANARY, REPO, llm_pool, seed_users, task_instances, world, xcom_values
 
 __all__ = ["llm_pool", "world"]  # fixtures used by this module's tests
@@ -124,3 +125,44 @@ def test_refold_dag_dry_run_then_a_new_version(dags: dict[str, Any], world: dict
         0,
     )
     assert not any(CANARY in row[3] for row in xcom_values(real)), "content in XCom"
+
+
+def test_a_rollback_of_more_users_than_max_map_length_fails_at_plan_naming_the_limit_and_the_cli(
+    airflow_conns: Any, mongo_db: Any, llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compression run batches users_per_task users per instance, rollback_user takes one: more users than
+    max_map_length fail the plan at once, before any is dry-run, naming the limit and the CLI (third review)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from butler_memory.operations.engine import Engine
+    from butler_memory.orchestration import dag_tasks, rollback_tasks
+
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "2")
+    seed_users(mongo_db, {"u-1": 60, "u-2": 61, "u-3": 62})
+    xcoms: dict[tuple[str, str], list[Any]] = {}
+    params = {"threshold": 50, "keep_last_n": 20, "users_per_task": 3, "limit": 3}
+    batches = dag_tasks.scan(params, TaskInstanceStub(xcoms, "scan", "memory_compression"), kind="daily")
+    assert len(batches) == 1, "the premise: the compression run maps one instance, within max_map_length"
+    rows = dag_tasks.compress(
+        batches[0], params, TaskInstanceStub(xcoms, "compress_user", "memory_compression"), "manual__big"
+    )
+    assert [r["status"] for r in rows] == ["compressed"] * 3
+    before = state(mongo_db)
+    dry_runs: list[str] = []
+    rollback = Engine.rollback
+    monkeypatch.setattr(
+        Engine, "rollback", lambda self, user_id, *a, **k: dry_runs.append(user_id) or rollback(self, user_id, *a, **k)
+    )
+
+    ti = TaskInstanceStub(xcoms, "plan", "memory_rollback")
+    conf = {"run_id": "memory_compression/manual__big", "dry_run": False, "user_ids": []}
+    with pytest.raises(
+        AirflowFailException,
+        match=r"3 users to roll back in run memory_compression/manual__big, more than the 2 rollback_user",
+    ) as failed:
+        rollback_tasks.plan(conf, ti, "manual__undo")
+    assert "python -m butler_memory rollback --run memory_compression/manual__big" in str(failed.value)
+    assert dry_runs == [], "the plan dry-ran users before refusing a list Airflow cannot map"
+    assert state(mongo_db) == before
+    only_two = rollback_tasks.plan({**conf, "user_ids": ["u-1", "u-2"]}, ti, "manual__undo")
+    assert only_two == ["u-1", "u-2"], "the workaround the message names: at most max_map_length user_ids"

@@ -102,3 +102,16 @@ def test_configuration_lists_every_param_of_the_manual_dags() -> None:
         }
         missing = [o.name for o in options if o.name not in rows]
         assert not missing, f"docs/configuration.md's {dag} table has no row for param(s) {missing}"
+
+
+def test_the_runbook_and_deployment_guide_state_the_limit_params_real_maximum() -> None:
+    """The form's ``limit`` goes up to max_map_length x users_per_task, not max_map_length (third review)."""
+    docs = DOCS
+    stale = {
+        "operations/runbook.md": "up to Airflow's `max_map_length`,\n1024 by default)",
+        "deployment.md": "at most `max_map_length`, 1024)",
+    }
+    found = [name for name, text in stale.items() if text in (docs / name).read_text()]
+    assert found == [], f"{found} give the limit's maximum as max_map_length (1024), not x users_per_task"
+    for name in stale:
+        assert re.search(r"`max_map_length` ×\s+`users_per_task`", (docs / name).read_text()), name

@@ -102,3 +102,58 @@ def test_values_are_the_params_by_name() -> None:
         "keep_last_n": None,
     }
     assert params.values(build_parser().parse_args(["compress"]), params.COMPRESS)["user_ids"] == []
+
+
+def _task_bodies() -> list[tuple[str, Any, tuple[params.Option, ...]]]:
+    """Every task body of a DAG with params, as a call taking the params, and the options its DAG declares."""
+    from butler_memory.orchestration import dag_tasks, erasure_tasks, qualify_tasks, rollback_tasks
+
+    ti, run = object(), "manual__typo"
+    return [
+        ("scan daily", lambda p: dag_tasks.scan(p, ti, kind="daily"), params.DAILY_COMPRESS),
+        ("scan catchup", lambda p: dag_tasks.scan(p, ti, kind="catchup"), params.COMPRESS),
+        ("compress_user", lambda p: dag_tasks.compress(["u"], p, ti, run, kind="catchup"), params.COMPRESS),
+        ("prepare_batch", lambda p: dag_tasks.batch_prepare(p, ti, run), params.DAILY_COMPRESS),
+        ("submit_batch", lambda p: dag_tasks.batch_submit(p, ti, run), params.DAILY_COMPRESS),
+        ("wait_for_batches", lambda p: dag_tasks.batch_wait(p, ti), params.DAILY_COMPRESS),
+        ("wait_for_batches event", lambda p: dag_tasks.batch_collect(p, ti, run, {}), params.DAILY_COMPRESS),
+        ("forget", lambda p: erasure_tasks.run(p, run), params.ERASURE),
+        ("rollback plan", lambda p: rollback_tasks.plan(p, ti, run), params.ROLLBACK),
+        ("rollback_user", lambda p: rollback_tasks.rollback("u", p, ti, run), params.ROLLBACK),
+        ("rollback report", lambda p: rollback_tasks.report(p, ti), params.ROLLBACK),
+        ("refold users", rollback_tasks.refold_users, params.REFOLD),
+        ("refold_user", lambda p: rollback_tasks.refold("u", p, ti, run), params.REFOLD),
+        ("qualify", qualify_tasks.run, params.QUALIFY),
+    ]
+
+
+BODIES = _task_bodies()
+
+
+@pytest.mark.parametrize(("name", "body", "options"), BODIES, ids=[name for name, _, _ in BODIES])
+def test_every_task_body_fails_for_good_on_a_param_its_dag_does_not_declare(
+    name: str, body: Any, options: tuple[params.Option, ...]
+) -> None:
+    """A misspelt conf key fails the task at once naming the key, not its value, before any service is used (third review)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    given = {o.name: o.default for o in options if o.default is not params.REQUIRED}
+    given["user_id_s"] = ["a-user-id-9f3e"]
+    with pytest.raises(AirflowFailException, match=r"unknown param\(s\) 'user_id_s'") as failed:
+        body(given)  # a stand-in task instance and no services: the check comes before anything else
+    assert "a-user-id-9f3e" not in str(failed.value)
+
+
+def test_the_check_of_param_names_lets_every_declared_param_through() -> None:
+    """Only undeclared keys are named, sorted, each cut to a readable length (third review)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from butler_memory.orchestration.task_outcome import params_checked
+
+    declared = {o.name: o.default for o in params.ROLLBACK}
+    assert params.undeclared(declared, params.ROLLBACK) == []
+    params_checked(declared, params.ROLLBACK)
+    assert params.undeclared({**declared, "zz": 1, "user_id": "u"}, params.ROLLBACK) == ["user_id", "zz"]
+    with pytest.raises(AirflowFailException) as failed:
+        params_checked({"x" * 500: 1}, params.ROLLBACK)
+    assert "x" * 51 not in str(failed.value) and "run_id, user_ids, dry_run" in str(failed.value)

@@ -29,7 +29,15 @@ from butler_memory.orchestration.connections import (
     statsd_metrics,
     user_locks,
 )
-from butler_memory.orchestration.task_outcome import FAILURE_XCOM_KEY, fail, settings_checked, xcom_rows
+from butler_memory.orchestration.params import COMPRESS, DAILY_COMPRESS, Option
+from butler_memory.orchestration.task_outcome import (
+    FAILURE_XCOM_KEY,
+    fail,
+    max_map_length,
+    params_checked,
+    settings_checked,
+    xcom_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +72,9 @@ def run_maximum(users_per_task: int, max_map_length: int) -> int:
     return users_per_task * max_map_length
 
 
-def _max_map_length() -> int:
-    from airflow.configuration import conf
-
-    return conf.getint("core", "max_map_length")
+def options(kind: str) -> tuple[Option, ...]:
+    """Return the params a compression DAG of ``kind`` declares: the daily one's, or the catch-up's."""
+    return DAILY_COMPRESS if kind == fresh.DAILY else COMPRESS
 
 
 def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[list[str]]:
@@ -77,13 +84,14 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[li
     user on its full reconciliation days (or ``full_scan``); "catchup" counts only users with new
     events or a doorbell record (``butler_memory.freshness.fresh``). Given ``user_ids``, both scan just those.
     """
+    params_checked(params, options(kind))
     with settings_checked():
         settings = resolve_settings(params)
-    most = run_maximum(settings.users_per_task, _max_map_length())
+    most = run_maximum(settings.users_per_task, max_map_length())
     if settings.scan_limit > most:
         raise fail(
             f"limit {settings.scan_limit} is above this run's maximum of {most} users "
-            f"(max_map_length {_max_map_length()} x users_per_task {settings.users_per_task}): "
+            f"(max_map_length {max_map_length()} x users_per_task {settings.users_per_task}): "
             "raise users_per_task or lower limit"
         )
     user_ids = params.get("user_ids") or None
@@ -160,6 +168,7 @@ def compress(
     never ended. A transient failure of any user raises for a retry; permanent ones fail at once
     and back the user off (``butler_memory.freshness.backoff``); a compression or a user under the threshold clears it.
     """
+    params_checked(params, options(kind))
     with settings_checked():
         settings = resolve_settings(params)
     dry_run = bool(params.get("dry_run"))
@@ -260,6 +269,7 @@ def _scanned_users(ti: Any) -> list[str]:
 
 def batch_prepare(params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
     """Freeze the scanned users' folds for the batch (``batch.prepare``); nothing in online mode."""
+    params_checked(params, DAILY_COMPRESS)
     settings = resolve_settings(params)
     if not batch_mode(settings, params, fresh.DAILY):
         return {"llm_mode": "online"}
@@ -271,6 +281,7 @@ def batch_prepare(params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, 
 
 def batch_submit(params: Mapping[str, Any], ti: Any, run_id: str) -> list[str]:
     """Submit the frozen folds as batches (``batch.submit``); return the batch ids ([] in online mode)."""
+    params_checked(params, DAILY_COMPRESS)
     settings = resolve_settings(params)
     if not batch_mode(settings, params, fresh.DAILY):
         return []
@@ -282,6 +293,7 @@ def batch_submit(params: Mapping[str, Any], ti: Any, run_id: str) -> list[str]:
 
 def batch_wait(params: Mapping[str, Any], ti: Any) -> tuple[list[str], dict[str, Any]]:
     """Return what the wait's trigger needs: the submitted batch ids and the settings it reads."""
+    params_checked(params, DAILY_COMPRESS)
     settings = resolve_settings(params)
     ids = ti.xcom_pull(task_ids="submit_batch", key="return_value") or []
     return list(ids), {**settings.as_dict(), "poll_seconds": settings.batch_poll_seconds}
@@ -289,6 +301,7 @@ def batch_wait(params: Mapping[str, Any], ti: Any) -> tuple[list[str], dict[str,
 
 def batch_collect(params: Mapping[str, Any], ti: Any, run_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
     """Read the ended batches' replies into MongoDB and delete the provider's files (``batch.collect``)."""
+    params_checked(params, DAILY_COMPRESS)
     settings = resolve_settings(params)
     if event.get("error"):
         raise RuntimeError(f"waiting for the batches failed: {event['error']} (will retry)")
@@ -330,14 +343,15 @@ def _settle_daily(
 
 def report(params: Mapping[str, Any], ti: Any, run_id: str, run_started: datetime | None) -> dict[str, Any]:
     """Store the run document, emit run metrics, log Markdown; fail when any user failed."""
+    scan_info: dict[str, Any] = ti.xcom_pull(task_ids="scan", key="scan") or {}
+    kind = scan_info.get("kind", fresh.DAILY)
+    params_checked(params, options(kind))
     scanned_batches: Sequence[Sequence[str]] | None = ti.xcom_pull(task_ids="scan", key="return_value")
     if scanned_batches is None:
         raise fail("scan did not produce a user list (it failed or was skipped); nothing was compressed")
     scanned = [user_id for batch in scanned_batches for user_id in batch]
     map_index = {user_id: i for i, batch in enumerate(scanned_batches) for user_id in batch}
     backlog = ti.xcom_pull(task_ids="scan", key="backlog") or {}
-    scan_info: dict[str, Any] = ti.xcom_pull(task_ids="scan", key="scan") or {}
-    kind = scan_info.get("kind", fresh.DAILY)
     results = xcom_rows(ti.xcom_pull(task_ids="compress_user", key="return_value"))
     failures = {f["user_id"]: f for f in xcom_rows(ti.xcom_pull(task_ids="compress_user", key=FAILURE_XCOM_KEY))}
     done = {r["user_id"] for r in results}

@@ -16,7 +16,8 @@ from butler_memory.operations import audit, erasure
 from butler_memory.operations.engine import Engine
 from butler_memory.orchestration import airflow_scrub
 from butler_memory.orchestration.connections import build_engine, erasure_secret, resolve_settings
-from butler_memory.orchestration.task_outcome import raised, settings_checked
+from butler_memory.orchestration.params import ERASURE
+from butler_memory.orchestration.task_outcome import params_checked, raised, settings_checked
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,11 @@ def forget(
 
 
 def run(params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
-    """Forget the user (or their events) the params name; bad input fails at once, a busy lock retries."""
+    """Forget the user (or their events) the params name; bad input fails at once, a busy lock retries.
+
+    A misspelt param fails first: ignored, ``event_id`` for ``event_ids`` would erase the whole user.
+    """
+    params_checked(params, ERASURE)
     with settings_checked():
         settings = resolve_settings({})
         secret = erasure_secret(settings, required=not params.get("dry_run"))

@@ -182,6 +182,18 @@ def values(args: argparse.Namespace, options: Iterable[Option]) -> dict[str, Any
     return {name: [] if value is None and _list(options, name) else value for name, value in got.items()}
 
 
+def undeclared(params: Mapping[str, Any], options: Iterable[Option]) -> list[str]:
+    """Return the keys of a run's params that none of its DAG's ``options`` declares, sorted.
+
+    Airflow merges every key of a trigger's conf into the params unchecked (``deep_merge`` keeps an
+    unknown key as a new param; no schema covers the conf as a whole), so a misspelt key
+    (``event_id`` for ``event_ids``) reaches the task beside the param it meant, which stays at its
+    default: for an erasure, the whole user.
+    """
+    names = {o.name for o in options}
+    return sorted(str(key) for key in params if key not in names)
+
+
 def _list(options: Iterable[Option], name: str) -> bool:
     return any(o.name == name and o.schema["type"] == "array" for o in options)
 

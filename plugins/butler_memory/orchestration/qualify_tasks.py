@@ -8,13 +8,15 @@ from typing import Any
 
 from butler_memory.operations import qualify
 from butler_memory.orchestration.connections import build_summarizer, resolve_settings
-from butler_memory.orchestration.task_outcome import fail, settings_checked
+from butler_memory.orchestration.params import QUALIFY
+from butler_memory.orchestration.task_outcome import fail, params_checked, settings_checked
 
 log = logging.getLogger(__name__)
 
 
 def run(params: Mapping[str, Any]) -> dict[str, Any]:
     """Qualify the configured summariser; fail the task (no retry) when it fails or cannot be reached."""
+    params_checked(params, QUALIFY)
     with settings_checked():
         thresholds = qualify.Thresholds.from_mapping(params)
         settings = resolve_settings({})

@@ -21,7 +21,16 @@ from butler_memory.operations.rollback import (
     users_of_run,
 )
 from butler_memory.orchestration.connections import build_engine, resolve_settings
-from butler_memory.orchestration.task_outcome import FAILURE_XCOM_KEY, fail, raised, settings_checked, xcom_rows
+from butler_memory.orchestration.params import REFOLD, ROLLBACK
+from butler_memory.orchestration.task_outcome import (
+    FAILURE_XCOM_KEY,
+    fail,
+    max_map_length,
+    params_checked,
+    raised,
+    settings_checked,
+    xcom_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +45,10 @@ def plan(params: Mapping[str, Any], ti: Any, run_id: str) -> list[str]:
 
     All of them or none (issue 23.1): unless ``partial``, every user is dry-run first, and when any
     would be refused the plan returns none, pushes that dry pass for the report and says so.
+    rollback_user is mapped once per user: more users than Airflow's ``max_map_length`` fail the
+    plan before any is dry-run (Airflow would refuse the list only after that pass), naming the CLI.
     """
+    params_checked(params, ROLLBACK)
     with settings_checked():
         settings = resolve_settings({})
     with build_engine(settings) as engine:
@@ -45,6 +57,7 @@ def plan(params: Mapping[str, Any], ti: Any, run_id: str) -> list[str]:
             engine.store.ensure_indexes()
         target = _target(engine, params)
         users = users_of_run(engine.store, target, params.get("user_ids") or None)
+        _check_map_length(target, users)
         if not params.get("partial"):
             try:
                 decision = RunDecision([_rollback(engine, user, target, params, ti, run_id, True) for user in users])
@@ -56,6 +69,17 @@ def plan(params: Mapping[str, Any], ti: Any, run_id: str) -> list[str]:
                 return []
     log.info("rollback of run %s: %d user(s)", target, len(users))
     return users
+
+
+def _check_map_length(target: str, users: list[str]) -> None:
+    """Fail for good when the run has more users than one rollback_user instance each can take."""
+    most = max_map_length()
+    if len(users) > most:
+        raise fail(
+            f"{len(users)} users to roll back in run {target}, more than the {most} rollback_user instances Airflow "
+            f"maps (max_map_length); nothing was rolled back. Roll it back with python -m butler_memory rollback "
+            f"--run {target} (all users or none), or trigger this DAG with at most {most} user_ids at a time"
+        )
 
 
 def _target(engine: Any, params: Mapping[str, Any]) -> str:
@@ -82,6 +106,7 @@ def _rollback(
 
 def rollback(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
     """Roll back one user; a held lock or a transient error retries, a refusal fails at once."""
+    params_checked(params, ROLLBACK)
     settings = resolve_settings({})
     target = params["run_id"]
     try:
@@ -104,6 +129,7 @@ def rollback(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> d
 
 def report(params: Mapping[str, Any], ti: Any) -> dict[str, Any]:
     """Log every user's outcome as Markdown; fail when any user was refused or failed."""
+    params_checked(params, ROLLBACK)
     users = ti.xcom_pull(task_ids="plan", key="return_value")
     if users is None:
         raise fail("plan did not produce a user list (it failed); nothing was rolled back")
@@ -135,8 +161,15 @@ def report(params: Mapping[str, Any], ti: Any) -> dict[str, Any]:
     return {"run_id": params["run_id"], "users": len(results), "by_status": by_status}
 
 
+def refold_users(params: Mapping[str, Any]) -> list[str]:
+    """Return the user ids to re-fold: the param, validated at trigger time (at most max_map_length)."""
+    params_checked(params, REFOLD)
+    return list(params["user_ids"])
+
+
 def refold(user_id: str, params: Mapping[str, Any], ti: Any, run_id: str) -> dict[str, Any]:
     """Re-fold one user from the archive; a held lock or a transient error retries, a refusal fails at once."""
+    params_checked(params, REFOLD)
     settings = resolve_settings({})
     try:
         with build_engine(settings) as engine:
