@@ -17,7 +17,7 @@ from pymongo import ASCENDING, DESCENDING, DeleteOne
 
 from butler_memory.core.errors import InvalidEventError
 from butler_memory.core.ids import MAX_USER_ID_CHARS, valid_user_id
-from butler_memory.storage.mongo import Collections, batches, id_key, ids_of_user
+from butler_memory.storage.mongo import Collections, batches, event_digest, id_key, ids_of_user
 
 log = logging.getLogger(__name__)
 
@@ -286,14 +286,21 @@ class EventsMixin(Collections):
     def delete_unchanged(self, user_id: str, events: Sequence[Mapping[str, Any]]) -> int:
         """Delete those of ``events`` still exactly as given (the whole document equal); return how many.
 
-        An event the Butler edited or re-tagged after it was read (during the LLM call) no longer
-        matches and stays: its newer version was not summarised. One ``DeleteOne`` per event,
-        filtered by ``unchanged``: however its fields are named.
+        An event the Butler edited, re-tagged, or gave or stripped of a field after it was read
+        (during the LLM call) no longer matches and stays: its newer version was not summarised.
+        Per batch: the events are read again by ``_id`` and compared whole, as stored
+        (``event_digest``: every field, in order), then each one still equal is deleted by a
+        ``DeleteOne`` filtered by ``unchanged``, which an edit landing in between still stops.
         """
         deleted = 0
         for batch in batches(events, self.settings.delete_batch_size):
-            ops = [DeleteOne(unchanged(ev["_id"], ev)) for ev in batch]
-            deleted += self.events.bulk_write(ops, ordered=False).deleted_count
+            found = self._events_lenient.find(ids_of_user([ev["_id"] for ev in batch], user_id))
+            now = {id_key(ev["_id"]): _digest(ev) for ev in found}
+            ops = [
+                DeleteOne(unchanged(ev["_id"], ev)) for ev in batch if now.get(id_key(ev["_id"])) == event_digest(ev)
+            ]
+            if ops:
+                deleted += self.events.bulk_write(ops, ordered=False).deleted_count
         return deleted
 
     def delete(self, user_id: str, ids: Sequence[Any]) -> int:
@@ -335,31 +342,51 @@ class EventsMixin(Collections):
 
     def quarantine_remove(self, user_id: str, event_id: Any, raw: RawBSONDocument) -> int:
         """Delete event ``event_id`` from user_memory if it is still exactly as copied (``raw``, filtered
-        by ``unchanged``); return how many (0 or 1).
+        by ``whole``); return how many (0 or 1).
 
         An event the Butler edited since the copy stays in user_memory and its stale copy is dropped:
         the quarantine never holds an event that user_memory holds too (a later run looks again).
         The ``_id`` is the caller's: reading it from ``raw`` decodes the whole copy, and a quarantined
         event may hold bytes that do not decode.
         """
-        deleted = self.events.delete_one(unchanged(event_id, raw)).deleted_count
+        deleted = self.events.delete_one(whole(event_id, raw)).deleted_count
         if not deleted:
             self.quarantine.delete_one({"_id": event_id, "user_id": user_id})
         return deleted
 
 
 def unchanged(event_id: Any, event: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the filter of event ``event_id`` still exactly as ``event`` (as read): the stored
-    document and ``event`` compared whole, as one value (``$expr``, ``$$ROOT`` against ``$literal``).
+    """Return the filter of event ``event_id`` still as ``event`` (as read).
 
-    Never the event's own fields as the filter: a top-level name with a dot (``meta.source``, valid
-    since MongoDB 5.0) is read there as a path and one starting with ``$`` as an operator, so a
-    summarised event would match nothing and stay, to be folded again by every run. A literal is
-    data, whatever its names. Still one server-side match-and-delete, as atomic as the field filter
-    was: an edit is either before it (no match, the newer version stays) or after it (the edit finds
-    nothing). A field added or removed since the read is an edit too. ``_id`` first: the embedded
-    server looks the event up by it.
+    Its fields, each compared by ``$eq`` (a value is data, never an operator), when every top-level
+    name is plain: the embedded server then looks the event up by ``_id`` (``_id`` first), where any
+    top-level ``$`` key makes it scan the whole collection for every delete (0.15 s an event at
+    15,000 events, growing with the collection). A name with a dot (``meta.source``, valid since
+    MongoDB 5.0) would be read there as a path and one starting with ``$`` as an operator, so such an
+    event is matched whole instead (``whole``). Either is one server-side match-and-delete: an edit of
+    a field the event has is either before it (no match, the newer version stays) or after it (the
+    edit finds nothing). A field added in between is seen only by ``whole``; ``delete_unchanged``
+    compares the whole event right before, so that window is the one round trip between the two.
     """
+    if all(isinstance(name, str) and "." not in name and not name.startswith("$") for name in event):
+        return {"_id": event_id, **{k: {"$eq": v} for k, v in event.items() if k != "_id"}}
+    return whole(event_id, event)
+
+
+def _digest(event: Mapping[str, Any]) -> str | None:
+    """``event_digest`` of an event as stored now; None when it no longer encodes (the Butler wrote
+    invalid UTF-8 into it since it was summarised: read leniently, that is a change too)."""
+    try:
+        return event_digest(event)
+    except UnicodeEncodeError:
+        return None
+
+
+def whole(event_id: Any, event: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the filter of event ``event_id`` stored exactly as ``event``: the stored document and
+    ``event`` compared whole, as one value (``$expr``, ``$$ROOT`` against ``$literal``), whatever
+    its field names; a field added or removed is a difference too. On the embedded server it scans
+    the collection: for the rare event ``unchanged`` cannot filter by its fields."""
     return {"_id": event_id, "$expr": {"$eq": ["$$ROOT", {"$literal": event}]}}
 
 
