@@ -202,8 +202,7 @@ class Settings:
     """Redis hash of a user's back-off (failures, until, error_type), on the lock Redis."""
 
     def __post_init__(self) -> None:
-        _finite(self)
-        _int64(self)
+        _storable(self)
         _distinct_collections(self)
         _positive(self, "threshold", "keep_last_n", "summary_max_tokens", "prompt_budget_tokens")
         _positive(self, "max_events_per_chunk", "max_event_chars", "lock_ttl_seconds")
@@ -361,10 +360,14 @@ def _check_durability(settings: Settings) -> None:
         raise SettingsError(f"mongo_read_concern {settings.mongo_read_concern!r} must be 'majority' or 'local'")
 
 
-def _int64(settings: Settings) -> None:
-    """Refuse integers BSON cannot store: every integer setting may reach a query or a stored document."""
+def _storable(settings: Settings) -> None:
+    """Refuse numbers that cannot be compared or stored: NaN and infinite floats (every comparison
+    with NaN is False, so it would pass the range checks), and integers BSON cannot store (every
+    integer setting may reach a query or a stored document)."""
     for f in fields(settings):
         value = getattr(settings, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{f.name} must be a finite number, got {value!r}")
         if isinstance(value, int) and not isinstance(value, bool):
             _at_most(settings, f.name, MAX_INTEGER)
 
@@ -373,23 +376,12 @@ def _distinct_collections(settings: Settings) -> None:
     """Refuse two roles on one collection: the quarantine or the archive on the events collection, say,
     would replace a live event by its copy and the following delete would remove it (events lost)."""
     seen: dict[str, str] = {}
-    for f in fields(settings):
-        if not f.name.endswith("_collection"):
-            continue
-        collection = getattr(settings, f.name)
-        if collection in seen:
+    for name in (f.name for f in fields(settings) if f.name.endswith("_collection")):
+        if (collection := getattr(settings, name)) in seen:
             raise SettingsError(
-                f"{seen[collection]} and {f.name} are both {collection!r}: each role needs its own collection"
+                f"{seen[collection]} and {name} are both {collection!r}: each role needs its own collection"
             )
-        seen[collection] = f.name
-
-
-def _finite(settings: Settings) -> None:
-    """Refuse NaN and infinite numbers: every comparison with NaN is False, so it would pass the range checks."""
-    for f in fields(settings):
-        value = getattr(settings, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise SettingsError(f"{f.name} must be a finite number, got {value!r}")
+        seen[collection] = name
 
 
 def _at_most(settings: Settings, name: str, most: int) -> None:

@@ -158,12 +158,11 @@ def compress_user(
     before a summary covering it is stored. With the parts' token ``budget`` spent, the user is not
     started (``skipped_budget``); once started, a user is finished whatever the budget.
     ``Engine.compress`` is this function on the engine's parts. An id that is not a user id
-    (``core.ids.valid_user_id``) raises InvalidUserIdError before anything is read.
+    (``core.ids.valid_user_id``) raises InvalidUserIdError before the lock: a user the job cannot
+    erase by its id gets no summary (the scan passes valid ids only; a param or the CLI may not).
     """
     metrics, budget = parts.metrics, parts.budget
     started = time.monotonic()
-    # The scan passes only valid ids; an explicit one (a DAG param, the CLI) is checked here, before
-    # the lock: a user the job cannot erase by its id (the forget CLI, the erasure DAG) gets no summary.
     check_user_id(user_id)
     if budget is not None and not dry_run and budget.exhausted():
         log.info(
@@ -332,8 +331,7 @@ def _compress_locked(
     if target is not None or (not result.chunks and profile.fold_target is not None):
         store.clear_fold_target(user_id, version)
 
-    result.summary_version = version
-    result.summary_chars = len(summary)
+    result.summary_version, result.summary_chars = version, len(summary)
     if crossed_at is not None and result.chunks:
         result.freshness_seconds = round(max((now - crossed_at).total_seconds(), 0.0), 3)
         metrics.timing(m.FRESHNESS_LAG_SECONDS, result.freshness_seconds)
@@ -420,8 +418,7 @@ def _note_cap(result: UserResult, keys: list[EventKey], settings: Settings, misd
 
 def _summary_language(profile: Profile, settings: Settings, result: UserResult) -> str:
     """Return the known language code to summarise in: the profile's, else ``summary_language``."""
-    user_id = profile.user_id
-    language = profile.language or settings.summary_language
+    user_id, language = profile.user_id, profile.language or settings.summary_language
     if known_language(language) is None:  # only the configured default can be unknown here
         raise CompressionError(
             f"user {user_id!r}: summary_language is not a known ISO 639-1 language code; fix the setting",
