@@ -12,21 +12,9 @@ from butler_memory.core.errors import LockLostError
 from butler_memory.operations.intent import REFUSED
 from butler_memory.operations.refold import DRY_RUN, NOT_CHANGED, REFOLDED, refold_user
 from butler_memory.operations.rollback import ROLLED_BACK
+from tests.engine import helpers
 from tests.engine.conftest import OpenAIFactory
-from tests.engine.helpers import (
-    START,
-    Doc,
-    archive_of,
-    chain_responder,
-    events_of,
-    history_of,
-    insert_events,
-    ledger,
-    make_engine,
-    profile_of,
-    small_settings,
-    snapshot,
-)
+from tests.engine.helpers import Doc, archive_of, chain_responder, history_of, ledger, make_engine, profile_of, snapshot
 from tests.engine.test_rollback import SETTINGS, Crash, crash_at, two_runs
 from tools.fake_openai import FakeOpenAI
 
@@ -140,8 +128,8 @@ def test_a_refold_rerun_adds_no_identical_version(
     assert other.refold("u1", run_id="refold-3").status == REFOLDED
 
 
-STALL_SETTINGS = small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5)
-LATER = START + timedelta(days=1)
+STALL_SETTINGS = helpers.small_settings(threshold=10, keep_last_n=5, max_events_per_chunk=5)
+LATER = helpers.START + timedelta(days=1)
 
 
 def test_a_refold_that_lost_its_lock_does_not_overwrite_the_history_of_the_run_that_took_over(
@@ -151,9 +139,9 @@ def test_a_refold_that_lost_its_lock_does_not_overwrite_the_history_of_the_run_t
     committed the next versions, writes no history entry over theirs: a rollback of that run then restores
     the version before it and every event it folded (third review)."""
     engine = make_engine(mongo_db, redis_client, STALL_SETTINGS)
-    insert_events(mongo_db, "u1", 20)
+    helpers.insert_events(mongo_db, "u1", 20)
     engine.compress("u1", run_id="r0")  # v1..v3
-    insert_events(mongo_db, "u1", 10, first=20, start=LATER)
+    helpers.insert_events(mongo_db, "u1", 10, first=20, start=LATER)
     other = make_engine(mongo_db, redis_client, STALL_SETTINGS)
 
     def takeover(step: str) -> None:
@@ -171,7 +159,7 @@ def test_a_refold_that_lost_its_lock_does_not_overwrite_the_history_of_the_run_t
 
     # Undo r2: the summary must return to v3 and all 10 events r2 folded must be back in user_memory.
     result = engine.rollback("u1", "r2", rollback_id="rb")
-    live = set(events_of(mongo_db, "u1"))
+    live = set(helpers.events_of(mongo_db, "u1"))
     back = {f"u1-e{i:03d}" for i in range(15, 25)}  # r2 folded e015..e024 (e025..e029 kept raw)
     assert not overwritten and result.restored_version == 3 and back <= live, (
         f"the stale re-fold overwrote v4's history entry (run {v4['run_id']!r}, kind {v4['kind']!r}) after r2 "

@@ -289,7 +289,7 @@ def _finish(
                     target=profile.fold_target,
                     forget_id=intent["id"],
                 ),
-                forget_id=intent["id"],
+                partial(store.still_at, user_id, expected, forget_id=intent["id"]),
             )
         store.clear_pending(user_id, new_version)
         # The re-folded events now belong to the new version (as a fold's events do to it), so "which

@@ -42,7 +42,7 @@ from butler_memory.fold.rebuild import (
 from butler_memory.llm.budget import Spent
 from butler_memory.llm.summarizer import Summarizer
 from butler_memory.operations.intent import VersionResult, settled_profile, under_lock
-from butler_memory.storage.history import REFOLD, Covers, HistoryEntry, Key
+from butler_memory.storage.history import REFOLD, Claim, Covers, HistoryEntry, Key
 from butler_memory.storage.locks import UserLock
 from butler_memory.storage.mongo import id_key
 from butler_memory.storage.profiles import Profile
@@ -145,6 +145,8 @@ def refold_user(
     on the parts' budget, the day's, as a compression's do (a re-fold is started whatever is left of it).
     Emits the re-fold metrics; ``Engine.refold`` is this function on the engine's parts."""
 
+    outcome = partial(RefoldResult, user_id, run_id=run_id)
+
     def refold_locked(lock: UserLock) -> RefoldResult:
         store, summarizer = parts.store, parts.summarizer
         profile = settled_profile(
@@ -158,19 +160,15 @@ def refold_user(
             and current.refolded_from == plan.start.version
             and summarizer_identity(summarizer) == _identity_of(current)
         ):
-            return RefoldResult(
-                user_id,
+            return outcome(
                 NOT_CHANGED,
-                run_id=run_id,
                 from_version=profile.version,
                 to_version=profile.version,
                 refolded_from=plan.start.version,
                 message=f"v{profile.version} is already a re-fold from v{plan.start.version} by this summariser",
             )
-        result = RefoldResult(
-            user_id,
+        result = outcome(
             DRY_RUN if dry_run else REFOLDED,
-            run_id=run_id,
             from_version=profile.version,
             to_version=profile.version if dry_run else profile.version + 1,
             refolded_from=plan.start.version,
@@ -212,14 +210,13 @@ def refold_user(
             entry,
             checkpoint,
             lambda: commit(user_id, expected_version=profile.version, summary=summary, now=now, lease=lease),
-            lease=lease,
+            partial(store.still_at, user_id, profile.version, lease=lease),
         )
         checkpoint("committed")
         result.summary_chars = len(summary)
         result.message = f"v{plan.start.version} + {plan.events} archived event(s) -> v{profile.version + 1}"
         return result
 
-    outcome = partial(RefoldResult, user_id, run_id=run_id)
     attempt = partial(under_lock, parts.locks, user_id, "re-fold", checkpoint, refold_locked, outcome)
     return m.observed(parts.metrics, m.REFOLD, attempt, changed=REFOLDED, events=lambda r: r.events, dry_run=dry_run)
 
@@ -303,28 +300,24 @@ class Rebuilt:
         )
 
 
+Commit = Callable[[], object]
+"""The guarded profile commit of a rebuilt version (``store.commit_refold``, ``store.commit_summary``)."""
+
+
 def commit_rebuilt(
-    store: MemoryStore,
-    lock: UserLock,
-    entry: HistoryEntry,
-    checkpoint: Checkpoint,
-    commit: Callable[[], object],
-    *,
-    lease: str | None = None,
-    forget_id: str | None = None,
+    store: MemoryStore, lock: UserLock, entry: HistoryEntry, checkpoint: Checkpoint, commit: Commit, ours: Claim
 ) -> None:
     """Make a rebuilt version the profile's: its history entry first (checkpoint "recorded"), then
     ``commit``, the guarded profile commit, with the lock extended right before it. A kill between
     the two leaves an entry the profile never reached, which the re-run overwrites.
 
     The entry is fenced too (``fence``: the lock extended, the profile still at the version it builds
-    on under this rebuild's claim, the re-fold's ``lease`` or the forget's ``forget_id``), and the
+    on under this rebuild's claim, ``ours``: the re-fold's lease or the forget's intent), and the
     history replaces an entry only while that claim holds: a rebuild stalled past its lock's TTL in
     its LLM calls would otherwise overwrite the entry of the version a run that took the user
     meanwhile committed, and a later rollback of that run would restore this text, never committed.
     """
     user_id, expected = entry.user_id, entry.version - 1
-    ours = partial(store.still_at, user_id, expected, lease=lease, forget_id=forget_id)
     fence(lock, ours, f"user {user_id!r}: the profile moved on from v{expected} while this rebuild ran", user_id)
     store.history.write_version(entry, ours)
     checkpoint("recorded")

@@ -40,6 +40,10 @@ from butler_memory.core.errors import ConcurrentUpdateError
 from butler_memory.core.settings import Settings
 from butler_memory.storage.mongo import ensure_ttl
 
+Claim = Callable[[], bool]
+"""Whether a writer's claim on the profile still holds (its lease or intent, the profile still at the
+version it builds on): what a write of its history entry over another one requires."""
+
 WRITE_ATTEMPTS = 3
 """Tries of a history write whose entry another writer changed meanwhile (it writes at most once more)."""
 
@@ -206,7 +210,7 @@ class SummaryHistory:
         self.coll.create_index([("run_id", ASCENDING), ("user_id", ASCENDING)])
         ensure_ttl(self.db, self.coll, "created_at", TTL_INDEX, self.settings.history_retention_days)
 
-    def write_version(self, entry: HistoryEntry, still_ours: Callable[[], bool]) -> None:
+    def write_version(self, entry: HistoryEntry, still_ours: Claim) -> None:
         """Store one version before the profile commit of it, as only its writer may.
 
         Inserted when the user has no entry of that version. An entry already there (a killed or
