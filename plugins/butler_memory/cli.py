@@ -22,7 +22,13 @@ from typing import Any, TextIO
 
 from pymongo.errors import ConnectionFailure, PyMongoError
 
-from butler_memory.core.errors import CompressionError, ForgetInputError, LockUnavailableError, RollbackRefusedError
+from butler_memory.core.errors import (
+    CompressionError,
+    ForgetInputError,
+    InvalidUserIdError,
+    LockUnavailableError,
+    RollbackRefusedError,
+)
 from butler_memory.core.settings import SettingsError
 from butler_memory.fold.compression import FAILED, UserResult, failed_result
 from butler_memory.fold.report import build_report, emit_run_metrics, to_markdown
@@ -88,6 +94,7 @@ EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
     (SettingsError, EXIT_USAGE),
     (ForgetInputError, EXIT_USAGE),  # bad input: nothing was changed
     (RollbackRefusedError, EXIT_USAGE),  # e.g. a run the history does not know: nothing was changed
+    (InvalidUserIdError, EXIT_USAGE),  # a --user the job cannot take: nothing was read
     (LockUnavailableError, EXIT_UNAVAILABLE),
 )
 

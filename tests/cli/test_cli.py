@@ -186,6 +186,16 @@ def test_a_bad_setting_exits_2_naming_it(airflow_conns: AirflowConns) -> None:
     assert "keep_last_n (9) must not exceed threshold (5)" in result.stderr, result.stderr
 
 
+def test_a_user_the_job_cannot_take_exits_2_naming_it(airflow_conns: AirflowConns, mongo_db: Database[Doc]) -> None:
+    """An explicit --user the job cannot take is a usage error, not left out of a green run (third review)."""
+    seed(mongo_db, {"ok": 20})
+    result = cli("compress", "--user", "ok", "--user", "a b", *SMALL)
+
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "user id 'a b' is not a user id" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert counts(mongo_db) == {"ok": 20}, "nothing is compressed"
+
+
 def test_a_bad_integer_env_setting_exits_2_naming_it(airflow_conns: AirflowConns) -> None:
     """An integer setting in the environment that int() cannot read exits 2 naming it, no traceback (second review)."""
     result = cli("compress", "--dry-run", env={"BUTLER_MEMORY_THRESHOLD": "--5"})

@@ -209,3 +209,21 @@ def test_a_user_the_daily_run_compresses_can_be_forgotten_by_the_cli(
             engine.compress(user_id, run_id="r1")
         assert mongo_db["user_memory_summaries"].count_documents({"user_id": user_id}) == 0
         assert mongo_db["user_memory"].count_documents({"user_id": user_id}) == 14
+
+
+@pytest.mark.parametrize("slack", [64, 0])
+def test_ids_that_are_not_user_ids_take_no_place_in_the_scan(
+    slack: int, mongo_db: Database[Doc], redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The largest backlogs belong to ids the job cannot take: the scan still returns ``limit`` users,
+    so the full reconciliation's "fewer than asked: every one" holds (third review). With no slack in
+    the ``$limit``, the scan asks again for as many more as it left out."""
+    from butler_memory.storage import events
+
+    monkeypatch.setattr(events, "SCAN_SLACK", slack)
+    engine = make_engine(mongo_db, redis_client, small_settings())
+    for user_id, n in (("u" * 201, 40), ("alice smith", 30), ("u1", 20), ("u2", 19), ("u3", 18)):
+        insert_events(mongo_db, user_id, n)
+
+    assert [b.user_id for b in engine.store.scan(10, 2)] == ["u1", "u2"]
+    assert [b.user_id for b in engine.store.scan(10, 5)] == ["u1", "u2", "u3"]

@@ -380,3 +380,17 @@ def test_a_compression_stalled_before_its_commit_writes_nothing_over_a_whole_use
     profile = profile_of(mongo_db, FACT_USER) or {}
     assert profile == {"user_id": FACT_USER, "name": "the Butler's own field"}, f"the stale run committed: {profile}"
     assert mongo_mentions(mongo_db, list(FACTS.values())) == [], "an erased user's fact is back in the memory"
+
+
+def test_the_erasures_during_the_largest_run_are_found_without_a_command_over_16_mb(mongo_db: Database[Doc]) -> None:
+    """A run's report looks up the erasures requested since it began among all its users: 204,800 at
+    the most, whose references in one ``$in`` made a command over MongoDB's 16 MB (third review)."""
+    store = MemoryStore(mongo_db, Settings())
+    users = [f"{i:08d}-4e0f-4b1c-9a7d-3c0ffee{i:05d}" for i in range(204_800)]
+    started = datetime.now(UTC)
+    log = audit.AuditLog(store)
+    log.coll.insert_one({"subject": audit.subject_ref(SECRET, users[7]), "kind": "user", "requested_at": started})
+    log.coll.insert_one(
+        {"subject": audit.subject_ref(SECRET, users[9]), "kind": "user", "requested_at": datetime(2026, 1, 1)}
+    )
+    assert log.erased_since(SECRET, users, started) == {users[7]}

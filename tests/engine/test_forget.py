@@ -548,3 +548,23 @@ def test_a_compression_stalled_before_its_commit_does_not_bring_back_an_event_a_
     assert seen["forget"].status == forget.FORGOTTEN, seen["forget"]
     # The forget returned "forgotten": the fact must be nowhere, whatever the stale run did afterwards.
     assert mongo_mentions(mongo_db, [FACTS[2]]) == [], "a forgotten event's fact is back in the memory"
+
+
+def test_a_forget_resumed_while_an_erasure_is_unfinished_stops_before_its_rebuild(
+    mongo_db: Database[Doc], redis_client: redis.Redis
+) -> None:
+    """A killed forget re-run while an erasure of the whole user is unfinished says so before any LLM
+    call: its rebuild's commit would be refused (an erasure wins) after paying for it (third review)."""
+    engine = seeded(mongo_db, redis_client, fact_settings())
+    with pytest.raises(Killed):
+        forget.forget_events(
+            FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)], checkpoint=raise_at("deleted", Killed)
+        )
+    redis_client.flushdb()  # the killed run's lock expired
+    mongo_db["user_profiles"].update_one({"user_id": FACT_USER}, {"$set": {"memory_erasing": "e-unfinished"}})
+    before = history_versions(mongo_db)
+
+    with pytest.raises(ErasurePendingError, match="erasure of the whole user is unfinished"):
+        forget.forget_events(FACT_USER, engine=engine, secret=SECRET, event_ids=[eid(14)])
+
+    assert history_versions(mongo_db) == before and profile_of(mongo_db, FACT_USER)[FORGET_FIELD] is not None

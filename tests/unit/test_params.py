@@ -157,3 +157,16 @@ def test_the_check_of_param_names_lets_every_declared_param_through() -> None:
     with pytest.raises(AirflowFailException) as failed:
         params_checked({"x" * 500: 1}, params.ROLLBACK)
     assert "x" * 51 not in str(failed.value) and "run_id, user_ids, dry_run" in str(failed.value)
+
+
+@pytest.mark.parametrize("kind", ["daily", "catchup"])
+def test_a_given_id_the_job_cannot_take_fails_the_scan_naming_it(kind: str) -> None:
+    """``user_ids: ["a b"]`` fails the run at once, before any setting or service is read; it was left
+    out with a warning, and the run went green having compressed nobody (third review)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from butler_memory.orchestration import dag_tasks
+
+    given = {o.name: o.default for o in dag_tasks.options(kind) if o.default is not params.REQUIRED}
+    with pytest.raises(AirflowFailException, match=r"user id 'a b' is not a user id"):
+        dag_tasks.scan({**given, "user_ids": ["ok-1", "a b"]}, object(), kind=kind)

@@ -159,7 +159,7 @@ def compress_user(
     started (``skipped_budget``); once started, a user is finished whatever the budget.
     ``Engine.compress`` is this function on the engine's parts. An id that is not a user id
     (``core.ids.valid_user_id``) raises InvalidUserIdError before the lock: a user the job cannot
-    erase by its id gets no summary (the scan passes valid ids only; a param or the CLI may not).
+    erase by its id gets no summary (the scans, the DAG and the CLI check theirs before: a backstop).
     """
     metrics, budget = parts.metrics, parts.budget
     started = time.monotonic()

@@ -137,12 +137,14 @@ class AuditLog:
 
         For writers that finish after a user's data was read (a run's report): erasure wins, so what
         they write must not name such a user. Looked up by reference; nothing here names anyone.
+        The erasures requested since ``since`` are read and matched here, not the run's references
+        sent to the server: one ``$in`` of 204,800 of them (the largest run) is over MongoDB's 16 MB.
         """
         refs = {subject_ref(secret, user_id): user_id for user_id in user_ids}
         if not refs:
             return set()
-        query = {"subject": {"$in": list(refs)}, "kind": "user", "requested_at": {"$gte": since}}
-        return {refs[doc["subject"]] for doc in self.coll.find(query, {"subject": 1})}
+        query = {"kind": "user", "requested_at": {"$gte": since}}
+        return {refs[doc["subject"]] for doc in self.coll.find(query, {"subject": 1}) if doc.get("subject") in refs}
 
     def by_subject(self, subject: str) -> list[dict[str, Any]]:
         """Return every record naming this reference, oldest first (for proving an erasure)."""

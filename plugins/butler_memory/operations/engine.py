@@ -15,6 +15,7 @@ from typing import Any
 import redis
 from pymongo.database import Database
 
+from butler_memory.core.ids import check_user_id
 from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
 from butler_memory.fold.compression import compress_user
@@ -60,10 +61,11 @@ class Engine:
         """Return users over the threshold, largest backlog first, at most ``limit`` (a dry run creates
         no indexes). The scan is the daily run's given-users one (``fresh.daily_scan`` without its
         record), and so is the gauge: a real scan sends backlog_users, the users taken and those left
-        past the limit together; a dry run sends nothing, as a preview is not a run."""
+        past the limit together; a dry run sends nothing, as a preview is not a run. A given id that is
+        not a user id raises InvalidUserIdError before anything is read."""
         if not dry_run:  # a preview writes nothing: it must run with read-only credentials
             self.store.ensure_indexes()
-        given = None if user_ids is None else list(user_ids)
+        given = None if user_ids is None else [check_user_id(user_id) for user_id in user_ids]
         result = daily_scan(self.store, self.settings, limit or self.settings.scan_limit, given)
         if not dry_run:
             self.metrics.gauge(m.BACKLOG_USERS, result.over)

@@ -268,6 +268,13 @@ def _finish(
             through = profile.through
             if through is None:
                 raise InvalidProfileError(user_id, THROUGH_FIELD, "is missing, yet a summary version folded events")
+            if store.profiles.count_documents({"user_id": user_id, ERASING_FIELD: {"$ne": None}}, limit=1):
+                # the rebuild's commit requires no erasure of the whole user (it wins): no LLM call for nothing
+                raise ErasurePendingError(
+                    f"user {user_id!r}: an erasure of the whole user is unfinished; finish it first "
+                    "(python -m butler_memory forget --user ...), then this forget",
+                    user_id=user_id,
+                )
             rebuilt = _rebuild(user_id, intent, engine, lock)
             refolded = rebuilt.count
             checkpoint("summarized")

@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from butler_memory.core.errors import CompressionError
+from butler_memory.core.errors import CompressionError, InvalidUserIdError
+from butler_memory.core.ids import check_user_id
 from butler_memory.core.runs import run_key
 from butler_memory.core.settings import Settings
 from butler_memory.fold import metrics as m
@@ -77,6 +78,15 @@ def options(kind: str) -> tuple[Option, ...]:
     return DAILY_COMPRESS if kind == fresh.DAILY else COMPRESS
 
 
+def given_users(params: Mapping[str, Any]) -> list[str] | None:
+    """Return the ``user_ids`` param (None: not given); an id the job cannot compress, nor then erase,
+    fails the run naming it, before anything is read: it is not left out unsaid."""
+    try:
+        return [check_user_id(user_id) for user_id in params["user_ids"]] if params.get("user_ids") else None
+    except InvalidUserIdError as exc:
+        raise fail(str(exc)) from None
+
+
 def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[list[str]]:
     """Return the users to compress, largest backlog first, in batches of users_per_task; fail closed when Redis is down.
 
@@ -85,6 +95,7 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[li
     events or a doorbell record (``butler_memory.freshness.fresh``). Given ``user_ids``, both scan just those.
     """
     params_checked(params, options(kind))
+    given_users(params)
     with settings_checked():
         settings = resolve_settings(params)
     most = run_maximum(settings.users_per_task, max_map_length())
@@ -94,7 +105,7 @@ def scan(params: Mapping[str, Any], ti: Any, kind: str = fresh.DAILY) -> list[li
             f"(max_map_length {max_map_length()} x users_per_task {settings.users_per_task}): "
             "raise users_per_task or lower limit"
         )
-    user_ids = params.get("user_ids") or None
+    user_ids = given_users(params)
     dry_run = bool(params.get("dry_run"))
     with build_engine(settings) as engine:
         if not dry_run:

@@ -151,9 +151,9 @@ def _record(event: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, Any]
 
 
 def as_event(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the event an archive record holds, exactly as it was archived: without our fields,
-    with its own fields of those names back from ``OWN_FIELDS`` (a record archived before that
-    sub-document existed has none: the event's own fields of our names were overwritten then)."""
+    """Return the event an archive record holds, every field as it was archived: without our fields,
+    with its own fields of those names back from ``OWN_FIELDS``, last in the document's order (a
+    record archived before that sub-document existed has none: those were overwritten then)."""
     event = {k: v for k, v in record.items() if k not in ARCHIVE_FIELDS}
     own = record.get(OWN_FIELDS)
     return {**event, **own} if isinstance(own, Mapping) else event

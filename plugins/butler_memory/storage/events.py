@@ -57,6 +57,10 @@ batch has users (1M events, 286 users who wrote: 2.50 s in one batch, 0.62 s by 
 lookups; 10 users a round trip costs it one round trip per 10 users who wrote."""
 
 
+SCAN_SLACK = 64
+"""Rows the scan's ``$limit`` takes beyond its limit, for string ids that are not user ids (left out after it)."""
+
+
 class EventsMixin(Collections):
     """Scan, read and delete events; quarantine those that cannot be folded."""
 
@@ -67,10 +71,46 @@ class EventsMixin(Collections):
         ObjectId, none at all) are left out before the ``$limit``, so they never take a place in the
         run, and their count is logged (types and counts only) for the Butler to fix. So is a string
         that is not a user id (``valid_user_id``: over 200 characters, whitespace, control
-        characters), which the forget CLI and the erasure DAG could not erase: it is left out after the
-        ``$limit`` (the rule has no server-side equivalent), so it may take a place, and its count is
-        logged with the ids' lengths only.
+        characters), which the forget CLI and the erasure DAG could not erase: the rule has no
+        server-side equivalent, so the ``$limit`` takes ``SCAN_SLACK`` more and such ids are left out
+        after it (again with a larger ``$limit`` in the rare case more were in the way): they never
+        take a place, the scan returns ``limit`` users when that many are over the threshold (the full
+        reconciliation reads "fewer than asked" as "every one"), and their count is logged with the
+        ids' lengths only.
         """
+        take = limit + SCAN_SLACK
+        while True:
+            found = self._scan_once(threshold, take, user_ids)
+            users = [row for row in found["users"] if valid_user_id(row["_id"])]
+            if len(users) >= limit or len(found["users"]) < take:
+                break
+            take += len(found["users"]) - len(users)
+        invalid = found["invalid"]
+        if invalid:
+            log.warning(
+                "scan: left out %d user id(s) that are not strings (%s), %d events over the threshold: "
+                "fix user_id in the Butler's %s",
+                sum(int(row["ids"]) for row in invalid),
+                ", ".join(sorted(str(row["_id"]) for row in invalid)),
+                sum(int(row["events"]) for row in invalid),
+                self.events.name,
+            )
+        if len(users) < len(found["users"]):
+            unusable = [row for row in found["users"] if not valid_user_id(row["_id"])]
+            log.warning(
+                "scan: left out %d user id(s) that are not user ids (lengths %s: over %d characters, "
+                "whitespace or control characters), %d events over the threshold: fix user_id in the Butler's %s",
+                len(unusable),
+                ", ".join(str(len(row["_id"])) for row in unusable),
+                MAX_USER_ID_CHARS,
+                sum(int(row["n"]) for row in unusable),
+                self.events.name,
+            )
+        return [Backlog(user_id=row["_id"], events=int(row["n"])) for row in users[:limit]]
+
+    def _scan_once(self, threshold: int, limit: int, user_ids: Sequence[str] | None) -> dict[str, Any]:
+        """One ``$group`` of the scan: the string ids over the threshold (at most ``limit``, largest
+        backlog first), and the other ids' types and counts."""
         pipeline: list[dict[str, Any]] = []
         if user_ids is not None:
             pipeline.append({"$match": {"user_id": {"$in": list(user_ids)}}})
@@ -92,29 +132,7 @@ class EventsMixin(Collections):
             },
         ]
         (found,) = self.events.aggregate(pipeline, allowDiskUse=True)
-        invalid = found["invalid"]
-        if invalid:
-            log.warning(
-                "scan: left out %d user id(s) that are not strings (%s), %d events over the threshold: "
-                "fix user_id in the Butler's %s",
-                sum(int(row["ids"]) for row in invalid),
-                ", ".join(sorted(str(row["_id"]) for row in invalid)),
-                sum(int(row["events"]) for row in invalid),
-                self.events.name,
-            )
-        users = [row for row in found["users"] if valid_user_id(row["_id"])]
-        if len(users) < len(found["users"]):
-            unusable = [row for row in found["users"] if not valid_user_id(row["_id"])]
-            log.warning(
-                "scan: left out %d user id(s) that are not user ids (lengths %s: over %d characters, "
-                "whitespace or control characters), %d events over the threshold: fix user_id in the Butler's %s",
-                len(unusable),
-                ", ".join(str(len(row["_id"])) for row in unusable),
-                MAX_USER_ID_CHARS,
-                sum(int(row["n"]) for row in unusable),
-                self.events.name,
-            )
-        return [Backlog(user_id=row["_id"], events=int(row["n"])) for row in users]
+        return dict(found)
 
     def writers_since(
         self, since: datetime, after: WriterKey | None, limit: int, until: datetime | None = None
@@ -362,13 +380,13 @@ def unchanged(event_id: Any, event: Mapping[str, Any]) -> dict[str, Any]:
     name is plain: the embedded server then looks the event up by ``_id`` (``_id`` first), where any
     top-level ``$`` key makes it scan the whole collection for every delete (0.15 s an event at
     15,000 events, growing with the collection). A name with a dot (``meta.source``, valid since
-    MongoDB 5.0) would be read there as a path and one starting with ``$`` as an operator, so such an
-    event is matched whole instead (``whole``). Either is one server-side match-and-delete: an edit of
+    MongoDB 5.0) would be read there as a path and one starting with ``$`` as an operator (an empty
+    one is no path at all), so such an event is matched whole instead (``whole``). Either is one server-side match-and-delete: an edit of
     a field the event has is either before it (no match, the newer version stays) or after it (the
     edit finds nothing). A field added in between is seen only by ``whole``; ``delete_unchanged``
     compares the whole event right before, so that window is the one round trip between the two.
     """
-    if all(isinstance(name, str) and "." not in name and not name.startswith("$") for name in event):
+    if all(isinstance(name, str) and name and "." not in name and not name.startswith("$") for name in event):
         return {"_id": event_id, **{k: {"$eq": v} for k, v in event.items() if k != "_id"}}
     return whole(event_id, event)
 

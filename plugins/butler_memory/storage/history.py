@@ -213,19 +213,21 @@ class SummaryHistory:
     def write_version(self, entry: HistoryEntry, still_ours: Claim) -> None:
         """Store one version before the profile commit of it, as only its writer may.
 
-        Inserted when the user has no entry of that version. An entry already there (a killed or
-        stalled run's, or a Butler-committed version's stale one) is replaced only while
-        ``still_ours()`` (the writer's claim on the profile, still at the version before: its lease
-        or intent) and only if it did not change between that check and the replace (``write_id``,
-        new at every write). An insert overwrites nothing, and a replace waits for the claim: so a
-        writer stalled past its lock's TTL never replaces the entry of the run that took the user,
-        whose commit made it the version's. ConcurrentUpdateError when the claim is gone, or the
-        entry kept changing under this writer.
+        Only while ``still_ours()`` (the writer's claim on the profile, still at the version before:
+        its lease or intent): inserted when the user has no entry of that version; an entry already
+        there (a killed or stalled run's, or a Butler-committed version's stale one) replaced only
+        if it did not change between the claim's check after reading it and the replace
+        (``write_id``, new at every write). So a writer stalled past its lock's TTL never replaces
+        the entry of the run that took the user, whose commit made it the version's, and writes no
+        entry back after an erasure or a forget (but for one round trip). ConcurrentUpdateError when
+        the claim is gone, or the entry kept changing under this writer.
         """
         if entry.kind not in KINDS:
             raise ValueError(f"history entry kind {entry.kind!r} is not one of {', '.join(KINDS)}")
         key = {"user_id": entry.user_id, "version": entry.version}
         for _ in range(WRITE_ATTEMPTS):
+            if not still_ours():  # an insert too: after an erasure or a forget, no run replaces it
+                break
             doc = {**entry.to_doc(), "write_id": uuid.uuid4().hex}
             try:  # inserted only where the user has no entry of that version (no unique index relied on)
                 if self.coll.update_one(key, {"$setOnInsert": doc}, upsert=True).upserted_id is not None:
@@ -235,7 +237,7 @@ class SummaryHistory:
             seen = self.coll.find_one(key, {"write_id": 1})
             if seen is None:  # gone meanwhile (retention): insert it again
                 continue
-            if not still_ours():
+            if not still_ours():  # checked after the read: the entry replaced is one seen under the claim
                 break
             if self.coll.replace_one({**key, "write_id": seen.get("write_id")}, doc).matched_count == 1:
                 return
