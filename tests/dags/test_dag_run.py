@@ -319,19 +319,19 @@ def test_transient_llm_failure_is_retried_and_the_run_ends_green(dag: Any, world
     assert doc is not None and (doc["users_compressed"], doc["users_failed"]) == (1, 0), doc
 
 
-def test_a_user_id_longer_than_airflows_label_column_is_compressed_with_a_cut_label(
+def test_a_user_id_too_long_to_erase_is_left_out_and_the_longest_one_is_labelled_whole(
     dag: Any, world: dict[str, Any]
 ) -> None:
-    """rendered_map_index is a 250-character column (PostgreSQL refuses a longer value): the label is cut,
-    the user id itself is not."""
+    """An id over 200 characters is no user id (the forget CLI and the erasure DAG could not erase it): the
+    run leaves it out, green. The longest user id, 200 characters, fits Airflow's 250-character label
+    column (PostgreSQL refuses a longer value) whole."""
     db = world["db"]
-    long_id = "u-" + "x" * 298
-    seed_users(db, {long_id: 60})
+    too_long, longest = "u-" + "x" * 298, "u-" + "y" * 198
+    seed_users(db, {too_long: 60, longest: 60})
 
     run = run_dag(dag)
 
     assert run.state == "success", {k: ti.state for k, ti in task_instances(run).items()}
-    assert compress_outcomes(run) == {long_id: ("success", "compressed")}
-    (label,) = map_labels(run).values()
-    assert len(label) == 250 and label == long_id[:249] + "…", label
-    assert event_counts(db) == {long_id: 20}
+    assert compress_outcomes(run) == {longest: ("success", "compressed")}
+    assert list(map_labels(run).values()) == [longest]
+    assert event_counts(db) == {too_long: 60, longest: 20}
