@@ -202,12 +202,7 @@ def _forget_locked(
         if same_request(intent["request"], request):
             return finished
         profile = store.load_profile(user_id, create=False)
-    if store.profiles.find_one({"user_id": user_id, ERASING_FIELD: {"$ne": None}}, {"_id": 1}):
-        raise ErasurePendingError(
-            f"user {user_id!r}: an erasure of the whole user is unfinished; finish it first "
-            "(python -m butler_memory forget --user ...); nothing was changed",
-            user_id=user_id,
-        )
+    _refuse_while_erasing(store, user_id, "; nothing was changed")
     check_known(store, user_id, profile)
     # An interrupted rollback or fold left events the summary covers in user_memory: finish it first,
     # so every summarised event is in the archive (and never re-summarised).
@@ -221,6 +216,16 @@ def _forget_locked(
     store.begin_intent(user_id, FORGET_FIELD, intent, expected_version=profile.version, during="the forget")
     checkpoint("planned")
     return _finish(user_id, intent, engine, lock, audit, secret, requested_by, checkpoint, clock)
+
+
+def _refuse_while_erasing(store: MemoryStore, user_id: str, then: str) -> None:
+    """Raise ErasurePendingError while an erasure of the whole user is unfinished (``then`` ends the message)."""
+    if store.profiles.count_documents({"user_id": user_id, ERASING_FIELD: {"$ne": None}}, limit=1):
+        raise ErasurePendingError(
+            f"user {user_id!r}: an erasure of the whole user is unfinished; finish it first "
+            f"(python -m butler_memory forget --user ...){then}",
+            user_id=user_id,
+        )
 
 
 # -- doing it ------------------------------------------------------------------------------------
@@ -268,13 +273,8 @@ def _finish(
             through = profile.through
             if through is None:
                 raise InvalidProfileError(user_id, THROUGH_FIELD, "is missing, yet a summary version folded events")
-            if store.profiles.count_documents({"user_id": user_id, ERASING_FIELD: {"$ne": None}}, limit=1):
-                # the rebuild's commit requires no erasure of the whole user (it wins): no LLM call for nothing
-                raise ErasurePendingError(
-                    f"user {user_id!r}: an erasure of the whole user is unfinished; finish it first "
-                    "(python -m butler_memory forget --user ...), then this forget",
-                    user_id=user_id,
-                )
+            # the rebuild's commit requires no erasure of the whole user (it wins): no LLM call for nothing
+            _refuse_while_erasing(store, user_id, ", then this forget")
             rebuilt = _rebuild(user_id, intent, engine, lock)
             refolded = rebuilt.count
             checkpoint("summarized")
